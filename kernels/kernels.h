@@ -1,0 +1,115 @@
+// Host-side launchers of every gpt2cu kernel: the one interface bindings.cpp exposes to Python.
+//
+// Conventions (all families):
+//  - bf16 storage, fp32 arithmetic; fp32 buffers are named so (mean, rstd, lse, losses, master, m, v).
+//  - row-major tensors; N = B*T rows; weights are (OC, C) and y = x @ W^T + b, as nn.Linear.
+//  - "+=" in a comment means the launcher ACCUMULATES into that output (gradient accumulation);
+//    every other output is overwritten.
+//  - launchers never allocate on the hot path (CUDA-graph capture safe) except the one-time
+//    cuBLASLt setup on the first matmul call; scratch comes in from the caller with its size in
+//    floats, and a launcher throws std::runtime_error if the scratch is too small or a size is
+//    unsupported. Every launch is followed by a cudaGetLastError check (CUDA_CHECK in common.cuh).
+//  - reductions are deterministic: no float atomics on a shared output.
+#pragma once
+#include <cstddef>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+// ---- encoder.cu -------------------------------------------------------------------------------
+// out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]
+void encoder_forward(bf16* out, const int* tokens, const bf16* wte, const bf16* wpe, int B, int T, int C,
+                     cudaStream_t stream);
+// dwte[v,:] += sum over positions p with tokens[p]==v of dout[p,:];  dwpe[t,:] += sum_b dout[b,t,:]
+// Deterministic: the caller passes the positions sorted (stably) by token, `sorted_positions` (B*T),
+// and the start of each run of equal tokens, `bucket_starts` (num_buckets+1 entries, last = B*T);
+// `num_buckets` is read from DEVICE memory so a captured graph can replay with new batches.
+void encoder_backward(bf16* dwte, bf16* dwpe, const bf16* dout, const int* tokens, const int* sorted_positions,
+                      const int* bucket_starts, const int* num_buckets, int B, int T, int C, cudaStream_t stream);
+
+// ---- layernorm.cu -----------------------------------------------------------------------------
+// out = (inp - mean) * rstd * weight + bias over the last dim C; eps = 1e-5; mean/rstd per row (fp32)
+void layernorm_forward(bf16* out, float* mean, float* rstd, const bf16* inp, const bf16* weight,
+                       const bf16* bias, int N, int C, cudaStream_t stream);
+// residual = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, ...)
+void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
+                                      const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
+                                      cudaStream_t stream);
+// dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout)
+void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
+                        const bf16* weight, const float* mean, const float* rstd, float* scratch,
+                        size_t scratch_floats, int N, int C, cudaStream_t stream);
+// floats of scratch layernorm_backward needs for (N, C)
+size_t layernorm_backward_scratch_floats(int N, int C);
+
+// ---- gelu.cu ----------------------------------------------------------------------------------
+// tanh GeLU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+void gelu_forward(bf16* out, const bf16* inp, size_t n, cudaStream_t stream);
+// dinp = dout * gelu'(inp); dinp may alias dout
+void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, size_t n, cudaStream_t stream);
+
+// ---- bias.cu ----------------------------------------------------------------------------------
+// dbias[OC] += sum over N rows of dout[N, OC]
+void bias_backward(bf16* dbias, const bf16* dout, float* scratch, size_t scratch_floats, int N, int OC,
+                   cudaStream_t stream);
+size_t bias_backward_scratch_floats(int N, int OC);
+
+// ---- classifier.cu ----------------------------------------------------------------------------
+// Softmax cross-entropy over the first V of Vp columns, in one pass over the logits:
+//   losses[i] = logsumexp(logits[i,:V]) - logits[i, targets[i]]
+//   logits[i,:] is overwritten by dlogits = dloss * (softmax(logits[i,:V]) - onehot(targets[i])),
+//   and zero in the padded columns V..Vp-1.
+// targets[i] < 0 masks row i: loss 0, dlogits row 0. dloss = 0 skips writing dlogits (eval).
+void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, int N, int V, int Vp,
+                      cudaStream_t stream);
+
+// ---- attention.cu -----------------------------------------------------------------------------
+// Causal multi-head flash attention over qkv (B, T, 3C) laid out [q | k | v], head h in columns
+// h*HS..(h+1)*HS of each third. out (B, T, C) has head h in the same columns; lse (B, NH, T) is the
+// natural-log logsumexp of each row of scaled scores (scale 1/sqrt(HS)). HS in {64, 128}.
+void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream);
+// dqkv (B, T, 3C) overwritten with [dq | dk | dv]
+void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
+                        float* scratch, size_t scratch_floats, int B, int T, int NH, int HS, cudaStream_t stream);
+size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
+
+// ---- matmul.cu (cuBLASLt) ---------------------------------------------------------------------
+// out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);
+// gelu_pre != null: gelu_pre = that, out = gelu(gelu_pre)   (GELU_AUX epilogue)
+void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
+                    int C, int OC, cudaStream_t stream);
+// dinp = dout @ weight, times gelu'(dinp_gelu_pre) when that is non-null (DGELU epilogue);
+// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null.
+void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
+                     const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
+                     cudaStream_t stream);
+
+// ---- adamw.cu ---------------------------------------------------------------------------------
+// Per-step values, read from DEVICE memory so one captured graph serves every step.
+struct AdamWScalars {
+    float lr;
+    float grad_scale;        // multiplies the gradient (clipping), 1 when no clipping
+    float beta1_correction;  // 1 - beta1^t
+    float beta2_correction;  // 1 - beta2^t
+    unsigned int seed;       // stochastic rounding seed for this step
+    unsigned int pad[3];
+};
+// AdamW on n elements (a tensor, or a ZeRO shard of one):
+//   g = grads*grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
+//   w = w - lr * (m/b1c / (sqrt(v/b2c) + eps) + weight_decay * w)
+// w is master (fp32) when master != null, and params (bf16) gets round_stochastic(w);
+// with master == null params itself is read as w. Stochastic rounding hashes (seed, element index).
+void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
+                  const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
+                  cudaStream_t stream);
+
+// ---- global_norm.cu ---------------------------------------------------------------------------
+// out[0] = sum of squares of grads[0..n) in fp32, deterministic (fixed block partials + one final pass)
+void global_norm_squared(float* out, const bf16* grads, size_t n, float* scratch, size_t scratch_floats,
+                         cudaStream_t stream);
+size_t global_norm_scratch_floats(size_t n);
+
+// ---- convert.cu -------------------------------------------------------------------------------
+void bf16_to_float(float* out, const bf16* inp, size_t n, cudaStream_t stream);
+void float_to_bf16(bf16* out, const float* inp, size_t n, cudaStream_t stream);  // round to nearest even
