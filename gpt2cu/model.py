@@ -33,6 +33,14 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> np.ndarray:
     return flat
 
 
+def _allocate(group: str, make):
+    try:
+        return make()
+    except MemoryError as e:  # CuPy's OutOfMemoryError is a MemoryError
+        raise MemoryError(f"out of memory allocating the {group}: {e}. Try a smaller -b, or -r 2 "
+                          f"to recompute activations") from e
+
+
 class GPT:
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend."""
 
@@ -44,12 +52,21 @@ class GPT:
         self.layout = param_layout(cfg)
         # the flat buffers may be longer than the layout (ZeRO shards are padded to align)
         n = padded_size or self.layout.total
-        self.params = backend.upload_params(params, n)
-        self.grads = backend.zeros((n,), param=True)
+        self.params = _allocate("parameters", lambda: backend.upload_params(params, n))
+        self.grads = _allocate("gradients", lambda: backend.zeros((n,), param=True))
         self.p = self.layout.views(self.params[:self.layout.total])
         self.g = self.layout.views(self.grads[:self.layout.total])
-        self.acts = {t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
-                     for t in activation_layout(cfg, B, T, recompute).tensors}
+        self.acts = _allocate("activations", lambda: {
+            t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
+            for t in activation_layout(cfg, B, T, recompute).tensors})
+
+    def load_params(self, host_params: np.ndarray):
+        """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
+        self.params[...] = self.ops.upload_params(host_params, self.params.shape[0])
+
+    def host_params(self) -> np.ndarray:
+        """The parameters as a host fp32 flat buffer of the layout's size."""
+        return self.ops.to_numpy(self.params[:self.layout.total])
 
     # layernorm / GeLU outputs live in one shared slot when they are recomputed in the backward
     def _ln(self, which: str, layer: int):

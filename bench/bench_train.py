@@ -1,0 +1,166 @@
+"""Training throughput: gpt2cu's CUDA step vs a PyTorch GPT-2 under torch.compile, same GPU, same run.
+
+    python bench/bench_train.py [--model d12] [--T 1024] [--batch-sizes 16,32,64] [--steps 20]
+
+Both sides train the same model (same init, same random token batches) with AdamW and grad clipping;
+PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (llm.c's
+6N + 6LCT FLOPs per token over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
+torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu). Timings compare only within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import numpy as np
+
+from gpt2cu import optim
+from gpt2cu.config import GPTConfig
+from gpt2cu.model import GPT, init_params
+
+
+def random_batches(cfg, B, T, count, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, cfg.vocab_size, size=(count, B, T + 1), dtype=np.int32)
+    return [(t[:, :-1].copy(), t[:, 1:].copy()) for t in toks]
+
+
+def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
+    import cupy as cp
+    from gpt2cu.backends import get_backend
+    from gpt2cu.dist import SingleProcess
+
+    backend = get_backend("cuda")
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    model = GPT(cfg, backend, B, T, init_params(cfg, seed=0), recompute=recompute)
+    opt = optim.AdamW(backend, model, (0, model.layout.total), optim.AdamWConfig(lr=6e-4, weight_decay=0.1))
+    micro = backend.graphed(lambda tok, tgt: (model.forward(tok, tgt, dloss=1.0 / (B * T)), model.backward(tok)))
+    comm = SingleProcess()
+    batches = random_batches(cfg, B, T, 4)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+    losses = []
+
+    def step(i):
+        tok, tgt = backend.set_batch(*batches[i % len(batches)])
+        micro(tok, tgt)
+        norm = opt.reduce_and_norm(comm, 0)
+        opt.step(6e-4, i + 1, optim.clip_scale(norm, 1.0), seed=i)
+        model.zero_grad()
+        losses.append(backend.mean_loss(model.acts["losses"]))
+
+    for i in range(warmup):
+        step(i)
+    backend.synchronize()
+    start.record(backend.stream)
+    for i in range(warmup, warmup + steps):
+        step(i)
+    end.record(backend.stream)
+    end.synchronize()
+    ms = cp.cuda.get_elapsed_time(start, end) / steps
+    peak = backend.peak_memory() + 32 * 2**20  # + cuBLASLt workspace (cudaMalloc'd outside the pool)
+    name = backend.device_name()
+    mfu = backend.mfu(flops_per_token(cfg, T) * B * T / (ms / 1e3))
+    del model, opt, micro
+    gc.collect()
+    pool.free_all_blocks()
+    return dict(ms=ms, peak=peak, mfu=mfu, device=name, first_loss=losses[0], last_loss=losses[-1])
+
+
+def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
+    import torch
+    from gpt2cu.torch_reference import TorchGPT
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = TorchGPT.from_flat(cfg, init_params(cfg, seed=0)).cuda()
+    opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    run = torch.compile(model) if compile_model else model
+    batches = [(torch.from_numpy(x).long().cuda(), torch.from_numpy(y).long().cuda())
+               for x, y in random_batches(cfg, B, T, 4)]
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+
+    def step(i):
+        x, y = batches[i % len(batches)]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = run(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    peak = torch.cuda.max_memory_allocated()
+    del model, opt, run, batches
+    gc.collect()
+    torch.cuda.empty_cache()
+    return dict(ms=ms, peak=peak, first_loss=float(losses[0]), last_loss=float(losses[-1]))
+
+
+def flops_per_token(cfg, T):
+    return 6 * cfg.num_parameters() + 6 * cfg.n_layer * cfg.n_embd * T
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="d12")
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--recompute", type=int, default=1)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    cfg = GPTConfig.from_descriptor(args.model)
+    peak_flops = None
+    rows = []
+    for B in [int(b) for b in args.batch_sizes.split(",")]:
+        tokens = B * args.T
+        t0 = time.time()
+        ours = bench_gpt2cu(cfg, B, args.T, args.steps, args.warmup, args.recompute)
+        print(f"gpt2cu B={B}: {ours['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
+        row = dict(B=B, T=args.T, device=ours["device"], ours_ms=ours["ms"], ours_tok_s=tokens / ours["ms"] * 1e3,
+                   ours_mfu=ours["mfu"], ours_peak_mib=ours["peak"] / 2**20,
+                   ours_loss=(ours["first_loss"], ours["last_loss"]))
+        if ours["mfu"]:
+            peak_flops = flops_per_token(cfg, args.T) * row["ours_tok_s"] / (ours["mfu"] / 100)
+        if not args.skip_torch:
+            t0 = time.time()
+            ref = bench_torch(cfg, B, args.T, args.steps, args.warmup)
+            print(f"torch.compile B={B}: {ref['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
+            row.update(torch_ms=ref["ms"], torch_tok_s=tokens / ref["ms"] * 1e3, torch_peak_mib=ref["peak"] / 2**20,
+                       torch_loss=(ref["first_loss"], ref["last_loss"]))
+            row["torch_mfu"] = (100 * flops_per_token(cfg, args.T) * row["torch_tok_s"] / peak_flops
+                                if peak_flops else None)
+        rows.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\n{cfg.n_layer}-layer GPT-2 ({args.model}), T={args.T}, bf16, {rows[0]['device']}")
+    print(f"{'B':>4} | {'impl':<14} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | loss first->last")
+    for r in rows:
+        print(f"{r['B']:>4} | {'gpt2cu':<14} | {r['ours_tok_s']:>10,.0f} | {r['ours_ms']:>8.2f} | "
+              f"{r['ours_mfu'] or 0:>5.1f}% | {r['ours_peak_mib']:>9,.0f} | {r['ours_loss'][0]:.3f}->{r['ours_loss'][1]:.3f}")
+        if "torch_ms" in r:
+            print(f"{r['B']:>4} | {'torch.compile':<14} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
+                  f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | "
+                  f"{r['torch_loss'][0]:.3f}->{r['torch_loss'][1]:.3f}")
+            print(f"{r['B']:>4} | {'ratio':<14} | {r['ours_tok_s'] / r['torch_tok_s']:>9.3f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The numpy backend: the ops of docs/architecture.md written as plain, vectorized array math.
+
+This file is the oracle: every CUDA kernel is tested against these functions, and the model schedule is
+tested through them against PyTorch. So clarity and exactness come before speed. Each op computes in
+the dtype of its inputs (float32 in use, float64 in the finite-difference tests) and writes its outputs
+in place (`out[...] = ...`), accumulating where the contract says "+=".
+
+Activations are (..., C) arrays (N = B*T rows once flattened); weights are (OC, C) with y = x @ W.T + b.
+Constants are Python floats so that, under NumPy 2's promotion rules, they never upcast float32 math.
+"""
+from __future__ import annotations
+
+import math
+import resource
+
+import numpy as np
+
+LN_EPS = 1e-5
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+
+
+def _rows(a):
+    """(..., C) -> (N, C) for reading: outputs are always written through the caller's array itself."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def zero_(arr):
+    arr[...] = 0
+
+
+# ---- encoder ------------------------------------------------------------------------------------
+def encoder_forward(out, tokens, wte, wpe):
+    out[...] = wte[tokens] + wpe
+
+
+def encoder_backward(dwte, dwpe, dout, tokens):
+    # np.add.at, not fancy-index +=: a token repeated in the batch must add once per occurrence
+    np.add.at(dwte, tokens.reshape(-1), _rows(dout))
+    dwpe += dout.sum(axis=0)
+
+
+# ---- layernorm ----------------------------------------------------------------------------------
+def layernorm_forward(out, mean, rstd, inp, weight, bias):
+    mu = inp.mean(axis=-1, keepdims=True)
+    xc = inp - mu
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # biased variance, as nn.LayerNorm
+    rs = 1.0 / np.sqrt(var + LN_EPS)
+    out[...] = xc * rs * weight + bias
+    mean[...] = mu[..., 0]
+    rstd[...] = rs[..., 0]
+
+
+def fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias):
+    residual[...] = inp1 + inp2
+    layernorm_forward(out, mean, rstd, residual, weight, bias)
+
+
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    rs = rstd[..., None].astype(inp.dtype)
+    xhat = (inp - mean[..., None].astype(inp.dtype)) * rs
+    dnorm = dout * weight
+    dinp += rs * (dnorm - dnorm.mean(axis=-1, keepdims=True) - xhat * (dnorm * xhat).mean(axis=-1, keepdims=True))
+    dweight += (_rows(dout) * _rows(xhat)).sum(axis=0)
+    dbias += _rows(dout).sum(axis=0)
+
+
+# ---- GeLU (tanh form) ---------------------------------------------------------------------------
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x)))
+
+
+def _gelu_grad(x):
+    t = np.tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * x * x)
+
+
+def gelu_forward(out, inp):
+    out[...] = _gelu(inp)
+
+
+def gelu_backward(dinp, dout, inp):
+    # the right side is evaluated before the write, so dinp may alias dout
+    dinp[...] = dout * _gelu_grad(inp)
+
+
+# ---- matmul -------------------------------------------------------------------------------------
+def matmul_forward(out, inp, weight, bias=None, gelu_pre=None):
+    y = _rows(inp) @ weight.T
+    if bias is not None:
+        y += bias
+    y = y.reshape(out.shape)
+    if gelu_pre is None:
+        out[...] = y
+    else:
+        gelu_pre[...] = y
+        out[...] = _gelu(y)
+
+
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
+    d2 = _rows(dout)
+    dweight += d2.T @ _rows(inp)
+    if dbias is not None:
+        dbias += d2.sum(axis=0)
+    dx = (d2 @ weight).reshape(dinp.shape)
+    if dinp_gelu_pre is not None:
+        dx *= _gelu_grad(dinp_gelu_pre)
+    dinp[...] = dx
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def _to_heads(x, n_head):
+    """(B, T, C) -> (B, H, T, hs): head h is columns h*hs..(h+1)*hs."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def _from_heads(x):
+    """(B, H, T, hs) -> (B, T, H*hs)."""
+    B, H, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, H * hs)
+
+
+def _causal_scores(qkv, n_head):
+    """q, k, v as (B, H, T, hs), the masked scaled scores (B, H, T, T) and the scale."""
+    C = qkv.shape[-1] // 3
+    q, k, v = (_to_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+    scale = 1.0 / math.sqrt(C // n_head)
+    T = qkv.shape[1]
+    s = np.where(np.tri(T, dtype=bool), (q @ k.swapaxes(-1, -2)) * scale, -np.inf)
+    return q, k, v, s, scale
+
+
+def attention_forward(out, lse, qkv, n_head):
+    _, _, v, s, _ = _causal_scores(qkv, n_head)
+    m = s.max(axis=-1, keepdims=True)  # finite: the diagonal is never masked
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    out[...] = _from_heads((e / total) @ v)
+    lse[...] = (m + np.log(total))[..., 0]
+
+
+def attention_backward(dqkv, dout, qkv, out, lse, n_head):
+    q, k, v, s, scale = _causal_scores(qkv, n_head)
+    do, o = _to_heads(dout, n_head), _to_heads(out, n_head)
+    # P from the saved lse, as the flash kernel recomputes it; masked entries are exp(-inf) = 0
+    p = np.exp(s - lse[..., None].astype(s.dtype))
+    dv = p.swapaxes(-1, -2) @ do
+    dp = do @ v.swapaxes(-1, -2)
+    # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O)
+    ds = p * (dp - (do * o).sum(axis=-1, keepdims=True))
+    dq = (ds @ k) * scale
+    dk = (ds.swapaxes(-1, -2) @ q) * scale
+    dqkv[...] = np.concatenate([_from_heads(dq), _from_heads(dk), _from_heads(dv)], axis=-1)
+
+
+# ---- classifier ---------------------------------------------------------------------------------
+def fused_classifier(losses, logits, targets, dloss, vocab_size):
+    valid = targets >= 0
+    safe_t = np.where(valid, targets, 0)[..., None]  # an in-range index for masked rows, zeroed below
+    z = logits[..., :vocab_size]
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=-1, keepdims=True)
+    nll = np.log(total) - np.take_along_axis(z, safe_t, axis=-1)
+    losses[...] = np.where(valid, nll[..., 0], 0.0)
+    if dloss == 0:  # eval: the logits stay
+        return
+    probs = e / total
+    np.put_along_axis(probs, safe_t, np.take_along_axis(probs, safe_t, axis=-1) - 1.0, axis=-1)
+    probs *= dloss
+    probs[~valid] = 0.0
+    logits[..., :vocab_size] = probs
+    logits[..., vocab_size:] = 0.0
+
+
+# ---- optimizer ----------------------------------------------------------------------------------
+def global_norm_squared(grads):
+    """Sum of squares of a flat buffer, accumulated in float64 chunk by chunk (no full-size float64
+    copy), returned as a shape-(1,) array as the CUDA backend's device scalar is."""
+    flat = grads.reshape(-1)
+    chunk = 1 << 20
+    total = 0.0
+    for start in range(0, flat.size, chunk):
+        c = flat[start:start + chunk].astype(np.float64)
+        total += float(c @ c)
+    return np.array([total], dtype=np.result_type(grads.dtype, np.float32))
+
+
+def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay):
+    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...); its seed (stochastic rounding
+    on the GPU) is unused: fp32 params need no rounding. With master given (fp32 master weights), the
+    update is applied to master and params receive a copy, as the kernel's contract says."""
+    w = params if master is None else master
+    dt = w.dtype.type
+    lr, grad_scale, b1c, b2c = (dt(s) for s in scalars[:4])
+    g = grads * grad_scale
+    m[...] = beta1 * m + (1.0 - beta1) * g
+    v[...] = beta2 * v + (1.0 - beta2) * (g * g)
+    w -= lr * ((m / b1c) / (np.sqrt(v / b2c) + eps) + weight_decay * w)
+    if master is not None:
+        params[...] = master
+
+
+OPS = (encoder_forward, encoder_backward, layernorm_forward, fused_residual_layernorm_forward, layernorm_backward,
+       matmul_forward, matmul_backward, gelu_forward, gelu_backward, attention_forward, attention_backward,
+       fused_classifier, global_norm_squared, adamw_update, zero_)
+
+
+class NumpyBackend:
+    """fp32 host arrays for everything; the ops above as attributes (attached below the class)."""
+    name = "numpy"
+    checkpoint_dtype = "fp32"
+
+    # ---- memory API (backends/__init__.py) ------------------------------------------------------
+    def zeros(self, shape, fp32=False, param=False):
+        return np.zeros(shape, dtype=np.float32)
+
+    def upload_params(self, host_fp32, n):
+        out = np.zeros(n, dtype=np.float32)
+        out[:host_fp32.size] = host_fp32
+        return out
+
+    def to_numpy(self, a):
+        return np.array(a, copy=True)
+
+    def set_batch(self, inputs, targets):
+        return np.ascontiguousarray(inputs, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)
+
+    def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
+        return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed], dtype=np.float64)
+
+    def synchronize(self):
+        pass
+
+    # ---- what the trainer asks of any backend (train.py), trivial on the host ---------------------
+    def select_device(self, device):
+        pass
+
+    def device_name(self) -> str:
+        return "CPU (numpy)"
+
+    def mean_loss(self, losses) -> float:
+        return float(losses.mean())
+
+    def graphed(self, fn, enabled=True):
+        return fn  # nothing to capture on the host
+
+    def mfu(self, flops_per_second):
+        return None  # no meaningful peak for numpy
+
+    def peak_memory(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    def memory_report(self, model, optimizer) -> dict:
+        size = lambda arrays: sum(a.nbytes for a in arrays if a is not None)
+        return {"parameters": model.params.nbytes, "gradients": model.grads.nbytes,
+                "optimizer (master, m, v)": size(optimizer.state_arrays().values()),
+                "activations": size(model.acts.values())}
+
+
+for _op in OPS:
+    setattr(NumpyBackend, _op.__name__, staticmethod(_op))

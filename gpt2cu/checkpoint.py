@@ -1,0 +1,425 @@
+"""Everything written to disk besides logs: llm.c's model file, the per-rank training-state file, and a
+checkpoint directory (llm.c's -o DIR) of atomically written files with DONE markers.
+
+Model file (llm.c's format, readable by llm.c and its exporters): 256 int32 header
+  [0] 20240326  [1] version: 3 = fp32 params, 5 = bf16 params  [2] max_seq_len  [3] vocab_size
+  [4] n_layer  [5] n_head  [6] n_embd  [7] padded_vocab_size  (the rest 0)
+then the parameters, flat, in layout.param_layout order.
+
+State file `state_%08d_%05d.bin` (step, rank): 256 int32 header
+  [0] 20240527 (magic)  [1] 1 (version)  [2] world_size  [3] rank  [4] zero_stage  [5] step
+  [6] has_master (1 when a "master" array is stored)  [7] [8] payload bytes, low and high 32 bits
+  [9] crc32 (as uint32 bits) of the whole file computed with this slot 0  (the rest 0)
+then the payload: a JSON blob (uint64 byte length, then UTF-8, space padded so the arrays start on a
+64-byte boundary) = {"arrays": [{"name", "dtype", "length"}, ...], "extra": {...}}, then the arrays'
+float32 data in that order. The trainer stores AdamW's m and v (this rank's ZeRO shard, or the whole
+buffer under ZeRO-0), the fp32 master weights when kept, and in "extra" the data loader position, RNG
+state and anything else JSON-serializable.
+
+Checkpoint directory: model_%08d.bin (rank 0), one state file per rank, and DONE_%08d, written by
+rank 0 once every rank's files are in place; a step without DONE is incomplete and never resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import GPTConfig
+from .layout import param_layout
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+MODEL_MAGIC = 20240326
+MODEL_VERSIONS = {3: "fp32", 5: "bf16"}
+
+STATE_MAGIC = 20240527
+STATE_VERSION = 1
+STATE_FIELDS = ("world_size", "rank", "zero_stage", "step")  # header slots 2..5, given by the caller
+_SLOT_HAS_MASTER, _SLOT_PAYLOAD_LO, _SLOT_PAYLOAD_HI, _SLOT_CRC = 6, 7, 8, 9
+_ARRAY_ALIGN = 64
+_CRC_CHUNK = 1 << 24  # bytes read per step while verifying
+
+
+class CheckpointError(ValueError):
+    """A file exists but is not a valid, complete, matching model/state/checkpoint."""
+
+
+# ---- bf16 <-> fp32 -----------------------------------------------------------------------------------
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounding to nearest even; NaN stays a (quiet) NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
+    # rounding a NaN's mantissa could carry it into infinity: keep the top bits and set the quiet bit
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return np.where(nan, (bits >> 16) | np.uint32(0x0040), rounded).astype(np.uint16)
+
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+
+def _atomic_write(path: str, write) -> None:
+    """write(f) into a temporary file next to `path`, fsync it, then rename it over `path`: a reader
+    (or a resumed run after a crash) sees the old file or the complete new one, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    # makes the rename itself durable; not every filesystem lets a directory be opened for this
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- model file -------------------------------------------------------------------------------------
+
+def write_model(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str = "fp32") -> None:
+    """Write an llm.c model file (atomically) from fp32 flat parameters in layout order."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"model file dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    params = np.asarray(params)
+    if params.dtype != np.float32:
+        raise TypeError(f"parameters must be float32, got {params.dtype}")
+    expected = param_layout(cfg).total
+    if params.shape != (expected,):
+        raise ValueError(f"parameters have shape {params.shape}, the model needs ({expected},)")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:8] = [MODEL_MAGIC, 3 if dtype == "fp32" else 5, cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
+                  cfg.n_head, cfg.n_embd, cfg.padded_vocab_size]
+    data = f32_to_bf16_bits(params) if dtype == "bf16" else np.ascontiguousarray(params)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(memoryview(data).cast("B"))
+    _atomic_write(path, write)
+
+
+def read_model_header(path: str) -> tuple[GPTConfig, str]:
+    """(GPTConfig, "fp32" | "bf16") of an llm.c model file, after checking its size matches."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise CheckpointError(f"{path}: not an llm.c model file (only {len(raw)} bytes)")
+    header = np.frombuffer(raw, dtype=np.int32)
+    if header[0] != MODEL_MAGIC:
+        raise CheckpointError(f"{path}: not an llm.c model file (magic {header[0]}, expected {MODEL_MAGIC})")
+    version = int(header[1])
+    if version not in MODEL_VERSIONS:
+        raise CheckpointError(f"{path}: unsupported model file version {version} "
+                              f"(known: 3 = fp32, 5 = bf16)")
+    max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
+                        vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad model shape in header: {e}") from e
+    dtype = MODEL_VERSIONS[version]
+    expected = HEADER_BYTES + param_layout(cfg).total * (4 if dtype == "fp32" else 2)
+    actual = os.path.getsize(path)
+    if actual != expected:
+        what = "truncated" if actual < expected else "has trailing bytes"
+        raise CheckpointError(f"{path}: file {what}: {actual} bytes, the header's model needs {expected}")
+    return cfg, dtype
+
+
+def read_model(path: str) -> tuple[GPTConfig, np.ndarray]:
+    """(GPTConfig, float32 flat parameters) from an llm.c model file (fp32 or bf16)."""
+    cfg, dtype = read_model_header(path)
+    n = param_layout(cfg).total
+    raw = np.fromfile(path, dtype=np.float32 if dtype == "fp32" else np.uint16, count=n, offset=HEADER_BYTES)
+    return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
+
+
+# ---- state file -------------------------------------------------------------------------------------
+
+def write_state(path: str, header_fields: dict, arrays: dict, extra: dict) -> None:
+    """Write one rank's training state atomically. header_fields: the ints of STATE_FIELDS;
+    arrays: name -> float32 array (stored flat); extra: JSON-serializable dict."""
+    missing = set(STATE_FIELDS) - set(header_fields)
+    unknown = set(header_fields) - set(STATE_FIELDS)
+    if missing or unknown:
+        raise ValueError(f"state header fields must be exactly {STATE_FIELDS}; "
+                         f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+    flat = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype != np.float32:
+            raise TypeError(f"state array {name!r} must be float32, got {a.dtype}")
+        flat[name] = np.ascontiguousarray(a).reshape(-1)
+    blob = json.dumps({"arrays": [{"name": k, "dtype": "float32", "length": int(a.size)} for k, a in flat.items()],
+                       "extra": extra}).encode()
+    blob += b" " * (-(HEADER_BYTES + 8 + len(blob)) % _ARRAY_ALIGN)
+    payload_bytes = 8 + len(blob) + sum(a.nbytes for a in flat.values())
+
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[0], header[1] = STATE_MAGIC, STATE_VERSION
+    for slot, name in enumerate(STATE_FIELDS, start=2):
+        header[slot] = _int32(name, header_fields[name])
+    header[_SLOT_HAS_MASTER] = int("master" in flat)
+    header[_SLOT_PAYLOAD_LO:_SLOT_PAYLOAD_HI + 1] = np.array([payload_bytes & 0xFFFFFFFF, payload_bytes >> 32],
+                                                             dtype=np.uint32).view(np.int32)
+    pieces = [np.uint64(len(blob)).tobytes(), blob] + [memoryview(a).cast("B") for a in flat.values()]
+    crc = zlib.crc32(header.tobytes())
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    header[_SLOT_CRC] = np.array([crc], dtype=np.uint32).view(np.int32)[0]
+
+    def write(f):
+        f.write(header.tobytes())
+        for piece in pieces:
+            f.write(piece)
+    _atomic_write(path, write)
+
+
+def _int32(name: str, value) -> int:
+    value = int(value)
+    if not 0 <= value < 2**31:
+        raise ValueError(f"state header field {name}={value} does not fit a non-negative int32")
+    return value
+
+
+def _read_state_header(path: str, f) -> tuple[np.ndarray, int]:
+    """(header, payload bytes) after checking magic, version and the file size."""
+    raw = f.read(HEADER_BYTES)
+    if len(raw) < HEADER_BYTES:
+        raise CheckpointError(f"{path}: not a gpt2cu state file (only {len(raw)} bytes)")
+    header = np.frombuffer(raw, dtype=np.int32).copy()
+    if header[0] != STATE_MAGIC:
+        raise CheckpointError(f"{path}: not a gpt2cu state file (magic {header[0]}, expected {STATE_MAGIC})")
+    if header[1] != STATE_VERSION:
+        raise CheckpointError(f"{path}: unsupported state file version {header[1]} (known: {STATE_VERSION})")
+    lo, hi = header[_SLOT_PAYLOAD_LO:_SLOT_PAYLOAD_HI + 1].view(np.uint32)
+    payload = int(lo) | int(hi) << 32
+    actual = os.fstat(f.fileno()).st_size
+    if actual != HEADER_BYTES + payload:
+        what = "truncated" if actual < HEADER_BYTES + payload else "has trailing bytes"
+        raise CheckpointError(f"{path}: state file {what}: {actual} bytes, header says {HEADER_BYTES + payload}")
+    return header, payload
+
+
+def state_fields(path: str) -> dict:
+    """The header fields of a state file (plus has_master), after the cheap checks (magic, version,
+    size) but without reading the payload or verifying the checksum."""
+    with open(path, "rb") as f:
+        header, _ = _read_state_header(path, f)
+    return _fields(header)
+
+
+def _fields(header: np.ndarray) -> dict:
+    fields = {name: int(header[slot]) for slot, name in enumerate(STATE_FIELDS, start=2)}
+    fields["has_master"] = bool(header[_SLOT_HAS_MASTER])
+    return fields
+
+
+def read_state(path: str) -> tuple[dict, dict, dict]:
+    """(header fields, arrays name -> float32 1-D, extra) of a state file; the checksum is verified."""
+    with open(path, "rb") as f:
+        header, payload = _read_state_header(path, f)
+        stored_crc = int(header[_SLOT_CRC:_SLOT_CRC + 1].view(np.uint32)[0])
+        zeroed = header.copy()
+        zeroed[_SLOT_CRC] = 0
+        crc = zlib.crc32(zeroed.tobytes())
+
+        prefix = f.read(8)
+        crc = zlib.crc32(prefix, crc)
+        blob_len = int(np.frombuffer(prefix, dtype=np.uint64)[0])
+        if blob_len > payload - 8:
+            raise CheckpointError(f"{path}: corrupt state file (JSON length {blob_len} exceeds the payload)")
+        blob = f.read(blob_len)
+        crc = zlib.crc32(blob, crc)
+        try:
+            meta = json.loads(blob)
+            specs = [(s["name"], int(s["length"])) for s in meta["arrays"]]
+            extra = meta["extra"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: corrupt state file (unreadable JSON: {e})") from e
+        if any(n < 0 for _, n in specs) or 8 + blob_len + 4 * sum(n for _, n in specs) != payload:
+            raise CheckpointError(f"{path}: corrupt state file (array lengths do not add up to the payload)")
+        arrays = {}
+        for name, n in specs:
+            a = np.empty(n, dtype=np.float32)
+            view = memoryview(a).cast("B")
+            for begin in range(0, a.nbytes, _CRC_CHUNK):
+                chunk = view[begin:begin + _CRC_CHUNK]
+                f.readinto(chunk)
+                crc = zlib.crc32(chunk, crc)
+            arrays[name] = a
+    if crc != stored_crc:
+        raise CheckpointError(f"{path}: corrupt state file (crc32 {crc:#010x}, stored {stored_crc:#010x})")
+    return _fields(header), arrays, extra
+
+
+# ---- checkpoint directory ---------------------------------------------------------------------------
+
+def model_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"model_{step:08d}.bin")
+
+
+def state_path(out_dir: str, step: int, rank: int) -> str:
+    return os.path.join(out_dir, f"state_{step:08d}_{rank:05d}.bin")
+
+
+def done_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"DONE_{step:08d}")
+
+
+@dataclass
+class TrainingState:
+    """One rank's resumable state besides the model: arrays conventionally "m", "v" and, when kept,
+    "master" (float32, this rank's shard); extra: data loader position, RNG state, ... (JSON)."""
+    zero_stage: int
+    arrays: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def write_training_state(out_dir: str, step: int, rank: int, world_size: int, state: TrainingState) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    write_state(state_path(out_dir, step, rank),
+                dict(world_size=world_size, rank=rank, zero_stage=state.zero_stage, step=step),
+                state.arrays, state.extra)
+
+
+def mark_done(out_dir: str, step: int, world_size: int) -> None:
+    """Rank 0, after a barrier that follows every rank's writes: the step is complete. The marker
+    records the world size so a resume can check it before looking for its own state file."""
+    _atomic_write(done_path(out_dir, step), lambda f: f.write(json.dumps({"world_size": world_size}).encode()))
+
+
+def save_checkpoint(out_dir: str, step: int, rank: int, world_size: int, model_writer, state: TrainingState,
+                    barrier) -> None:
+    """llm.c's checkpoint at `step`: every rank writes its state file, rank 0 also the model through
+    model_writer(path) (e.g. lambda p: write_model(p, cfg, params, "bf16")); then barrier() (the
+    communicator's) and rank 0 writes DONE. Every rank must call it."""
+    write_training_state(out_dir, step, rank, world_size, state)
+    if rank == 0:
+        # a custom writer need not be atomic: it writes a temporary name that is renamed when complete
+        final = model_path(out_dir, step)
+        tmp = final + ".partial"
+        model_writer(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(out_dir)
+    barrier()
+    if rank == 0:
+        mark_done(out_dir, step, world_size)
+
+
+def _done_world_size(out_dir: str, step: int) -> int:
+    path = done_path(out_dir, step)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return int(json.loads(raw)["world_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable DONE marker ({e})") from e
+
+
+def _steps(out_dir: str, pattern: str) -> list[int]:
+    try:
+        names = os.listdir(out_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(re.compile(pattern).fullmatch, names) if m)
+
+
+def checkpoint_problem(out_dir: str, step: int) -> str | None:
+    """Why the checkpoint at `step` cannot be resumed, or None when it is complete: a DONE marker,
+    a model file and one state file per rank, each with a valid header and the size it declares.
+    (Checksums are verified when a rank reads its own state file.)"""
+    try:
+        world = _done_world_size(out_dir, step)
+        read_model_header(model_path(out_dir, step))
+        for rank in range(world):
+            fields = state_fields(state_path(out_dir, step, rank))
+            if (fields["world_size"], fields["rank"], fields["step"]) != (world, rank, step):
+                return f"{state_path(out_dir, step, rank)} belongs to another step, rank or world size"
+    except (OSError, CheckpointError) as e:
+        return str(e)
+    return None
+
+
+def latest_checkpoint(out_dir: str) -> int | None:
+    """The newest step of `out_dir` that checkpoint_problem accepts, or None."""
+    for step in reversed(_steps(out_dir, r"DONE_(\d{8})")):
+        if checkpoint_problem(out_dir, step) is None:
+            return step
+    return None
+
+
+def load_training_state(out_dir: str, step: int, rank: int, world_size: int, zero_stage: int) -> TrainingState:
+    """This rank's state at `step`, checked against the run resuming it."""
+    written_by = _done_world_size(out_dir, step)
+    if written_by != world_size:
+        raise CheckpointError(f"checkpoint {step} in {out_dir} was written by {written_by} ranks, "
+                              f"this run has {world_size}")
+    path = state_path(out_dir, step, rank)
+    fields, arrays, extra = read_state(path)
+    if (fields["world_size"], fields["rank"], fields["step"]) != (world_size, rank, step):
+        raise CheckpointError(f"{path}: holds rank {fields['rank']} of {fields['world_size']} at step "
+                              f"{fields['step']}, expected rank {rank} of {world_size} at step {step}")
+    if fields["zero_stage"] != zero_stage:
+        raise CheckpointError(f"checkpoint {step} in {out_dir} was written with ZeRO stage "
+                              f"{fields['zero_stage']}, this run uses {zero_stage} (-z)")
+    return TrainingState(fields["zero_stage"], arrays, extra)
+
+
+def prune_checkpoints(out_dir: str, keep: int, keep_every: int = 0) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints (llm.c's -nk), sparing steps divisible by
+    keep_every (-nm, "major" checkpoints), and the debris of incomplete steps older than the newest
+    complete one. Steps newer than that are left alone (a save may be in progress). Returns the
+    deleted steps."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    complete = [s for s in _steps(out_dir, r"DONE_(\d{8})") if checkpoint_problem(out_dir, s) is None]
+    if not complete:
+        return []
+    spared = set(complete[-keep:]) | {s for s in complete if keep_every and s % keep_every == 0}
+    # every file of a step, temporaries of an interrupted write included
+    files: dict[int, list[str]] = {}
+    for name in os.listdir(out_dir):
+        m = re.fullmatch(r"(?:model|state|DONE)_(\d{8})(?:[._].*)?", name)
+        if m:
+            files.setdefault(int(m.group(1)), []).append(name)
+    doomed = sorted(s for s in files if s < complete[-1] and s not in spared)
+    for step in doomed:
+        # the marker goes first: an interrupted prune leaves an incomplete step, not a broken "complete" one
+        marker = os.path.basename(done_path(out_dir, step))
+        for name in sorted(files[step], key=lambda n: n != marker):
+            try:
+                os.unlink(os.path.join(out_dir, name))
+            except FileNotFoundError:
+                pass
+    return doomed

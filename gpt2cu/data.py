@@ -1,0 +1,175 @@
+"""llm.c's token shards and the training-data loader.
+
+A shard is a 256-int32 header (magic 20240520, version 1, token count) followed by the tokens as
+uint16, little-endian, exactly as llm.c's dev/data scripts write them, so shards move freely between
+llm.c and gpt2cu.
+
+The loader follows llm.c's dataloader.h: a shard is cut into samples of B*T*world_size tokens (plus the
+one token of lookahead for the targets), every rank takes the same sample and reads its own B*T stripe
+of it. So N ranks with batch B together see exactly the rows one rank with batch N*B sees, and the
+position (epoch, shard, sample) is the same on every rank: shuffling depends only on (seed, epoch,
+shard), never on the rank. Shards are memory-mapped; a batch is one slice.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_TOKEN = np.iinfo(np.uint16).max
+
+
+class ShardError(ValueError):
+    """A shard file that is malformed, or unusable with the requested batch shape."""
+
+
+def write_shard(path, tokens) -> None:
+    """Write `tokens` (integers in [0, 65535]) as a shard; atomic, so readers never see half a file."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() > MAX_TOKEN):
+        raise ValueError(f"{path}: tokens must be integers in [0, {MAX_TOKEN}] to fit uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, tokens.size
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            header.tofile(f)
+            tokens.astype("<u2", copy=False).tofile(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_shard_header(path) -> int:
+    """Check the shard's header and size; return its number of tokens."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"shard file not found: {path}")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated header ({size} bytes, a shard header is {HEADER_BYTES})")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ShardError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not an llm.c token shard")
+    if header[1] != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    ntok = int(header[2])
+    if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
+        raise ShardError(f"{path}: truncated or corrupt: header says {ntok} tokens "
+                         f"({HEADER_BYTES + 2 * ntok} bytes) but the file has {size} bytes")
+    return ntok
+
+
+def load_shard_tokens(path) -> np.ndarray:
+    """The shard's tokens as a read-only uint16 memory map (checked against the header first)."""
+    ntok = read_shard_header(path)
+    if ntok == 0:  # mmap refuses an empty mapping
+        return np.empty(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def _shard_files(pattern) -> list:
+    pattern = os.fspath(pattern)
+    if not glob.has_magic(pattern):
+        return [pattern]
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no files match {pattern!r}")
+    return files
+
+
+class DataLoader:
+    """Batches (inputs, targets) of int32, shape (B, T), from the shards matching `pattern`.
+
+    One call to next_batch() consumes one sample: B*T*world_size tokens across all ranks, this rank's
+    stripe being tokens [r*B*T, (r+1)*B*T + 1) of the sample. Exhausting a shard moves to the next, and
+    the last shard wraps to the first (a new epoch). With shuffle, every epoch permutes the shard order
+    and, within each shard, the sample order, seeded by (seed, epoch[, shard]).
+    """
+
+    def __init__(self, pattern, B: int, T: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False, seed: int = 42):
+        if B < 1 or T < 1:
+            raise ValueError(f"B and T must be positive, got B={B} T={T}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.B, self.T, self.rank, self.world_size = B, T, rank, world_size
+        self.shuffle, self.seed = shuffle, seed
+        self.sample_tokens = B * T * world_size
+        self.files = _shard_files(pattern)
+        self.shard_sizes = [read_shard_header(f) for f in self.files]
+        for path, ntok in zip(self.files, self.shard_sizes):
+            if ntok < self.sample_tokens + 1:
+                raise ShardError(f"{path}: {ntok} tokens is too few for one batch: B*T*world_size+1 = "
+                                 f"{B}*{T}*{world_size}+1 = {self.sample_tokens + 1}")
+        self.shard_samples = [(ntok - 1) // self.sample_tokens for ntok in self.shard_sizes]
+        self.reset()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens in all shards together."""
+        return sum(self.shard_sizes)
+
+    @property
+    def num_batches_per_epoch(self) -> int:
+        """next_batch() calls per epoch (the same on every rank); a shard's leftover tokens are skipped."""
+        return sum(self.shard_samples)
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0."""
+        self._seek(epoch=0, shard_pos=0, sample_pos=0)
+
+    def state_dict(self) -> dict:
+        """The position of the next batch, as plain ints (identical on every rank)."""
+        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
+                "sample_tokens": self.sample_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["sample_tokens"] != self.sample_tokens:
+            raise ValueError(f"loader state was saved with B*T*world_size = {state['sample_tokens']}, "
+                             f"this loader has {self.sample_tokens}; the positions would not line up")
+        epoch, shard_pos, sample_pos = (int(state[k]) for k in ("epoch", "shard_pos", "sample_pos"))
+        if epoch < 0 or not 0 <= shard_pos < len(self.files):
+            raise ValueError(f"loader state {state} does not fit {len(self.files)} shard(s)")
+        shard = self._shard_order(epoch)[shard_pos]
+        if not 0 <= sample_pos < self.shard_samples[shard]:
+            raise ValueError(f"loader state {state}: shard {self.files[shard]} has only "
+                             f"{self.shard_samples[shard]} samples")
+        self._seek(epoch, shard_pos, sample_pos)
+
+    def next_batch(self):
+        sample = self._sample_order[self.sample_pos] if self.shuffle else self.sample_pos
+        start = sample * self.sample_tokens + self.rank * self.B * self.T
+        window = self._tokens[start:start + self.B * self.T + 1].astype(np.int32)
+        if self.sample_pos + 1 < self.shard_samples[self._shard]:
+            self.sample_pos += 1
+        elif self.shard_pos + 1 < len(self.files):
+            self._seek(self.epoch, self.shard_pos + 1, 0)
+        else:
+            self._seek(self.epoch + 1, 0, 0)
+        # targets get their own buffer, so masking them in place cannot change the inputs
+        return window[:-1].reshape(self.B, self.T), window[1:].reshape(self.B, self.T).copy()
+
+    def _shard_order(self, epoch: int) -> np.ndarray:
+        # seed words are tagged (0: shard order, 1: sample order) so the two streams never coincide
+        if not self.shuffle:
+            return np.arange(len(self.files))
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.files))
+
+    def _seek(self, epoch: int, shard_pos: int, sample_pos: int) -> None:
+        self.epoch, self.shard_pos, self.sample_pos = epoch, shard_pos, sample_pos
+        self._shard = int(self._shard_order(epoch)[shard_pos])
+        self._tokens = load_shard_tokens(self.files[self._shard])
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, 1, self._shard])
+            self._sample_order = rng.permutation(self.shard_samples[self._shard])

@@ -1,0 +1,180 @@
+"""Hugging Face GPT-2 interchange: export an llm.c model file as a GPT2LMHeadModel directory, and
+import such a directory (ours, or a hub download of gpt2 / gpt2-medium / ...) back to our flat params.
+
+    python -m gpt2cu.export log/model_00005000.bin out/hf    # then GPT2LMHeadModel.from_pretrained("out/hf")
+
+The directory holds config.json and model.safetensors. The two models are the same network; only the
+storage differs: HF's Conv1D keeps weights as (in, out), ours (out, in) as nn.Linear, so matmul weights
+are transposed; HF's wte has the real vocabulary V rows, ours the padded Vp (the padded rows are never
+selected by a token and their logits never enter the loss, so they are dropped on export and come back
+as zeros); the LM head is tied to wte in both. The name table below is the only place that knows HF's
+names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from .config import GPT2_EOT, GPTConfig
+from .layout import param_layout
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # what save_pretrained writes for sharded weights
+VOCAB_ALIGN = 128  # llm.c pads the vocabulary to a multiple of 128 (50257 -> 50304)
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # HF's names for the tanh GeLU our kernels compute
+LN_EPS = 1e-5
+
+# our per-layer tensor -> HF name under transformer.h.{i}., and whether it is a Conv1D weight (transposed)
+PER_LAYER = (
+    ("ln1w", "ln_1.weight", False), ("ln1b", "ln_1.bias", False),
+    ("qkvw", "attn.c_attn.weight", True), ("qkvb", "attn.c_attn.bias", False),
+    ("attprojw", "attn.c_proj.weight", True), ("attprojb", "attn.c_proj.bias", False),
+    ("ln2w", "ln_2.weight", False), ("ln2b", "ln_2.bias", False),
+    ("fcw", "mlp.c_fc.weight", True), ("fcb", "mlp.c_fc.bias", False),
+    ("fcprojw", "mlp.c_proj.weight", True), ("fcprojb", "mlp.c_proj.bias", False),
+)
+# our whole-model tensor -> HF name under transformer. (wte, cut to / padded from V rows, is handled apart)
+GLOBAL = (("wpe", "wpe.weight"), ("lnfw", "ln_f.weight"), ("lnfb", "ln_f.bias"))
+# HF tensors that carry no parameters of ours: causal-mask buffers of old checkpoints, the tied head
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+
+
+def hf_config(cfg: GPTConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": LN_EPS, "tie_word_embeddings": True,
+        "bos_token_id": GPT2_EOT, "eos_token_id": GPT2_EOT,
+    }
+
+
+def to_hf_tensors(cfg: GPTConfig, flat: np.ndarray) -> dict:
+    """HF name -> contiguous float32 array, from our flat fp32 params."""
+    views = param_layout(cfg).views(np.asarray(flat, dtype=np.float32))
+    out = {f"transformer.{hf}": views[ours] for ours, hf in GLOBAL}
+    out["transformer.wte.weight"] = views["wte"][:cfg.vocab_size]
+    for ours, hf, conv1d in PER_LAYER:
+        for i in range(cfg.n_layer):
+            w = views[ours][i]
+            out[f"transformer.h.{i}.{hf}"] = w.T if conv1d else w
+    return {name: np.ascontiguousarray(a) for name, a in out.items()}
+
+
+def from_hf_tensors(cfg: GPTConfig, tensors: dict, source: str = "") -> np.ndarray:
+    """Our flat fp32 params from HF tensors (names with or without the "transformer." prefix)."""
+    stripped = {name.removeprefix("transformer."): a for name, a in tensors.items()}
+    flat = np.zeros(param_layout(cfg).total, dtype=np.float32)
+    views = param_layout(cfg).views(flat)
+
+    def take(name, shape):
+        if name not in stripped:
+            raise ValueError(f"{source}: tensor {name} is missing")
+        a = stripped.pop(name)
+        if a.shape != shape:
+            raise ValueError(f"{source}: {name} has shape {a.shape}, config.json implies {shape}")
+        return a
+
+    C = cfg.n_embd
+    views["wte"][:cfg.vocab_size] = take("wte.weight", (cfg.vocab_size, C))
+    for ours, hf in GLOBAL:
+        views[ours][...] = take(hf, views[ours].shape)
+    for ours, hf, conv1d in PER_LAYER:
+        for i in range(cfg.n_layer):
+            shape = views[ours][i].shape
+            a = take(f"h.{i}.{hf}", shape[::-1] if conv1d else shape)
+            views[ours][i] = a.T if conv1d else a
+    head = stripped.pop("lm_head.weight", None)
+    if head is not None and not np.array_equal(head, views["wte"][:cfg.vocab_size]):
+        raise ValueError(f"{source}: lm_head.weight differs from wte; gpt2cu ties the LM head to wte")
+    unknown = sorted(n for n in stripped if not n.endswith(IGNORED_SUFFIXES))
+    if unknown:
+        raise ValueError(f"{source}: tensors that are not part of GPT-2: {', '.join(unknown[:5])}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+    return flat
+
+
+def export_hf(out_dir: str, cfg: GPTConfig, flat: np.ndarray) -> None:
+    """Write config.json and model.safetensors for GPT2LMHeadModel.from_pretrained(out_dir)."""
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(hf_config(cfg), f, indent=2)
+    # transformers refuses safetensors files without the "format" metadata that save_pretrained writes
+    save_file(to_hf_tensors(cfg, flat), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def config_from_hf(hf: dict, source: str = "") -> GPTConfig:
+    """Our GPTConfig from a GPT-2 config.json, refusing variants our model cannot compute."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{source}: model_type {hf['model_type']!r} is not gpt2")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in TANH_GELUS:
+        raise ValueError(f"{source}: activation_function {activation!r}; gpt2cu computes the tanh GeLU "
+                         f"({' / '.join(TANH_GELUS)})")
+    if hf.get("layer_norm_epsilon", LN_EPS) != LN_EPS:
+        raise ValueError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']}; gpt2cu uses {LN_EPS}")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ValueError(f"{source}: n_inner {hf['n_inner']}; gpt2cu's MLP is 4 * n_embd wide")
+    if not hf.get("tie_word_embeddings", True):
+        raise ValueError(f"{source}: tie_word_embeddings is false; gpt2cu ties the LM head to wte")
+    V = hf.get("vocab_size", 50257)
+    return GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                     max_seq_len=hf.get("n_positions", 1024), vocab_size=V,
+                     padded_vocab_size=-(-V // VOCAB_ALIGN) * VOCAB_ALIGN)
+
+
+def _weight_files(hf_dir: str) -> list:
+    single = os.path.join(hf_dir, WEIGHTS_FILE)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(hf_dir, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(hf_dir, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    raise FileNotFoundError(f"{hf_dir}: no {WEIGHTS_FILE} (or {WEIGHTS_INDEX}); only safetensors weights "
+                            f"are read (re-save a pytorch_model.bin with save_pretrained)")
+
+
+def import_hf(hf_dir: str) -> tuple:
+    """(GPTConfig, fp32 flat params) from a Hugging Face GPT-2 directory (config.json + safetensors)."""
+    from safetensors.numpy import load_file
+    config_path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{hf_dir}: no {CONFIG_FILE}; not a Hugging Face model directory")
+    with open(config_path) as f:
+        try:
+            cfg = config_from_hf(json.load(f), config_path)
+        except KeyError as e:
+            raise ValueError(f"{config_path}: missing {e}") from e
+    tensors = {}
+    for path in _weight_files(hf_dir):
+        tensors.update(load_file(path))
+    return cfg, from_hf_tensors(cfg, tensors, hf_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2cu.export",
+                                description="Export an llm.c model file as a Hugging Face GPT2LMHeadModel "
+                                            "directory (config.json + model.safetensors).")
+    p.add_argument("checkpoint", help="llm.c model file (fp32 or bf16)")
+    p.add_argument("out_dir")
+    args = p.parse_args(argv)
+    from .checkpoint import read_model
+    try:
+        cfg, flat = read_model(args.checkpoint)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
+    export_hf(args.out_dir, cfg, flat)
+    print(f"wrote {args.out_dir}: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} V={cfg.vocab_size} "
+          f"T={cfg.max_seq_len}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

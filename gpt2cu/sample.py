@@ -1,0 +1,110 @@
+"""Text generation: train.py's periodic samples and `python -m gpt2cu.sample CHECKPOINT`.
+
+    python -m gpt2cu.sample log/model_00005000.bin --prompt "The meaning of life is" -n 64 --top-k 40
+
+Generation reuses the training model as it is, with its fixed (B, T) buffers and no KV cache: each new
+token costs one full forward over the running sequence in row 0 (the other rows hold EOT and are
+ignored). That is wasteful but exact, and needs nothing beyond the ops every backend has. The sequence
+slides to its last T tokens once it outgrows T.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from .config import GPT2_EOT
+
+
+def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
+                 top_k: int | None = None) -> int:
+    """One token id from the logits of one position (over the real vocabulary only).
+    temperature 0 is greedy; top_k keeps the k most likely tokens."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    return int(rng.choice(z.size, p=p / p.sum()))
+
+
+def generate(model, backend, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, seed: int = 1337) -> list:
+    """The max_new_tokens tokens sampled after prompt_tokens (the prompt is not repeated). Deterministic
+    for a given seed, model and backend."""
+    if len(prompt_tokens) == 0:
+        raise ValueError("generate needs at least one prompt token (e.g. EOT to start a document)")
+    rng = np.random.default_rng(seed)
+    B, T, V = model.B, model.T, model.cfg.vocab_size
+    inputs = np.full((B, T), GPT2_EOT, dtype=np.int32)
+    targets = np.zeros((B, T), dtype=np.int32)  # set_batch wants a pair; the forward ignores them
+    seq, new = list(prompt_tokens), []
+    for _ in range(max_new_tokens):
+        window = seq[-T:]
+        inputs[0, :len(window)] = window  # positions past the window are never seen (causal attention)
+        tok, _ = backend.set_batch(inputs, targets)
+        model.forward(tok)
+        logits = backend.to_numpy(model.acts["logits"][0, len(window) - 1, :V])
+        token = sample_token(logits, rng, temperature, top_k)
+        seq.append(token)
+        new.append(token)
+    return new
+
+
+def load_weights(path: str):
+    """(GPTConfig, fp32 flat params) from an llm.c model file or a Hugging Face GPT-2 directory."""
+    if os.path.isdir(path):
+        from .export import import_hf
+        return import_hf(path)
+    from .checkpoint import read_model
+    return read_model(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gpt2cu.sample",
+                                description="Sample text from an llm.c model file (or a Hugging Face GPT-2 "
+                                            "directory, as gpt2cu.export writes).")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", default=None, help="start text (default: <|endoftext|>, a new document)")
+    p.add_argument("-n", dest="max_new_tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--backend", default="auto", choices=("auto", "numpy", "cuda"))
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"-n must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+
+    from .backends import get_backend
+    from .model import GPT
+    from .tokenizer import decode, encode
+
+    try:
+        cfg, params = load_weights(args.checkpoint)
+        backend = get_backend(args.backend)
+    except (OSError, ValueError, RuntimeError) as e:
+        p.error(str(e))
+    prompt = [GPT2_EOT] if args.prompt is None else encode(args.prompt)
+    if not prompt:
+        p.error("--prompt encodes to no tokens; leave it out to start from <|endoftext|>")
+    T = min(cfg.max_seq_len, len(prompt) + args.max_new_tokens)
+    model = GPT(cfg, backend, B=1, T=T, params=params)
+    new = generate(model, backend, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(decode(new if args.prompt is None else prompt + new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

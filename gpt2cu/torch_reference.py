@@ -1,0 +1,134 @@
+"""A plain PyTorch GPT-2 on gpt2cu's parameter layout: the reference the tests and benchmarks compare to.
+
+nanoGPT's model (pre-LN blocks, fused qkv Linear, SDPA causal attention, tanh GeLU MLP, LM head tied to
+wte), with wte holding the padded vocabulary as gpt2cu does. Its parameters load from and export to
+gpt2cu's flat fp32 buffer through gpt2cu.layout, so both implementations start from the same
+init_params and their gradients compare tensor by tensor. Used on the CPU in fp32/float64 for parity
+tests, and on the GPU under bf16 autocast and torch.compile as the benchmark baseline, so the forward
+stays free of Python-side data-dependent control flow. Only tests and benchmarks import this module
+(and with it torch); the package itself does not need torch.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .layout import param_layout
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # [q | k | v] with head h in columns h*hs..(h+1)*hs of each third, as gpt2cu's qkv
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+
+    def forward(self, idx, targets=None):
+        """idx, targets (B, T) int64 -> (logits (B, T, V) over the real vocabulary, mean cross-entropy
+        over the targets that are not -1, or None without targets)."""
+        V = self.cfg.vocab_size
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        # the tied head over all Vp rows (a well-tiled GEMM, as gpt2cu's), then the padding is dropped
+        logits = F.linear(self.ln_f(x), self.wte.weight)[..., :V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- gpt2cu's flat buffer -----------------------------------------------------------------
+    def layout_tensors(self) -> dict:
+        """Layout name -> the parameters that make it up, one per layer for the stacked (L, ...) tensors."""
+        h = self.h
+        return {
+            "wte": [self.wte.weight], "wpe": [self.wpe.weight],
+            "ln1w": [b.ln_1.weight for b in h], "ln1b": [b.ln_1.bias for b in h],
+            "qkvw": [b.attn.c_attn.weight for b in h], "qkvb": [b.attn.c_attn.bias for b in h],
+            "attprojw": [b.attn.c_proj.weight for b in h], "attprojb": [b.attn.c_proj.bias for b in h],
+            "ln2w": [b.ln_2.weight for b in h], "ln2b": [b.ln_2.bias for b in h],
+            "fcw": [b.mlp.c_fc.weight for b in h], "fcb": [b.mlp.c_fc.bias for b in h],
+            "fcprojw": [b.mlp.c_proj.weight for b in h], "fcprojb": [b.mlp.c_proj.bias for b in h],
+            "lnfw": [self.ln_f.weight], "lnfb": [self.ln_f.bias],
+        }
+
+    def _views(self, flat: np.ndarray):
+        """(parameter, matching view of flat) pairs over the whole layout."""
+        views = param_layout(self.cfg).views(flat)
+        for name, params in self.layout_tensors().items():
+            yield from zip(params, views[name].reshape(len(params), *params[0].shape))
+
+    @classmethod
+    def from_flat(cls, cfg: GPTConfig, flat: np.ndarray) -> "TorchGPT":
+        model = cls(cfg)
+        with torch.no_grad():
+            for p, src in model._views(np.asarray(flat, dtype=np.float32)):
+                p.copy_(torch.from_numpy(np.ascontiguousarray(src)))
+        return model
+
+    def _export(self, pick) -> np.ndarray:
+        flat = np.zeros(param_layout(self.cfg).total, dtype=np.float32)
+        for p, dst in self._views(flat):
+            t = pick(p)
+            if t is not None:
+                dst[...] = t.detach().float().cpu().numpy()
+        return flat
+
+    def to_flat(self) -> np.ndarray:
+        """The parameters as gpt2cu's flat fp32 host buffer."""
+        return self._export(lambda p: p)
+
+    def grads_to_flat(self) -> np.ndarray:
+        """The gradients as a flat fp32 host buffer (zero where a parameter has no gradient)."""
+        return self._export(lambda p: p.grad)
+
+    def configure_optimizer(self, weight_decay, lr, betas, eps, fused):
+        """torch's AdamW with gpt2cu's split: weight decay on the layout's decay tensors only."""
+        params = self.layout_tensors()
+        groups = [{"params": [p for t in param_layout(self.cfg).tensors if t.decay == decay for p in params[t.name]],
+                   "weight_decay": weight_decay if decay else 0.0} for decay in (True, False)]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)

@@ -1,0 +1,241 @@
+// bindings.cpp: the pybind11 module gpt2cu._kernels, one Python function per launcher in kernels.h.
+//
+// Calling convention (every function):
+//  - device pointers are Python ints (uintptr_t): CuPy's `array.data.ptr`, torch's `tensor.data_ptr()`;
+//    0 stands for a null pointer (the optional arguments: bias, gelu_pre, dbias, master, ...);
+//  - the stream is a Python int too (CuPy's `stream.ptr`; 0 = the legacy default stream);
+//  - sizes are Python ints; the *_scratch_floats functions return ints;
+//  - AdamWScalars is passed as a device pointer to the struct (sizeof_adamw_scalars() bytes, layout as
+//    in kernels.h: float lr, grad_scale, beta1_correction, beta2_correction; uint32 seed; uint32 pad[3]);
+//  - argument names and order are kernels.h's, so keyword calls work;
+//  - launchers throw std::runtime_error, which reaches Python as RuntimeError.
+// The launchers are asynchronous (they enqueue work on the stream) and hold the GIL while enqueuing.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+inline T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+
+inline cudaStream_t strm(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+static_assert(sizeof(AdamWScalars) == 32, "AdamWScalars layout changed: update the Python side");
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+    m.doc() = "gpt2cu CUDA kernels (kernels/kernels.h): device pointers and streams are Python ints";
+
+    // ---- encoder.cu
+    m.def(
+        "encoder_forward",
+        [](uintptr_t out, uintptr_t tokens, uintptr_t wte, uintptr_t wpe, int B, int T, int C, uintptr_t stream) {
+            encoder_forward(ptr<bf16>(out), ptr<const int>(tokens), ptr<const bf16>(wte), ptr<const bf16>(wpe), B, T,
+                            C, strm(stream));
+        },
+        "out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]", py::arg("out"), py::arg("tokens"), py::arg("wte"),
+        py::arg("wpe"), py::arg("B"), py::arg("T"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "encoder_backward",
+        [](uintptr_t dwte, uintptr_t dwpe, uintptr_t dout, uintptr_t tokens, uintptr_t sorted_positions,
+           uintptr_t bucket_starts, uintptr_t num_buckets, int B, int T, int C, uintptr_t stream) {
+            encoder_backward(ptr<bf16>(dwte), ptr<bf16>(dwpe), ptr<const bf16>(dout), ptr<const int>(tokens),
+                             ptr<const int>(sorted_positions), ptr<const int>(bucket_starts),
+                             ptr<const int>(num_buckets), B, T, C, strm(stream));
+        },
+        "dwte[v,:] += sum of dout over positions with token v (positions sorted by token, bucket starts, "
+        "num_buckets on device); dwpe[t,:] += sum_b dout[b,t,:]",
+        py::arg("dwte"), py::arg("dwpe"), py::arg("dout"), py::arg("tokens"), py::arg("sorted_positions"),
+        py::arg("bucket_starts"), py::arg("num_buckets"), py::arg("B"), py::arg("T"), py::arg("C"),
+        py::arg("stream"));
+
+    // ---- layernorm.cu
+    m.def(
+        "layernorm_forward",
+        [](uintptr_t out, uintptr_t mean, uintptr_t rstd, uintptr_t inp, uintptr_t weight, uintptr_t bias, int N,
+           int C, uintptr_t stream) {
+            layernorm_forward(ptr<bf16>(out), ptr<float>(mean), ptr<float>(rstd), ptr<const bf16>(inp),
+                              ptr<const bf16>(weight), ptr<const bf16>(bias), N, C, strm(stream));
+        },
+        "out = (inp - mean) * rstd * weight + bias over the last dim C; eps 1e-5; mean/rstd per row (fp32)",
+        py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("bias"),
+        py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "fused_residual_layernorm_forward",
+        [](uintptr_t residual, uintptr_t out, uintptr_t mean, uintptr_t rstd, uintptr_t inp1, uintptr_t inp2,
+           uintptr_t weight, uintptr_t bias, int N, int C, uintptr_t stream) {
+            fused_residual_layernorm_forward(ptr<bf16>(residual), ptr<bf16>(out), ptr<float>(mean),
+                                             ptr<float>(rstd), ptr<const bf16>(inp1), ptr<const bf16>(inp2),
+                                             ptr<const bf16>(weight), ptr<const bf16>(bias), N, C, strm(stream));
+        },
+        "residual = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, weight, bias)",
+        py::arg("residual"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp1"), py::arg("inp2"),
+        py::arg("weight"), py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "layernorm_backward",
+        [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
+           uintptr_t mean, uintptr_t rstd, uintptr_t scratch, size_t scratch_floats, int N, int C,
+           uintptr_t stream) {
+            layernorm_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
+                               ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const float>(mean),
+                               ptr<const float>(rstd), ptr<float>(scratch), scratch_floats, N, C, strm(stream));
+        },
+        "dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout)", py::arg("dinp"),
+        py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"), py::arg("mean"),
+        py::arg("rstd"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
+        py::arg("stream"));
+    m.def(
+        "layernorm_backward_scratch_floats", [](int N, int C) { return layernorm_backward_scratch_floats(N, C); },
+        "floats of scratch layernorm_backward needs for (N, C)", py::arg("N"), py::arg("C"));
+
+    // ---- gelu.cu
+    m.def(
+        "gelu_forward",
+        [](uintptr_t out, uintptr_t inp, size_t n, uintptr_t stream) {
+            gelu_forward(ptr<bf16>(out), ptr<const bf16>(inp), n, strm(stream));
+        },
+        "tanh GeLU: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))", py::arg("out"), py::arg("inp"),
+        py::arg("n"), py::arg("stream"));
+    m.def(
+        "gelu_backward",
+        [](uintptr_t dinp, uintptr_t dout, uintptr_t inp, size_t n, uintptr_t stream) {
+            gelu_backward(ptr<bf16>(dinp), ptr<const bf16>(dout), ptr<const bf16>(inp), n, strm(stream));
+        },
+        "dinp = dout * gelu'(inp); dinp may alias dout", py::arg("dinp"), py::arg("dout"), py::arg("inp"),
+        py::arg("n"), py::arg("stream"));
+
+    // ---- bias.cu
+    m.def(
+        "bias_backward",
+        [](uintptr_t dbias, uintptr_t dout, uintptr_t scratch, size_t scratch_floats, int N, int OC,
+           uintptr_t stream) {
+            bias_backward(ptr<bf16>(dbias), ptr<const bf16>(dout), ptr<float>(scratch), scratch_floats, N, OC,
+                          strm(stream));
+        },
+        "dbias[OC] += sum over N rows of dout[N, OC]", py::arg("dbias"), py::arg("dout"), py::arg("scratch"),
+        py::arg("scratch_floats"), py::arg("N"), py::arg("OC"), py::arg("stream"));
+    m.def(
+        "bias_backward_scratch_floats", [](int N, int OC) { return bias_backward_scratch_floats(N, OC); },
+        "floats of scratch bias_backward needs for (N, OC)", py::arg("N"), py::arg("OC"));
+
+    // ---- classifier.cu
+    m.def(
+        "fused_classifier",
+        [](uintptr_t logits, uintptr_t losses, uintptr_t targets, float dloss, int N, int V, int Vp,
+           uintptr_t stream) {
+            fused_classifier(ptr<bf16>(logits), ptr<float>(losses), ptr<const int>(targets), dloss, N, V, Vp,
+                             strm(stream));
+        },
+        "losses[i] = logsumexp(logits[i,:V]) - logits[i,targets[i]]; logits overwritten by dloss*(softmax - "
+        "onehot), 0 in padded columns; targets < 0 mask a row; dloss = 0 skips dlogits",
+        py::arg("logits"), py::arg("losses"), py::arg("targets"), py::arg("dloss"), py::arg("N"), py::arg("V"),
+        py::arg("Vp"), py::arg("stream"));
+
+    // ---- attention.cu
+    m.def(
+        "attention_forward",
+        [](uintptr_t out, uintptr_t lse, uintptr_t qkv, int B, int T, int NH, int HS, uintptr_t stream) {
+            attention_forward(ptr<bf16>(out), ptr<float>(lse), ptr<const bf16>(qkv), B, T, NH, HS, strm(stream));
+        },
+        "causal flash attention over qkv (B, T, 3C) = [q | k | v]; out (B, T, C); lse (B, NH, T) natural log, "
+        "scale 1/sqrt(HS); HS in {64, 128}",
+        py::arg("out"), py::arg("lse"), py::arg("qkv"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"),
+        py::arg("stream"));
+    m.def(
+        "attention_backward",
+        [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream) {
+            attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
+                               ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, HS,
+                               strm(stream));
+        },
+        "dqkv (B, T, 3C) overwritten with [dq | dk | dv]", py::arg("dqkv"), py::arg("dout"), py::arg("qkv"),
+        py::arg("out"), py::arg("lse"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("B"), py::arg("T"),
+        py::arg("NH"), py::arg("HS"), py::arg("stream"));
+    m.def(
+        "attention_backward_scratch_floats",
+        [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },
+        "floats of scratch attention_backward needs for (B, T, NH, HS)", py::arg("B"), py::arg("T"), py::arg("NH"),
+        py::arg("HS"));
+
+    // ---- matmul.cu
+    m.def(
+        "matmul_forward",
+        [](uintptr_t out, uintptr_t gelu_pre, uintptr_t inp, uintptr_t weight, uintptr_t bias, int N, int C, int OC,
+           uintptr_t stream) {
+            matmul_forward(ptr<bf16>(out), ptr<bf16>(gelu_pre), ptr<const bf16>(inp), ptr<const bf16>(weight),
+                           ptr<const bf16>(bias), N, C, OC, strm(stream));
+        },
+        "out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be 0); gelu_pre != 0: gelu_pre = that, "
+        "out = gelu(gelu_pre)",
+        py::arg("out"), py::arg("gelu_pre"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("N"),
+        py::arg("C"), py::arg("OC"), py::arg("stream"));
+    m.def(
+        "matmul_backward",
+        [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
+           uintptr_t dinp_gelu_pre, uintptr_t scratch, size_t scratch_floats, int N, int C, int OC,
+           uintptr_t stream) {
+            matmul_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
+                            ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const bf16>(dinp_gelu_pre),
+                            ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream));
+        },
+        "dinp = dout @ weight (times gelu'(dinp_gelu_pre) when non-0); dweight += dout^T @ inp; dbias += "
+        "colsum(dout) when non-0",
+        py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
+        py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
+        py::arg("OC"), py::arg("stream"));
+
+    // ---- adamw.cu
+    m.def(
+        "adamw_update",
+        [](uintptr_t params, uintptr_t master, uintptr_t grads, uintptr_t m_, uintptr_t v, size_t n,
+           uintptr_t scalars, float beta1, float beta2, float eps, float weight_decay, uintptr_t stream) {
+            adamw_update(ptr<bf16>(params), ptr<float>(master), ptr<const bf16>(grads), ptr<float>(m_), ptr<float>(v),
+                         n, ptr<const AdamWScalars>(scalars), beta1, beta2, eps, weight_decay, strm(stream));
+        },
+        "AdamW on n elements; scalars is a DEVICE pointer to AdamWScalars (lr, grad_scale, beta1/2 corrections, "
+        "seed); master 0: params (bf16) are the weights",
+        py::arg("params"), py::arg("master"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"),
+        py::arg("scalars"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("stream"));
+    m.def(
+        "sizeof_adamw_scalars", []() { return sizeof(AdamWScalars); },
+        "bytes of struct AdamWScalars (4 floats lr, grad_scale, beta1_correction, beta2_correction; uint32 seed; "
+        "uint32 pad[3])");
+
+    // ---- global_norm.cu
+    m.def(
+        "global_norm_squared",
+        [](uintptr_t out, uintptr_t grads, size_t n, uintptr_t scratch, size_t scratch_floats, uintptr_t stream) {
+            global_norm_squared(ptr<float>(out), ptr<const bf16>(grads), n, ptr<float>(scratch), scratch_floats,
+                                strm(stream));
+        },
+        "out[0] = sum of squares of grads[0..n) in fp32, deterministic", py::arg("out"), py::arg("grads"),
+        py::arg("n"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("stream"));
+    m.def(
+        "global_norm_scratch_floats", [](size_t n) { return global_norm_scratch_floats(n); },
+        "floats of scratch global_norm_squared needs for n elements", py::arg("n"));
+
+    // ---- convert.cu
+    m.def(
+        "bf16_to_float",
+        [](uintptr_t out, uintptr_t inp, size_t n, uintptr_t stream) {
+            bf16_to_float(ptr<float>(out), ptr<const bf16>(inp), n, strm(stream));
+        },
+        "out (fp32) = inp (bf16), n elements", py::arg("out"), py::arg("inp"), py::arg("n"), py::arg("stream"));
+    m.def(
+        "float_to_bf16",
+        [](uintptr_t out, uintptr_t inp, size_t n, uintptr_t stream) {
+            float_to_bf16(ptr<bf16>(out), ptr<const float>(inp), n, strm(stream));
+        },
+        "out (bf16) = inp (fp32) rounded to nearest even, n elements", py::arg("out"), py::arg("inp"), py::arg("n"),
+        py::arg("stream"));
+}

@@ -1,0 +1,125 @@
+"""The CUDA training step against a PyTorch GPT-2 (bf16 autocast), checkpoint interchange with the numpy
+backend, and bit-exact resume on the GPU. Skipped without a GPU."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt2cu import optim
+from gpt2cu.backends import cuda_available
+from gpt2cu.config import GPTConfig
+from gpt2cu.model import GPT, init_params
+
+ok, why = cuda_available()
+pytestmark = pytest.mark.skipif(not ok, reason=f"needs a CUDA GPU and the compiled kernels: {why}")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def corpus_batches(B, T, count):
+    from gpt2cu.corpus import default_corpus
+    from gpt2cu.data import DataLoader
+    train, _ = default_corpus()
+    loader = DataLoader(train, B, T, shuffle=False)
+    return [loader.next_batch() for _ in range(count)]
+
+
+def test_loss_tracks_pytorch_for_100_steps():
+    """d12, B=8, T=1024, the default corpus, same init and batches, AdamW + clipping + cosine schedule:
+    |loss - torch loss| < 0.05 at every step and < 0.015 on average (issue 5's bar); gradients after
+    the first micro-step agree per tensor within 5% relative norm (two bf16 computations of the same
+    fp32 quantity: each is ~1% off, and the small-gradient tensors carry the most rounding)."""
+    import torch
+    from gpt2cu.backends import get_backend
+    from gpt2cu.dist import SingleProcess
+    from gpt2cu.torch_reference import TorchGPT
+
+    cfg, B, T, steps, lr_max = GPTConfig.from_descriptor("d12"), 8, 1024, 100, 6e-4
+    init = init_params(cfg, seed=0)
+    batches = corpus_batches(B, T, steps)
+    backend = get_backend("cuda")
+    model = GPT(cfg, backend, B, T, init, recompute=1)
+    adam = optim.AdamWConfig(lr=lr_max, weight_decay=0.1)
+    opt = optim.AdamW(backend, model, (0, model.layout.total), adam)
+    comm = SingleProcess()
+
+    ref = TorchGPT.from_flat(cfg, init).cuda()
+    ref_opt = ref.configure_optimizer(weight_decay=0.1, lr=lr_max, betas=(0.9, 0.95), eps=1e-8, fused=True)
+
+    ours, theirs = [], []
+    for step, (x, y) in enumerate(batches):
+        lr = optim.get_lr("cosine", step, steps, lr_max, 10, 0.1)
+        tok, tgt = backend.set_batch(x, y)
+        with backend.stream:
+            model.forward(tok, tgt, dloss=1.0 / (B * T))
+            model.backward(tok)
+        ours.append(backend.mean_loss(model.acts["losses"]))
+        xt, yt = torch.from_numpy(x).long().cuda(), torch.from_numpy(y).long().cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = ref(xt, yt)
+        loss.backward()
+        theirs.append(loss.item())
+        if step == 0:
+            ours_g = model.layout.views(backend.to_numpy(model.grads[:model.layout.total]))
+            theirs_g = model.layout.views(ref.grads_to_flat())
+            for name, g in ours_g.items():
+                rel = np.linalg.norm(g - theirs_g[name]) / max(np.linalg.norm(theirs_g[name]), 1e-12)
+                assert rel < 5e-2, (name, rel)
+        norm = opt.reduce_and_norm(comm, 0)
+        opt.step(lr, step + 1, optim.clip_scale(norm, 1.0), seed=step)
+        model.zero_grad()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        for group in ref_opt.param_groups:
+            group["lr"] = lr
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    diff = np.abs(np.array(ours) - np.array(theirs))
+    print(f"loss ours {ours[0]:.4f}->{ours[-1]:.4f}, torch {theirs[0]:.4f}->{theirs[-1]:.4f}, "
+          f"max |diff| {diff.max():.4f}, mean {diff.mean():.4f}")
+    assert ours[-1] < ours[0] - 2.0, "the loss did not fall"
+    assert diff.max() < 0.05, diff
+    assert diff.mean() < 0.015, diff.mean()
+
+
+def test_checkpoints_move_between_backends(tmp_path):
+    """A bf16 model file written from the GPU gives the same loss on the numpy backend, and a numpy
+    fp32 file loads on the GPU (bf16 rounding of the weights: loss within 0.02)."""
+    from gpt2cu import checkpoint
+    from gpt2cu.backends import get_backend
+    cfg, B, T = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=128), 2, 128
+    x, y = corpus_batches(B, T, 1)[0]
+    losses = {}
+    for name in ("cuda", "numpy"):
+        backend = get_backend(name)
+        model = GPT(cfg, backend, B, T, init_params(cfg, seed=3))
+        tok, tgt = backend.set_batch(x, y)
+        model.forward(tok, tgt)
+        losses[name] = backend.mean_loss(model.acts["losses"])
+        path = str(tmp_path / f"{name}.bin")
+        checkpoint.write_model(path, cfg, model.host_params(), dtype=backend.checkpoint_dtype)
+        other = get_backend("numpy" if name == "cuda" else "cuda")
+        cfg2, params = checkpoint.read_model(path)
+        assert cfg2 == cfg
+        loaded = GPT(cfg, other, B, T, params)
+        tok, tgt = other.set_batch(x, y)
+        loaded.forward(tok, tgt)
+        assert abs(other.mean_loss(loaded.acts["losses"]) - losses[name]) < 0.02
+    assert abs(losses["cuda"] - losses["numpy"]) < 0.02
+
+
+def test_cli_resume_on_gpu_is_bit_exact(tmp_path):
+    def run(*flags):
+        r = subprocess.run([sys.executable, "-m", "gpt2cu.train", "--backend", "cuda", "-e", "d2", "-b", "4",
+                            "-t", "256", "-x", "10", "-n", "5", "-v", "0", "-s", "0", "-l", "1e-3", *flags],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {int(m.group(1)): m.group(2) for m in re.finditer(r"step\s+(\d+)/\d+ \| loss ([\d.]+)", r.stdout)}
+    full = run("-o", str(tmp_path / "full"))
+    run("-o", str(tmp_path / "part"), "--stop-after", "5")
+    resumed = run("-o", str(tmp_path / "part"), "-y", "1")
+    assert sorted(resumed) == list(range(6, 11))
+    assert all(full[s] == resumed[s] for s in resumed), (full, resumed)

@@ -1,0 +1,397 @@
+"""The numpy ops (gpt2cu/backends/numpy_ops.py), one by one: every backward against float64 central finite
+differences of its forward, forwards against independent straightforward implementations (explicit loops,
+torch functions), the in-place contract ("+=" outputs accumulate onto what is there, other outputs are
+fully overwritten: they start as NaN here), and the backend's memory API.
+
+Tolerances. Finite differences run in float64 with h = 1e-6: truncation error ~h^2 = 1e-12 and cancellation
+error ~1e-16/h = 1e-10 relative to the gradient's scale, so 1e-6 relative leaves four orders of margin while
+a wrong or missing term is off by O(1). Float32 results are compared to float64 formulas at 1e-5 relative:
+float32 rounding is 6e-8 per operation and these ops chain or sum at most a few hundred terms (~1e-6).
+Errors are measured against the scale of the whole expected tensor (atol = rel * max|expected|), because
+rounding in a sum grows with the magnitude of its terms, not with the (possibly tiny) result.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2cu.backends import numpy_ops as ops
+from gpt2cu.backends.numpy_ops import NumpyBackend
+
+torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, T, C, H = 2, 5, 12, 3  # odd sizes: no accidental square or power-of-two shapes
+FD_REL, FP32_REL = 1e-6, 1e-5
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def assert_close(actual, expected, rel):
+    assert np.all(np.isfinite(actual)), "output not (fully) written"
+    np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
+
+
+def numeric_grad(f, x, h=1e-6):
+    """d f() / d x by central differences, perturbing the contiguous array x in place."""
+    grad = np.empty_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + h
+        plus = f()
+        flat[i] = old - h
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * h)
+    return grad
+
+
+def nans(*shape):
+    return np.full(shape, np.nan)
+
+
+def gelu_reference(x):
+    return torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+
+
+# ---- encoder ------------------------------------------------------------------------------------
+TOKENS = np.array([[1, 3, 1, 1, 0], [3, 5, 2, 1, 7]], dtype=np.int32)  # repeats: 1 four times, 3 twice
+VOCAB = 9
+
+
+def test_encoder_forward(rng):
+    wte, wpe = rng.normal(size=(VOCAB, C)), rng.normal(size=(T, C))
+    out = nans(B, T, C)
+    ops.encoder_forward(out, TOKENS, wte, wpe)
+    for b in range(B):
+        for t in range(T):
+            np.testing.assert_array_equal(out[b, t], wte[TOKENS[b, t]] + wpe[t])
+
+
+def test_encoder_backward(rng):
+    wte, wpe, dout = rng.normal(size=(VOCAB, C)), rng.normal(size=(T, C)), rng.normal(size=(B, T, C))
+    out = np.empty((B, T, C))
+
+    def loss():
+        ops.encoder_forward(out, TOKENS, wte, wpe)
+        return np.sum(dout * out)
+
+    dwte0, dwpe0 = rng.normal(size=wte.shape), rng.normal(size=wpe.shape)
+    dwte, dwpe = dwte0.copy(), dwpe0.copy()
+    ops.encoder_backward(dwte, dwpe, dout, TOKENS)
+    assert_close(dwte - dwte0, numeric_grad(loss, wte), FD_REL)
+    assert_close(dwpe - dwpe0, numeric_grad(loss, wpe), FD_REL)
+
+
+# ---- layernorm ----------------------------------------------------------------------------------
+def layernorm_reference(x, w, b):
+    out = torch.nn.functional.layer_norm(torch.from_numpy(x), (C,), torch.from_numpy(w), torch.from_numpy(b),
+                                         eps=1e-5).numpy()
+    return out, x.mean(-1), 1.0 / np.sqrt(x.var(-1) + 1e-5)
+
+
+def test_layernorm_forward(rng):
+    x, w, b = rng.normal(1.0, 3.0, size=(B, T, C)), rng.normal(size=C), rng.normal(size=C)
+    out, mean, rstd = nans(B, T, C), nans(B, T), nans(B, T)
+    ops.layernorm_forward(out, mean, rstd, x, w, b)
+    for got, want in zip((out, mean, rstd), layernorm_reference(x, w, b)):
+        assert_close(got, want, 1e-12)
+
+
+def test_fused_residual_layernorm_forward(rng):
+    x1, x2 = rng.normal(size=(B, T, C)), rng.normal(size=(B, T, C))
+    w, b = rng.normal(size=C), rng.normal(size=C)
+    residual, out, mean, rstd = nans(B, T, C), nans(B, T, C), nans(B, T), nans(B, T)
+    ops.fused_residual_layernorm_forward(residual, out, mean, rstd, x1, x2, w, b)
+    np.testing.assert_array_equal(residual, x1 + x2)
+    for got, want in zip((out, mean, rstd), layernorm_reference(x1 + x2, w, b)):
+        assert_close(got, want, 1e-12)
+
+
+def test_layernorm_backward(rng):
+    x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=C), rng.normal(size=C)
+    dout = rng.normal(size=(B, T, C))
+    out, mean, rstd = np.empty((B, T, C)), np.empty((B, T)), np.empty((B, T))
+
+    def loss():
+        ops.layernorm_forward(out, mean, rstd, x, w, b)
+        return np.sum(dout * out)
+
+    loss()  # mean and rstd of the unperturbed input, as the backward receives them
+    starts = [rng.normal(size=a.shape) for a in (x, w, b)]
+    dx, dw, db = (s.copy() for s in starts)
+    ops.layernorm_backward(dx, dw, db, dout, x, w, mean.copy(), rstd.copy())
+    for grad, start, wrt in zip((dx, dw, db), starts, (x, w, b)):
+        assert_close(grad - start, numeric_grad(loss, wrt), FD_REL)
+
+
+# ---- matmul -------------------------------------------------------------------------------------
+OC = 7
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_gelu", [False, True])
+def test_matmul_forward(rng, with_bias, with_gelu):
+    x, w, bias = rng.normal(size=(B, T, C)), rng.normal(size=(OC, C)), rng.normal(size=OC)
+    pre = np.einsum("btc,oc->bto", x, w)
+    if with_bias:
+        pre = pre + bias
+    out, gelu_pre = nans(B, T, OC), nans(B, T, OC)
+    ops.matmul_forward(out, x, w, bias if with_bias else None, gelu_pre if with_gelu else None)
+    if with_gelu:
+        assert_close(gelu_pre, pre, 1e-12)
+        assert_close(out, gelu_reference(pre), 1e-12)
+    else:
+        assert_close(out, pre, 1e-12)
+        assert np.isnan(gelu_pre).all()
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_gelu", [False, True])
+def test_matmul_backward(rng, with_bias, with_gelu):
+    """With the GeLU, the input is gelu(x_pre) and dinp is the gradient of x_pre (the model's MLP)."""
+    x, w, bias = rng.normal(size=(B, T, C)), rng.normal(size=(OC, C)), rng.normal(size=OC)
+    dout = rng.normal(size=(B, T, OC))
+    out = np.empty((B, T, OC))
+
+    def inp():
+        return gelu_reference(x) if with_gelu else x
+
+    def loss():
+        ops.matmul_forward(out, inp(), w, bias if with_bias else None)
+        return np.sum(dout * out)
+
+    dx = nans(B, T, C)
+    dw0, db0 = rng.normal(size=w.shape), rng.normal(size=bias.shape)
+    dw, db = dw0.copy(), db0.copy()
+    ops.matmul_backward(dx, dw, db if with_bias else None, dout, inp(), w, x if with_gelu else None)
+    assert_close(dx, numeric_grad(loss, x), FD_REL)
+    assert_close(dw - dw0, numeric_grad(loss, w), FD_REL)
+    if with_bias:
+        assert_close(db - db0, numeric_grad(loss, bias), FD_REL)
+    else:
+        np.testing.assert_array_equal(db, db0)
+
+
+# ---- GeLU ---------------------------------------------------------------------------------------
+def test_gelu_forward(rng):
+    x = rng.normal(0.0, 3.0, size=(B, T, C))
+    out = nans(B, T, C)
+    ops.gelu_forward(out, x)
+    assert_close(out, gelu_reference(x), 1e-12)
+
+
+def test_gelu_backward_and_aliasing(rng):
+    x, dout = rng.normal(0.0, 3.0, size=(B, T, C)), rng.normal(size=(B, T, C))
+    out = np.empty_like(x)
+
+    def loss():
+        ops.gelu_forward(out, x)
+        return np.sum(dout * out)
+
+    dx = nans(B, T, C)
+    ops.gelu_backward(dx, dout, x)
+    assert_close(dx, numeric_grad(loss, x), FD_REL)
+    aliased = dout.copy()
+    ops.gelu_backward(aliased, aliased, x)  # dinp is dout, as the CUDA kernel allows
+    np.testing.assert_array_equal(aliased, dx)
+
+
+# ---- attention ----------------------------------------------------------------------------------
+def attention_reference(qkv, n_head):
+    """One (batch, head, query) at a time, straight from the definition."""
+    Bq, Tq, C3 = qkv.shape
+    Cq = C3 // 3
+    hs = Cq // n_head
+    out, lse = np.zeros((Bq, Tq, Cq)), np.zeros((Bq, n_head, Tq))
+    for b in range(Bq):
+        for h in range(n_head):
+            cols = slice(h * hs, (h + 1) * hs)
+            q, k, v = (qkv[b, :, i * Cq:(i + 1) * Cq][:, cols] for i in range(3))
+            for t in range(Tq):
+                s = k[:t + 1] @ q[t] / np.sqrt(hs)
+                m = s.max()
+                e = np.exp(s - m)
+                out[b, t, cols] = e @ v[:t + 1] / e.sum()
+                lse[b, h, t] = m + np.log(e.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("seq", [1, T, 7])
+def test_attention_forward(rng, seq):
+    qkv = rng.normal(size=(B, seq, 3 * C))
+    out, lse = nans(B, seq, C), nans(B, H, seq)
+    ops.attention_forward(out, lse, qkv, H)
+    ref_out, ref_lse = attention_reference(qkv, H)
+    assert_close(out, ref_out, 1e-12)
+    assert_close(lse, ref_lse, 1e-12)
+
+
+def test_attention_forward_is_stable(rng):
+    """Adding a vector kb to every key shifts each query's scores by a constant: the output stays, lse
+    shifts by q.kb/sqrt(hs). With |kb| ~ 1e4 the scores reach ~1e4, far past exp's float64 range."""
+    seq, hs = 7, C // H
+    qkv = rng.normal(size=(B, seq, 3 * C))
+    out, lse = np.empty((B, seq, C)), np.empty((B, H, seq))
+    ops.attention_forward(out, lse, qkv, H)
+    kb = rng.normal(0.0, 1e4, size=C)
+    shifted = qkv.copy()
+    shifted[..., C:2 * C] += kb
+    out2, lse2 = nans(B, seq, C), nans(B, H, seq)
+    ops.attention_forward(out2, lse2, shifted, H)
+    q = qkv[..., :C].reshape(B, seq, H, hs)
+    shift = np.einsum("bthd,hd->bht", q, kb.reshape(H, hs)) / np.sqrt(hs)
+    assert_close(out2, out, 1e-9)  # the shift costs ~1e4 * 1e-16 of absolute precision in the scores
+    assert_close(lse2, lse + shift, 1e-9)
+
+
+def test_attention_backward(rng):
+    seq = 7
+    qkv, dout = rng.normal(size=(B, seq, 3 * C)), rng.normal(size=(B, seq, C))
+    out, lse = np.empty((B, seq, C)), np.empty((B, H, seq))
+
+    def loss():
+        ops.attention_forward(out, lse, qkv, H)
+        return np.sum(dout * out)
+
+    loss()
+    dqkv = nans(B, seq, 3 * C)
+    ops.attention_backward(dqkv, dout, qkv, out.copy(), lse.copy(), H)
+    assert_close(dqkv, numeric_grad(loss, qkv), FD_REL)
+
+
+# ---- classifier ---------------------------------------------------------------------------------
+V, VP = 11, 16
+
+
+def classifier_inputs(rng):
+    logits = rng.normal(0.0, 2.0, size=(B, T, VP))
+    logits[..., V:] = rng.normal(0.0, 1e4, size=(B, T, VP - V))  # padded columns: must be ignored
+    targets = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    targets[0, 1] = targets[1, 4] = -1  # masked positions
+    return logits, targets
+
+
+def test_fused_classifier_losses_and_masking(rng):
+    logits, targets = classifier_inputs(rng)
+    logp = torch.log_softmax(torch.from_numpy(logits[..., :V]), dim=-1).numpy()
+    valid = targets >= 0
+    expected = np.where(valid, -np.take_along_axis(logp, np.maximum(targets, 0)[..., None], -1)[..., 0], 0.0)
+    losses, dlogits = nans(B, T), logits.copy()
+    ops.fused_classifier(losses, dlogits, targets, 0.25, V)
+    assert_close(losses, expected, 1e-12)
+    assert (losses[~valid] == 0).all()
+    assert (dlogits[~valid] == 0).all()
+    assert (dlogits[..., V:] == 0).all()
+    expected_d = 0.25 * (np.exp(logp) - np.eye(V)[np.maximum(targets, 0)])
+    assert_close(dlogits[valid][:, :V], expected_d[valid], 1e-12)
+
+
+def test_fused_classifier_gradient(rng):
+    """dlogits = dloss * d(sum of losses)/d(logits), masked rows and padded columns included (zero)."""
+    logits, targets = classifier_inputs(rng)
+    losses, dloss = np.empty((B, T)), 0.37
+
+    def loss():
+        ops.fused_classifier(losses, logits, targets, 0.0, V)  # dloss 0: the logits stay as they are
+        return dloss * losses.sum()
+
+    dlogits = logits.copy()
+    ops.fused_classifier(np.empty((B, T)), dlogits, targets, dloss, V)
+    assert_close(dlogits, numeric_grad(loss, logits), FD_REL)
+
+
+def test_fused_classifier_eval_leaves_logits(rng):
+    logits, targets = classifier_inputs(rng)
+    kept = logits.copy()
+    losses = nans(B, T)
+    ops.fused_classifier(losses, kept, targets, 0.0, V)
+    np.testing.assert_array_equal(kept, logits)
+    assert np.isfinite(losses).all()
+
+
+def test_fused_classifier_is_stable(rng):
+    """Softmax is shift invariant; a shift of 1e4 overflows a naive exp."""
+    logits, targets = classifier_inputs(rng)
+    losses, shifted_losses = np.empty((B, T)), nans(B, T)
+    ops.fused_classifier(losses, logits.copy(), targets, 1.0, V)
+    shifted = logits + 1e4
+    ops.fused_classifier(shifted_losses, shifted, targets, 1.0, V)
+    assert_close(shifted_losses, losses, 1e-9)  # the shift costs ~1e4 * 1e-16 absolute
+
+
+# ---- optimizer ----------------------------------------------------------------------------------
+def test_global_norm_squared(rng):
+    grads = rng.normal(size=(1 << 20) + 12345).astype(np.float32)  # more than one accumulation chunk
+    got = ops.global_norm_squared(grads)
+    assert got.shape == (1,) and got.dtype == np.float32
+    np.testing.assert_allclose(got[0], np.sum(grads.astype(np.float64) ** 2), rtol=1e-7)
+
+
+@pytest.mark.parametrize("with_master", [False, True])
+def test_adamw_update_matches_formula(rng, with_master):
+    """Three fp32 steps against the float64 formula; grads ~ N(0, 1) keep every update far from the
+    eps-dominated regime, where fp32 and float64 would legitimately diverge."""
+    n, lr, b1, b2, eps, wd, grad_scale = 301, 1e-2, 0.9, 0.95, 1e-8, 0.1, 0.5
+    backend = NumpyBackend()
+    p_ref = rng.normal(size=n)
+    m_ref, v_ref = np.zeros(n), np.zeros(n)
+    params = p_ref.astype(np.float32)
+    master = params.copy() if with_master else None
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for step in range(1, 4):
+        g_ref = rng.normal(size=n)
+        ops.adamw_update(params, master, g_ref.astype(np.float32), m, v,
+                         backend.adamw_scalars(lr, step, grad_scale, 7, b1, b2), b1, b2, eps, wd)
+        g = g_ref * grad_scale
+        m_ref = b1 * m_ref + (1 - b1) * g
+        v_ref = b2 * v_ref + (1 - b2) * g * g
+        p_ref = p_ref - lr * ((m_ref / (1 - b1 ** step)) / (np.sqrt(v_ref / (1 - b2 ** step)) + eps) + wd * p_ref)
+        for got, want in zip((params, m, v), (p_ref, m_ref, v_ref)):
+            assert_close(got, want, FP32_REL)
+        if with_master:
+            np.testing.assert_array_equal(params, master)
+
+
+# ---- the backend object -------------------------------------------------------------------------
+def test_backend_memory_api():
+    be = NumpyBackend()
+    assert be.name == "numpy"
+    for flags in ({}, {"fp32": True}, {"param": True}):
+        z = be.zeros((3, 4), **flags)
+        assert z.dtype == np.float32 and z.shape == (3, 4) and not z.any()
+    host = np.arange(5, dtype=np.float32)
+    up = be.upload_params(host, 8)
+    np.testing.assert_array_equal(up, [0, 1, 2, 3, 4, 0, 0, 0])
+    host[0] = 9  # a copy, not a view of the host buffer
+    assert up[0] == 0
+    copy = be.to_numpy(up)
+    copy[1] = 7
+    assert up[1] == 1
+    tokens, targets = np.zeros((2, 3), np.int32), np.ones((2, 3), np.int32)
+    tok, tgt = be.set_batch(tokens, targets)
+    assert tok is tokens and tgt is targets
+    np.testing.assert_allclose(be.adamw_scalars(1e-3, 2, 0.5, 42, 0.9, 0.95),
+                               [1e-3, 0.5, 1 - 0.9 ** 2, 1 - 0.95 ** 2, 42])
+    be.synchronize()
+
+
+def test_backend_exposes_every_contract_op():
+    """The op names of docs/architecture.md's table, callable on an instance (staticmethods)."""
+    with open(os.path.join(REPO, "docs", "architecture.md")) as f:
+        table = f.read().split("## The ops contract")[1]
+    names = set(re.findall(r"`(\w+)\(", table))
+    assert len(names) >= 14
+    be = NumpyBackend()
+    for name in names | {"zero_"}:
+        assert getattr(be, name) is getattr(ops, name), name
+    z = np.ones(3)
+    be.zero_(z)
+    assert not z.any()
