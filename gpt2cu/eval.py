@@ -128,8 +128,8 @@ def read_eval_file(path: str) -> list:
 def hellaswag_batches(examples, B: int, T: int, rank: int = 0, world_size: int = 1):
     """Yield (inputs, targets, labels) for this rank: int32 (B, T) arrays and the B//4 labels (-1 marks
     an empty slot). Rank r takes examples r, r+N, r+2N, ...; every rank yields the same number of batches
-    (ceil(ceil(n/N) / (B/4))), those with fewer examples finishing on slots that count nothing, so the
-    model's collectives (and the final all-reduce) line up. A context + ending longer than T is cut
+    (ceil(ceil(n/N) / (B/4))), those with fewer examples finishing on slots that count nothing, so all
+    ranks reach the final all-reduce together. A context + ending longer than T is cut
     from the left: the context loses its first tokens (and warns once), the ending stays whole if it can.
     """
     if B < NUM_COMPLETIONS or B % NUM_COMPLETIONS:

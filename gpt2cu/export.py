@@ -80,8 +80,7 @@ def from_hf_tensors(cfg: GPTConfig, tensors: dict, source: str = "") -> np.ndarr
             raise ValueError(f"{source}: {name} has shape {a.shape}, config.json implies {shape}")
         return a
 
-    C = cfg.n_embd
-    views["wte"][:cfg.vocab_size] = take("wte.weight", (cfg.vocab_size, C))
+    views["wte"][:cfg.vocab_size] = take("wte.weight", (cfg.vocab_size, cfg.n_embd))
     for ours, hf in GLOBAL:
         views[ours][...] = take(hf, views[ours].shape)
     for ours, hf, conv1d in PER_LAYER:

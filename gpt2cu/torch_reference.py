@@ -110,21 +110,21 @@ class TorchGPT(nn.Module):
                 p.copy_(torch.from_numpy(np.ascontiguousarray(src)))
         return model
 
-    def _export(self, pick) -> np.ndarray:
-        flat = np.zeros(param_layout(self.cfg).total, dtype=np.float32)
+    def _export(self, pick, dtype) -> np.ndarray:
+        flat = np.zeros(param_layout(self.cfg).total, dtype=dtype)
         for p, dst in self._views(flat):
             t = pick(p)
             if t is not None:
-                dst[...] = t.detach().float().cpu().numpy()
+                torch.from_numpy(dst).copy_(t.detach())  # any device, any dtype
         return flat
 
-    def to_flat(self) -> np.ndarray:
-        """The parameters as gpt2cu's flat fp32 host buffer."""
-        return self._export(lambda p: p)
+    def to_flat(self, dtype=np.float32) -> np.ndarray:
+        """The parameters as gpt2cu's flat host buffer (fp32; float64 keeps a float64 model's precision)."""
+        return self._export(lambda p: p, dtype)
 
-    def grads_to_flat(self) -> np.ndarray:
-        """The gradients as a flat fp32 host buffer (zero where a parameter has no gradient)."""
-        return self._export(lambda p: p.grad)
+    def grads_to_flat(self, dtype=np.float32) -> np.ndarray:
+        """The gradients as a flat host buffer (zero where a parameter has no gradient)."""
+        return self._export(lambda p: p.grad, dtype)
 
     def configure_optimizer(self, weight_decay, lr, betas, eps, fused):
         """torch's AdamW with gpt2cu's split: weight decay on the layout's decay tensors only."""

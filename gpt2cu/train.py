@@ -34,7 +34,7 @@ class ArgumentError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m gpt2cu.train", allow_abbrev=False,
+        prog="python -m gpt2cu.train", allow_abbrev=False, add_help=False,
         description="Train GPT-2 from scratch (llm.c's train_gpt2cu flags). Unset flags take the defaults of "
                     "the backend in use; bare `python -m gpt2cu.train` trains on the embedded default corpus.")
     a = p.add_argument
@@ -131,9 +131,9 @@ class Logger:
 
 def load_initial_params(args, cfg_overrides=None):
     """(GPTConfig, fp32 flat params) from a dN descriptor (fresh init) or an llm.c model file."""
-    if os.path.exists(args.model):
-        cfg, params = checkpoint.read_model(args.model)
-        return cfg, params
+    if os.path.exists(args.model):  # an llm.c model file or a Hugging Face GPT-2 directory
+        from .sample import load_weights
+        return load_weights(args.model)
     try:
         cfg = GPTConfig.from_descriptor(args.model)
     except ValueError as e:

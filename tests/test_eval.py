@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -96,8 +95,10 @@ def test_missing_file_and_unwritable_examples(tmp_path):
     with pytest.raises(FileNotFoundError, match="dev/data/hellaswag.py"):
         read_eval_file(str(tmp_path / "nope.bin"))
     good = random_examples(1)[0]
-    for bad, needle in ((Example(0, (1,), ((1,),) * 3), "3 endings"), (Example(5, good.context, good.endings), "label 5"),
-                        (Example(0, (), good.endings), "empty"), (Example(0, (65535,), good.endings), "tokens must be")):
+    for bad, needle in ((Example(0, (1,), ((1,),) * 3), "3 endings"),
+                        (Example(5, good.context, good.endings), "label 5"),
+                        (Example(0, (), good.endings), "empty"),
+                        (Example(0, (65535,), good.endings), "tokens must be")):
         with pytest.raises(ValueError, match=needle):
             write_eval_file(str(tmp_path / "x.bin"), [bad])
 
@@ -139,7 +140,8 @@ def test_ranks_share_examples_and_run_equal_batch_counts(n, world, B):
     for rank in range(world):
         batches = list(hellaswag_batches(examples, B, 32, rank, world))
         counts.append(len(batches))
-        mine = [int(inputs[4 * slot, 0]) - 1000 for inputs, _, labels in batches for slot in np.flatnonzero(labels >= 0)]
+        mine = [int(inputs[4 * slot, 0]) - 1000
+                for inputs, _, labels in batches for slot in np.flatnonzero(labels >= 0)]
         assert mine == list(range(rank, n, world))
     per_rank = -(-n // world)
     assert counts == [-(-per_rank // (B // 4))] * world

@@ -372,9 +372,9 @@ def test_backend_memory_api():
     np.testing.assert_array_equal(up, [0, 1, 2, 3, 4, 0, 0, 0])
     host[0] = 9  # a copy, not a view of the host buffer
     assert up[0] == 0
-    copy = be.to_numpy(up)
-    copy[1] = 7
-    assert up[1] == 1
+    for copy in (be.to_numpy(up), be.from_numpy(up)):
+        copy[1] = 7
+        assert up[1] == 1
     tokens, targets = np.zeros((2, 3), np.int32), np.ones((2, 3), np.int32)
     tok, tgt = be.set_batch(tokens, targets)
     assert tok is tokens and tgt is targets

@@ -48,7 +48,7 @@ def train_losses(stdout: str) -> dict:
     (["-y", "1"], "-y 1 needs -o"),
     (["-r", "7"], "argument -r"),
     (["-e", "gpt5"], "-e gpt5"),
-    (["-zz", "1"], "unrecognized arguments"),
+    (["--bogus", "1"], "unrecognized arguments"),
     (["-b", "2", "-t", "32", "-d", "100"], "-d 100 is not divisible"),
     (["-i", "/nonexistent/train_*.bin", "-j", "/nonexistent/val_*.bin"], "/nonexistent/train_*.bin"),
 ])

@@ -158,15 +158,15 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
 def fused_classifier(losses, logits, targets, dloss, vocab_size):
     valid = targets >= 0
     safe_t = np.where(valid, targets, 0)[..., None]  # an in-range index for masked rows, zeroed below
-    z = logits[..., :vocab_size]
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    total = e.sum(axis=-1, keepdims=True)
-    nll = np.log(total) - np.take_along_axis(z, safe_t, axis=-1)
-    losses[...] = np.where(valid, nll[..., 0], 0.0)
+    # one (N, V) temporary, reused from shifted logits to exp to probabilities: V is 50257 in real use
+    z = logits[..., :vocab_size] - logits[..., :vocab_size].max(axis=-1, keepdims=True)
+    picked = np.take_along_axis(z, safe_t, axis=-1)[..., 0]
+    probs = np.exp(z, out=z)
+    total = probs.sum(axis=-1, keepdims=True)
+    losses[...] = np.where(valid, np.log(total[..., 0]) - picked, 0.0)
     if dloss == 0:  # eval: the logits stay
         return
-    probs = e / total
+    probs /= total
     np.put_along_axis(probs, safe_t, np.take_along_axis(probs, safe_t, axis=-1) - 1.0, axis=-1)
     probs *= dloss
     probs[~valid] = 0.0
@@ -223,6 +223,10 @@ class NumpyBackend:
 
     def to_numpy(self, a):
         return np.array(a, copy=True)
+
+    def from_numpy(self, host):
+        """A backend array holding a copy of a host array (optimizer state on resume)."""
+        return np.array(host, copy=True)
 
     def set_batch(self, inputs, targets):
         return np.ascontiguousarray(inputs, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)

@@ -1,0 +1,124 @@
+// Fused softmax cross-entropy and its gradient, in place over the logits (N rows of Vp, V real columns).
+//   lse = max + log(sum_j exp(x_j - max)),  loss = lse - x[target]
+//   dlogits_j = dloss * (exp(x_j - lse) - [j == target]) for j < V, 0 for V <= j < Vp
+// One block of 1024 threads per row (a row of Vp = 50304 bf16 is 6288 16-byte vectors, ~6 per thread).
+// Pass 1 keeps a per-thread online (max, sum of exp) over the vectors covering the first V columns
+// (the last, partial one masks columns >= V with -inf), combined across the block in a fixed tree.
+// It walks the row from the end, so the row's beginning is the most recently read when pass 2 walks
+// it from the start: with ~264 rows (26 MB) in flight on an H100, pass 2's reads mostly hit L2.
+// Pass 1 loads normally (to keep the row in L2); pass 2 is the last use of the logits and writes the
+// gradient with streaming (evict-first) loads and stores. Targets < 0: loss 0, a zero row (not read).
+// Exponentials are exp2f((x - max) * log2 e), one MUFU op each.
+// Vp not a multiple of 8 (or unaligned logits) runs the same code with 1-column vectors.
+#include <math.h>
+#include "common.cuh"
+
+constexpr int CLS_THREADS = 1024;
+constexpr float LOG2E = 1.4426950408889634f;
+
+struct MaxSum {
+    float max, sum;  // running max, and sum of exp(x - max)
+};
+
+// commutative (bitwise: max and + are), so the xor butterflies agree across lanes
+__device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
+    const float m = fmaxf(a.max, b.max);
+    const float sa = a.max == -INFINITY ? 0.0f : a.sum * exp2f((a.max - m) * LOG2E);
+    const float sb = b.max == -INFINITY ? 0.0f : b.sum * exp2f((b.max - m) * LOG2E);
+    return {m, sa + sb};
+}
+
+__device__ __forceinline__ MaxSum warp_combine(MaxSum v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        v = combine(v, {__shfl_xor_sync(FULL_MASK, v.max, o), __shfl_xor_sync(FULL_MASK, v.sum, o)});
+    return v;
+}
+
+__device__ __forceinline__ MaxSum block_combine(MaxSum v) {
+    __shared__ MaxSum warp_vals[CLS_THREADS / 32];
+    __shared__ MaxSum total;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    v = warp_combine(v);
+    if (lane == 0) warp_vals[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = warp_combine(warp_vals[lane]);  // CLS_THREADS / 32 == 32 warps
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}
+
+template <int VW>
+__global__ void __launch_bounds__(CLS_THREADS, 2)
+    fused_classifier_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int* __restrict__ targets,
+                            float dloss, int V, int Vp) {
+    static_assert(CLS_THREADS == 1024, "block_combine reads one value per warp into one warp");
+    const int tid = threadIdx.x;
+    bf16* x = logits + (size_t)blockIdx.x * Vp;
+    const int target = targets[blockIdx.x];
+    const int vecs = Vp / VW;
+
+    if (target < 0) {
+        if (tid == 0) losses[blockIdx.x] = 0.0f;
+        if (dloss != 0.0f) {
+            Vec<bf16, VW> zero;
+#pragma unroll
+            for (int k = 0; k < VW; k++) zero[k] = __float2bfloat16_rn(0.0f);
+            for (int i = tid; i < vecs; i += CLS_THREADS) store_vec_cs<VW>(x + i * VW, zero);
+        }
+        return;
+    }
+    // read before the barrier in block_combine: after it, other threads overwrite the row
+    const float target_logit = tid == 0 ? (float)x[target] : 0.0f;
+
+    MaxSum ms = {-INFINITY, 0.0f};
+    for (int i = ceil_div(V, VW) - 1 - tid; i >= 0; i -= CLS_THREADS) {
+        const Vec<bf16, VW> xv = load_vec<VW>(x + i * VW);
+        float f[VW], vmax = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < VW; k++) {
+            f[k] = i * VW + k < V ? (float)xv[k] : -INFINITY;
+            vmax = fmaxf(vmax, f[k]);
+        }
+        if (vmax > ms.max) {
+            ms.sum *= exp2f((ms.max - vmax) * LOG2E);  // 0 on the first vector (max = -inf)
+            ms.max = vmax;
+        }
+#pragma unroll
+        for (int k = 0; k < VW; k++) ms.sum += exp2f((f[k] - ms.max) * LOG2E);
+    }
+    ms = block_combine(ms);
+
+    if (tid == 0) losses[blockIdx.x] = ms.max + logf(ms.sum) - target_logit;
+    if (dloss == 0.0f) return;
+    const float scale = dloss / ms.sum;
+    for (int i = tid; i < vecs; i += CLS_THREADS) {
+        Vec<bf16, VW> d;
+        if (i * VW < V) {
+            const Vec<bf16, VW> xv = load_vec_cs<VW>(x + i * VW);
+#pragma unroll
+            for (int k = 0; k < VW; k++) {
+                const int col = i * VW + k;
+                const float p = col < V ? scale * exp2f(((float)xv[k] - ms.max) * LOG2E) : 0.0f;
+                d[k] = __float2bfloat16_rn(col == target ? p - dloss : p);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < VW; k++) d[k] = __float2bfloat16_rn(0.0f);
+        }
+        store_vec_cs<VW>(x + i * VW, d);
+    }
+}
+
+void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, int N, int V, int Vp,
+                      cudaStream_t stream) {
+    require(N >= 0 && V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
+    if (N == 0) return;
+    if (Vp % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
+        fused_classifier_kernel<8><<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, V, Vp);
+    else
+        fused_classifier_kernel<1><<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, V, Vp);
+    CUDA_CHECK_LAUNCH();
+}

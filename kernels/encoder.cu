@@ -1,0 +1,256 @@
+// Token + position embedding, forward and deterministic backward.
+//
+// forward: out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]; one thread per 8-channel vector.
+//
+// backward, dwpe[t,:] += sum_b dout[b,t,:]: one thread per (t, 8-channel vector) adds the B rows in
+// order b = 0..B-1.
+//
+// backward, dwte[v,:] += sum of the dout rows of the positions holding token v. The caller groups the
+// positions into buckets (runs of one token in a stable sort), so every bucket owns one dwte row and
+// no two blocks ever write the same element: no atomics, and each bucket's sum has a fixed order.
+// Bucket sizes are very skewed in real text (a few whitespace/punctuation tokens take several % of
+// the batch, most tokens appear once), so one kernel has two kinds of blocks, both with a grid fixed
+// at launch (num_buckets is only known on the device):
+//  - "small" blocks: one warp per bucket of <= 32 rows (the warp holds the positions, one per lane,
+//    and adds the rows in order); warps stride over the buckets.
+//  - "large" blocks: a bucket of > 32 rows is cut into channel slices of 64 (8 threads x 8 channels)
+//    so its rows are read by many blocks at once; in a slice, 64 row groups of 8 threads each add
+//    rows g, g+64, ... in order, then the 64 group sums are added in group order. Large block k
+//    looks at buckets k, k+GL, ... and keeps the large ones (an ordered compaction in shared memory).
+// The large blocks come first in the grid so they start before the many small ones.
+// C not a multiple of 8 (or unaligned pointers) runs the same code with 1-channel vectors.
+#include "common.cuh"
+
+constexpr int ENC_THREADS = 256;           // forward and dwpe
+constexpr int WTE_THREADS = 512;
+constexpr int WTE_WARPS = WTE_THREADS / 32;
+constexpr int WTE_SMALL_MAX = 32;           // a bucket of up to this many rows is one warp's
+constexpr int WTE_LANES = 8;                // threads across one row of a large bucket's slice
+constexpr int WTE_GROUPS = WTE_THREADS / WTE_LANES;
+constexpr int WTE_UNROLL = 4;               // rows in flight per thread in a large bucket
+
+template <int V>
+__global__ void __launch_bounds__(ENC_THREADS)
+    encoder_forward_kernel(bf16* __restrict__ out, const int* __restrict__ tokens, const bf16* __restrict__ wte,
+                           const bf16* __restrict__ wpe, int T, int C, size_t total) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    const int vecs = C / V;
+    const size_t row = idx / vecs;
+    const int c = (int)(idx % vecs) * V;
+    const int t = (int)(row % T);
+    const Vec<bf16, V> a = load_vec<V>(wte + (size_t)tokens[row] * C + c);
+    const Vec<bf16, V> b = load_vec<V>(wpe + (size_t)t * C + c);
+    Vec<bf16, V> o;
+#pragma unroll
+    for (int k = 0; k < V; k++) o[k] = __float2bfloat16_rn((float)a[k] + (float)b[k]);
+    store_vec<V>(out + row * C + c, o);
+}
+
+template <int V>
+__global__ void __launch_bounds__(ENC_THREADS)
+    wpe_backward_kernel(bf16* __restrict__ dwpe, const bf16* __restrict__ dout, int B, int T, int C) {
+    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    const int vecs = C / V;
+    if (idx >= (size_t)T * vecs) return;
+    const int t = (int)(idx / vecs), c = (int)(idx % vecs) * V;
+    float acc[V] = {};
+#pragma unroll 8
+    for (int b = 0; b < B; b++) {
+        const Vec<bf16, V> x = load_vec<V>(dout + ((size_t)b * T + t) * C + c);
+#pragma unroll
+        for (int k = 0; k < V; k++) acc[k] += (float)x[k];
+    }
+    bf16* dst = dwpe + (size_t)t * C + c;
+    Vec<bf16, V> d = load_vec<V>(dst);
+#pragma unroll
+    for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
+    store_vec<V>(dst, d);
+}
+
+// One warp adds the `size` (<= 32) rows of the bucket starting at `start` into dwte[token].
+template <int V>
+__device__ __forceinline__ void wte_small_bucket(bf16* __restrict__ dwte, const bf16* __restrict__ dout,
+                                                 const int* __restrict__ tokens,
+                                                 const int* __restrict__ sorted_positions, int start, int size,
+                                                 int C) {
+    const int lane = threadIdx.x % 32;
+    const int my_pos = lane < size ? sorted_positions[start + lane] : 0;  // lane r holds row r's position
+    const int token = tokens[__shfl_sync(FULL_MASK, my_pos, 0)];
+    const int vecs = C / V;
+    for (int base = 0; base < vecs; base += 32) {  // warp-uniform: every lane takes part in the shuffles
+        const bool active = base + lane < vecs;
+        const int c = (base + lane) * V;
+        float acc[V] = {};
+        for (int r = 0; r < size; r += 4) {
+            Vec<bf16, V> x[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int pos = __shfl_sync(FULL_MASK, my_pos, (r + u) % 32);
+                if (active && r + u < size) x[u] = load_vec<V>(dout + (size_t)pos * C + c);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (active && r + u < size) {
+#pragma unroll
+                    for (int k = 0; k < V; k++) acc[k] += (float)x[u][k];
+                }
+        }
+        if (active) {
+            bf16* dst = dwte + (size_t)token * C + c;
+            Vec<bf16, V> d = load_vec<V>(dst);
+#pragma unroll
+            for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
+            store_vec<V>(dst, d);
+        }
+    }
+}
+
+// The whole block adds channel slice `slice` (WTE_LANES * V channels) of every bucket b = k, k+GL, ...
+// that has more than WTE_SMALL_MAX rows.
+template <int V>
+__device__ __forceinline__ void wte_large_buckets(bf16* __restrict__ dwte, const bf16* __restrict__ dout,
+                                                  const int* __restrict__ tokens,
+                                                  const int* __restrict__ sorted_positions,
+                                                  const int* __restrict__ bucket_starts, int nb, int k, int GL,
+                                                  int slice, int C) {
+    constexpr int SLICE = WTE_LANES * V;
+    __shared__ float group_sums[WTE_GROUPS * SLICE];
+    __shared__ int list[WTE_THREADS];
+    __shared__ int warp_counts[WTE_WARPS];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int group = tid / WTE_LANES;
+    const int c = slice * SLICE + (tid % WTE_LANES) * V;
+    const bool active = c < C;
+    const int candidates = nb > k ? ceil_div(nb - k, GL) : 0;
+    for (int base = 0; base < candidates; base += WTE_THREADS) {
+        // ordered compaction of the large buckets among this round's candidates
+        const int i = base + tid;
+        const int b = k + i * GL;
+        const bool large = i < candidates && bucket_starts[b + 1] - bucket_starts[b] > WTE_SMALL_MAX;
+        const unsigned ballot = __ballot_sync(FULL_MASK, large);
+        if (lane == 0) warp_counts[warp] = __popc(ballot);
+        __syncthreads();
+        int offset = 0, total = 0;
+#pragma unroll
+        for (int w = 0; w < WTE_WARPS; w++) {
+            offset += w < warp ? warp_counts[w] : 0;
+            total += warp_counts[w];
+        }
+        if (large) list[offset + __popc(ballot & ((1u << lane) - 1))] = b;
+        __syncthreads();
+
+        for (int e = 0; e < total; e++) {
+            const int bucket = list[e];
+            const int start = bucket_starts[bucket], size = bucket_starts[bucket + 1] - start;
+            float acc[V] = {};
+            if (active) {
+                for (int r = group; r < size; r += WTE_GROUPS * WTE_UNROLL) {
+                    int pos[WTE_UNROLL];
+                    Vec<bf16, V> x[WTE_UNROLL];
+#pragma unroll
+                    for (int u = 0; u < WTE_UNROLL; u++) {
+                        const int rr = r + u * WTE_GROUPS;
+                        pos[u] = rr < size ? sorted_positions[start + rr] : 0;
+                    }
+#pragma unroll
+                    for (int u = 0; u < WTE_UNROLL; u++)
+                        if (r + u * WTE_GROUPS < size) x[u] = load_vec<V>(dout + (size_t)pos[u] * C + c);
+#pragma unroll
+                    for (int u = 0; u < WTE_UNROLL; u++)
+                        if (r + u * WTE_GROUPS < size) {
+#pragma unroll
+                            for (int j = 0; j < V; j++) acc[j] += (float)x[u][j];
+                        }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < V; j++) group_sums[group * SLICE + (tid % WTE_LANES) * V + j] = acc[j];
+            __syncthreads();
+            const int ch = slice * SLICE + tid;
+            if (tid < SLICE && ch < C) {
+                const int groups = size < WTE_GROUPS ? size : WTE_GROUPS;
+                float s = 0.0f;
+                for (int g = 0; g < groups; g++) s += group_sums[g * SLICE + tid];
+                bf16* dst = dwte + (size_t)tokens[sorted_positions[start]] * C + ch;
+                *dst = __float2bfloat16_rn((float)*dst + s);
+            }
+            __syncthreads();  // group_sums and list are rewritten next
+        }
+    }
+}
+
+// Blocks [0, large_blocks) are large-bucket blocks (slice = blockIdx % slices), the rest small-bucket.
+template <int V>
+__global__ void __launch_bounds__(WTE_THREADS)
+    wte_backward_kernel(bf16* __restrict__ dwte, const bf16* __restrict__ dout, const int* __restrict__ tokens,
+                        const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
+                        const int* __restrict__ num_buckets, int C, int large_blocks, int slices) {
+    const int nb = *num_buckets;
+    if ((int)blockIdx.x < large_blocks) {
+        wte_large_buckets<V>(dwte, dout, tokens, sorted_positions, bucket_starts, nb, blockIdx.x / slices,
+                             large_blocks / slices, blockIdx.x % slices, C);
+        return;
+    }
+    const int warps = (gridDim.x - large_blocks) * WTE_WARPS;
+    for (int b = (blockIdx.x - large_blocks) * WTE_WARPS + threadIdx.x / 32; b < nb; b += warps) {
+        const int start = bucket_starts[b], size = bucket_starts[b + 1] - start;
+        if (size <= WTE_SMALL_MAX) wte_small_bucket<V>(dwte, dout, tokens, sorted_positions, start, size, C);
+    }
+}
+
+static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <int V>
+static void encoder_forward_launch(bf16* out, const int* tokens, const bf16* wte, const bf16* wpe, int B, int T,
+                                   int C, cudaStream_t stream) {
+    const size_t total = (size_t)B * T * (C / V);
+    encoder_forward_kernel<V><<<(unsigned)ceil_div(total, (size_t)ENC_THREADS), ENC_THREADS, 0, stream>>>(
+        out, tokens, wte, wpe, T, C, total);
+    CUDA_CHECK_LAUNCH();
+}
+
+void encoder_forward(bf16* out, const int* tokens, const bf16* wte, const bf16* wpe, int B, int T, int C,
+                     cudaStream_t stream) {
+    require(B >= 0 && T >= 0 && C >= 0, "encoder_forward: negative size");
+    if ((size_t)B * T * C == 0) return;
+    if (C % 8 == 0 && aligned16(out) && aligned16(wte) && aligned16(wpe))
+        encoder_forward_launch<8>(out, tokens, wte, wpe, B, T, C, stream);
+    else
+        encoder_forward_launch<1>(out, tokens, wte, wpe, B, T, C, stream);
+}
+
+template <int V>
+static void encoder_backward_launch(bf16* dwte, bf16* dwpe, const bf16* dout, const int* tokens,
+                                    const int* sorted_positions, const int* bucket_starts, const int* num_buckets,
+                                    int B, int T, int C, cudaStream_t stream) {
+    const size_t wpe_threads = (size_t)T * (C / V);
+    wpe_backward_kernel<V><<<(unsigned)ceil_div(wpe_threads, (size_t)ENC_THREADS), ENC_THREADS, 0, stream>>>(
+        dwpe, dout, B, T, C);
+    CUDA_CHECK_LAUNCH();
+
+    // about two resident blocks per SM for each kind; no more warps than buckets can exist
+    const int BT = B * T, per_kind = 2 * device_sm_count();
+    const int slices = ceil_div(C, WTE_LANES * V);
+    int GL = per_kind / slices;
+    GL = GL < 1 ? 1 : GL;
+    if (GL > BT / (WTE_SMALL_MAX + 1)) GL = BT / (WTE_SMALL_MAX + 1);  // at most that many large buckets
+    const int large_blocks = GL * slices;
+    const int small_blocks = per_kind < ceil_div(BT, WTE_WARPS) ? per_kind : ceil_div(BT, WTE_WARPS);
+    wte_backward_kernel<V><<<large_blocks + small_blocks, WTE_THREADS, 0, stream>>>(
+        dwte, dout, tokens, sorted_positions, bucket_starts, num_buckets, C, large_blocks, slices);
+    CUDA_CHECK_LAUNCH();
+}
+
+void encoder_backward(bf16* dwte, bf16* dwpe, const bf16* dout, const int* tokens, const int* sorted_positions,
+                      const int* bucket_starts, const int* num_buckets, int B, int T, int C, cudaStream_t stream) {
+    require(B >= 0 && T >= 0 && C >= 0, "encoder_backward: negative size");
+    require((long long)B * T < (1ll << 31), "encoder_backward: B*T must fit in int");
+    if ((size_t)B * T * C == 0) return;
+    if (C % 8 == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout))
+        encoder_backward_launch<8>(dwte, dwpe, dout, tokens, sorted_positions, bucket_starts, num_buckets, B, T,
+                                   C, stream);
+    else
+        encoder_backward_launch<1>(dwte, dwpe, dout, tokens, sorted_positions, bucket_starts, num_buckets, B, T,
+                                   C, stream);
+}

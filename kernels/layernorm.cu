@@ -1,0 +1,236 @@
+// LayerNorm over the last dimension C (eps 1e-5), forward (optionally fused with the residual add)
+// and backward.
+//
+// forward:  mean = sum(x)/C, var = sum((x-mean)^2)/C, rstd = 1/sqrt(var+eps),
+//           out = (x-mean)*rstd*weight + bias.
+//           fused: residual = bf16(inp1 + inp2) is stored and normalized as stored (the rounded value),
+//           so the backward, which reads the stored residual, sees the same x.
+// backward: xhat = (x-mean)*rstd, dnorm = dout*weight,
+//           dinp += rstd * (dnorm - mean(dnorm) - xhat * mean(dnorm*xhat)),
+//           dweight += sum_rows dout*xhat, dbias += sum_rows dout.
+//
+// One warp per row: lane l holds the 8-channel vectors l, l+32, ... (VPL of them; C = 768 -> 3), kept
+// in registers between the statistics and the output, so each row is read from memory once. Row sums
+// are xor-butterfly warp reductions. Requires C % 8 == 0 and C <= 8 * 32 * LN_MAX_VPL (2048); GPT-2
+// widths (768 ... 1600) are multiples of 64.
+// backward, dweight/dbias: each warp keeps fp32 per-channel sums of its rows in registers; the 8 warps
+// of a block add theirs into shared memory one warp after the other (fixed order) and the block writes
+// one fp32 partial row [dweight | dbias] (2C floats) to scratch; column_sum_add then adds the partial
+// rows in block order into the bf16 dweight/dbias. A block owns LN_ROWS_PER_BLOCK consecutive rows, so
+// the partials, and the result, depend only on N.
+#include "common.cuh"
+
+constexpr int LN_THREADS = 256;
+constexpr int LN_WARPS = LN_THREADS / 32;
+constexpr int LN_MAX_VPL = 8;
+constexpr int LN_ROWS_PER_WARP = 8;  // backward
+constexpr int LN_ROWS_PER_BLOCK = LN_WARPS * LN_ROWS_PER_WARP;
+constexpr float LN_EPS = 1e-5f;
+
+// f(std::integral_constant<int, vpl>) for the vectors-per-lane a row of C channels needs
+template <int VPL = 1, class F>
+static void dispatch_vpl(int vpl, F&& f) {
+    if constexpr (VPL > LN_MAX_VPL) {
+        require(false, "layernorm: C must be a multiple of 8 and at most 2048");
+    } else if (vpl == VPL) {
+        f(std::integral_constant<int, VPL>());
+    } else {
+        dispatch_vpl<VPL + 1>(vpl, f);
+    }
+}
+
+static int vectors_per_lane(int C) {
+    require(C > 0 && C % 8 == 0, "layernorm: C must be a positive multiple of 8");
+    return ceil_div(C / 8, 32);
+}
+
+static void require_aligned(const void* p) {
+    require(reinterpret_cast<uintptr_t>(p) % 16 == 0, "layernorm: bf16 tensors must be 16-byte aligned");
+}
+
+template <int VPL, bool RESIDUAL>
+__global__ void __launch_bounds__(LN_THREADS)
+    layernorm_forward_kernel(bf16* __restrict__ residual, bf16* __restrict__ out, float* __restrict__ mean,
+                             float* __restrict__ rstd, const bf16* __restrict__ inp1, const bf16* __restrict__ inp2,
+                             const bf16* __restrict__ weight, const bf16* __restrict__ bias, int N, int C) {
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * LN_WARPS + threadIdx.x / 32;
+    if (row >= N) return;
+    const int vecs = C / 8;
+    const size_t off = (size_t)row * C;
+
+    x128 x[VPL];
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        const int c = (lane + 32 * j) * 8;
+        if (lane + 32 * j < vecs) {
+            x[j] = load128cs(inp1 + off + c);
+            if (RESIDUAL) {
+                const x128 y = load128cs(inp2 + off + c);
+#pragma unroll
+                for (int k = 0; k < 8; k++) x[j][k] = __float2bfloat16_rn((float)x[j][k] + (float)y[k]);
+                store128(residual + off + c, x[j]);
+            }
+        }
+    }
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; j++)
+        if (lane + 32 * j < vecs) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) sum += (float)x[j][k];
+        }
+    const float m = warp_sum(sum) / C;
+    float sq = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; j++)
+        if (lane + 32 * j < vecs) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const float d = (float)x[j][k] - m;
+                sq += d * d;
+            }
+        }
+    const float s = rsqrtf(warp_sum(sq) / C + LN_EPS);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = s;
+    }
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        const int c = (lane + 32 * j) * 8;
+        if (lane + 32 * j < vecs) {
+            const x128 w = load128(weight + c), b = load128(bias + c);
+            x128 o;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                o[k] = __float2bfloat16_rn(((float)x[j][k] - m) * s * (float)w[k] + (float)b[k]);
+            store128(out + off + c, o);
+        }
+    }
+}
+
+template <bool RESIDUAL>
+static void layernorm_forward_launch(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
+                                     const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
+                                     cudaStream_t stream) {
+    require(N >= 0, "layernorm_forward: negative N");
+    const int vpl = vectors_per_lane(C);
+    for (const void* p : {(const void*)residual, (const void*)out, (const void*)inp1, (const void*)inp2,
+                          (const void*)weight, (const void*)bias})
+        if (p) require_aligned(p);
+    if (N == 0) return;
+    dispatch_vpl(vpl, [&](auto v) {
+        layernorm_forward_kernel<decltype(v)::value, RESIDUAL><<<ceil_div(N, LN_WARPS), LN_THREADS, 0, stream>>>(
+            residual, out, mean, rstd, inp1, inp2, weight, bias, N, C);
+        CUDA_CHECK_LAUNCH();
+    });
+}
+
+void layernorm_forward(bf16* out, float* mean, float* rstd, const bf16* inp, const bf16* weight,
+                       const bf16* bias, int N, int C, cudaStream_t stream) {
+    layernorm_forward_launch<false>(nullptr, out, mean, rstd, inp, nullptr, weight, bias, N, C, stream);
+}
+
+void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
+                                      const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
+                                      cudaStream_t stream) {
+    layernorm_forward_launch<true>(residual, out, mean, rstd, inp1, inp2, weight, bias, N, C, stream);
+}
+
+// partials: one row of 2C floats per block, [dweight sums | dbias sums] of the block's rows.
+template <int VPL>
+__global__ void __launch_bounds__(LN_THREADS)
+    layernorm_backward_kernel(bf16* __restrict__ dinp, float* __restrict__ partials, const bf16* __restrict__ dout,
+                              const bf16* __restrict__ inp, const bf16* __restrict__ weight,
+                              const float* __restrict__ mean, const float* __restrict__ rstd, int N, int C) {
+    __shared__ float block_acc[2 * VPL * 32 * 8];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int vecs = C / 8;
+    float dw[VPL][8] = {}, db[VPL][8] = {};
+
+    for (int i = 0; i < LN_ROWS_PER_WARP; i++) {
+        const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_WARPS + warp;
+        if (row >= N) break;
+        const size_t off = (size_t)row * C;
+        x128 g[VPL], x[VPL];
+#pragma unroll
+        for (int j = 0; j < VPL; j++)
+            if (lane + 32 * j < vecs) {
+                g[j] = load128cs(dout + off + (lane + 32 * j) * 8);
+                x[j] = load128cs(inp + off + (lane + 32 * j) * 8);
+            }
+        const float m = mean[row], s = rstd[row];
+        float sum_dn = 0.0f, sum_dnx = 0.0f;
+#pragma unroll
+        for (int j = 0; j < VPL; j++)
+            if (lane + 32 * j < vecs) {
+                const x128 w = load128(weight + (lane + 32 * j) * 8);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float xhat = ((float)x[j][k] - m) * s, d = (float)g[j][k];
+                    const float dn = d * (float)w[k];
+                    sum_dn += dn;
+                    sum_dnx += dn * xhat;
+                    db[j][k] += d;
+                    dw[j][k] += d * xhat;
+                }
+            }
+        const float mean_dn = warp_sum(sum_dn) / C, mean_dnx = warp_sum(sum_dnx) / C;
+#pragma unroll
+        for (int j = 0; j < VPL; j++)
+            if (lane + 32 * j < vecs) {
+                const int c = (lane + 32 * j) * 8;
+                const x128 w = load128(weight + c);
+                x128 di = load128(dinp + off + c);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    const float xhat = ((float)x[j][k] - m) * s;
+                    const float dn = (float)g[j][k] * (float)w[k];
+                    di[k] = __float2bfloat16_rn((float)di[k] + s * (dn - mean_dn - xhat * mean_dnx));
+                }
+                store128(dinp + off + c, di);
+            }
+    }
+
+    // warps add their sums into block_acc in warp order, then the block copies it to its partial row
+    for (int w = 0; w < LN_WARPS; w++) {
+        if (warp == w) {
+#pragma unroll
+            for (int j = 0; j < VPL; j++)
+                if (lane + 32 * j < vecs) {
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {
+                        const int c = (lane + 32 * j) * 8 + k;
+                        block_acc[c] = w == 0 ? dw[j][k] : block_acc[c] + dw[j][k];
+                        block_acc[C + c] = w == 0 ? db[j][k] : block_acc[C + c] + db[j][k];
+                    }
+                }
+        }
+        __syncthreads();
+    }
+    float* dst = partials + (size_t)blockIdx.x * 2 * C;
+    for (int c = threadIdx.x; c < 2 * C; c += LN_THREADS) dst[c] = block_acc[c];
+}
+
+size_t layernorm_backward_scratch_floats(int N, int C) {
+    return (size_t)ceil_div(N, LN_ROWS_PER_BLOCK) * 2 * C;
+}
+
+void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
+                        const bf16* weight, const float* mean, const float* rstd, float* scratch,
+                        size_t scratch_floats, int N, int C, cudaStream_t stream) {
+    require(N >= 0, "layernorm_backward: negative N");
+    const int vpl = vectors_per_lane(C);
+    for (const void* p : {(const void*)dinp, (const void*)dout, (const void*)inp, (const void*)weight})
+        require_aligned(p);
+    if (N == 0) return;
+    require(scratch_floats >= layernorm_backward_scratch_floats(N, C), "layernorm_backward: scratch too small");
+    const int blocks = ceil_div(N, LN_ROWS_PER_BLOCK);
+    dispatch_vpl(vpl, [&](auto v) {
+        layernorm_backward_kernel<decltype(v)::value><<<blocks, LN_THREADS, 0, stream>>>(
+            dinp, scratch, dout, inp, weight, mean, rstd, N, C);
+        CUDA_CHECK_LAUNCH();
+    });
+    column_sum_add(dweight, dbias, C, scratch, blocks, 2 * C, stream);
+}
