@@ -9,25 +9,27 @@
 // positions into buckets (runs of one token in a stable sort), so every bucket owns one dwte row and
 // no two blocks ever write the same element: no atomics, and each bucket's sum has a fixed order.
 // Bucket sizes are very skewed in real text (a few whitespace/punctuation tokens take several % of
-// the batch, most tokens appear once), so one kernel has two kinds of blocks, both with a grid fixed
-// at launch (num_buckets is only known on the device):
-//  - "small" blocks: one warp per bucket of <= 32 rows (the warp holds the positions, one per lane,
-//    and adds the rows in order); warps stride over the buckets.
-//  - "large" blocks: a bucket of > 32 rows is cut into channel slices of 64 (8 threads x 8 channels)
-//    so its rows are read by many blocks at once; in a slice, 64 row groups of 8 threads each add
-//    rows g, g+64, ... in order, then the 64 group sums are added in group order. Large block k
-//    looks at buckets k, k+GL, ... and keeps the large ones (an ordered compaction in shared memory).
-// The large blocks come first in the grid so they start before the many small ones.
+// the batch, most tokens appear once), so two kernels split the buckets by size, both with grids
+// fixed at launch (num_buckets is only known on the device) that stride over the buckets:
+//  - small (<= 32 rows): one warp per bucket; lane r holds row r's position, the warp adds the rows
+//    in order, 4 rows in flight.
+//  - large (> 32 rows): the bucket is cut into channel slices of 64 (8 threads x 8 channels, grid.y)
+//    so its rows are read by many SMs at once; in a slice, 64 row groups of 8 threads each add rows
+//    g, g+64, ... in order, then the 64 group sums are added in group order. Block x looks at buckets
+//    x, x+gridDim.x, ... and keeps the large ones (an ordered compaction in shared memory).
+// Two kernels rather than one with two kinds of blocks: each gets the registers it needs.
 // C not a multiple of 8 (or unaligned pointers) runs the same code with 1-channel vectors.
+#include <algorithm>
 #include "common.cuh"
 
 constexpr int ENC_THREADS = 256;           // forward and dwpe
-constexpr int WTE_THREADS = 512;
-constexpr int WTE_WARPS = WTE_THREADS / 32;
+constexpr int WTE_SMALL_THREADS = 256;
 constexpr int WTE_SMALL_MAX = 32;           // a bucket of up to this many rows is one warp's
+constexpr int WTE_THREADS = 512;            // large buckets
+constexpr int WTE_WARPS = WTE_THREADS / 32;
 constexpr int WTE_LANES = 8;                // threads across one row of a large bucket's slice
 constexpr int WTE_GROUPS = WTE_THREADS / WTE_LANES;
-constexpr int WTE_UNROLL = 4;               // rows in flight per thread in a large bucket
+constexpr int WTE_UNROLL = 8;               // rows in flight per thread in a large bucket
 
 template <int V>
 __global__ void __launch_bounds__(ENC_THREADS)
@@ -81,24 +83,24 @@ __device__ __forceinline__ void wte_small_bucket(bf16* __restrict__ dwte, const 
     for (int base = 0; base < vecs; base += 32) {  // warp-uniform: every lane takes part in the shuffles
         const bool active = base + lane < vecs;
         const int c = (base + lane) * V;
+        const bf16* column = dout + (active ? c : 0);  // inactive lanes load (and drop) column 0
+        bf16* dst = dwte + (size_t)token * C + (active ? c : 0);
+        Vec<bf16, V> d = load_vec<V>(dst);  // issued with the dout loads
         float acc[V] = {};
-        for (int r = 0; r < size; r += 4) {
+        auto add = [&](const Vec<bf16, V>& x) {
+#pragma unroll
+            for (int k = 0; k < V; k++) acc[k] += (float)x[k];
+        };
+        int r = 0;
+        for (; r + 4 <= size; r += 4) {  // 4 rows in flight, unpredicated
             Vec<bf16, V> x[4];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int pos = __shfl_sync(FULL_MASK, my_pos, (r + u) % 32);
-                if (active && r + u < size) x[u] = load_vec<V>(dout + (size_t)pos * C + c);
-            }
+            for (int u = 0; u < 4; u++) x[u] = load_vec<V>(column + __shfl_sync(FULL_MASK, my_pos, r + u) * C);
 #pragma unroll
-            for (int u = 0; u < 4; u++)
-                if (active && r + u < size) {
-#pragma unroll
-                    for (int k = 0; k < V; k++) acc[k] += (float)x[u][k];
-                }
+            for (int u = 0; u < 4; u++) add(x[u]);
         }
+        for (; r < size; r++) add(load_vec<V>(column + __shfl_sync(FULL_MASK, my_pos, r) * C));
         if (active) {
-            bf16* dst = dwte + (size_t)token * C + c;
-            Vec<bf16, V> d = load_vec<V>(dst);
 #pragma unroll
             for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
             store_vec<V>(dst, d);
@@ -106,28 +108,39 @@ __device__ __forceinline__ void wte_small_bucket(bf16* __restrict__ dwte, const 
     }
 }
 
-// The whole block adds channel slice `slice` (WTE_LANES * V channels) of every bucket b = k, k+GL, ...
-// that has more than WTE_SMALL_MAX rows.
 template <int V>
-__device__ __forceinline__ void wte_large_buckets(bf16* __restrict__ dwte, const bf16* __restrict__ dout,
-                                                  const int* __restrict__ tokens,
-                                                  const int* __restrict__ sorted_positions,
-                                                  const int* __restrict__ bucket_starts, int nb, int k, int GL,
-                                                  int slice, int C) {
+__global__ void __launch_bounds__(WTE_SMALL_THREADS, 4)
+    wte_small_kernel(bf16* __restrict__ dwte, const bf16* __restrict__ dout, const int* __restrict__ tokens,
+                     const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
+                     const int* __restrict__ num_buckets, int C) {
+    const int nb = *num_buckets, warps = gridDim.x * (WTE_SMALL_THREADS / 32);
+    for (int b = blockIdx.x * (WTE_SMALL_THREADS / 32) + threadIdx.x / 32; b < nb; b += warps) {
+        const int start = bucket_starts[b], size = bucket_starts[b + 1] - start;
+        if (size <= WTE_SMALL_MAX) wte_small_bucket<V>(dwte, dout, tokens, sorted_positions, start, size, C);
+    }
+}
+
+// Block (x, slice) adds channel slice `slice` (WTE_LANES * V channels) of every bucket b = x,
+// x + gridDim.x, ... that has more than WTE_SMALL_MAX rows.
+template <int V>
+__global__ void __launch_bounds__(WTE_THREADS, 1)
+    wte_large_kernel(bf16* __restrict__ dwte, const bf16* __restrict__ dout, const int* __restrict__ tokens,
+                     const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
+                     const int* __restrict__ num_buckets, int C) {
     constexpr int SLICE = WTE_LANES * V;
     __shared__ float group_sums[WTE_GROUPS * SLICE];
     __shared__ int list[WTE_THREADS];
     __shared__ int warp_counts[WTE_WARPS];
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int group = tid / WTE_LANES;
+    const int nb = *num_buckets, slice = blockIdx.y, stride = gridDim.x * WTE_THREADS;
     const int c = slice * SLICE + (tid % WTE_LANES) * V;
     const bool active = c < C;
-    const int candidates = nb > k ? ceil_div(nb - k, GL) : 0;
-    for (int base = 0; base < candidates; base += WTE_THREADS) {
-        // ordered compaction of the large buckets among this round's candidates
-        const int i = base + tid;
-        const int b = k + i * GL;
-        const bool large = i < candidates && bucket_starts[b + 1] - bucket_starts[b] > WTE_SMALL_MAX;
+    const bf16* column = dout + c;  // row offsets below are 32-bit: B*T*C < 2^31
+    for (int round = blockIdx.x; round < nb; round += stride) {
+        // ordered compaction of the large buckets among this round's candidates b = round + gridDim.x * tid
+        const int b = round + gridDim.x * tid;
+        const bool large = b < nb && bucket_starts[b + 1] - bucket_starts[b] > WTE_SMALL_MAX;
         const unsigned ballot = __ballot_sync(FULL_MASK, large);
         if (lane == 0) warp_counts[warp] = __popc(ballot);
         __syncthreads();
@@ -155,7 +168,7 @@ __device__ __forceinline__ void wte_large_buckets(bf16* __restrict__ dwte, const
                     }
 #pragma unroll
                     for (int u = 0; u < WTE_UNROLL; u++)
-                        if (r + u * WTE_GROUPS < size) x[u] = load_vec<V>(dout + (size_t)pos[u] * C + c);
+                        if (r + u * WTE_GROUPS < size) x[u] = load_vec<V>(column + pos[u] * C);
 #pragma unroll
                     for (int u = 0; u < WTE_UNROLL; u++)
                         if (r + u * WTE_GROUPS < size) {
@@ -180,24 +193,6 @@ __device__ __forceinline__ void wte_large_buckets(bf16* __restrict__ dwte, const
     }
 }
 
-// Blocks [0, large_blocks) are large-bucket blocks (slice = blockIdx % slices), the rest small-bucket.
-template <int V>
-__global__ void __launch_bounds__(WTE_THREADS)
-    wte_backward_kernel(bf16* __restrict__ dwte, const bf16* __restrict__ dout, const int* __restrict__ tokens,
-                        const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
-                        const int* __restrict__ num_buckets, int C, int large_blocks, int slices) {
-    const int nb = *num_buckets;
-    if ((int)blockIdx.x < large_blocks) {
-        wte_large_buckets<V>(dwte, dout, tokens, sorted_positions, bucket_starts, nb, blockIdx.x / slices,
-                             large_blocks / slices, blockIdx.x % slices, C);
-        return;
-    }
-    const int warps = (gridDim.x - large_blocks) * WTE_WARPS;
-    for (int b = (blockIdx.x - large_blocks) * WTE_WARPS + threadIdx.x / 32; b < nb; b += warps) {
-        const int start = bucket_starts[b], size = bucket_starts[b + 1] - start;
-        if (size <= WTE_SMALL_MAX) wte_small_bucket<V>(dwte, dout, tokens, sorted_positions, start, size, C);
-    }
-}
 
 static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -229,23 +224,29 @@ static void encoder_backward_launch(bf16* dwte, bf16* dwpe, const bf16* dout, co
         dwpe, dout, B, T, C);
     CUDA_CHECK_LAUNCH();
 
-    // about two resident blocks per SM for each kind; no more warps than buckets can exist
-    const int BT = B * T, per_kind = 2 * device_sm_count();
+    // both kernels stride over the buckets with one full wave of resident blocks
+    const int BT = B * T, sms = device_sm_count();
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wte_small_kernel<V>, WTE_SMALL_THREADS, 0));
+    const int small_blocks = std::min(sms * std::max(per_sm, 1), ceil_div(BT, WTE_SMALL_THREADS / 32));
+    wte_small_kernel<V><<<small_blocks, WTE_SMALL_THREADS, 0, stream>>>(dwte, dout, tokens, sorted_positions,
+                                                                        bucket_starts, num_buckets, C);
+    CUDA_CHECK_LAUNCH();
+
+    const int max_large = BT / (WTE_SMALL_MAX + 1);  // buckets of more than WTE_SMALL_MAX rows
+    if (max_large == 0) return;
     const int slices = ceil_div(C, WTE_LANES * V);
-    int GL = per_kind / slices;
-    GL = GL < 1 ? 1 : GL;
-    if (GL > BT / (WTE_SMALL_MAX + 1)) GL = BT / (WTE_SMALL_MAX + 1);  // at most that many large buckets
-    const int large_blocks = GL * slices;
-    const int small_blocks = per_kind < ceil_div(BT, WTE_WARPS) ? per_kind : ceil_div(BT, WTE_WARPS);
-    wte_backward_kernel<V><<<large_blocks + small_blocks, WTE_THREADS, 0, stream>>>(
-        dwte, dout, tokens, sorted_positions, bucket_starts, num_buckets, C, large_blocks, slices);
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wte_large_kernel<V>, WTE_THREADS, 0));
+    const int large_blocks = std::min(std::max(sms * std::max(per_sm, 1) / slices, 1), max_large);
+    wte_large_kernel<V><<<dim3(large_blocks, slices), WTE_THREADS, 0, stream>>>(dwte, dout, tokens, sorted_positions,
+                                                                                bucket_starts, num_buckets, C);
     CUDA_CHECK_LAUNCH();
 }
 
 void encoder_backward(bf16* dwte, bf16* dwpe, const bf16* dout, const int* tokens, const int* sorted_positions,
                       const int* bucket_starts, const int* num_buckets, int B, int T, int C, cudaStream_t stream) {
     require(B >= 0 && T >= 0 && C >= 0, "encoder_backward: negative size");
-    require((long long)B * T < (1ll << 31), "encoder_backward: B*T must fit in int");
+    require((long long)B * T * C < (1ll << 31), "encoder_backward: B*T*C must be below 2^31");
     if ((size_t)B * T * C == 0) return;
     if (C % 8 == 0 && aligned16(dwte) && aligned16(dwpe) && aligned16(dout))
         encoder_backward_launch<8>(dwte, dwpe, dout, tokens, sorted_positions, bucket_starts, num_buckets, B, T,

@@ -20,11 +20,13 @@
 // the partials, and the result, depend only on N.
 #include "common.cuh"
 
-constexpr int LN_THREADS = 256;
+constexpr int LN_THREADS = 256;        // forward: 8 rows per block
 constexpr int LN_WARPS = LN_THREADS / 32;
 constexpr int LN_MAX_VPL = 8;
-constexpr int LN_ROWS_PER_WARP = 8;  // backward
-constexpr int LN_ROWS_PER_BLOCK = LN_WARPS * LN_ROWS_PER_WARP;
+constexpr int LN_BWD_THREADS = 128;    // backward: ~130 registers at C = 768, so small blocks
+constexpr int LN_BWD_WARPS = LN_BWD_THREADS / 32;
+constexpr int LN_ROWS_PER_WARP = 16;
+constexpr int LN_ROWS_PER_BLOCK = LN_BWD_WARPS * LN_ROWS_PER_WARP;  // one partial row per 64 rows
 constexpr float LN_EPS = 1e-5f;
 
 // f(std::integral_constant<int, vpl>) for the vectors-per-lane a row of C channels needs
@@ -59,11 +61,13 @@ __global__ void __launch_bounds__(LN_THREADS)
     const int vecs = C / 8;
     const size_t off = (size_t)row * C;
 
-    x128 x[VPL];
+    x128 x[VPL], w[VPL], b[VPL];  // every load of the row is issued up front
 #pragma unroll
     for (int j = 0; j < VPL; j++) {
         const int c = (lane + 32 * j) * 8;
         if (lane + 32 * j < vecs) {
+            w[j] = load128(weight + c);
+            b[j] = load128(bias + c);
             x[j] = load128cs(inp1 + off + c);
             if (RESIDUAL) {
                 const x128 y = load128cs(inp2 + off + c);
@@ -100,11 +104,10 @@ __global__ void __launch_bounds__(LN_THREADS)
     for (int j = 0; j < VPL; j++) {
         const int c = (lane + 32 * j) * 8;
         if (lane + 32 * j < vecs) {
-            const x128 w = load128(weight + c), b = load128(bias + c);
             x128 o;
 #pragma unroll
             for (int k = 0; k < 8; k++)
-                o[k] = __float2bfloat16_rn(((float)x[j][k] - m) * s * (float)w[k] + (float)b[k]);
+                o[k] = __float2bfloat16_rn(((float)x[j][k] - m) * s * (float)w[j][k] + (float)b[j][k]);
             store128(out + off + c, o);
         }
     }
@@ -140,7 +143,7 @@ void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, fl
 
 // partials: one row of 2C floats per block, [dweight sums | dbias sums] of the block's rows.
 template <int VPL>
-__global__ void __launch_bounds__(LN_THREADS)
+__global__ void __launch_bounds__(LN_BWD_THREADS)
     layernorm_backward_kernel(bf16* __restrict__ dinp, float* __restrict__ partials, const bf16* __restrict__ dout,
                               const bf16* __restrict__ inp, const bf16* __restrict__ weight,
                               const float* __restrict__ mean, const float* __restrict__ rstd, int N, int C) {
@@ -150,26 +153,28 @@ __global__ void __launch_bounds__(LN_THREADS)
     float dw[VPL][8] = {}, db[VPL][8] = {};
 
     for (int i = 0; i < LN_ROWS_PER_WARP; i++) {
-        const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_WARPS + warp;
+        const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_BWD_WARPS + warp;
         if (row >= N) break;
         const size_t off = (size_t)row * C;
-        x128 g[VPL], x[VPL];
+        x128 g[VPL], x[VPL], w[VPL], di[VPL];  // every load of the row is issued up front
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
-                g[j] = load128cs(dout + off + (lane + 32 * j) * 8);
-                x[j] = load128cs(inp + off + (lane + 32 * j) * 8);
+                const int c = (lane + 32 * j) * 8;
+                g[j] = load128cs(dout + off + c);
+                x[j] = load128cs(inp + off + c);
+                di[j] = load128(dinp + off + c);
+                w[j] = load128(weight + c);
             }
         const float m = mean[row], s = rstd[row];
         float sum_dn = 0.0f, sum_dnx = 0.0f;
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
-                const x128 w = load128(weight + (lane + 32 * j) * 8);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const float xhat = ((float)x[j][k] - m) * s, d = (float)g[j][k];
-                    const float dn = d * (float)w[k];
+                    const float dn = d * (float)w[j][k];
                     sum_dn += dn;
                     sum_dnx += dn * xhat;
                     db[j][k] += d;
@@ -180,21 +185,18 @@ __global__ void __launch_bounds__(LN_THREADS)
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
-                const int c = (lane + 32 * j) * 8;
-                const x128 w = load128(weight + c);
-                x128 di = load128(dinp + off + c);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const float xhat = ((float)x[j][k] - m) * s;
-                    const float dn = (float)g[j][k] * (float)w[k];
-                    di[k] = __float2bfloat16_rn((float)di[k] + s * (dn - mean_dn - xhat * mean_dnx));
+                    const float dn = (float)g[j][k] * (float)w[j][k];
+                    di[j][k] = __float2bfloat16_rn((float)di[j][k] + s * (dn - mean_dn - xhat * mean_dnx));
                 }
-                store128(dinp + off + c, di);
+                store128(dinp + off + (lane + 32 * j) * 8, di[j]);
             }
     }
 
     // warps add their sums into block_acc in warp order, then the block copies it to its partial row
-    for (int w = 0; w < LN_WARPS; w++) {
+    for (int w = 0; w < LN_BWD_WARPS; w++) {
         if (warp == w) {
 #pragma unroll
             for (int j = 0; j < VPL; j++)
@@ -210,7 +212,7 @@ __global__ void __launch_bounds__(LN_THREADS)
         __syncthreads();
     }
     float* dst = partials + (size_t)blockIdx.x * 2 * C;
-    for (int c = threadIdx.x; c < 2 * C; c += LN_THREADS) dst[c] = block_acc[c];
+    for (int c = threadIdx.x; c < 2 * C; c += LN_BWD_THREADS) dst[c] = block_acc[c];
 }
 
 size_t layernorm_backward_scratch_floats(int N, int C) {
@@ -228,7 +230,7 @@ void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout
     require(scratch_floats >= layernorm_backward_scratch_floats(N, C), "layernorm_backward: scratch too small");
     const int blocks = ceil_div(N, LN_ROWS_PER_BLOCK);
     dispatch_vpl(vpl, [&](auto v) {
-        layernorm_backward_kernel<decltype(v)::value><<<blocks, LN_THREADS, 0, stream>>>(
+        layernorm_backward_kernel<decltype(v)::value><<<blocks, LN_BWD_THREADS, 0, stream>>>(
             dinp, scratch, dout, inp, weight, mean, rstd, N, C);
         CUDA_CHECK_LAUNCH();
     });

@@ -43,13 +43,16 @@ class CudaBackend:
         self._peak_pool = 0
 
     # ---- memory API -------------------------------------------------------------------------
+    # allocations and copies run on self.stream too, so the kernels that follow see them done
     def zeros(self, shape, fp32=False, param=False):
-        return cp.zeros(shape, dtype=np.float32 if fp32 else BF16)
+        with self.stream:
+            return cp.zeros(shape, dtype=np.float32 if fp32 else BF16)
 
     def upload_params(self, host_fp32, n):
         bits = np.zeros(n, dtype=BF16)
         bits[:host_fp32.size] = f32_to_bf16_bits(np.asarray(host_fp32, dtype=np.float32))
-        return cp.asarray(bits)
+        with self.stream:
+            return cp.asarray(bits)
 
     def to_numpy(self, a):
         self.stream.synchronize()
@@ -57,7 +60,8 @@ class CudaBackend:
         return bf16_bits_to_f32(host) if host.dtype == BF16 else host
 
     def from_numpy(self, host):
-        return cp.asarray(host)
+        with self.stream:
+            return cp.asarray(host)
 
     def fp32_copy(self, a):
         """A float32 device copy of a bf16 device array (master weights at start-up and on resume)."""

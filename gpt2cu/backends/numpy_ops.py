@@ -228,6 +228,9 @@ class NumpyBackend:
         """A backend array holding a copy of a host array (optimizer state on resume)."""
         return np.array(host, copy=True)
 
+    def fp32_copy(self, a):
+        return np.array(a, dtype=np.float32)
+
     def set_batch(self, inputs, targets):
         return np.ascontiguousarray(inputs, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)
 

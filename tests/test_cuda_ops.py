@@ -1,0 +1,609 @@
+"""Every CUDA op (gpt2cu/backends/cuda_ops.py -> kernels/*.cu) against the numpy oracle
+(gpt2cu/backends/numpy_ops.py), one op at a time, then the whole model on both backends. GPU only: the
+`gpu` marker (conftest.py) skips every test here, with the reason, where the CUDA backend cannot run.
+
+Method. Inputs are drawn fresh on every run; the seed is printed and quoted by every failure message, and
+GPT2CU_TEST_SEED=<seed> replays it. Inputs are rounded to bf16 first, so the kernel and the reference see
+the same numbers, and the reference is the numpy op run in float64 on those numbers. Overwritten outputs
+start as NaN (bf16 0x7FC0, float32 NaN), so an element a kernel fails to write fails the test. "+=" outputs
+start with random values half the size of the increment (big enough that dropping them shows, small
+enough not to hide a wrong increment) and the reference adds onto the same values. Sizes divide no block
+size: N = B*T = 111 rows, n = 1000003 elements, vocabularies 1001 and 50257.
+
+Metric: ||out - ref|| / ||ref|| over an output, which must also be finite everywhere. Bounds:
+  BF16_REL   1e-2  a bf16 output of fp32 arithmetic carries one rounding: <= 2^-8 relative per element,
+                   ~1e-3 RMS; fp32 accumulation adds ~1e-6. A 5-10x margin, while a wrong term is O(0.1).
+  FP32_REL   1e-4  fp32 outputs of bf16 inputs with fp32 accumulation (mean, rstd, lse, losses): sums of
+                   up to 50257 terms, ~1e-6 through tree reductions, ~5e-5 even summed sequentially.
+  CHAIN_REL  2e-2  outputs computed through a bf16 intermediate (attention's P and dS, a matmul's GeLU
+                   epilogue): two roundings, compounded through sums.
+  MASTER_REL 1e-6  AdamW's fp32 state: a handful of fp32 operations per element on exact inputs (~1e-7).
+  MODEL_REL  5e-2  a whole network in bf16 against fp32: every activation rounded (~20 ops deep, a random
+                   walk of sqrt(20) * 2^-9 ~ 1e-2), and the reductions behind small gradients (biases,
+                   layernorm gains) cancel, which magnifies relative error; test_gpu_training.py's bar.
+Where the result is determined exactly (a sum of two bf16 numbers rounded once, rows a kernel must not
+touch, zeroed columns, a deterministic reduction run twice) the test asks for identical bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+from gpt2cu.backends import numpy_ops as ref_ops
+from gpt2cu.backends.numpy_ops import NumpyBackend
+from gpt2cu.checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
+from gpt2cu.config import GPTConfig
+from gpt2cu.model import GPT, init_params
+
+try:
+    import cupy as cp
+except ImportError:  # every test here is marked gpu, so conftest.py skips them all: nothing below runs
+    cp = None
+
+pytestmark = pytest.mark.gpu
+
+BF16_REL, FP32_REL, CHAIN_REL, MASTER_REL, MODEL_REL = 1e-2, 1e-4, 2e-2, 1e-6, 5e-2
+BF16_NAN = 0x7FC0
+B, T = 3, 37  # N = 111 rows
+TORCH_DEVICE = "cuda"
+
+
+# ---- host <-> device, bf16 ----------------------------------------------------------------------------
+def bits_of(x) -> np.ndarray:
+    """bf16 bits of float values (through float32, rounding to nearest even both times, as a kernel's
+    fp32 arithmetic followed by __float2bfloat16_rn does)."""
+    return f32_to_bf16_bits(np.asarray(x, dtype=np.float32))
+
+
+def decode(bits) -> np.ndarray:
+    """float64 values of host bf16 bits (exact) or of a host float32 array."""
+    bits = np.asarray(bits)
+    return (bf16_bits_to_f32(bits) if bits.dtype == np.uint16 else bits).astype(np.float64)
+
+
+def raw(a) -> np.ndarray:
+    """A host copy of a device array's elements as stored (bf16 bits or float32), after the queued work.
+    Tests run with the backend's stream current (the `cuda` fixture), so that stream is the one to wait on."""
+    cp.cuda.get_current_stream().synchronize()
+    return cp.asnumpy(a)
+
+
+def to_host(a) -> np.ndarray:
+    return decode(raw(a))
+
+
+def poisoned(shape, fp32=False):
+    """A device output that is NaN everywhere until a kernel writes it."""
+    return cp.full(shape, np.nan, dtype=np.float32) if fp32 else cp.full(shape, BF16_NAN, dtype=np.uint16)
+
+
+def bf16_ulp(x) -> np.ndarray:
+    """Spacing of bf16 numbers (8 significant bits) at |x|: 2^(floor(log2|x|) - 7)."""
+    _, exponent = np.frexp(x)  # x = f * 2^exponent, 0.5 <= |f| < 1
+    return np.ldexp(1.0, exponent - 8)
+
+
+class Case:
+    """A test's random inputs, from a fresh seed each run, and its checks, whose messages quote the seed."""
+
+    def __init__(self, label: str):
+        env = os.environ.get("GPT2CU_TEST_SEED")
+        self.seed = int(env) if env else np.random.SeedSequence().entropy
+        self.rng = np.random.default_rng(self.seed)
+        print(f"{label}: seed {self.seed}")
+
+    def where(self, text: str) -> str:
+        return f"{text} [seed {self.seed}: replay with GPT2CU_TEST_SEED={self.seed}]"
+
+    def normal(self, shape, mean=0.0, std=1.0) -> np.ndarray:
+        """Normal values, rounded to bf16 (float64 host array)."""
+        return decode(bits_of(self.rng.normal(mean, std, shape)))
+
+    def bf16(self, shape, mean=0.0, std=1.0):
+        """(host float64 values, device bf16 array) holding the same bf16-exact normal values."""
+        x = self.normal(shape, mean, std)
+        return x, cp.asarray(bits_of(x))
+
+    def accumulator(self, increment):
+        """The starting values of a "+=" output: (host, device), random at half the increment's RMS."""
+        rms = float(np.sqrt(np.mean(np.square(increment))))
+        return self.bf16(increment.shape, std=0.5 * rms if rms > 0 else 1.0)
+
+    def check(self, name, got, ref, bound):
+        assert got.shape == ref.shape, self.where(f"{name}: shape {got.shape}, expected {ref.shape}")
+        bad = ~np.isfinite(got)
+        assert not bad.any(), self.where(f"{name}: {bad.sum()} of {got.size} elements are not finite "
+                                         f"(unwritten, or overflowed), first at {np.argwhere(bad)[0]}")
+        err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        print(f"  {name}: relative error {err:.2e} (bound {bound:.0e})")
+        worst = np.unravel_index(np.abs(got - ref).argmax(), ref.shape)
+        assert err <= bound, self.where(f"{name}: ||out - ref|| / ||ref|| = {err:.3e} > {bound:.0e}; largest "
+                                        f"difference at {worst}: {got[worst]!r} vs {ref[worst]!r}")
+
+    def same_bits(self, name, got, expected):
+        got, expected = np.asarray(got), np.asarray(expected)
+        assert got.shape == expected.shape and got.dtype == expected.dtype, self.where(
+            f"{name}: {got.dtype}{got.shape}, expected {expected.dtype}{expected.shape}")
+        differ = got.view(f"u{got.itemsize}") != expected.view(f"u{expected.itemsize}")
+        assert not differ.any(), self.where(f"{name}: {differ.sum()} of {got.size} elements differ in their bits, "
+                                            f"first at {np.argwhere(differ)[0]}")
+
+    def zero(self, name, got):
+        nonzero = got != 0
+        assert not nonzero.any(), self.where(f"{name}: {nonzero.sum()} of {got.size} elements are not 0")
+
+
+def assert_repeatable(case, run, first):
+    """run() again, from the same starting buffers: every output must come back with the same bits."""
+    for name, bits in run().items():
+        case.same_bits(f"{name} (second run)", bits, first[name])
+
+
+@pytest.fixture
+def cuda(cuda_backend):
+    """The session's CudaBackend with its stream current: CuPy's own work in a test (uploads, NaN fills,
+    copies, downloads) then queues on the stream the kernels launch on, which is non-blocking and would
+    not wait for the legacy default stream."""
+    with cuda_backend.stream:
+        yield cuda_backend
+
+
+@pytest.fixture
+def case(request):
+    return Case(request.node.name)
+
+
+# ---- encoder ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("C", [200, 768])
+def test_encoder_forward(cuda, case, C):
+    """wte[token] + wpe[t] is a sum of two bf16 numbers, exact in fp32, rounded once: determined to the bit."""
+    V, max_t = 1001, 64
+    wte, wte_d = case.bf16((V, C), std=0.02)
+    wpe, wpe_d = case.bf16((max_t, C), std=0.02)
+    tokens = case.rng.integers(0, V, (B, T), dtype=np.int32)
+    tok, _ = cuda.set_batch(tokens, tokens)
+    out = poisoned((B, T, C))
+    cuda.encoder_forward(out, tok, wte_d, wpe_d[:T])
+    case.same_bits("out", raw(out), bits_of(wte[tokens] + wpe[:T]))
+
+
+@pytest.mark.parametrize("C", [64, 768])
+def test_encoder_backward(cuda, case, C):
+    """Tokens from 7 ids, so each bucket holds ~16 positions. Rows of other tokens and wpe rows past T
+    keep their bits, and a second run reproduces the first to the bit."""
+    V, max_t = 1001, 64
+    ids = case.rng.choice(V, size=7, replace=False)
+    tokens = case.rng.choice(ids, size=(B, T)).astype(np.int32)
+    tok, _ = cuda.set_batch(tokens, tokens)
+    dout, dout_d = case.bf16((B, T, C))
+    inc = {"dwte": np.zeros((V, C)), "dwpe": np.zeros((max_t, C))}
+    ref_ops.encoder_backward(inc["dwte"], inc["dwpe"][:T], dout, tokens)
+    start = {name: case.accumulator(v) for name, v in inc.items()}
+
+    def run():
+        acc = {name: dev.copy() for name, (_, dev) in start.items()}
+        cuda.encoder_backward(acc["dwte"], acc["dwpe"][:T], dout_d, tok)
+        return {name: raw(a) for name, a in acc.items()}
+
+    first = run()
+    for name, (host, _) in start.items():
+        case.check(name, decode(first[name]), host + inc[name], BF16_REL)
+    absent = np.setdiff1d(np.arange(V), ids)
+    case.same_bits("dwte rows of tokens not in the batch", first["dwte"][absent], bits_of(start["dwte"][0][absent]))
+    case.same_bits("dwpe rows past T", first["dwpe"][T:], bits_of(start["dwpe"][0][T:]))
+    assert_repeatable(case, run, first)
+
+
+# ---- layernorm ----------------------------------------------------------------------------------------
+def layernorm_params(case, C):
+    weight, weight_d = case.bf16((C,), mean=1.0, std=0.1)
+    bias, bias_d = case.bf16((C,), std=0.1)
+    return weight, weight_d, bias, bias_d
+
+
+def layernorm_reference(x, weight, bias) -> dict:
+    ref = {"out": np.empty(x.shape), "mean": np.empty(x.shape[:-1]), "rstd": np.empty(x.shape[:-1])}
+    ref_ops.layernorm_forward(ref["out"], ref["mean"], ref["rstd"], x, weight, bias)
+    return ref
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_residual"])
+@pytest.mark.parametrize("C", [64, 200, 768])
+def test_layernorm_forward(cuda, case, C, fused):
+    """Inputs have mean 0.5 (as the residual stream does), so mean and rstd are far from 0. The fused
+    kernel's residual is one rounded bf16 addition (checked to the bit) and, as layernorm.cu documents, it
+    normalizes that stored residual, the x the backward reads back (statistics of the unrounded fp32 sum
+    would differ by ~5e-4 at C = 64, beyond FP32_REL)."""
+    x, x_d = case.bf16((B, T, C), mean=0.5)
+    weight, weight_d, bias, bias_d = layernorm_params(case, C)
+    out, mean, rstd = poisoned((B, T, C)), poisoned((B, T), fp32=True), poisoned((B, T), fp32=True)
+    if fused:
+        x2, x2_d = case.bf16((B, T, C), std=0.5)
+        residual = poisoned((B, T, C))
+        cuda.fused_residual_layernorm_forward(residual, out, mean, rstd, x_d, x2_d, weight_d, bias_d)
+        case.same_bits("residual", raw(residual), bits_of(x + x2))
+        x = decode(bits_of(x + x2))
+    else:
+        cuda.layernorm_forward(out, mean, rstd, x_d, weight_d, bias_d)
+    ref = layernorm_reference(x, weight, bias)
+    for name, got in (("out", out), ("mean", mean), ("rstd", rstd)):
+        case.check(name, to_host(got), ref[name], BF16_REL if name == "out" else FP32_REL)
+
+
+@pytest.mark.parametrize("op", ["layernorm_forward", "fused_residual_layernorm_forward", "layernorm_backward"])
+def test_layernorm_rejects_channels_not_multiple_of_8(cuda, op):
+    C = 100
+    act = lambda: cp.zeros((B, T, C), np.uint16)  # noqa: E731
+    stat = lambda: cp.zeros((B, T), np.float32)  # noqa: E731
+    vec = lambda: cp.zeros(C, np.uint16)  # noqa: E731
+    args = {"layernorm_forward": lambda: (act(), stat(), stat(), act(), vec(), vec()),
+            "fused_residual_layernorm_forward": lambda: (act(), act(), stat(), stat(), act(), act(), vec(), vec()),
+            "layernorm_backward": lambda: (act(), vec(), vec(), act(), act(), vec(), stat(), stat())}[op]()
+    with pytest.raises(RuntimeError):
+        getattr(cuda, op)(*args)
+
+
+@pytest.mark.parametrize("b, t, C", [(B, T, 64), (B, T, 200), (B, T, 768), (4, 1001, 768)])
+def test_layernorm_backward(cuda, case, b, t, C):
+    """dinp, dweight and dbias all accumulate; mean and rstd come in as fp32, as the forward saved them.
+    4004 rows span many blocks of the dweight/dbias reduction; two runs agree to the bit."""
+    dout, dout_d = case.bf16((b, t, C))
+    x, x_d = case.bf16((b, t, C), mean=0.5)
+    weight, weight_d, bias, _ = layernorm_params(case, C)
+    stats = layernorm_reference(x, weight, bias)
+    mean, rstd = stats["mean"].astype(np.float32), stats["rstd"].astype(np.float32)  # the kernel's inputs
+    mean_d, rstd_d = cp.asarray(mean), cp.asarray(rstd)
+    inc = {"dinp": np.zeros((b, t, C)), "dweight": np.zeros(C), "dbias": np.zeros(C)}
+    ref_ops.layernorm_backward(inc["dinp"], inc["dweight"], inc["dbias"], dout, x, weight, mean, rstd)
+    start = {name: case.accumulator(v) for name, v in inc.items()}
+
+    def run():
+        acc = {name: dev.copy() for name, (_, dev) in start.items()}
+        cuda.layernorm_backward(acc["dinp"], acc["dweight"], acc["dbias"], dout_d, x_d, weight_d, mean_d, rstd_d)
+        return {name: raw(a) for name, a in acc.items()}
+
+    first = run()
+    for name, (host, _) in start.items():
+        case.check(name, decode(first[name]), host + inc[name], BF16_REL)
+    assert_repeatable(case, run, first)
+
+
+# ---- matmul -------------------------------------------------------------------------------------------
+MATMUL_SHAPES = [(64, 200), (64, 2304), (768, 200), (768, 2304)]  # (C, OC)
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("C, OC", MATMUL_SHAPES)
+def test_matmul_forward(cuda, case, C, OC, with_bias, gelu):
+    x, x_d = case.bf16((B, T, C))
+    w, w_d = case.bf16((OC, C), std=C ** -0.5)  # outputs of unit variance: GeLU sees both of its regimes
+    bias, bias_d = case.bf16((OC,), std=0.5) if with_bias else (None, None)
+    out, pre = poisoned((B, T, OC)), poisoned((B, T, OC)) if gelu else None
+    cuda.matmul_forward(out, x_d, w_d, bias_d, gelu_pre=pre)
+    ref_out, ref_pre = np.empty((B, T, OC)), np.empty((B, T, OC)) if gelu else None
+    ref_ops.matmul_forward(ref_out, x, w, bias, gelu_pre=ref_pre)
+    case.check("out", to_host(out), ref_out, CHAIN_REL if gelu else BF16_REL)
+    if gelu:
+        case.check("gelu_pre", to_host(pre), ref_pre, BF16_REL)
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "dgelu"])
+@pytest.mark.parametrize("with_dbias", [False, True], ids=["nodbias", "dbias"])
+@pytest.mark.parametrize("C, OC", MATMUL_SHAPES)
+def test_matmul_backward(cuda, case, C, OC, with_dbias, gelu):
+    """dinp overwritten (times gelu'(pre) with the DGELU epilogue), dweight and dbias accumulate; the
+    bias reduction (bias.cu) and cuBLASLt are deterministic: a second run reproduces every bit."""
+    dout, dout_d = case.bf16((B, T, OC))
+    x, x_d = case.bf16((B, T, C))
+    w, w_d = case.bf16((OC, C), std=OC ** -0.5)
+    pre, pre_d = case.bf16((B, T, C)) if gelu else (None, None)
+    inc = {"dweight": np.zeros((OC, C)), **({"dbias": np.zeros(OC)} if with_dbias else {})}
+    ref_dinp = np.empty((B, T, C))
+    ref_ops.matmul_backward(ref_dinp, inc["dweight"], inc.get("dbias"), dout, x, w, dinp_gelu_pre=pre)
+    start = {name: case.accumulator(v) for name, v in inc.items()}
+
+    def run():
+        acc = {name: dev.copy() for name, (_, dev) in start.items()}
+        dinp = poisoned((B, T, C))
+        cuda.matmul_backward(dinp, acc["dweight"], acc.get("dbias"), dout_d, x_d, w_d, dinp_gelu_pre=pre_d)
+        return {"dinp": raw(dinp), **{name: raw(a) for name, a in acc.items()}}
+
+    first = run()
+    case.check("dinp", decode(first["dinp"]), ref_dinp, CHAIN_REL if gelu else BF16_REL)
+    for name, (host, _) in start.items():
+        case.check(name, decode(first[name]), host + inc[name], BF16_REL)
+    assert_repeatable(case, run, first)
+
+
+# ---- GeLU ---------------------------------------------------------------------------------------------
+GELU_N = 1_000_003  # odd: no vector width divides it
+
+
+def test_gelu_forward(cuda, case):
+    x, x_d = case.bf16((GELU_N,), std=2.0)
+    out = poisoned((GELU_N,))
+    cuda.gelu_forward(out, x_d)
+    ref = np.empty(GELU_N)
+    ref_ops.gelu_forward(ref, x)
+    case.check("out", to_host(out), ref, BF16_REL)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["separate", "dinp_is_dout"])
+def test_gelu_backward(cuda, case, in_place):
+    dout, dout_d = case.bf16((GELU_N,))
+    x, x_d = case.bf16((GELU_N,), std=2.0)
+    dinp = dout_d if in_place else poisoned((GELU_N,))
+    cuda.gelu_backward(dinp, dout_d, x_d)
+    ref = np.empty(GELU_N)
+    ref_ops.gelu_backward(ref, dout, x)
+    case.check("dinp", to_host(dinp), ref, BF16_REL)
+
+
+# ---- classifier ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dloss", [0.25, 0.0], ids=["train", "eval"])
+@pytest.mark.parametrize("b, t, V, Vp", [(B, T, 1001, 1024), (2, 3, 50257, 50304)], ids=["V1001", "V50257"])
+def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
+    """The padded columns hold 40 on input: a kernel that lets them into the softmax is ~30 off in the
+    loss. dlogits is checked whole, then without the target column (whose dloss * (p - 1) would dominate
+    the norm and hide a wrong softmax); padded columns and masked rows (target -1) must be exactly 0, and
+    with dloss = 0 the logits must keep every bit."""
+    logits = case.normal((b, t, Vp), std=2.0)
+    logits[..., V:] = 40.0
+    targets = case.rng.integers(0, V, (b, t)).astype(np.int32)
+    targets[case.rng.random((b, t)) < 0.25] = -1
+    targets.flat[:2] = (-1, V - 1)  # at least one masked row; the last real column as a target
+    masked = targets < 0
+    logits_d, losses = cp.asarray(bits_of(logits)), poisoned((b, t), fp32=True)
+    cuda.fused_classifier(losses, logits_d, cp.asarray(targets), dloss, V)
+    ref_losses, ref_dlogits = np.empty((b, t)), logits.copy()
+    ref_ops.fused_classifier(ref_losses, ref_dlogits, targets, dloss, V)
+    got_losses = to_host(losses)
+    case.check("losses", got_losses, ref_losses, FP32_REL)
+    case.zero("losses of masked rows", got_losses[masked])
+    if dloss == 0:
+        case.same_bits("logits (dloss = 0 leaves them)", raw(logits_d), bits_of(logits))
+        return
+    got = to_host(logits_d)
+    case.check("dlogits", got, ref_dlogits, BF16_REL)
+    off_target = np.ones((b, t, V), dtype=bool)
+    np.put_along_axis(off_target, np.maximum(targets, 0)[..., None], False, axis=-1)
+    case.check("dlogits off the target column", got[..., :V][off_target], ref_dlogits[..., :V][off_target], BF16_REL)
+    case.zero("dlogits in the padded columns", got[..., V:])
+    case.zero("dlogits of masked rows", got[masked])
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+# (B, NH, T, HS): every sequence length with both head sizes; fewer heads for the long ones, whose float64
+# reference materializes (T, T) scores per head.
+ATTENTION_CASES = ([(2, 3, t, hs) for t in (1, 17, 64) for hs in (64, 128)]
+                   + [(1, 2, t, hs) for t in (1024, 2048) for hs in (64, 128)])
+ATTENTION_IDS = [f"B{b}-NH{nh}-T{t}-HS{hs}" for b, nh, t, hs in ATTENTION_CASES]
+
+
+def attention_reference(qkv, n_head):
+    b, t, c3 = qkv.shape
+    out, lse = np.empty((b, t, c3 // 3)), np.empty((b, n_head, t))
+    ref_ops.attention_forward(out, lse, qkv, n_head)
+    return out, lse
+
+
+@pytest.mark.parametrize("b, nh, t, hs", ATTENTION_CASES, ids=ATTENTION_IDS)
+def test_attention_forward(cuda, case, b, nh, t, hs):
+    qkv, qkv_d = case.bf16((b, t, 3 * nh * hs))
+    out, lse = poisoned((b, t, nh * hs)), poisoned((b, nh, t), fp32=True)
+    cuda.attention_forward(out, lse, qkv_d, nh)
+    ref_out, ref_lse = attention_reference(qkv, nh)
+    case.check("out", to_host(out), ref_out, CHAIN_REL)
+    case.check("lse", to_host(lse), ref_lse, FP32_REL)
+
+
+@pytest.mark.parametrize("b, nh, t, hs", ATTENTION_CASES, ids=ATTENTION_IDS)
+def test_attention_backward(cuda, case, b, nh, t, hs):
+    """out and lse are the float64 forward's, stored as the kernel gets them (bf16, fp32), and both sides
+    use them. dq, dk and dv are checked one by one, except at T = 1 where the softmax has a single key and
+    dq = dk = 0 exactly (their relative error is undefined): there the whole dqkv is."""
+    c = nh * hs
+    qkv, qkv_d = case.bf16((b, t, 3 * c))
+    dout, dout_d = case.bf16((b, t, c))
+    out, lse = attention_reference(qkv, nh)
+    out, lse = decode(bits_of(out)), lse.astype(np.float32)
+    dqkv = poisoned((b, t, 3 * c))
+    cuda.attention_backward(dqkv, dout_d, qkv_d, cp.asarray(bits_of(out)), cp.asarray(lse), nh)
+    ref = np.empty((b, t, 3 * c))
+    ref_ops.attention_backward(ref, dout, qkv, out, lse, nh)
+    got = to_host(dqkv)
+    parts = {"dq": slice(0, c), "dk": slice(c, 2 * c), "dv": slice(2 * c, 3 * c)} if t > 1 else {"dqkv": slice(None)}
+    for name, cols in parts.items():
+        case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
+
+
+@pytest.mark.parametrize("b, nh, t, hs", [(2, 3, 17, 64), (1, 2, 1024, 128)], ids=["T17-HS64", "T1024-HS128"])
+def test_attention_matches_torch_sdpa(cuda, case, b, nh, t, hs):
+    """Forward, and backward through autograd, against torch's F.scaled_dot_product_attention(is_causal=True)
+    in bf16 on the same inputs: two bf16 computations of one quantity, each ~5e-3 from the exact value."""
+    torch = pytest.importorskip("torch")
+    if TORCH_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("this torch build has no CUDA")
+    c = nh * hs
+    qkv, qkv_d = case.bf16((b, t, 3 * c))
+    dout, dout_d = case.bf16((b, t, c))
+    out, lse, dqkv = poisoned((b, t, c)), poisoned((b, nh, t), fp32=True), poisoned((b, t, 3 * c))
+    cuda.attention_forward(out, lse, qkv_d, nh)
+    cuda.attention_backward(dqkv, dout_d, qkv_d, out, lse, nh)
+
+    def heads(x):  # (b, t, nh*hs) bf16-exact float64 -> (b, nh, t, hs) bf16 tensor, exactly
+        x = np.ascontiguousarray(x.reshape(b, t, nh, hs).transpose(0, 2, 1, 3), dtype=np.float32)
+        return torch.from_numpy(x).to(TORCH_DEVICE, torch.bfloat16)
+
+    def merged(x):  # (b, nh, t, hs) tensor -> (b, t, nh*hs) float64
+        return x.detach().float().permute(0, 2, 1, 3).reshape(b, t, c).cpu().numpy().astype(np.float64)
+
+    q, k, v = (heads(qkv[..., i * c:(i + 1) * c]).requires_grad_() for i in range(3))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    grads = torch.autograd.grad(o, (q, k, v), heads(dout))
+    case.check("out vs torch", to_host(out), merged(o), CHAIN_REL)
+    got = to_host(dqkv)
+    for i, (name, grad) in enumerate(zip(("dq", "dk", "dv"), grads)):
+        case.check(f"{name} vs torch", got[..., i * c:(i + 1) * c], merged(grad), CHAIN_REL)
+
+
+# ---- optimizer ----------------------------------------------------------------------------------------
+def check_stochastic_rounding(case, name, rounded, exact, slack):
+    """bf16 values `rounded` of `exact` by stochastic rounding: each within one bf16 ulp (+ slack for fp32
+    differences in `exact`), and about a quarter on the farther of the two neighbours: E[min(f, 1 - f)] =
+    1/4 for a uniform fractional position f, where rounding to nearest gives 0 and truncation ~1/2."""
+    ulp = bf16_ulp(exact)
+    dist = np.abs(rounded - exact)
+    beyond = dist >= ulp + slack
+    assert not beyond.any(), case.where(f"{name}: {beyond.sum()} of {dist.size} elements are a bf16 ulp or more "
+                                        f"from the exact value, first at {np.argwhere(beyond)[0]}")
+    farther = float(np.mean(dist > 0.5 * ulp))
+    assert 0.2 < farther < 0.3, case.where(f"{name}: {farther:.3f} of the elements rounded to the farther "
+                                           f"neighbour, stochastic rounding gives 0.25")
+
+
+@pytest.mark.parametrize("with_master", [True, False], ids=["master", "no_master"])
+def test_adamw_update(cuda, case, with_master):
+    """Three steps on a segment at an odd offset (13) of larger buffers, against the float64 formula of
+    kernels.h evaluated on the kernel's fp32 hyper-parameters: m, v and the fp32 master to MASTER_REL, bf16
+    params by stochastic rounding of the new weights (of the master; without one, of the update applied to
+    the bf16 params themselves), and every element outside the segment keeps its bits."""
+    n, lo, hi_pad = 100_003, 13, 29
+    size, seg = lo + n + hi_pad, slice(lo, lo + n)
+    outside = np.r_[0:lo, lo + n:lo + n + hi_pad]
+    lr, grad_scale, beta1, beta2, eps, wd = 1e-2, 0.5, 0.9, 0.95, 1e-8, 0.1
+    f32 = lambda x: float(np.float32(x))  # noqa: E731  (a host scalar as the kernel receives it)
+
+    params, params_d = case.bf16((size,))
+    master_d = cp.asarray(params.astype(np.float32)) if with_master else None
+    m0, v0 = case.normal(size).astype(np.float32), np.square(case.normal(size)).astype(np.float32)
+    m0[seg], v0[seg] = 0.0, 0.0  # a fresh optimizer inside the segment, arbitrary state outside
+    m_d, v_d = cp.asarray(m0), cp.asarray(v0)
+    initial = {"params": bits_of(params), "m": m0, "v": v0}
+    if with_master:
+        initial["master"] = params.astype(np.float32)
+    w_ref, m_ref, v_ref = params[seg], np.zeros(n), np.zeros(n)
+    for step in (1, 2, 3):
+        grads, grads_d = case.bf16((size,))
+        w_prev = w_ref if with_master else to_host(params_d)[seg]
+        scalars = cuda.adamw_scalars(lr, step, grad_scale, int(case.rng.integers(2 ** 32)), beta1, beta2)
+        cuda.adamw_update(params_d[seg], master_d[seg] if with_master else None, grads_d[seg], m_d[seg], v_d[seg],
+                          scalars, beta1, beta2, eps, wd)
+        g = grads[seg] * f32(grad_scale)
+        m_ref = f32(beta1) * m_ref + (1.0 - f32(beta1)) * g
+        v_ref = f32(beta2) * v_ref + (1.0 - f32(beta2)) * g * g
+        mhat, vhat = m_ref / f32(1.0 - beta1 ** step), v_ref / f32(1.0 - beta2 ** step)
+        direction = mhat / (np.sqrt(vhat) + f32(eps)) + f32(wd) * w_prev
+        w_ref = w_prev - f32(lr) * direction
+        case.check(f"m, step {step}", to_host(m_d)[seg], m_ref, MASTER_REL)
+        case.check(f"v, step {step}", to_host(v_d)[seg], v_ref, MASTER_REL)
+        new_params = to_host(params_d)[seg]
+        if with_master:
+            master = to_host(master_d)[seg]
+            case.check(f"master, step {step}", master, w_ref, MASTER_REL)
+            check_stochastic_rounding(case, f"params from master, step {step}", new_params, master, 0.0)
+        else:  # the kernel's fp32 weights differ from w_ref by a few fp32 ulps of the terms
+            slack = 2.0 ** -20 * (np.abs(w_prev) + f32(lr) * np.abs(direction))
+            check_stochastic_rounding(case, f"params, step {step}", new_params, w_ref, slack)
+    arrays = {"params": params_d, "m": m_d, "v": v_d, "master": master_d}
+    for name, initial_values in initial.items():
+        case.same_bits(f"{name} outside the segment", raw(arrays[name])[outside], initial_values[outside])
+
+
+@pytest.mark.parametrize("n", [1, 1_000_003, 16_777_259])
+def test_global_norm_squared(cuda, case, n):
+    """A sum of positive squares in fp32 against float64 to 1e-5 (block partials, then one final pass:
+    each partial sums few terms), and bit-identical on a second run (a fixed partition, no atomics)."""
+    g, g_d = case.bf16((n,), std=1e-2)
+    first = raw(cuda.global_norm_squared(g_d))
+    case.check("sum of squares", decode(first), np.array([np.dot(g, g)]), 1e-5)
+    case.same_bits("sum of squares (second run)", raw(cuda.global_norm_squared(g_d)), first)
+
+
+# ---- the whole model ----------------------------------------------------------------------------------
+MODEL_CFG = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=64)  # the real vocabulary sizes
+MODEL_B, MODEL_T = 4, 64
+
+
+def micro_step(backend, params, inputs, targets, recompute) -> dict:
+    """One training micro-step of a fresh GPT: host float32 logits (forward without dloss), losses and
+    dlogits (forward with dloss = 1/(B*T)) and every gradient tensor (backward)."""
+    b, t = inputs.shape
+    model = GPT(MODEL_CFG, backend, b, t, params, recompute=recompute)
+    tok, tgt = backend.set_batch(inputs, targets)
+    model.forward(tok, tgt)
+    result = {"logits": backend.to_numpy(model.acts["logits"])}
+    model.forward(tok, tgt, dloss=1.0 / (b * t))
+    result["losses"] = backend.to_numpy(model.acts["losses"])
+    result["dlogits"] = backend.to_numpy(model.acts["logits"])
+    model.backward(tok)
+    result.update({f"grad {name}": backend.to_numpy(view) for name, view in model.g.items()})
+    return result
+
+
+class MicroSteps:
+    """micro_step results per (backend, recompute, repeat), computed once, from one set of parameters
+    (rounded to bf16, so both backends start from the same numbers) and one random batch."""
+
+    def __init__(self, cuda_backend):
+        self.cuda = cuda_backend
+        self.case = Case("model tests")
+        init = init_params(MODEL_CFG, seed=int(self.case.rng.integers(2 ** 31)))
+        self.params = bf16_bits_to_f32(f32_to_bf16_bits(init))
+        tokens = self.case.rng.integers(0, MODEL_CFG.vocab_size, (MODEL_B, MODEL_T + 1)).astype(np.int32)
+        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        self.results = {}
+
+    def __call__(self, backend: str, recompute: int, repeat: int = 0) -> dict:
+        key = (backend, recompute, repeat)
+        if key not in self.results:
+            be = self.cuda if backend == "cuda" else NumpyBackend()
+            with be.stream if backend == "cuda" else contextlib.nullcontext():
+                self.results[key] = micro_step(be, self.params, self.inputs, self.targets, recompute)
+        return self.results[key]
+
+
+@pytest.fixture(scope="module")
+def micro_steps(cuda_backend):
+    return MicroSteps(cuda_backend)
+
+
+@pytest.mark.parametrize("recompute", [0, 1, 2])
+def test_model_matches_numpy(micro_steps, recompute):
+    """GPT on CudaBackend against NumpyBackend (fp32): mean loss within 1e-2, logits, losses, dlogits and
+    every gradient tensor within MODEL_REL."""
+    case = micro_steps.case
+    ref, got = micro_steps("numpy", 0), micro_steps("cuda", recompute)
+    gap = abs(float(got["losses"].mean()) - float(ref["losses"].mean()))
+    assert gap < 1e-2, case.where(f"mean loss {got['losses'].mean():.5f} vs numpy {ref['losses'].mean():.5f}")
+    for name in ref:
+        case.check(name, got[name].astype(np.float64), ref[name].astype(np.float64), MODEL_REL)
+
+
+@pytest.mark.parametrize("recompute", [0, 1, 2])
+def test_model_step_is_deterministic(micro_steps, recompute):
+    """The same micro-step on a second model instance reproduces every output to the bit."""
+    first, second = micro_steps("cuda", recompute), micro_steps("cuda", recompute, repeat=1)
+    for name in first:
+        micro_steps.case.same_bits(f"{name} (second run)", second[name], first[name])
+
+
+@pytest.mark.parametrize("recompute", [1, 2])
+def test_model_recompute(micro_steps, recompute):
+    """Recompute changes where GeLU/layernorm outputs live, not the forward's kernels or inputs: logits,
+    losses and dlogits are bit-identical to recompute 0. The gradients agree within CHAIN_REL, but need
+    not to the bit: the backward recomputes the GeLU with gelu.cu from the stored bf16 pre-activation,
+    where the forward took cuBLASLt's GELU_AUX epilogue of the fp32 one, and (recompute 2) the layernorm
+    with layernorm_forward, where the forward ran the fused residual kernel."""
+    case = micro_steps.case
+    base, got = micro_steps("cuda", 0), micro_steps("cuda", recompute)
+    for name in ("logits", "losses", "dlogits"):
+        case.same_bits(name, got[name], base[name])
+    for name in base:
+        if name.startswith("grad "):
+            case.check(f"{name} vs recompute 0", got[name].astype(np.float64), base[name].astype(np.float64),
+                       CHAIN_REL)
