@@ -121,7 +121,7 @@ def main():
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--recompute", type=int, default=1)
+    ap.add_argument("--recompute", default="0,1", help="gpt2cu recompute settings to time (-r)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -130,14 +130,16 @@ def main():
     rows = []
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         tokens = B * args.T
-        t0 = time.time()
-        ours = bench_gpt2cu(cfg, B, args.T, args.steps, args.warmup, args.recompute)
-        print(f"gpt2cu B={B}: {ours['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
-        row = dict(B=B, T=args.T, device=ours["device"], ours_ms=ours["ms"], ours_tok_s=tokens / ours["ms"] * 1e3,
-                   ours_mfu=ours["mfu"], ours_peak_mib=ours["peak"] / 2**20,
-                   ours_loss=(ours["first_loss"], ours["last_loss"]))
-        if ours["mfu"]:
-            peak_flops = flops_per_token(cfg, args.T) * row["ours_tok_s"] / (ours["mfu"] / 100)
+        row = dict(B=B, T=args.T, ours=[])
+        for r in [int(x) for x in args.recompute.split(",")]:
+            t0 = time.time()
+            ours = bench_gpt2cu(cfg, B, args.T, args.steps, args.warmup, r)
+            print(f"gpt2cu B={B} -r {r}: {ours['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
+            row["device"] = ours["device"]
+            row["ours"].append(dict(recompute=r, ms=ours["ms"], tok_s=tokens / ours["ms"] * 1e3, mfu=ours["mfu"],
+                                    peak_mib=ours["peak"] / 2**20, loss=(ours["first_loss"], ours["last_loss"])))
+            if ours["mfu"]:
+                peak_flops = flops_per_token(cfg, args.T) * row["ours"][-1]["tok_s"] / (ours["mfu"] / 100)
         if not args.skip_torch:
             t0 = time.time()
             ref = bench_torch(cfg, B, args.T, args.steps, args.warmup)
@@ -153,13 +155,14 @@ def main():
     print(f"\n{cfg.n_layer}-layer GPT-2 ({args.model}), T={args.T}, bf16, {rows[0]['device']}")
     print(f"{'B':>4} | {'impl':<14} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | loss first->last")
     for r in rows:
-        print(f"{r['B']:>4} | {'gpt2cu':<14} | {r['ours_tok_s']:>10,.0f} | {r['ours_ms']:>8.2f} | "
-              f"{r['ours_mfu'] or 0:>5.1f}% | {r['ours_peak_mib']:>9,.0f} | {r['ours_loss'][0]:.3f}->{r['ours_loss'][1]:.3f}")
+        for o in r["ours"]:
+            ratio = f" ({o['tok_s'] / r['torch_tok_s']:.3f}x torch.compile)" if "torch_tok_s" in r else ""
+            print(f"{r['B']:>4} | {'gpt2cu -r ' + str(o['recompute']):<14} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
+                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
         if "torch_ms" in r:
             print(f"{r['B']:>4} | {'torch.compile':<14} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
                   f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | "
                   f"{r['torch_loss'][0]:.3f}->{r['torch_loss'][1]:.3f}")
-            print(f"{r['B']:>4} | {'ratio':<14} | {r['ours_tok_s'] / r['torch_tok_s']:>9.3f}x |")
 
 
 if __name__ == "__main__":

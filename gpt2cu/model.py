@@ -62,7 +62,7 @@ class GPT:
 
     def load_params(self, host_params: np.ndarray):
         """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
-        self.params[...] = self.ops.upload_params(host_params, self.params.shape[0])
+        self.ops.upload_params(host_params, self.params.shape[0], out=self.params)
 
     def host_params(self) -> np.ndarray:
         """The parameters as a host fp32 flat buffer of the layout's size."""

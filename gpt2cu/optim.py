@@ -258,8 +258,7 @@ class AdamW:
             host = host_arrays[name]
             if host.shape != dev.shape:
                 raise ValueError(f"optimizer state {name!r} has {host.size} elements, this shard needs {dev.size}")
-            dev[...] = self.backend.from_numpy(host)
+            self.backend.from_numpy(host, out=dev)
         if self.master is None and "master" in host_arrays and self.model.params.dtype == np.float32:
             # fp32 parameters are their own master weights: take the checkpoint's exact values
-            self.model.params[self.start:self.start + host_arrays["master"].size] = \
-                self.backend.from_numpy(host_arrays["master"])
+            self.backend.from_numpy(host_arrays["master"], out=self.model.params[self.start:self.end])

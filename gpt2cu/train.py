@@ -235,7 +235,7 @@ def train(args, parser, backend, comm) -> int:
                                                    model.backward(tok)), enabled=not args.no_graphs)
     flops_per_token = 6 * param_count + 6 * cfg.n_layer * cfg.n_embd * T
     loss_outliers, norm_outliers = optim.OutlierDetector(), optim.OutlierDetector()
-    step_times = []
+    step_times, best_val = [], float("inf")
     run_start = time.time()
     fixed_batch = train_loader.next_batch() if args.overfit_batch else None
     for step in range(start_step, max_steps + 1):
@@ -243,6 +243,7 @@ def train(args, parser, backend, comm) -> int:
         if val_loader is not None and (step % args.val_every == 0 or last):
             from .eval import evaluate_val_loss
             val = evaluate_val_loss(model, backend, val_loader, args.val_max_steps, comm)
+            best_val = min(best_val, val)
             say(f"step {step:5d} | val loss {val:.4f}")
             logger.log(step, "tel", val)
         if args.hellaswag and args.val_every and (step % args.val_every == 0 or last):
@@ -294,7 +295,7 @@ def train(args, parser, backend, comm) -> int:
     wall = time.time() - run_start
     say(f"done: {(max_steps - start_step) * total_batch:,} tokens in {format_seconds(wall)}, "
         f"mean {total_batch / np.mean(step_times) if step_times else float('nan'):,.0f} tok/s, "
-        f"peak memory {backend.peak_memory() / 2**20:.0f} MiB")
+        f"best val loss {best_val:.4f}, peak memory {backend.peak_memory() / 2**20:.0f} MiB")
     return 0
 
 

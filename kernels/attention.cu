@@ -446,6 +446,21 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
+#ifndef ATTN_DQ_MT
+#define ATTN_DQ_MT 2
+#endif
+#ifndef ATTN_DQ_SUB
+#define ATTN_DQ_SUB 32
+#endif
+#ifndef ATTN_KV_MT
+#define ATTN_KV_MT 2
+#endif
+#ifndef ATTN_KV_SUB
+#define ATTN_KV_SUB 16
+#endif
+#ifndef ATTN_KV_VREGS
+#define ATTN_KV_VREGS 1
+#endif
 template <int HS>
 struct BwdConfig {
     static constexpr int kStride = HS + 8;
@@ -453,10 +468,23 @@ struct BwdConfig {
     // Keep the warp's fixed A operands (K, V in dK/dV; Q, dO in dQ) in registers only for HS 64; for HS
     // 128 they would take 64 more registers next to 128 of accumulators and spill.
     static constexpr bool kAInRegs = HS == 64;
-    // dK/dV: K, V, Q[2], dO[2] tiles + lse[2], D[2] rows
-    static constexpr size_t kDkdvSmemBytes = 6 * (size_t)kTile * sizeof(bf16) + 4 * kBlock * sizeof(float);
-    // dQ: Q, dO, K[2], V[2] tiles
-    static constexpr size_t kDqSmemBytes = 6 * (size_t)kTile * sizeof(bf16);
+    // dQ: m16 tiles of queries per warp, queries per CTA, keys per inner step (the score tile of a step
+    // is 16*kDqMT x kDqSub; 2 m-tiles halve the K/V shared-memory reads per mma, the short step keeps the
+    // score/dP accumulators small enough for that).
+    static constexpr int kDqMT = HS == 64 ? ATTN_DQ_MT : 1;
+    static constexpr int kDqRows = 16 * kDqMT * kWarps;
+    static constexpr int kDqSub = HS == 64 ? ATTN_DQ_SUB : kBlock;
+    // dK/dV: m16 tiles of keys per warp, keys per CTA, queries per inner step; V fragments in registers
+    static constexpr int kKvMT = HS == 64 ? ATTN_KV_MT : 1;
+    static constexpr int kKvRows = 16 * kKvMT * kWarps;
+    static constexpr int kKvSub = HS == 64 ? ATTN_KV_SUB : kBlock;
+    static constexpr bool kKInRegs = kAInRegs;
+    static constexpr bool kVInRegs = kAInRegs && (ATTN_KV_VREGS != 0 || kKvMT == 1);
+    // dK/dV: K, V (kKvRows each), Q[2], dO[2] tiles + lse[2], D[2] rows
+    static constexpr size_t kDkdvSmemBytes =
+        (2 * (size_t)kKvRows * kStride + 4 * (size_t)kTile) * sizeof(bf16) + 4 * kBlock * sizeof(float);
+    // dQ: Q, dO (kDqRows each), K[2], V[2] tiles
+    static constexpr size_t kDqSmemBytes = (2 * (size_t)kDqRows * kStride + 4 * (size_t)kTile) * sizeof(bf16);
 };
 
 // D[b,h,t] = sum_d dO[b,t,h*HS+d] * O[b,t,h*HS+d]. A row (b,t,h) is HS contiguous elements at offset

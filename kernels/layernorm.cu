@@ -61,13 +61,11 @@ __global__ void __launch_bounds__(LN_THREADS)
     const int vecs = C / 8;
     const size_t off = (size_t)row * C;
 
-    x128 x[VPL], w[VPL], b[VPL];  // every load of the row is issued up front
+    x128 x[VPL];
 #pragma unroll
     for (int j = 0; j < VPL; j++) {
         const int c = (lane + 32 * j) * 8;
         if (lane + 32 * j < vecs) {
-            w[j] = load128(weight + c);
-            b[j] = load128(bias + c);
             x[j] = load128cs(inp1 + off + c);
             if (RESIDUAL) {
                 const x128 y = load128cs(inp2 + off + c);
@@ -104,10 +102,11 @@ __global__ void __launch_bounds__(LN_THREADS)
     for (int j = 0; j < VPL; j++) {
         const int c = (lane + 32 * j) * 8;
         if (lane + 32 * j < vecs) {
+            const x128 w = load128(weight + c), b = load128(bias + c);
             x128 o;
 #pragma unroll
             for (int k = 0; k < 8; k++)
-                o[k] = __float2bfloat16_rn(((float)x[j][k] - m) * s * (float)w[j][k] + (float)b[j][k]);
+                o[k] = __float2bfloat16_rn(((float)x[j][k] - m) * s * (float)w[k] + (float)b[k]);
             store128(out + off + c, o);
         }
     }

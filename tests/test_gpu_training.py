@@ -66,9 +66,10 @@ def test_loss_tracks_pytorch_for_100_steps():
         if step == 0:
             ours_g = model.layout.views(backend.to_numpy(model.grads[:model.layout.total]))
             theirs_g = model.layout.views(ref.grads_to_flat())
-            for name, g in ours_g.items():
-                rel = np.linalg.norm(g - theirs_g[name]) / max(np.linalg.norm(theirs_g[name]), 1e-12)
-                assert rel < 5e-2, (name, rel)
+            rels = {name: float(np.linalg.norm(g - theirs_g[name]) / max(np.linalg.norm(theirs_g[name]), 1e-12))
+                    for name, g in ours_g.items()}
+            print("step-1 gradient relative errors:", {k: round(v, 4) for k, v in rels.items()})
+            assert max(rels.values()) < 5e-2, rels
         norm = opt.reduce_and_norm(comm, 0)
         opt.step(lr, step + 1, optim.clip_scale(norm, 1.0), seed=step)
         model.zero_grad()
@@ -79,7 +80,9 @@ def test_loss_tracks_pytorch_for_100_steps():
         ref_opt.zero_grad(set_to_none=True)
     diff = np.abs(np.array(ours) - np.array(theirs))
     print(f"loss ours {ours[0]:.4f}->{ours[-1]:.4f}, torch {theirs[0]:.4f}->{theirs[-1]:.4f}, "
-          f"max |diff| {diff.max():.4f}, mean {diff.mean():.4f}")
+          f"max |diff| {diff.max():.4f} at step {diff.argmax() + 1}, mean {diff.mean():.4f}")
+    print("ours ", np.round(ours, 3).tolist())
+    print("torch", np.round(theirs, 3).tolist())
     assert ours[-1] < ours[0] - 2.0, "the loss did not fall"
     assert diff.max() < 0.05, diff
     assert diff.mean() < 0.015, diff.mean()
@@ -123,3 +126,69 @@ def test_cli_resume_on_gpu_is_bit_exact(tmp_path):
     resumed = run("-o", str(tmp_path / "part"), "-y", "1")
     assert sorted(resumed) == list(range(6, 11))
     assert all(full[s] == resumed[s] for s in resumed), (full, resumed)
+
+
+def test_nccl_with_one_rank_matches_no_communicator():
+    """The NCCL path (all-reduce for -z 0; reduce-scatter, sharded AdamW, all-gather for -z 1) with world
+    size 1 gives bit-identical training to the single-process path."""
+    from gpt2cu.backends import get_backend
+    from gpt2cu.dist import MPIComm, NCCLComm, SingleProcess
+    from gpt2cu.layout import param_layout
+    cfg, B, T = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=128), 4, 128
+    batches = corpus_batches(B, T, 3)
+    backend = get_backend("cuda")
+    nccl = NCCLComm(MPIComm(), stream=backend.stream)
+
+    def run(comm, zero):
+        shards = optim.zero_shards(param_layout(cfg), comm.world_size)
+        model = GPT(cfg, backend, B, T, init_params(cfg, seed=1), padded_size=shards.padded_size)
+        opt = optim.AdamW(backend, model, shards.range(comm.rank), optim.AdamWConfig(lr=1e-3, weight_decay=0.1))
+        losses = []
+        for step, (x, y) in enumerate(batches):
+            tok, tgt = backend.set_batch(x, y)
+            model.forward(tok, tgt, dloss=1.0 / (B * T))
+            model.backward(tok)
+            losses.append(comm.all_reduce_scalar(backend.mean_loss(model.acts["losses"])))
+            norm = opt.reduce_and_norm(comm, zero)
+            opt.step(1e-3, step + 1, optim.clip_scale(norm, 1.0), seed=step)
+            opt.gather_params(comm, zero)
+            model.zero_grad()
+        return losses, model.host_params()
+
+    for zero in (0, 1):
+        ref_losses, ref_params = run(SingleProcess(), zero)
+        losses, params = run(nccl, zero)
+        assert losses == ref_losses, (zero, losses, ref_losses)
+        assert np.array_equal(params, ref_params), zero
+
+
+def test_eval_sampling_and_export_on_gpu(tmp_path):
+    """-v val loss, -h HellaSwag (on a small file in llm.c's eval format), -s sampling, the sample CLI
+    and the Hugging Face export all run on the CUDA backend."""
+    from gpt2cu.eval import Example, write_eval_file
+    rng = np.random.default_rng()
+    examples = [Example(label=int(rng.integers(4)), context=tuple(int(t) for t in rng.integers(0, 50000, 20)),
+                        endings=tuple(tuple(int(t) for t in rng.integers(0, 50000, int(rng.integers(3, 9))))
+                                      for _ in range(4))) for _ in range(11)]
+    eval_file = str(tmp_path / "hellaswag_val.bin")
+    write_eval_file(eval_file, examples)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "gpt2cu.train", "--backend", "cuda", "-e", "d2", "-b", "8", "-t", "128",
+                        "-x", "4", "-v", "2", "-m", "3", "-h", "1", "--hellaswag-file", eval_file, "-s", "2", "-g", "8",
+                        "-n", "4", "-o", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("HellaSwag acc_norm") == 3 and r.stdout.count("val loss") == 3, r.stdout
+    assert "sample:" in r.stdout
+    log = (out / "main.log").read_text()
+    assert re.search(r"s:4 eval:[\d.]+", log) and re.search(r"s:4 tel:[\d.]+", log), log
+    model_file = str(out / "model_00000004.bin")
+    s = subprocess.run([sys.executable, "-m", "gpt2cu.sample", model_file, "--prompt", "Hello", "-n", "8",
+                        "--backend", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert s.returncode == 0 and s.stdout.strip(), s.stderr[-2000:]
+    e = subprocess.run([sys.executable, "-m", "gpt2cu.export", model_file, str(tmp_path / "hf")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-2000:]
+    from gpt2cu import checkpoint
+    from gpt2cu.export import import_hf
+    _, exported = import_hf(str(tmp_path / "hf"))
+    assert np.array_equal(exported, checkpoint.read_model(model_file)[1])

@@ -3,11 +3,12 @@
 Besides the ops, a backend provides the little memory API the model and trainer need:
   zeros(shape, fp32=False, param=False)  parameter dtype with param=True, float32 with fp32=True,
                                           else the activation dtype
-  upload_params(host_fp32_flat, n)       a flat parameter buffer of n >= len(host) elements (zero padded)
+  upload_params(host_fp32_flat, n, out=None)  a flat parameter buffer of n >= len(host) elements (zero
+                                          padded), or written into `out`
   to_numpy(array)                        a float32 (or int) host copy
   set_batch(inputs, targets)             host (B, T) int32 arrays -> the backend's token/target arrays
   adamw_scalars(lr, step, grad_scale, seed, beta1, beta2)  the per-step values adamw_update reads
-  from_numpy(host), fp32_copy(array)     host -> device, bf16 -> fp32 device copy
+  from_numpy(host, out=None), fp32_copy(array)  host -> device (into `out`), bf16 -> fp32 device copy
   synchronize()
 and what the trainer reports through: select_device, device_name, graphed(fn), mean_loss(losses),
 mfu(flops_per_second), peak_memory(), memory_report(model, optimizer), checkpoint_dtype.

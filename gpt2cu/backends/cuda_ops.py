@@ -36,6 +36,7 @@ class CudaBackend:
         cp.cuda.Device(device).use()
         self.device = device
         self.stream = cp.cuda.Stream(non_blocking=True)
+        self.stream.use()  # CuPy's own work (copies, fills) joins the kernels' stream
         self._scratch = cp.empty(0, dtype=np.float32)
         self._batch = None
         self._norm = cp.zeros(1, dtype=np.float32)
@@ -48,20 +49,24 @@ class CudaBackend:
         with self.stream:
             return cp.zeros(shape, dtype=np.float32 if fp32 else BF16)
 
-    def upload_params(self, host_fp32, n):
+    def upload_params(self, host_fp32, n, out=None):
         bits = np.zeros(n, dtype=BF16)
         bits[:host_fp32.size] = f32_to_bf16_bits(np.asarray(host_fp32, dtype=np.float32))
-        with self.stream:
-            return cp.asarray(bits)
+        return self.from_numpy(bits, out)
 
     def to_numpy(self, a):
         self.stream.synchronize()
         host = cp.asnumpy(a)
         return bf16_bits_to_f32(host) if host.dtype == BF16 else host
 
-    def from_numpy(self, host):
-        with self.stream:
-            return cp.asarray(host)
+    def from_numpy(self, host, out=None):
+        """A device copy of a host array, or the host array copied into `out` (same shape and dtype)."""
+        if out is None:
+            with self.stream:
+                return cp.asarray(host)
+        out.set(np.ascontiguousarray(host, dtype=out.dtype), stream=self.stream)
+        self.stream.synchronize()
+        return out
 
     def fp32_copy(self, a):
         """A float32 device copy of a bf16 device array (master weights at start-up and on resume)."""

@@ -216,17 +216,21 @@ class NumpyBackend:
     def zeros(self, shape, fp32=False, param=False):
         return np.zeros(shape, dtype=np.float32)
 
-    def upload_params(self, host_fp32, n):
-        out = np.zeros(n, dtype=np.float32)
+    def upload_params(self, host_fp32, n, out=None):
+        out = np.zeros(n, dtype=np.float32) if out is None else out
         out[:host_fp32.size] = host_fp32
+        out[host_fp32.size:] = 0
         return out
 
     def to_numpy(self, a):
         return np.array(a, copy=True)
 
-    def from_numpy(self, host):
-        """A backend array holding a copy of a host array (optimizer state on resume)."""
-        return np.array(host, copy=True)
+    def from_numpy(self, host, out=None):
+        """A backend array holding a copy of a host array, or the copy written into `out`."""
+        if out is None:
+            return np.array(host, copy=True)
+        out[...] = host
+        return out
 
     def fp32_copy(self, a):
         return np.array(a, dtype=np.float32)

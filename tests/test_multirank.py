@@ -1,0 +1,109 @@
+"""Several ranks on the CPU, through the same code path a GPU run takes: `mpirun -np N python -m
+gpt2cu.train --backend numpy` with -z 0 (all-reduce) and -z 1 (ZeRO-1: reduce-scatter, sharded AdamW,
+all-gather) must train the same model as one rank with the same total batch, and resume per rank.
+
+Tolerance: the ranks' gradients are averaged in a different order than one rank sums its batch, so the
+results differ by fp32 reduction rounding (~1e-7 relative per step), amplified a little by Adam over a
+few steps: losses within 1e-4 and final weights within 1e-3 relative norm per tensor (Adam divides by
+sqrt(v): where the true gradient is ~0, as for the key bias that softmax ignores, rounding noise takes
+steps of size ~lr, so those elements differ far more than the rest)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt2cu import checkpoint
+from gpt2cu.data import write_shard
+from gpt2cu.layout import param_layout
+from test_dist import REPO, clean_env, mpirun_command
+
+TIMEOUT = 240
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mr_shards")
+    rng = np.random.default_rng()
+    probs = 1.0 / np.arange(1, 257) ** 1.2
+    probs /= probs.sum()
+    for name, n in (("train_000000.bin", 20_000), ("val_000000.bin", 4_000)):
+        write_shard(str(d / name), rng.choice(256, size=n, p=probs).astype(np.uint16))
+    return str(d / "train_*.bin"), str(d / "val_*.bin")
+
+
+def train(ranks: int, out, shards, *flags):
+    train_glob, val_glob = shards
+    # total batch 2 x 4 x 32 tokens: 2 micro-steps of 4 rows, split over the ranks
+    cmd = ([] if ranks == 1 else mpirun_command(ranks)) + [
+        sys.executable, "-m", "gpt2cu.train", "--backend", "numpy", "-e", "d1", "-b", str(4 // ranks), "-t", "32",
+        "-d", str(2 * 4 * 32), "-i", train_glob, "-j", val_glob, "-x", str(STEPS), "-l", "3e-3", "-u", "2",
+        "-c", "0.1", "-v", "3", "-m", "2", "-s", "0", "-n", "3", "-o", str(out), *flags]
+    env = dict(clean_env(), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{' '.join(cmd)} hung:\n{proc.communicate()[0]}")
+    return proc.returncode, stdout
+
+
+def log_values(out, key):
+    text = open(os.path.join(out, "main.log")).read()
+    return {int(s): float(v) for s, v in re.findall(rf"s:(\d+) {key}:([\d.]+)", text)}
+
+
+@pytest.fixture(scope="module")
+def single(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    code, stdout = train(1, out, shards)
+    assert code == 0, stdout
+    return out
+
+
+def assert_same_training(a, b):
+    la, lb = log_values(a, "trl"), log_values(b, "trl")
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    for s in la:
+        assert abs(la[s] - lb[s]) < 1e-4, (s, la[s], lb[s])
+    va, vb = log_values(a, "tel"), log_values(b, "tel")
+    assert sorted(va) == sorted(vb) and all(abs(va[s] - vb[s]) < 1e-4 for s in va), (va, vb)
+    cfg, pa = checkpoint.read_model(checkpoint.model_path(str(a), STEPS))
+    _, pb = checkpoint.read_model(checkpoint.model_path(str(b), STEPS))
+    layout = param_layout(cfg)
+    for name, x in layout.views(pa).items():
+        y = layout.views(pb)[name]
+        assert np.linalg.norm(x - y) <= 1e-3 * max(np.linalg.norm(x), 1e-6), name
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("zero", [0, 1])
+def test_ranks_match_one_rank(ranks, zero, shards, single, tmp_path):
+    code, stdout = train(ranks, tmp_path, shards, "-z", str(zero))
+    assert code == 0, stdout
+    assert f"ranks {ranks} | ZeRO-{zero}" in stdout
+    assert stdout.count("| val loss") == 3, "only rank 0 prints"
+    states = sorted(p.name for p in tmp_path.glob(f"state_{STEPS:08d}_*.bin"))
+    assert states == [f"state_{STEPS:08d}_{r:05d}.bin" for r in range(ranks)]
+    assert_same_training(single, tmp_path)
+
+
+def test_zero1_resume_per_rank_and_world_size_check(shards, single, tmp_path):
+    code, stdout = train(2, tmp_path, shards, "-z", "1", "--stop-after", "3")
+    assert code == 0, stdout
+    code, stdout = train(2, tmp_path, shards, "-z", "1", "-y", "1")
+    assert code == 0, stdout
+    assert "resumed from step 3" in stdout
+    assert_same_training(single, tmp_path)
+    # the step-6 checkpoint was written by 2 ranks: resuming it with 4 must say so and stop every rank
+    code, stdout = train(4, tmp_path, shards, "-z", "1", "-y", "1")
+    assert code != 0
+    assert "written by 2 ranks, this run has 4" in stdout
