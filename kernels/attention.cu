@@ -367,22 +367,21 @@ __global__ void __launch_bounds__(kThreads)
             zero_acc(s);
             warp_mma_abt<MT, KC, NTS, S>(s, q_frag, sK + buf * kBlock * S, lane);
 
-            // log2-domain scores; the causal mask only where the block reaches past the warp's first row
+            // the causal mask only where the block reaches past the warp's first row. Scores stay unscaled
+            // (raw Q.K): the max commutes with the positive scale, which is folded into the exponent's FMA.
             const bool diag = k0 + kBlock - 1 > warp_row0;
+            if (diag) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int n = 0; n < NTS; ++n)
+                    for (int n = 0; n < NTS; ++n)
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        float x = s[mt][n][r] * scale_log2;
-                        if (diag) {
+                        for (int r = 0; r < 4; ++r) {
                             const int i = warp_row0 + mt * 16 + gr + (r >> 1) * 8;
                             const int j = k0 + n * 8 + 2 * t + (r & 1);
-                            if (j > i) x = -INFINITY;
+                            if (j > i) s[mt][n][r] = -INFINITY;
                         }
-                        s[mt][n][r] = x;
-                    }
+            }
 
             // online softmax: a row lives in the 4 lanes of a quad (2 columns per n-tile each)
 #pragma unroll
@@ -396,14 +395,14 @@ __global__ void __launch_bounds__(kThreads)
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     // a row with no unmasked key so far keeps max -inf; subtract 0 instead so that
                     // -inf - -inf never makes a NaN (its p are all 2^-inf = 0)
-                    const float base = mx == -INFINITY ? 0.f : mx;
-                    const float corr = fast_exp2(row_max[mt][hf] - base);
+                    const float nbase = mx == -INFINITY ? 0.f : -mx * scale_log2;  // -(max in the log2 domain)
+                    const float corr = fast_exp2(fmaf(row_max[mt][hf], scale_log2, nbase));
                     row_max[mt][hf] = mx;
                     float sum = 0.f;
 #pragma unroll
                     for (int n = 0; n < NTS; ++n) {
-                        const float p0 = fast_exp2(s[mt][n][2 * hf] - base);
-                        const float p1 = fast_exp2(s[mt][n][2 * hf + 1] - base);
+                        const float p0 = fast_exp2(fmaf(s[mt][n][2 * hf], scale_log2, nbase));
+                        const float p1 = fast_exp2(fmaf(s[mt][n][2 * hf + 1], scale_log2, nbase));
                         s[mt][n][2 * hf] = p0;
                         s[mt][n][2 * hf + 1] = p1;
                         sum += p0 + p1;
@@ -423,7 +422,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();  // buffer buf is refilled by the next iteration's prefetch
     }
 
-    // epilogue: O = o / l, lse = m ln2 + ln l (m is in the log2 domain)
+    // epilogue: O = o / l, lse = m scale + ln l (m is the raw max of Q.K)
     float inv[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -434,7 +433,7 @@ __global__ void __launch_bounds__(kThreads)
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             inv[mt][hf] = l > 0.f ? 1.f / l : 0.f;
             const int row = warp_row0 + mt * 16 + gr + hf * 8;
-            if (row < T && t == 0) lse[(size_t)bh * T + row] = row_max[mt][hf] * kLn2 + logf(l);
+            if (row < T && t == 0) lse[(size_t)bh * T + row] = row_max[mt][hf] * (scale_log2 * kLn2) + logf(l);
         }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -450,7 +449,7 @@ __global__ void __launch_bounds__(kThreads)
 #define ATTN_DQ_MT 2
 #endif
 #ifndef ATTN_DQ_SUB
-#define ATTN_DQ_SUB 32
+#define ATTN_DQ_SUB 16
 #endif
 #ifndef ATTN_KV_MT
 #define ATTN_KV_MT 2
@@ -459,7 +458,7 @@ __global__ void __launch_bounds__(kThreads)
 #define ATTN_KV_SUB 16
 #endif
 #ifndef ATTN_KV_VREGS
-#define ATTN_KV_VREGS 1
+#define ATTN_KV_VREGS 0
 #endif
 template <int HS>
 struct BwdConfig {
@@ -522,22 +521,25 @@ __global__ void attention_backward_preprocess_kernel(float* __restrict__ dvec, c
     }
 }
 
-// dK, dV for one key block (64 keys; warp w owns keys 16w..16w+15), looping over query blocks qb >= kb.
+// dK, dV for one key block of kKvRows keys (warp w owns keys 16*MT*w.. +16*MT-1), looping over the
+// 64-query blocks that reach the block's keys; each query block is taken kKvSub queries at a time.
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                   const float* __restrict__ dvec, int T, int NH, int num_bh, int num_blocks,
+                                   const float* __restrict__ dvec, int T, int NH, int num_bh, int num_qblocks,
                                    float scale, float scale_log2) {
     using Cfg = BwdConfig<HS>;
     constexpr int S = Cfg::kStride, TILE = Cfg::kTile;
-    constexpr int KC = HS / 16;      // k-chunks over the head dimension
-    constexpr int NTS = kBlock / 8;  // n-tiles over the 64 queries of a block
-    constexpr int NTO = HS / 8;      // n-tiles over the head dimension
+    constexpr int MT = Cfg::kKvMT, BK = Cfg::kKvRows, SUB = Cfg::kKvSub;
+    constexpr int KC = HS / 16;   // k-chunks over the head dimension
+    constexpr int NTS = SUB / 8;  // n-tiles over the SUB queries of a step
+    constexpr int NTO = HS / 8;   // n-tiles over the head dimension
+    static_assert(kBlock % SUB == 0 && SUB % 16 == 0, "query steps must tile the query block");
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* sK = reinterpret_cast<bf16*>(smem);
-    bf16* sV = sK + TILE;
-    bf16* sQ = sV + TILE;       // [2][TILE]
+    bf16* sV = sK + BK * S;
+    bf16* sQ = sV + BK * S;     // [2][TILE]
     bf16* sdO = sQ + 2 * TILE;  // [2][TILE]
     float* sLse = reinterpret_cast<float*>(sdO + 2 * TILE);  // [2][kBlock]
     float* sD = sLse + 2 * kBlock;                           // [2][kBlock]
@@ -556,27 +558,28 @@ __global__ void __launch_bounds__(kThreads)
     const bf16* do_g = dout + (size_t)b * T * C + (size_t)h * HS;
     const float* lse_g = lse + (size_t)bh * T;
     const float* d_g = dvec + (size_t)bh * T;
-    const int k0 = kb * kBlock;
+    const int k0 = kb * BK;
+    // the first query block is the one holding query k0 (queries before k0 see none of these keys)
+    const int qb_first = k0 / kBlock;
 
-    load_tile_async<kBlock, HS, S>(sK, k_g, row_stride, k0, T, tid);
-    load_tile_async<kBlock, HS, S>(sV, v_g, row_stride, k0, T, tid);
-    // the first query block is the diagonal one, qb = kb (queries before k0 see none of these keys)
-    load_tile_async<kBlock, HS, S>(sQ, q_g, row_stride, k0, T, tid);
-    load_tile_async<kBlock, HS, S>(sdO, do_g, C, k0, T, tid);
-    load_row_floats_async(sLse, lse_g, k0, T, tid);
-    load_row_floats_async(sD, d_g, k0, T, tid);
+    load_tile_async<BK, HS, S>(sK, k_g, row_stride, k0, T, tid);
+    load_tile_async<BK, HS, S>(sV, v_g, row_stride, k0, T, tid);
+    load_tile_async<kBlock, HS, S>(sQ, q_g, row_stride, qb_first * kBlock, T, tid);
+    load_tile_async<kBlock, HS, S>(sdO, do_g, C, qb_first * kBlock, T, tid);
+    load_row_floats_async(sLse, lse_g, qb_first * kBlock, T, tid);
+    load_row_floats_async(sD, d_g, qb_first * kBlock, T, tid);
     cp_async_commit();
 
-    const int warp_key0 = k0 + warp * 16;
-    AOperand<1, KC, S, Cfg::kAInRegs> k_frag(sK + warp * 16 * S, lane);
-    AOperand<1, KC, S, Cfg::kAInRegs> v_frag(sV + warp * 16 * S, lane);
-    float dk[1][NTO][4], dv[1][NTO][4];
+    const int warp_key0 = k0 + warp * 16 * MT;
+    AOperand<MT, KC, S, Cfg::kKInRegs> k_frag(sK + warp * 16 * MT * S, lane);
+    AOperand<MT, KC, S, Cfg::kVInRegs> v_frag(sV + warp * 16 * MT * S, lane);
+    float dk[MT][NTO][4], dv[MT][NTO][4];
     zero_acc(dk);
     zero_acc(dv);
 
-    for (int qb = kb; qb < num_blocks; ++qb) {
-        const int buf = (qb - kb) & 1;
-        if (qb + 1 < num_blocks) {
+    for (int qb = qb_first; qb < num_qblocks; ++qb) {
+        const int buf = (qb - qb_first) & 1;
+        if (qb + 1 < num_qblocks) {
             const int nb = buf ^ 1, nq0 = (qb + 1) * kBlock;
             load_tile_async<kBlock, HS, S>(sQ + nb * TILE, q_g, row_stride, nq0, T, tid);
             load_tile_async<kBlock, HS, S>(sdO + nb * TILE, do_g, C, nq0, T, tid);
@@ -588,58 +591,68 @@ __global__ void __launch_bounds__(kThreads)
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (qb == kb) {
+        if (qb == qb_first) {
             k_frag.preload();
             v_frag.preload();
         }
         const int q0 = qb * kBlock;
-        const bf16* sQb = sQ + buf * TILE;
-        const bf16* sdOb = sdO + buf * TILE;
-        const float* sLseb = sLse + buf * kBlock;
-        const float* sDb = sD + buf * kBlock;
+#pragma unroll 1
+        for (int sub = 0; sub < kBlock / SUB; ++sub) {
+            const int qs = q0 + sub * SUB;  // first query of the step
+            if (qs + SUB - 1 < warp_key0) continue;  // every query of the step precedes every key of the warp
+            const bf16* sQb = sQ + buf * TILE + sub * SUB * S;
+            const bf16* sdOb = sdO + buf * TILE + sub * SUB * S;
+            const float* sLseb = sLse + buf * kBlock + sub * SUB;
+            const float* sDb = sD + buf * kBlock + sub * SUB;
 
-        // P^T (16 keys x 64 queries) = exp2(S^T log2e scale - lse log2e), masked where query < key.
-        // Query rows past T have Q = dO = 0 and lse = D = 0 (zero-filled): P = 1 there but every term
-        // it enters (P^T dO, dP^T = V dO^T = 0) vanishes.
-        float st[1][NTS][4];
-        zero_acc(st);
-        warp_mma_abt<1, KC, NTS, S>(st, k_frag, sQb, lane);
-        const bool diag = q0 < warp_key0 + 15;  // some query of the block precedes some key of the warp
+            // P^T (16MT keys x SUB queries) = exp2(S^T log2e scale - lse log2e), masked where query < key.
+            // Query rows past T have Q = dO = 0 and lse = D = 0 (zero-filled): P = 1 there but every term
+            // it enters (P^T dO, dP^T = V dO^T = 0) vanishes.
+            float st[MT][NTS][4];
+            zero_acc(st);
+            warp_mma_abt<MT, KC, NTS, S>(st, k_frag, sQb, lane);
+            const bool diag = qs < warp_key0 + 16 * MT - 1;  // some query of the step precedes some key
 #pragma unroll
-        for (int n = 0; n < NTS; ++n)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int il = n * 8 + 2 * t + (r & 1);  // query within the block (column)
-                const int j = warp_key0 + gr + (r >> 1) * 8;
-                float p = fast_exp2(fmaf(st[0][n][r], scale_log2, -sLseb[il] * kLog2e));
-                if (diag && j > q0 + il) p = 0.f;
-                st[0][n][r] = p;
-            }
-        uint32_t a_frag[NTS / 2][1][4];
-        acc_to_a<1, NTS>(a_frag, st);
-        warp_mma_ab<1, NTS / 2, NTO, S>(dv, a_frag, sdOb, lane);  // dV += P^T dO
+                for (int n = 0; n < NTS; ++n)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int il = n * 8 + 2 * t + (r & 1);  // query within the step (column)
+                        const int j = warp_key0 + mt * 16 + gr + (r >> 1) * 8;
+                        float p = fast_exp2(fmaf(st[mt][n][r], scale_log2, -sLseb[il] * kLog2e));
+                        if (diag && j > qs + il) p = 0.f;
+                        st[mt][n][r] = p;
+                    }
+            uint32_t a_frag[NTS / 2][MT][4];
+            acc_to_a<MT, NTS>(a_frag, st);
+            warp_mma_ab<MT, NTS / 2, NTO, S>(dv, a_frag, sdOb, lane);  // dV += P^T dO
 
-        float dpt[1][NTS][4];
-        zero_acc(dpt);
-        warp_mma_abt<1, KC, NTS, S>(dpt, v_frag, sdOb, lane);  // dP^T = V dO^T
+            float dpt[MT][NTS][4];
+            zero_acc(dpt);
+            warp_mma_abt<MT, KC, NTS, S>(dpt, v_frag, sdOb, lane);  // dP^T = V dO^T
 #pragma unroll
-        for (int n = 0; n < NTS; ++n)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                const int il = n * 8 + 2 * t + (r & 1);
-                dpt[0][n][r] = st[0][n][r] * (dpt[0][n][r] - sDb[il]);  // dS^T
-            }
-        acc_to_a<1, NTS>(a_frag, dpt);
-        warp_mma_ab<1, NTS / 2, NTO, S>(dk, a_frag, sQb, lane);  // dK += dS^T Q (times scale below)
+                for (int n = 0; n < NTS; ++n)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int il = n * 8 + 2 * t + (r & 1);
+                        dpt[mt][n][r] = st[mt][n][r] * (dpt[mt][n][r] - sDb[il]);  // dS^T
+                    }
+            acc_to_a<MT, NTS>(a_frag, dpt);
+            warp_mma_ab<MT, NTS / 2, NTO, S>(dk, a_frag, sQb, lane);  // dK += dS^T Q (times scale below)
+        }
         __syncthreads();
     }
 
     bf16* dk_g = dqkv + (size_t)b * T * row_stride + C + (size_t)h * HS;
-    store_rows<1, NTO>(dk_g, row_stride, dk, warp_key0, T, scale, lane);
-    store_rows<1, NTO>(dk_g + C, row_stride, dv, warp_key0, T, 1.f, lane);
+    store_rows<MT, NTO>(dk_g, row_stride, dk, warp_key0, T, scale, lane);
+    store_rows<MT, NTO>(dk_g + C, row_stride, dv, warp_key0, T, 1.f, lane);
 }
 
-// dQ for one query block (64 queries; warp w owns queries 16w..16w+15), looping over key blocks <= qb.
+// dQ for one query block of kDqRows queries (warp w owns queries 16*MT*w.. +16*MT-1), looping over the
+// 64-key blocks up to the diagonal; each key block is taken kDqSub keys at a time.
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
@@ -648,13 +661,15 @@ __global__ void __launch_bounds__(kThreads)
                                  float scale, float scale_log2) {
     using Cfg = BwdConfig<HS>;
     constexpr int S = Cfg::kStride, TILE = Cfg::kTile;
+    constexpr int MT = Cfg::kDqMT, BQ = Cfg::kDqRows, SUB = Cfg::kDqSub;
     constexpr int KC = HS / 16;
-    constexpr int NTS = kBlock / 8;  // n-tiles over the 64 keys of a block
+    constexpr int NTS = SUB / 8;  // n-tiles over the SUB keys of a step
     constexpr int NTO = HS / 8;
+    static_assert(kBlock % SUB == 0 && SUB % 16 == 0, "key steps must tile the key block");
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* sQ = reinterpret_cast<bf16*>(smem);
-    bf16* sdO = sQ + TILE;
-    bf16* sK = sdO + TILE;     // [2][TILE]
+    bf16* sdO = sQ + BQ * S;
+    bf16* sK = sdO + BQ * S;   // [2][TILE]
     bf16* sV = sK + 2 * TILE;  // [2][TILE]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -668,27 +683,29 @@ __global__ void __launch_bounds__(kThreads)
     const bf16* k_g = q_g + C;
     const bf16* v_g = q_g + 2 * C;
     const bf16* do_g = dout + (size_t)b * T * C + (size_t)h * HS;
-    const int q0 = qb * kBlock;
-    const int num_kblocks = (min(q0 + kBlock, T) - 1) / kBlock + 1;
+    const int q0 = qb * BQ;
+    const int num_kblocks = (min(q0 + BQ, T) - 1) / kBlock + 1;
 
-    load_tile_async<kBlock, HS, S>(sQ, q_g, row_stride, q0, T, tid);
-    load_tile_async<kBlock, HS, S>(sdO, do_g, C, q0, T, tid);
+    load_tile_async<BQ, HS, S>(sQ, q_g, row_stride, q0, T, tid);
+    load_tile_async<BQ, HS, S>(sdO, do_g, C, q0, T, tid);
     load_tile_async<kBlock, HS, S>(sK, k_g, row_stride, 0, T, tid);
     load_tile_async<kBlock, HS, S>(sV, v_g, row_stride, 0, T, tid);
     cp_async_commit();
 
-    const int warp_row0 = q0 + warp * 16;
-    // this thread's two rows (g, g+8): lse in the log2 domain and D; rows past T get 0 (never stored)
-    float lse2[2], dval[2];
+    const int warp_row0 = q0 + warp * 16 * MT;
+    // this thread's rows (g, g+8 of each m-tile): lse in the log2 domain and D; rows past T get 0
+    float lse2[MT][2], dval[MT][2];
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp_row0 + gr + hf * 8;
-        lse2[hf] = row < T ? lse[(size_t)bh * T + row] * kLog2e : 0.f;
-        dval[hf] = row < T ? dvec[(size_t)bh * T + row] : 0.f;
-    }
-    AOperand<1, KC, S, Cfg::kAInRegs> q_frag(sQ + warp * 16 * S, lane);
-    AOperand<1, KC, S, Cfg::kAInRegs> do_frag(sdO + warp * 16 * S, lane);
-    float dq[1][NTO][4];
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp_row0 + mt * 16 + gr + hf * 8;
+            lse2[mt][hf] = row < T ? lse[(size_t)bh * T + row] * kLog2e : 0.f;
+            dval[mt][hf] = row < T ? dvec[(size_t)bh * T + row] : 0.f;
+        }
+    AOperand<MT, KC, S, Cfg::kAInRegs> q_frag(sQ + warp * 16 * MT * S, lane);
+    AOperand<MT, KC, S, Cfg::kAInRegs> do_frag(sdO + warp * 16 * MT * S, lane);
+    float dq[MT][NTO][4];
     zero_acc(dq);
 
     for (int kb = 0; kb < num_kblocks; ++kb) {
@@ -706,40 +723,47 @@ __global__ void __launch_bounds__(kThreads)
             q_frag.preload();
             do_frag.preload();
         }
-        const int k0 = kb * kBlock;
-        const bf16* sKb = sK + buf * TILE;
-        const bf16* sVb = sV + buf * TILE;
-        if (k0 <= warp_row0 + 15) {  // else all keys of the block follow all rows of the warp
-            float s[1][NTS][4];
+#pragma unroll 1
+        for (int sub = 0; sub < kBlock / SUB; ++sub) {
+            const int ks = kb * kBlock + sub * SUB;  // first key of the step
+            if (ks > warp_row0 + 16 * MT - 1) break;  // this and later steps: all keys follow all rows of the warp
+            const bf16* sKb = sK + buf * TILE + sub * SUB * S;
+            const bf16* sVb = sV + buf * TILE + sub * SUB * S;
+            float s[MT][NTS][4];
             zero_acc(s);
-            warp_mma_abt<1, KC, NTS, S>(s, q_frag, sKb, lane);  // S = Q K^T
-            const bool diag = k0 + kBlock - 1 > warp_row0;
+            warp_mma_abt<MT, KC, NTS, S>(s, q_frag, sKb, lane);  // S = Q K^T
+            const bool diag = ks + SUB - 1 > warp_row0;
 #pragma unroll
-            for (int n = 0; n < NTS; ++n)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int i = warp_row0 + gr + (r >> 1) * 8;
-                    const int j = k0 + n * 8 + 2 * t + (r & 1);
-                    float p = fast_exp2(fmaf(s[0][n][r], scale_log2, -lse2[r >> 1]));
-                    if (diag && j > i) p = 0.f;
-                    s[0][n][r] = p;
-                }
-            float dp[1][NTS][4];
+                for (int n = 0; n < NTS; ++n)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        const int i = warp_row0 + mt * 16 + gr + (r >> 1) * 8;
+                        const int j = ks + n * 8 + 2 * t + (r & 1);
+                        float p = fast_exp2(fmaf(s[mt][n][r], scale_log2, -lse2[mt][r >> 1]));
+                        if (diag && j > i) p = 0.f;
+                        s[mt][n][r] = p;
+                    }
+            float dp[MT][NTS][4];
             zero_acc(dp);
-            warp_mma_abt<1, KC, NTS, S>(dp, do_frag, sVb, lane);  // dP = dO V^T
+            warp_mma_abt<MT, KC, NTS, S>(dp, do_frag, sVb, lane);  // dP = dO V^T
 #pragma unroll
-            for (int n = 0; n < NTS; ++n)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) dp[0][n][r] = s[0][n][r] * (dp[0][n][r] - dval[r >> 1]);  // dS
-            uint32_t ds_frag[NTS / 2][1][4];
-            acc_to_a<1, NTS>(ds_frag, dp);
-            warp_mma_ab<1, NTS / 2, NTO, S>(dq, ds_frag, sKb, lane);  // dQ += dS K (times scale below)
+                for (int n = 0; n < NTS; ++n)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r)
+                        dp[mt][n][r] = s[mt][n][r] * (dp[mt][n][r] - dval[mt][r >> 1]);  // dS
+            uint32_t ds_frag[NTS / 2][MT][4];
+            acc_to_a<MT, NTS>(ds_frag, dp);
+            warp_mma_ab<MT, NTS / 2, NTO, S>(dq, ds_frag, sKb, lane);  // dQ += dS K (times scale below)
         }
         __syncthreads();
     }
 
-    store_rows<1, NTO>(dqkv + (size_t)b * T * row_stride + (size_t)h * HS, row_stride, dq, warp_row0, T, scale,
-                       lane);
+    store_rows<MT, NTO>(dqkv + (size_t)b * T * row_stride + (size_t)h * HS, row_stride, dq, warp_row0, T, scale,
+                        lane);
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
@@ -775,7 +799,7 @@ void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* 
                      int B, int T, int NH, cudaStream_t stream) {
     using Cfg = BwdConfig<HS>;
     const int num_bh = B * NH;
-    const int num_blocks = ceil_div(T, kBlock);
+    const int num_qblocks = ceil_div(T, kBlock);  // 64-query blocks the dK/dV kernel loops over
     const double scale_d = 1.0 / std::sqrt((double)HS);
     const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
 
@@ -791,15 +815,16 @@ void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* 
         auto kernel = attention_backward_dkdv_kernel<HS>;
         CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kDkdvSmemBytes));
-        kernel<<<grid_size(num_blocks, num_bh), kThreads, Cfg::kDkdvSmemBytes, stream>>>(
-            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_blocks, scale, scale_log2);
+        kernel<<<grid_size(ceil_div(T, Cfg::kKvRows), num_bh), kThreads, Cfg::kDkdvSmemBytes, stream>>>(
+            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_qblocks, scale, scale_log2);
         CUDA_CHECK_LAUNCH();
     }
     {
         auto kernel = attention_backward_dq_kernel<HS>;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kDqSmemBytes));
-        kernel<<<grid_size(num_blocks, num_bh), kThreads, Cfg::kDqSmemBytes, stream>>>(
-            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_blocks, scale, scale_log2);
+        const int num_dq_blocks = ceil_div(T, Cfg::kDqRows);
+        kernel<<<grid_size(num_dq_blocks, num_bh), kThreads, Cfg::kDqSmemBytes, stream>>>(
+            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_dq_blocks, scale, scale_log2);
         CUDA_CHECK_LAUNCH();
     }
 }

@@ -177,7 +177,7 @@ def test_eval_sampling_and_export_on_gpu(tmp_path):
                         "-x", "4", "-v", "2", "-m", "3", "-h", "1", "--hellaswag-file", eval_file, "-s", "2", "-g", "8",
                         "-n", "4", "-o", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("HellaSwag acc_norm") == 3 and r.stdout.count("val loss") == 3, r.stdout
+    assert r.stdout.count("HellaSwag acc_norm") == 3 and r.stdout.count("| val loss") == 3, r.stdout
     assert "sample:" in r.stdout
     log = (out / "main.log").read_text()
     assert re.search(r"s:4 eval:[\d.]+", log) and re.search(r"s:4 tel:[\d.]+", log), log
