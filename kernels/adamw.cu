@@ -1,7 +1,10 @@
 // AdamW on one contiguous segment of n elements (a tensor or a ZeRO shard), elementwise:
 //   g = grad * grad_scale;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   w -= lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w)
-// w is the fp32 master copy when there is one (params = stochastic_round(w)), else the bf16 params.
+// w is the fp32 master copy when there is one, and params = round_to_nearest(w): the bf16 weights are then
+// exactly what an fp32-weights framework casts for its bf16 matmuls. Without a master copy (-w 0) w is the
+// bf16 params themselves, written back with stochastic rounding so updates below half a bf16 ulp are not
+// lost on average.
 // The per-step scalars come from device memory (one captured graph serves every step).
 // Stochastic rounding adds 16 random bits below the bf16 mantissa and truncates: the value rounds up
 // with probability equal to the dropped fraction. The bits hash (seed, element index in the segment).
@@ -58,7 +61,7 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
             vv[k] = beta2 * vv[k] + (1.0f - beta2) * grad * grad;
             const float update = (mm[k] / b1c) / (sqrtf(vv[k] / b2c) + eps) + weight_decay * w[k];
             w[k] -= lr * update;
-            p[k] = round_stochastic(w[k], seed, i + k);
+            p[k] = master ? __float2bfloat16_rn(w[k]) : round_stochastic(w[k], seed, i + k);
         }
         store_vec_cs<W>(m + i, mm);
         store_vec_cs<W>(v + i, vv);
