@@ -33,11 +33,16 @@
 //            launched in decreasing order (the last ones have the most keys) so long CTAs start first.
 //   backward, deterministic (no atomics: every output element is written by exactly one thread once):
 //     1. preprocess: D[b,h,i] = dO[i,:] . O[i,:] into the scratch (fp32, B*NH*T floats).
-//     2. dK/dV: one CTA per (key block of 64, head, batch); each warp owns 16 keys; loops over the
-//        query blocks from the diagonal to the end: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T,
-//        dS^T = P^T (dP^T - D), dK += dS^T Q. Accumulators in registers, written once.
-//     3. dQ: one CTA per (query block of 64, head, batch); each warp owns 16 queries; loops over the key
-//        blocks up to the diagonal: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. Written once.
+//     2. dK/dV: one CTA per (key block, head, batch); each warp owns 16*MT keys (HS 64: MT = 2, 128-key
+//        blocks; HS 128: MT = 1, 64-key blocks); loops over the 64-query blocks from the diagonal to the
+//        end, each in steps of SUB queries (HS 64: 16, which keeps the 32 x SUB score tiles small enough
+//        to hold 2 m-tiles of dK/dV accumulators; HS 128: the whole block): S^T = K Q^T, P^T,
+//        dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q. Two m-tiles a warp halve the
+//        shared-memory reads of Q/dO per mma (the backward is bound by them). Accumulators in registers,
+//        written once.
+//     3. dQ: one CTA per (query block, head, batch); each warp owns 16*MT queries (HS 64: MT = 2, 128-query
+//        blocks, key steps of 16; HS 128: MT = 1, 64); loops over the 64-key blocks up to the diagonal:
+//        S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. Written once.
 //   Rows/keys past T are zero-filled on load (so no garbage, possibly NaN, enters a product) and never
 //   stored; the causal mask alone removes keys >= T from every real row (j >= T > i).
 //
@@ -367,21 +372,22 @@ __global__ void __launch_bounds__(kThreads)
             zero_acc(s);
             warp_mma_abt<MT, KC, NTS, S>(s, q_frag, sK + buf * kBlock * S, lane);
 
-            // the causal mask only where the block reaches past the warp's first row. Scores stay unscaled
-            // (raw Q.K): the max commutes with the positive scale, which is folded into the exponent's FMA.
+            // log2-domain scores; the causal mask only where the block reaches past the warp's first row
             const bool diag = k0 + kBlock - 1 > warp_row0;
-            if (diag) {
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int n = 0; n < NTS; ++n)
+                for (int n = 0; n < NTS; ++n)
 #pragma unroll
-                        for (int r = 0; r < 4; ++r) {
+                    for (int r = 0; r < 4; ++r) {
+                        float x = s[mt][n][r] * scale_log2;
+                        if (diag) {
                             const int i = warp_row0 + mt * 16 + gr + (r >> 1) * 8;
                             const int j = k0 + n * 8 + 2 * t + (r & 1);
-                            if (j > i) s[mt][n][r] = -INFINITY;
+                            if (j > i) x = -INFINITY;
                         }
-            }
+                        s[mt][n][r] = x;
+                    }
 
             // online softmax: a row lives in the 4 lanes of a quad (2 columns per n-tile each)
 #pragma unroll
@@ -395,14 +401,14 @@ __global__ void __launch_bounds__(kThreads)
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     // a row with no unmasked key so far keeps max -inf; subtract 0 instead so that
                     // -inf - -inf never makes a NaN (its p are all 2^-inf = 0)
-                    const float nbase = mx == -INFINITY ? 0.f : -mx * scale_log2;  // -(max in the log2 domain)
-                    const float corr = fast_exp2(fmaf(row_max[mt][hf], scale_log2, nbase));
+                    const float base = mx == -INFINITY ? 0.f : mx;
+                    const float corr = fast_exp2(row_max[mt][hf] - base);
                     row_max[mt][hf] = mx;
                     float sum = 0.f;
 #pragma unroll
                     for (int n = 0; n < NTS; ++n) {
-                        const float p0 = fast_exp2(fmaf(s[mt][n][2 * hf], scale_log2, nbase));
-                        const float p1 = fast_exp2(fmaf(s[mt][n][2 * hf + 1], scale_log2, nbase));
+                        const float p0 = fast_exp2(s[mt][n][2 * hf] - base);
+                        const float p1 = fast_exp2(s[mt][n][2 * hf + 1] - base);
                         s[mt][n][2 * hf] = p0;
                         s[mt][n][2 * hf + 1] = p1;
                         sum += p0 + p1;
@@ -422,7 +428,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();  // buffer buf is refilled by the next iteration's prefetch
     }
 
-    // epilogue: O = o / l, lse = m scale + ln l (m is the raw max of Q.K)
+    // epilogue: O = o / l, lse = m ln2 + ln l (m is in the log2 domain)
     float inv[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -433,7 +439,7 @@ __global__ void __launch_bounds__(kThreads)
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             inv[mt][hf] = l > 0.f ? 1.f / l : 0.f;
             const int row = warp_row0 + mt * 16 + gr + hf * 8;
-            if (row < T && t == 0) lse[(size_t)bh * T + row] = row_max[mt][hf] * (scale_log2 * kLn2) + logf(l);
+            if (row < T && t == 0) lse[(size_t)bh * T + row] = row_max[mt][hf] * kLn2 + logf(l);
         }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -445,21 +451,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- backward -----------------------------------------------------------------------------------------
-#ifndef ATTN_DQ_MT
-#define ATTN_DQ_MT 2
-#endif
-#ifndef ATTN_DQ_SUB
-#define ATTN_DQ_SUB 16
-#endif
-#ifndef ATTN_KV_MT
-#define ATTN_KV_MT 2
-#endif
-#ifndef ATTN_KV_SUB
-#define ATTN_KV_SUB 16
-#endif
-#ifndef ATTN_KV_VREGS
-#define ATTN_KV_VREGS 0
-#endif
 template <int HS>
 struct BwdConfig {
     static constexpr int kStride = HS + 8;
@@ -470,15 +461,16 @@ struct BwdConfig {
     // dQ: m16 tiles of queries per warp, queries per CTA, keys per inner step (the score tile of a step
     // is 16*kDqMT x kDqSub; 2 m-tiles halve the K/V shared-memory reads per mma, the short step keeps the
     // score/dP accumulators small enough for that).
-    static constexpr int kDqMT = HS == 64 ? ATTN_DQ_MT : 1;
+    static constexpr int kDqMT = HS == 64 ? 2 : 1;
     static constexpr int kDqRows = 16 * kDqMT * kWarps;
-    static constexpr int kDqSub = HS == 64 ? ATTN_DQ_SUB : kBlock;
-    // dK/dV: m16 tiles of keys per warp, keys per CTA, queries per inner step; V fragments in registers
-    static constexpr int kKvMT = HS == 64 ? ATTN_KV_MT : 1;
+    static constexpr int kDqSub = HS == 64 ? 16 : kBlock;
+    // dK/dV likewise: m16 tiles of keys per warp, keys per CTA, queries per inner step. K fragments stay
+    // in registers for HS 64; V is re-read from shared memory (with V in registers too, 2 m-tiles spill).
+    static constexpr int kKvMT = HS == 64 ? 2 : 1;
     static constexpr int kKvRows = 16 * kKvMT * kWarps;
-    static constexpr int kKvSub = HS == 64 ? ATTN_KV_SUB : kBlock;
+    static constexpr int kKvSub = HS == 64 ? 16 : kBlock;
     static constexpr bool kKInRegs = kAInRegs;
-    static constexpr bool kVInRegs = kAInRegs && (ATTN_KV_VREGS != 0 || kKvMT == 1);
+    static constexpr bool kVInRegs = kAInRegs && kKvMT == 1;
     // dK/dV: K, V (kKvRows each), Q[2], dO[2] tiles + lse[2], D[2] rows
     static constexpr size_t kDkdvSmemBytes =
         (2 * (size_t)kKvRows * kStride + 4 * (size_t)kTile) * sizeof(bf16) + 4 * kBlock * sizeof(float);
@@ -596,7 +588,7 @@ __global__ void __launch_bounds__(kThreads)
             v_frag.preload();
         }
         const int q0 = qb * kBlock;
-#pragma unroll 1
+#pragma unroll
         for (int sub = 0; sub < kBlock / SUB; ++sub) {
             const int qs = q0 + sub * SUB;  // first query of the step
             if (qs + SUB - 1 < warp_key0) continue;  // every query of the step precedes every key of the warp
@@ -723,7 +715,7 @@ __global__ void __launch_bounds__(kThreads)
             q_frag.preload();
             do_frag.preload();
         }
-#pragma unroll 1
+#pragma unroll
         for (int sub = 0; sub < kBlock / SUB; ++sub) {
             const int ks = kb * kBlock + sub * SUB;  // first key of the step
             if (ks > warp_row0 + 16 * MT - 1) break;  // this and later steps: all keys follow all rows of the warp
