@@ -232,11 +232,13 @@ class AdamW:
         c, b = self.cfg, self.backend
         scalars = b.adamw_scalars(lr, t, grad_scale, seed, c.beta1, c.beta2)
         p, g = self.model.params, self.model.grads
+        names = self.model.layout.names
         for seg in self.segments:
+            salt = names.index(seg.name)  # independent stochastic rounding per tensor
             lo, hi = seg.begin - self.start, seg.end - self.start
             master = self.master[lo:hi] if self.master is not None else None
             b.adamw_update(p[seg.begin:seg.end], master, g[seg.begin:seg.end], self.m[lo:hi], self.v[lo:hi],
-                           scalars, c.beta1, c.beta2, c.eps, c.weight_decay if seg.decay else 0.0)
+                           scalars, c.beta1, c.beta2, c.eps, c.weight_decay if seg.decay else 0.0, salt)
 
     def gather_params(self, comm, zero_stage: int):
         if zero_stage == 1 and comm.world_size > 1:

@@ -1,10 +1,9 @@
 // AdamW on one contiguous segment of n elements (a tensor or a ZeRO shard), elementwise:
 //   g = grad * grad_scale;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   w -= lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w)
-// w is the fp32 master copy when there is one, and params = round_to_nearest(w): the bf16 weights are then
-// exactly what an fp32-weights framework casts for its bf16 matmuls. Without a master copy (-w 0) w is the
-// bf16 params themselves, written back with stochastic rounding so updates below half a bf16 ulp are not
-// lost on average.
+// w is the fp32 master copy when there is one, else the bf16 params themselves. params gets w rounded
+// stochastically, so updates below half a bf16 ulp still reach the forward on average (measured closer to
+// an fp32-weights PyTorch run than round-to-nearest, docs/perf.md).
 // The per-step scalars come from device memory (one captured graph serves every step).
 // Stochastic rounding adds 16 random bits below the bf16 mantissa and truncates: the value rounds up
 // with probability equal to the dropped fraction. The bits hash (seed, element index in the segment).
@@ -38,10 +37,11 @@ template <int V>
 __global__ void __launch_bounds__(ADAMW_THREADS)
     adamw_kernel(bf16* __restrict__ params, float* __restrict__ master, const bf16* __restrict__ grads,
                  float* __restrict__ m, float* __restrict__ v, size_t n, size_t head,
-                 const AdamWScalars* __restrict__ scalars, float beta1, float beta2, float eps, float weight_decay) {
+                 const AdamWScalars* __restrict__ scalars, float beta1, float beta2, float eps, float weight_decay,
+                 unsigned int rounding_salt) {
     const float lr = scalars->lr, grad_scale = scalars->grad_scale;
     const float b1c = scalars->beta1_correction, b2c = scalars->beta2_correction;
-    const unsigned int seed = scalars->seed;
+    const unsigned int seed = scalars->seed ^ mix32(rounding_salt);  // tensors get independent dither
     for_each_vector<V>(n, head, [&](size_t i, auto width) {
         constexpr int W = decltype(width)::value;
         const Vec<bf16, W> g = load_vec_cs<W>(grads + i);
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
             vv[k] = beta2 * vv[k] + (1.0f - beta2) * grad * grad;
             const float update = (mm[k] / b1c) / (sqrtf(vv[k] / b2c) + eps) + weight_decay * w[k];
             w[k] -= lr * update;
-            p[k] = master ? __float2bfloat16_rn(w[k]) : round_stochastic(w[k], seed, i + k);
+            p[k] = round_stochastic(w[k], seed, i + k);
         }
         store_vec_cs<W>(m + i, mm);
         store_vec_cs<W>(v + i, vv);
@@ -72,14 +72,14 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
 
 void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
                   const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
-                  cudaStream_t stream) {
+                  unsigned int rounding_salt, cudaStream_t stream) {
     if (n == 0) return;
     const long long head = vector_head(n, params, grads, master, m, v);
     if (head >= 0)
         adamw_kernel<8><<<elementwise_blocks(n, 8, ADAMW_THREADS), ADAMW_THREADS, 0, stream>>>(
-            params, master, grads, m, v, n, head, scalars, beta1, beta2, eps, weight_decay);
+            params, master, grads, m, v, n, head, scalars, beta1, beta2, eps, weight_decay, rounding_salt);
     else
         adamw_kernel<1><<<elementwise_blocks(n, 1, ADAMW_THREADS), ADAMW_THREADS, 0, stream>>>(
-            params, master, grads, m, v, n, 0, scalars, beta1, beta2, eps, weight_decay);
+            params, master, grads, m, v, n, 0, scalars, beta1, beta2, eps, weight_decay, rounding_salt);
     CUDA_CHECK_LAUNCH();
 }

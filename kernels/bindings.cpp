@@ -197,15 +197,18 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "adamw_update",
         [](uintptr_t params, uintptr_t master, uintptr_t grads, uintptr_t m_, uintptr_t v, size_t n,
-           uintptr_t scalars, float beta1, float beta2, float eps, float weight_decay, uintptr_t stream) {
+           uintptr_t scalars, float beta1, float beta2, float eps, float weight_decay, unsigned int rounding_salt,
+           uintptr_t stream) {
             adamw_update(ptr<bf16>(params), ptr<float>(master), ptr<const bf16>(grads), ptr<float>(m_), ptr<float>(v),
-                         n, ptr<const AdamWScalars>(scalars), beta1, beta2, eps, weight_decay, strm(stream));
+                         n, ptr<const AdamWScalars>(scalars), beta1, beta2, eps, weight_decay, rounding_salt,
+                         strm(stream));
         },
         "AdamW on n elements; scalars is a DEVICE pointer to AdamWScalars (lr, grad_scale, beta1/2 corrections, "
-        "seed); master 0: params (bf16) are the weights",
+        "seed); master 0: params (bf16) are the weights; rounding_salt decorrelates the stochastic rounding of "
+        "different tensors",
         py::arg("params"), py::arg("master"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"),
         py::arg("scalars"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("stream"));
+        py::arg("rounding_salt"), py::arg("stream"));
     m.def(
         "sizeof_adamw_scalars", []() { return sizeof(AdamWScalars); },
         "bytes of struct AdamWScalars (4 floats lr, grad_scale, beta1_correction, beta2_correction; uint32 seed; "

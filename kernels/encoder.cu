@@ -15,8 +15,10 @@
 //    in order, 4 rows in flight.
 //  - large (> 32 rows): the bucket is cut into channel slices of 64 (8 threads x 8 channels, grid.y)
 //    so its rows are read by many SMs at once; in a slice, 64 row groups of 8 threads each add rows
-//    g, g+64, ... in order, then the 64 group sums are added in group order. Block x looks at buckets
-//    x, x+gridDim.x, ... and keeps the large ones (an ordered compaction in shared memory).
+//    g, g+64, ... in order, then the 64 group sums are added in a fixed two-level order. Block x looks
+//    at buckets x, x+gridDim.x, ... and lists the large ones with their start, size and token (an
+//    ordered compaction in shared memory), so each bucket then costs two dependent loads (positions,
+//    rows) plus the reduction.
 // Two kernels rather than one with two kinds of blocks: each gets the registers it needs.
 // C not a multiple of 8 (or unaligned pointers) runs the same code with 1-channel vectors.
 #include <algorithm>
@@ -128,8 +130,11 @@ __global__ void __launch_bounds__(WTE_THREADS, 1)
                      const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
                      const int* __restrict__ num_buckets, int C) {
     constexpr int SLICE = WTE_LANES * V;
+    constexpr int PARTS = WTE_THREADS / SLICE;  // the group sums are added in PARTS runs, then the runs
+    constexpr int PER_PART = WTE_GROUPS / PARTS;
     __shared__ float group_sums[WTE_GROUPS * SLICE];
-    __shared__ int list[WTE_THREADS];
+    __shared__ float part_sums[PARTS * SLICE];
+    __shared__ int list_start[WTE_THREADS], list_size[WTE_THREADS], list_token[WTE_THREADS];
     __shared__ int warp_counts[WTE_WARPS];
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int group = tid / WTE_LANES;
@@ -138,9 +143,15 @@ __global__ void __launch_bounds__(WTE_THREADS, 1)
     const bool active = c < C;
     const bf16* column = dout + c;  // row offsets below are 32-bit: B*T*C < 2^31
     for (int round = blockIdx.x; round < nb; round += stride) {
-        // ordered compaction of the large buckets among this round's candidates b = round + gridDim.x * tid
+        // ordered compaction of the large buckets among this round's candidates b = round + gridDim.x * tid,
+        // with their start, size and token
         const int b = round + gridDim.x * tid;
-        const bool large = b < nb && bucket_starts[b + 1] - bucket_starts[b] > WTE_SMALL_MAX;
+        int b_start = 0, b_size = 0;
+        if (b < nb) {
+            b_start = bucket_starts[b];
+            b_size = bucket_starts[b + 1] - b_start;
+        }
+        const bool large = b_size > WTE_SMALL_MAX;
         const unsigned ballot = __ballot_sync(FULL_MASK, large);
         if (lane == 0) warp_counts[warp] = __popc(ballot);
         __syncthreads();
@@ -150,25 +161,39 @@ __global__ void __launch_bounds__(WTE_THREADS, 1)
             offset += w < warp ? warp_counts[w] : 0;
             total += warp_counts[w];
         }
-        if (large) list[offset + __popc(ballot & ((1u << lane) - 1))] = b;
+        if (large) {
+            const int e = offset + __popc(ballot & ((1u << lane) - 1));
+            list_start[e] = b_start;
+            list_size[e] = b_size;
+            list_token[e] = tokens[sorted_positions[b_start]];
+        }
         __syncthreads();
 
         for (int e = 0; e < total; e++) {
-            const int bucket = list[e];
-            const int start = bucket_starts[bucket], size = bucket_starts[bucket + 1] - start;
+            const int start = list_start[e], size = list_size[e];
+            const int ch = slice * SLICE + tid;  // threads tid < SLICE finish channel ch
+            bf16* dst = dwte + (size_t)list_token[e] * C + ch;
+            const bf16 old = tid < SLICE && ch < C ? *dst : bf16();  // loaded with the rows
             float acc[V] = {};
             if (active) {
-                for (int r = group; r < size; r += WTE_GROUPS * WTE_UNROLL) {
-                    int pos[WTE_UNROLL];
-                    Vec<bf16, V> x[WTE_UNROLL];
+                // rows r + u * WTE_GROUPS; the next step's positions load while this step's rows do
+                constexpr int STEP = WTE_GROUPS * WTE_UNROLL;
+                int pos[WTE_UNROLL];
 #pragma unroll
-                    for (int u = 0; u < WTE_UNROLL; u++) {
-                        const int rr = r + u * WTE_GROUPS;
-                        pos[u] = rr < size ? sorted_positions[start + rr] : 0;
-                    }
+                for (int u = 0; u < WTE_UNROLL; u++) {
+                    const int rr = group + u * WTE_GROUPS;
+                    pos[u] = rr < size ? sorted_positions[start + rr] : 0;
+                }
+                for (int r = group; r < size; r += STEP) {
+                    Vec<bf16, V> x[WTE_UNROLL];
 #pragma unroll
                     for (int u = 0; u < WTE_UNROLL; u++)
                         if (r + u * WTE_GROUPS < size) x[u] = load_vec<V>(column + pos[u] * C);
+#pragma unroll
+                    for (int u = 0; u < WTE_UNROLL; u++) {
+                        const int rr = r + STEP + u * WTE_GROUPS;
+                        pos[u] = rr < size ? sorted_positions[start + rr] : 0;
+                    }
 #pragma unroll
                     for (int u = 0; u < WTE_UNROLL; u++)
                         if (r + u * WTE_GROUPS < size) {
@@ -180,19 +205,24 @@ __global__ void __launch_bounds__(WTE_THREADS, 1)
 #pragma unroll
             for (int j = 0; j < V; j++) group_sums[group * SLICE + (tid % WTE_LANES) * V + j] = acc[j];
             __syncthreads();
-            const int ch = slice * SLICE + tid;
-            if (tid < SLICE && ch < C) {
-                const int groups = size < WTE_GROUPS ? size : WTE_GROUPS;
-                float s = 0.0f;
-                for (int g = 0; g < groups; g++) s += group_sums[g * SLICE + tid];
-                bf16* dst = dwte + (size_t)tokens[sorted_positions[start]] * C + ch;
-                *dst = __float2bfloat16_rn((float)*dst + s);
+            {  // thread (part, k): groups part*PER_PART ... in order (groups without rows hold 0)
+                const int part = tid / SLICE, k = tid % SLICE;
+                float t = 0.0f;
+#pragma unroll 8
+                for (int g = part * PER_PART; g < (part + 1) * PER_PART; g++) t += group_sums[g * SLICE + k];
+                part_sums[part * SLICE + k] = t;
             }
-            __syncthreads();  // group_sums and list are rewritten next
+            __syncthreads();
+            if (tid < SLICE && ch < C) {
+                float t = 0.0f;
+#pragma unroll
+                for (int part = 0; part < PARTS; part++) t += part_sums[part * SLICE + tid];
+                *dst = __float2bfloat16_rn((float)old + t);
+            }
+            __syncthreads();  // group_sums, part_sums and the lists are rewritten next
         }
     }
 }
-
 
 static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -98,12 +98,11 @@ struct AdamWScalars {
 // AdamW on n elements (a tensor, or a ZeRO shard of one):
 //   g = grads*grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
 //   w = w - lr * (m/b1c / (sqrt(v/b2c) + eps) + weight_decay * w)
-// w is master (fp32) when master != null, and params (bf16) gets round_to_nearest_even(w);
-// with master == null params itself is read as w and written back with stochastic rounding, which
-// hashes (seed, element index).
+// w is master (fp32) when master != null, else params itself; params (bf16) gets w rounded stochastically,
+// hashing (seed, rounding_salt, element index): distinct salts (one per tensor) give independent dither.
 void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
                   const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
-                  cudaStream_t stream);
+                  unsigned int rounding_salt, cudaStream_t stream);
 
 // ---- global_norm.cu ---------------------------------------------------------------------------
 // out[0] = sum of squares of grads[0..n) in fp32, deterministic (fixed block partials + one final pass)

@@ -13,17 +13,18 @@
 // in registers between the statistics and the output, so each row is read from memory once. Row sums
 // are xor-butterfly warp reductions. Requires C % 8 == 0 and C <= 8 * 32 * LN_MAX_VPL (2048); GPT-2
 // widths (768 ... 1600) are multiples of 64.
-// backward, dweight/dbias: each warp keeps fp32 per-channel sums of its rows in registers; the 8 warps
-// of a block add theirs into shared memory one warp after the other (fixed order) and the block writes
-// one fp32 partial row [dweight | dbias] (2C floats) to scratch; column_sum_add then adds the partial
-// rows in block order into the bf16 dweight/dbias. A block owns LN_ROWS_PER_BLOCK consecutive rows, so
-// the partials, and the result, depend only on N.
+// backward: every load of a row (dout, inp, dinp, weight) is issued at once. dweight/dbias: each warp
+// keeps fp32 per-channel sums of its rows in its own slice of shared memory (registers would cost 48
+// more per thread at C = 768 and halve the warps in flight); at the end the block adds its 4 warps'
+// sums in warp order and writes one fp32 partial row [dweight | dbias] (2C floats) to scratch;
+// column_sum_add then adds the partial rows in block order into the bf16 dweight/dbias. A block owns
+// LN_ROWS_PER_BLOCK consecutive rows, so the partials, and the result, depend only on N.
 #include "common.cuh"
 
 constexpr int LN_THREADS = 256;        // forward: 8 rows per block
 constexpr int LN_WARPS = LN_THREADS / 32;
 constexpr int LN_MAX_VPL = 8;
-constexpr int LN_BWD_THREADS = 128;    // backward: ~130 registers at C = 768, so small blocks
+constexpr int LN_BWD_THREADS = 128;    // backward: 128 registers at C = 768, so small blocks
 constexpr int LN_BWD_WARPS = LN_BWD_THREADS / 32;
 constexpr int LN_ROWS_PER_WARP = 16;
 constexpr int LN_ROWS_PER_BLOCK = LN_BWD_WARPS * LN_ROWS_PER_WARP;  // one partial row per 64 rows
@@ -140,22 +141,28 @@ void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, fl
     layernorm_forward_launch<true>(residual, out, mean, rstd, inp1, inp2, weight, bias, N, C, stream);
 }
 
+// Dynamic shared memory: each warp's fp32 sums [dweight | dbias], 2 x VPL*256 floats.
 // partials: one row of 2C floats per block, [dweight sums | dbias sums] of the block's rows.
 template <int VPL>
-__global__ void __launch_bounds__(LN_BWD_THREADS)
+__global__ void __launch_bounds__(LN_BWD_THREADS, VPL <= 3 ? 4 : 1)  // C <= 768: 16 warps per SM
     layernorm_backward_kernel(bf16* __restrict__ dinp, float* __restrict__ partials, const bf16* __restrict__ dout,
                               const bf16* __restrict__ inp, const bf16* __restrict__ weight,
                               const float* __restrict__ mean, const float* __restrict__ rstd, int N, int C) {
-    __shared__ float block_acc[2 * VPL * 32 * 8];
+    constexpr int W = VPL * 32 * 8;  // channels a warp covers
+    extern __shared__ float4 warp_sums[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int vecs = C / 8;
-    float dw[VPL][8] = {}, db[VPL][8] = {};
+    float4* dw_sum = warp_sums + warp * (2 * W / 4);  // this warp's dweight sums, 2 float4 per vector
+    float4* db_sum = dw_sum + W / 4;                  // and dbias sums
+    for (int i = lane; i < 2 * W / 4; i += 32) dw_sum[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __syncwarp();
 
     for (int i = 0; i < LN_ROWS_PER_WARP; i++) {
         const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_BWD_WARPS + warp;
         if (row >= N) break;
         const size_t off = (size_t)row * C;
-        x128 g[VPL], x[VPL], w[VPL], di[VPL];  // every load of the row is issued up front
+        // every load of the row is issued up front (the weights only while registers allow: C <= 1024)
+        x128 g[VPL], x[VPL], w[VPL], di[VPL];
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
@@ -163,27 +170,39 @@ __global__ void __launch_bounds__(LN_BWD_THREADS)
                 g[j] = load128cs(dout + off + c);
                 x[j] = load128cs(inp + off + c);
                 di[j] = load128(dinp + off + c);
-                w[j] = load128(weight + c);
+                if (VPL <= 4) w[j] = load128(weight + c);
             }
         const float m = mean[row], s = rstd[row];
         float sum_dn = 0.0f, sum_dnx = 0.0f;
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
+                const int v = lane + 32 * j;
+                if (VPL > 4) w[j] = load128(weight + 8 * v);
+                float dw[8], db[8];
+                *reinterpret_cast<float4*>(dw) = dw_sum[2 * v];
+                *reinterpret_cast<float4*>(dw + 4) = dw_sum[2 * v + 1];
+                *reinterpret_cast<float4*>(db) = db_sum[2 * v];
+                *reinterpret_cast<float4*>(db + 4) = db_sum[2 * v + 1];
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const float xhat = ((float)x[j][k] - m) * s, d = (float)g[j][k];
                     const float dn = d * (float)w[j][k];
                     sum_dn += dn;
                     sum_dnx += dn * xhat;
-                    db[j][k] += d;
-                    dw[j][k] += d * xhat;
+                    db[k] += d;
+                    dw[k] += d * xhat;
                 }
+                dw_sum[2 * v] = *reinterpret_cast<float4*>(dw);
+                dw_sum[2 * v + 1] = *reinterpret_cast<float4*>(dw + 4);
+                db_sum[2 * v] = *reinterpret_cast<float4*>(db);
+                db_sum[2 * v + 1] = *reinterpret_cast<float4*>(db + 4);
             }
         const float mean_dn = warp_sum(sum_dn) / C, mean_dnx = warp_sum(sum_dnx) / C;
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
+                if (VPL > 4) w[j] = load128(weight + (lane + 32 * j) * 8);
 #pragma unroll
                 for (int k = 0; k < 8; k++) {
                     const float xhat = ((float)x[j][k] - m) * s;
@@ -194,24 +213,17 @@ __global__ void __launch_bounds__(LN_BWD_THREADS)
             }
     }
 
-    // warps add their sums into block_acc in warp order, then the block copies it to its partial row
-    for (int w = 0; w < LN_BWD_WARPS; w++) {
-        if (warp == w) {
-#pragma unroll
-            for (int j = 0; j < VPL; j++)
-                if (lane + 32 * j < vecs) {
-#pragma unroll
-                    for (int k = 0; k < 8; k++) {
-                        const int c = (lane + 32 * j) * 8 + k;
-                        block_acc[c] = w == 0 ? dw[j][k] : block_acc[c] + dw[j][k];
-                        block_acc[C + c] = w == 0 ? db[j][k] : block_acc[C + c] + db[j][k];
-                    }
-                }
-        }
-        __syncthreads();
-    }
+    // the block's partial row: the warps' sums added in warp order
+    __syncthreads();
+    const float* sums = reinterpret_cast<const float*>(warp_sums);
     float* dst = partials + (size_t)blockIdx.x * 2 * C;
-    for (int c = threadIdx.x; c < 2 * C; c += LN_BWD_THREADS) dst[c] = block_acc[c];
+    for (int c = threadIdx.x; c < 2 * C; c += LN_BWD_THREADS) {
+        const int idx = c < C ? c : W + (c - C);
+        float t = 0.0f;
+#pragma unroll
+        for (int w = 0; w < LN_BWD_WARPS; w++) t += sums[w * 2 * W + idx];
+        dst[c] = t;
+    }
 }
 
 size_t layernorm_backward_scratch_floats(int N, int C) {
@@ -229,8 +241,12 @@ void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout
     require(scratch_floats >= layernorm_backward_scratch_floats(N, C), "layernorm_backward: scratch too small");
     const int blocks = ceil_div(N, LN_ROWS_PER_BLOCK);
     dispatch_vpl(vpl, [&](auto v) {
-        layernorm_backward_kernel<decltype(v)::value><<<blocks, LN_BWD_THREADS, 0, stream>>>(
-            dinp, scratch, dout, inp, weight, mean, rstd, N, C);
+        constexpr int VPL = decltype(v)::value;
+        constexpr int smem = LN_BWD_WARPS * 2 * VPL * 32 * 8 * sizeof(float);  // 8 KB * VPL (24 KB at C = 768)
+        auto kernel = layernorm_backward_kernel<VPL>;
+        if (smem > 48 * 1024)
+            CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+        kernel<<<blocks, LN_BWD_THREADS, smem, stream>>>(dinp, scratch, dout, inp, weight, mean, rstd, N, C);
         CUDA_CHECK_LAUNCH();
     });
     column_sum_add(dweight, dbias, C, scratch, blocks, 2 * C, stream);

@@ -229,6 +229,6 @@ class CudaBackend:
         self._adamw_scalars.set(host, stream=self.stream)
         return self._adamw_scalars
 
-    def adamw_update(self, params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay):
+    def adamw_update(self, params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):
         self.k.adamw_update(ptr(params), ptr(master), ptr(grads), ptr(m), ptr(v), params.size, ptr(scalars),
-                            beta1, beta2, eps, weight_decay, self.stream.ptr)
+                            beta1, beta2, eps, weight_decay, rounding_salt, self.stream.ptr)

@@ -187,9 +187,9 @@ def global_norm_squared(grads):
     return np.array([total], dtype=np.result_type(grads.dtype, np.float32))
 
 
-def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay):
-    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...); its seed (stochastic rounding
-    on the GPU) is unused: fp32 params need no rounding. With master given (fp32 master weights), the
+def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):
+    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...); its seed and rounding_salt (how the
+    GPU rounds bf16 params) are unused: fp32 params need no rounding. With master given (fp32 master weights), the
     update is applied to master and params receive a copy, as the kernel's contract says."""
     w = params if master is None else master
     dt = w.dtype.type
