@@ -27,7 +27,7 @@ def gpt2cu_losses(cfg, init, batches, schedule):
     backend = get_backend("cuda")
     B, T = batches[0][0].shape
     model = GPT(cfg, backend, B, T, init, recompute=1)
-    opt = optim.AdamW(backend, model, (0, model.layout.total), optim.AdamWConfig(lr=1.0, weight_decay=0.1))
+    opt = optim.AdamW(backend, model, (0, model.layout.total), optim.AdamWConfig(weight_decay=0.1))
     losses = []
     for step, (x, y) in enumerate(batches):
         tok, tgt = backend.set_batch(x, y)

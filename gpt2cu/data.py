@@ -49,18 +49,25 @@ def write_shard(path, tokens) -> None:
         raise
 
 
-def read_shard_header(path) -> int:
-    """Check the shard's header and size; return its number of tokens."""
+def read_llmc_header(path, magic: int, version: int, what: str, error=ValueError, hint: str = ""):
+    """(header int32 array, file size) of an llm.c file whose 256-int32 header starts (magic, version);
+    `error` names the file and what is wrong with it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"shard file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}{hint}")
     size = os.path.getsize(path)
     if size < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated header ({size} bytes, a shard header is {HEADER_BYTES})")
+        raise error(f"{path}: truncated header ({size} bytes, the header is {HEADER_BYTES})")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise ShardError(f"{path}: bad magic {header[0]} (expected {MAGIC}); not an llm.c token shard")
-    if header[1] != VERSION:
-        raise ShardError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    if header[0] != magic:
+        raise error(f"{path}: bad magic {header[0]} (expected {magic}); not an llm.c {what}")
+    if header[1] != version:
+        raise error(f"{path}: unsupported {what} version {header[1]} (expected {version})")
+    return header, size
+
+
+def read_shard_header(path) -> int:
+    """Check the shard's header and size; return its number of tokens."""
+    header, size = read_llmc_header(path, MAGIC, VERSION, "shard", ShardError)
     ntok = int(header[2])
     if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
         raise ShardError(f"{path}: truncated or corrupt: header says {ntok} tokens "

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import HEADER_BYTES, HEADER_INTS, read_llmc_header
+
 EVAL_MAGIC = 20240522
 EVAL_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
 START = 65535
 NUM_COMPLETIONS = 4  # llm.c's EvalLoader assumes 4 (ASSUMED_NUM_COMPLETIONS)
 RECORD_FIELDS = 6  # START, bytes, index, label, completions, context length
@@ -75,16 +75,8 @@ def write_eval_file(path: str, examples) -> None:
 
 def read_eval_file(path: str) -> list:
     """The examples of an llm.c eval file, every record checked (EvalFileError names file and example)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"eval file not found: {path} (dev/data/hellaswag.py writes it)")
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise EvalFileError(f"{path}: truncated header ({size} bytes, the header is {HEADER_BYTES})")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != EVAL_MAGIC:
-        raise EvalFileError(f"{path}: bad magic {header[0]} (expected {EVAL_MAGIC}); not an llm.c eval file")
-    if header[1] != EVAL_VERSION:
-        raise EvalFileError(f"{path}: unsupported eval file version {header[1]} (expected {EVAL_VERSION})")
+    header, size = read_llmc_header(path, EVAL_MAGIC, EVAL_VERSION, "eval file", EvalFileError,
+                                    " (dev/data/hellaswag.py writes it)")
     count = int(header[2])
     if count < 1:
         raise EvalFileError(f"{path}: header says {count} examples")
