@@ -201,10 +201,15 @@ def train(args, parser, backend, comm) -> int:
 
     param_count = cfg.num_parameters()
     shards = optim.zero_shards(param_layout(cfg), world if args.zero_stage else 1)
-    model = GPT(cfg, backend, B, T, host_params, recompute=args.recompute, padded_size=shards.padded_size)
     rank_shard = shards.range(rank if args.zero_stage else 0)
     adam_cfg = optim.AdamWConfig(lr=args.learning_rate, weight_decay=args.weight_decay)
-    optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights))
+    try:  # everything is allocated here, up front: an out-of-memory says which group and stops cleanly
+        model = GPT(cfg, backend, B, T, host_params, recompute=args.recompute, padded_size=shards.padded_size)
+        optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights))
+    except MemoryError as e:
+        message = str(e) if "allocating" in str(e) else (
+            f"out of memory allocating the optimizer state: {e}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
     backend.synchronize()
 
     start_step, logger = 0, Logger(args.output_dir, rank, resume=bool(args.resume))
@@ -293,9 +298,14 @@ def train(args, parser, backend, comm) -> int:
             + f" | ETA {eta}" + (" | update skipped" if skip else ""))
         logger.log(step + 1, "trl", loss)
     wall = time.time() - run_start
-    say(f"done: {(max_steps - start_step) * total_batch:,} tokens in {format_seconds(wall)}, "
-        f"mean {total_batch / np.mean(step_times) if step_times else float('nan'):,.0f} tok/s, "
-        f"best val loss {best_val:.4f}, peak memory {backend.peak_memory() / 2**20:.0f} MiB")
+    steps_run = (args.stop_after if args.stop_after is not None else max_steps) - start_step
+    summary = [f"{max(steps_run, 0) * total_batch:,} tokens in {format_seconds(wall)}"]
+    if step_times:  # the first step (compilation, graph capture) is left out of the mean
+        summary.append(f"mean {total_batch / np.mean(step_times):,.0f} tok/s")
+    if math.isfinite(best_val):
+        summary.append(f"best val loss {best_val:.4f}")
+    summary.append(f"peak memory {backend.peak_memory() / 2**20:.0f} MiB")
+    say("done: " + ", ".join(summary))
     return 0
 
 
