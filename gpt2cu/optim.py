@@ -203,7 +203,8 @@ class AdamW:
     decay follows the layout. With ZeRO-1 the gradients are reduce-scattered into the shard and the
     updated shard is all-gathered back into every rank's parameters."""
 
-    def __init__(self, backend, model, shard: tuple[int, int], cfg: AdamWConfig, master_weights: bool = True):
+    def __init__(self, backend, model, shard: tuple[int, int], cfg: AdamWConfig, master_weights: bool = True,
+                 graphs: bool = True):
         self.backend, self.model, self.cfg = backend, model, cfg
         self.start, self.end = shard
         n = self.end - self.start
@@ -212,6 +213,8 @@ class AdamW:
         bf16_params = model.params.dtype != np.float32
         self.master = backend.fp32_copy(model.params[self.start:self.end]) if master_weights and bf16_params else None
         self.segments = shard_segments(model.layout, self.start, self.end)
+        # one launch per segment every step: captured once as a CUDA graph (the scalars live on the device)
+        self._update = backend.graphed(self._update_segments, enabled=graphs)
 
     def reduce_and_norm(self, comm, zero_stage: int) -> float:
         """Averages the gradients over ranks (all of them, or this rank's shard under ZeRO-1) and returns
@@ -229,8 +232,11 @@ class AdamW:
 
     def step(self, lr: float, t: int, grad_scale: float, seed: int):
         """Update number t (from 1) with learning rate lr and gradients multiplied by grad_scale."""
+        c = self.cfg
+        self._update(self.backend.adamw_scalars(lr, t, grad_scale, seed, c.beta1, c.beta2))
+
+    def _update_segments(self, scalars):
         c, b = self.cfg, self.backend
-        scalars = b.adamw_scalars(lr, t, grad_scale, seed, c.beta1, c.beta2)
         p, g = self.model.params, self.model.grads
         names = self.model.layout.names
         for seg in self.segments:

@@ -205,7 +205,8 @@ def train(args, parser, backend, comm) -> int:
     adam_cfg = optim.AdamWConfig(lr=args.learning_rate, weight_decay=args.weight_decay)
     try:  # everything is allocated here, up front: an out-of-memory says which group and stops cleanly
         model = GPT(cfg, backend, B, T, host_params, recompute=args.recompute, padded_size=shards.padded_size)
-        optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights))
+        optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights),
+                                graphs=not args.no_graphs)
     except MemoryError as e:
         message = str(e) if "allocating" in str(e) else (
             f"out of memory allocating the optimizer state: {e}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")

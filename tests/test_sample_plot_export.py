@@ -1,5 +1,5 @@
 """gpt2cu/sample.py (sampling rules, generation with the fixed-(B, T) model against a one-sequence
-reference, the CLI), gpt2cu/plot.py (log parsing, resumed logs, errors, the PNG) and gpt2cu/export.py
+reference, KV-cache decoding (gpt2cu/kv_cache.py) against the full recompute, the CLI), gpt2cu/plot.py (log parsing, resumed logs, errors, the PNG) and gpt2cu/export.py
 (Hugging Face round trip, hub-style names, refusals, and logits equal to transformers' GPT2LMHeadModel
 when transformers is installed)."""
 from __future__ import annotations
@@ -66,6 +66,45 @@ def test_generate_matches_one_sequence_reference_and_slides_past_T():
         generate(model, backend, [], 3)
 
 
+def test_kv_cache_logits_match_full_forward_every_step():
+    """Prefill + one cached step per token against a full forward over the whole prefix (B=1, T=its
+    length), at every step: float32 logits within 1e-4 relative. The decoder's model has B=2 and a T
+    longer than the sequence, as generate's (the prefill leaves the other row and positions unseen)."""
+    from gpt2cu.kv_cache import KVCacheDecoder
+    backend, params = NumpyBackend(), random_params(seed=3)
+    seq = [50256, 464, 3290, 318]
+    dec = KVCacheDecoder(GPT(CFG, backend, 2, CFG.max_seq_len, params), capacity=12)
+    logits = dec.prefill(seq)
+    tokens = list(np.random.default_rng(1).integers(0, CFG.vocab_size, 12 - len(seq)))
+    for step, tok in enumerate([None] + tokens):
+        if tok is not None:
+            seq.append(int(tok))
+            logits = dec.step(int(tok))
+        ref = GPT(CFG, backend, 1, len(seq), params)
+        ref.forward(np.array([seq], np.int32))
+        want = ref.acts["logits"][0, -1, :CFG.vocab_size]
+        np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=f"step {step}")
+    assert dec.pos == 12
+    with pytest.raises(ValueError, match="full"):
+        dec.step(0)
+    with pytest.raises(ValueError, match="prompt"):
+        dec.prefill(list(range(13)))
+
+
+@pytest.mark.parametrize("T, n", [(16, 12), (6, 8), (2, 5)])  # cache only; cache then slide; prompt > T
+def test_generate_with_kv_cache_equals_recompute(T, n):
+    from gpt2cu.sample import generate
+    backend, params = NumpyBackend(), random_params(seed=1)
+    model = GPT(CFG, backend, 1, T, params)
+    prompt = [50256, 464, 3290]
+    cached = generate(model, backend, prompt, n, temperature=0)
+    assert cached == generate(model, backend, prompt, n, temperature=0, kv_cache=False)
+    assert len(set(cached)) > 1  # the model has preferences that change with the context
+    sampled = generate(model, backend, prompt, n, temperature=0.8, top_k=50, seed=7)
+    assert sampled == generate(model, backend, prompt, n, temperature=0.8, top_k=50, seed=7, kv_cache=False)
+
+
 def test_sample_cli(tmp_path, capsys):
     from gpt2cu.checkpoint import write_model
     from gpt2cu.sample import main
@@ -74,6 +113,14 @@ def test_sample_cli(tmp_path, capsys):
     assert main([path, "--prompt", "Hello", "-n", "4", "--backend", "numpy", "--top-k", "5"]) == 0
     assert capsys.readouterr().out.startswith("Hello")
     assert main([path, "-n", "3", "--backend", "numpy", "--temperature", "0"]) == 0
+    cached = capsys.readouterr().out
+    assert main([path, "-n", "3", "--backend", "numpy", "--temperature", "0", "--no-kv-cache"]) == 0
+    assert capsys.readouterr().out == cached
+    assert main([path, "--prompt", "Hello", "-n", "20", "--backend", "numpy", "--temperature", "0"]) == 0
+    long = capsys.readouterr().out  # 21+ tokens > max_seq_len 16: the cache, then the sliding window
+    assert main([path, "--prompt", "Hello", "-n", "20", "--backend", "numpy", "--temperature", "0",
+                 "--no-kv-cache"]) == 0
+    assert capsys.readouterr().out == long
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.bin"), "--backend", "numpy"])
     assert "missing.bin" in capsys.readouterr().err

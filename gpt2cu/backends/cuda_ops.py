@@ -113,18 +113,19 @@ class CudaBackend:
         return float(self.to_numpy(losses).mean())
 
     def graphed(self, fn, enabled=True):
-        """fn(tokens, targets) run eagerly once (cuBLASLt set-up, scratch sizing), then captured as a
-        CUDA graph and replayed. The arguments must be the set_batch buffers (fixed addresses)."""
+        """fn(*args) run eagerly once (cuBLASLt set-up, scratch sizing), then captured as a CUDA graph
+        and replayed. The arguments must be device buffers at fixed addresses (set_batch's token buffers,
+        adamw_scalars' buffer): a replay reads whatever they hold then."""
         state = {"calls": 0, "graph": None}
 
-        def run(tok, tgt):
+        def run(*args):
             with self.stream:
                 if not enabled or state["calls"] == 0:
-                    fn(tok, tgt)
+                    fn(*args)
                 else:
                     if state["graph"] is None:
                         self.stream.begin_capture()
-                        fn(tok, tgt)
+                        fn(*args)
                         state["graph"] = self.stream.end_capture()
                     state["graph"].launch(self.stream)
             state["calls"] += 1
