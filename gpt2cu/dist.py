@@ -55,6 +55,7 @@ def _flush():
 class SingleProcess:
     """World size 1: reductions are the identity, for numpy and CuPy arrays alike."""
     rank, world_size, local_rank = 0, 1, 0
+    communicates = False  # callers may skip the collectives altogether
 
     def all_reduce(self, buf, op: str = "sum"):
         _check_op(op)
@@ -75,6 +76,12 @@ class SingleProcess:
     def all_reduce_scalar(self, x) -> float:
         return float(x)
 
+    def all_reduce_start(self, buf, op: str = "sum"):
+        _check_op(op)
+
+    def finish(self, handles):
+        pass
+
     def barrier(self):
         pass
 
@@ -86,6 +93,7 @@ class SingleProcess:
 class MPIComm:
     """mpi4py over host numpy arrays (the numpy backend). Reductions need a floating dtype: bf16 bits
     stored as uint16 would be summed as integers."""
+    communicates = True
 
     def __init__(self, comm=None, local_rank: int | None = None):
         from mpi4py import MPI
@@ -109,6 +117,18 @@ class MPIComm:
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         if op == "avg":
             self._average(buf)
+
+    def all_reduce_start(self, buf, op: str = "sum"):
+        """Start an in-place all-reduce; finish() completes it. The same collective as all_reduce."""
+        _check_op(op)
+        self._reducible(buf, "all_reduce_start")
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf, op
+
+    def finish(self, handles):
+        self.MPI.Request.Waitall([request for request, _, _ in handles])
+        for _, buf, op in handles:
+            if op == "avg":
+                self._average(buf)
 
     def reduce_scatter(self, send_flat, recv_shard, op: str = "sum"):
         _check_op(op)
@@ -152,6 +172,7 @@ class NCCLComm:
     scalars and the barrier. Collectives are enqueued on `stream` (a cupy Stream; None: the current
     stream at each call), so the trainer sets comm.stream = backend.stream once the device is chosen.
     bf16 tensors are uint16 CuPy arrays of raw bits and travel as ncclBfloat16."""
+    communicates = True  # even with one rank: that is how the NCCL path is tested on one GPU
 
     def __init__(self, mpi: MPIComm, stream=None):
         import cupy as cp
@@ -161,6 +182,7 @@ class NCCLComm:
         self.cp, self.nccl_mod, self.mpi = cp, nccl, mpi
         self.rank, self.world_size, self.local_rank = mpi.rank, mpi.world_size, mpi.local_rank
         self.stream = stream
+        self._comm_stream = None  # created by the first overlapped all-reduce
         self.version = nccl.get_version()
         new_enough = self.version >= _NCCL_BF16_AVG_VERSION
         # older CuPy builds do not export the newer enum values; they are fixed by nccl.h
@@ -219,6 +241,24 @@ class NCCLComm:
         self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl_op, self._stream_ptr())
         if scale:
             self._scale(buf)
+
+    def all_reduce_start(self, buf, op: str = "sum"):
+        """The same all-reduce on a communication stream that waits for the compute stream's work so far,
+        so the compute stream goes on (the backward of earlier layers) while it runs; finish() joins."""
+        if self._comm_stream is None:
+            self._comm_stream = self.cp.cuda.Stream(non_blocking=True)
+        self._comm_stream.wait_event(self._stream().record())
+        nccl_op, scale = self._reduce_op(op)
+        dtype = self._dtype(buf, "all_reduce_start")
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl_op, self._comm_stream.ptr)
+        return buf, scale
+
+    def finish(self, handles):
+        if self._comm_stream is not None:
+            self._stream().wait_event(self._comm_stream.record())
+        for buf, scale in handles:
+            if scale:
+                self._scale(buf)
 
     def reduce_scatter(self, send_flat, recv_shard, op: str = "sum"):
         nccl_op, scale = self._reduce_op(op)

@@ -104,8 +104,9 @@ class GPT:
         if targets is not None:
             ops.fused_classifier(a["losses"], a["logits"], targets, dloss, self.cfg.vocab_size)
 
-    def backward(self, tokens):
-        """Accumulates into self.grads; needs forward() to have run with dloss != 0."""
+    def backward(self, tokens, layer_done=None):
+        """Accumulates into self.grads; needs forward() to have run with dloss != 0. layer_done(l), when
+        given, is called as soon as layer l's gradients are complete (to start reducing them)."""
         ops, p, g, a, L, H = self.ops, self.p, self.g, self.acts, self.cfg.n_layer, self.cfg.n_head
         dresidual = a["dresidual"]
         ops.zero_(dresidual)
@@ -134,6 +135,8 @@ class GPT:
             ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], ln1, p["qkvw"][l])
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], a["dbtc"], residual_in, p["ln1w"][l],
                                    a["ln1_mean"][l], a["ln1_rstd"][l])
+            if layer_done is not None:
+                layer_done(l)
         ops.encoder_backward(g["wte"], g["wpe"][:self.T], dresidual, tokens)
 
     def zero_grad(self):

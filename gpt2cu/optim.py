@@ -130,6 +130,20 @@ def shard_segments(layout: Layout, start: int, end: int) -> list[Segment]:
             for t in layout.tensors if t.offset < end and t.end > start]
 
 
+def gradient_buckets(layout: Layout, n_layer: int) -> list[list[tuple[int, int]]]:
+    """The gradient all-reduce, cut into one bucket per layer (its slices of the 12 stacked per-layer
+    tensors), last layer first as the backward finishes them, then one bucket for the other tensors
+    (embeddings, final layernorm). Reducing bucket by bucket is the same arithmetic whether the buckets
+    start during the backward (overlapped) or after it."""
+    stacked = [t for t in layout.tensors if t.name not in ("wte", "wpe", "lnfw", "lnfb")]
+    buckets = []
+    for l in reversed(range(n_layer)):
+        buckets.append([(t.offset + l * (t.size // n_layer), t.offset + (l + 1) * (t.size // n_layer))
+                        for t in stacked])
+    buckets.append([(layout[name].offset, layout[name].end) for name in ("wte", "wpe", "lnfw", "lnfb")])
+    return buckets
+
+
 # ---- AdamW ------------------------------------------------------------------------------------------
 
 def adamw_reference(params, grads, m, v, step: int, cfg: AdamWConfig, lr: float, grad_scale: float,
@@ -215,18 +229,37 @@ class AdamW:
         self.segments = shard_segments(model.layout, self.start, self.end)
         # one launch per segment every step: captured once as a CUDA graph (the scalars live on the device)
         self._update = backend.graphed(self._update_segments, enabled=graphs)
+        self.buckets = gradient_buckets(model.layout, model.cfg.n_layer)
+        self._pending, self._started = [], set()  # all-reduces started during the backward (-z 0)
+
+    def layer_done_hook(self, comm):
+        """For model.backward(layer_done=...) on the last micro-step under -z 0: starts the all-reduce of
+        each layer's gradients as soon as they are complete, overlapping the rest of the backward."""
+        def start(layer):
+            bucket = self.model.cfg.n_layer - 1 - layer
+            self._pending += self._start_bucket(comm, bucket)
+        return start
+
+    def _start_bucket(self, comm, bucket):
+        self._started.add(bucket)
+        g = self.model.grads
+        return [comm.all_reduce_start(g[b:e], op="avg") for b, e in self.buckets[bucket]]
 
     def reduce_and_norm(self, comm, zero_stage: int) -> float:
         """Averages the gradients over ranks (all of them, or this rank's shard under ZeRO-1) and returns
         the global gradient norm."""
         grads, shard = self.model.grads, self.model.grads[self.start:self.end]
-        if comm.world_size > 1:
+        if comm.communicates:
             if zero_stage == 1:
                 comm.reduce_scatter(grads, shard, op="avg")
-            else:
-                comm.all_reduce(grads, op="avg")
+            else:  # bucket by bucket, whether or not the backward already started some
+                for bucket in range(len(self.buckets)):
+                    if bucket not in self._started:
+                        self._pending += self._start_bucket(comm, bucket)
+                comm.finish(self._pending)
+                self._pending, self._started = [], set()
         norm_squared = self.backend.global_norm_squared(shard)
-        if zero_stage == 1 and comm.world_size > 1:
+        if zero_stage == 1 and comm.communicates:
             comm.all_reduce(norm_squared, op="sum")
         return float(np.sqrt(self.backend.to_numpy(norm_squared)[0]))
 
@@ -247,7 +280,7 @@ class AdamW:
                            scalars, c.beta1, c.beta2, c.eps, c.weight_decay if seg.decay else 0.0, salt)
 
     def gather_params(self, comm, zero_stage: int):
-        if zero_stage == 1 and comm.world_size > 1:
+        if zero_stage == 1 and comm.communicates:
             comm.all_gather(self.model.params[self.start:self.end], self.model.params)
 
     def state_arrays(self) -> dict:

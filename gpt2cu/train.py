@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=42, help="initialization and shuffling seed")
     a("--stop-after", type=int, default=None, metavar="STEP",
       help="stop after this step, as an interruption would (the schedule still follows -x)")
+    a("--overlap-comm", action="store_true",
+      help="-z 0 on several ranks: all-reduce each layer's gradients while the backward goes on (same result)")
     a("--no-graphs", action="store_true", help="CUDA backend: launch kernels eagerly (debugging)")
     a("--help", action="help", help="show this message and exit")
     return p
@@ -96,6 +98,8 @@ def parse_args(argv=None):
         parser.error(f"-k must be one of {', '.join(optim.LR_SCHEDULES)}, got {args.lr_schedule!r}")
     if args.resume and not args.output_dir:
         parser.error("-y 1 needs -o DIR to resume from")
+    if args.overlap_comm and args.zero_stage:
+        parser.error("--overlap-comm needs -z 0 (ZeRO-1 reduce-scatters the whole buffer after the backward)")
     return args, parser
 
 
@@ -239,6 +243,7 @@ def train(args, parser, backend, comm) -> int:
 
     micro_step = backend.graphed(lambda tok, tgt: (model.forward(tok, tgt, dloss=1.0 / (B * T * grad_accum)),
                                                    model.backward(tok)), enabled=not args.no_graphs)
+    overlap = args.overlap_comm and args.zero_stage == 0 and world > 1
     flops_per_token = 6 * param_count + 6 * cfg.n_layer * cfg.n_embd * T
     loss_outliers, norm_outliers = optim.OutlierDetector(), optim.OutlierDetector()
     step_times, best_val = [], float("inf")
@@ -270,10 +275,14 @@ def train(args, parser, backend, comm) -> int:
 
         t0 = time.time()
         loss = 0.0
-        for _ in range(grad_accum):
+        for micro in range(grad_accum):
             inputs, targets = fixed_batch if fixed_batch else train_loader.next_batch()
             tok, tgt = backend.set_batch(inputs, targets)
-            micro_step(tok, tgt)
+            if overlap and micro == grad_accum - 1:  # eager: collectives start from inside the backward
+                model.forward(tok, tgt, dloss=1.0 / (B * T * grad_accum))
+                model.backward(tok, layer_done=optimizer.layer_done_hook(comm))
+            else:
+                micro_step(tok, tgt)
             loss += backend.mean_loss(model.acts["losses"]) / grad_accum
         loss = comm.all_reduce_scalar(loss) / world
         norm = optimizer.reduce_and_norm(comm, args.zero_stage)

@@ -133,8 +133,9 @@ def test_cli_resume_on_gpu_is_bit_exact(tmp_path):
 
 
 def test_nccl_with_one_rank_matches_no_communicator():
-    """The NCCL path (all-reduce for -z 0; reduce-scatter, sharded AdamW, all-gather for -z 1) with world
-    size 1 gives bit-identical training to the single-process path."""
+    """The NCCL path (per-layer all-reduces for -z 0, also started from inside the backward; reduce-scatter,
+    sharded AdamW, all-gather for -z 1) with world size 1 gives bit-identical training to the
+    single-process path."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm, SingleProcess
     from gpt2cu.layout import param_layout
@@ -143,7 +144,7 @@ def test_nccl_with_one_rank_matches_no_communicator():
     backend = get_backend("cuda")
     nccl = NCCLComm(MPIComm(), stream=backend.stream)
 
-    def run(comm, zero):
+    def run(comm, zero, overlap=False):
         shards = optim.zero_shards(param_layout(cfg), comm.world_size)
         model = GPT(cfg, backend, B, T, init_params(cfg, seed=1), padded_size=shards.padded_size)
         opt = optim.AdamW(backend, model, shards.range(comm.rank), optim.AdamWConfig(lr=1e-3, weight_decay=0.1))
@@ -151,7 +152,7 @@ def test_nccl_with_one_rank_matches_no_communicator():
         for step, (x, y) in enumerate(batches):
             tok, tgt = backend.set_batch(x, y)
             model.forward(tok, tgt, dloss=1.0 / (B * T))
-            model.backward(tok)
+            model.backward(tok, layer_done=opt.layer_done_hook(comm) if overlap else None)
             losses.append(comm.all_reduce_scalar(backend.mean_loss(model.acts["losses"])))
             norm = opt.reduce_and_norm(comm, zero)
             opt.step(1e-3, step + 1, optim.clip_scale(norm, 1.0), seed=step)
@@ -159,11 +160,11 @@ def test_nccl_with_one_rank_matches_no_communicator():
             model.zero_grad()
         return losses, model.host_params()
 
-    for zero in (0, 1):
+    for zero, overlap in ((0, False), (0, True), (1, False)):
         ref_losses, ref_params = run(SingleProcess(), zero)
-        losses, params = run(nccl, zero)
-        assert losses == ref_losses, (zero, losses, ref_losses)
-        assert np.array_equal(params, ref_params), zero
+        losses, params = run(nccl, zero, overlap)
+        assert losses == ref_losses, (zero, overlap, losses, ref_losses)
+        assert np.array_equal(params, ref_params), (zero, overlap)
 
 
 def test_eval_sampling_and_export_on_gpu(tmp_path):

@@ -107,3 +107,18 @@ def test_zero1_resume_per_rank_and_world_size_check(shards, single, tmp_path):
     code, stdout = train(4, tmp_path, shards, "-z", "1", "-y", "1")
     assert code != 0
     assert "written by 2 ranks, this run has 4" in stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_overlapped_all_reduce_is_identical(ranks, shards, tmp_path):
+    """--overlap-comm starts each layer's all-reduce from inside the last micro-step's backward; the
+    collectives are the same as without it, so the run is bit-identical."""
+    runs = {}
+    for name, flags in (("plain", []), ("overlap", ["--overlap-comm"])):
+        out = tmp_path / name
+        code, stdout = train(ranks, out, shards, "-z", "0", *flags)
+        assert code == 0, stdout
+        runs[name] = out
+    assert (runs["plain"] / "main.log").read_text() == (runs["overlap"] / "main.log").read_text()
+    a = open(checkpoint.model_path(str(runs["plain"]), STEPS), "rb").read()
+    assert a == open(checkpoint.model_path(str(runs["overlap"]), STEPS), "rb").read()

@@ -190,3 +190,19 @@ def test_adamw_reference_rejects_float64_and_step_0():
         adamw_reference(a.astype(np.float64), a, a.copy(), a.copy(), 1, AdamWConfig(), 1e-3, 1.0, True)
     with pytest.raises(ValueError, match="from 1"):
         adamw_reference(a, a.copy(), a.copy(), a.copy(), 0, AdamWConfig(), 1e-3, 1.0, True)
+
+
+def test_gradient_buckets_cover_every_parameter_once():
+    from gpt2cu.optim import gradient_buckets
+    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=64, max_seq_len=32, vocab_size=97, padded_vocab_size=128)
+    layout = param_layout(cfg)
+    buckets = gradient_buckets(layout, cfg.n_layer)
+    assert len(buckets) == cfg.n_layer + 1
+    covered = np.zeros(layout.total, dtype=int)
+    for bucket in buckets:
+        for begin, end in bucket:
+            covered[begin:end] += 1
+    assert (covered == 1).all()
+    # the first bucket is the last layer: its qkv weight rows are the last third of qkvw
+    qkvw = layout["qkvw"]
+    assert (qkvw.offset + 2 * qkvw.size // 3, qkvw.end) in buckets[0]

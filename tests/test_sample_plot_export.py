@@ -66,14 +66,17 @@ def test_generate_matches_one_sequence_reference_and_slides_past_T():
         generate(model, backend, [], 3)
 
 
-def test_kv_cache_logits_match_full_forward_every_step():
+@pytest.mark.parametrize("attention", ["query", "kernel"])
+def test_kv_cache_logits_match_full_forward_every_step(attention):
     """Prefill + one cached step per token against a full forward over the whole prefix (B=1, T=its
     length), at every step: float32 logits within 1e-4 relative. The decoder's model has B=2 and a T
-    longer than the sequence, as generate's (the prefill leaves the other row and positions unseen)."""
+    longer than the sequence, as generate's (the prefill leaves the other row and positions unseen).
+    Both attention forms: the one query in array math, and the backend's attention op over the cache."""
     from gpt2cu.kv_cache import KVCacheDecoder
     backend, params = NumpyBackend(), random_params(seed=3)
     seq = [50256, 464, 3290, 318]
-    dec = KVCacheDecoder(GPT(CFG, backend, 2, CFG.max_seq_len, params), capacity=12)
+    dec = KVCacheDecoder(GPT(CFG, backend, 2, CFG.max_seq_len, params), capacity=12, attention=attention)
+    assert dec.attention == attention
     logits = dec.prefill(seq)
     tokens = list(np.random.default_rng(1).integers(0, CFG.vocab_size, 12 - len(seq)))
     for step, tok in enumerate([None] + tokens):
@@ -90,6 +93,10 @@ def test_kv_cache_logits_match_full_forward_every_step():
         dec.step(0)
     with pytest.raises(ValueError, match="prompt"):
         dec.prefill(list(range(13)))
+    with pytest.raises(ValueError, match="attention"):
+        KVCacheDecoder(dec.model, attention="paged")
+    with pytest.raises(ValueError, match="capacity"):
+        KVCacheDecoder(dec.model, capacity=CFG.max_seq_len + 1)
 
 
 @pytest.mark.parametrize("T, n", [(16, 12), (6, 8), (2, 5)])  # cache only; cache then slide; prompt > T
