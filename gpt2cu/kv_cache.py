@@ -19,7 +19,13 @@ kernels, in the same dtype, as in the full forward. Only attention differs, in o
   "kernel" (CUDA's default): the backend's own causal attention_forward over the cached rows 0..pos,
            keeping the last row. It recomputes the earlier rows' attention (O(pos^2 * C) per layer,
            microseconds on a GPU for GPT-2 lengths), but it is one launch, and the very computation the
-           full forward does. No new CUDA kernels either way.
+           full forward does (its logits equal the full forward's bitwise in tests/test_gpu_sample.py).
+           No new CUDA kernels either way.
+
+Measured on an H100 (d12, B=1, greedy, prefill included): the cache with "kernel" attention 472 tok/s at
+T=128 and 385 at T=1024, the full recompute 415 and 322, "query" attention ~120 (CuPy's per-operation
+overhead). At this size a step is bound by host-side launches (~90 per token), not by the GPU; capturing
+the step as a CUDA graph would be the next gain.
 
 Positions are absolute and the cache never slides: a decoder holds `capacity` <= model.T positions, and
 step() refuses to go past it. sample.generate switches to the windowed recompute at that point.

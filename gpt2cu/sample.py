@@ -5,7 +5,7 @@
 Generation reuses the training model as it is, with its fixed (B, T) buffers. By default (kv_cache=True,
 on the numpy and CUDA backends) the prompt is one forward of that model (row 0; the other rows hold EOT
 and are ignored) and each new token is then one incremental step over a KV cache (gpt2cu/kv_cache.py):
-the same ops on a single row, with the one query's attention over the cached keys and values. Positions
+the same ops on a single row, with attention over the cached keys and values. Positions
 are absolute, so the cache covers the first T positions only: once the running sequence outgrows T
 (the CLI builds T = min(max_seq_len, prompt + n)), or if the prompt alone is longer than T, generation
 falls back to the full recompute -- one forward over the last T tokens per new token, the window
