@@ -29,6 +29,8 @@ launch=()
 if [ "$NGPU" -gt 1 ]; then
     launch=(mpirun -np "$NGPU" --bind-to none -x NCCL_NVLS_ENABLE=0)
     [ "$(id -u)" = 0 ] && launch+=(--allow-run-as-root)
+    # one host: Open MPI needs no remote shell, but refuses to start when none is installed
+    command -v ssh >/dev/null || command -v rsh >/dev/null || export OMPI_MCA_plm_rsh_agent=false
 fi
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off
 

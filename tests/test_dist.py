@@ -54,6 +54,9 @@ def test_launcher_env():
 def clean_env():
     """This environment minus any launcher variables (pytest itself might run under one)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_"))}
+    if shutil.which("ssh") is None and shutil.which("rsh") is None:
+        # Open MPI refuses to start without a remote-shell agent even for ranks on this host only
+        env["OMPI_MCA_plm_rsh_agent"] = "false"
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
