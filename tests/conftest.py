@@ -1,4 +1,4 @@
-"""Shared test configuration: the `gpu` marker and the CUDA backend fixture.
+"""Shared test configuration: the `gpu` marker, the CUDA backend fixture, and token shards to train on.
 
 Tests that need the CUDA backend (CuPy, a visible GPU and the compiled gpt2cu._kernels) carry
 `@pytest.mark.gpu` (or `pytestmark = pytest.mark.gpu` for a whole module). Where the backend cannot run,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 
 from gpt2cu.backends import cuda_available
@@ -44,3 +45,15 @@ def cuda_backend():
         pytest.skip(reason)
     from gpt2cu.backends.cuda_ops import CudaBackend
     return CudaBackend(0)
+
+
+def write_skewed_shards(directory, sizes: dict) -> tuple[str, str]:
+    """Token shards {file name: token count} of a skewed random stream over 256 ids (a learnable unigram
+    distribution, fresh each run); returns the (train, val) globs."""
+    from gpt2cu.data import write_shard
+    rng = np.random.default_rng()
+    probs = 1.0 / np.arange(1, 257) ** 1.2
+    probs /= probs.sum()
+    for name, n in sizes.items():
+        write_shard(str(directory / name), rng.choice(256, size=n, p=probs).astype(np.uint16))
+    return str(directory / "train_*.bin"), str(directory / "val_*.bin")

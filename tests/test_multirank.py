@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gpt2cu import checkpoint
-from gpt2cu.data import write_shard
+from conftest import write_skewed_shards
 from gpt2cu.layout import param_layout
 from test_dist import REPO, clean_env, mpirun_command
 
@@ -29,13 +29,8 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mr_shards")
-    rng = np.random.default_rng()
-    probs = 1.0 / np.arange(1, 257) ** 1.2
-    probs /= probs.sum()
-    for name, n in (("train_000000.bin", 20_000), ("val_000000.bin", 4_000)):
-        write_shard(str(d / name), rng.choice(256, size=n, p=probs).astype(np.uint16))
-    return str(d / "train_*.bin"), str(d / "val_*.bin")
+    return write_skewed_shards(tmp_path_factory.mktemp("mr_shards"), {"train_000000.bin": 20_000,
+                                                                       "val_000000.bin": 4_000})
 
 
 def train(ranks: int, out, shards, *flags):

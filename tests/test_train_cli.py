@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2cu.data import write_shard
+from conftest import write_skewed_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,14 +23,8 @@ def run_train(*flags, cwd=REPO, timeout=600):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Skewed random token streams (a learnable unigram distribution), fresh each run."""
-    d = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng()
-    probs = 1.0 / np.arange(1, 257) ** 1.2
-    probs /= probs.sum()
-    for name, n in (("train_000000.bin", 40_000), ("train_000001.bin", 30_000), ("val_000000.bin", 8_000)):
-        write_shard(str(d / name), rng.choice(256, size=n, p=probs).astype(np.uint16))
-    return str(d / "train_*.bin"), str(d / "val_*.bin")
+    return write_skewed_shards(tmp_path_factory.mktemp("shards"), {
+        "train_000000.bin": 40_000, "train_000001.bin": 30_000, "val_000000.bin": 8_000})
 
 
 TINY = ["-e", "d1", "-b", "2", "-t", "32", "-l", "3e-3", "-u", "2", "-v", "5", "-m", "2", "-s", "0"]
