@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
+import time
 import traceback
 
 import numpy as np
@@ -369,6 +371,33 @@ def install_abort_on_exception(comm) -> None:
     if comm.world_size == 1:
         return
     sys.excepthook = lambda exc_type, exc, tb: _report_and_abort(comm, exc_type, exc, tb, 1)
+
+
+class Watchdog:
+    """Aborts every rank when the caller makes no progress (no kick()) for `timeout` seconds. A rank that
+    crashes already takes the job down; one that hangs (a dead GPU, a deadlock) would otherwise leave the
+    others blocked in a collective forever, since neither MPI nor NCCL collectives time out by themselves."""
+
+    def __init__(self, comm, timeout: float):
+        self.comm, self.timeout = comm, timeout
+        self._last = time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="gpt2cu-watchdog", daemon=True)
+        self._thread.start()
+
+    def kick(self):
+        self._last = time.monotonic()
+
+    def stop(self):
+        self._stopped.set()
+
+    def _watch(self):
+        while not self._stopped.wait(min(5.0, self.timeout / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                sys.stderr.write(f"[rank {self.comm.rank}/{self.comm.world_size}] no progress for {idle:.0f} s "
+                                 f"(a rank may be hung inside a collective); aborting all ranks\n")
+                self.comm.abort(1)
 
 
 @contextlib.contextmanager

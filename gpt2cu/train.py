@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop after this step, as an interruption would (the schedule still follows -x)")
     a("--overlap-comm", action="store_true",
       help="-z 0 on several ranks: all-reduce each layer's gradients while the backward goes on (same result)")
+    a("--collective-timeout", type=float, default=1200.0, metavar="SECONDS",
+      help="several ranks: abort every rank when a step makes no progress for this long (a hung rank)")
     a("--no-graphs", action="store_true", help="CUDA backend: launch kernels eagerly (debugging)")
     a("--help", action="help", help="show this message and exit")
     return p
@@ -90,6 +92,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser.error(f"{flag} must be >= 0, got {value}")
+    if args.collective_timeout < 0:
+        parser.error(f"--collective-timeout must be >= 0 (0: off), got {args.collective_timeout}")
     if args.learning_rate is not None and not args.learning_rate > 0:
         parser.error(f"-l must be > 0, got {args.learning_rate}")
     if not 0.0 <= args.final_lr_frac <= 1.0:
@@ -249,7 +253,11 @@ def train(args, parser, backend, comm) -> int:
     step_times, best_val = [], float("inf")
     run_start = time.time()
     fixed_batch = train_loader.next_batch() if args.overfit_batch else None
+    from .dist import Watchdog
+    watchdog = Watchdog(comm, args.collective_timeout) if world > 1 and args.collective_timeout > 0 else None
     for step in range(start_step, max_steps + 1):
+        if watchdog:
+            watchdog.kick()
         last = step == max_steps
         if val_loader is not None and (step % args.val_every == 0 or last):
             from .eval import evaluate_val_loss
@@ -291,6 +299,8 @@ def train(args, parser, backend, comm) -> int:
         skip = (args.skip_loss_z and loss_z > args.skip_loss_z) or (args.skip_norm_z and norm_z > args.skip_norm_z)
         if not math.isfinite(loss) or not math.isfinite(norm):
             skip = True
+        if watchdog:  # evaluation and checkpoints above count as progress too
+            watchdog.kick()
         if not skip:
             optimizer.step(lr, step + 1, optim.clip_scale(norm, adam_cfg.grad_clip), seed=args.seed + step)
         optimizer.gather_params(comm, args.zero_stage)

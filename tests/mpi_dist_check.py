@@ -4,6 +4,7 @@
   mpirun -np N python tests/mpi_dist_check.py          the collectives
   mpirun -np N python tests/mpi_dist_check.py raise    rank 1 raises while the others wait in a barrier
   mpirun -np N python tests/mpi_dist_check.py exit     rank 1 calls sys.exit(3) inside abort_on_failure
+  mpirun -np N python tests/mpi_dist_check.py hang     rank 1 stops making progress; the others' Watchdog fires
 
 Every rank can regenerate every other rank's data (seeded by rank), so each computes the expected
 result locally. Tolerances: a float32 sum of N <= 8 values of magnitude ~1 differs between summation
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt2cu.dist import MPIComm, abort_on_failure, init_distributed, install_abort_on_exception  # noqa: E402
+from gpt2cu.dist import (MPIComm, Watchdog, abort_on_failure, init_distributed,  # noqa: E402
+                         install_abort_on_exception)
 
 RTOL = ATOL = 1e-6
 
@@ -90,6 +93,12 @@ def main(mode: str):
             if comm.rank == 1:
                 sys.exit(3)
             comm.barrier()
+    elif mode == "hang":
+        watchdog = Watchdog(comm, timeout=1.0)
+        if comm.rank == 1:
+            time.sleep(3600)  # a hung rank: no exception, no exit
+        comm.barrier()  # the others wait here until the watchdog aborts the job
+        watchdog.stop()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

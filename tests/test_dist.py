@@ -115,3 +115,9 @@ def test_sys_exit_on_one_rank_aborts_all():
     code, out = mpirun(2, "exit")
     assert code == 3, out
     assert "[rank 1/2] exiting with status 3" in out
+
+
+def test_hung_rank_is_aborted_by_the_watchdog():
+    code, out = mpirun(2, "hang")
+    assert code != 0, out
+    assert "no progress for" in out and "aborting all ranks" in out, out
