@@ -29,7 +29,7 @@ def corpus_batches(B, T, count):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known gap (docs/perf.md): the mean bar holds (0.012) but single steps differ by up to ~0.09; PyTorch "
+    "known gap (docs/perf.md): the mean bar holds (0.014) but single steps differ by up to ~0.10; PyTorch "
     "against itself (flash vs math SDPA, bf16 autocast) differs by up to 0.05-0.08 in this setup, and its "
     "residual stream and layernorms stay fp32 where gpt2cu's are bf16 (as llm.c's)"))
 def test_loss_tracks_pytorch_for_100_steps():
