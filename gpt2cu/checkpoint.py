@@ -162,6 +162,14 @@ def read_model(path: str) -> tuple[GPTConfig, np.ndarray]:
     return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
 
 
+def load_weights(path: str):
+    """(GPTConfig, fp32 flat params) from an llm.c model file or a Hugging Face GPT-2 directory."""
+    if os.path.isdir(path):
+        from .export import import_hf
+        return import_hf(path)
+    return read_model(path)
+
+
 # ---- state file -------------------------------------------------------------------------------------
 
 def write_state(path: str, header_fields: dict, arrays: dict, extra: dict) -> None:

@@ -227,6 +227,8 @@ class AdamW:
         bf16_params = model.params.dtype != np.float32
         self.master = backend.fp32_copy(model.params[self.start:self.end]) if master_weights and bf16_params else None
         self.segments = shard_segments(model.layout, self.start, self.end)
+        # each tensor's stochastic rounding gets its own dither: the salt is its index in the layout
+        self.salts = [model.layout.names.index(seg.name) for seg in self.segments]
         # one launch per segment every step: captured once as a CUDA graph (the scalars live on the device)
         self._update = backend.graphed(self._update_segments, enabled=graphs)
         self.buckets = gradient_buckets(model.layout, model.cfg.n_layer)
@@ -271,9 +273,7 @@ class AdamW:
     def _update_segments(self, scalars):
         c, b = self.cfg, self.backend
         p, g = self.model.params, self.model.grads
-        names = self.model.layout.names
-        for seg in self.segments:
-            salt = names.index(seg.name)  # independent stochastic rounding per tensor
+        for seg, salt in zip(self.segments, self.salts):
             lo, hi = seg.begin - self.start, seg.end - self.start
             master = self.master[lo:hi] if self.master is not None else None
             b.adamw_update(p[seg.begin:seg.end], master, g[seg.begin:seg.end], self.m[lo:hi], self.v[lo:hi],

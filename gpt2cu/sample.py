@@ -16,11 +16,11 @@ CUDA).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
+from .checkpoint import load_weights
 from .config import GPT2_EOT
 from .kv_cache import KVCacheDecoder, supports_kv_cache
 
@@ -80,15 +80,6 @@ def generate(model, backend, prompt_tokens, max_new_tokens: int, temperature: fl
         if i + 1 < max_new_tokens and decoder is not None and decoder.pos < decoder.capacity:
             logits = decoder.step(token)
     return new
-
-
-def load_weights(path: str):
-    """(GPTConfig, fp32 flat params) from an llm.c model file or a Hugging Face GPT-2 directory."""
-    if os.path.isdir(path):
-        from .export import import_hf
-        return import_hf(path)
-    from .checkpoint import read_model
-    return read_model(path)
 
 
 def main(argv=None) -> int:

@@ -140,8 +140,7 @@ class Logger:
 def load_initial_params(args, cfg_overrides=None):
     """(GPTConfig, fp32 flat params) from a dN descriptor (fresh init) or an llm.c model file."""
     if os.path.exists(args.model):  # an llm.c model file or a Hugging Face GPT-2 directory
-        from .sample import load_weights
-        return load_weights(args.model)
+        return checkpoint.load_weights(args.model)
     try:
         cfg = GPTConfig.from_descriptor(args.model)
     except ValueError as e:
