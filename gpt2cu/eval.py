@@ -14,7 +14,6 @@ per ending token. The model runs with its own fixed (B, T), so B must be a multi
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
