@@ -53,15 +53,21 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, residual_dtype=None):
+        x = _cast(x + self.attn(self.ln_1(x)), residual_dtype)
+        return _cast(x + self.mlp(self.ln_2(x)), residual_dtype)
+
+
+def _cast(x, dtype):
+    return x if dtype is None else x.to(dtype)
 
 
 class TorchGPT(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, residual_dtype=None):
+        """residual_dtype None keeps the residual stream in the parameters' dtype (fp32 under autocast);
+        torch.bfloat16 rounds it after every add, as a bf16-activation implementation stores it."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.residual_dtype = cfg, residual_dtype
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -71,9 +77,9 @@ class TorchGPT(nn.Module):
         """idx, targets (B, T) int64 -> (logits (B, T, V) over the real vocabulary, mean cross-entropy
         over the targets that are not -1, or None without targets)."""
         V = self.cfg.vocab_size
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = _cast(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)), self.residual_dtype)
         for block in self.h:
-            x = block(x)
+            x = block(x, self.residual_dtype)
         # the tied head over all Vp rows (a well-tiled GEMM, as gpt2cu's), then the padding is dropped
         logits = F.linear(self.ln_f(x), self.wte.weight)[..., :V]
         loss = None
@@ -103,8 +109,8 @@ class TorchGPT(nn.Module):
             yield from zip(params, views[name].reshape(len(params), *params[0].shape))
 
     @classmethod
-    def from_flat(cls, cfg: GPTConfig, flat: np.ndarray) -> "TorchGPT":
-        model = cls(cfg)
+    def from_flat(cls, cfg: GPTConfig, flat: np.ndarray, **kwargs) -> "TorchGPT":
+        model = cls(cfg, **kwargs)
         with torch.no_grad():
             for p, src in model._views(np.asarray(flat, dtype=np.float32)):
                 p.copy_(torch.from_numpy(np.ascontiguousarray(src)))

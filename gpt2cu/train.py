@@ -213,7 +213,7 @@ def train(args, parser, backend, comm) -> int:
     try:  # everything is allocated here, up front: an out-of-memory says which group and stops cleanly
         model = GPT(cfg, backend, B, T, host_params, recompute=args.recompute, padded_size=shards.padded_size)
         optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights),
-                                graphs=not args.no_graphs)
+                                graphs=not args.no_graphs, initial_params=host_params)
     except MemoryError as e:
         message = str(e) if "allocating" in str(e) else (
             f"out of memory allocating the optimizer state: {e}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")
@@ -252,6 +252,10 @@ def train(args, parser, backend, comm) -> int:
     step_times, best_val = [], float("inf")
     run_start = time.time()
     fixed_batch = train_loader.next_batch() if args.overfit_batch else None
+
+    def prepare_next():
+        return backend.prepare_batch(*(fixed_batch if fixed_batch else train_loader.next_batch()))
+    prefetched, loader_state = None, train_loader.state_dict()
     from .dist import Watchdog
     watchdog = Watchdog(comm, args.collective_timeout) if world > 1 and args.collective_timeout > 0 else None
     for step in range(start_step, max_steps + 1):
@@ -276,21 +280,27 @@ def train(args, parser, backend, comm) -> int:
             say(f"step {step:5d} | sample: {text!r}")
         if args.checkpoint_every and args.output_dir and step > start_step and (
                 step % args.checkpoint_every == 0 or last):
-            save_checkpoint(args, step, model, optimizer, train_loader, comm, cfg)
+            save_checkpoint(args, step, model, optimizer, loader_state, comm, cfg)
         if last or step == args.stop_after:
             break
 
         t0 = time.time()
-        loss = 0.0
+        micro_losses = []
         for micro in range(grad_accum):
-            inputs, targets = fixed_batch if fixed_batch else train_loader.next_batch()
-            tok, tgt = backend.set_batch(inputs, targets)
+            batch, prefetched = prefetched if prefetched is not None else prepare_next(), None
+            tok, tgt = backend.upload_batch(batch)
             if overlap and micro == grad_accum - 1:  # eager: collectives start from inside the backward
                 model.forward(tok, tgt, dloss=1.0 / (B * T * grad_accum))
                 model.backward(tok, layer_done=optimizer.layer_done_hook(comm))
             else:
                 micro_step(tok, tgt)
-            loss += backend.mean_loss(model.acts["losses"]) / grad_accum
+            micro_losses.append(backend.mean_loss_async(model.acts["losses"]))
+            # the host work of the next micro-batch (the next step's first one after the last) runs while
+            # the GPU works on this one; a checkpoint saves the loader's state from before that read
+            if micro == grad_accum - 1:
+                loader_state = train_loader.state_dict()
+            prefetched = prepare_next()
+        loss = sum(float(x) for x in micro_losses) / grad_accum
         loss = comm.all_reduce_scalar(loss) / world
         norm = optimizer.reduce_and_norm(comm, args.zero_stage)
         lr = optim.get_lr(args.lr_schedule, step, max_steps, args.learning_rate, args.warmup, args.final_lr_frac)
@@ -328,11 +338,12 @@ def train(args, parser, backend, comm) -> int:
     return 0
 
 
-def save_checkpoint(args, step, model, optimizer, train_loader, comm, cfg):
-    """Every rank writes its optimizer state, rank 0 the model; DONE marks the step complete."""
+def save_checkpoint(args, step, model, optimizer, loader_state, comm, cfg):
+    """Every rank writes its optimizer state, rank 0 the model; DONE marks the step complete.
+    loader_state: the train loader's state after the batches of the steps done so far."""
     out, backend = args.output_dir, model.ops
     arrays = {name: backend.to_numpy(a) for name, a in optimizer.state_arrays().items()}
-    state = checkpoint.TrainingState(args.zero_stage, arrays, {"train_loader": train_loader.state_dict()})
+    state = checkpoint.TrainingState(args.zero_stage, arrays, {"train_loader": loader_state})
     params = model.host_params() if comm.rank == 0 else None
     checkpoint.save_checkpoint(out, step, comm.rank, comm.world_size,
                                lambda path: checkpoint.write_model(path, cfg, params, dtype=backend.checkpoint_dtype),

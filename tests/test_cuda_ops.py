@@ -197,6 +197,40 @@ def test_encoder_backward(cuda, case, C):
     assert_repeatable(case, run, first)
 
 
+def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
+    """prepare_batch's host half runs ahead of the GPU (train.py prepares the next micro-batch while the
+    current one runs): batches prepared ahead and kept across a set_batch of another batch (an evaluation
+    between steps), then uploaded behind queued work while the host prepares the next, each reach the
+    device with their tokens, targets and token buckets; also ids past 16 bits (the sort's int32 path)."""
+    slow, product = cp.ones((4096, 4096), dtype=np.float32), cp.empty((4096, 4096), dtype=np.float32)
+    expected = [(case.rng.integers(0, 50257, (B, T), dtype=np.int32), case.rng.integers(0, 50257, (B, T)))
+                for _ in range(4)]
+    expected[3][0][0, :5] = [70000, 1 << 20, 70000, 0, 50256]
+
+    def check(tok, tgt, inputs, targets):
+        flat = inputs.ravel()
+        order = np.argsort(flat, kind="stable")
+        starts = np.flatnonzero(np.r_[True, flat[order][1:] != flat[order][:-1]])
+        b = cuda._batch
+        nb = int(raw(b["num_buckets"])[0])
+        case.same_bits("tokens", raw(tok), inputs)
+        case.same_bits("targets", raw(tgt), targets.astype(np.int32))
+        case.same_bits("sorted positions", raw(b["sorted_positions"]), order.astype(np.int32))
+        case.same_bits("bucket starts", raw(b["bucket_starts"])[:nb + 1], np.r_[starts, flat.size].astype(np.int32))
+
+    def busy():  # ~50 ms of queued work, so the uploads queued next wait behind it
+        for _ in range(10):
+            cp.matmul(slow, slow, out=product)
+
+    staged = [cuda.prepare_batch(inputs, targets) for inputs, targets in expected[:3]]
+    check(*cuda.set_batch(*expected[3]), *expected[3])
+    for (inputs, targets), batch in zip(expected, staged):
+        busy()
+        tok, tgt = cuda.upload_batch(batch)
+        cuda.prepare_batch(*expected[3])  # while batch's copies still wait: must not refill its memory
+        check(tok, tgt, inputs, targets)
+
+
 # ---- layernorm ----------------------------------------------------------------------------------------
 def layernorm_params(case, C):
     weight, weight_d = case.bf16((C,), mean=1.0, std=0.1)

@@ -6,11 +6,14 @@ Besides the ops, a backend provides the little memory API the model and trainer 
   upload_params(host_fp32_flat, n, out=None)  a flat parameter buffer of n >= len(host) elements (zero
                                           padded), or written into `out`
   to_numpy(array)                        a float32 (or int) host copy
-  set_batch(inputs, targets)             host (B, T) int32 arrays -> the backend's token/target arrays
+  set_batch(inputs, targets)             host (B, T) int32 arrays -> the backend's token/target arrays;
+                                          = upload_batch(prepare_batch(inputs, targets)), whose host half
+                                          (prepare) can run while the device works on the previous batch
   adamw_scalars(lr, step, grad_scale, seed, beta1, beta2)  the per-step values adamw_update reads
   from_numpy(host, out=None), fp32_copy(array)  host -> device (into `out`), bf16 -> fp32 device copy
   synchronize()
 and what the trainer reports through: select_device, device_name, graphed(fn), mean_loss(losses),
+mean_loss_async(losses) (float() of it waits),
 mfu(flops_per_second), peak_memory(), memory_report(model, optimizer), checkpoint_dtype.
 """
 from __future__ import annotations

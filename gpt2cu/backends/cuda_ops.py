@@ -24,6 +24,54 @@ def ptr(a) -> int:
     return 0 if a is None else a.data.ptr
 
 
+def sort_tokens(tokens: np.ndarray) -> np.ndarray:
+    """Positions of the flat tokens in stable sorted order. GPT-2 ids fit 16 bits, where numpy's stable
+    sort is a radix sort (~6x faster than on int32 at 64K tokens)."""
+    if tokens.size and 0 <= tokens.min() and tokens.max() < 1 << 16:
+        tokens = tokens.astype(np.uint16)
+    return np.argsort(tokens, kind="stable")
+
+
+class StagedBatch:
+    """One batch in pinned host memory, laid out as the device buffers it is copied into: tokens,
+    targets, the positions sorted by token, the start of each run of equal tokens (+ the end) and the
+    number of runs. Reusable once its last upload has run on the GPU."""
+
+    def __init__(self, shape):
+        import cupyx
+        n = int(np.prod(shape))
+        self.tokens = cupyx.empty_pinned(shape, np.int32)
+        self.targets = cupyx.empty_pinned(shape, np.int32)
+        self.sorted_positions = cupyx.empty_pinned(n, np.int32)
+        self.bucket_starts = cupyx.empty_pinned(n + 1, np.int32)
+        self.num_buckets = cupyx.empty_pinned(1, np.int32)
+        self._uploaded = None  # CUDA event after the last upload's copies
+        self._held = False     # prepared, not uploaded yet
+
+    def reusable(self, shape) -> bool:
+        return (self.tokens.shape == shape and not self._held
+                and (self._uploaded is None or self._uploaded.done))
+
+    def fill(self, inputs, targets):
+        self.tokens[...] = inputs
+        self.targets[...] = targets
+        flat = self.tokens.ravel()
+        order = sort_tokens(flat)
+        self.sorted_positions[:] = order
+        sorted_tokens = flat[order]
+        starts = np.flatnonzero(sorted_tokens[1:] != sorted_tokens[:-1]) + 1
+        count = starts.size + 1
+        self.bucket_starts[0] = 0
+        self.bucket_starts[1:count] = starts
+        self.bucket_starts[count] = flat.size
+        self.num_buckets[0] = count
+        self._held = True
+
+    def uploaded(self, stream):
+        self._uploaded = stream.record()
+        self._held = False
+
+
 class CudaBackend:
     name = "cuda"
     checkpoint_dtype = "bf16"  # llm.c's train_gpt2cu writes bf16 model files (version 5)
@@ -39,6 +87,7 @@ class CudaBackend:
         self.stream.use()  # CuPy's own work (copies, fills) joins the kernels' stream
         self._scratch = cp.empty(0, dtype=np.float32)
         self._batch = None
+        self._staging = []  # StagedBatch slots in pinned memory, reused once their upload is done
         self._norm = cp.zeros(1, dtype=np.float32)
         self._adamw_scalars = cp.zeros(8, dtype=np.uint32)  # struct AdamWScalars: 4 floats + seed + pad
         self._peak_pool = 0
@@ -86,31 +135,47 @@ class CudaBackend:
             self._scratch = cp.empty(int(floats), dtype=np.float32)
         return ptr(self._scratch), self._scratch.size
 
-    def set_batch(self, inputs, targets):
-        """Copies a host batch into the fixed device buffers the captured graph reads, with the
-        token buckets the deterministic encoder backward needs."""
-        inputs = np.ascontiguousarray(inputs, dtype=np.int32)
-        targets = np.ascontiguousarray(targets, dtype=np.int32)
-        if self._batch is None or self._batch["tokens"].shape != inputs.shape:
-            n = inputs.size
-            self._batch = {"tokens": cp.empty(inputs.shape, np.int32), "targets": cp.empty(inputs.shape, np.int32),
+    # ---- batches ------------------------------------------------------------------------------
+    # A batch reaches the GPU in two halves so the host's half can overlap the GPU's work on the
+    # previous batch: prepare_batch (host: the token sort the deterministic encoder backward needs,
+    # written into pinned staging memory) and upload_batch (asynchronous copies into the fixed device
+    # buffers a captured graph reads, queued behind whatever the stream is running).
+    def prepare_batch(self, inputs, targets) -> "StagedBatch":
+        inputs = np.asarray(inputs)
+        slot = next((s for s in self._staging if s.reusable(inputs.shape)), None)
+        if slot is None:
+            slot = StagedBatch(inputs.shape)
+            self._staging.append(slot)
+        slot.fill(inputs, targets)
+        return slot
+
+    def upload_batch(self, staged: "StagedBatch"):
+        """Queues the copies of a prepared batch; returns the device (tokens, targets) buffers."""
+        shape = staged.tokens.shape
+        if self._batch is None or self._batch["tokens"].shape != shape:
+            self.stream.synchronize()  # a graph replay may still read the old buffers
+            n = staged.tokens.size
+            self._batch = {"tokens": cp.empty(shape, np.int32), "targets": cp.empty(shape, np.int32),
                            "sorted_positions": cp.empty(n, np.int32), "bucket_starts": cp.empty(n + 1, np.int32),
                            "num_buckets": cp.empty(1, np.int32)}
-        flat = inputs.ravel()
-        order = np.argsort(flat, kind="stable").astype(np.int32)
-        sorted_tokens = flat[order]
-        starts = np.flatnonzero(np.r_[True, sorted_tokens[1:] != sorted_tokens[:-1]]).astype(np.int32)
-        b = self._batch
-        with self.stream:
-            b["tokens"].set(inputs, stream=self.stream)
-            b["targets"].set(targets, stream=self.stream)
-            b["sorted_positions"].set(order, stream=self.stream)
-            b["bucket_starts"][:starts.size + 1].set(np.r_[starts, flat.size].astype(np.int32), stream=self.stream)
-            b["num_buckets"].set(np.array([starts.size], np.int32), stream=self.stream)
+        b, stream = self._batch, self.stream
+        for name in ("tokens", "targets", "sorted_positions", "num_buckets"):
+            b[name].set(getattr(staged, name), stream=stream)
+        count = int(staged.num_buckets[0]) + 1
+        b["bucket_starts"][:count].set(staged.bucket_starts[:count], stream=stream)
+        staged.uploaded(stream)
         return b["tokens"], b["targets"]
+
+    def set_batch(self, inputs, targets):
+        return self.upload_batch(self.prepare_batch(inputs, targets))
 
     def mean_loss(self, losses) -> float:
         return float(self.to_numpy(losses).mean())
+
+    def mean_loss_async(self, losses):
+        """The mean loss as a device scalar, computed on the stream without waiting: float() of it waits."""
+        with self.stream:
+            return losses.mean()
 
     def graphed(self, fn, enabled=True):
         """fn(*args) run eagerly once (cuBLASLt set-up, scratch sizing), then captured as a CUDA graph

@@ -235,8 +235,14 @@ class NumpyBackend:
     def fp32_copy(self, a):
         return np.array(a, dtype=np.float32)
 
-    def set_batch(self, inputs, targets):
+    def prepare_batch(self, inputs, targets):
         return np.ascontiguousarray(inputs, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)
+
+    def upload_batch(self, prepared):
+        return prepared
+
+    def set_batch(self, inputs, targets):
+        return self.prepare_batch(inputs, targets)
 
     def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
         return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed], dtype=np.float64)
@@ -253,6 +259,8 @@ class NumpyBackend:
 
     def mean_loss(self, losses) -> float:
         return float(losses.mean())
+
+    mean_loss_async = mean_loss
 
     def graphed(self, fn, enabled=True):
         return fn  # nothing to capture on the host
