@@ -72,6 +72,17 @@ class StagedBatch:
         self._held = False
 
 
+class PendingScalar:
+    """A device scalar still being computed on `stream`. The read goes through that stream, not CuPy's
+    current one, which is not always ours (seen falling back to the legacy stream during model set-up)."""
+
+    def __init__(self, value, stream):
+        self.value, self.stream = value, stream
+
+    def __float__(self) -> float:
+        return float(self.value.get(stream=self.stream))
+
+
 class CudaBackend:
     name = "cuda"
     checkpoint_dtype = "bf16"  # llm.c's train_gpt2cu writes bf16 model files (version 5)
@@ -172,10 +183,10 @@ class CudaBackend:
     def mean_loss(self, losses) -> float:
         return float(self.to_numpy(losses).mean())
 
-    def mean_loss_async(self, losses):
-        """The mean loss as a device scalar, computed on the stream without waiting: float() of it waits."""
+    def mean_loss_async(self, losses) -> "PendingScalar":
+        """The mean loss, computed on the stream without waiting; float() of the result waits for it."""
         with self.stream:
-            return losses.mean()
+            return PendingScalar(losses.mean(), self.stream)
 
     def graphed(self, fn, enabled=True):
         """fn(*args) run eagerly once (cuBLASLt set-up, scratch sizing), then captured as a CUDA graph
