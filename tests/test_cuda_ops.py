@@ -353,6 +353,27 @@ def test_matmul_backward(cuda, case, C, OC, with_dbias, gelu):
     assert_repeatable(case, run, first)
 
 
+@pytest.mark.parametrize("OC", [200, 1001, 2304])
+def test_bias_backward(cuda, case, OC):
+    """bias.cu on its own: 4004 rows (several row tiles, the last one partial), OC = 1001 takes the
+    unvectorized path; deterministic."""
+    from gpt2cu.backends.cuda_ops import ptr
+    N = 4004
+    dout, dout_d = case.bf16((N, OC))
+    host, dev = case.accumulator(dout.sum(axis=0))
+    floats = cuda.k.bias_backward_scratch_floats(N, OC)
+    scratch = cp.empty(floats, dtype=np.float32)
+
+    def run():
+        acc = dev.copy()
+        cuda.k.bias_backward(ptr(acc), ptr(dout_d), ptr(scratch), floats, N, OC, cuda.stream.ptr)
+        return {"dbias": raw(acc)}
+
+    first = run()
+    case.check("dbias", decode(first["dbias"]), host + dout.sum(axis=0), BF16_REL)
+    assert_repeatable(case, run, first)
+
+
 # ---- GeLU ---------------------------------------------------------------------------------------------
 GELU_N = 1_000_003  # odd: no vector width divides it
 
