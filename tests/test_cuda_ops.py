@@ -201,7 +201,8 @@ def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
     """prepare_batch's host half runs ahead of the GPU (train.py prepares the next micro-batch while the
     current one runs): batches prepared ahead and kept across a set_batch of another batch (an evaluation
     between steps), then uploaded behind queued work while the host prepares the next, each reach the
-    device with their tokens, targets and token buckets; also ids past 16 bits (the sort's int32 path)."""
+    device with their tokens, targets and token buckets; also ids past 16 bits (the sort's int32 path).
+    Each shape keeps its device buffers (a captured graph reads them), across uploads of other shapes."""
     slow, product = cp.ones((4096, 4096), dtype=np.float32), cp.empty((4096, 4096), dtype=np.float32)
     expected = [(case.rng.integers(0, 50257, (B, T), dtype=np.int32), case.rng.integers(0, 50257, (B, T)))
                 for _ in range(4)]
@@ -223,12 +224,15 @@ def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
             cp.matmul(slow, slow, out=product)
 
     staged = [cuda.prepare_batch(inputs, targets) for inputs, targets in expected[:3]]
-    check(*cuda.set_batch(*expected[3]), *expected[3])
+    first_tok, _ = cuda.set_batch(*expected[3])
+    check(first_tok, _, *expected[3])
+    cuda.set_batch(np.zeros((1, 5), np.int32), np.zeros((1, 5), np.int32))  # another shape in between
     for (inputs, targets), batch in zip(expected, staged):
         busy()
         tok, tgt = cuda.upload_batch(batch)
         cuda.prepare_batch(*expected[3])  # while batch's copies still wait: must not refill its memory
         check(tok, tgt, inputs, targets)
+        assert tok.data.ptr == first_tok.data.ptr, "a shape's device buffers must keep their address (graphs)"
 
 
 # ---- layernorm ----------------------------------------------------------------------------------------

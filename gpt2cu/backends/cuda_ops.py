@@ -97,7 +97,8 @@ class CudaBackend:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.stream.use()  # CuPy's own work (copies, fills) joins the kernels' stream
         self._scratch = cp.empty(0, dtype=np.float32)
-        self._batch = None
+        self._batches = {}  # (B, T) -> the device buffers of a batch of that shape
+        self._batch = None  # those of the last upload
         self._staging = []  # StagedBatch slots in pinned memory, reused once their upload is done
         self._norm = cp.zeros(1, dtype=np.float32)
         self._adamw_scalars = cp.zeros(8, dtype=np.uint32)  # struct AdamWScalars: 4 floats + seed + pad
@@ -163,13 +164,15 @@ class CudaBackend:
     def upload_batch(self, staged: "StagedBatch"):
         """Queues the copies of a prepared batch; returns the device (tokens, targets) buffers."""
         shape = staged.tokens.shape
-        if self._batch is None or self._batch["tokens"].shape != shape:
-            self.stream.synchronize()  # a graph replay may still read the old buffers
+        if shape not in self._batches:  # kept for the run: a captured graph holds these addresses
             n = staged.tokens.size
-            self._batch = {"tokens": cp.empty(shape, np.int32), "targets": cp.empty(shape, np.int32),
-                           "sorted_positions": cp.empty(n, np.int32), "bucket_starts": cp.empty(n + 1, np.int32),
-                           "num_buckets": cp.empty(1, np.int32)}
-        b, stream = self._batch, self.stream
+            with self.stream:
+                self._batches[shape] = {
+                    "tokens": cp.empty(shape, np.int32), "targets": cp.empty(shape, np.int32),
+                    "sorted_positions": cp.empty(n, np.int32), "bucket_starts": cp.empty(n + 1, np.int32),
+                    "num_buckets": cp.empty(1, np.int32)}
+        self._batch = b = self._batches[shape]
+        stream = self.stream
         for name in ("tokens", "targets", "sorted_positions", "num_buckets"):
             b[name].set(getattr(staged, name), stream=stream)
         count = int(staged.num_buckets[0]) + 1
