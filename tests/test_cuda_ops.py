@@ -224,8 +224,8 @@ def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
             cp.matmul(slow, slow, out=product)
 
     staged = [cuda.prepare_batch(inputs, targets) for inputs, targets in expected[:3]]
-    first_tok, _ = cuda.set_batch(*expected[3])
-    check(first_tok, _, *expected[3])
+    first_tok, first_tgt = cuda.set_batch(*expected[3])
+    check(first_tok, first_tgt, *expected[3])
     cuda.set_batch(np.zeros((1, 5), np.int32), np.zeros((1, 5), np.int32))  # another shape in between
     for (inputs, targets), batch in zip(expected, staged):
         busy()
