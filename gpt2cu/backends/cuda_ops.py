@@ -154,6 +154,8 @@ class CudaBackend:
     # buffers a captured graph reads, queued behind whatever the stream is running).
     def prepare_batch(self, inputs, targets) -> "StagedBatch":
         inputs = np.asarray(inputs)
+        if np.shape(targets) != inputs.shape:
+            raise ValueError(f"targets of shape {np.shape(targets)} for inputs of shape {inputs.shape}")
         slot = next((s for s in self._staging if s.reusable(inputs.shape)), None)
         if slot is None:
             slot = StagedBatch(inputs.shape)
