@@ -233,6 +233,8 @@ def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
         cuda.prepare_batch(*expected[3])  # while batch's copies still wait: must not refill its memory
         check(tok, tgt, inputs, targets)
         assert tok.data.ptr == first_tok.data.ptr, "a shape's device buffers must keep their address (graphs)"
+    with pytest.raises(ValueError, match="targets of shape"):
+        cuda.prepare_batch(np.zeros((B, T), np.int32), np.zeros(T, np.int32))
 
 
 # ---- layernorm ----------------------------------------------------------------------------------------
