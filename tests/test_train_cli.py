@@ -75,9 +75,12 @@ def test_short_run_loss_falls_and_logs(shards, tmp_path):
     assert any(re.fullmatch(r"s:0 tel:[\d.]+", l) for l in log), log
 
 
-def test_resume_is_bit_exact(shards, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 3], ids=["one-micro-step", "grad-accum-3"])
+def test_resume_is_bit_exact(shards, tmp_path, accumulate):
+    """The trainer reads each next batch while the current one computes (the next step's first during
+    the last micro-step): a checkpoint must save the loader's state from before that read."""
     train, val = shards
-    common = [*TINY, "-i", train, "-j", val, "-x", "12", "-n", "6", "-v", "0"]
+    common = [*TINY, "-i", train, "-j", val, "-x", "12", "-n", "6", "-v", "0", "-d", str(2 * 32 * accumulate)]
     full = run_train(*common, "-o", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     # same run, interrupted after the step-6 checkpoint: a run with -x 6 writes it at its last step
