@@ -261,14 +261,29 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][MT][4], const flo
         }
 }
 
-template <int MT, int NT>
-__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+// Where one accumulator element sits: its fragment indices, and its row / column in the warp's
+// 16*MT x 8*NT tile (the C/D layout above). The indices are compile-time constants once unrolled.
+struct AccIndex {
+    int mt, n, r, row, col;
+};
+
+// acc[...] = f(acc[...], AccIndex) for every element a lane holds.
+template <int MT, int NT, class F>
+__device__ __forceinline__ void map_acc(float (&acc)[MT][NT][4], int lane, F f) {
+    const int gr = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[mt][n][r] = 0.f;
+            for (int r = 0; r < 4; ++r)
+                acc[mt][n][r] =
+                    f(acc[mt][n][r], AccIndex{mt, n, r, mt * 16 + gr + (r >> 1) * 8, n * 8 + 2 * t + (r & 1)});
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[MT][NT][4]) {
+    map_acc(acc, 0, [](float, AccIndex) { return 0.f; });
 }
 
 // Stores a warp's 16*MT x HS accumulator (times mul) as bf16 into global rows row0.. (row stride
@@ -374,20 +389,9 @@ __global__ void __launch_bounds__(kThreads)
 
             // log2-domain scores; the causal mask only where the block reaches past the warp's first row
             const bool diag = k0 + kBlock - 1 > warp_row0;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < NTS; ++n)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        float x = s[mt][n][r] * scale_log2;
-                        if (diag) {
-                            const int i = warp_row0 + mt * 16 + gr + (r >> 1) * 8;
-                            const int j = k0 + n * 8 + 2 * t + (r & 1);
-                            if (j > i) x = -INFINITY;
-                        }
-                        s[mt][n][r] = x;
-                    }
+            map_acc(s, lane, [&](float x, AccIndex e) {
+                return diag && k0 + e.col > warp_row0 + e.row ? -INFINITY : x * scale_log2;
+            });
 
             // online softmax: a row lives in the 4 lanes of a quad (2 columns per n-tile each)
 #pragma unroll
@@ -441,12 +445,7 @@ __global__ void __launch_bounds__(kThreads)
             const int row = warp_row0 + mt * 16 + gr + hf * 8;
             if (row < T && t == 0) lse[(size_t)bh * T + row] = row_max[mt][hf] * kLn2 + logf(l);
         }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int n = 0; n < NTO; ++n)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) o[mt][n][r] *= inv[mt][r >> 1];
+    map_acc(o, lane, [&](float x, AccIndex e) { return x * inv[e.mt][e.r >> 1]; });
     store_rows<MT, NTO>(out + (size_t)b * T * C + (size_t)h * HS, C, o, warp_row0, T, 1.f, lane);
 }
 
@@ -537,7 +536,6 @@ __global__ void __launch_bounds__(kThreads)
     float* sD = sLse + 2 * kBlock;                           // [2][kBlock]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int gr = lane >> 2, t = lane & 3;
     // key blocks in increasing order: block 0 meets every query block, so it starts first
     const int kb = (int)(blockIdx.x / num_bh);
     const int bh = blockIdx.x % num_bh;
@@ -604,18 +602,10 @@ __global__ void __launch_bounds__(kThreads)
             zero_acc(st);
             warp_mma_abt<MT, KC, NTS, S>(st, k_frag, sQb, lane);
             const bool diag = qs < warp_key0 + 16 * MT - 1;  // some query of the step precedes some key
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < NTS; ++n)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        const int il = n * 8 + 2 * t + (r & 1);  // query within the step (column)
-                        const int j = warp_key0 + mt * 16 + gr + (r >> 1) * 8;
-                        float p = fast_exp2(fmaf(st[mt][n][r], scale_log2, -sLseb[il] * kLog2e));
-                        if (diag && j > qs + il) p = 0.f;
-                        st[mt][n][r] = p;
-                    }
+            map_acc(st, lane, [&](float x, AccIndex e) {  // rows: keys of the warp, columns: queries of the step
+                const float p = fast_exp2(fmaf(x, scale_log2, -sLseb[e.col] * kLog2e));
+                return diag && warp_key0 + e.row > qs + e.col ? 0.f : p;
+            });
             uint32_t a_frag[NTS / 2][MT][4];
             acc_to_a<MT, NTS>(a_frag, st);
             warp_mma_ab<MT, NTS / 2, NTO, S>(dv, a_frag, sdOb, lane);  // dV += P^T dO
@@ -623,15 +613,9 @@ __global__ void __launch_bounds__(kThreads)
             float dpt[MT][NTS][4];
             zero_acc(dpt);
             warp_mma_abt<MT, KC, NTS, S>(dpt, v_frag, sdOb, lane);  // dP^T = V dO^T
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < NTS; ++n)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        const int il = n * 8 + 2 * t + (r & 1);
-                        dpt[mt][n][r] = st[mt][n][r] * (dpt[mt][n][r] - sDb[il]);  // dS^T
-                    }
+            map_acc(dpt, lane, [&](float x, AccIndex e) {  // dS^T
+                return st[e.mt][e.n][e.r] * (x - sDb[e.col]);
+            });
             acc_to_a<MT, NTS>(a_frag, dpt);
             warp_mma_ab<MT, NTS / 2, NTO, S>(dk, a_frag, sQb, lane);  // dK += dS^T Q (times scale below)
         }
@@ -665,7 +649,7 @@ __global__ void __launch_bounds__(kThreads)
     bf16* sV = sK + 2 * TILE;  // [2][TILE]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int gr = lane >> 2, t = lane & 3;
+    const int gr = lane >> 2;
     const int qb = num_blocks - 1 - (int)(blockIdx.x / num_bh);  // most keys first
     const int bh = blockIdx.x % num_bh;
     const int b = bh / NH, h = bh % NH;
@@ -725,28 +709,16 @@ __global__ void __launch_bounds__(kThreads)
             zero_acc(s);
             warp_mma_abt<MT, KC, NTS, S>(s, q_frag, sKb, lane);  // S = Q K^T
             const bool diag = ks + SUB - 1 > warp_row0;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < NTS; ++n)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        const int i = warp_row0 + mt * 16 + gr + (r >> 1) * 8;
-                        const int j = ks + n * 8 + 2 * t + (r & 1);
-                        float p = fast_exp2(fmaf(s[mt][n][r], scale_log2, -lse2[mt][r >> 1]));
-                        if (diag && j > i) p = 0.f;
-                        s[mt][n][r] = p;
-                    }
+            map_acc(s, lane, [&](float x, AccIndex e) {
+                const float p = fast_exp2(fmaf(x, scale_log2, -lse2[e.mt][e.r >> 1]));
+                return diag && ks + e.col > warp_row0 + e.row ? 0.f : p;
+            });
             float dp[MT][NTS][4];
             zero_acc(dp);
             warp_mma_abt<MT, KC, NTS, S>(dp, do_frag, sVb, lane);  // dP = dO V^T
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int n = 0; n < NTS; ++n)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r)
-                        dp[mt][n][r] = s[mt][n][r] * (dp[mt][n][r] - dval[mt][r >> 1]);  // dS
+            map_acc(dp, lane, [&](float x, AccIndex e) {  // dS
+                return s[e.mt][e.n][e.r] * (x - dval[e.mt][e.r >> 1]);
+            });
             uint32_t ds_frag[NTS / 2][MT][4];
             acc_to_a<MT, NTS>(ds_frag, dp);
             warp_mma_ab<MT, NTS / 2, NTO, S>(dq, ds_frag, sKb, lane);  // dQ += dS K (times scale below)
