@@ -367,6 +367,8 @@ def checkpoint_problem(out_dir: str, step: int) -> str | None:
     """Why the checkpoint at `step` cannot be resumed, or None when it is complete: a DONE marker,
     a model file and one state file per rank, each with a valid header and the size it declares.
     (Checksums are verified when a rank reads its own state file.)"""
+    if not os.path.exists(done_path(out_dir, step)):
+        return f"no {os.path.basename(done_path(out_dir, step))} marker: the checkpoint was not completely written"
     try:
         world = _done_world_size(out_dir, step)
         read_model_header(model_path(out_dir, step))
@@ -377,6 +379,11 @@ def checkpoint_problem(out_dir: str, step: int) -> str | None:
     except (OSError, CheckpointError) as e:
         return str(e)
     return None
+
+
+def checkpoint_steps(out_dir: str) -> list[int]:
+    """Every step that has any checkpoint file in `out_dir` (complete or not), oldest first."""
+    return sorted(set(_steps(out_dir, r"(?:model|state|DONE)_(\d{8})(?:[._].*)?")))
 
 
 def latest_checkpoint(out_dir: str) -> int | None:

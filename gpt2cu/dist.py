@@ -27,6 +27,8 @@ import traceback
 
 import numpy as np
 
+from .extras import require
+
 OPS = ("sum", "avg")
 
 # NCCL 2.10.3 introduced both ncclBfloat16 and ncclAvg (its version code is 21003)
@@ -338,11 +340,8 @@ def init_distributed(backend_name: str):
     if env is None or env[0] == 1:
         return SingleProcess()
     size, rank, _, var = env
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise RuntimeError(f"launched as rank {rank} of {size} ({var}) but mpi4py is not installed: "
-                           f"pip install mpi4py") from e
+    require("mpi4py", f"running as rank {rank} of {size} ({var} is set)")
+    from mpi4py import MPI
     if MPI.COMM_WORLD.Get_size() != size:
         raise RuntimeError(f"{var} says {size} ranks but MPI sees {MPI.COMM_WORLD.Get_size()}: launch with "
                            f"mpirun, or srun --mpi=pmix with an MPI that supports it")

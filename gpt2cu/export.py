@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from .config import GPT2_EOT, GPTConfig
+from .extras import MissingExtra, require
 from .layout import param_layout
 
 CONFIG_FILE = "config.json"
@@ -100,7 +101,7 @@ def from_hf_tensors(cfg: GPTConfig, tensors: dict, source: str = "") -> np.ndarr
 
 def export_hf(out_dir: str, cfg: GPTConfig, flat: np.ndarray) -> None:
     """Write config.json and model.safetensors for GPT2LMHeadModel.from_pretrained(out_dir)."""
-    from safetensors.numpy import save_file
+    save_file = require("safetensors.numpy", "Hugging Face export").save_file
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(hf_config(cfg), f, indent=2)
@@ -142,7 +143,7 @@ def _weight_files(hf_dir: str) -> list:
 
 def import_hf(hf_dir: str) -> tuple:
     """(GPTConfig, fp32 flat params) from a Hugging Face GPT-2 directory (config.json + safetensors)."""
-    from safetensors.numpy import load_file
+    load_file = require("safetensors.numpy", "reading a Hugging Face model directory").load_file
     config_path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{hf_dir}: no {CONFIG_FILE}; not a Hugging Face model directory")
@@ -164,6 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="llm.c model file (fp32 or bf16)")
     p.add_argument("out_dir")
     args = p.parse_args(argv)
+    try:
+        require("safetensors.numpy", p.prog)
+    except MissingExtra as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     from .checkpoint import read_model
     try:
         cfg, flat = read_model(args.checkpoint)

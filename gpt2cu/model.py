@@ -37,8 +37,8 @@ def _allocate(group: str, make):
     try:
         return make()
     except MemoryError as e:  # CuPy's OutOfMemoryError is a MemoryError
-        raise MemoryError(f"out of memory allocating the {group}: {e}. Try a smaller -b, or -r 2 "
-                          f"to recompute activations") from e
+        raise MemoryError(f"out of memory allocating the {group}: {str(e).rstrip('.')}. Try a smaller -b, "
+                          f"or -r 2 to recompute activations") from e
 
 
 class GPT:

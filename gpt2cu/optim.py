@@ -32,8 +32,8 @@ class AdamWConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not self.lr >= 0:
+            raise ValueError(f"learning rate must be >= 0, got {self.lr}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from .extras import MissingExtra, require
+
 KEYS = {"trl": "train loss", "tel": "val loss", "eval": "HellaSwag"}
 
 
@@ -49,7 +51,7 @@ def read_log(path: str) -> dict:
 def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_loss: float | None = None,
               ref_hellaswag: float | None = None) -> None:
     """runs: label -> read_log() series. Writes a PNG to `out`."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -97,6 +99,10 @@ def main(argv=None) -> int:
                    help="horizontal line on the HellaSwag panel, in percent (GPT-2 124M: 29.4)")
     p.add_argument("--tokens-per-step", type=int, default=None, help="x axis in tokens (e.g. -d of the runs)")
     args = p.parse_args(argv)
+    try:
+        require("matplotlib", p.prog)
+    except MissingExtra as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
         p.error(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
     runs = {}

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     try:
         cfg, params = load_weights(args.checkpoint)
         backend = get_backend(args.backend)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         p.error(str(e))
     prompt = [GPT2_EOT] if args.prompt is None else encode(args.prompt)
     if not prompt:

@@ -16,6 +16,7 @@ import numpy as np
 from . import checkpoint, optim
 from .config import GPTConfig
 from .data import DataLoader
+from .extras import MissingExtra
 from .layout import param_layout
 from .model import GPT, init_params
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("-b", dest="batch_size", type=int, default=None, help="per-rank micro-batch size B")
     a("-t", dest="seq_len", type=int, default=None, help="sequence length T")
     a("-d", dest="total_batch", type=int, default=None, help="total batch in tokens (default B*T*ranks)")
-    a("-x", dest="max_steps", type=int, default=None, help="optimization steps (-1: one epoch)")
+    a("-x", dest="max_steps", type=int, default=None,
+      help="optimization steps (-1: one epoch; 0: only evaluate the loaded model at step 0)")
     a("-k", dest="lr_schedule", default="cosine", help="cosine | linear | constant | wsd")
     a("-l", dest="learning_rate", type=float, default=None)
     a("-u", dest="warmup", type=int, default=None, help="warmup steps")
@@ -94,8 +96,10 @@ def parse_args(argv=None):
             parser.error(f"{flag} must be >= 0, got {value}")
     if args.collective_timeout < 0:
         parser.error(f"--collective-timeout must be >= 0 (0: off), got {args.collective_timeout}")
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        parser.error(f"-l must be > 0, got {args.learning_rate}")
+    if args.max_steps is not None and args.max_steps < -1:
+        parser.error(f"-x must be >= -1 (-1: one epoch), got {args.max_steps}")
+    if args.learning_rate is not None and not args.learning_rate >= 0:
+        parser.error(f"-l must be >= 0, got {args.learning_rate}")
     if not 0.0 <= args.final_lr_frac <= 1.0:
         parser.error(f"-q must be in [0, 1], got {args.final_lr_frac}")
     if args.lr_schedule not in optim.LR_SCHEDULES:
@@ -164,13 +168,17 @@ def resolve_data(args, rank: int, comm):
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
     from .backends import get_backend
-    from .dist import abort_on_failure, init_distributed, install_abort_on_exception
+    from .dist import abort_on_failure, init_distributed, install_abort_on_exception, launcher_env
 
     try:
         backend = get_backend(args.backend)
     except (RuntimeError, ValueError) as e:
         parser.error(f"--backend {args.backend}: {e}")
-    comm = init_distributed(backend.name)
+    try:
+        comm = init_distributed(backend.name)
+    except MissingExtra as e:  # no communicator to agree through: each rank stops itself, rank 0 says why
+        env = launcher_env()
+        parser.exit(2, f"{parser.prog}: error: {e}\n" if env is None or env[1] == 0 else None)
     install_abort_on_exception(comm)
     with abort_on_failure(comm):  # a flag error on one rank must stop every rank, not hang them
         return train(args, parser, backend, comm)
@@ -193,7 +201,7 @@ def train(args, parser, backend, comm) -> int:
 
     try:
         cfg, host_params = load_initial_params(args)
-    except (ArgumentError, ValueError, OSError) as e:
+    except (ArgumentError, ValueError, OSError, MissingExtra) as e:
         parser.error(str(e))
     if T > cfg.max_seq_len:
         parser.error(f"-t {T} exceeds the model's max sequence length {cfg.max_seq_len}")
@@ -204,7 +212,7 @@ def train(args, parser, backend, comm) -> int:
         val_loader = DataLoader(args.val_data, B, T, rank, world, shuffle=False) if args.val_every else None
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    max_steps = args.max_steps if args.max_steps > 0 else max(1, train_loader.num_batches_per_epoch // grad_accum)
+    max_steps = args.max_steps if args.max_steps >= 0 else max(1, train_loader.num_batches_per_epoch // grad_accum)
 
     param_count = cfg.num_parameters()
     shards = optim.zero_shards(param_layout(cfg), world if args.zero_stage else 1)
@@ -216,25 +224,21 @@ def train(args, parser, backend, comm) -> int:
                                 graphs=not args.no_graphs, initial_params=host_params)
     except MemoryError as e:
         message = str(e) if "allocating" in str(e) else (
-            f"out of memory allocating the optimizer state: {e}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")
+            f"out of memory allocating the optimizer state: {str(e).rstrip('.')}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")
         parser.exit(1, f"{parser.prog}: error: {message}\n")
     backend.synchronize()
 
     start_step, logger = 0, Logger(args.output_dir, rank, resume=bool(args.resume))
     if args.resume:
-        found = checkpoint.latest_checkpoint(args.output_dir)
+        found = newest_usable_checkpoint(args.output_dir, cfg, args.zero_stage, comm)
         if found is None:
-            say(f"-y 1: no complete checkpoint in {args.output_dir}, starting from step 0")
+            say(f"-y 1: no usable checkpoint in {args.output_dir}, starting from step 0")
         else:
-            start_step = found
-            state = checkpoint.load_training_state(args.output_dir, found, rank, world, args.zero_stage)
-            cfg_ckpt, params = checkpoint.read_model(checkpoint.model_path(args.output_dir, found))
-            if cfg_ckpt != cfg:
-                parser.error(f"checkpoint model {cfg_ckpt} does not match -e {args.model} ({cfg})")
+            start_step, state, params = found
             model.load_params(params)
             optimizer.load_state(state.arrays)
             train_loader.load_state_dict(state.extra["train_loader"])
-            say(f"resumed from step {found} in {args.output_dir}")
+            say(f"resumed from step {start_step} in {args.output_dir}")
 
     mem = backend.memory_report(model, optimizer)
     say(f"gpt2cu | backend {backend.name} | {backend.device_name()} | ranks {world} | ZeRO-{args.zero_stage}")
@@ -273,7 +277,7 @@ def train(args, parser, backend, comm) -> int:
             acc = evaluate_hellaswag(model, backend, read_eval_file(args.hellaswag_file), comm)
             say(f"step {step:5d} | HellaSwag acc_norm {acc:.4f}")
             logger.log(step, "eval", acc)
-        if rank == 0 and args.sample_every and (step % args.sample_every == 0 or last) and step > 0:
+        if rank == 0 and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last):
             from .sample import generate
             from .tokenizer import decode, EOT
             text = decode(generate(model, backend, [EOT], args.gen_tokens, seed=1337 + step))
@@ -336,6 +340,29 @@ def train(args, parser, backend, comm) -> int:
     summary.append(f"peak memory {backend.peak_memory() / 2**20:.0f} MiB")
     say("done: " + ", ".join(summary))
     return 0
+
+
+def newest_usable_checkpoint(out_dir, cfg, zero_stage, comm):
+    """(step, this rank's TrainingState, fp32 params) of the newest checkpoint in out_dir that every rank
+    can load, or None. Each unusable newer one is reported with the reason (no DONE marker, a truncated
+    or corrupt file, another model shape) before the search falls back to an older step: a damaged
+    newest checkpoint must never go unnoticed. The ranks agree on every step (a collective per step)."""
+    for step in reversed(checkpoint.checkpoint_steps(out_dir)):
+        problem = checkpoint.checkpoint_problem(out_dir, step)
+        if problem is None:
+            try:
+                state = checkpoint.load_training_state(out_dir, step, comm.rank, comm.world_size, zero_stage)
+                cfg_ckpt, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
+                if cfg_ckpt != cfg:
+                    problem = f"its model {cfg_ckpt} is not the run's {cfg}"
+            except (OSError, checkpoint.CheckpointError) as e:
+                problem = str(e)
+        if problem is not None:
+            print(f"-y 1: skipping the checkpoint of step {step}" +
+                  (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}", flush=True)
+        if comm.all_reduce_scalar(problem is not None) == 0:
+            return step, state, params
+    return None
 
 
 def save_checkpoint(args, step, model, optimizer, loader_state, comm, cfg):

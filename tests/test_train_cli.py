@@ -107,3 +107,111 @@ def test_keep_newest_checkpoints(shards, tmp_path):
     assert r.returncode == 0, r.stderr
     models = sorted(p.name for p in out.glob("model_*.bin"))
     assert models == ["model_00000006.bin", "model_00000008.bin"], models
+
+
+def _damage_truncate(out, step):
+    path = out / f"state_{step:08d}_00000.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _damage_flip_a_byte(out, step):
+    path = out / f"state_{step:08d}_00000.bin"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # inside the AdamW moments: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+def _damage_remove_done(out, step):
+    (out / f"DONE_{step:08d}").unlink()
+
+
+def _damage_other_shape(out, step):
+    from gpt2cu.checkpoint import write_model
+    from gpt2cu.config import GPTConfig
+    from gpt2cu.model import init_params
+    cfg = GPTConfig(n_layer=2, n_head=1, n_embd=64)
+    write_model(str(out / f"model_{step:08d}.bin"), cfg, init_params(cfg))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_damage_truncate, "truncated"),
+    (_damage_flip_a_byte, "crc32"),
+    (_damage_remove_done, "no DONE_00000004 marker"),
+    (_damage_other_shape, "is not the run's"),
+], ids=["truncated-state", "crc-mismatch", "no-done-marker", "model-of-another-shape"])
+def test_resume_reports_an_unusable_newest_checkpoint(shards, tmp_path, damage, reason):
+    train, val = shards
+    out = tmp_path / "run"
+    common = [*TINY, "-i", train, "-j", val, "-x", "6", "-n", "2", "-v", "0", "-o", str(out)]
+    first = run_train(*common, "--stop-after", "4")
+    assert first.returncode == 0, first.stderr
+    damage(out, 4)
+    resumed = run_train(*common, "-y", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = [l for l in resumed.stdout.splitlines() if "skipping the checkpoint of step 4" in l]
+    assert len(skipped) == 1 and reason in skipped[0], resumed.stdout
+    assert "resumed from step 2" in resumed.stdout
+    assert sorted(train_losses(resumed.stdout)) == [3, 4, 5, 6]
+
+
+def test_max_steps_zero_only_evaluates_the_loaded_model(shards, tmp_path):
+    """llm.c's -x 0: no optimization step; the step-0 val loss and sample of the model, then exit."""
+    train, val = shards
+    out = tmp_path / "eval"
+    r = run_train(*TINY[:-2], "-i", train, "-j", val, "-x", "0", "-s", "5", "-g", "4", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert train_losses(r.stdout) == {}
+    assert "step     0 | val loss" in r.stdout and "step     0 | sample:" in r.stdout, r.stdout
+    assert [l.split()[0] for l in (out / "main.log").read_text().splitlines()] == ["s:0"]
+
+
+def test_learning_rate_zero_is_accepted_and_leaves_the_weights(shards, tmp_path):
+    from gpt2cu.checkpoint import read_model
+    train, val = shards
+    out = tmp_path / "lr0"
+    r = run_train(*TINY, "-i", train, "-j", val, "-x", "2", "-n", "2", "-v", "0", "-l", "0", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert sorted(train_losses(r.stdout)) == [1, 2]
+    from gpt2cu.config import GPTConfig
+    from gpt2cu.model import init_params
+    _, trained = read_model(str(out / "model_00000002.bin"))
+    np.testing.assert_array_equal(trained, init_params(GPTConfig.from_descriptor("d1"), seed=42))
+
+
+# llm.c's train_gpt2cu flags (its error_usage) with a value each, and the setting each must become here
+LLMC_FLAGS = [
+    ("-i", "train_*.bin", "train_data", "train_*.bin"), ("-j", "val_*.bin", "val_data", "val_*.bin"),
+    ("-e", "d12", "model", "d12"), ("-o", "log124M", "output_dir", "log124M"),
+    ("-n", "5000", "checkpoint_every", 5000), ("-nk", "3", "checkpoints_keep", 3),
+    ("-nm", "10000", "major_checkpoint_every", 10000), ("-y", "1", "resume", 1),
+    ("-b", "64", "batch_size", 64), ("-t", "1024", "seq_len", 1024), ("-d", "524288", "total_batch", 524288),
+    ("-l", "0.0006", "learning_rate", 6e-4), ("-k", "cosine", "lr_schedule", "cosine"),
+    ("-u", "700", "warmup", 700), ("-q", "0.0", "final_lr_frac", 0.0), ("-c", "0.1", "weight_decay", 0.1),
+    ("-sl", "5.0", "skip_loss_z", 5.0), ("-sg", "5.0", "skip_norm_z", 5.0), ("-x", "18865", "max_steps", 18865),
+    ("-v", "250", "val_every", 250), ("-m", "20", "val_max_steps", 20), ("-s", "20000", "sample_every", 20000),
+    ("-g", "144", "gen_tokens", 144), ("-h", "1", "hellaswag", 1), ("-a", "1", "overfit_batch", 1),
+    ("-w", "0", "master_weights", 0), ("-r", "0", "recompute", 0), ("-z", "1", "zero_stage", 1),
+]
+
+
+@pytest.mark.parametrize("flag, value, dest, expected", LLMC_FLAGS, ids=[f[0] for f in LLMC_FLAGS])
+def test_llmc_flag_means_what_it_means_in_llmc(flag, value, dest, expected):
+    from gpt2cu.train import parse_args
+    extra = ["-o", "out"] if flag == "-y" else []
+    args, _ = parse_args([flag, value, *extra])
+    assert getattr(args, dest) == expected
+
+
+def test_out_of_memory_message_ends_its_sentence_once():
+    from gpt2cu.config import GPTConfig
+    from gpt2cu.model import GPT, init_params
+
+    class FullDevice:  # what CuPy raises, message ending in a period
+        def upload_params(self, host, n, out=None):
+            raise MemoryError("Out of memory allocating 1,024 bytes (allocated so far: 0 bytes).")
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, max_seq_len=8, vocab_size=16, padded_vocab_size=16)
+    with pytest.raises(MemoryError) as info:
+        GPT(cfg, FullDevice(), 1, 8, init_params(cfg))
+    message = str(info.value)
+    assert ".." not in message and "bytes). Try" in message, message
+    assert "out of memory allocating the parameters" in message and "Try a smaller -b" in message

@@ -18,11 +18,16 @@ mfu(flops_per_second), peak_memory(), memory_report(model, optimizer), checkpoin
 """
 from __future__ import annotations
 
+from ..extras import install_hint
+
 
 def cuda_available() -> tuple[bool, str]:
     """(True, "") when the CUDA backend can run here, else (False, why not)."""
     try:
         import cupy
+    except ImportError:
+        return False, f"CuPy is not installed: {install_hint('cupy')}"
+    try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return False, "no CUDA GPU is visible"
     except Exception as e:  # no cupy, no driver, no device
