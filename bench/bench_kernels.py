@@ -25,7 +25,7 @@ import cupy as cp
 import numpy as np
 
 from gpt2cu.backends import get_backend
-from gpt2cu.config import GPTConfig
+from gpt2cu.models.gpt2 import GPTConfig
 
 try:
     import torch

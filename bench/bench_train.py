@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from gpt2cu import optim
-from gpt2cu.config import GPTConfig
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import GPT, init_params
 
 
 def random_batches(cfg, B, T, count, seed=0):

@@ -20,11 +20,11 @@ import torch
 
 from gpt2cu import optim
 from gpt2cu.backends import get_backend
-from gpt2cu.config import GPTConfig
+from gpt2cu.models.gpt2 import GPTConfig
 from gpt2cu.corpus import default_corpus
 from gpt2cu.data import DataLoader
 from gpt2cu.dist import SingleProcess
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPT, init_params
 from gpt2cu.torch_reference import TorchGPT
 
 SDPA = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,

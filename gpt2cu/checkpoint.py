@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import GPTConfig
-from .layout import param_layout
+from .models.gpt2 import GPTConfig
+from .models.gpt2 import param_layout
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4

@@ -180,3 +180,27 @@ class DataLoader:
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch, 1, self._shard])
             self._sample_order = rng.permutation(self.shard_samples[self._shard])
+
+
+class RepeatedBatch:
+    """llm.c's -a 1 (overfit one batch): the first batch of `loader`, served for every step. Its state
+    is the loader's after that read, so a resumed run reads the same batch again."""
+
+    def __init__(self, loader):
+        self.loader, self._batch = loader, None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.loader.num_tokens
+
+    def next_batch(self):
+        if self._batch is None:
+            self._batch = self.loader.next_batch()
+        return self._batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._batch = None

@@ -61,6 +61,9 @@ class SingleProcess:
     rank, world_size, local_rank = 0, 1, 0
     communicates = False  # callers may skip the collectives altogether
 
+    def use_stream(self, stream):
+        """Host collectives: nothing to join (the NCCL communicator enqueues on `stream`)."""
+
     def all_reduce(self, buf, op: str = "sum"):
         _check_op(op)
 
@@ -98,6 +101,9 @@ class MPIComm:
     """mpi4py over host numpy arrays (the numpy backend). Reductions need a floating dtype: bf16 bits
     stored as uint16 would be summed as integers."""
     communicates = True
+
+    def use_stream(self, stream):
+        """Host collectives: nothing to join (the NCCL communicator enqueues on `stream`)."""
 
     def __init__(self, comm=None, local_rank: int | None = None):
         from mpi4py import MPI
@@ -174,7 +180,7 @@ class MPIComm:
 class NCCLComm:
     """cupy.cuda.nccl over CuPy arrays, one GPU per rank; MPI carries the NCCL unique id, the host
     scalars and the barrier. Collectives are enqueued on `stream` (a cupy Stream; None: the current
-    stream at each call), so the trainer sets comm.stream = backend.stream once the device is chosen.
+    stream at each call), so the trainer calls use_stream(backend.stream) once the device is chosen.
     bf16 tensors are uint16 CuPy arrays of raw bits and travel as ncclBfloat16."""
     communicates = True  # even with one rank: that is how the NCCL path is tested on one GPU
 
@@ -204,6 +210,9 @@ class NCCLComm:
         uid = nccl.get_unique_id() if self.rank == 0 else None
         uid = mpi.comm.bcast(uid, root=0)
         self.comm = nccl.NcclCommunicator(self.world_size, uid, self.rank)
+
+    def use_stream(self, stream):
+        self.stream = stream
 
     def _stream(self):
         return self.stream if self.stream is not None else self.cp.cuda.get_current_stream()

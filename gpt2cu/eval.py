@@ -166,8 +166,7 @@ def evaluate_hellaswag(model, backend, examples, comm) -> float:
         raise ValueError("HellaSwag: no examples to evaluate")
     correct = 0
     for inputs, targets, labels in hellaswag_batches(examples, model.B, model.T, comm.rank, comm.world_size):
-        tok, tgt = backend.set_batch(inputs, targets)
-        model.forward(tok, tgt, dloss=0.0)
+        model.forward(backend.set_batch(inputs, targets), dloss=0.0)
         correct += count_correct(backend.to_numpy(model.acts["losses"]), targets, labels)
     return comm.all_reduce_scalar(correct) / len(examples)
 
@@ -184,7 +183,6 @@ def evaluate_val_loss(model, backend, loader, max_batches: int, comm) -> float:
     total = 0.0
     for _ in range(n):
         inputs, targets = loader.next_batch()
-        tok, tgt = backend.set_batch(inputs, targets)
-        model.forward(tok, tgt, dloss=0.0)
+        model.forward(backend.set_batch(inputs, targets), dloss=0.0)
         total += backend.mean_loss(model.acts["losses"])
     return comm.all_reduce_scalar(total / n) / comm.world_size

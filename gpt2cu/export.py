@@ -19,9 +19,9 @@ import sys
 
 import numpy as np
 
-from .config import GPT2_EOT, GPTConfig
+from .models.gpt2 import GPT2_EOT, GPTConfig
 from .extras import MissingExtra, require
-from .layout import param_layout
+from .models.gpt2 import param_layout
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

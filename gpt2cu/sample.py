@@ -21,8 +21,8 @@ import sys
 import numpy as np
 
 from .checkpoint import load_weights
-from .config import GPT2_EOT
-from .kv_cache import KVCacheDecoder, supports_kv_cache
+from .models.gpt2 import GPT2_EOT
+from .kv_cache import KVCacheDecoder
 
 
 def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,
@@ -50,8 +50,7 @@ def recompute_logits(model, backend, seq) -> np.ndarray:
     window = seq[-T:]
     inputs = np.full((B, T), GPT2_EOT, dtype=np.int32)
     inputs[0, :len(window)] = window  # positions past the window are never seen (causal attention)
-    tok, _ = backend.set_batch(inputs, np.zeros_like(inputs))  # the forward ignores the targets
-    model.forward(tok)
+    model.forward(backend.set_batch(inputs))
     return backend.to_numpy(model.acts["logits"][0, len(window) - 1, :model.cfg.vocab_size])
 
 
@@ -59,7 +58,7 @@ def generate(model, backend, prompt_tokens, max_new_tokens: int, temperature: fl
              top_k: int | None = None, seed: int = 1337, kv_cache: bool = True) -> list:
     """The max_new_tokens tokens sampled after prompt_tokens (the prompt is not repeated). Deterministic
     for a given seed, model and backend. kv_cache: decode incrementally while the sequence fits in
-    model.T (where the backend supports it), then recompute; False: recompute every token."""
+    model.T, then recompute; False: recompute every token."""
     if len(prompt_tokens) == 0:
         raise ValueError("generate needs at least one prompt token (e.g. EOT to start a document)")
     rng = np.random.default_rng(seed)
@@ -67,7 +66,7 @@ def generate(model, backend, prompt_tokens, max_new_tokens: int, temperature: fl
     decoder, logits = None, None
     # the cache holds the positions whose logits are needed: the prompt's and all but the last new token's
     capacity = min(model.T, len(seq) + max_new_tokens - 1)
-    if kv_cache and max_new_tokens > 0 and len(seq) <= capacity and supports_kv_cache(backend):
+    if kv_cache and max_new_tokens > 0 and len(seq) <= capacity:
         decoder = KVCacheDecoder(model, capacity)
         logits = decoder.prefill(seq)
     for i in range(max_new_tokens):
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
 
     from .backends import get_backend
-    from .model import GPT
+    from .models.gpt2 import GPT
     from .tokenizer import decode, encode
 
     try:

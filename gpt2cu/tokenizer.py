@@ -20,7 +20,7 @@ import numpy as np
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PAT_STR
 
-from .config import GPT2_EOT, GPT2_VOCAB
+from .models.gpt2 import GPT2_EOT, GPT2_VOCAB
 
 EOT = GPT2_EOT
 EOT_TEXT = "<|endoftext|>"

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
-from .layout import param_layout
+from .models.gpt2 import GPTConfig
+from .models.gpt2 import param_layout
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,7 +1,6 @@
-"""`python -m gpt2cu.train`: llm.c's train_gpt2cu flags, the training loop, logging and checkpoints.
-
-tokens -> data.DataLoader -> model.GPT.forward -> losses -> GPT.backward -> dist (all-reduce or
-reduce-scatter) -> optim.AdamW (clip, update) -> dist (all-gather under ZeRO-1) -> next step.
+"""`python -m gpt2cu.train`: llm.c's train_gpt2cu flags. This module is the command line only: it parses
+and checks the flags (every usage error before anything is built), fills the backend's defaults, builds a
+trainer.Trainer and runs it with evaluation, sampling, checkpoints and llm.c's main.log around its steps.
 """
 from __future__ import annotations
 
@@ -10,15 +9,18 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint, optim
-from .config import GPTConfig
-from .data import DataLoader
+from . import checkpoint
+from .data import DataLoader, RepeatedBatch
+from .dist import Watchdog
 from .extras import MissingExtra
-from .layout import param_layout
-from .model import GPT, init_params
+from .models import config_from_descriptor, family_of
+from .optim import AdamWConfig
+from .schedules import LR_SCHEDULES
+from .trainer import TrainConfig, Trainer
 
 # per-backend defaults for flags left unset: the numpy backend gets a model that trains in minutes on a CPU
 BACKEND_DEFAULTS = {
@@ -102,8 +104,8 @@ def parse_args(argv=None):
         parser.error(f"-l must be >= 0, got {args.learning_rate}")
     if not 0.0 <= args.final_lr_frac <= 1.0:
         parser.error(f"-q must be in [0, 1], got {args.final_lr_frac}")
-    if args.lr_schedule not in optim.LR_SCHEDULES:
-        parser.error(f"-k must be one of {', '.join(optim.LR_SCHEDULES)}, got {args.lr_schedule!r}")
+    if args.lr_schedule not in LR_SCHEDULES:
+        parser.error(f"-k must be one of {', '.join(LR_SCHEDULES)}, got {args.lr_schedule!r}")
     if args.resume and not args.output_dir:
         parser.error("-y 1 needs -o DIR to resume from")
     if args.overlap_comm and args.zero_stage:
@@ -141,28 +143,29 @@ class Logger:
                 f.write(f"s:{step} {key}:{value:.6f}\n")
 
 
-def load_initial_params(args, cfg_overrides=None):
-    """(GPTConfig, fp32 flat params) from a dN descriptor (fresh init) or an llm.c model file."""
+def load_initial_params(args):
+    """(model config, fp32 flat params) from a descriptor (fresh init) or a model file / HF directory."""
     if os.path.exists(args.model):  # an llm.c model file or a Hugging Face GPT-2 directory
         return checkpoint.load_weights(args.model)
     try:
-        cfg = GPTConfig.from_descriptor(args.model)
+        cfg = config_from_descriptor(args.model)
     except ValueError as e:
         raise ArgumentError(f"-e {args.model}: {e} (and no such file)")
-    return cfg, init_params(cfg, seed=args.seed)
+    return cfg, family_of(cfg).init_params(cfg, seed=args.seed)
 
 
-def resolve_data(args, rank: int, comm):
-    if args.train_data is None or args.val_data is None:
-        from .corpus import default_corpus
-        # rank 0 builds the cache; the others wait for it, then read the same files
-        if rank == 0:
-            train, val = default_corpus()
-        comm.barrier()
-        if rank != 0:
-            train, val = default_corpus()
-        args.train_data = args.train_data or train
-        args.val_data = args.val_data or val
+def resolve_data(args, comm) -> tuple[str, str]:
+    """The (train, val) shard globs: -i / -j, else the embedded corpus (rank 0 builds its cache; the
+    others wait for it, then read the same files)."""
+    if args.train_data is not None and args.val_data is not None:
+        return args.train_data, args.val_data
+    from .corpus import default_corpus
+    if comm.rank == 0:
+        train, val = default_corpus()
+    comm.barrier()
+    if comm.rank != 0:
+        train, val = default_corpus()
+    return args.train_data or train, args.val_data or val
 
 
 def main(argv=None) -> int:
@@ -181,203 +184,137 @@ def main(argv=None) -> int:
         parser.exit(2, f"{parser.prog}: error: {e}\n" if env is None or env[1] == 0 else None)
     install_abort_on_exception(comm)
     with abort_on_failure(comm):  # a flag error on one rank must stop every rank, not hang them
-        return train(args, parser, backend, comm)
+        backend.select_device(comm.local_rank)
+        comm.use_stream(backend.stream)
+        run = build_run(args, parser, backend, comm)
+        return train(run, args, comm)
 
 
-def train(args, parser, backend, comm) -> int:
-    backend.select_device(comm.local_rank)
-    if hasattr(comm, "stream"):
-        comm.stream = backend.stream
+@dataclass
+class Run:
+    """What the command line builds: the trainer and what surrounds its steps."""
+    trainer: Trainer
+    val_loader: DataLoader | None
+    train_data: str
+    val_data: str
+
+
+def build_run(args, parser, backend, comm) -> Run:
+    """Checks every flag against the backend, the ranks, the model and the data (a usage error exits 2
+    here, before anything is allocated), then builds the trainer."""
     fill_backend_defaults(args, backend.name)
-    rank, world = comm.rank, comm.world_size
-    say = print if rank == 0 else (lambda *a, **k: None)
-
-    B, T = args.batch_size, args.seq_len
+    B, T, world = args.batch_size, args.seq_len, comm.world_size
     tokens_per_micro = B * T * world
     total_batch = args.total_batch or tokens_per_micro
     if total_batch % tokens_per_micro:
         parser.error(f"-d {total_batch} is not divisible by B*T*ranks = {B}*{T}*{world} = {tokens_per_micro}")
-    grad_accum = total_batch // tokens_per_micro
-
     try:
         cfg, host_params = load_initial_params(args)
     except (ArgumentError, ValueError, OSError, MissingExtra) as e:
         parser.error(str(e))
     if T > cfg.max_seq_len:
         parser.error(f"-t {T} exceeds the model's max sequence length {cfg.max_seq_len}")
-    resolve_data(args, rank, comm)
+    train_data, val_data = resolve_data(args, comm)
     try:
-        train_loader = DataLoader(args.train_data, B, T, rank, world, shuffle=not args.overfit_batch,
-                                  seed=args.seed)
-        val_loader = DataLoader(args.val_data, B, T, rank, world, shuffle=False) if args.val_every else None
+        loader = DataLoader(train_data, B, T, comm.rank, world, shuffle=not args.overfit_batch, seed=args.seed)
+        val_loader = DataLoader(val_data, B, T, comm.rank, world, shuffle=False) if args.val_every else None
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    max_steps = args.max_steps if args.max_steps >= 0 else max(1, train_loader.num_batches_per_epoch // grad_accum)
-
-    param_count = cfg.num_parameters()
-    shards = optim.zero_shards(param_layout(cfg), world if args.zero_stage else 1)
-    rank_shard = shards.range(rank if args.zero_stage else 0)
-    adam_cfg = optim.AdamWConfig(lr=args.learning_rate, weight_decay=args.weight_decay)
+    grad_accum = total_batch // tokens_per_micro
+    max_steps = args.max_steps if args.max_steps >= 0 else max(1, loader.num_batches_per_epoch // grad_accum)
+    config = TrainConfig(
+        batch_size=B, seq_len=T, max_steps=max_steps, grad_accum=grad_accum,
+        adamw=AdamWConfig(lr=args.learning_rate, weight_decay=args.weight_decay), lr_schedule=args.lr_schedule,
+        warmup=args.warmup, final_lr_frac=args.final_lr_frac, recompute=args.recompute,
+        zero_stage=args.zero_stage, master_weights=bool(args.master_weights), skip_loss_z=args.skip_loss_z,
+        skip_norm_z=args.skip_norm_z, seed=args.seed, graphs=not args.no_graphs, overlap_comm=args.overlap_comm)
     try:  # everything is allocated here, up front: an out-of-memory says which group and stops cleanly
-        model = GPT(cfg, backend, B, T, host_params, recompute=args.recompute, padded_size=shards.padded_size)
-        optimizer = optim.AdamW(backend, model, rank_shard, adam_cfg, master_weights=bool(args.master_weights),
-                                graphs=not args.no_graphs, initial_params=host_params)
+        trainer = Trainer(cfg, host_params, backend, comm, config,
+                          RepeatedBatch(loader) if args.overfit_batch else loader)
     except MemoryError as e:
         message = str(e) if "allocating" in str(e) else (
-            f"out of memory allocating the optimizer state: {str(e).rstrip('.')}. Try -z 1 (ZeRO-1) on several GPUs or -w 0")
+            f"out of memory allocating the optimizer state: {str(e).rstrip('.')}. Try -z 1 (ZeRO-1) on several "
+            f"GPUs or -w 0")
         parser.exit(1, f"{parser.prog}: error: {message}\n")
     backend.synchronize()
+    return Run(trainer, val_loader, train_data, val_data)
 
-    start_step, logger = 0, Logger(args.output_dir, rank, resume=bool(args.resume))
+
+def train(run: Run, args, comm) -> int:
+    """Evaluation, sampling and checkpoints at llm.c's steps around the trainer's steps; logs."""
+    t, backend, rank = run.trainer, run.trainer.backend, comm.rank
+    say = print if rank == 0 else (lambda *a, **k: None)
+    start_step = 0
     if args.resume:
-        found = newest_usable_checkpoint(args.output_dir, cfg, args.zero_stage, comm)
-        if found is None:
-            say(f"-y 1: no usable checkpoint in {args.output_dir}, starting from step 0")
-        else:
-            start_step, state, params = found
-            model.load_params(params)
-            optimizer.load_state(state.arrays)
-            train_loader.load_state_dict(state.extra["train_loader"])
-            say(f"resumed from step {start_step} in {args.output_dir}")
-
-    mem = backend.memory_report(model, optimizer)
-    say(f"gpt2cu | backend {backend.name} | {backend.device_name()} | ranks {world} | ZeRO-{args.zero_stage}")
-    say(f"model {args.model}: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} params {param_count:,}")
-    say(f"B={B} T={T} total batch {total_batch} tokens, grad accum {grad_accum}, steps {max_steps}, "
-        f"recompute {args.recompute}")
-    say(f"train {args.train_data} ({train_loader.num_tokens:,} tokens); val {args.val_data}")
-    say("memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
-
-    micro_step = backend.graphed(lambda tok, tgt: (model.forward(tok, tgt, dloss=1.0 / (B * T * grad_accum)),
-                                                   model.backward(tok)), enabled=not args.no_graphs)
-    overlap = args.overlap_comm and args.zero_stage == 0 and world > 1
-    flops_per_token = 6 * param_count + 6 * cfg.n_layer * cfg.n_embd * T
-    loss_outliers, norm_outliers = optim.OutlierDetector(), optim.OutlierDetector()
-    step_times, best_val = [], float("inf")
-    run_start = time.time()
-    fixed_batch = train_loader.next_batch() if args.overfit_batch else None
-
-    def prepare_next():
-        return backend.prepare_batch(*(fixed_batch if fixed_batch else train_loader.next_batch()))
-    prefetched, loader_state = None, train_loader.state_dict()
-    from .dist import Watchdog
-    watchdog = Watchdog(comm, args.collective_timeout) if world > 1 and args.collective_timeout > 0 else None
+        start_step = t.resume(args.output_dir) or 0
+        say(f"resumed from step {start_step} in {args.output_dir}" if start_step else
+            f"-y 1: no usable checkpoint in {args.output_dir}, starting from step 0")
+    logger = Logger(args.output_dir, rank, resume=bool(args.resume))
+    report_start(t, args, run, say)
+    max_steps, every = t.config.max_steps, lambda n, step: n and (step % n == 0 or step == max_steps)
+    step_times, best_val, run_start = [], float("inf"), time.time()
+    watchdog = Watchdog(comm, args.collective_timeout) if comm.world_size > 1 and args.collective_timeout > 0 else None
     for step in range(start_step, max_steps + 1):
-        if watchdog:
+        if watchdog:  # evaluation and checkpoints count as progress too
             watchdog.kick()
-        last = step == max_steps
-        if val_loader is not None and (step % args.val_every == 0 or last):
-            from .eval import evaluate_val_loss
-            val = evaluate_val_loss(model, backend, val_loader, args.val_max_steps, comm)
-            best_val = min(best_val, val)
+        if run.val_loader is not None and every(args.val_every, step):
+            best_val = min(best_val, val := t.evaluate(run.val_loader, args.val_max_steps))
             say(f"step {step:5d} | val loss {val:.4f}")
             logger.log(step, "tel", val)
-        if args.hellaswag and args.val_every and (step % args.val_every == 0 or last):
+        if args.hellaswag and every(args.val_every, step):
             from .eval import evaluate_hellaswag, read_eval_file
-            acc = evaluate_hellaswag(model, backend, read_eval_file(args.hellaswag_file), comm)
+            acc = evaluate_hellaswag(t.model, backend, read_eval_file(args.hellaswag_file), comm)
             say(f"step {step:5d} | HellaSwag acc_norm {acc:.4f}")
             logger.log(step, "eval", acc)
-        if rank == 0 and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last):
+        if rank == 0 and args.sample_every and ((step > 0 and step % args.sample_every == 0) or step == max_steps):
             from .sample import generate
-            from .tokenizer import decode, EOT
-            text = decode(generate(model, backend, [EOT], args.gen_tokens, seed=1337 + step))
-            say(f"step {step:5d} | sample: {text!r}")
-        if args.checkpoint_every and args.output_dir and step > start_step and (
-                step % args.checkpoint_every == 0 or last):
-            save_checkpoint(args, step, model, optimizer, loader_state, comm, cfg)
-        if last or step == args.stop_after:
+            from .tokenizer import EOT, decode
+            say(f"step {step:5d} | sample: {decode(generate(t.model, backend, [EOT], args.gen_tokens, seed=1337 + step))!r}")
+        if args.output_dir and step > start_step and every(args.checkpoint_every, step):
+            t.save(args.output_dir)
+            if rank == 0 and args.checkpoints_keep:
+                checkpoint.prune_checkpoints(args.output_dir, args.checkpoints_keep, args.major_checkpoint_every)
+        if step == max_steps or step == args.stop_after:
             break
-
-        t0 = time.time()
-        micro_losses = []
-        for micro in range(grad_accum):
-            batch, prefetched = prefetched if prefetched is not None else prepare_next(), None
-            tok, tgt = backend.upload_batch(batch)
-            if overlap and micro == grad_accum - 1:  # eager: collectives start from inside the backward
-                model.forward(tok, tgt, dloss=1.0 / (B * T * grad_accum))
-                model.backward(tok, layer_done=optimizer.layer_done_hook(comm))
-            else:
-                micro_step(tok, tgt)
-            micro_losses.append(backend.mean_loss_async(model.acts["losses"]))
-            # the host work of the next micro-batch (the next step's first one after the last) runs while
-            # the GPU works on this one; a checkpoint saves the loader's state from before that read
-            if micro == grad_accum - 1:
-                loader_state = train_loader.state_dict()
-            prefetched = prepare_next()
-        loss = sum(float(x) for x in micro_losses) / grad_accum
-        loss = comm.all_reduce_scalar(loss) / world
-        norm = optimizer.reduce_and_norm(comm, args.zero_stage)
-        lr = optim.get_lr(args.lr_schedule, step, max_steps, args.learning_rate, args.warmup, args.final_lr_frac)
-        loss_z, norm_z = loss_outliers.update(loss), norm_outliers.update(norm)
-        skip = (args.skip_loss_z and loss_z > args.skip_loss_z) or (args.skip_norm_z and norm_z > args.skip_norm_z)
-        if not math.isfinite(loss) or not math.isfinite(norm):
-            skip = True
-        if watchdog:  # evaluation and checkpoints above count as progress too
-            watchdog.kick()
-        if not skip:
-            optimizer.step(lr, step + 1, optim.clip_scale(norm, adam_cfg.grad_clip), seed=args.seed + step)
-        optimizer.gather_params(comm, args.zero_stage)
-        model.zero_grad()
-        backend.synchronize()
-        dt = time.time() - t0
+        r = t.step()
         if step > start_step:  # the first step includes compilation and graph capture
-            step_times.append(dt)
-        mean_dt = float(np.mean(step_times[-20:])) if step_times else dt
-        tok_s = total_batch / dt
-        mfu = backend.mfu(flops_per_token * tok_s)
-        eta = format_seconds(mean_dt * (max_steps - step - 1))
-        say(f"step {step + 1:5d}/{max_steps} | loss {loss:.6f} | norm {norm:.4f} | lr {lr:.2e} | "
-            f"{dt * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1f}%" if mfu is not None else "")
-            + f" | ETA {eta}" + (" | update skipped" if skip else ""))
-        logger.log(step + 1, "trl", loss)
-    wall = time.time() - run_start
-    steps_run = (args.stop_after if args.stop_after is not None else max_steps) - start_step
-    summary = [f"{max(steps_run, 0) * total_batch:,} tokens in {format_seconds(wall)}"]
-    if step_times:  # the first step (compilation, graph capture) is left out of the mean
-        summary.append(f"mean {total_batch / np.mean(step_times):,.0f} tok/s")
-    if math.isfinite(best_val):
-        summary.append(f"best val loss {best_val:.4f}")
-    summary.append(f"peak memory {backend.peak_memory() / 2**20:.0f} MiB")
-    say("done: " + ", ".join(summary))
+            step_times.append(r.seconds)
+        say(progress_line(r, t, step_times, max_steps))
+        logger.log(r.step, "trl", r.loss)
+    say("done: " + summary(t, args, start_step, step_times, best_val, time.time() - run_start))
     return 0
 
 
-def newest_usable_checkpoint(out_dir, cfg, zero_stage, comm):
-    """(step, this rank's TrainingState, fp32 params) of the newest checkpoint in out_dir that every rank
-    can load, or None. Each unusable newer one is reported with the reason (no DONE marker, a truncated
-    or corrupt file, another model shape) before the search falls back to an older step: a damaged
-    newest checkpoint must never go unnoticed. The ranks agree on every step (a collective per step)."""
-    for step in reversed(checkpoint.checkpoint_steps(out_dir)):
-        problem = checkpoint.checkpoint_problem(out_dir, step)
-        if problem is None:
-            try:
-                state = checkpoint.load_training_state(out_dir, step, comm.rank, comm.world_size, zero_stage)
-                cfg_ckpt, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
-                if cfg_ckpt != cfg:
-                    problem = f"its model {cfg_ckpt} is not the run's {cfg}"
-            except (OSError, checkpoint.CheckpointError) as e:
-                problem = str(e)
-        if problem is not None:
-            print(f"-y 1: skipping the checkpoint of step {step}" +
-                  (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}", flush=True)
-        if comm.all_reduce_scalar(problem is not None) == 0:
-            return step, state, params
-    return None
+def report_start(t: Trainer, args, run: Run, say):
+    cfg, c = t.cfg, t.config
+    mem = t.backend.memory_report(t.model, t.optimizer)
+    say(f"gpt2cu | backend {t.backend.name} | {t.backend.device_name()} | ranks {t.comm.world_size} | "
+        f"ZeRO-{c.zero_stage}")
+    say(f"model {args.model}: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} params {cfg.num_parameters():,}")
+    say(f"B={c.batch_size} T={c.seq_len} total batch {t.tokens_per_step} tokens, grad accum {c.grad_accum}, "
+        f"steps {c.max_steps}, recompute {c.recompute}")
+    say(f"train {run.train_data} ({t.loader.num_tokens:,} tokens); val {run.val_data}")
+    say("memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
 
 
-def save_checkpoint(args, step, model, optimizer, loader_state, comm, cfg):
-    """Every rank writes its optimizer state, rank 0 the model; DONE marks the step complete.
-    loader_state: the train loader's state after the batches of the steps done so far."""
-    out, backend = args.output_dir, model.ops
-    arrays = {name: backend.to_numpy(a) for name, a in optimizer.state_arrays().items()}
-    state = checkpoint.TrainingState(args.zero_stage, arrays, {"train_loader": loader_state})
-    params = model.host_params() if comm.rank == 0 else None
-    checkpoint.save_checkpoint(out, step, comm.rank, comm.world_size,
-                               lambda path: checkpoint.write_model(path, cfg, params, dtype=backend.checkpoint_dtype),
-                               state, comm.barrier)
-    if comm.rank == 0:
-        if args.checkpoints_keep:
-            checkpoint.prune_checkpoints(out, args.checkpoints_keep, keep_every=args.major_checkpoint_every)
+def progress_line(r, t: Trainer, step_times, max_steps) -> str:
+    mean_dt = float(np.mean(step_times[-20:])) if step_times else r.seconds
+    tok_s = r.tokens / r.seconds
+    mfu = t.backend.mfu(t.flops_per_token() * tok_s)
+    return (f"step {r.step:5d}/{max_steps} | loss {r.loss:.6f} | norm {r.norm:.4f} | lr {r.lr:.2e} | "
+            f"{r.seconds * 1000:.1f} ms | {tok_s:,.0f} tok/s" + (f" | MFU {mfu:.1f}%" if mfu is not None else "")
+            + f" | ETA {format_seconds(mean_dt * (max_steps - r.step))}" + (" | update skipped" if r.skipped else ""))
+
+
+def summary(t: Trainer, args, start_step, step_times, best_val, wall) -> str:
+    steps_run = (args.stop_after if args.stop_after is not None else t.config.max_steps) - start_step
+    parts = [f"{max(steps_run, 0) * t.tokens_per_step:,} tokens in {format_seconds(wall)}"]
+    if step_times:  # the first step (compilation, graph capture) is left out of the mean
+        parts.append(f"mean {t.tokens_per_step / np.mean(step_times):,.0f} tok/s")
+    if math.isfinite(best_val):
+        parts.append(f"best val loss {best_val:.4f}")
+    parts.append(f"peak memory {t.backend.peak_memory() / 2**20:.0f} MiB")
+    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from gpt2cu.checkpoint import (HEADER_BYTES, CheckpointError, TrainingState, bf1
                                f32_to_bf16_bits, latest_checkpoint, load_training_state, mark_done, model_path,
                                prune_checkpoints, read_model, read_state, save_checkpoint, state_path,
                                write_model, write_state, write_training_state)
-from gpt2cu.config import GPTConfig
+from gpt2cu.models.gpt2 import GPTConfig
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, max_seq_len=16, vocab_size=50, padded_vocab_size=64)
 

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from gpt2cu.config import GPTConfig
+from gpt2cu.backends.numpy_ops import NumpyBackend
+from gpt2cu.models.gpt2 import GPTConfig
 from gpt2cu.eval import (EVAL_MAGIC, HEADER_BYTES, EvalFileError, Example, count_correct, evaluate_hellaswag,
                          evaluate_val_loss, hellaswag_batches, read_eval_file, write_eval_file)
 
@@ -159,9 +160,10 @@ class FakeModel:
         self.B, self.T, self.calls = B, T, 0
         self.acts = {"losses": np.zeros((B, T), np.float32)}
 
-    def forward(self, tokens, targets=None, dloss=0.0):
+    def forward(self, batch, dloss=0.0):
         assert dloss == 0.0
         self.calls += 1
+        targets = batch.targets
         self.acts["losses"][...] = np.where(targets == GOOD, 1.0, np.where(targets >= 0, 2.0, -1e6))
 
 
@@ -183,7 +185,7 @@ def test_count_correct_masks_and_normalizes():
     examples = planted_examples(2, wrong_labels={1})
     (inputs, targets, labels), = hellaswag_batches(examples, 8, 16)
     model = FakeModel(8, 16)
-    model.forward(inputs, targets)
+    model.forward(NumpyBackend().set_batch(inputs, targets))
     assert count_correct(model.acts["losses"], targets, labels) == 1
 
 
@@ -193,18 +195,10 @@ def test_fake_model_accuracy_over_uneven_ranks(world):
     total, calls = 0.0, []
     for rank in range(world):
         model = FakeModel(8, 16)
-        total += evaluate_hellaswag(model, _HostBackend(), examples, FakeComm(rank, world))
+        total += evaluate_hellaswag(model, NumpyBackend(), examples, FakeComm(rank, world))
         calls.append(model.calls)
     assert total == pytest.approx(0.7)
     assert len(set(calls)) == 1  # every rank ran the same number of forwards
-
-
-class _HostBackend:
-    def set_batch(self, inputs, targets):
-        return inputs, targets
-
-    def to_numpy(self, a):
-        return np.array(a)
 
 
 # ---- the whole path on a real (tiny) numpy GPT --------------------------------------------------------
@@ -212,8 +206,7 @@ CFG = GPTConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=32, vocab_size=500, 
 
 
 def tiny_model(B, T, seed=3):
-    from gpt2cu.backends.numpy_ops import NumpyBackend
-    from gpt2cu.model import GPT, init_params
+    from gpt2cu.models.gpt2 import GPT, init_params
     backend = NumpyBackend()
     params = init_params(CFG, seed=seed)
     params += np.random.default_rng(seed).normal(0, 0.5, params.shape).astype(np.float32)  # sharper preferences
@@ -228,7 +221,7 @@ def reference_predictions(examples):
         for ending in ex.endings:
             row = list(ex.context + ending)
             model, _ = tiny_model(1, len(row))
-            model.forward(np.array([row], np.int32))
+            model.forward(model.ops.set_batch(np.array([row], np.int32)))
             z = model.acts["logits"][0, :, :CFG.vocab_size].astype(np.float64)
             logp = z - z.max(-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -261,7 +254,7 @@ def test_val_loss_is_the_mean_over_batches_from_the_start(tmp_path):
     expected = []
     for _ in range(5):
         x, y = loader.next_batch()
-        model.forward(x, y)
+        model.forward(model.ops.set_batch(x, y))
         expected.append(float(model.acts["losses"].mean()))
     loader.next_batch()  # leave the loader mid-epoch: evaluation must start from the beginning anyway
     assert evaluate_val_loss(model, backend, loader, 2, FakeComm()) == pytest.approx(np.mean(expected[:2]))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends import cuda_available
-from gpt2cu.config import GPTConfig
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import GPT, init_params
 
 ok, why = cuda_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"needs a CUDA GPU and the compiled kernels: {why}")]
@@ -26,7 +26,7 @@ REL = 2e-2
 def tiny_params(seed=0):
     """init_params plus noise (padded vocabulary rows stay zero): distinct biases and layernorms, and
     logits spread enough (std ~1) that the greedy choice is mostly well separated."""
-    from gpt2cu.layout import param_layout
+    from gpt2cu.models.gpt2 import param_layout
     params = init_params(TINY, seed=seed)
     params += np.random.default_rng(seed).normal(0, 0.08, params.shape).astype(np.float32)
     param_layout(TINY).views(params)["wte"][TINY.vocab_size:] = 0

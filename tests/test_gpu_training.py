@@ -12,8 +12,8 @@ import pytest
 
 from gpt2cu import optim
 from gpt2cu.backends import cuda_available
-from gpt2cu.config import GPTConfig
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import GPT, init_params
 
 ok, why = cuda_available()
 pytestmark = pytest.mark.skipif(not ok, reason=f"needs a CUDA GPU and the compiled kernels: {why}")
@@ -101,7 +101,7 @@ def test_master_weights_start_from_the_fp32_parameters():
     """AdamW's fp32 master copy holds the host parameters it is given exactly (not their bf16 rounding),
     for a whole model and for a ZeRO shard that runs into the padding past the layout."""
     from gpt2cu.backends import get_backend
-    from gpt2cu.layout import param_layout
+    from gpt2cu.models.gpt2 import param_layout
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, max_seq_len=32)
     init = init_params(cfg, seed=5)
     backend = get_backend("cuda")
@@ -164,7 +164,7 @@ def test_nccl_with_one_rank_matches_no_communicator():
     single-process path."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm, SingleProcess
-    from gpt2cu.layout import param_layout
+    from gpt2cu.models.gpt2 import param_layout
     cfg, B, T = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=128), 4, 128
     batches = corpus_batches(B, T, 3)
     backend = get_backend("cuda")

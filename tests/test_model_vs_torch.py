@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from gpt2cu.backends.numpy_ops import NumpyBackend
-from gpt2cu.config import GPTConfig
-from gpt2cu.layout import param_layout
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import param_layout
+from gpt2cu.models.gpt2 import GPT, init_params
 from gpt2cu.torch_reference import TorchGPT
 
 torch.set_num_threads(1)
@@ -36,8 +36,9 @@ def batch(cfg, seed):
 
 def numpy_step(model, tokens, targets):
     """Forward and backward as the trainer runs them; returns the mean loss."""
-    model.forward(tokens, targets, dloss=1.0 / (B * T))
-    model.backward(tokens)
+    batch = model.ops.set_batch(tokens, targets)
+    model.forward(batch, dloss=1.0 / (B * T))
+    model.backward(batch)
     return float(model.acts["losses"].mean())
 
 
@@ -58,7 +59,7 @@ def test_forward_and_gradients_match_torch():
     flat = init_params(TINY, seed=1)
     tokens, targets = batch(TINY, seed=2)
     model = GPT(TINY, NumpyBackend(), B, T, flat)
-    model.forward(tokens)
+    model.forward(model.ops.set_batch(tokens))
     logits = model.acts["logits"].copy()
     loss = numpy_step(model, tokens, targets)
 
@@ -155,7 +156,7 @@ def test_real_padded_vocab():
     wte[V:] = np.random.default_rng(7).normal(0.0, 0.02, size=wte[V:].shape)
     tokens, targets = batch(cfg, seed=8)
     model = GPT(cfg, NumpyBackend(), B, T, flat)
-    model.forward(tokens)
+    model.forward(model.ops.set_batch(tokens))
     assert model.acts["logits"][..., V:].any()
     loss = numpy_step(model, tokens, targets)
     assert not model.acts["logits"][..., V:].any()  # dlogits: zero in the padded columns

@@ -20,7 +20,7 @@ import pytest
 
 from gpt2cu import checkpoint
 from conftest import write_skewed_shards
-from gpt2cu.layout import param_layout
+from gpt2cu.models.gpt2 import param_layout
 from test_dist import REPO, clean_env, mpirun_command
 
 TIMEOUT = 240

@@ -1,6 +1,7 @@
-"""gpt2cu/optim.py: llm.c's learning-rate schedules at their key points (hand-computed), ZeRO-1 shard
-ranges and segments, the outlier detector, gradient clipping, and the float32 AdamW reference against a
-float64 re-implementation."""
+"""The optimizer's arithmetic: llm.c's learning-rate schedules at their key points (hand-computed,
+schedules.py), ZeRO-1 shard ranges, segments and gradient buckets (sharding.py), the outlier detector
+(outliers.py), gradient clipping, and the float32 AdamW reference against a float64 re-implementation
+(optim.py)."""
 from __future__ import annotations
 
 import math
@@ -8,10 +9,12 @@ import math
 import numpy as np
 import pytest
 
-from gpt2cu.config import GPTConfig
-from gpt2cu.layout import param_layout
-from gpt2cu.optim import (LR_SCHEDULES, SHARD_ALIGN, AdamWConfig, OutlierDetector, adamw_reference, clip_scale,
-                          get_lr, shard_segments, zero_shards)
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import param_layout
+from gpt2cu.optim import AdamWConfig, adamw_reference, clip_scale
+from gpt2cu.outliers import OutlierDetector
+from gpt2cu.schedules import LR_SCHEDULES, get_lr
+from gpt2cu.sharding import SHARD_ALIGN, gradient_buckets, shard_segments, zero_shards
 
 # lr 1.0, 10 warmup steps, final fraction 0.1: the decay runs over steps 10..110 for cosine/linear
 COSINE_LINEAR = [  # (step, cosine, linear)
@@ -193,7 +196,6 @@ def test_adamw_reference_rejects_float64_and_step_0():
 
 
 def test_gradient_buckets_cover_every_parameter_once():
-    from gpt2cu.optim import gradient_buckets
     cfg = GPTConfig(n_layer=3, n_head=2, n_embd=64, max_seq_len=32, vocab_size=97, padded_vocab_size=128)
     layout = param_layout(cfg)
     buckets = gradient_buckets(layout, cfg.n_layer)

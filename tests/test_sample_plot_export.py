@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends.numpy_ops import NumpyBackend
-from gpt2cu.config import GPTConfig
-from gpt2cu.model import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import GPT, init_params
 
 # GPT-2's vocabulary (EOT pads the sampler's rows; HF needs the real V), everything else tiny
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, max_seq_len=16)
@@ -23,7 +23,7 @@ def random_params(seed=0):
     preferences; the padded vocabulary rows stay zero as in training."""
     params = init_params(CFG, seed=seed)
     params += np.random.default_rng(seed).normal(0, 0.3, params.shape).astype(np.float32)
-    from gpt2cu.layout import param_layout
+    from gpt2cu.models.gpt2 import param_layout
     param_layout(CFG).views(params)["wte"][CFG.vocab_size:] = 0
     return params
 
@@ -56,7 +56,7 @@ def test_generate_matches_one_sequence_reference_and_slides_past_T():
     for _ in range(8):  # greedy reference: a model exactly as long as the window, one row
         window = seq[-T:]
         ref = GPT(CFG, backend, 1, len(window), params)
-        ref.forward(np.array([window], np.int32))
+        ref.forward(ref.ops.set_batch(np.array([window], np.int32)))
         seq.append(int(np.argmax(ref.acts["logits"][0, -1, :CFG.vocab_size])))
     assert got == seq[len(prompt):]
     a = generate(model, backend, prompt, 5, seed=1)
@@ -84,7 +84,7 @@ def test_kv_cache_logits_match_full_forward_every_step(attention):
             seq.append(int(tok))
             logits = dec.step(int(tok))
         ref = GPT(CFG, backend, 1, len(seq), params)
-        ref.forward(np.array([seq], np.int32))
+        ref.forward(ref.ops.set_batch(np.array([seq], np.int32)))
         want = ref.acts["logits"][0, -1, :CFG.vocab_size]
         np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
                                    err_msg=f"step {step}")
@@ -239,7 +239,7 @@ def test_transformers_gives_our_logits(tmp_path):
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
     model = GPT(CFG, NumpyBackend(), 2, 12, params)
-    model.forward(tokens)
+    model.forward(model.ops.set_batch(tokens))
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
     assert theirs.shape == (2, 12, CFG.vocab_size)

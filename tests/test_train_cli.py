@@ -127,8 +127,8 @@ def _damage_remove_done(out, step):
 
 def _damage_other_shape(out, step):
     from gpt2cu.checkpoint import write_model
-    from gpt2cu.config import GPTConfig
-    from gpt2cu.model import init_params
+    from gpt2cu.models.gpt2 import GPTConfig
+    from gpt2cu.models.gpt2 import init_params
     cfg = GPTConfig(n_layer=2, n_head=1, n_embd=64)
     write_model(str(out / f"model_{step:08d}.bin"), cfg, init_params(cfg))
 
@@ -172,8 +172,8 @@ def test_learning_rate_zero_is_accepted_and_leaves_the_weights(shards, tmp_path)
     r = run_train(*TINY, "-i", train, "-j", val, "-x", "2", "-n", "2", "-v", "0", "-l", "0", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert sorted(train_losses(r.stdout)) == [1, 2]
-    from gpt2cu.config import GPTConfig
-    from gpt2cu.model import init_params
+    from gpt2cu.models.gpt2 import GPTConfig
+    from gpt2cu.models.gpt2 import init_params
     _, trained = read_model(str(out / "model_00000002.bin"))
     np.testing.assert_array_equal(trained, init_params(GPTConfig.from_descriptor("d1"), seed=42))
 
@@ -203,8 +203,8 @@ def test_llmc_flag_means_what_it_means_in_llmc(flag, value, dest, expected):
 
 
 def test_out_of_memory_message_ends_its_sentence_once():
-    from gpt2cu.config import GPTConfig
-    from gpt2cu.model import GPT, init_params
+    from gpt2cu.models.gpt2 import GPTConfig
+    from gpt2cu.models.gpt2 import GPT, init_params
 
     class FullDevice:  # what CuPy raises, message ending in a period
         def upload_params(self, host, n, out=None):

@@ -1,21 +1,5 @@
-"""Backends: the same ops (docs/architecture.md) over numpy (the fp32 reference) or CUDA (bf16 kernels).
-
-Besides the ops, a backend provides the little memory API the model and trainer need:
-  zeros(shape, fp32=False, param=False)  parameter dtype with param=True, float32 with fp32=True,
-                                          else the activation dtype
-  upload_params(host_fp32_flat, n, out=None)  a flat parameter buffer of n >= len(host) elements (zero
-                                          padded), or written into `out`
-  to_numpy(array)                        a float32 (or int) host copy
-  set_batch(inputs, targets)             host (B, T) int32 arrays -> the backend's token/target arrays;
-                                          = upload_batch(prepare_batch(inputs, targets)), whose host half
-                                          (prepare) can run while the device works on the previous batch
-  adamw_scalars(lr, step, grad_scale, seed, beta1, beta2)  the per-step values adamw_update reads
-  from_numpy(host, out=None), fp32_copy(array)  host -> device (into `out`), bf16 -> fp32 device copy
-  synchronize()
-and what the trainer reports through: select_device, device_name, graphed(fn), mean_loss(losses),
-mean_loss_async(losses) (float() of it waits),
-mfu(flops_per_second), peak_memory(), memory_report(model, optimizer), checkpoint_dtype.
-"""
+"""Backends: the same ops (docs/architecture.md) over numpy (the fp32 reference) or CUDA (bf16 kernels),
+both implementing the interface of base.Backend; get_backend picks one."""
 from __future__ import annotations
 
 from ..extras import install_hint
@@ -30,7 +14,7 @@ def cuda_available() -> tuple[bool, str]:
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return False, "no CUDA GPU is visible"
-    except Exception as e:  # no cupy, no driver, no device
+    except Exception as e:  # no driver, no device
         return False, f"CuPy/CUDA unavailable ({type(e).__name__}: {e})"
     try:
         from .._native import load_kernels

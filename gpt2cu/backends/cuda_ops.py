@@ -11,6 +11,7 @@ import numpy as np
 import cupy as cp
 
 from .._native import load_kernels
+from .base import Backend, Batch
 from ..checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
 
 BF16 = np.uint16
@@ -30,6 +31,15 @@ def sort_tokens(tokens: np.ndarray) -> np.ndarray:
     if tokens.size and 0 <= tokens.min() and tokens.max() < 1 << 16:
         tokens = tokens.astype(np.uint16)
     return np.argsort(tokens, kind="stable")
+
+
+class DeviceBatch(Batch):
+    """A batch in fixed device buffers (one set per shape, kept for the run: a captured graph holds their
+    addresses), with what the deterministic encoder backward precomputes from the tokens."""
+
+    def __init__(self, tokens, targets, sorted_positions, bucket_starts, num_buckets):
+        super().__init__(tokens, targets)
+        self.sorted_positions, self.bucket_starts, self.num_buckets = sorted_positions, bucket_starts, num_buckets
 
 
 class StagedBatch:
@@ -54,7 +64,9 @@ class StagedBatch:
 
     def fill(self, inputs, targets):
         self.tokens[...] = inputs
-        self.targets[...] = targets
+        self.has_targets = targets is not None
+        if self.has_targets:
+            self.targets[...] = targets
         flat = self.tokens.ravel()
         order = sort_tokens(flat)
         self.sorted_positions[:] = order
@@ -83,9 +95,12 @@ class PendingScalar:
         return float(self.value.get(stream=self.stream))
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
     checkpoint_dtype = "bf16"  # llm.c's train_gpt2cu writes bf16 model files (version 5)
+    xp = cp
+    # the causal attention kernel over the cached rows: one launch, the very computation of the full forward
+    decode_attention = "kernel"
 
     def __init__(self, device: int = 0):
         self.k = load_kernels()
@@ -97,8 +112,7 @@ class CudaBackend:
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.stream.use()  # CuPy's own work (copies, fills) joins the kernels' stream
         self._scratch = cp.empty(0, dtype=np.float32)
-        self._batches = {}  # (B, T) -> the device buffers of a batch of that shape
-        self._batch = None  # those of the last upload
+        self._batches = {}  # (B, T) -> the DeviceBatch of that shape
         self._staging = []  # StagedBatch slots in pinned memory, reused once their upload is done
         self._norm = cp.zeros(1, dtype=np.float32)
         self._adamw_scalars = cp.zeros(8, dtype=np.uint32)  # struct AdamWScalars: 4 floats + seed + pad
@@ -129,11 +143,23 @@ class CudaBackend:
         self.stream.synchronize()
         return out
 
+    def activation_to_fp32(self, a):
+        with self.stream:
+            return (a.astype(cp.uint32) << 16).view(cp.float32)  # bf16 bits -> float32, exact
+
+    def store_fp32(self, out, f32):
+        with self.stream:
+            f32 = cp.ascontiguousarray(f32, dtype=cp.float32)
+        self.k.float_to_bf16(ptr(out), ptr(f32), f32.size, self.stream.ptr)
+
     def fp32_copy(self, a):
         """A float32 device copy of a bf16 device array (master weights at start-up and on resume)."""
         out = cp.empty(a.shape, dtype=np.float32)
         self.k.bf16_to_float(ptr(out), ptr(a), a.size, self.stream.ptr)
         return out
+
+    def on_stream(self):
+        return self.stream
 
     def synchronize(self):
         # device-wide: CuPy's own allocations and memsets run on the legacy stream, not self.stream
@@ -152,9 +178,9 @@ class CudaBackend:
     # previous batch: prepare_batch (host: the token sort the deterministic encoder backward needs,
     # written into pinned staging memory) and upload_batch (asynchronous copies into the fixed device
     # buffers a captured graph reads, queued behind whatever the stream is running).
-    def prepare_batch(self, inputs, targets) -> "StagedBatch":
+    def prepare_batch(self, inputs, targets=None) -> "StagedBatch":
         inputs = np.asarray(inputs)
-        if np.shape(targets) != inputs.shape:
+        if targets is not None and np.shape(targets) != inputs.shape:
             raise ValueError(f"targets of shape {np.shape(targets)} for inputs of shape {inputs.shape}")
         slot = next((s for s in self._staging if s.reusable(inputs.shape)), None)
         if slot is None:
@@ -163,27 +189,27 @@ class CudaBackend:
         slot.fill(inputs, targets)
         return slot
 
-    def upload_batch(self, staged: "StagedBatch"):
-        """Queues the copies of a prepared batch; returns the device (tokens, targets) buffers."""
+    def upload_batch(self, staged: "StagedBatch") -> DeviceBatch:
+        """Queues the copies of a prepared batch into the fixed buffers of its shape."""
         shape = staged.tokens.shape
         if shape not in self._batches:  # kept for the run: a captured graph holds these addresses
             n = staged.tokens.size
             with self.stream:
-                self._batches[shape] = {
-                    "tokens": cp.empty(shape, np.int32), "targets": cp.empty(shape, np.int32),
-                    "sorted_positions": cp.empty(n, np.int32), "bucket_starts": cp.empty(n + 1, np.int32),
-                    "num_buckets": cp.empty(1, np.int32)}
-        self._batch = b = self._batches[shape]
+                self._batches[shape] = DeviceBatch(
+                    cp.empty(shape, np.int32), cp.empty(shape, np.int32), cp.empty(n, np.int32),
+                    cp.empty(n + 1, np.int32), cp.empty(1, np.int32))
+        b = self._batches[shape]
         stream = self.stream
-        for name in ("tokens", "targets", "sorted_positions", "num_buckets"):
-            b[name].set(getattr(staged, name), stream=stream)
+        names = ("tokens", "targets", "sorted_positions", "num_buckets") if staged.has_targets else (
+            "tokens", "sorted_positions", "num_buckets")
+        for name in names:
+            getattr(b, name).set(getattr(staged, name), stream=stream)
         count = int(staged.num_buckets[0]) + 1
-        b["bucket_starts"][:count].set(staged.bucket_starts[:count], stream=stream)
+        b.bucket_starts[:count].set(staged.bucket_starts[:count], stream=stream)
         staged.uploaded(stream)
-        return b["tokens"], b["targets"]
-
-    def set_batch(self, inputs, targets):
-        return self.upload_batch(self.prepare_batch(inputs, targets))
+        if staged.has_targets:
+            return b
+        return DeviceBatch(b.tokens, None, b.sorted_positions, b.bucket_starts, b.num_buckets)
 
     def mean_loss(self, losses) -> float:
         return float(self.to_numpy(losses).mean())
@@ -227,10 +253,7 @@ class CudaBackend:
         return max(self._peak_pool, cp.get_default_memory_pool().total_bytes())
 
     def memory_report(self, model, optimizer) -> dict:
-        size = lambda arrays: sum(a.nbytes for a in arrays)
-        return {"parameters": model.params.nbytes, "gradients": model.grads.nbytes,
-                "optimizer (master, m, v)": size(optimizer.state_arrays().values()),
-                "activations": size(model.acts.values()), "scratch": self._scratch.nbytes}
+        return {**super().memory_report(model, optimizer), "scratch": self._scratch.nbytes}
 
     # ---- ops ------------------------------------------------------------------------------------
     def zero_(self, a):
@@ -240,12 +263,10 @@ class CudaBackend:
         B, T, C = out.shape
         self.k.encoder_forward(ptr(out), ptr(tokens), ptr(wte), ptr(wpe), B, T, C, self.stream.ptr)
 
-    def encoder_backward(self, dwte, dwpe, dout, tokens):
+    def encoder_backward(self, dwte, dwpe, dout, batch: DeviceBatch):
         B, T, C = dout.shape
-        b = self._batch
-        assert tokens is b["tokens"], "encoder_backward needs the tokens of the last set_batch"
-        self.k.encoder_backward(ptr(dwte), ptr(dwpe), ptr(dout), ptr(tokens), ptr(b["sorted_positions"]),
-                                ptr(b["bucket_starts"]), ptr(b["num_buckets"]), B, T, C, self.stream.ptr)
+        self.k.encoder_backward(ptr(dwte), ptr(dwpe), ptr(dout), ptr(batch.tokens), ptr(batch.sorted_positions),
+                                ptr(batch.bucket_starts), ptr(batch.num_buckets), B, T, C, self.stream.ptr)
 
     def layernorm_forward(self, out, mean, rstd, inp, weight, bias):
         C = inp.shape[-1]

@@ -15,6 +15,8 @@ import resource
 
 import numpy as np
 
+from .base import Backend, Batch
+
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -202,17 +204,14 @@ def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight
         params[...] = master
 
 
-OPS = (encoder_forward, encoder_backward, layernorm_forward, fused_residual_layernorm_forward, layernorm_backward,
-       matmul_forward, matmul_backward, gelu_forward, gelu_backward, attention_forward, attention_backward,
-       fused_classifier, global_norm_squared, adamw_update, zero_)
-
-
-class NumpyBackend:
-    """fp32 host arrays for everything; the ops above as attributes (attached below the class)."""
+class NumpyBackend(Backend):
+    """float32 host arrays for everything; the ops are the functions above."""
     name = "numpy"
     checkpoint_dtype = "fp32"
+    xp = np
+    decode_attention = "query"  # one query against the cached keys: a few array operations per layer
 
-    # ---- memory API (backends/__init__.py) ------------------------------------------------------
+    # ---- buffers ----------------------------------------------------------------------------------
     def zeros(self, shape, fp32=False, param=False):
         return np.zeros(shape, dtype=np.float32)
 
@@ -226,7 +225,6 @@ class NumpyBackend:
         return np.array(a, copy=True)
 
     def from_numpy(self, host, out=None):
-        """A backend array holding a copy of a host array, or the copy written into `out`."""
         if out is None:
             return np.array(host, copy=True)
         out[...] = host
@@ -235,35 +233,40 @@ class NumpyBackend:
     def fp32_copy(self, a):
         return np.array(a, dtype=np.float32)
 
-    def prepare_batch(self, inputs, targets):
-        return np.ascontiguousarray(inputs, dtype=np.int32), np.ascontiguousarray(targets, dtype=np.int32)
+    def activation_to_fp32(self, a):
+        return a.astype(np.float32, copy=False)
 
-    def upload_batch(self, prepared):
-        return prepared
-
-    def set_batch(self, inputs, targets):
-        return self.prepare_batch(inputs, targets)
-
-    def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
-        return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed], dtype=np.float64)
+    def store_fp32(self, out, f32):
+        out[...] = f32.reshape(out.shape)
 
     def synchronize(self):
         pass
 
-    # ---- what the trainer asks of any backend (train.py), trivial on the host ---------------------
+    # ---- batches ------------------------------------------------------------------------------------
+    def prepare_batch(self, inputs, targets=None):
+        return Batch(np.ascontiguousarray(inputs, dtype=np.int32),
+                     None if targets is None else np.ascontiguousarray(targets, dtype=np.int32))
+
+    def upload_batch(self, prepared):
+        return prepared
+
+    # ---- running and reporting, trivial on the host ----------------------------------------------------
     def select_device(self, device):
         pass
 
-    def device_name(self) -> str:
-        return "CPU (numpy)"
+    def graphed(self, fn, enabled=True):
+        return fn  # nothing to capture on the host
 
     def mean_loss(self, losses) -> float:
         return float(losses.mean())
 
     mean_loss_async = mean_loss
 
-    def graphed(self, fn, enabled=True):
-        return fn  # nothing to capture on the host
+    def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
+        return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed], dtype=np.float64)
+
+    def device_name(self) -> str:
+        return "CPU (numpy)"
 
     def mfu(self, flops_per_second):
         return None  # no meaningful peak for numpy
@@ -271,12 +274,22 @@ class NumpyBackend:
     def peak_memory(self) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
-    def memory_report(self, model, optimizer) -> dict:
-        size = lambda arrays: sum(a.nbytes for a in arrays if a is not None)
-        return {"parameters": model.params.nbytes, "gradients": model.grads.nbytes,
-                "optimizer (master, m, v)": size(optimizer.state_arrays().values()),
-                "activations": size(model.acts.values())}
+    # ---- ops ---------------------------------------------------------------------------------------------
+    zero_ = staticmethod(zero_)
+    encoder_forward = staticmethod(encoder_forward)
 
+    def encoder_backward(self, dwte, dwpe, dout, batch):
+        encoder_backward(dwte, dwpe, dout, batch.tokens)
 
-for _op in OPS:
-    setattr(NumpyBackend, _op.__name__, staticmethod(_op))
+    layernorm_forward = staticmethod(layernorm_forward)
+    fused_residual_layernorm_forward = staticmethod(fused_residual_layernorm_forward)
+    layernorm_backward = staticmethod(layernorm_backward)
+    matmul_forward = staticmethod(matmul_forward)
+    matmul_backward = staticmethod(matmul_backward)
+    gelu_forward = staticmethod(gelu_forward)
+    gelu_backward = staticmethod(gelu_backward)
+    attention_forward = staticmethod(attention_forward)
+    attention_backward = staticmethod(attention_backward)
+    fused_classifier = staticmethod(fused_classifier)
+    global_norm_squared = staticmethod(global_norm_squared)
+    adamw_update = staticmethod(adamw_update)

@@ -1,0 +1,165 @@
+"""The backend interface: every op the model families run and every buffer method the trainer, optimizer
+and decoder use. NumpyBackend (float32 host arrays, the oracle) and CudaBackend (bf16 kernels) both
+implement all of it; callers never test which backend they hold.
+
+Ops write their outputs (first arguments) in place; "+=" in docs/architecture.md's table marks the ones
+that accumulate. A batch goes in through upload_batch (or set_batch), whose result is passed to the ops
+that need more than its token arrays (the CUDA encoder backward reads the batch's token sort).
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass
+class Batch:
+    """An uploaded batch: (B, T) int32 tokens and targets (None: forward only), in the backend's arrays.
+    A backend may subclass it to carry what its ops precompute from the tokens."""
+    tokens: object
+    targets: object = None
+
+
+class Backend(ABC):
+    name: str               # "numpy" | "cuda"
+    checkpoint_dtype: str   # the model-file dtype its parameters round-trip exactly: "fp32" | "bf16"
+    xp: object              # the array module of its arrays: numpy or cupy
+    decode_attention: str   # the KV-cache decoder's default attention ("query" | "kernel", kv_cache.py)
+    stream = None           # the device queue the ops run on, which collectives must join (None: host)
+
+    # ---- buffers ----------------------------------------------------------------------------------
+    @abstractmethod
+    def zeros(self, shape, fp32=False, param=False):
+        """Zeros in the parameter dtype (param=True), float32 (fp32=True), or the activation dtype."""
+
+    @abstractmethod
+    def upload_params(self, host_fp32, n, out=None):
+        """A flat parameter buffer of n >= host_fp32.size elements (zero padded), or written into out."""
+
+    @abstractmethod
+    def to_numpy(self, a):
+        """A float32 (or integer) host copy, after the work queued on the array is done."""
+
+    @abstractmethod
+    def from_numpy(self, host, out=None):
+        """A backend copy of a host array, or the host array copied into out (same shape and dtype)."""
+
+    @abstractmethod
+    def fp32_copy(self, a):
+        """A float32 backend copy of a parameter-dtype array (master weights)."""
+
+    @abstractmethod
+    def activation_to_fp32(self, a):
+        """The activation-dtype array a widened to float32 (exactly), as an array of xp."""
+
+    @abstractmethod
+    def store_fp32(self, out, f32):
+        """Writes a float32 xp array into the activation-dtype array out, rounding to nearest."""
+
+    @abstractmethod
+    def synchronize(self):
+        """Waits for all queued work."""
+
+    def on_stream(self):
+        """A context in which array-module (xp) work joins the backend's queue of work."""
+        return contextlib.nullcontext()
+
+    # ---- batches ------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_batch(self, inputs, targets):
+        """The host half of an upload (may overlap the device's work on the previous batch)."""
+
+    @abstractmethod
+    def upload_batch(self, prepared) -> Batch:
+        """Queues a prepared batch's copies; returns the Batch the ops read (at fixed addresses per shape,
+        so a captured graph can replay on later batches)."""
+
+    def set_batch(self, inputs, targets=None) -> Batch:
+        """prepare_batch + upload_batch; targets None: a forward-only batch."""
+        return self.upload_batch(self.prepare_batch(inputs, targets))
+
+    # ---- running and reporting ------------------------------------------------------------------------
+    @abstractmethod
+    def select_device(self, device: int):
+        """Makes `device` (the local rank's GPU) the one this backend runs on."""
+
+    @abstractmethod
+    def graphed(self, fn, enabled=True):
+        """fn, or a version of it captured once and replayed (its arguments at fixed addresses)."""
+
+    @abstractmethod
+    def mean_loss(self, losses) -> float:
+        """The mean of a losses array, on the host."""
+
+    @abstractmethod
+    def mean_loss_async(self, losses):
+        """The mean without waiting; float() of the result waits for it."""
+
+    @abstractmethod
+    def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
+        """The per-step values adamw_update reads (device memory on CUDA, so a captured update replays)."""
+
+    @abstractmethod
+    def device_name(self) -> str: ...
+
+    @abstractmethod
+    def mfu(self, flops_per_second):
+        """Percent of the device's dense bf16 peak, or None where it has no meaningful peak."""
+
+    @abstractmethod
+    def peak_memory(self) -> int: ...
+
+    def memory_report(self, model, optimizer) -> dict:
+        """Bytes per group of buffers, for the start-up line."""
+        size = lambda arrays: sum(a.nbytes for a in arrays if a is not None)
+        return {"parameters": model.params.nbytes, "gradients": model.grads.nbytes,
+                "optimizer (master, m, v)": size(optimizer.state_arrays().values()),
+                "activations": size(model.acts.values())}
+
+    # ---- ops (contracts: docs/architecture.md) --------------------------------------------------------
+    @abstractmethod
+    def zero_(self, a): ...
+
+    @abstractmethod
+    def encoder_forward(self, out, tokens, wte, wpe): ...
+
+    @abstractmethod
+    def encoder_backward(self, dwte, dwpe, dout, batch: Batch): ...
+
+    @abstractmethod
+    def layernorm_forward(self, out, mean, rstd, inp, weight, bias): ...
+
+    @abstractmethod
+    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, weight, bias): ...
+
+    @abstractmethod
+    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd): ...
+
+    @abstractmethod
+    def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None): ...
+
+    @abstractmethod
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None): ...
+
+    @abstractmethod
+    def gelu_forward(self, out, inp): ...
+
+    @abstractmethod
+    def gelu_backward(self, dinp, dout, inp): ...
+
+    @abstractmethod
+    def attention_forward(self, out, lse, qkv, n_head): ...
+
+    @abstractmethod
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head): ...
+
+    @abstractmethod
+    def fused_classifier(self, losses, logits, targets, dloss, vocab_size): ...
+
+    @abstractmethod
+    def global_norm_squared(self, grads): ...
+
+    @abstractmethod
+    def adamw_update(self, params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay,
+                     rounding_salt=0): ...

@@ -1,0 +1,37 @@
+"""Model families. A family is one module that owns a model's whole definition:
+
+    Config                          its shape (a frozen dataclass), with from_descriptor(desc)
+    param_layout(cfg)               the parameter table (layout.Layout): file order, decay, per_layer
+    activation_layout(cfg, B, T, recompute)
+    init_params(cfg, seed)          fresh fp32 flat parameters
+    Model(cfg, backend, B, T, params, recompute=, padded_size=)
+        forward(batch, dloss), backward(batch, layer_done=None), zero_grad(), load_params(host),
+        host_params(), forward_schedule(acts, attend, tokens, position_rows) (the KV-cache decoder
+        runs it), params / grads / acts / layout / cfg / B / T
+
+The trainer, the optimizer, checkpoints and the decoder see a family only through that interface, so a
+new architecture is a new module here plus a descriptor prefix in DESCRIPTORS.
+"""
+from __future__ import annotations
+
+from . import gpt2
+
+# descriptor prefix -> family module ("d12" has no prefix: GPT-2, as llm.c names it)
+DESCRIPTORS = {"": gpt2}
+
+
+def family_of(cfg):
+    """The family module whose Config `cfg` is."""
+    for family in DESCRIPTORS.values():
+        if isinstance(cfg, family.Config):
+            return family
+    raise TypeError(f"{type(cfg).__name__} is the config of no known model family")
+
+
+def config_from_descriptor(desc: str):
+    """'d12' -> GPT-2 124M's config; 'family:spec' -> that family's reading of spec."""
+    prefix, _, spec = desc.rpartition(":")
+    if prefix not in DESCRIPTORS:
+        known = ", ".join(p + ":" for p in DESCRIPTORS if p)
+        raise ValueError(f"unknown model family {prefix!r} in {desc!r}" + (f" (known: {known})" if known else ""))
+    return DESCRIPTORS[prefix].Config.from_descriptor(spec)
