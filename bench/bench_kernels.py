@@ -135,7 +135,8 @@ def run(args) -> dict:
         print("measuring the ceilings ...", flush=True)
         bench.measure_ceilings()
         inputs = rng.integers(0, V, (B, T), dtype=np.int32)
-        tok, tgt = be.set_batch(inputs, rng.integers(0, V, (B, T), dtype=np.int32))
+        batch = be.set_batch(inputs)
+        tok = batch.tokens
         distinct = len(np.unique(inputs))  # wte rows the batch reads (and whose gradients it writes)
         act = lambda width, std=1.0: random_bf16((B, T, width), std)  # noqa: E731
         stat = lambda *shape: cp.zeros(shape, dtype=cp.float32)  # noqa: E731
@@ -148,7 +149,7 @@ def run(args) -> dict:
                   lambda: torch_encoder_forward(tok, wte, wpe))
         dwte, dwpe = random_bf16((VP, C), 0.02), random_bf16((T, C), 0.02)
         # reads dout, tokens, sorted positions, bucket starts; dwte rows of the batch and dwpe: += (read + write)
-        bench.row("encoder bwd", lambda: be.encoder_backward(dwte, dwpe, out, tok),
+        bench.row("encoder bwd", lambda: be.encoder_backward(dwte, dwpe, out, batch),
                   N * C * BF16 + 2 * N * I32 + (distinct + 1) * I32 + 2 * (distinct + T) * C * BF16, 0,
                   lambda: torch_encoder_backward(dwte, dwpe, out, tok))
 

@@ -2,7 +2,8 @@
 
     python bench/bench_train.py [--model d12] [--T 1024] [--batch-sizes 16,32,64] [--steps 20]
 
-Both sides train the same model (same init, same random token batches) with AdamW and grad clipping;
+Both sides train the same model (same init, same random token batches) with AdamW and grad clipping,
+gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs;
 PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (llm.c's
 6N + 6LCT FLOPs per token over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
 torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu). Timings compare only within one run.
@@ -16,9 +17,10 @@ import time
 
 import numpy as np
 
-from gpt2cu import optim
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import GPT, init_params
+from gpt2cu.data import InMemoryBatches
+from gpt2cu.models.gpt2 import GPTConfig, init_params
+from gpt2cu.optim import AdamWConfig
+from gpt2cu.trainer import TrainConfig, Trainer, flops_per_token
 
 
 def random_batches(cfg, B, T, count, seed=0):
@@ -28,6 +30,7 @@ def random_batches(cfg, B, T, count, seed=0):
 
 
 def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
+    """The trainer's own step (trainer.Trainer, as python -m gpt2cu.train runs it) on random batches."""
     import cupy as cp
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import SingleProcess
@@ -35,47 +38,37 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
     backend = get_backend("cuda")
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    model = GPT(cfg, backend, B, T, init_params(cfg, seed=0), recompute=recompute)
-    opt = optim.AdamW(backend, model, (0, model.layout.total), optim.AdamWConfig(lr=6e-4, weight_decay=0.1))
-    micro = backend.graphed(lambda tok, tgt: (model.forward(tok, tgt, dloss=1.0 / (B * T)), model.backward(tok)))
-    comm = SingleProcess()
-    batches = random_batches(cfg, B, T, 4)
+    config = TrainConfig(batch_size=B, seq_len=T, max_steps=warmup + steps, recompute=recompute,
+                         adamw=AdamWConfig(lr=6e-4, weight_decay=0.1), lr_schedule="constant", seed=0)
+    trainer = Trainer(cfg, init_params(cfg, seed=0), backend, SingleProcess(), config,
+                      InMemoryBatches(random_batches(cfg, B, T, 4)))
     start, end = cp.cuda.Event(), cp.cuda.Event()
-    losses, phases = [], []  # phases: CUDA events around the fwd+bwd graph and the AdamW graph of each step
+    losses, phases = [], []  # phases: CUDA events at the step's phases ("start", "backward", ...)
 
-    staged = [backend.prepare_batch(*batches[0])]
+    def step():
+        events = {}
 
-    def step(i):  # as train.py: the next batch's host work overlaps this step's forward and backward
-        events = [cp.cuda.Event() for _ in range(4)]
-        tok, tgt = backend.upload_batch(staged.pop())
-        events[0].record(backend.stream)
-        micro(tok, tgt)
-        events[1].record(backend.stream)
-        loss = backend.mean_loss_async(model.acts["losses"])
-        staged.append(backend.prepare_batch(*batches[(i + 1) % len(batches)]))
-        norm = opt.reduce_and_norm(comm, 0)
-        events[2].record(backend.stream)
-        opt.step(6e-4, i + 1, optim.clip_scale(norm, 1.0), seed=i)
-        events[3].record(backend.stream)
-        model.zero_grad()
-        losses.append(float(loss))
+        def mark(phase):
+            events[phase] = cp.cuda.Event()
+            events[phase].record(backend.stream)
+        losses.append(trainer.step(mark).loss)
         return events
 
-    for i in range(warmup):
-        step(i)
+    for _ in range(warmup):
+        step()
     backend.synchronize()
     start.record(backend.stream)
-    for i in range(warmup, warmup + steps):
-        phases.append(step(i))
+    for _ in range(steps):
+        phases.append(step())
     end.record(backend.stream)
     end.synchronize()
     ms = cp.cuda.get_elapsed_time(start, end) / steps
-    fwd_bwd_ms = sum(cp.cuda.get_elapsed_time(e[0], e[1]) for e in phases) / steps
-    update_ms = sum(cp.cuda.get_elapsed_time(e[2], e[3]) for e in phases) / steps
+    fwd_bwd_ms = sum(cp.cuda.get_elapsed_time(e["start"], e["backward"]) for e in phases) / steps
+    update_ms = sum(cp.cuda.get_elapsed_time(e["reduced"], e["updated"]) for e in phases) / steps
     peak = backend.peak_memory() + 32 * 2**20  # + cuBLASLt workspace (cudaMalloc'd outside the pool)
     name = backend.device_name()
     mfu = backend.mfu(flops_per_token(cfg, T) * B * T / (ms / 1e3))
-    del model, opt, micro
+    del trainer
     gc.collect()
     pool.free_all_blocks()
     return dict(ms=ms, peak=peak, mfu=mfu, device=name, first_loss=losses[0], last_loss=losses[-1],
@@ -84,7 +77,7 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
 
 def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
     import torch
-    from gpt2cu.torch_reference import TorchGPT
+    from gpt2cu.reference.torch_gpt2 import TorchGPT
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -121,10 +114,6 @@ def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
     gc.collect()
     torch.cuda.empty_cache()
     return dict(ms=ms, peak=peak, first_loss=float(losses[0]), last_loss=float(losses[-1]))
-
-
-def flops_per_token(cfg, T):
-    return 6 * cfg.num_parameters() + 6 * cfg.n_layer * cfg.n_embd * T
 
 
 def main():

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpt2cu import optim
 from gpt2cu.backends import get_backend
-from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import GPTConfig, init_params
 from gpt2cu.corpus import default_corpus
-from gpt2cu.data import DataLoader
+from gpt2cu.data import DataLoader, InMemoryBatches
 from gpt2cu.dist import SingleProcess
-from gpt2cu.models.gpt2 import GPT, init_params
-from gpt2cu.torch_reference import TorchGPT
+from gpt2cu.optim import AdamWConfig
+from gpt2cu.schedules import get_lr
+from gpt2cu.trainer import TrainConfig, Trainer
+from gpt2cu.reference.torch_gpt2 import TorchGPT
 
 SDPA = {"flash": torch.nn.attention.SDPBackend.FLASH_ATTENTION,
         "efficient": torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION,
@@ -94,22 +95,17 @@ def torch_losses(cfg, init, batches, schedule, nx: Numerics):
     return np.array(losses)
 
 
-def gpt2cu_losses(cfg, init, batches, schedule, master_init="fp32"):
-    backend = get_backend("cuda")
+def gpt2cu_losses(cfg, init, batches, lr, warmup, master_init="fp32"):
+    """The real thing: trainer.Trainer on the CUDA backend. master_init "bf16": AdamW's master copy starts
+    from the bf16 parameters instead of the fp32 init (what gpt2cu did before issue 5)."""
     B, T = batches[0][0].shape
-    model = GPT(cfg, backend, B, T, init, recompute=1)
-    opt = optim.AdamW(backend, model, (0, model.layout.total), optim.AdamWConfig(weight_decay=0.1),
-                      initial_params=init if master_init == "fp32" else None)
-    losses = []
-    for step, (x, y) in enumerate(batches):
-        tok, tgt = backend.set_batch(x, y)
-        model.forward(tok, tgt, dloss=1.0 / (B * T))
-        model.backward(tok)
-        losses.append(backend.mean_loss(model.acts["losses"]))
-        norm = opt.reduce_and_norm(SingleProcess(), 0)
-        opt.step(schedule(step), step + 1, optim.clip_scale(norm, 1.0), seed=step)
-        model.zero_grad()
-    return np.array(losses)
+    config = TrainConfig(batch_size=B, seq_len=T, max_steps=len(batches), recompute=1, seed=0, warmup=warmup,
+                         adamw=AdamWConfig(lr=lr, weight_decay=0.1), final_lr_frac=0.1)
+    trainer = Trainer(cfg, init, get_backend("cuda"), SingleProcess(), config, InMemoryBatches(batches))
+    if master_init == "bf16":
+        opt = trainer.optimizer
+        opt.backend.from_numpy(opt.backend.to_numpy(trainer.model.params), out=opt.master)
+    return np.array([trainer.step().loss for _ in batches])
 
 
 TORCH_VARIANTS = (
@@ -139,10 +135,10 @@ def main():
     batches = [loader.next_batch() for _ in range(args.steps)]
     saved = {}
     for warmup in (int(w) for w in args.warmup.split(",")):
-        schedule = lambda step: optim.get_lr("cosine", step, args.steps, args.lr, warmup, 0.1)  # noqa: E731
+        schedule = lambda step: get_lr("cosine", step, args.steps, args.lr, warmup, 0.1)  # noqa: E731
         ref = torch_losses(cfg, init, batches, schedule, Numerics())
         runs = [(nx.label(), lambda nx=nx: torch_losses(cfg, init, batches, schedule, nx)) for nx in TORCH_VARIANTS]
-        runs += [(f"gpt2cu master_init={m}", lambda m=m: gpt2cu_losses(cfg, init, batches, schedule, m))
+        runs += [(f"gpt2cu master_init={m}", lambda m=m: gpt2cu_losses(cfg, init, batches, args.lr, warmup, m))
                  for m in ("bf16", "fp32")]
         print(f"\nlr {args.lr} warmup {warmup}: reference loss {ref[0]:.3f} -> {ref[-1]:.3f}", flush=True)
         saved[f"w{warmup}/reference"] = ref

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .models.gpt2 import GPTConfig
-from .models.gpt2 import param_layout
+from .models.gpt2 import GPTConfig, param_layout
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -49,6 +48,11 @@ _CRC_CHUNK = 1 << 24  # bytes read per step while verifying
 
 class CheckpointError(ValueError):
     """A file exists but is not a valid, complete, matching model/state/checkpoint."""
+
+
+class RunMismatch(CheckpointError):
+    """A sound checkpoint written by a run of another shape (world size, ZeRO stage): every checkpoint of
+    the directory would be refused alike, so resuming stops instead of falling back to an older one."""
 
 
 # ---- bf16 <-> fp32 -----------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ def load_training_state(out_dir: str, step: int, rank: int, world_size: int, zer
     """This rank's state at `step`, checked against the run resuming it."""
     written_by = _done_world_size(out_dir, step)
     if written_by != world_size:
-        raise CheckpointError(f"checkpoint {step} in {out_dir} was written by {written_by} ranks, "
+        raise RunMismatch(f"checkpoint {step} in {out_dir} was written by {written_by} ranks, "
                               f"this run has {world_size}")
     path = state_path(out_dir, step, rank)
     fields, arrays, extra = read_state(path)
@@ -406,7 +410,7 @@ def load_training_state(out_dir: str, step: int, rank: int, world_size: int, zer
         raise CheckpointError(f"{path}: holds rank {fields['rank']} of {fields['world_size']} at step "
                               f"{fields['step']}, expected rank {rank} of {world_size} at step {step}")
     if fields["zero_stage"] != zero_stage:
-        raise CheckpointError(f"checkpoint {step} in {out_dir} was written with ZeRO stage "
+        raise RunMismatch(f"checkpoint {step} in {out_dir} was written with ZeRO stage "
                               f"{fields['zero_stage']}, this run uses {zero_stage} (-z)")
     return TrainingState(fields["zero_stage"], arrays, extra)
 

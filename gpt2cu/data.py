@@ -204,3 +204,28 @@ class RepeatedBatch:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
         self._batch = None
+
+
+class InMemoryBatches:
+    """A fixed list of (inputs, targets) batches served in a cycle, for benchmarks and tests that train
+    through the Trainer on batches they made themselves. Its state is the position in the cycle."""
+
+    def __init__(self, batches):
+        if not batches:
+            raise ValueError("InMemoryBatches needs at least one batch")
+        self.batches, self.position = list(batches), 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(int(np.size(x)) for x, _ in self.batches)
+
+    def next_batch(self):
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])

@@ -19,9 +19,8 @@ import sys
 
 import numpy as np
 
-from .models.gpt2 import GPT2_EOT, GPTConfig
+from .models.gpt2 import GPT2_EOT, GPTConfig, param_layout
 from .extras import MissingExtra, require
-from .models.gpt2 import param_layout
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -185,7 +185,6 @@ def main(argv=None) -> int:
     install_abort_on_exception(comm)
     with abort_on_failure(comm):  # a flag error on one rank must stop every rank, not hang them
         backend.select_device(comm.local_rank)
-        comm.use_stream(backend.stream)
         run = build_run(args, parser, backend, comm)
         return train(run, args, comm)
 

@@ -65,6 +65,11 @@ class StepResult:
     tokens: int        # tokens of this step over all ranks
 
 
+def flops_per_token(cfg, T: int) -> int:
+    """llm.c's 6N + 6LCT: the training FLOPs of one token at sequence length T (attention's included)."""
+    return 6 * cfg.num_parameters() + 6 * cfg.n_layer * cfg.n_embd * T
+
+
 class Trainer:
     """One model, its optimizer and its data stream, stepped on one backend and communicator."""
 
@@ -72,6 +77,7 @@ class Trainer:
         """init_params: fp32 host parameters (a fresh init or a loaded model file); train_loader: an object
         with next_batch() -> (inputs, targets), state_dict() and load_state_dict() (data.DataLoader)."""
         self.cfg, self.backend, self.comm, self.config, self.loader = model_cfg, backend, comm, config, train_loader
+        comm.use_stream(backend.stream)  # NCCL collectives queue behind the backend's work
         self.family = family_of(model_cfg)
         B, T = config.batch_size, config.seq_len
         layout = self.family.param_layout(model_cfg)
@@ -101,14 +107,18 @@ class Trainer:
         c = self.config
         return get_lr(c.lr_schedule, step, c.max_steps, c.adamw.lr, c.warmup, c.final_lr_frac)
 
-    def step(self) -> StepResult:
+    def step(self, mark=None) -> StepResult:
         """One optimization step: grad_accum micro-steps, reduction, clipping, the update (unless skipped),
-        and the parameters gathered on every rank."""
+        and the parameters gathered on every rank. mark(phase), when given, is called as each phase is
+        queued -- "start", "backward" (the micro-steps are queued; gradients complete once they run),
+        "reduced", "updated" -- for a benchmark's CUDA events or a test's look at the gradients."""
         c, backend, model, opt = self.config, self.backend, self.model, self.optimizer
+        mark = mark or (lambda phase: None)
         step = self.step_count
         if step >= c.max_steps:
             raise ValueError(f"the schedule has {c.max_steps} steps, all done")
         t0 = time.time()
+        mark("start")
         micro_losses = []
         for micro in range(c.grad_accum):
             staged, self._prefetched = self._prefetched or self._next_batch(), None
@@ -123,8 +133,10 @@ class Trainer:
             if last:  # a checkpoint after this step resumes from here, before the read-ahead below
                 self._loader_state = self.loader.state_dict()
             self._prefetched = self._next_batch()
+        mark("backward")
         loss = self.comm.all_reduce_scalar(sum(float(x) for x in micro_losses) / c.grad_accum) / self.comm.world_size
         norm = opt.reduce_gradients()
+        mark("reduced")
         lr = self.lr(step)
         loss_z, norm_z = self._loss_outliers.update(loss), self._norm_outliers.update(norm)
         skip = ((c.skip_loss_z and loss_z > c.skip_loss_z) or (c.skip_norm_z and norm_z > c.skip_norm_z)
@@ -133,6 +145,7 @@ class Trainer:
             opt.gather_params()
         else:
             opt.step(lr, step + 1, norm, seed=c.seed + step)
+        mark("updated")
         model.zero_grad()
         backend.synchronize()
         self.step_count = step + 1
@@ -145,9 +158,7 @@ class Trainer:
         return evaluate_val_loss(self.model, self.backend, val_loader, max_batches, self.comm)
 
     def flops_per_token(self) -> int:
-        """llm.c's 6N + 6LCT: the training FLOPs of one token (attention's included)."""
-        cfg = self.cfg
-        return 6 * cfg.num_parameters() + 6 * cfg.n_layer * cfg.n_embd * self.config.seq_len
+        return flops_per_token(self.cfg, self.config.seq_len)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, out_dir: str):
@@ -177,6 +188,8 @@ class Trainer:
                     cfg, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
                     if cfg != self.cfg:
                         problem = f"its model {cfg} is not the run's {self.cfg}"
+                except checkpoint.RunMismatch:
+                    raise
                 except (OSError, checkpoint.CheckpointError) as e:
                     problem = str(e)
             if problem is not None:

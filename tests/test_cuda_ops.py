@@ -35,8 +35,7 @@ import pytest
 from gpt2cu.backends import numpy_ops as ref_ops
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from gpt2cu.checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
 
 try:
     import cupy as cp
@@ -164,9 +163,9 @@ def test_encoder_forward(cuda, case, C):
     wte, wte_d = case.bf16((V, C), std=0.02)
     wpe, wpe_d = case.bf16((max_t, C), std=0.02)
     tokens = case.rng.integers(0, V, (B, T), dtype=np.int32)
-    tok, _ = cuda.set_batch(tokens, tokens)
+    batch = cuda.set_batch(tokens)
     out = poisoned((B, T, C))
-    cuda.encoder_forward(out, tok, wte_d, wpe_d[:T])
+    cuda.encoder_forward(out, batch.tokens, wte_d, wpe_d[:T])
     case.same_bits("out", raw(out), bits_of(wte[tokens] + wpe[:T]))
 
 
@@ -177,7 +176,7 @@ def test_encoder_backward(cuda, case, C):
     V, max_t = 1001, 64
     ids = case.rng.choice(V, size=7, replace=False)
     tokens = case.rng.choice(ids, size=(B, T)).astype(np.int32)
-    tok, _ = cuda.set_batch(tokens, tokens)
+    batch = cuda.set_batch(tokens)
     dout, dout_d = case.bf16((B, T, C))
     inc = {"dwte": np.zeros((V, C)), "dwpe": np.zeros((max_t, C))}
     ref_ops.encoder_backward(inc["dwte"], inc["dwpe"][:T], dout, tokens)
@@ -185,7 +184,7 @@ def test_encoder_backward(cuda, case, C):
 
     def run():
         acc = {name: dev.copy() for name, (_, dev) in start.items()}
-        cuda.encoder_backward(acc["dwte"], acc["dwpe"][:T], dout_d, tok)
+        cuda.encoder_backward(acc["dwte"], acc["dwpe"][:T], dout_d, batch)
         return {name: raw(a) for name, a in acc.items()}
 
     first = run()
@@ -208,31 +207,31 @@ def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
                 for _ in range(4)]
     expected[3][0][0, :5] = [70000, 1 << 20, 70000, 0, 50256]
 
-    def check(tok, tgt, inputs, targets):
+    def check(b, inputs, targets):
         flat = inputs.ravel()
         order = np.argsort(flat, kind="stable")
         starts = np.flatnonzero(np.r_[True, flat[order][1:] != flat[order][:-1]])
-        b = cuda._batch
-        nb = int(raw(b["num_buckets"])[0])
-        case.same_bits("tokens", raw(tok), inputs)
-        case.same_bits("targets", raw(tgt), targets.astype(np.int32))
-        case.same_bits("sorted positions", raw(b["sorted_positions"]), order.astype(np.int32))
-        case.same_bits("bucket starts", raw(b["bucket_starts"])[:nb + 1], np.r_[starts, flat.size].astype(np.int32))
+        nb = int(raw(b.num_buckets)[0])
+        case.same_bits("tokens", raw(b.tokens), inputs)
+        case.same_bits("targets", raw(b.targets), targets.astype(np.int32))
+        case.same_bits("sorted positions", raw(b.sorted_positions), order.astype(np.int32))
+        case.same_bits("bucket starts", raw(b.bucket_starts)[:nb + 1], np.r_[starts, flat.size].astype(np.int32))
 
     def busy():  # ~50 ms of queued work, so the uploads queued next wait behind it
         for _ in range(10):
             cp.matmul(slow, slow, out=product)
 
     staged = [cuda.prepare_batch(inputs, targets) for inputs, targets in expected[:3]]
-    first_tok, first_tgt = cuda.set_batch(*expected[3])
-    check(first_tok, first_tgt, *expected[3])
+    first = cuda.set_batch(*expected[3])
+    check(first, *expected[3])
+    first_tokens = first.tokens.data.ptr
     cuda.set_batch(np.zeros((1, 5), np.int32), np.zeros((1, 5), np.int32))  # another shape in between
-    for (inputs, targets), batch in zip(expected, staged):
+    for (inputs, targets), staged_batch in zip(expected, staged):
         busy()
-        tok, tgt = cuda.upload_batch(batch)
+        batch = cuda.upload_batch(staged_batch)
         cuda.prepare_batch(*expected[3])  # while batch's copies still wait: must not refill its memory
-        check(tok, tgt, inputs, targets)
-        assert tok.data.ptr == first_tok.data.ptr, "a shape's device buffers must keep their address (graphs)"
+        check(batch, inputs, targets)
+        assert batch.tokens.data.ptr == first_tokens, "a shape's device buffers must keep their address (graphs)"
     with pytest.raises(ValueError, match="targets of shape"):
         cuda.prepare_batch(np.zeros((B, T), np.int32), np.zeros(T, np.int32))
 
@@ -596,13 +595,13 @@ def micro_step(backend, params, inputs, targets, recompute) -> dict:
     dlogits (forward with dloss = 1/(B*T)) and every gradient tensor (backward)."""
     b, t = inputs.shape
     model = GPT(MODEL_CFG, backend, b, t, params, recompute=recompute)
-    tok, tgt = backend.set_batch(inputs, targets)
-    model.forward(tok, tgt)
+    batch = backend.set_batch(inputs, targets)
+    model.forward(batch)
     result = {"logits": backend.to_numpy(model.acts["logits"])}
-    model.forward(tok, tgt, dloss=1.0 / (b * t))
+    model.forward(batch, dloss=1.0 / (b * t))
     result["losses"] = backend.to_numpy(model.acts["losses"])
     result["dlogits"] = backend.to_numpy(model.acts["logits"])
-    model.backward(tok)
+    model.backward(batch)
     result.update({f"grad {name}": backend.to_numpy(view) for name, view in model.g.items()})
     return result
 

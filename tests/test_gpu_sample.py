@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends import cuda_available
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
 
 ok, why = cuda_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"needs a CUDA GPU and the compiled kernels: {why}")]

@@ -10,13 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2cu import optim
-from gpt2cu.backends import cuda_available
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import GPT, init_params
+from gpt2cu.data import InMemoryBatches
+from gpt2cu.optim import AdamW, AdamWConfig
+from gpt2cu.trainer import TrainConfig, Trainer
+from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
 
-ok, why = cuda_available()
-pytestmark = pytest.mark.skipif(not ok, reason=f"needs a CUDA GPU and the compiled kernels: {why}")
+pytestmark = pytest.mark.gpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,47 +43,41 @@ def test_loss_tracks_pytorch_for_100_steps():
     import torch
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import SingleProcess
-    from gpt2cu.torch_reference import TorchGPT
+    from gpt2cu.reference.torch_gpt2 import TorchGPT
 
     cfg, B, T, steps = GPTConfig.from_descriptor("d12"), 8, 1024, 100
     init = init_params(cfg, seed=0)
     batches = corpus_batches(B, T, steps)
-    backend = get_backend("cuda")
-    model = GPT(cfg, backend, B, T, init, recompute=1)
-    adam = optim.AdamWConfig(lr=RECIPE_LR, weight_decay=RECIPE_DECAY)
-    opt = optim.AdamW(backend, model, (0, model.layout.total), adam, initial_params=init)
-    comm = SingleProcess()
+    config = TrainConfig(batch_size=B, seq_len=T, max_steps=RECIPE_STEPS, recompute=1, seed=0, warmup=RECIPE_WARMUP,
+                         adamw=AdamWConfig(lr=RECIPE_LR, weight_decay=RECIPE_DECAY), final_lr_frac=0.0)
+    trainer = Trainer(cfg, init, get_backend("cuda"), SingleProcess(), config, InMemoryBatches(batches))
 
     ref = TorchGPT.from_flat(cfg, init).cuda()
     ref_opt = ref.configure_optimizer(weight_decay=RECIPE_DECAY, lr=RECIPE_LR, betas=(0.9, 0.95), eps=1e-8,
                                       fused=True)
 
+    def compare_first_gradients(phase):
+        if phase != "backward" or trainer.step_count:
+            return
+        model = trainer.model
+        ours_g = model.layout.views(trainer.backend.to_numpy(model.grads[:model.layout.total]))
+        theirs_g = model.layout.views(ref.grads_to_flat())
+        rels = {name: float(np.linalg.norm(g - theirs_g[name]) / max(np.linalg.norm(theirs_g[name]), 1e-12))
+                for name, g in ours_g.items()}
+        print("step-1 gradient relative errors:", {k: round(v, 4) for k, v in rels.items()})
+        assert max(rels.values()) < 5e-2, rels
+
     ours, theirs = [], []
     for step, (x, y) in enumerate(batches):
-        lr = optim.get_lr("cosine", step, RECIPE_STEPS, RECIPE_LR, RECIPE_WARMUP, 0.0)
-        tok, tgt = backend.set_batch(x, y)
-        with backend.stream:
-            model.forward(tok, tgt, dloss=1.0 / (B * T))
-            model.backward(tok)
-        ours.append(backend.mean_loss(model.acts["losses"]))
         xt, yt = torch.from_numpy(x).long().cuda(), torch.from_numpy(y).long().cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = ref(xt, yt)
         loss.backward()
         theirs.append(loss.item())
-        if step == 0:
-            ours_g = model.layout.views(backend.to_numpy(model.grads[:model.layout.total]))
-            theirs_g = model.layout.views(ref.grads_to_flat())
-            rels = {name: float(np.linalg.norm(g - theirs_g[name]) / max(np.linalg.norm(theirs_g[name]), 1e-12))
-                    for name, g in ours_g.items()}
-            print("step-1 gradient relative errors:", {k: round(v, 4) for k, v in rels.items()})
-            assert max(rels.values()) < 5e-2, rels
-        norm = opt.reduce_and_norm(comm, 0)
-        opt.step(lr, step + 1, optim.clip_scale(norm, 1.0), seed=step)
-        model.zero_grad()
+        ours.append(trainer.step(compare_first_gradients).loss)
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         for group in ref_opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = trainer.lr(step)
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
     diff = np.abs(np.array(ours) - np.array(theirs))
@@ -102,13 +95,19 @@ def test_master_weights_start_from_the_fp32_parameters():
     for a whole model and for a ZeRO shard that runs into the padding past the layout."""
     from gpt2cu.backends import get_backend
     from gpt2cu.models.gpt2 import param_layout
+    from types import SimpleNamespace
+
+    from gpt2cu.sharding import zero_shards
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, max_seq_len=32)
     init = init_params(cfg, seed=5)
     backend = get_backend("cuda")
-    shards = optim.zero_shards(param_layout(cfg), 7)
+    shards = zero_shards(param_layout(cfg), 7)
     model = GPT(cfg, backend, 1, 8, init, padded_size=shards.padded_size)
-    for shard in ((0, model.layout.total), shards.range(6)):
-        opt = optim.AdamW(backend, model, shard, optim.AdamWConfig(), initial_params=init)
+    last_of_seven = SimpleNamespace(rank=6, world_size=7, communicates=True)  # AdamW only derives its shard
+    for comm, shard in ((SimpleNamespace(rank=0, world_size=1, communicates=False), (0, model.layout.total)),
+                        (last_of_seven, shards.range(6))):
+        opt = AdamW(backend, model, comm, AdamWConfig(), zero_stage=1, initial_params=init)
+        assert (opt.start, opt.end) == shard
         master = backend.to_numpy(opt.master)
         expected = np.zeros(shard[1] - shard[0], np.float32)
         part = init[shard[0]:shard[1]]
@@ -129,8 +128,7 @@ def test_checkpoints_move_between_backends(tmp_path):
     for name in ("cuda", "numpy"):
         backend = get_backend(name)
         model = GPT(cfg, backend, B, T, init_params(cfg, seed=3))
-        tok, tgt = backend.set_batch(x, y)
-        model.forward(tok, tgt)
+        model.forward(backend.set_batch(x, y))
         losses[name] = backend.mean_loss(model.acts["losses"])
         path = str(tmp_path / f"{name}.bin")
         checkpoint.write_model(path, cfg, model.host_params(), dtype=backend.checkpoint_dtype)
@@ -138,8 +136,7 @@ def test_checkpoints_move_between_backends(tmp_path):
         cfg2, params = checkpoint.read_model(path)
         assert cfg2 == cfg
         loaded = GPT(cfg, other, B, T, params)
-        tok, tgt = other.set_batch(x, y)
-        loaded.forward(tok, tgt)
+        loaded.forward(other.set_batch(x, y))
         assert abs(other.mean_loss(loaded.acts["losses"]) - losses[name]) < 0.02
     assert abs(losses["cuda"] - losses["numpy"]) < 0.02
 
@@ -164,27 +161,17 @@ def test_nccl_with_one_rank_matches_no_communicator():
     single-process path."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm, SingleProcess
-    from gpt2cu.models.gpt2 import param_layout
     cfg, B, T = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=128), 4, 128
     batches = corpus_batches(B, T, 3)
     backend = get_backend("cuda")
     nccl = NCCLComm(MPIComm(), stream=backend.stream)
 
     def run(comm, zero, overlap=False):
-        shards = optim.zero_shards(param_layout(cfg), comm.world_size)
-        model = GPT(cfg, backend, B, T, init_params(cfg, seed=1), padded_size=shards.padded_size)
-        opt = optim.AdamW(backend, model, shards.range(comm.rank), optim.AdamWConfig(lr=1e-3, weight_decay=0.1))
-        losses = []
-        for step, (x, y) in enumerate(batches):
-            tok, tgt = backend.set_batch(x, y)
-            model.forward(tok, tgt, dloss=1.0 / (B * T))
-            model.backward(tok, layer_done=opt.layer_done_hook(comm) if overlap else None)
-            losses.append(comm.all_reduce_scalar(backend.mean_loss(model.acts["losses"])))
-            norm = opt.reduce_and_norm(comm, zero)
-            opt.step(1e-3, step + 1, optim.clip_scale(norm, 1.0), seed=step)
-            opt.gather_params(comm, zero)
-            model.zero_grad()
-        return losses, model.host_params()
+        config = TrainConfig(batch_size=B, seq_len=T, max_steps=len(batches), zero_stage=zero, overlap_comm=overlap,
+                             adamw=AdamWConfig(lr=1e-3, weight_decay=0.1), lr_schedule="constant", seed=0)
+        trainer = Trainer(cfg, init_params(cfg, seed=1), backend, comm, config, InMemoryBatches(batches))
+        losses = [trainer.step().loss for _ in batches]
+        return losses, trainer.model.host_params()
 
     for zero, overlap in ((0, False), (0, True), (1, False)):
         ref_losses, ref_params = run(SingleProcess(), zero)

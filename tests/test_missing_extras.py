@@ -52,8 +52,7 @@ def test_plot_without_matplotlib(tmp_path):
 
 def test_export_without_safetensors(tmp_path):
     from gpt2cu.checkpoint import write_model
-    from gpt2cu.models.gpt2 import GPTConfig
-    from gpt2cu.models.gpt2 import init_params
+    from gpt2cu.models.gpt2 import GPTConfig, init_params
     cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, max_seq_len=8, vocab_size=16, padded_vocab_size=16)
     write_model(str(tmp_path / "m.bin"), cfg, init_params(cfg))
     r = run_without(["safetensors", "safetensors.numpy"], "gpt2cu.export", str(tmp_path / "m.bin"),

@@ -1,5 +1,5 @@
 """The whole schedule (gpt2cu/model.py over the numpy backend, fp32) against a plain PyTorch GPT-2
-(gpt2cu/torch_reference.py, float64) from the same flat parameters: logits, loss, every gradient tensor,
+(gpt2cu/reference/torch_gpt2.py, float64) from the same flat parameters: logits, loss, every gradient tensor,
 all recompute settings, ten AdamW steps with clipping, and the padded GPT-2 vocabulary.
 
 Tolerance: 1e-4 relative to each tensor's scale. The numpy side is fp32 (6e-8 per rounding) through a
@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from gpt2cu.backends.numpy_ops import NumpyBackend
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import param_layout
-from gpt2cu.models.gpt2 import GPT, init_params
-from gpt2cu.torch_reference import TorchGPT
+from gpt2cu.models.gpt2 import GPTConfig, param_layout, GPT, init_params
+from gpt2cu.reference.torch_gpt2 import TorchGPT
 
 torch.set_num_threads(1)
 REL = 1e-4

@@ -9,8 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import param_layout
+from gpt2cu.models.gpt2 import GPTConfig, param_layout
 from gpt2cu.optim import AdamWConfig, adamw_reference, clip_scale
 from gpt2cu.outliers import OutlierDetector
 from gpt2cu.schedules import LR_SCHEDULES, get_lr

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends.numpy_ops import NumpyBackend
-from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.models.gpt2 import GPT, init_params
+from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
 
 # GPT-2's vocabulary (EOT pads the sampler's rows; HF needs the real V), everything else tiny
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, max_seq_len=16)

@@ -127,8 +127,7 @@ def _damage_remove_done(out, step):
 
 def _damage_other_shape(out, step):
     from gpt2cu.checkpoint import write_model
-    from gpt2cu.models.gpt2 import GPTConfig
-    from gpt2cu.models.gpt2 import init_params
+    from gpt2cu.models.gpt2 import GPTConfig, init_params
     cfg = GPTConfig(n_layer=2, n_head=1, n_embd=64)
     write_model(str(out / f"model_{step:08d}.bin"), cfg, init_params(cfg))
 

@@ -2,7 +2,7 @@
 
 nanoGPT's model (pre-LN blocks, fused qkv Linear, SDPA causal attention, tanh GeLU MLP, LM head tied to
 wte), with wte holding the padded vocabulary as gpt2cu does. Its parameters load from and export to
-gpt2cu's flat fp32 buffer through gpt2cu.layout, so both implementations start from the same
+gpt2cu's flat fp32 buffer through the family's param_layout, so both implementations start from the same
 init_params and their gradients compare tensor by tensor. Used on the CPU in fp32/float64 for parity
 tests, and on the GPU under bf16 autocast and torch.compile as the benchmark baseline, so the forward
 stays free of Python-side data-dependent control flow. Only tests and benchmarks import this module
@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.gpt2 import GPTConfig
-from .models.gpt2 import param_layout
+from ..models.gpt2 import GPTConfig, param_layout
 
 
 class CausalSelfAttention(nn.Module):
