@@ -20,8 +20,8 @@ import sys
 
 import numpy as np
 
-from .checkpoint import load_weights
 from .config import GPT2_EOT
+from .export import load_weights
 from .kv_cache import KVCacheDecoder, supports_kv_cache
 
 

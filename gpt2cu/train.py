@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from . import checkpoint, optim
+from . import checkpoint, export, optim
 from .config import GPTConfig
 from .data import DataLoader
 from .extras import MissingExtra
@@ -144,7 +144,7 @@ class Logger:
 def load_initial_params(args, cfg_overrides=None):
     """(GPTConfig, fp32 flat params) from a dN descriptor (fresh init) or an llm.c model file."""
     if os.path.exists(args.model):  # an llm.c model file or a Hugging Face GPT-2 directory
-        return checkpoint.load_weights(args.model)
+        return export.load_weights(args.model)
     try:
         cfg = GPTConfig.from_descriptor(args.model)
     except ValueError as e:

@@ -11,7 +11,7 @@ import numpy as np
 import cupy as cp
 
 from .._native import load_kernels
-from ..checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
+from ..formats import bf16_bits_to_f32, f32_to_bf16_bits
 
 BF16 = np.uint16
 
