@@ -1,20 +1,10 @@
 """Everything written to disk besides logs: llm.c's model file, the per-rank training-state file, and a
-checkpoint directory (llm.c's -o DIR) of atomically written files with DONE markers.
+checkpoint directory (llm.c's -o DIR) of atomically written files with DONE markers. formats.py
+describes both files byte by byte.
 
-Model file (llm.c's format, readable by llm.c and its exporters): 256 int32 header
-  [0] 20240326  [1] version: 3 = fp32 params, 5 = bf16 params  [2] max_seq_len  [3] vocab_size
-  [4] n_layer  [5] n_head  [6] n_embd  [7] padded_vocab_size  (the rest 0)
-then the parameters, flat, in layout.param_layout order.
-
-State file `state_%08d_%05d.bin` (step, rank): 256 int32 header
-  [0] 20240527 (magic)  [1] 1 (version)  [2] world_size  [3] rank  [4] zero_stage  [5] step
-  [6] has_master (1 when a "master" array is stored)  [7] [8] payload bytes, low and high 32 bits
-  [9] crc32 (as uint32 bits) of the whole file computed with this slot 0  (the rest 0)
-then the payload: a JSON blob (uint64 byte length, then UTF-8, space padded so the arrays start on a
-64-byte boundary) = {"arrays": [{"name", "dtype", "length"}, ...], "extra": {...}}, then the arrays'
-float32 data in that order. The trainer stores AdamW's m and v (this rank's ZeRO shard, or the whole
-buffer under ZeRO-0), the fp32 master weights when kept, and in "extra" the data loader position, RNG
-state and anything else JSON-serializable.
+The trainer stores in a state file AdamW's m and v (this rank's ZeRO shard, or the whole buffer under
+ZeRO-0), the fp32 master weights when kept, and in "extra" the data loader position, RNG state and
+anything else JSON-serializable.
 
 Checkpoint directory: model_%08d.bin (rank 0), one state file per rank, and DONE_%08d, written by
 rank 0 once every rank's files are in place; a step without DONE is incomplete and never resumed.
@@ -24,21 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .formats import (HEADER_BYTES, MODEL_FILE, STATE_FILE, atomic_write, bf16_bits_to_f32, check_file_size,
+                      f32_to_bf16_bits, fsync_dir, new_header, read_header)
 from .models.gpt2 import GPTConfig, param_layout
 
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+MODEL_VERSION = {dtype: version for version, dtype in MODEL_FILE.versions.items()}  # "fp32" -> 3, "bf16" -> 5
 
-MODEL_MAGIC = 20240326
-MODEL_VERSIONS = {3: "fp32", 5: "bf16"}
-
-STATE_MAGIC = 20240527
 STATE_VERSION = 1
 STATE_FIELDS = ("world_size", "rank", "zero_stage", "step")  # header slots 2..5, given by the caller
 _SLOT_HAS_MASTER, _SLOT_PAYLOAD_LO, _SLOT_PAYLOAD_HI, _SLOT_CRC = 6, 7, 8, 9
@@ -55,63 +41,11 @@ class RunMismatch(CheckpointError):
     the directory would be refused alike, so resuming stops instead of falling back to an older one."""
 
 
-# ---- bf16 <-> fp32 -----------------------------------------------------------------------------------
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), rounding to nearest even; NaN stays a (quiet) NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16
-    # rounding a NaN's mantissa could carry it into infinity: keep the top bits and set the quiet bit
-    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.where(nan, (bits >> 16) | np.uint32(0x0040), rounded).astype(np.uint16)
-
-
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float32, exactly."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-# ---- atomic writes ----------------------------------------------------------------------------------
-
-def _atomic_write(path: str, write) -> None:
-    """write(f) into a temporary file next to `path`, fsync it, then rename it over `path`: a reader
-    (or a resumed run after a crash) sees the old file or the complete new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    # makes the rename itself durable; not every filesystem lets a directory be opened for this
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ---- model file -------------------------------------------------------------------------------------
 
 def write_model(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str = "fp32") -> None:
     """Write an llm.c model file (atomically) from fp32 flat parameters in layout order."""
-    if dtype not in ("fp32", "bf16"):
+    if dtype not in MODEL_VERSION:
         raise ValueError(f"model file dtype must be 'fp32' or 'bf16', got {dtype!r}")
     params = np.asarray(params)
     if params.dtype != np.float32:
@@ -119,42 +53,28 @@ def write_model(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str = "fp3
     expected = param_layout(cfg).total
     if params.shape != (expected,):
         raise ValueError(f"parameters have shape {params.shape}, the model needs ({expected},)")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:8] = [MODEL_MAGIC, 3 if dtype == "fp32" else 5, cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
-                  cfg.n_head, cfg.n_embd, cfg.padded_vocab_size]
+    header = new_header(MODEL_FILE, MODEL_VERSION[dtype], [cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
+                                                           cfg.n_head, cfg.n_embd, cfg.padded_vocab_size])
     data = f32_to_bf16_bits(params) if dtype == "bf16" else np.ascontiguousarray(params)
 
     def write(f):
         f.write(header.tobytes())
         f.write(memoryview(data).cast("B"))
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_model_header(path: str) -> tuple[GPTConfig, str]:
     """(GPTConfig, "fp32" | "bf16") of an llm.c model file, after checking its size matches."""
-    with open(path, "rb") as f:
-        raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES:
-        raise CheckpointError(f"{path}: not an llm.c model file (only {len(raw)} bytes)")
-    header = np.frombuffer(raw, dtype=np.int32)
-    if header[0] != MODEL_MAGIC:
-        raise CheckpointError(f"{path}: not an llm.c model file (magic {header[0]}, expected {MODEL_MAGIC})")
-    version = int(header[1])
-    if version not in MODEL_VERSIONS:
-        raise CheckpointError(f"{path}: unsupported model file version {version} "
-                              f"(known: 3 = fp32, 5 = bf16)")
+    header, size = read_header(path, MODEL_FILE, CheckpointError)
     max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
     try:
         cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
                         vocab_size=vocab_size, padded_vocab_size=padded_vocab)
     except ValueError as e:
         raise CheckpointError(f"{path}: bad model shape in header: {e}") from e
-    dtype = MODEL_VERSIONS[version]
-    expected = HEADER_BYTES + param_layout(cfg).total * (4 if dtype == "fp32" else 2)
-    actual = os.path.getsize(path)
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
-        raise CheckpointError(f"{path}: file {what}: {actual} bytes, the header's model needs {expected}")
+    dtype = MODEL_FILE.versions[int(header[1])]
+    param_bytes = 4 if dtype == "fp32" else 2
+    check_file_size(path, MODEL_FILE, size, HEADER_BYTES + param_layout(cfg).total * param_bytes, CheckpointError)
     return cfg, dtype
 
 
@@ -164,14 +84,6 @@ def read_model(path: str) -> tuple[GPTConfig, np.ndarray]:
     n = param_layout(cfg).total
     raw = np.fromfile(path, dtype=np.float32 if dtype == "fp32" else np.uint16, count=n, offset=HEADER_BYTES)
     return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
-
-
-def load_weights(path: str):
-    """(GPTConfig, fp32 flat params) from an llm.c model file or a Hugging Face GPT-2 directory."""
-    if os.path.isdir(path):
-        from .export import import_hf
-        return import_hf(path)
-    return read_model(path)
 
 
 # ---- state file -------------------------------------------------------------------------------------
@@ -195,10 +107,7 @@ def write_state(path: str, header_fields: dict, arrays: dict, extra: dict) -> No
     blob += b" " * (-(HEADER_BYTES + 8 + len(blob)) % _ARRAY_ALIGN)
     payload_bytes = 8 + len(blob) + sum(a.nbytes for a in flat.values())
 
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[0], header[1] = STATE_MAGIC, STATE_VERSION
-    for slot, name in enumerate(STATE_FIELDS, start=2):
-        header[slot] = _int32(name, header_fields[name])
+    header = new_header(STATE_FILE, STATE_VERSION, [_int32(name, header_fields[name]) for name in STATE_FIELDS])
     header[_SLOT_HAS_MASTER] = int("master" in flat)
     header[_SLOT_PAYLOAD_LO:_SLOT_PAYLOAD_HI + 1] = np.array([payload_bytes & 0xFFFFFFFF, payload_bytes >> 32],
                                                              dtype=np.uint32).view(np.int32)
@@ -212,7 +121,7 @@ def write_state(path: str, header_fields: dict, arrays: dict, extra: dict) -> No
         f.write(header.tobytes())
         for piece in pieces:
             f.write(piece)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _int32(name: str, value) -> int:
@@ -222,30 +131,19 @@ def _int32(name: str, value) -> int:
     return value
 
 
-def _read_state_header(path: str, f) -> tuple[np.ndarray, int]:
+def _read_state_header(path: str) -> tuple[np.ndarray, int]:
     """(header, payload bytes) after checking magic, version and the file size."""
-    raw = f.read(HEADER_BYTES)
-    if len(raw) < HEADER_BYTES:
-        raise CheckpointError(f"{path}: not a gpt2cu state file (only {len(raw)} bytes)")
-    header = np.frombuffer(raw, dtype=np.int32).copy()
-    if header[0] != STATE_MAGIC:
-        raise CheckpointError(f"{path}: not a gpt2cu state file (magic {header[0]}, expected {STATE_MAGIC})")
-    if header[1] != STATE_VERSION:
-        raise CheckpointError(f"{path}: unsupported state file version {header[1]} (known: {STATE_VERSION})")
+    header, size = read_header(path, STATE_FILE, CheckpointError)
     lo, hi = header[_SLOT_PAYLOAD_LO:_SLOT_PAYLOAD_HI + 1].view(np.uint32)
     payload = int(lo) | int(hi) << 32
-    actual = os.fstat(f.fileno()).st_size
-    if actual != HEADER_BYTES + payload:
-        what = "truncated" if actual < HEADER_BYTES + payload else "has trailing bytes"
-        raise CheckpointError(f"{path}: state file {what}: {actual} bytes, header says {HEADER_BYTES + payload}")
+    check_file_size(path, STATE_FILE, size, HEADER_BYTES + payload, CheckpointError)
     return header, payload
 
 
 def state_fields(path: str) -> dict:
     """The header fields of a state file (plus has_master), after the cheap checks (magic, version,
     size) but without reading the payload or verifying the checksum."""
-    with open(path, "rb") as f:
-        header, _ = _read_state_header(path, f)
+    header, _ = _read_state_header(path)
     return _fields(header)
 
 
@@ -257,8 +155,9 @@ def _fields(header: np.ndarray) -> dict:
 
 def read_state(path: str) -> tuple[dict, dict, dict]:
     """(header fields, arrays name -> float32 1-D, extra) of a state file; the checksum is verified."""
+    header, payload = _read_state_header(path)
     with open(path, "rb") as f:
-        header, payload = _read_state_header(path, f)
+        f.seek(HEADER_BYTES)  # a file replaced since the header was read fails the checksum
         stored_crc = int(header[_SLOT_CRC:_SLOT_CRC + 1].view(np.uint32)[0])
         zeroed = header.copy()
         zeroed[_SLOT_CRC] = 0
@@ -326,7 +225,7 @@ def write_training_state(out_dir: str, step: int, rank: int, world_size: int, st
 def mark_done(out_dir: str, step: int, world_size: int) -> None:
     """Rank 0, after a barrier that follows every rank's writes: the step is complete. The marker
     records the world size so a resume can check it before looking for its own state file."""
-    _atomic_write(done_path(out_dir, step), lambda f: f.write(json.dumps({"world_size": world_size}).encode()))
+    atomic_write(done_path(out_dir, step), lambda f: f.write(json.dumps({"world_size": world_size}).encode()))
 
 
 def save_checkpoint(out_dir: str, step: int, rank: int, world_size: int, model_writer, state: TrainingState,
@@ -343,7 +242,7 @@ def save_checkpoint(out_dir: str, step: int, rank: int, world_size: int, model_w
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     barrier()
     if rank == 0:
         mark_done(out_dir, step, world_size)

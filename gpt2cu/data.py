@@ -1,8 +1,6 @@
 """llm.c's token shards and the training-data loader.
 
-A shard is a 256-int32 header (magic 20240520, version 1, token count) followed by the tokens as
-uint16, little-endian, exactly as llm.c's dev/data scripts write them, so shards move freely between
-llm.c and gpt2cu.
+Shards are llm.c's (formats.py describes them), so they move freely between llm.c and gpt2cu.
 
 The loader follows llm.c's dataloader.h: a shard is cut into samples of B*T*world_size tokens (plus the
 one token of lookahead for the targets), every rank takes the same sample and reads its own B*T stripe
@@ -17,10 +15,9 @@ import os
 
 import numpy as np
 
-MAGIC = 20240520
-VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+from .formats import HEADER_BYTES, SHARD, atomic_write, check_file_size, new_header, read_header
+
+SHARD_VERSION = 1
 MAX_TOKEN = np.iinfo(np.uint16).max
 
 
@@ -35,43 +32,19 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
     if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() > MAX_TOKEN):
         raise ValueError(f"{path}: tokens must be integers in [0, {MAX_TOKEN}] to fit uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            header.tofile(f)
-            tokens.astype("<u2", copy=False).tofile(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    header = new_header(SHARD, SHARD_VERSION, [tokens.size])
 
-
-def read_llmc_header(path, magic: int, version: int, what: str, error=ValueError, hint: str = ""):
-    """(header int32 array, file size) of an llm.c file whose 256-int32 header starts (magic, version);
-    `error` names the file and what is wrong with it."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}{hint}")
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise error(f"{path}: truncated header ({size} bytes, the header is {HEADER_BYTES})")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != magic:
-        raise error(f"{path}: bad magic {header[0]} (expected {magic}); not an llm.c {what}")
-    if header[1] != version:
-        raise error(f"{path}: unsupported {what} version {header[1]} (expected {version})")
-    return header, size
+    def write(f):
+        header.tofile(f)
+        tokens.astype("<u2", copy=False).tofile(f)
+    atomic_write(path, write)
 
 
 def read_shard_header(path) -> int:
     """Check the shard's header and size; return its number of tokens."""
-    header, size = read_llmc_header(path, MAGIC, VERSION, "shard", ShardError)
+    header, size = read_header(path, SHARD, ShardError)
     ntok = int(header[2])
-    if ntok < 0 or size != HEADER_BYTES + 2 * ntok:
-        raise ShardError(f"{path}: truncated or corrupt: header says {ntok} tokens "
-                         f"({HEADER_BYTES + 2 * ntok} bytes) but the file has {size} bytes")
+    check_file_size(path, SHARD, size, HEADER_BYTES + 2 * ntok, ShardError)
     return ntok
 
 

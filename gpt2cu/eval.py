@@ -1,11 +1,7 @@
 """The evaluations train.py runs every -v steps: validation loss, and HellaSwag as llm.c scores it.
 
 HellaSwag lives in llm.c's multiple-choice eval file (dev/data/hellaswag.py writes it from the official
-jsonl): a header of 256 int32 (magic 20240522, version 1, number of examples, longest example in bytes),
-then per example a uint16 record
-    65535 (START), record bytes, example index, label, number of completions (4),
-    context length, context tokens, then per completion: its length and its tokens.
-The reader and the writer both live here so the format has one owner.
+jsonl; formats.py describes it); its reader and writer live here.
 
 Scoring is llm.c's "completion style" acc_norm: each example fills 4 rows of the (B, T) batch (context
 followed by one ending), targets are the next tokens over the ending only (-1 elsewhere, so the
@@ -19,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import HEADER_BYTES, HEADER_INTS, read_llmc_header
+from .formats import EVAL_FILE, HEADER_BYTES, atomic_write, new_header, read_header
 
-EVAL_MAGIC = 20240522
 EVAL_VERSION = 1
 START = 65535
 NUM_COMPLETIONS = 4  # llm.c's EvalLoader assumes 4 (ASSUMED_NUM_COMPLETIONS)
@@ -61,21 +56,23 @@ def _record(index: int, ex: Example) -> list:
 
 
 def write_eval_file(path: str, examples) -> None:
-    """Write `examples` (a sequence of Example) in llm.c's eval format (data_common.write_evalfile)."""
+    """Write `examples` (a sequence of Example) in llm.c's eval format (data_common.write_evalfile);
+    atomic, so an interrupted write leaves the old file (or none), never half a file."""
     if not 0 < len(examples) < 2 ** 16:  # the example index is a uint16
         raise ValueError(f"an eval file holds 1 to 65535 examples, got {len(examples)}")
     records = [_record(i, ex) for i, ex in enumerate(examples)]
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:4] = EVAL_MAGIC, EVAL_VERSION, len(records), max(r[1] for r in records)
-    with open(path, "wb") as f:
+    header = new_header(EVAL_FILE, EVAL_VERSION, [len(records), max(r[1] for r in records)])
+    stream = np.array([x for r in records for x in r], dtype="<u2")
+
+    def write(f):
         header.tofile(f)
-        np.array([x for r in records for x in r], dtype="<u2").tofile(f)
+        stream.tofile(f)
+    atomic_write(path, write)
 
 
 def read_eval_file(path: str) -> list:
     """The examples of an llm.c eval file, every record checked (EvalFileError names file and example)."""
-    header, size = read_llmc_header(path, EVAL_MAGIC, EVAL_VERSION, "eval file", EvalFileError,
-                                    " (dev/data/hellaswag.py writes it)")
+    header, size = read_header(path, EVAL_FILE, EvalFileError, " (dev/data/hellaswag.py writes it)")
     count = int(header[2])
     if count < 1:
         raise EvalFileError(f"{path}: header says {count} examples")

@@ -1,5 +1,6 @@
 """Hugging Face GPT-2 interchange: export an llm.c model file as a GPT2LMHeadModel directory, and
-import such a directory (ours, or a hub download of gpt2 / gpt2-medium / ...) back to our flat params.
+import such a directory (ours, or a hub download of gpt2 / gpt2-medium / ...) back to our flat params;
+load_weights reads either kind of model.
 
     python -m gpt2cu.export log/model_00005000.bin out/hf    # then GPT2LMHeadModel.from_pretrained("out/hf")
 
@@ -19,6 +20,7 @@ import sys
 
 import numpy as np
 
+from .checkpoint import read_model
 from .models.gpt2 import GPT2_EOT, GPTConfig, param_layout
 from .extras import MissingExtra, require
 
@@ -157,6 +159,13 @@ def import_hf(hf_dir: str) -> tuple:
     return cfg, from_hf_tensors(cfg, tensors, hf_dir)
 
 
+def load_weights(path: str) -> tuple:
+    """(GPTConfig, fp32 flat params) from an llm.c model file or a Hugging Face GPT-2 directory."""
+    if os.path.isdir(path):
+        return import_hf(path)
+    return read_model(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpt2cu.export",
                                 description="Export an llm.c model file as a Hugging Face GPT2LMHeadModel "
@@ -168,7 +177,6 @@ def main(argv=None) -> int:
         require("safetensors.numpy", p.prog)
     except MissingExtra as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
-    from .checkpoint import read_model
     try:
         cfg, flat = read_model(args.checkpoint)
     except (OSError, ValueError) as e:

@@ -20,9 +20,9 @@ import sys
 
 import numpy as np
 
-from .checkpoint import load_weights
-from .models.gpt2 import GPT2_EOT
+from .export import load_weights
 from .kv_cache import KVCacheDecoder
+from .models.gpt2 import GPT2_EOT
 
 
 def sample_token(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, export
 from .data import DataLoader, RepeatedBatch
 from .dist import Watchdog
 from .extras import MissingExtra
@@ -146,7 +146,7 @@ class Logger:
 def load_initial_params(args):
     """(model config, fp32 flat params) from a descriptor (fresh init) or a model file / HF directory."""
     if os.path.exists(args.model):  # an llm.c model file or a Hugging Face GPT-2 directory
-        return checkpoint.load_weights(args.model)
+        return export.load_weights(args.model)
     try:
         cfg = config_from_descriptor(args.model)
     except ValueError as e:

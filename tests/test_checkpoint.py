@@ -1,6 +1,6 @@
-"""gpt2cu/checkpoint.py: the llm.c model file (fp32 and bf16 round trips, header, every error), bf16
-rounding, the state file (round trip, corruption detection) and the checkpoint directory (DONE markers,
-newest valid step, pruning, world-size checks)."""
+"""gpt2cu/checkpoint.py: the llm.c model file (fp32 and bf16 round trips, header, every error), the state
+file (round trip, corruption detection) and the checkpoint directory (DONE markers, newest valid step,
+pruning, world-size checks)."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from gpt2cu.checkpoint import (HEADER_BYTES, CheckpointError, TrainingState, bf16_bits_to_f32, done_path,
-                               f32_to_bf16_bits, latest_checkpoint, load_training_state, mark_done, model_path,
-                               prune_checkpoints, read_model, read_state, save_checkpoint, state_path,
-                               write_model, write_state, write_training_state)
+from gpt2cu.checkpoint import (CheckpointError, TrainingState, done_path, latest_checkpoint, load_training_state,
+                               mark_done, model_path, prune_checkpoints, read_model, read_state, save_checkpoint,
+                               state_path, write_model, write_state, write_training_state)
+from gpt2cu.formats import HEADER_BYTES
 from gpt2cu.models.gpt2 import GPTConfig
 
 CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, max_seq_len=16, vocab_size=50, padded_vocab_size=64)
@@ -19,30 +19,6 @@ CFG = GPTConfig(n_layer=2, n_head=2, n_embd=8, max_seq_len=16, vocab_size=50, pa
 
 def params(seed=0):
     return np.random.default_rng(seed).normal(size=CFG.num_parameters()).astype(np.float32)
-
-
-# ---- bf16 -------------------------------------------------------------------------------------------
-
-def test_bf16_rounding_is_nearest_even():
-    one = 0x3F80  # bf16 bits of 1.0; its last mantissa bit is 0, the next value up (0x3F81) is odd
-    halfway_down = np.array([0x3F808000], np.uint32).view(np.float32)  # exactly between 0x3F80 and 0x3F81
-    halfway_up = np.array([0x3F818000], np.uint32).view(np.float32)    # between 0x3F81 and 0x3F82
-    above = np.array([0x3F808001], np.uint32).view(np.float32)
-    assert f32_to_bf16_bits(halfway_down)[0] == one        # tie -> even (0x3F80)
-    assert f32_to_bf16_bits(halfway_up)[0] == 0x3F82       # tie -> even (0x3F82)
-    assert f32_to_bf16_bits(above)[0] == 0x3F81
-    special = np.float32([np.inf, -np.inf, 0.0, -0.0, np.nan, np.finfo(np.float32).max])  # max rounds up to inf
-    out = bf16_bits_to_f32(f32_to_bf16_bits(special))
-    assert out[0] == np.inf and out[1] == -np.inf and out[2] == 0 and np.signbit(out[3])
-    assert np.isnan(out[4]) and out[5] == np.inf
-
-
-def test_bf16_round_trip_error():
-    x = params()
-    back = bf16_bits_to_f32(f32_to_bf16_bits(x))
-    # 7 stored mantissa bits: round-to-nearest is within half a unit in the last place, <= 2^-8 relative
-    assert np.all(np.abs(back - x) <= np.abs(x) * 2.0 ** -8)
-    assert np.array_equal(bf16_bits_to_f32(f32_to_bf16_bits(back)), back)  # representable values are exact
 
 
 # ---- model file -------------------------------------------------------------------------------------

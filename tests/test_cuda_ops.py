@@ -34,7 +34,7 @@ import pytest
 
 from gpt2cu.backends import numpy_ops as ref_ops
 from gpt2cu.backends.numpy_ops import NumpyBackend
-from gpt2cu.checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
+from gpt2cu.formats import bf16_bits_to_f32, f32_to_bf16_bits
 from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
 
 try:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gpt2cu.corpus import default_corpus, stdlib_sources
-from gpt2cu.data import (HEADER_BYTES, MAGIC, DataLoader, ShardError, load_shard_tokens, read_shard_header,
-                         write_shard)
+from gpt2cu.data import DataLoader, ShardError, load_shard_tokens, read_shard_header, write_shard
+from gpt2cu.formats import HEADER_BYTES, SHARD
 from gpt2cu.tokenizer import EOT
 
 VOCAB = 50257
@@ -40,7 +40,7 @@ def test_shard_round_trip(tmp_path):
     assert os.path.getsize(path) == HEADER_BYTES + 2 * 1000
     assert read_shard_header(path) == 1000
     header = np.fromfile(path, dtype="<i4", count=3)
-    assert header.tolist() == [MAGIC, 1, 1000]
+    assert header.tolist() == [SHARD.magic, 1, 1000]
     loaded = load_shard_tokens(path)
     assert isinstance(loaded, np.memmap) and loaded.dtype == np.uint16
     np.testing.assert_array_equal(loaded, tokens)

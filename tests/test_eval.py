@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends.numpy_ops import NumpyBackend
+from gpt2cu.eval import (EvalFileError, Example, count_correct, evaluate_hellaswag, evaluate_val_loss,
+                         hellaswag_batches, read_eval_file, write_eval_file)
+from gpt2cu.formats import EVAL_FILE, HEADER_BYTES
 from gpt2cu.models.gpt2 import GPTConfig
-from gpt2cu.eval import (EVAL_MAGIC, HEADER_BYTES, EvalFileError, Example, count_correct, evaluate_hellaswag,
-                         evaluate_val_loss, hellaswag_batches, read_eval_file, write_eval_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +45,7 @@ def test_layout_matches_llmc(tmp_path):
     header = np.fromfile(path, dtype="<i4", count=256)
     record = [65535, 0, 0, 2, 4, 3, 10, 11, 12, 1, 1, 2, 2, 3, 3, 4, 5, 6, 1, 7]
     record[1] = 2 * len(record)
-    assert header[:4].tolist() == [EVAL_MAGIC, 1, 2, 2 * len(record)] and not header[4:].any()
+    assert header[:4].tolist() == [EVAL_FILE.magic, 1, 2, 2 * len(record)] and not header[4:].any()
     second = list(record)
     second[2] = 1  # the example index
     assert np.fromfile(path, dtype="<u2", offset=HEADER_BYTES).tolist() == record + second

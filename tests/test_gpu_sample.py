@@ -45,7 +45,7 @@ def test_cached_logits_match_full_forward_every_step(cuda_backend, attention):
     Both also stay close to the float32 numpy forward. Both attention forms: the flash kernel over the
     cached rows (the default on CUDA) and the one query in float32 CuPy."""
     from gpt2cu.backends.numpy_ops import NumpyBackend
-    from gpt2cu.checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
+    from gpt2cu.formats import bf16_bits_to_f32, f32_to_bf16_bits
     from gpt2cu.kv_cache import KVCacheDecoder
     from gpt2cu.sample import recompute_logits
     backend, params = cuda_backend, tiny_params()

@@ -11,8 +11,8 @@ import numpy as np
 import cupy as cp
 
 from .._native import load_kernels
+from ..formats import bf16_bits_to_f32, f32_to_bf16_bits
 from .base import Backend, Batch
-from ..checkpoint import bf16_bits_to_f32, f32_to_bf16_bits
 
 BF16 = np.uint16
 
