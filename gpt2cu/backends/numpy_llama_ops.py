@@ -23,6 +23,7 @@ import numpy as np
 
 from . import numpy_ops
 
+
 # ---- RMSNorm ------------------------------------------------------------------------------------
 def rmsnorm_forward(out, rstd, inp, weight, eps):
     rs = 1.0 / np.sqrt((inp * inp).mean(axis=-1, keepdims=True) + eps)
@@ -88,31 +89,25 @@ def rope_tables(head_dim, T, theta, scaling=None):
     return np.cos(angles), np.sin(angles)
 
 
-def _rotate_qk(out, inp, cos, sin, n_head, n_kv_head):
-    """out = inp with every q and k head rotated by the angles (cos, sin); v copied."""
-    B, T, width = inp.shape
-    head_dim = width // (n_head + 2 * n_kv_head)
-    qk = n_head + n_kv_head
-    heads = inp[..., :qk * head_dim].reshape(B, T, qk, head_dim)
-    first, second = heads[..., :head_dim // 2], heads[..., head_dim // 2:]
-    c, s = cos[:, None, :].astype(inp.dtype), sin[:, None, :].astype(inp.dtype)
-    rotated = np.concatenate([first * c - second * s, second * c + first * s], axis=-1)
-    v = inp[..., qk * head_dim:].copy()  # copied before the writes: out may be inp
-    out[..., :qk * head_dim] = rotated.reshape(B, T, qk * head_dim)
-    out[..., qk * head_dim:] = v
-
-
 def rope_forward(out, inp, cos, sin, n_head, n_kv_head):
     """out = inp (B, T, (NH + 2 NKV) HS) with q and k rotated: for channel i < HS/2 of a head at position t,
     (x_i, x_{i+HS/2}) -> (x_i cos - x_{i+HS/2} sin, x_{i+HS/2} cos + x_i sin); v copied. out may be inp
     (the model rotates its qkv buffer in place). cos, sin: rope_tables' (T, HS/2)."""
-    _rotate_qk(out, inp, cos, sin, n_head, n_kv_head)
+    B, T, width = inp.shape
+    head_dim = width // (n_head + 2 * n_kv_head)
+    qk_width = (n_head + n_kv_head) * head_dim
+    heads = inp[..., :qk_width].reshape(B, T, n_head + n_kv_head, head_dim)
+    first, second = heads[..., :head_dim // 2], heads[..., head_dim // 2:]
+    c, s = cos[:, None, :].astype(inp.dtype), sin[:, None, :].astype(inp.dtype)
+    rotated = np.concatenate([first * c - second * s, second * c + first * s], axis=-1)  # a new array
+    out[..., :qk_width] = rotated.reshape(B, T, qk_width)
+    out[..., qk_width:] = inp[..., qk_width:]
 
 
 def rope_backward(dinp, dout, cos, sin, n_head, n_kv_head):
     """dinp = the rotation's transpose (the rotation by minus the angle) applied to dout; dv copied.
     Overwrites dinp, which may be dout."""
-    _rotate_qk(dinp, dout, cos, -sin, n_head, n_kv_head)
+    rope_forward(dinp, dout, cos, -sin, n_head, n_kv_head)
 
 
 # ---- SwiGLU -------------------------------------------------------------------------------------
