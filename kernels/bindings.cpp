@@ -96,6 +96,80 @@ PYBIND11_MODULE(_kernels, m) {
         "layernorm_backward_scratch_floats", [](int N, int C) { return layernorm_backward_scratch_floats(N, C); },
         "floats of scratch layernorm_backward needs for (N, C)", py::arg("N"), py::arg("C"));
 
+    // ---- rmsnorm.cu
+    m.def(
+        "rmsnorm_forward",
+        [](uintptr_t out, uintptr_t rstd, uintptr_t inp, uintptr_t weight, float eps, int N, int C, uintptr_t stream) {
+            rmsnorm_forward(ptr<bf16>(out), ptr<float>(rstd), ptr<const bf16>(inp), ptr<const bf16>(weight), eps, N,
+                            C, strm(stream));
+        },
+        "out = inp * rstd * weight over the last dim C, rstd = 1/sqrt(mean(inp^2) + eps) per row (fp32)",
+        py::arg("out"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("eps"), py::arg("N"),
+        py::arg("C"), py::arg("stream"));
+    m.def(
+        "fused_residual_rmsnorm_forward",
+        [](uintptr_t residual, uintptr_t out, uintptr_t rstd, uintptr_t inp1, uintptr_t inp2, uintptr_t weight,
+           float eps, int N, int C, uintptr_t stream) {
+            fused_residual_rmsnorm_forward(ptr<bf16>(residual), ptr<bf16>(out), ptr<float>(rstd), ptr<const bf16>(inp1),
+                                           ptr<const bf16>(inp2), ptr<const bf16>(weight), eps, N, C, strm(stream));
+        },
+        "residual = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, weight, eps)", py::arg("residual"),
+        py::arg("out"), py::arg("rstd"), py::arg("inp1"), py::arg("inp2"), py::arg("weight"), py::arg("eps"),
+        py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "rmsnorm_backward",
+        [](uintptr_t dinp, uintptr_t dweight, uintptr_t dout, uintptr_t inp, uintptr_t weight, uintptr_t rstd,
+           uintptr_t scratch, size_t scratch_floats, int N, int C, uintptr_t stream) {
+            rmsnorm_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<const bf16>(dout), ptr<const bf16>(inp),
+                             ptr<const bf16>(weight), ptr<const float>(rstd), ptr<float>(scratch), scratch_floats, N, C,
+                             strm(stream));
+        },
+        "dinp += d/dinp, dweight += sum_rows(dout * inp * rstd)", py::arg("dinp"), py::arg("dweight"),
+        py::arg("dout"), py::arg("inp"), py::arg("weight"), py::arg("rstd"), py::arg("scratch"),
+        py::arg("scratch_floats"), py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "rmsnorm_backward_scratch_floats", [](int N, int C) { return rmsnorm_backward_scratch_floats(N, C); },
+        "floats of scratch rmsnorm_backward needs for (N, C)", py::arg("N"), py::arg("C"));
+
+    // ---- rope.cu
+    m.def(
+        "rope_forward",
+        [](uintptr_t out, uintptr_t inp, uintptr_t cos, uintptr_t sin, int B, int T, int NH, int NKV, int HS,
+           uintptr_t stream) {
+            rope_forward(ptr<bf16>(out), ptr<const bf16>(inp), ptr<const float>(cos), ptr<const float>(sin), B, T, NH,
+                         NKV, HS, strm(stream));
+        },
+        "rotary embedding of the q and k heads of qkv (B, T, (NH + 2 NKV) HS), pairs (i, i + HS/2), fp32 cos/sin "
+        "tables (T, HS/2); v copied; out may be inp; HS % 16 == 0",
+        py::arg("out"), py::arg("inp"), py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("NH"),
+        py::arg("NKV"), py::arg("HS"), py::arg("stream"));
+    m.def(
+        "rope_backward",
+        [](uintptr_t dinp, uintptr_t dout, uintptr_t cos, uintptr_t sin, int B, int T, int NH, int NKV, int HS,
+           uintptr_t stream) {
+            rope_backward(ptr<bf16>(dinp), ptr<const bf16>(dout), ptr<const float>(cos), ptr<const float>(sin), B, T,
+                          NH, NKV, HS, strm(stream));
+        },
+        "dinp = the transposed rotation of dout (dv copied); dinp may be dout", py::arg("dinp"), py::arg("dout"),
+        py::arg("cos"), py::arg("sin"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("NKV"), py::arg("HS"),
+        py::arg("stream"));
+
+    // ---- swiglu.cu
+    m.def(
+        "swiglu_forward",
+        [](uintptr_t out, uintptr_t inp, int N, int H, uintptr_t stream) {
+            swiglu_forward(ptr<bf16>(out), ptr<const bf16>(inp), N, H, strm(stream));
+        },
+        "inp (N, 2H) = [gate | up]; out (N, H) = silu(gate) * up", py::arg("out"), py::arg("inp"), py::arg("N"),
+        py::arg("H"), py::arg("stream"));
+    m.def(
+        "swiglu_backward",
+        [](uintptr_t dinp, uintptr_t dout, uintptr_t inp, int N, int H, uintptr_t stream) {
+            swiglu_backward(ptr<bf16>(dinp), ptr<const bf16>(dout), ptr<const bf16>(inp), N, H, strm(stream));
+        },
+        "dinp (N, 2H) = [dout * up * silu'(gate) | dout * silu(gate)]; dinp may be inp", py::arg("dinp"),
+        py::arg("dout"), py::arg("inp"), py::arg("N"), py::arg("H"), py::arg("stream"));
+
     // ---- gelu.cu
     m.def(
         "gelu_forward",

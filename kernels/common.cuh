@@ -1,8 +1,10 @@
 // Header-only helpers shared by every kernels/*.cu: error checks, 16-byte vector access, warp/block
-// reductions, the elementwise grid driver, and the deterministic column-sum finisher.
+// reductions, the row-per-warp helpers of the norms, the elementwise grid driver, and the deterministic
+// column-sum finisher.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -119,6 +121,69 @@ __device__ __forceinline__ float block_sum(float v) {
     }
     __syncthreads();
     return total;
+}
+
+// ---- one warp per row --------------------------------------------------------------------------
+// The normalization kernels (layernorm.cu, rmsnorm.cu) give each row of C channels to one warp and keep it
+// in registers: lane l holds the 8-channel vectors l, l+32, ..., VPL = ceil(C/256) of them, a template
+// parameter. C must be a multiple of 8 and at most 8 * 32 * ROW_MAX_VPL = 2048.
+
+constexpr int ROW_MAX_VPL = 8;
+
+// A row launcher's checks, the error naming the kernel family: N >= 0, a C the row kernels take, and
+// 16-byte aligned tensors (null ones, absent options, skipped). Returns VPL for C.
+inline int check_rows(int N, int C, const char* family, std::initializer_list<const void*> tensors) {
+    auto fail = [family](const std::string& what) {
+        throw std::runtime_error(std::string("gpt2cu kernels: ") + family + ": " + what);
+    };
+    if (N < 0) fail("negative N");
+    if (C <= 0 || C % 8 != 0 || C > 8 * 32 * ROW_MAX_VPL)
+        fail("C must be a positive multiple of 8 and at most 2048, got " + std::to_string(C));
+    for (const void* p : tensors)
+        if (reinterpret_cast<uintptr_t>(p) % 16) fail("bf16 tensors must be 16-byte aligned");
+    return ceil_div(C / 8, 32);
+}
+
+// f(std::integral_constant<int, vpl>()) for a vpl from check_rows
+template <int VPL = 1, class F>
+inline void dispatch_row_vectors(int vpl, F&& f) {
+    if constexpr (VPL < ROW_MAX_VPL) {
+        if (vpl != VPL) return dispatch_row_vectors<VPL + 1>(vpl, f);
+    }
+    f(std::integral_constant<int, VPL>());
+}
+
+// This lane's vectors of the row at element offset `off` into x. RESIDUAL: x = bf16(inp1 + inp2), also
+// stored to `residual`, so the row is normalized as stored (the x its backward reads back).
+template <int VPL, bool RESIDUAL>
+__device__ __forceinline__ void load_row(x128 (&x)[VPL], bf16* __restrict__ residual, const bf16* __restrict__ inp1,
+                                         const bf16* __restrict__ inp2, size_t off, int lane, int vecs) {
+#pragma unroll
+    for (int j = 0; j < VPL; j++) {
+        const int c = (lane + 32 * j) * 8;
+        if (lane + 32 * j < vecs) {
+            x[j] = load128cs(inp1 + off + c);
+            if (RESIDUAL) {
+                const x128 y = load128cs(inp2 + off + c);
+#pragma unroll
+                for (int k = 0; k < 8; k++) x[j][k] = __float2bfloat16_rn((float)x[j][k] + (float)y[k]);
+                store128(residual + off + c, x[j]);
+            }
+        }
+    }
+}
+
+// sum over the row of f(x) for the lane's vectors x from load_row; every lane gets the same value
+template <int VPL, class F>
+__device__ __forceinline__ float row_sum(const x128 (&x)[VPL], int lane, int vecs, F&& f) {
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < VPL; j++)
+        if (lane + 32 * j < vecs) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += f((float)x[j][k]);
+        }
+    return warp_sum(s);
 }
 
 // ---- elementwise driver -------------------------------------------------------------------------

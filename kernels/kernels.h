@@ -43,6 +43,36 @@ void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout
 // floats of scratch layernorm_backward needs for (N, C)
 size_t layernorm_backward_scratch_floats(int N, int C);
 
+// ---- rmsnorm.cu -------------------------------------------------------------------------------
+// out = inp * rstd * weight over the last dim C, rstd = 1/sqrt(mean(inp^2) + eps) per row (fp32)
+void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, float eps, int N, int C,
+                     cudaStream_t stream);
+// residual = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, ...)
+void fused_residual_rmsnorm_forward(bf16* residual, bf16* out, float* rstd, const bf16* inp1, const bf16* inp2,
+                                    const bf16* weight, float eps, int N, int C, cudaStream_t stream);
+// dinp += d/dinp, dweight += sum_rows(dout * inp * rstd)
+void rmsnorm_backward(bf16* dinp, bf16* dweight, const bf16* dout, const bf16* inp, const bf16* weight,
+                      const float* rstd, float* scratch, size_t scratch_floats, int N, int C, cudaStream_t stream);
+// floats of scratch rmsnorm_backward needs for (N, C)
+size_t rmsnorm_backward_scratch_floats(int N, int C);
+
+// ---- rope.cu ----------------------------------------------------------------------------------
+// Rotary embedding of the q and k heads of the packed qkv (B, T, (NH + 2*NKV) * HS) = [q heads | k heads |
+// v heads]: channel i < HS/2 of a head pairs with channel i + HS/2 (transformers' rotate_half), rotated by
+// the angle of (position t, i) given as fp32 tables cos, sin (T, HS/2). v heads are copied; out may be inp.
+// HS % 16 == 0.
+void rope_forward(bf16* out, const bf16* inp, const float* cos, const float* sin, int B, int T, int NH, int NKV,
+                  int HS, cudaStream_t stream);
+// dinp = the transposed rotation of dout (dv copied); dinp may be dout
+void rope_backward(bf16* dinp, const bf16* dout, const float* cos, const float* sin, int B, int T, int NH, int NKV,
+                   int HS, cudaStream_t stream);
+
+// ---- swiglu.cu --------------------------------------------------------------------------------
+// inp (N, 2H) = [gate | up]; out (N, H) = silu(gate) * up
+void swiglu_forward(bf16* out, const bf16* inp, int N, int H, cudaStream_t stream);
+// dinp (N, 2H) = [dgate | dup] = [dout * up * silu'(gate) | dout * silu(gate)]; dinp may be inp
+void swiglu_backward(bf16* dinp, const bf16* dout, const bf16* inp, int N, int H, cudaStream_t stream);
+
 // ---- gelu.cu ----------------------------------------------------------------------------------
 // tanh GeLU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 void gelu_forward(bf16* out, const bf16* inp, size_t n, cudaStream_t stream);

@@ -11,7 +11,7 @@
 //
 // One warp per row: lane l holds the 8-channel vectors l, l+32, ... (VPL of them; C = 768 -> 3), kept
 // in registers between the statistics and the output, so each row is read from memory once. Row sums
-// are xor-butterfly warp reductions. Requires C % 8 == 0 and C <= 8 * 32 * LN_MAX_VPL (2048); GPT-2
+// are xor-butterfly warp reductions. Requires C % 8 == 0 and C <= 2048 (common.cuh's row helpers); GPT-2
 // widths (768 ... 1600) are multiples of 64.
 // backward: every load of a row (dout, inp, dinp, weight) is issued at once. dweight/dbias: each warp
 // keeps fp32 per-channel sums of its rows in its own slice of shared memory (registers would cost 48
@@ -23,33 +23,11 @@
 
 constexpr int LN_THREADS = 256;        // forward: 8 rows per block
 constexpr int LN_WARPS = LN_THREADS / 32;
-constexpr int LN_MAX_VPL = 8;
 constexpr int LN_BWD_THREADS = 128;    // backward: 128 registers at C = 768, so small blocks
 constexpr int LN_BWD_WARPS = LN_BWD_THREADS / 32;
 constexpr int LN_ROWS_PER_WARP = 16;
 constexpr int LN_ROWS_PER_BLOCK = LN_BWD_WARPS * LN_ROWS_PER_WARP;  // one partial row per 64 rows
 constexpr float LN_EPS = 1e-5f;
-
-// f(std::integral_constant<int, vpl>) for the vectors-per-lane a row of C channels needs
-template <int VPL = 1, class F>
-static void dispatch_vpl(int vpl, F&& f) {
-    if constexpr (VPL > LN_MAX_VPL) {
-        require(false, "layernorm: C must be a multiple of 8 and at most 2048");
-    } else if (vpl == VPL) {
-        f(std::integral_constant<int, VPL>());
-    } else {
-        dispatch_vpl<VPL + 1>(vpl, f);
-    }
-}
-
-static int vectors_per_lane(int C) {
-    require(C > 0 && C % 8 == 0, "layernorm: C must be a positive multiple of 8");
-    return ceil_div(C / 8, 32);
-}
-
-static void require_aligned(const void* p) {
-    require(reinterpret_cast<uintptr_t>(p) % 16 == 0, "layernorm: bf16 tensors must be 16-byte aligned");
-}
 
 template <int VPL, bool RESIDUAL>
 __global__ void __launch_bounds__(LN_THREADS)
@@ -63,38 +41,9 @@ __global__ void __launch_bounds__(LN_THREADS)
     const size_t off = (size_t)row * C;
 
     x128 x[VPL];
-#pragma unroll
-    for (int j = 0; j < VPL; j++) {
-        const int c = (lane + 32 * j) * 8;
-        if (lane + 32 * j < vecs) {
-            x[j] = load128cs(inp1 + off + c);
-            if (RESIDUAL) {
-                const x128 y = load128cs(inp2 + off + c);
-#pragma unroll
-                for (int k = 0; k < 8; k++) x[j][k] = __float2bfloat16_rn((float)x[j][k] + (float)y[k]);
-                store128(residual + off + c, x[j]);
-            }
-        }
-    }
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < VPL; j++)
-        if (lane + 32 * j < vecs) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) sum += (float)x[j][k];
-        }
-    const float m = warp_sum(sum) / C;
-    float sq = 0.0f;
-#pragma unroll
-    for (int j = 0; j < VPL; j++)
-        if (lane + 32 * j < vecs) {
-#pragma unroll
-            for (int k = 0; k < 8; k++) {
-                const float d = (float)x[j][k] - m;
-                sq += d * d;
-            }
-        }
-    const float s = rsqrtf(warp_sum(sq) / C + LN_EPS);
+    load_row<VPL, RESIDUAL>(x, residual, inp1, inp2, off, lane, vecs);
+    const float m = row_sum(x, lane, vecs, [](float v) { return v; }) / C;
+    const float s = rsqrtf(row_sum(x, lane, vecs, [m](float v) { return (v - m) * (v - m); }) / C + LN_EPS);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = s;
@@ -117,13 +66,9 @@ template <bool RESIDUAL>
 static void layernorm_forward_launch(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
                                      const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
                                      cudaStream_t stream) {
-    require(N >= 0, "layernorm_forward: negative N");
-    const int vpl = vectors_per_lane(C);
-    for (const void* p : {(const void*)residual, (const void*)out, (const void*)inp1, (const void*)inp2,
-                          (const void*)weight, (const void*)bias})
-        if (p) require_aligned(p);
+    const int vpl = check_rows(N, C, "layernorm_forward", {residual, out, inp1, inp2, weight, bias});
     if (N == 0) return;
-    dispatch_vpl(vpl, [&](auto v) {
+    dispatch_row_vectors(vpl, [&](auto v) {
         layernorm_forward_kernel<decltype(v)::value, RESIDUAL><<<ceil_div(N, LN_WARPS), LN_THREADS, 0, stream>>>(
             residual, out, mean, rstd, inp1, inp2, weight, bias, N, C);
         CUDA_CHECK_LAUNCH();
@@ -233,14 +178,11 @@ size_t layernorm_backward_scratch_floats(int N, int C) {
 void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
                         const bf16* weight, const float* mean, const float* rstd, float* scratch,
                         size_t scratch_floats, int N, int C, cudaStream_t stream) {
-    require(N >= 0, "layernorm_backward: negative N");
-    const int vpl = vectors_per_lane(C);
-    for (const void* p : {(const void*)dinp, (const void*)dout, (const void*)inp, (const void*)weight})
-        require_aligned(p);
+    const int vpl = check_rows(N, C, "layernorm_backward", {dinp, dout, inp, weight});
     if (N == 0) return;
     require(scratch_floats >= layernorm_backward_scratch_floats(N, C), "layernorm_backward: scratch too small");
     const int blocks = ceil_div(N, LN_ROWS_PER_BLOCK);
-    dispatch_vpl(vpl, [&](auto v) {
+    dispatch_row_vectors(vpl, [&](auto v) {
         constexpr int VPL = decltype(v)::value;
         constexpr int smem = LN_BWD_WARPS * 2 * VPL * 32 * 8 * sizeof(float);  // 8 KB * VPL (24 KB at C = 768)
         auto kernel = layernorm_backward_kernel<VPL>;

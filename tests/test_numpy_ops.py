@@ -22,6 +22,7 @@ import torch
 from gpt2cu.backends import numpy_ops as ops
 from gpt2cu.backends.base import Backend
 from gpt2cu.backends.numpy_ops import NumpyBackend
+from numeric_checks import assert_close, nans, numeric_grad
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,30 +33,6 @@ FD_REL, FP32_REL = 1e-6, 1e-5
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-def assert_close(actual, expected, rel):
-    assert np.all(np.isfinite(actual)), "output not (fully) written"
-    np.testing.assert_allclose(actual, expected, rtol=rel, atol=rel * np.abs(expected).max())
-
-
-def numeric_grad(f, x, h=1e-6):
-    """d f() / d x by central differences, perturbing the contiguous array x in place."""
-    grad = np.empty_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = f()
-        flat[i] = old - h
-        minus = f()
-        flat[i] = old
-        gflat[i] = (plus - minus) / (2 * h)
-    return grad
-
-
-def nans(*shape):
-    return np.full(shape, np.nan)
 
 
 def gelu_reference(x):
