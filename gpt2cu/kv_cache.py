@@ -84,7 +84,7 @@ class KVCacheDecoder:
         with ops.on_stream():
             self.qkv[:, 0, :P] = m.acts["qkv"][:, 0, :P]
         self.pos = P
-        return ops.to_numpy(m.acts["logits"][0, P - 1, :cfg.vocab_size])
+        return m.logits(0, P - 1)[:cfg.vocab_size]
 
     # ---- one token -----------------------------------------------------------------------------------
     def step(self, token: int) -> np.ndarray:
@@ -95,6 +95,7 @@ class KVCacheDecoder:
         ops, pos = self.ops, self.pos
         ops.from_numpy(np.array([[token]], np.int32), out=self.token)
         self.model.forward_schedule(self._acts, self._attend, self.token, self.model.p["wpe"][pos:pos + 1])
+        self.model.lm_head(self.top["logits"], self.top["lnf"])
         self.pos = pos + 1
         return ops.to_numpy(self.top["logits"][0, 0, :self.cfg.vocab_size])
 

@@ -51,7 +51,7 @@ def recompute_logits(model, backend, seq) -> np.ndarray:
     inputs = np.full((B, T), GPT2_EOT, dtype=np.int32)
     inputs[0, :len(window)] = window  # positions past the window are never seen (causal attention)
     model.forward(backend.set_batch(inputs))
-    return backend.to_numpy(model.acts["logits"][0, len(window) - 1, :model.cfg.vocab_size])
+    return model.logits(0, len(window) - 1)[:model.cfg.vocab_size]
 
 
 def generate(model, backend, prompt_tokens, max_new_tokens: int, temperature: float = 1.0,

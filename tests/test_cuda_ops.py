@@ -597,7 +597,7 @@ def micro_step(backend, params, inputs, targets, recompute) -> dict:
     model = GPT(MODEL_CFG, backend, b, t, params, recompute=recompute)
     batch = backend.set_batch(inputs, targets)
     model.forward(batch)
-    result = {"logits": backend.to_numpy(model.acts["logits"])}
+    result = {"logits": model.logits()}
     model.forward(batch, dloss=1.0 / (b * t))
     result["losses"] = backend.to_numpy(model.acts["losses"])
     result["dlogits"] = backend.to_numpy(model.acts["logits"])

@@ -223,7 +223,7 @@ def reference_predictions(examples):
             row = list(ex.context + ending)
             model, _ = tiny_model(1, len(row))
             model.forward(model.ops.set_batch(np.array([row], np.int32)))
-            z = model.acts["logits"][0, :, :CFG.vocab_size].astype(np.float64)
+            z = model.logits()[0, :, :CFG.vocab_size].astype(np.float64)
             logp = z - z.max(-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
             n_ctx = len(ex.context)

@@ -58,7 +58,7 @@ def test_forward_and_gradients_match_torch():
     tokens, targets = batch(TINY, seed=2)
     model = GPT(TINY, NumpyBackend(), B, T, flat)
     model.forward(model.ops.set_batch(tokens))
-    logits = model.acts["logits"].copy()
+    logits = model.logits()
     loss = numpy_step(model, tokens, targets)
 
     ref = TorchGPT.from_flat(TINY, flat).double()
@@ -155,7 +155,7 @@ def test_real_padded_vocab():
     tokens, targets = batch(cfg, seed=8)
     model = GPT(cfg, NumpyBackend(), B, T, flat)
     model.forward(model.ops.set_batch(tokens))
-    assert model.acts["logits"][..., V:].any()
+    assert model.logits()[..., V:].any()
     loss = numpy_step(model, tokens, targets)
     assert not model.acts["logits"][..., V:].any()  # dlogits: zero in the padded columns
 
@@ -166,3 +166,24 @@ def test_real_padded_vocab():
     assert not grads["wte"][V:].any()
     for name in model.layout.names:
         assert_close(grads[name], ref_grads[name], name)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, B * T - 1])
+def test_lm_head_in_chunks_matches_whole_logits(monkeypatch, chunk_rows):
+    """The LM head runs chunk by chunk (logits, loss, dlogits and its backward per chunk); chunks that
+    do not divide B*T give the logits, losses and every gradient of the one-chunk model."""
+    from gpt2cu.models import gpt2
+    flat = init_params(TINY, seed=3)
+    tokens, targets = batch(TINY, seed=4)
+    whole = GPT(TINY, NumpyBackend(), B, T, flat)
+    monkeypatch.setattr(gpt2, "LM_HEAD_CHUNK_ROWS", chunk_rows)
+    chunked = GPT(TINY, NumpyBackend(), B, T, flat)
+    assert chunked.acts["logits"].shape[0] == chunk_rows < whole.acts["logits"].shape[0]
+    for model in (whole, chunked):
+        model.forward(model.ops.set_batch(tokens))
+    np.testing.assert_allclose(chunked.logits(), whole.logits(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(chunked.logits(1, T - 2), whole.logits()[1, T - 2], rtol=1e-6, atol=1e-6)
+    losses = [numpy_step(model, tokens, targets) for model in (whole, chunked)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    np.testing.assert_allclose(chunked.grads, whole.grads, rtol=1e-5, atol=1e-7)
+

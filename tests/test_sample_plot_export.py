@@ -56,7 +56,7 @@ def test_generate_matches_one_sequence_reference_and_slides_past_T():
         window = seq[-T:]
         ref = GPT(CFG, backend, 1, len(window), params)
         ref.forward(ref.ops.set_batch(np.array([window], np.int32)))
-        seq.append(int(np.argmax(ref.acts["logits"][0, -1, :CFG.vocab_size])))
+        seq.append(int(np.argmax(ref.logits()[0, -1, :CFG.vocab_size])))
     assert got == seq[len(prompt):]
     a = generate(model, backend, prompt, 5, seed=1)
     assert a == generate(model, backend, prompt, 5, seed=1)
@@ -84,7 +84,7 @@ def test_kv_cache_logits_match_full_forward_every_step(attention):
             logits = dec.step(int(tok))
         ref = GPT(CFG, backend, 1, len(seq), params)
         ref.forward(ref.ops.set_batch(np.array([seq], np.int32)))
-        want = ref.acts["logits"][0, -1, :CFG.vocab_size]
+        want = ref.logits()[0, -1, :CFG.vocab_size]
         np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
                                    err_msg=f"step {step}")
     assert dec.pos == 12
@@ -242,4 +242,4 @@ def test_transformers_gives_our_logits(tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
     assert theirs.shape == (2, 12, CFG.vocab_size)
-    np.testing.assert_allclose(model.acts["logits"][..., :CFG.vocab_size], theirs, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(model.logits()[..., :CFG.vocab_size], theirs, atol=2e-5, rtol=1e-4)

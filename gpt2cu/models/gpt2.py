@@ -89,6 +89,11 @@ def param_layout(cfg: GPTConfig) -> Layout:
     ])
 
 
+# rows of logits alive at once: the LM head runs chunk by chunk (logits, loss, dlogits, and the two
+# backward GEMMs of each chunk before the next), so at B=64, T=1024 its buffer is 8x smaller than whole
+# logits (0.8 GB instead of 6.6 GB); 8192 rows keep each GEMM large enough to run at the full rate
+LM_HEAD_CHUNK_ROWS = 8192
+
 # activation tensors whose elements are float32 on every backend (statistics and losses);
 # everything else is in the backend's activation dtype (fp32 for numpy, bf16 for CUDA)
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd",
@@ -126,7 +131,8 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
         ("lnf_mean", (B, T)),
         ("lnf_rstd", (B, T)),
         ("losses", (B, T)),
-        ("logits", (B, T, Vp)),  # the classifier overwrites it with dlogits
+        # one chunk of rows of the LM head's logits (the classifier overwrites them with dlogits)
+        ("logits", (min(B * T, LM_HEAD_CHUNK_ROWS), Vp)),
         # backward scratch
         ("dresidual", (B, T, C)),
         ("dbtc", (B, T, C)),
@@ -193,17 +199,57 @@ class GPT:
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch, dloss: float = 0.0):
-        """Fills acts["logits"]; with batch.targets also acts["losses"], and with dloss != 0 the logits
-        buffer becomes dlogits (dloss = 1/(B*T*grad_accum) for training). batch: the backend's
-        upload_batch result."""
+        """The forward up to the final layernorm; with batch.targets also acts["losses"], and with
+        dloss != 0 (1/(B*T*grad_accum) in training) the LM head's backward too: dwte += and d(lnf) into
+        acts["dbtc"], chunk by chunk, so whole logits are never stored. batch: the backend's
+        upload_batch result. logits() gives the logits of an inference forward."""
         self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.p["wpe"][:self.T])
         if batch.targets is not None:
-            self.ops.fused_classifier(self.acts["losses"], self.acts["logits"], batch.targets, dloss,
-                                      self.cfg.vocab_size)
+            self.lm_head_loss(batch.targets, dloss)
+
+    def lm_head(self, out, hidden):
+        """logits = hidden @ wte.T: the LM head, tied to the token embedding."""
+        self.ops.matmul_forward(out, hidden, self.p["wte"])
+
+    def _lm_head_chunks(self):
+        """(rows of lnf, the logits buffer's rows) of each chunk of the LM head."""
+        N, chunk = self.B * self.T, self.acts["logits"].shape[0]
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            yield rows, self.acts["logits"][:rows.stop - rows.start]
+
+    def lm_head_loss(self, targets, dloss: float):
+        """Per chunk: logits = lnf @ wte.T, the fused softmax cross-entropy (losses, dlogits in place),
+        and with dloss != 0 the chunk's backward at once: d(lnf) rows = dlogits @ wte, dwte +=
+        dlogits.T @ lnf rows. Same sums as whole logits, in chunk order: deterministic."""
+        ops, a, p, g, C = self.ops, self.acts, self.p, self.g, self.cfg.n_embd
+        lnf, dlnf = a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C)
+        losses, targets = a["losses"].reshape(-1), targets.reshape(-1)
+        for rows, logits in self._lm_head_chunks():
+            self.lm_head(logits, lnf[rows])
+            ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size)
+            if dloss:
+                ops.matmul_backward(dlnf[rows], g["wte"], None, logits, lnf[rows], p["wte"])
+
+    def logits(self, row: int | None = None, position: int | None = None) -> np.ndarray:
+        """Host float32 logits (all Vp columns) after an inference forward: of every position, (B, T, Vp),
+        or of one (row, position), (Vp,). Computed chunk by chunk from lnf."""
+        ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
+        lnf = self.acts["lnf"].reshape(-1, C)
+        if row is not None:
+            at = row * self.T + position
+            out = self.acts["logits"][:1]
+            self.lm_head(out, lnf[at:at + 1])
+            return ops.to_numpy(out)[0]
+        host = np.empty((self.B * self.T, Vp), np.float32)
+        for rows, logits in self._lm_head_chunks():
+            self.lm_head(logits, lnf[rows])
+            host[rows] = ops.to_numpy(logits)
+        return host.reshape(self.B, self.T, Vp)
 
     def forward_schedule(self, acts, attend, tokens, wpe_rows):
-        """The forward up to the logits, over activations wherever the caller keeps them: acts(l) gives
-        block l's buffers (acts(None) the ones outside the blocks: encoded, lnf*, logits) and
+        """The forward up to the final layernorm (lnf), over activations wherever the caller keeps them:
+        acts(l) gives block l's buffers (acts(None) the ones outside the blocks: encoded, lnf*) and
         attend(l, block) fills block["atty"] (and block["att_lse"]) from block["qkv"]. The full forward
         passes its activation tables; the KV-cache decoder (kv_cache.py) one-row buffers and attention
         over its cache, so the block schedule is written only here."""
@@ -232,7 +278,6 @@ class GPT:
             # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
             ops.fused_residual_layernorm_forward(a["residual3"], out, mean, rstd, a["residual2"], a["scratch"],
                                                  weight, bias)
-        ops.matmul_forward(top["logits"], top["lnf"], p["wte"])
 
     def block_acts(self, l):
         """Block l's activation buffers (or, for None, those outside the blocks) in this model's tables;
@@ -253,13 +298,12 @@ class GPT:
 
     # ---- backward -------------------------------------------------------------------------------
     def backward(self, batch, layer_done=None):
-        """Accumulates into self.grads; needs forward() to have run with dloss != 0 on the same batch.
-        layer_done(l), when given, is called as soon as layer l's gradients are complete (to start
-        reducing them)."""
+        """Accumulates into self.grads; needs forward() to have run with dloss != 0 on the same batch
+        (which ran the LM head's backward: dwte, and d(lnf) in acts["dbtc"]). layer_done(l), when given,
+        is called as soon as layer l's gradients are complete (to start reducing them)."""
         ops, p, g, a, L, H = self.ops, self.p, self.g, self.acts, self.cfg.n_layer, self.cfg.n_head
         dresidual = a["dresidual"]
         ops.zero_(dresidual)
-        ops.matmul_backward(a["dbtc"], g["wte"], None, a["logits"], a["lnf"], p["wte"])
         ops.layernorm_backward(dresidual, g["lnfw"], g["lnfb"], a["dbtc"], a["residual3"][L - 1], p["lnfw"],
                                a["lnf_mean"], a["lnf_rstd"])
         for l in reversed(range(L)):
