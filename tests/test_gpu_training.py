@@ -102,10 +102,10 @@ def test_master_weights_start_from_the_fp32_parameters():
     init = init_params(cfg, seed=5)
     backend = get_backend("cuda")
     shards = zero_shards(param_layout(cfg), 7)
-    model = GPT(cfg, backend, 1, 8, init, padded_size=shards.padded_size)
+    alone = SimpleNamespace(rank=0, world_size=1, communicates=False)
     last_of_seven = SimpleNamespace(rank=6, world_size=7, communicates=True)  # AdamW only derives its shard
-    for comm, shard in ((SimpleNamespace(rank=0, world_size=1, communicates=False), (0, model.layout.total)),
-                        (last_of_seven, shards.range(6))):
+    for comm, shard in ((alone, zero_shards(param_layout(cfg), 1).range(0)), (last_of_seven, shards.range(6))):
+        model = GPT(cfg, backend, 1, 8, init, padded_size=zero_shards(param_layout(cfg), comm.world_size).padded_size)
         opt = AdamW(backend, model, comm, AdamWConfig(), zero_stage=1, initial_params=init)
         assert (opt.start, opt.end) == shard
         master = backend.to_numpy(opt.master)
