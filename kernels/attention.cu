@@ -55,6 +55,9 @@
 //   Lower column (or k) index sits in the lower 16 bits of each register in all of the above.
 #include "kernels.h"
 #include "common.cuh"
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+#include "attention_sm90.h"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -731,6 +734,28 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
+int g_attention_backend = 0;  // attention_set_backend: 0 automatic, 1 always the mma.sync kernels above
+
+// compute capability major of the current device (cached per device ordinal)
+int current_cc_major() {
+    static int cache[64];  // 0 = not read yet
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    if (device < 0 || device >= 64) return 0;
+    if (cache[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrComputeCapabilityMajor, device));
+    return cache[device];
+}
+
+// the Hopper forward (attention_sm90.cu) runs when it was built, the device is 9.x, and the shape is supported
+bool attention_sm90_forward_selected(int B, int T, int NH, int HS) {
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+    return g_attention_backend == 0 && current_cc_major() == 9 && attention_sm90_supported(B, T, NH, HS);
+#else
+    (void)B, (void)T, (void)NH, (void)HS;
+    return false;
+#endif
+}
+
 void check_shapes(int B, int T, int NH, int HS) {
     require(B > 0 && T > 0 && NH > 0, "attention: B, T, NH must be positive");
     require(HS == 64 || HS == 128, "attention: head size must be 64 or 128");
@@ -795,11 +820,26 @@ void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* 
 
 }  // namespace
 
+void attention_set_backend(int backend) {
+    require(backend == 0 || backend == 1, "attention_set_backend: 0 (automatic) or 1 (mma.sync kernels only)");
+    g_attention_backend = backend;
+}
+
+int attention_backend_in_use(int B, int T, int NH, int HS) {
+    return attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80;
+}
+
 void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream) {
     check_shapes(B, T, NH, HS);
     require(aligned16(qkv), "attention_forward: qkv must be 16-byte aligned");
     require((reinterpret_cast<uintptr_t>(out) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0,
             "attention_forward: out and lse must be 4-byte aligned");
+    if (attention_sm90_forward_selected(B, T, NH, HS)) {
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+        attention_forward_sm90(out, lse, qkv, B, T, NH, HS, stream);
+        return;
+#endif
+    }
     if (HS == 64)
         launch_forward<64>(out, lse, qkv, B, T, NH, stream);
     else
