@@ -746,14 +746,18 @@ int current_cc_major() {
     return cache[device];
 }
 
-// the Hopper forward (attention_sm90.cu) runs when it was built, the device is 9.x, and the shape is supported
+// the Hopper kernels (attention_sm90.cu) run when they were built, the device is 9.x, and the shape is
+// supported; backend 2 keeps the backward on the mma.sync kernels
 bool attention_sm90_forward_selected(int B, int T, int NH, int HS) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-    return g_attention_backend == 0 && current_cc_major() == 9 && attention_sm90_supported(B, T, NH, HS);
+    return g_attention_backend != 1 && current_cc_major() == 9 && attention_sm90_supported(B, T, NH, HS);
 #else
     (void)B, (void)T, (void)NH, (void)HS;
     return false;
 #endif
+}
+bool attention_sm90_backward_selected(int B, int T, int NH, int HS) {
+    return g_attention_backend == 0 && attention_sm90_forward_selected(B, T, NH, HS);
 }
 
 void check_shapes(int B, int T, int NH, int HS) {
@@ -821,12 +825,14 @@ void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* 
 }  // namespace
 
 void attention_set_backend(int backend) {
-    require(backend == 0 || backend == 1, "attention_set_backend: 0 (automatic) or 1 (mma.sync kernels only)");
+    require(backend >= 0 && backend <= 2,
+            "attention_set_backend: 0 (automatic), 1 (mma.sync kernels only), 2 (sm_90 forward, mma.sync backward)");
     g_attention_backend = backend;
 }
 
 int attention_backend_in_use(int B, int T, int NH, int HS) {
-    return attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80;
+    return (attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80) +
+           (attention_sm90_backward_selected(B, T, NH, HS) ? 9000 : 8000);
 }
 
 void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream) {
@@ -865,6 +871,20 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
     const size_t qkv_bytes = (size_t)B * T * 3 * NH * HS * sizeof(bf16);
     const uintptr_t a = reinterpret_cast<uintptr_t>(dqkv), q = reinterpret_cast<uintptr_t>(qkv);
     require(a + qkv_bytes <= q || q + qkv_bytes <= a, "attention_backward: dqkv must not overlap qkv");
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+    if (attention_sm90_backward_selected(B, T, NH, HS)) {
+        const size_t threads = (size_t)B * T * NH * (HS / 8);
+        const size_t grid = (threads + 255) / 256;
+        require(grid <= 0x7fffffffULL, "attention_backward: grid too large");
+        if (HS == 64)
+            attention_backward_preprocess_kernel<64><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
+        else
+            attention_backward_preprocess_kernel<128><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
+        CUDA_CHECK_LAUNCH();
+        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, HS, stream);
+        return;
+    }
+#endif
     if (HS == 64)
         launch_backward<64>(dqkv, dout, qkv, out, lse, scratch, B, T, NH, stream);
     else

@@ -322,6 +322,441 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
+// ---- Backward -------------------------------------------------------------------------------------------
+// Deterministic like attention.cu's: D = rowsum(dO * O) first (attention.cu's preprocess kernel), then two
+// kernels that each write their outputs exactly once (no atomics), recomputing P from lse:
+//   dK/dV: one CTA per (128-key block, head, batch); consumer warpgroup cw owns keys 64cw..64cw+63; the
+//     producer streams 64-query tiles of Q and dO (TMA) from the diagonal to the end, and its warp 1 copies
+//     the tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D into shared memory.
+//     Per tile: S^T = K Q^T and dP^T = V dO^T (wgmma, A = this warpgroup's 64 keys, both K-major), P^T,
+//     dV += P^T dO (A = P^T from registers, dO as MN-major B), dS^T = P^T (dP^T - D), dK += dS^T Q (A from
+//     registers, Q as MN-major B). A warpgroup skips the compute of a tile whose queries all precede its keys.
+//   dQ: one CTA per (128-query block, head, batch), consumer warpgroup cw owns rows 64cw..; Q and dO loaded
+//     once, K/V tiles of kBN keys streamed from the diagonal down: S = Q K^T, dP = dO V^T, P, dS = P (dP - D),
+//     dQ += dS K (K as MN-major B).
+template <int HS>
+struct DkdvCfg {
+    static constexpr int kBN = 128;  // keys per CTA
+    static constexpr int kBM = 64;   // queries per streamed tile
+    static constexpr int kStages = 3;
+    static constexpr int kKVBytes = kBN * HS * 2;
+    static constexpr int kKVPanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kTileBytes = kBM * HS * 2;
+    static constexpr int kTilePanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kAuxBytes = 2 * kBM * 4;  // lse2[kBM], D[kBM]
+    static constexpr int kAuxOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
+    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
+    static constexpr int kNumBars = 1 + 4 * kStages;
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+};
+
+template <int HS>
+struct DqCfg {
+    static constexpr int kBM = 128;
+    static constexpr int kBN = HS == 64 ? 128 : 64;
+    static constexpr int kStages = 3;
+    static constexpr int kQBytes = kBM * HS * 2;
+    static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kTileBytes = kBN * HS * 2;
+    static constexpr int kTilePanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kBarOffset = 2 * kQBytes + 2 * kStages * kTileBytes;
+    static constexpr int kNumBars = 1 + 3 * kStages;
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+};
+
+// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
+template <int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+        a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+        a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+        a[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+    if constexpr (N == 64)
+        wgmma_ss_n64<0, 0>(d, da, db, scale_d);
+    else
+        wgmma_ss_n128<0, 0>(d, da, db, scale_d);
+}
+// B MN-major (transposed)
+template <int N>
+__device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+    if constexpr (N == 64)
+        wgmma_rs_n64<1>(d, a, db, scale_d);
+    else
+        wgmma_rs_n128<1>(d, a, db, scale_d);
+}
+
+// rows r0 (and r0 + 8) of an m64nHS accumulator -> bf16 columns col0.. of a (B, T, 3C) row, rows < T only
+template <int HS>
+__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[HS / 2], int r0,
+                                               int T, int t, float mult) {
+    bf16* p0 = base + (size_t)r0 * row_stride;
+    bf16* p1 = p0 + 8 * row_stride;
+#pragma unroll
+    for (int j = 0; j < HS / 8; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (r0 < T) *reinterpret_cast<uint32_t*>(p0 + col) = pack_bf16x2(acc[4 * j] * mult, acc[4 * j + 1] * mult);
+        if (r0 + 8 < T)
+            *reinterpret_cast<uint32_t*>(p1 + col) = pack_bf16x2(acc[4 * j + 2] * mult, acc[4 * j + 3] * mult);
+    }
+}
+
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_backward_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv, const __grid_constant__ CUtensorMap tm_q,
+                                        const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
+                                        const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
+                                        int num_bh, float scale, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = DkdvCfg<HS>;
+    constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
+    constexpr float kLog2e = 1.4426950408889634f;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sK = smem;
+    uint8_t* sV = smem + Cfg::kKVBytes;
+    uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
+    uint8_t* sdO = sQ + kStages * Cfg::kTileBytes;
+    float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* kv_full = bars;
+    uint64_t* q_full = bars + 1;
+    uint64_t* do_full = bars + 1 + kStages;
+    uint64_t* aux_full = bars + 1 + 2 * kStages;
+    uint64_t* empty = bars + 1 + 3 * kStages;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int bh = blockIdx.x % num_bh;
+    const int kb = (int)(blockIdx.x / num_bh);  // key block; block 0 (the most query tiles) first
+    const int b = bh / NH, h = bh % NH;
+    const int C = NH * HS;
+    const int q_first = kb * kBN / kBM;
+    const int n_q = (T + kBM - 1) / kBM - q_first;
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_kv);
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_do);
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&q_full[s], 1);
+            mbar_init(&do_full[s], 1);
+            mbar_init(&aux_full[s], 32);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) {
+                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, C + h * HS + p * kPanelCols, kb * kBN, b);
+                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, 2 * C + h * HS + p * kPanelCols, kb * kBN,
+                            b);
+            }
+            for (int i = 0; i < n_q; ++i) {
+                const int st = i % kStages;
+                const int row0 = (q_first + i) * kBM;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
+                                h * HS + p * kPanelCols, row0, b);
+                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
+                                h * HS + p * kPanelCols, row0, b);
+            }
+        } else if (tid >= 32 && tid < 64) {
+            const int lane = tid - 32;
+            const float* lse_bh = lse + (size_t)bh * T;
+            const float* d_bh = dvec + (size_t)bh * T;
+            for (int i = 0; i < n_q; ++i) {
+                const int st = i % kStages;
+                const int row0 = (q_first + i) * kBM;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                float* aux = sAux + st * (2 * kBM);
+#pragma unroll
+                for (int k = 0; k < kBM / 32; ++k) {
+                    const int r = row0 + lane + 32 * k;
+                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                }
+                mbar_arrive(&aux_full[st]);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int key0 = kb * kBN + 64 * cw;         // first key of this warpgroup
+    const int krow = key0 + 16 * warp + g;       // this thread's keys krow, krow + 8
+
+    const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
+    const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
+    const uint32_t q_addr = smem_u32(sQ), do_addr = smem_u32(sdO);
+    auto desc_kmaj_kv = [&](uint32_t base, int kk) {  // A: 64 keys x HS, K-major
+        return make_desc(base + (kk / 4) * Cfg::kKVPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_kmaj_tile = [&](uint32_t base, int st, int kk) {  // B: kBM queries x HS, K-major
+        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_mn_tile = [&](uint32_t base, int st, int kk) {  // B: k = queries 16kk.., n = HS, MN-major
+        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
+    };
+
+    float dk[HS / 2], dv[HS / 2];
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    mbar_wait(kv_full, 0);
+    for (int i = 0; i < n_q; ++i) {
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        const int row0 = (q_first + i) * kBM;
+        if (row0 + kBM - 1 < key0) {  // every query of the tile precedes every key of this warpgroup
+            mbar_arrive(&empty[st]);
+            continue;
+        }
+        const bool need_mask = row0 < key0 + 63;
+        float s[kBM / 2], dp[kBM / 2];
+        mbar_wait(&q_full[st], ph);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<kBM>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&do_full[st], ph);
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<kBM>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&aux_full[st], ph);
+        const float* aux = sAux + st * (2 * kBM);
+        wgmma_wait<1>();
+        reg_fence(s);
+        // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
+#pragma unroll
+        for (int j = 0; j < kBM / 8; ++j) {
+            const float2 l2 = *reinterpret_cast<const float2*>(aux + 8 * j + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int q = row0 + 8 * j + 2 * t + (e & 1);
+                const int k = krow + 8 * (e >> 1);
+                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                if (need_mask && q < k) p = 0.f;
+                s[4 * j + e] = p;
+            }
+        }
+        uint32_t pa[kBM / 16][4];
+        acc_to_a<kBM>(pa, s);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dv, pa[kk], desc_mn_tile(do_addr, st, kk), 1);
+        wgmma_commit();
+        if constexpr (HS == 128)
+            wgmma_wait<0>();
+        else
+            wgmma_wait<1>();
+        reg_fence(dp);
+        // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+        for (int j = 0; j < kBM / 8; ++j) {
+            const float2 dd = *reinterpret_cast<const float2*>(aux + kBM + 8 * j + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+        }
+        uint32_t da[kBM / 16][4];
+        acc_to_a<kBM>(da, dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dk, da[kk], desc_mn_tile(q_addr, st, kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dk);
+        reg_fence(dv);
+        mbar_arrive(&empty[st]);
+    }
+
+    const size_t row_stride = (size_t)3 * C;
+    bf16* base = dqkv + (size_t)b * T * row_stride + h * HS;
+    store_acc_rows<HS>(base + C, row_stride, dk, krow, T, t, scale);
+    store_acc_rows<HS>(base + 2 * C, row_stride, dv, krow, T, t, 1.f);
+#endif
+}
+
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_backward_dq_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
+                                      const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
+                                      const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
+                                      int num_bh, int num_qblocks, float scale, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = DqCfg<HS>;
+    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
+    constexpr float kLog2e = 1.4426950408889634f;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sdO = smem + Cfg::kQBytes;
+    uint8_t* sK = smem + 2 * Cfg::kQBytes;
+    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* qdo_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+
+    const int tid = threadIdx.x, wg = tid / 128;
+    const int bh = blockIdx.x % num_bh;
+    const int qb = num_qblocks - 1 - (int)(blockIdx.x / num_bh);
+    const int b = bh / NH, h = bh % NH;
+    const int C = NH * HS;
+    const int n_tiles = min((qb * kBM + kBM - 1) / kBN + 1, (T + kBN - 1) / kBN);
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_kv);
+        tma_prefetch_desc(&tm_do);
+        mbar_init(qdo_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            mbar_arrive_expect_tx(qdo_full, 2 * Cfg::kQBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) {
+                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_q, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
+                tma_load_3d(sdO + p * Cfg::kQPanelBytes, &tm_do, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
+            }
+            for (int i = 0; i < n_tiles; ++i) {
+                const int n = n_tiles - 1 - i;
+                const int st = i % kStages;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &k_full[st],
+                                C + h * HS + p * kPanelCols, n * kBN, b);
+                mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &v_full[st],
+                                2 * C + h * HS + p * kPanelCols, n * kBN, b);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int wrow0 = qb * kBM + 64 * cw;  // first row of this warpgroup
+    const int row = wrow0 + 16 * warp + g;  // this thread's rows row, row + 8
+    const float* lse_bh = lse + (size_t)bh * T;
+    const float* d_bh = dvec + (size_t)bh * T;
+    const float lse2_0 = row < T ? lse_bh[row] * kLog2e : 0.f;
+    const float lse2_1 = row + 8 < T ? lse_bh[row + 8] * kLog2e : 0.f;
+    const float d0 = row < T ? d_bh[row] : 0.f;
+    const float d1 = row + 8 < T ? d_bh[row + 8] : 0.f;
+
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t do_addr = smem_u32(sdO) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+    auto desc_a = [&](uint32_t base, int kk) {  // 64 rows x HS, K-major
+        return make_desc(base + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_b = [&](uint32_t base, int st, int kk) {  // kBN keys x HS, K-major
+        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_b_mn = [&](uint32_t base, int st, int kk) {  // k = keys 16kk.., n = HS, MN-major
+        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
+    };
+
+    float dq[HS / 2];
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) dq[i] = 0.f;
+
+    mbar_wait(qdo_full, 0);
+    for (int i = 0; i < n_tiles; ++i) {
+        const int n = n_tiles - 1 - i;
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        const int key0 = n * kBN;
+        if (key0 > wrow0 + 63) {  // every key of the tile follows every row of this warpgroup
+            mbar_arrive(&empty[st]);
+            continue;
+        }
+        const bool need_mask = key0 + kBN - 1 > wrow0;
+        float s[kBN / 2], dp[kBN / 2];
+        mbar_wait(&k_full[st], ph);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(s, desc_a(q_addr, kk), desc_b(k_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&v_full[st], ph);
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(dp, desc_a(do_addr, kk), desc_b(v_addr, st, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        reg_fence(s);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = key0 + 8 * j + 2 * t + (e & 1);
+                const int r = row + 8 * (e >> 1);
+                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e >> 1) ? lse2_1 : lse2_0)));
+                if (need_mask && key > r) p = 0.f;
+                s[4 * j + e] = p;
+            }
+        wgmma_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e >> 1) ? d1 : d0));
+        uint32_t da[kBN / 16][4];
+        acc_to_a<kBN>(da, dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_t<HS>(dq, da[kk], desc_b_mn(k_addr, st, kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dq);
+        mbar_arrive(&empty[st]);
+    }
+    const size_t row_stride = (size_t)3 * C;
+    store_acc_rows<HS>(dqkv + (size_t)b * T * row_stride + h * HS, row_stride, dq, row, T, t, scale);
+#endif
+}
+
 // ---- host side ----------------------------------------------------------------------------------------
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
@@ -371,7 +806,51 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, i
     CUDA_CHECK_LAUNCH();
 }
 
+template <int HS>
+void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec, int B,
+                          int T, int NH, cudaStream_t stream) {
+    const int C = NH * HS, num_bh = B * NH;
+    const double scale_d = 1.0 / std::sqrt((double)HS);
+    const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
+    {
+        using Cfg = DkdvCfg<HS>;
+        auto kernel = attention_backward_dkdv_sm90_kernel<HS>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
+        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
+        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const long long grid = (long long)num_bh * ceil_div(T, Cfg::kBN);
+        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, NH, num_bh,
+                                                                 scale, scale_log2);
+        CUDA_CHECK_LAUNCH();
+    }
+    {
+        using Cfg = DqCfg<HS>;
+        auto kernel = attention_backward_dq_sm90_kernel<HS>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
+        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
+        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const int num_qblocks = ceil_div(T, Cfg::kBM);
+        const long long grid = (long long)num_bh * num_qblocks;
+        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, NH, num_bh,
+                                                                 num_qblocks, scale, scale_log2);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
 }  // namespace
+
+void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                             int B, int T, int NH, int HS, cudaStream_t stream) {
+    require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
+    if (HS == 64)
+        launch_backward_sm90<64>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+    else
+        launch_backward_sm90<128>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+}
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {
     (void)B;

@@ -9,3 +9,7 @@ bool attention_sm90_supported(int B, int T, int NH, int HS);
 // same contract as attention_forward; variant 0 = the default (overlapped softmax), 1 = the plain loop
 void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
                             cudaStream_t stream, int variant = 0);
+// the two backward kernels (dK/dV, then dQ) after attention.cu's preprocess wrote dvec = rowsum(dO * O)
+// (B, NH, T); same contract as attention_backward otherwise (deterministic, dqkv overwritten)
+void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                             int B, int T, int NH, int HS, cudaStream_t stream);

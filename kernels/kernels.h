@@ -75,7 +75,8 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // Which kernels run: 0 (default) picks the Hopper wgmma/TMA kernels (attention_sm90.cu) on compute
 // capability 9.x where they were built and support the shape, else the mma.sync kernels; 1 forces the
-// mma.sync kernels (for comparisons). attention_backend_in_use says what the forward would run now: 90 or 80.
+// mma.sync kernels (for comparisons); 2 the Hopper forward with the mma.sync backward.
+// attention_backend_in_use says what would run now: (90 or 80 for the forward) + (9000 or 8000 for the backward).
 void attention_set_backend(int backend);
 int attention_backend_in_use(int B, int T, int NH, int HS);
 

@@ -38,7 +38,8 @@ lib.h_bwd_scratch.restype = ctypes.c_size_t
 lib.h_set_backend.argtypes = [I]
 lib.h_backend_in_use.argtypes = [I, I, I, I]
 dev = torch.device("cuda")
-print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "dispatch code (B=1,T=64,NH=1,HS=64):",
+      lib.h_backend_in_use(1, 64, 1, 64), flush=True)
 
 
 def stream():
@@ -115,6 +116,12 @@ if args.profile:
     for kind in FWD_KINDS:
         for _ in range(2):
             run_fwd(kind, out, lse, qkv, B, T, NH, HS)
+    if args.bwd:
+        dout = torch.randn_like(out)
+        dqkv = torch.empty_like(qkv)
+        scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
+        for _ in range(2):
+            run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
     torch.cuda.synchronize()
     sys.exit(0)
 torch.manual_seed(1234)
