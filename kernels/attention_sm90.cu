@@ -47,7 +47,7 @@ template <int HS>
 struct FwdCfg {
     static constexpr int kBM = 128;                // query rows per CTA (2 consumer warpgroups x 64)
     static constexpr int kBN = 128;                // keys per tile
-    static constexpr int kStages = HS == 64 ? 3 : 2;
+    static constexpr int kStages = 3;  // HS 128: 32 KB Q + 3 x 64 KB K/V = 224 KB
     static constexpr int kPanels = HS / kPanelCols;
     static constexpr int kQBytes = kBM * HS * 2;
     static constexpr int kTileBytes = kBN * HS * 2;  // one K or V tile
@@ -59,13 +59,27 @@ struct FwdCfg {
     static constexpr int kThreads = 384;
 };
 
+// CTA order: the blocks of `group` consecutive (batch, head) pairs run together, heaviest block first within
+// the group (index j = 0: the most key or query tiles). Concurrent CTAs then share their heads' K/V (or Q/dO)
+// tiles through L2; with the head index fastest over all heads (the mma.sync kernels' order), each tile was
+// fetched from DRAM once per block of its head, and the HS 64 forward was DRAM-bound (ncu: 53% of DRAM).
+__device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& bh, int& j) {
+    const int id = (int)blockIdx.x;
+    const int gi = id / (group * nblk);
+    const int first = gi * group;
+    const int gsize = min(group, num_bh - first);
+    const int r = id - gi * group * nblk;
+    j = r / gsize;
+    bh = first + r % gsize;
+}
+
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
 template <int HS, bool kOverlap>
 __global__ void __launch_bounds__(384, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
                                   float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
-                                  float scale_log2) {
+                                  int group, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
@@ -82,8 +96,9 @@ __global__ void __launch_bounds__(384, 1)
 
     const int tid = threadIdx.x;
     const int wg = tid / 128;
-    const int bh = blockIdx.x % num_bh;
-    const int qb = num_qblocks - 1 - (int)(blockIdx.x / num_bh);  // heaviest (last) query blocks first
+    int bh, qb;
+    cta_order(num_bh, num_qblocks, group, bh, qb);
+    qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
     const int b = bh / NH, h = bh % NH;
     const int C = NH * HS;
     const int n_tiles = (qb * kBM + kBM - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1 (kBM == kBN: qb + 1)
@@ -412,7 +427,7 @@ __global__ void __launch_bounds__(384, 1)
     attention_backward_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv, const __grid_constant__ CUtensorMap tm_q,
                                         const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                         const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
-                                        int num_bh, float scale, float scale_log2) {
+                                        int num_bh, int num_kblocks, int group, float scale, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = DkdvCfg<HS>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -432,8 +447,8 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* empty = bars + 1 + 3 * kStages;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int bh = blockIdx.x % num_bh;
-    const int kb = (int)(blockIdx.x / num_bh);  // key block; block 0 (the most query tiles) first
+    int bh, kb;
+    cta_order(num_bh, num_kblocks, group, bh, kb);  // key block 0 (the most query tiles) first
     const int b = bh / NH, h = bh % NH;
     const int C = NH * HS;
     const int q_first = kb * kBN / kBM;
@@ -606,7 +621,7 @@ __global__ void __launch_bounds__(384, 1)
     attention_backward_dq_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                       const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                       const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
-                                      int num_bh, int num_qblocks, float scale, float scale_log2) {
+                                      int num_bh, int num_qblocks, int group, float scale, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = DqCfg<HS>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -624,8 +639,9 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* empty = bars + 1 + 2 * kStages;
 
     const int tid = threadIdx.x, wg = tid / 128;
-    const int bh = blockIdx.x % num_bh;
-    const int qb = num_qblocks - 1 - (int)(blockIdx.x / num_bh);
+    int bh, qb;
+    cta_order(num_bh, num_qblocks, group, bh, qb);
+    qb = num_qblocks - 1 - qb;
     const int b = bh / NH, h = bh % NH;
     const int C = NH * HS;
     const int n_tiles = min((qb * kBM + kBM - 1) / kBN + 1, (T + kBN - 1) / kBN);
@@ -758,6 +774,16 @@ __global__ void __launch_bounds__(384, 1)
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
+// heads per CTA group (cta_order): about one wave of CTAs (one CTA per multiprocessor) per group
+int head_group(int nblk, int num_bh) {
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    int g = sms / nblk;
+    if (g < 1) g = 1;
+    if (g > num_bh) g = num_bh;
+    return g;
+}
+
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -802,7 +828,7 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, i
     require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
     kernel<<<(unsigned)grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
-                                                                      scale_log2);
+                                                                      head_group(num_qblocks, num_bh), scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -819,10 +845,12 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
         const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
         const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
         const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
-        const long long grid = (long long)num_bh * ceil_div(T, Cfg::kBN);
+        const int num_kblocks = ceil_div(T, Cfg::kBN);
+        const long long grid = (long long)num_bh * num_kblocks;
         require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
         kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, NH, num_bh,
-                                                                 scale, scale_log2);
+                                                                 num_kblocks, head_group(num_kblocks, num_bh), scale,
+                                                                 scale_log2);
         CUDA_CHECK_LAUNCH();
     }
     {
@@ -836,7 +864,8 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
         const long long grid = (long long)num_bh * num_qblocks;
         require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
         kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, NH, num_bh,
-                                                                 num_qblocks, scale, scale_log2);
+                                                                 num_qblocks, head_group(num_qblocks, num_bh), scale,
+                                                                 scale_log2);
         CUDA_CHECK_LAUNCH();
     }
 }
