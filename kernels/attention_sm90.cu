@@ -75,7 +75,10 @@ __device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& 
 
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
-template <int HS, bool kOverlap>
+// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the two
+// consumer warpgroups taking turns to issue their products ("ping-pong": named barriers 1 and 2 pass the
+// turn, so one warpgroup's softmax runs while the other's products occupy the tensor cores)
+template <int HS, int kVariant>
 __global__ void __launch_bounds__(384, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
                                   float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
@@ -253,7 +256,21 @@ __global__ void __launch_bounds__(384, 1)
 
     mbar_wait(q_full, 0);
 
-    if constexpr (!kOverlap) {
+    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the other's barrier;
+    // warpgroup 0 goes first; warpgroup 1 does not pass after its last section, so every arrival is matched
+    auto turn_wait = [&]() {
+        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
+    };
+    auto turn_pass = [&](bool last) {
+        if constexpr (kVariant == 2) {
+            if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+        }
+    };
+    if constexpr (kVariant == 2) {
+        if (cw == 1) named_barrier_arrive(1, 256);
+    }
+
+    if constexpr (kVariant == 1) {
         for (int i = 0; i < n_tiles; ++i) {
             const int n = n_tiles - 1 - i;
             const int st = i % kStages;
@@ -275,8 +292,10 @@ __global__ void __launch_bounds__(384, 1)
     } else {
         // tile 0 (the diagonal): S, softmax, P
         {
+            turn_wait();
             mbar_wait(&k_full[0], 0);
             issue_s(0);
+            turn_pass(false);
             wgmma_wait<0>();
             reg_fence(s);
             float c0, c1;
@@ -287,10 +306,12 @@ __global__ void __launch_bounds__(384, 1)
             const int n = n_tiles - 1 - i;
             const int st = i % kStages, pst = (i - 1) % kStages;
             const uint32_t ph = (i / kStages) & 1, pph = ((i - 1) / kStages) & 1;
+            turn_wait();
             mbar_wait(&k_full[st], ph);
             issue_s(st);                   // S_i = Q K_i^T
             mbar_wait(&v_full[pst], pph);
             issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
+            turn_pass(false);
             wgmma_wait<1>();               // S_i done (P V may still run)
             reg_fence(s);
             float c0, c1;
@@ -304,8 +325,10 @@ __global__ void __launch_bounds__(384, 1)
         {
             const int pst = (n_tiles - 1) % kStages;
             const uint32_t pph = ((n_tiles - 1) / kStages) & 1;
+            turn_wait();
             mbar_wait(&v_full[pst], pph);
             issue_pv(pst, n_tiles > 1);
+            turn_pass(true);
             wgmma_wait<0>();
             reg_fence(o);
             mbar_arrive(&empty[pst]);
@@ -816,10 +839,10 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
-template <int HS, bool kOverlap>
+template <int HS, int kVariant>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
     using Cfg = FwdCfg<HS>;
-    auto kernel = attention_forward_sm90_kernel<HS, kOverlap>;
+    auto kernel = attention_forward_sm90_kernel<HS, kVariant>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
     const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
     const int num_bh = B * NH;
@@ -870,6 +893,9 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
     }
 }
 
+constexpr int kDefaultVariantHs64 = 0;
+constexpr int kDefaultVariantHs128 = 0;
+
 }  // namespace
 
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
@@ -891,16 +917,16 @@ bool attention_sm90_supported(int B, int T, int NH, int HS) {
 void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
                             cudaStream_t stream, int variant) {
     require(HS == 64 || HS == 128, "attention_forward_sm90: head size must be 64 or 128");
-    const bool overlap = variant != 1;
+    // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
+    if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
+    require(variant >= 0 && variant <= 2, "attention_forward_sm90: variant 0, 1 or 2");
     if (HS == 64) {
-        if (overlap)
-            launch_forward_sm90<64, true>(out, lse, qkv, B, T, NH, stream);
-        else
-            launch_forward_sm90<64, false>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 0) launch_forward_sm90<64, 0>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 1) launch_forward_sm90<64, 1>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 2) launch_forward_sm90<64, 2>(out, lse, qkv, B, T, NH, stream);
     } else {
-        if (overlap)
-            launch_forward_sm90<128, true>(out, lse, qkv, B, T, NH, stream);
-        else
-            launch_forward_sm90<128, false>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 0) launch_forward_sm90<128, 0>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 1) launch_forward_sm90<128, 1>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 2) launch_forward_sm90<128, 2>(out, lse, qkv, B, T, NH, stream);
     }
 }
