@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* empty = bars + 1 + 2 * kStages;
 
     const int tid = threadIdx.x;
-    const int wg = tid / 128;
+    const int wg = warpgroup_index();
     int bh, qb;
     cta_order(num_bh, num_qblocks, group, bh, qb);
     qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* aux_full = bars + 1 + 2 * kStages;
     uint64_t* empty = bars + 1 + 3 * kStages;
 
-    const int tid = threadIdx.x, wg = tid / 128;
+    const int tid = threadIdx.x, wg = warpgroup_index();
     int bh, kb;
     cta_order(num_bh, num_kblocks, group, bh, kb);  // key block 0 (the most query tiles) first
     const int b = bh / NH, h = bh % NH;
@@ -665,7 +665,7 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* v_full = bars + 1 + kStages;
     uint64_t* empty = bars + 1 + 2 * kStages;
 
-    const int tid = threadIdx.x, wg = tid / 128;
+    const int tid = threadIdx.x, wg = warpgroup_index();
     int bh, qb;
     cta_order(num_bh, num_qblocks, group, bh, qb);
     qb = num_qblocks - 1 - qb;

@@ -102,6 +102,12 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo_bytes
 }
 
 // ---- warp specialisation ----------------------------------------------------------------------------------
+// threadIdx.x / 128 broadcast from lane 0: the same value, but one the compiler knows is warp-uniform. With the
+// plain quotient, branches on the warpgroup (a consumer skipping a masked tile) count as divergent and ptxas
+// serialises every wgmma behind its own warpgroup.arrive (warning C7520; seen in the backward kernels' SASS:
+// one WARPGROUP.DEPBAR per HGMMA).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0); }
+
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
