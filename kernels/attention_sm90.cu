@@ -58,7 +58,7 @@ struct FwdCfg {
     static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
     static constexpr int kKPanelBytes = kBN * kPanelRowBytes;
     static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-    static constexpr int kNumBars = 1 + 3 * kStages;
+    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;  // + slack to align the base to 1024
     static constexpr int kThreads = 384;
 };
@@ -67,14 +67,16 @@ struct FwdCfg {
 // the group (index j = 0: the most key or query tiles). Concurrent CTAs then share their heads' K/V (or Q/dO)
 // tiles through L2; with the head index fastest over all heads (the mma.sync kernels' order), each tile was
 // fetched from DRAM once per block of its head, and the HS 64 forward was DRAM-bound (ncu: 53% of DRAM).
-__device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& bh, int& j) {
-    const int id = (int)blockIdx.x;
+__device__ __forceinline__ void cta_order_of(int id, int num_bh, int nblk, int group, int& bh, int& j) {
     const int gi = id / (group * nblk);
     const int first = gi * group;
     const int gsize = min(group, num_bh - first);
     const int r = id - gi * group * nblk;
     j = r / gsize;
     bh = first + r % gsize;
+}
+__device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& bh, int& j) {
+    cta_order_of((int)blockIdx.x, num_bh, nblk, group, bh, j);
 }
 
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
@@ -361,6 +363,290 @@ __global__ void __launch_bounds__(384, 1)
         if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
         if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
     }
+#endif
+}
+
+// Variant 3: variant 2 in a persistent grid (one CTA per multiprocessor, each taking work items w =
+// blockIdx.x, + gridDim.x, ... in cta_order's order). The K/V ring and its barrier phases run on across work
+// items, Q has an "empty" barrier (the consumers release it after their last product), so the producer loads
+// the next item's Q and first K/V tiles while the consumers still finish the current one and store it: the
+// pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them
+// in full: about 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_forward_sm90_persistent_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
+                                             float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
+                                             int group, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = FwdCfg<HS>;
+    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sK = smem + Cfg::kQBytes;
+    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+    uint64_t* q_empty = bars + 1 + 3 * kStages;
+
+    const int tid = threadIdx.x;
+    const int wg = warpgroup_index();
+    const int C = NH * HS;
+    const int num_work = num_bh * num_qblocks;
+    // work item w -> (b, h, qb, n_tiles)
+    auto item = [&](int w, int& b, int& h, int& qb, int& n_tiles) {
+        int bh;
+        cta_order_of(w, num_bh, num_qblocks, group, bh, qb);
+        qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
+        b = bh / NH;
+        h = bh % NH;
+        n_tiles = (qb * kBM + kBM - 1) / kBN + 1;
+    };
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_qkv);
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, 256);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---------------- producer ----------------
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            int kv = 0;  // K/V tiles loaded so far (ring position across work items)
+            int it = 0;
+            for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
+                int b, h, qb, n_tiles;
+                item(w, b, h, qb, n_tiles);
+                if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
+                mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, h * HS + p * kPanelCols, qb * kBM, b);
+                for (int i = 0; i < n_tiles; ++i, ++kv) {
+                    const int n = n_tiles - 1 - i;
+                    const int st = kv % kStages;
+                    if (kv >= kStages) mbar_wait(&empty[st], ((kv / kStages) - 1) & 1);
+                    mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
+#pragma unroll
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
+                                    C + h * HS + p * kPanelCols, n * kBN, b);
+                    mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
+#pragma unroll
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
+                                    2 * C + h * HS + p * kPanelCols, n * kBN, b);
+                }
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;                    // consumer warpgroup 0/1: query rows 64 cw .. 64 cw + 63
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the 128-row block
+
+    // descriptors (addresses change per stage / k-step; the constant fields are folded in once)
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK);
+    const uint32_t v_addr = smem_u32(sV);
+    auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
+        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int st, int kk) {  // B (K-major): keys 0..127, k 16kk..
+        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
+        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
+    };
+
+    float o[HS / 2];
+    float s[kBN / 2];
+    uint32_t pa[kBN / 16][4];
+    float m0, m1;  // running row maxima (of S * scale * log2 e)
+    float l0, l1;  // per-thread partial row sums
+    int b = 0, h = 0, qb = 0, n_tiles = 0;
+
+    auto issue_s = [&](int st) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+        wgmma_commit();
+    };
+    auto issue_pv = [&](int st, bool accumulate) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            if constexpr (HS == 64)
+                wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+            else
+                wgmma_rs_n128<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+        }
+        wgmma_commit();
+    };
+    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
+    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
+        if (diag) {
+            const int r0 = qb * kBM + lrow0;
+#pragma unroll
+            for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = key0 + 8 * j + 2 * t + (e & 1);
+                    const int row = r0 + 8 * (e >> 1);
+                    if (key > row) s[4 * j + e] = -INFINITY;
+                }
+        }
+        const float mx0 = m0, mx1 = m1;
+        float r0max = -INFINITY, r1max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
+            r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
+        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
+        c0 = ex2(mx0 - n0);  // 2^-inf = 0 on the first tile
+        c1 = ex2(mx1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0));
+            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0));
+            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1));
+            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1));
+            sum0 += s[4 * j] + s[4 * j + 1];
+            sum1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto rescale_o = [&](float c0, float c1) {
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            o[4 * j + 0] *= c0;
+            o[4 * j + 1] *= c0;
+            o[4 * j + 2] *= c1;
+            o[4 * j + 3] *= c1;
+        }
+    };
+
+    // ping-pong turns: warpgroup cw waits on barrier 1 + cw, passes on the other's barrier; warpgroup 0 goes
+    // first; warpgroup 1 does not pass after its very last section, so every arrival is matched
+    auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
+    auto turn_pass = [&](bool last) {
+        if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+    };
+    if (cw == 1) named_barrier_arrive(1, 256);
+
+    int kv = 0;  // K/V tiles consumed so far
+    int it = 0;
+    for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
+    item(w, b, h, qb, n_tiles);
+    const bool last_item = w + (int)gridDim.x >= num_work;
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.f;
+    mbar_wait(q_full, it & 1);
+    {
+        // tile 0 (the diagonal): S, softmax, P
+        {
+            turn_wait();
+            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+            issue_s(kv % kStages);
+            turn_pass(false);
+            wgmma_wait<0>();
+            reg_fence(s);
+            float c0, c1;
+            softmax(true, (n_tiles - 1) * kBN, c0, c1);
+            to_p();
+        }
+        for (int i = 1; i < n_tiles; ++i) {
+            const int n = n_tiles - 1 - i;
+            const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+            const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&k_full[st], ph);
+            issue_s(st);                   // S_i = Q K_i^T
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
+            turn_pass(false);
+            wgmma_wait<1>();               // S_i done (P V may still run)
+            reg_fence(s);
+            float c0, c1;
+            softmax(false, n * kBN, c0, c1);  // overlaps the P V product
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+            to_p();
+            rescale_o(c0, c1);
+        }
+        {
+            const int pst = (kv + n_tiles - 1) % kStages;
+            const uint32_t pph = ((kv + n_tiles - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, n_tiles > 1);
+            turn_pass(last_item);
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+        }
+    }
+    kv += n_tiles;
+    mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
+
+    // ---------------- epilogue: O / l, lse ----------------
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
+    bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
+    bf16* out1 = out0 + (size_t)8 * C;
+#pragma unroll
+    for (int j = 0; j < HS / 8; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (row0 < T)
+            *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        if (row1 < T)
+            *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+    }
+    if (t == 0) {
+        float* lse_bh = lse + ((size_t)b * NH + h) * T;
+        if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
+        if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
+    }
+    }  // work items
 #endif
 }
 
@@ -843,6 +1129,26 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
+template <int HS>
+void launch_forward_sm90_persistent(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
+                                    cudaStream_t stream) {
+    using Cfg = FwdCfg<HS>;
+    auto kernel = attention_forward_sm90_persistent_kernel<HS>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
+    const int num_bh = B * NH;
+    const int num_qblocks = ceil_div(T, Cfg::kBM);
+    const long long work = (long long)num_bh * num_qblocks;
+    require(work <= 0x7fffffffLL, "attention_sm90: too many work items");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(work < sms ? work : sms);
+    const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
+                                                            head_group(num_qblocks, num_bh), scale_log2);
+    CUDA_CHECK_LAUNCH();
+}
+
 template <int HS, int kVariant>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
     using Cfg = FwdCfg<HS>;
@@ -925,7 +1231,14 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(HS == 64 || HS == 128, "attention_forward_sm90: head size must be 64 or 128");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 2, "attention_forward_sm90: variant 0, 1 or 2");
+    require(variant >= 0 && variant <= 3, "attention_forward_sm90: variant 0, 1, 2 or 3");
+    if (variant == 3) {
+        if (HS == 64)
+            launch_forward_sm90_persistent<64>(out, lse, qkv, B, T, NH, stream);
+        else
+            launch_forward_sm90_persistent<128>(out, lse, qkv, B, T, NH, stream);
+        return;
+    }
     if (HS == 64) {
         if (variant == 0) launch_forward_sm90<64, 0>(out, lse, qkv, B, T, NH, stream);
         if (variant == 1) launch_forward_sm90<64, 1>(out, lse, qkv, B, T, NH, stream);
