@@ -20,10 +20,11 @@
 //     S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the tensor
 //     cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups also
 //     interleave with each other.
-//   Variants (template kVariant; attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain
-//   loop (S, softmax, P V in sequence), 2 (the default) the overlapped loop with the two consumer warpgroups
-//   taking turns to issue their products (named barriers), so that one's softmax runs under the other's
-//   products. CTAs are ordered so the blocks of about one wave's worth of heads run together (cta_order).
+//   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
+//   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
+//   products (named barriers), so that one's softmax runs under the other's products (default for HS 128),
+//   3 variant 2 in a persistent grid (attention_forward_sm90_persistent_kernel; default for HS 64). CTAs (work
+//   items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row.
 #include "kernels.h"
@@ -1203,9 +1204,10 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
     }
 }
 
-// ping-pong (2) was the fastest on all three shapes of docs/perf.md (H200, 2026-12-01): HS 64 T 1024
-// 379 us against 420 (0) and 420 (1); HS 128 278 against 314 and 309; T 2048 770 against 946 and 909
-constexpr int kDefaultVariantHs64 = 2;
+// the fastest correct variant per head size on an H200 (docs/perf.md, third timing run, 2026-12-01):
+// HS 64: persistent ping-pong (3) 368 us at B=64 T=1024 NH=12 (ping-pong 2: 378, 0: 415, 1: 404) and 717 us
+// at B=16 T=2048 NH=32 (2: 809); HS 128: ping-pong (2) 272 us at B=64 T=1024 NH=6 (3: 297, 0: 294, 1: 301)
+constexpr int kDefaultVariantHs64 = 3;
 constexpr int kDefaultVariantHs128 = 2;
 
 }  // namespace
