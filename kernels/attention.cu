@@ -742,6 +742,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side ----------------------------------------------------------------------------------------
 int g_attention_backend = 0;  // attention_set_backend: 0 automatic, 1 always the mma.sync kernels above
 
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
 // compute capability major of the current device (cached per device ordinal)
 int current_cc_major() {
     static int cache[64];  // 0 = not read yet
@@ -751,6 +752,7 @@ int current_cc_major() {
     if (cache[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrComputeCapabilityMajor, device));
     return cache[device];
 }
+#endif
 
 // the Hopper kernels (attention_sm90.cu) run when they were built, the device is 9.x, and the shape is
 // supported; backend 2 keeps the backward on the mma.sync kernels
