@@ -13,7 +13,10 @@ Each row: our time; its floor = max(bytes / copy bandwidth, flops / GEMM rate), 
 (every input read once, every output written once, "+=" outputs read and written) and the flops counted
 next to each op below; floor / time, the percentage of the floor reached; and the time of the PyTorch
 equivalent (bf16, same shapes) where one exists. Random data is bf16 by truncation of fp32 normals.
-The table prints last; --out writes it, with the ceilings, as JSON.
+Then an attention table: our attention (as dispatched: the Hopper wgmma/TMA kernels on compute capability 9.x;
+and forced onto the mma.sync kernels) against torch SDPA's cuDNN and FlashAttention-2 backends on three shapes,
+forward and backward, in us and TFLOP/s (causal FLOPs). The tables print last; --out writes them, with the
+ceilings, as JSON.
 """
 from __future__ import annotations
 
@@ -236,7 +239,10 @@ def run(args) -> dict:
         # reads grads
         bench.row(f"global norm {P / 1e6:.1f}M", lambda: be.global_norm_squared(grads), P * BF16, 0,
                   lambda: torch_global_norm(grads))
-    return {"device": be.device_name(), "B": B, "T": T, "C": C, "n_head": NH, "padded_vocab": VP,
+        print("attention against cuDNN and FlashAttention-2 ...", flush=True)
+        attention = attention_table(bench, B, T)
+    return {"attention": attention,
+            "device": be.device_name(), "B": B, "T": T, "C": C, "n_head": NH, "padded_vocab": VP,
             "copy_bandwidth_GBps": bench.bandwidth / 1e9, "gemm_TFLOPs": bench.gemm_rate / 1e12,
             "gemm_source": bench.gemm_source, "torch": torch.__version__ if use_torch else None, "rows": bench.rows}
 
@@ -339,6 +345,70 @@ def torch_attention(qkv, dout, B, T, backward):
     return fwd_bwd
 
 
+def attention_shapes(B, T):
+    """(B, T, NH, HS) of the attention table: GPT-2 124M's heads, head size 128 at the same width, and twice
+    the sequence with 32 heads (B=64, T=1024: issue 14's three shapes)."""
+    return [(B, T, NH, HS), (B, T, C // 128, 128), (max(1, B // 4), 2 * T, 32, 64)]
+
+
+def attention_table(bench, B, T):
+    """Our attention (as dispatched, and forced onto the mma.sync kernels) and torch SDPA's cuDNN and
+    FlashAttention-2 backends, forward and backward, on the same shapes and GPU. TFLOP/s count causal FLOPs:
+    forward 2 * B*NH*T*(T+1)*HS (S = QK^T and O = PV over the T(T+1)/2 kept scores), backward 2.5 times that.
+    torch's backward is timed as (forward + backward through autograd) - forward; its tensors are
+    contiguous (B, NH, T, HS) copies (the transposes are not timed)."""
+    be = bench.be
+    rows = []
+    for b, t, nh, hs in attention_shapes(B, T):
+        c = nh * hs
+        qkv, dout = random_bf16((b, t, 3 * c)), random_bf16((b, t, c))
+        out, dqkv = cp.empty((b, t, c), dtype=cp.uint16), cp.empty((b, t, 3 * c), dtype=cp.uint16)
+        lse = cp.empty((b, nh, t), dtype=cp.float32)
+        flops = 2.0 * b * nh * t * (t + 1) * hs
+        shape = f"B={b} T={t} NH={nh} HS={hs}"
+        timings = []
+        for label, backend in (("gpt2cu", 0), ("gpt2cu mma.sync", 1)):
+            be.k.attention_set_backend(backend)
+            try:
+                fwd = bench.ours(lambda: be.attention_forward(out, lse, qkv, nh))
+                bwd = bench.ours(lambda: be.attention_backward(dqkv, dout, qkv, out, lse, nh))
+            finally:
+                be.k.attention_set_backend(0)
+            timings.append((label, fwd, bwd))
+        if bench.use_torch:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            heads = lambda a: a.view(b, t, nh, hs).transpose(1, 2).contiguous()  # noqa: E731
+            q, k, v = (heads(x) for x in tt(qkv).split(c, dim=-1))
+            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+            do = heads(tt(dout))
+            for label, sdpa_backend in (("cuDNN (torch SDPA)", SDPBackend.CUDNN_ATTENTION),
+                                        ("FlashAttention-2 (torch SDPA)", SDPBackend.FLASH_ATTENTION)):
+                def fwd_only():
+                    with sdpa_kernel(sdpa_backend), torch.no_grad():
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+                def fwd_bwd():
+                    with sdpa_kernel(sdpa_backend):
+                        o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+                        return torch.autograd.grad(o, (qg, kg, vg), do)
+                try:
+                    fwd = median_us(fwd_only, bench.torch_stream, bench.reps)
+                    bwd = median_us(fwd_bwd, bench.torch_stream, bench.reps) - fwd
+                except RuntimeError as e:  # a backend that does not take this shape on this GPU
+                    print(f"  {label} {shape}: {e}", flush=True)
+                    continue
+                timings.append((label, fwd, bwd))
+            del q, k, v, qg, kg, vg, do
+            torch.cuda.empty_cache()
+        for label, fwd, bwd in timings:
+            rows.append({"shape": shape, "kernel": label, "fwd_us": fwd, "bwd_us": bwd,
+                         "fwd_TFLOPs": flops / fwd / 1e6, "bwd_TFLOPs": 2.5 * flops / bwd / 1e6})
+            print(f"  attention {shape} {label}: fwd {fwd:.1f} us, bwd {bwd:.1f} us", flush=True)
+        del qkv, dout, out, dqkv, lse
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
 def torch_classifier(logits, targets):
     """Cross-entropy over the first V columns, forward and backward (autograd) into the padded logits."""
     z = tt(logits).view(-1, VP).detach().requires_grad_()
@@ -367,6 +437,14 @@ def print_table(result):
         torch_us = f"{r['torch_us']:.1f}" if r["torch_us"] is not None else "-"
         print(f"{r['name']:<36} {r['time_us']:>10.1f} {r['floor_us']:>10.1f} {r['pct_of_floor']:>7.1f}% "
               f"{r['bound']:>8} {r['bytes'] / 1e6:>9.1f} {r['flops'] / 1e9:>9.1f} {torch_us:>10}")
+    if result.get("attention"):
+        print("\nattention, causal (TFLOP/s: causal FLOPs; torch bwd = fwd+bwd - fwd)")
+        header = f"{'shape':<26} {'kernel':<30} {'fwd us':>9} {'TFLOP/s':>8} {'bwd us':>9} {'TFLOP/s':>8}"
+        print(header)
+        print("-" * len(header))
+        for r in result["attention"]:
+            print(f"{r['shape']:<26} {r['kernel']:<30} {r['fwd_us']:>9.1f} {r['fwd_TFLOPs']:>8.1f} "
+                  f"{r['bwd_us']:>9.1f} {r['bwd_TFLOPs']:>8.1f}")
 
 
 def main(argv=None):

@@ -46,6 +46,12 @@
 //   Rows/keys past T are zero-filled on load (so no garbage, possibly NaN, enters a product) and never
 //   stored; the causal mask alone removes keys >= T from every real row (j >= T > i).
 //
+// ---- Dispatch ------------------------------------------------------------------------------------------
+// On compute capability 9.x, where the build includes sm_90 (GPT2CU_HAVE_SM90_ATTENTION), attention_forward and
+// attention_backward run the Hopper kernels of attention_sm90.cu (wgmma + TMA; same contract, also
+// deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
+// these, 2 keeps only the backward here (kernels.h).
+//
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,
 //     k 2t+8..), a3 (row g+8, k 2t+8..).  B (16x8, k x n), 2 regs: b0 (k 2t..2t+1, col g), b1 (k 2t+8.., g).
@@ -55,6 +61,9 @@
 //   Lower column (or k) index sits in the lower 16 bits of each register in all of the above.
 #include "kernels.h"
 #include "common.cuh"
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+#include "attention_sm90.h"
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -731,6 +740,34 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
+int g_attention_backend = 0;  // attention_set_backend: 0 automatic, 1 always the mma.sync kernels above
+
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+// compute capability major of the current device (cached per device ordinal)
+int current_cc_major() {
+    static int cache[64];  // 0 = not read yet
+    int device = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    if (device < 0 || device >= 64) return 0;
+    if (cache[device] == 0) CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrComputeCapabilityMajor, device));
+    return cache[device];
+}
+#endif
+
+// the Hopper kernels (attention_sm90.cu) run when they were built, the device is 9.x, and the shape is
+// supported; backend 2 keeps the backward on the mma.sync kernels
+bool attention_sm90_forward_selected(int B, int T, int NH, int HS) {
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+    return g_attention_backend != 1 && current_cc_major() == 9 && attention_sm90_supported(B, T, NH, HS);
+#else
+    (void)B, (void)T, (void)NH, (void)HS;
+    return false;
+#endif
+}
+bool attention_sm90_backward_selected(int B, int T, int NH, int HS) {
+    return g_attention_backend == 0 && attention_sm90_forward_selected(B, T, NH, HS);
+}
+
 void check_shapes(int B, int T, int NH, int HS) {
     require(B > 0 && T > 0 && NH > 0, "attention: B, T, NH must be positive");
     require(HS == 64 || HS == 128, "attention: head size must be 64 or 128");
@@ -795,11 +832,28 @@ void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* 
 
 }  // namespace
 
+void attention_set_backend(int backend) {
+    require(backend >= 0 && backend <= 2,
+            "attention_set_backend: 0 (automatic), 1 (mma.sync kernels only), 2 (sm_90 forward, mma.sync backward)");
+    g_attention_backend = backend;
+}
+
+int attention_backend_in_use(int B, int T, int NH, int HS) {
+    return (attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80) +
+           (attention_sm90_backward_selected(B, T, NH, HS) ? 9000 : 8000);
+}
+
 void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream) {
     check_shapes(B, T, NH, HS);
     require(aligned16(qkv), "attention_forward: qkv must be 16-byte aligned");
     require((reinterpret_cast<uintptr_t>(out) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0,
             "attention_forward: out and lse must be 4-byte aligned");
+    if (attention_sm90_forward_selected(B, T, NH, HS)) {
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+        attention_forward_sm90(out, lse, qkv, B, T, NH, HS, stream);
+        return;
+#endif
+    }
     if (HS == 64)
         launch_forward<64>(out, lse, qkv, B, T, NH, stream);
     else
@@ -825,6 +879,20 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
     const size_t qkv_bytes = (size_t)B * T * 3 * NH * HS * sizeof(bf16);
     const uintptr_t a = reinterpret_cast<uintptr_t>(dqkv), q = reinterpret_cast<uintptr_t>(qkv);
     require(a + qkv_bytes <= q || q + qkv_bytes <= a, "attention_backward: dqkv must not overlap qkv");
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+    if (attention_sm90_backward_selected(B, T, NH, HS)) {
+        const size_t threads = (size_t)B * T * NH * (HS / 8);
+        const size_t grid = (threads + 255) / 256;
+        require(grid <= 0x7fffffffULL, "attention_backward: grid too large");
+        if (HS == 64)
+            attention_backward_preprocess_kernel<64><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
+        else
+            attention_backward_preprocess_kernel<128><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
+        CUDA_CHECK_LAUNCH();
+        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, HS, stream);
+        return;
+    }
+#endif
     if (HS == 64)
         launch_backward<64>(dqkv, dout, qkv, out, lse, scratch, B, T, NH, stream);
     else

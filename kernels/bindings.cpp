@@ -240,6 +240,17 @@ PYBIND11_MODULE(_kernels, m) {
         "floats of scratch attention_backward needs for (B, T, NH, HS)", py::arg("B"), py::arg("T"), py::arg("NH"),
         py::arg("HS"));
 
+    m.def(
+        "attention_set_backend", [](int backend) { attention_set_backend(backend); },
+        "0: automatic (Hopper wgmma/TMA kernels on compute capability 9.x where built), 1: the mma.sync kernels "
+        "only, 2: the Hopper forward with the mma.sync backward",
+        py::arg("backend"));
+    m.def(
+        "attention_backend_in_use",
+        [](int B, int T, int NH, int HS) { return attention_backend_in_use(B, T, NH, HS); },
+        "what attention would run now for this shape: (90 or 80 for the forward) + (9000 or 8000 for the backward)",
+        py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"));
+
     // ---- matmul.cu
     m.def(
         "matmul_forward",

@@ -103,6 +103,12 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int HS, cudaStream_t stream);
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
+// Which kernels run: 0 (default) picks the Hopper wgmma/TMA kernels (attention_sm90.cu) on compute
+// capability 9.x where they were built and support the shape, else the mma.sync kernels; 1 forces the
+// mma.sync kernels (for comparisons); 2 the Hopper forward with the mma.sync backward.
+// attention_backend_in_use says what would run now: (90 or 80 for the forward) + (9000 or 8000 for the backward).
+void attention_set_backend(int backend);
+int attention_backend_in_use(int B, int T, int NH, int HS);
 
 // ---- matmul.cu (cuBLASLt) ---------------------------------------------------------------------
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);

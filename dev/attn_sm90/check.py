@@ -1,0 +1,261 @@
+"""Build-free check and timing of the attention kernels through libattn.so (dev/attn_sm90/build.sh).
+
+    python3 dev/attn_sm90/check.py [--lib dev/attn_sm90/libattn.so] [--no-time] [--bwd]
+
+Correctness: fresh random qkv (and dout) per case, compared with an fp32 torch reference on the upcast
+bf16 inputs (||x - ref|| / ||ref||; lse max abs error); outputs poisoned with NaN first; each kernel run twice
+and compared bit for bit. Timing: CUDA events, 3 warm-ups, median of --reps; TFLOP/s with causal FLOPs
+(fwd 2*B*NH*T*(T+1)*HS, bwd 2.5 times that); cuDNN and FlashAttention-2 through torch SDPA on the same shapes.
+"""
+import argparse
+import ctypes
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--lib", default="dev/attn_sm90/libattn.so")
+ap.add_argument("--no-time", action="store_true")
+ap.add_argument("--bwd", action="store_true", help="also check/time the backward")
+ap.add_argument("--reps", type=int, default=20)
+ap.add_argument("--kinds", default="sm90v0,sm90v1,sm90v2,sm90v3,fa2", help="forward kernels to check and time")
+ap.add_argument("--bwd-kinds", default="fa2,auto", help="backward kernels (fa2 = mma.sync, auto = dispatch)")
+ap.add_argument("--profile", action="store_true", help="only run each --kinds forward twice on B=64 T=1024 NH=12")
+args = ap.parse_args()
+
+lib = ctypes.CDLL(args.lib)
+P = ctypes.c_void_p
+I = ctypes.c_int
+lib.h_fwd.argtypes = [P, P, P, I, I, I, I, P]
+lib.h_fwd_sm90.argtypes = [P, P, P, I, I, I, I, I, P]
+lib.h_bwd.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, P]
+lib.h_bwd_scratch.argtypes = [I, I, I, I]
+lib.h_bwd_scratch.restype = ctypes.c_size_t
+lib.h_set_backend.argtypes = [I]
+lib.h_backend_in_use.argtypes = [I, I, I, I]
+dev = torch.device("cuda")
+print(torch.cuda.get_device_name(), "torch", torch.__version__, "dispatch code (B=1,T=64,NH=1,HS=64):",
+      lib.h_backend_in_use(1, 64, 1, 64), flush=True)
+
+
+def stream():
+    return ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+
+
+def ck(rc, what):
+    if rc != 0:
+        raise RuntimeError(what + " failed")
+
+
+def run_fwd(kind, out, lse, qkv, B, T, NH, HS):
+    if kind == "fa2":
+        lib.h_set_backend(1)
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, stream()), "fwd fa2")
+        lib.h_set_backend(0)
+    elif kind == "auto":
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, stream()), "fwd auto")
+    else:
+        v = int(kind[-1])
+        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, v, stream()), kind)
+
+
+def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS):
+    lib.h_set_backend(1 if kind == "fa2" else 0)
+    ck(lib.h_bwd(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                 scratch.data_ptr(), scratch.numel(), B, T, NH, HS, stream()), "bwd " + kind)
+    lib.h_set_backend(0)
+
+
+def heads(x, B, T, NH, HS):
+    return x.view(B, T, NH, HS).transpose(1, 2)
+
+
+def reference(qkv, dout, B, T, NH, HS):
+    C = NH * HS
+    x = qkv.float().requires_grad_()
+    q, k, v = (heads(t, B, T, NH, HS) for t in x.split(C, dim=-1))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(HS)
+    mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
+    s = s.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.softmax(s, dim=-1) @ v
+    o = o.transpose(1, 2).reshape(B, T, C)
+    dq = None
+    if dout is not None:
+        (dq,) = torch.autograd.grad(o, x, dout.float())
+    return o.detach(), lse.detach(), dq
+
+
+def rel(a, b):
+    """||a - b|| / ||b||, or max |a - b| where b is all zeros (T = 1: dq = dk = 0 exactly)"""
+    n = b.float().norm()
+    if n == 0:
+        return (a.float() - b.float()).abs().max().item()
+    return ((a.float() - b.float()).norm() / n).item()
+
+
+def poison(*ts):
+    for t in ts:
+        if t.dtype == torch.bfloat16:
+            t.view(torch.int16).fill_(-1)  # 0xffff: a NaN
+        else:
+            t.fill_(float("nan"))
+
+
+fails = []
+rows = []
+CASES = [(2, 1024, 3, 64), (2, 1000, 3, 64), (1, 77, 2, 64), (1, 1, 1, 64), (2, 129, 2, 64), (1, 2048, 2, 64),
+         (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128)]
+FWD_KINDS = args.kinds.split(",")
+BWD_KINDS = args.bwd_kinds.split(",")
+if args.profile:
+    B, T, NH, HS = 64, 1024, 12, 64
+    qkv = torch.randn(B, T, 3 * NH * HS, device=dev).to(torch.bfloat16)
+    out = torch.empty(B, T, NH * HS, device=dev, dtype=torch.bfloat16)
+    lse = torch.empty(B, NH, T, device=dev)
+    for kind in FWD_KINDS:
+        for _ in range(2):
+            run_fwd(kind, out, lse, qkv, B, T, NH, HS)
+    if args.bwd:
+        dout = torch.randn_like(out)
+        dqkv = torch.empty_like(qkv)
+        scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
+        for _ in range(2):
+            run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
+    torch.cuda.synchronize()
+    sys.exit(0)
+torch.manual_seed(1234)
+for (B, T, NH, HS) in CASES:
+    C = NH * HS
+    qkv = torch.randn(B, T, 3 * C, device=dev).to(torch.bfloat16)
+    dout = torch.randn(B, T, C, device=dev).to(torch.bfloat16) if args.bwd else None
+    ro, rl, rdq = reference(qkv, dout, B, T, NH, HS)
+    for kind in FWD_KINDS:
+        out = torch.empty(B, T, C, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(B, NH, T, device=dev)
+        res = []
+        try:
+            for rep in range(2):
+                poison(out, lse)
+                run_fwd(kind, out, lse, qkv, B, T, NH, HS)
+                torch.cuda.synchronize()
+                res.append((out.clone(), lse.clone()))
+        except Exception as e:  # noqa: BLE001
+            print(f"FWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
+            fails.append(("fwd", kind, (B, T, NH, HS)))
+            torch.cuda.synchronize()
+            continue
+        eo, el = rel(out, ro), (lse - rl).abs().max().item()
+        finite = bool(torch.isfinite(out.float()).all() and torch.isfinite(lse).all())
+        det = bool(torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]))
+        ok = finite and eo < 1e-2 and el < 1e-2 and det
+        print(f"FWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: out rel {eo:.2e} lse max {el:.2e} finite {finite} "
+              f"bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            fails.append(("fwd", kind, (B, T, NH, HS)))
+            if finite:
+                err = (out.float() - ro).abs().amax(dim=-1)  # (B, T)
+                bad = (err > 0.05).nonzero()
+                print("   bad rows (b, t) first 10:", bad[:10].tolist(), "count", bad.shape[0])
+    if args.bwd:
+        out = ro.to(torch.bfloat16)
+        lse = rl.clone()
+        run_fwd("fa2", out, lse, qkv, B, T, NH, HS)
+        for kind in BWD_KINDS:
+            dqkv = torch.empty_like(qkv)
+            scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
+            res = []
+            try:
+                for rep in range(2):
+                    poison(dqkv)
+                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
+                    torch.cuda.synchronize()
+                    res.append(dqkv.clone())
+            except Exception as e:  # noqa: BLE001
+                print(f"BWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
+                fails.append(("bwd", kind, (B, T, NH, HS)))
+                continue
+            parts = [rel(a, r) for a, r in zip(dqkv.split(C, -1), rdq.split(C, -1))]
+            finite = bool(torch.isfinite(dqkv.float()).all())
+            det = torch.equal(res[0], res[1])
+            ok = finite and max(parts) < 2e-2 and det
+            print(f"BWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: dq/dk/dv rel {parts[0]:.2e} {parts[1]:.2e} "
+                  f"{parts[2]:.2e} finite {finite} bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
+            if not ok:
+                fails.append(("bwd", kind, (B, T, NH, HS)))
+    del qkv
+torch.cuda.empty_cache()
+print("correctness failures:", fails, flush=True)
+
+
+def median_us(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in ev:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(s.elapsed_time(e) for s, e in ev)
+
+
+if not args.no_time:
+    table = []
+    for (B, T, NH, HS) in [(64, 1024, 12, 64), (64, 1024, 6, 128), (16, 2048, 32, 64)]:
+        C = NH * HS
+        flops = 2.0 * B * NH * T * (T + 1) * HS
+        qkv = torch.randn(B, T, 3 * C, device=dev).to(torch.bfloat16)
+        out = torch.empty(B, T, C, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(B, NH, T, device=dev)
+        q, k, v = (heads(t, B, T, NH, HS).contiguous() for t in qkv.split(C, dim=-1))
+        res = {}
+        for kind in FWD_KINDS:
+            if any(f[0] == "fwd" and f[1] == kind for f in fails):
+                continue
+            res["fwd " + kind] = median_us(lambda: run_fwd(kind, out, lse, qkv, B, T, NH, HS), args.reps)
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash2", SDPBackend.FLASH_ATTENTION)):
+            def f():
+                with sdpa_kernel(be), torch.no_grad():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            try:
+                res["fwd " + name] = median_us(f, args.reps)
+            except Exception as e:  # noqa: BLE001
+                print(name, "fwd failed", e)
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            do = torch.randn_like(qg)
+
+            def fb():
+                with sdpa_kernel(be):
+                    o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+                    return torch.autograd.grad(o, (qg, kg, vg), do)
+            try:
+                res["fwd+bwd " + name] = median_us(fb, args.reps)
+                res["bwd " + name] = res["fwd+bwd " + name] - res["fwd " + name]
+            except Exception as e:  # noqa: BLE001
+                print(name, "fwd+bwd failed", e)
+        if args.bwd:
+            dout = torch.randn(B, T, C, device=dev).to(torch.bfloat16)
+            dqkv = torch.empty_like(qkv)
+            scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
+            run_fwd("fa2", out, lse, qkv, B, T, NH, HS)
+            for kind in BWD_KINDS:
+                if any(f[0] == "bwd" and f[1] == kind for f in fails):
+                    continue
+                res["bwd " + kind] = median_us(
+                    lambda: run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS), args.reps)
+        for key, us in res.items():
+            fl = flops * (2.5 if key.startswith("bwd") else 3.5 if key.startswith("fwd+bwd") else 1.0)
+            table.append((f"B={B} T={T} NH={NH} HS={HS}", key, us, fl / us / 1e6))
+        del qkv, q, k, v
+        torch.cuda.empty_cache()
+    print("\n%-28s %-16s %10s %8s" % ("shape", "kernel", "us", "TFLOP/s"))
+    for shape, key, us, tf in table:
+        print("%-28s %-16s %10.1f %8.1f" % (shape, key, us, tf))
+print("correctness failures:", fails)
+sys.exit(1 if fails else 0)

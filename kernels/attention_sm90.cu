@@ -1,0 +1,1253 @@
+// attention_sm90.cu: causal flash attention for Hopper (sm_90a): wgmma tensor-core products fed by TMA.
+// Same contract as attention.cu (read its header for the math and the layouts): qkv (B, T, 3C) = [q|k|v],
+// out (B, T, C), lse (B, NH, T) fp32 natural log, scale 1/sqrt(HS); head sizes 64 and 128; any T.
+// Built only for sm_90a (CMake compiles this file with -gencode=arch=compute_90a,code=sm_90a when 90 is
+// among the architectures); attention.cu dispatches here on compute capability 9.x.
+//
+// ---- Forward --------------------------------------------------------------------------------------------
+// One CTA per (128-query block, head, batch), 3 warpgroups (384 threads), warp-specialised:
+//   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
+//     block once, then K and V tiles of 128 keys from the diagonal tile down to tile 0, into a ring of
+//     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
+//     copy engine's byte count) and an "empty" mbarrier (the 256 consumer threads arrive when done with
+//     the stage).
+//   warpgroups 1, 2, the consumers (setmaxnreg 240): each owns 64 of the 128 query rows. Per key tile:
+//     S = Q K^T by wgmma m64n128k16 from shared memory (Q and K both K-major), online softmax on the
+//     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
+//     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
+//     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
+//     diagonal tile only (the first one processed). In the overlapped variant (kOverlap) the product
+//     S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the tensor
+//     cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups also
+//     interleave with each other.
+//   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
+//   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
+//   products (named barriers), so that one's softmax runs under the other's products (default for HS 128),
+//   3 variant 2 in a persistent grid (attention_forward_sm90_persistent_kernel; default for HS 64). CTAs (work
+//   items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
+//   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
+//   keys >= T from every real row.
+#include "kernels.h"
+#include "common.cuh"
+#include "attention_sm90.h"
+#include "sm90_common.cuh"
+#include "wgmma_sm90.cuh"
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GPT2CU_SM90A_DEVICE 1
+#endif
+
+namespace {
+
+using namespace sm90;
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kPanelCols = 64;     // bf16 columns per 128-byte swizzled panel
+constexpr int kPanelRowBytes = 128;
+
+template <int HS>
+struct FwdCfg {
+    static constexpr int kBM = 128;                // query rows per CTA (2 consumer warpgroups x 64)
+    static constexpr int kBN = 128;                // keys per tile
+    static constexpr int kStages = 3;  // HS 128: 32 KB Q + 3 x 64 KB K/V = 224 KB
+    static constexpr int kPanels = HS / kPanelCols;
+    static constexpr int kQBytes = kBM * HS * 2;
+    static constexpr int kTileBytes = kBN * HS * 2;  // one K or V tile
+    static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kKPanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
+    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;  // + slack to align the base to 1024
+    static constexpr int kThreads = 384;
+};
+
+// CTA order: the blocks of `group` consecutive (batch, head) pairs run together, heaviest block first within
+// the group (index j = 0: the most key or query tiles). Concurrent CTAs then share their heads' K/V (or Q/dO)
+// tiles through L2; with the head index fastest over all heads (the mma.sync kernels' order), each tile was
+// fetched from DRAM once per block of its head, and the HS 64 forward was DRAM-bound (ncu: 53% of DRAM).
+__device__ __forceinline__ void cta_order_of(int id, int num_bh, int nblk, int group, int& bh, int& j) {
+    const int gi = id / (group * nblk);
+    const int first = gi * group;
+    const int gsize = min(group, num_bh - first);
+    const int r = id - gi * group * nblk;
+    j = r / gsize;
+    bh = first + r % gsize;
+}
+__device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& bh, int& j) {
+    cta_order_of((int)blockIdx.x, num_bh, nblk, group, bh, j);
+}
+
+// the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
+
+// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the two
+// consumer warpgroups taking turns to issue their products ("ping-pong": named barriers 1 and 2 pass the
+// turn, so one warpgroup's softmax runs while the other's products occupy the tensor cores)
+template <int HS, int kVariant>
+__global__ void __launch_bounds__(384, 1)
+    attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
+                                  float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
+                                  int group, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = FwdCfg<HS>;
+    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sK = smem + Cfg::kQBytes;
+    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+
+    const int tid = threadIdx.x;
+    const int wg = warpgroup_index();
+    int bh, qb;
+    cta_order(num_bh, num_qblocks, group, bh, qb);
+    qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
+    const int b = bh / NH, h = bh % NH;
+    const int C = NH * HS;
+    const int n_tiles = (qb * kBM + kBM - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1 (kBM == kBN: qb + 1)
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_qkv);
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---------------- producer ----------------
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p)
+                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, h * HS + p * kPanelCols, qb * kBM, b);
+            for (int i = 0; i < n_tiles; ++i) {
+                const int n = n_tiles - 1 - i;
+                const int st = i % kStages;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
+                                C + h * HS + p * kPanelCols, n * kBN, b);
+                mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
+                                2 * C + h * HS + p * kPanelCols, n * kBN, b);
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;                    // consumer warpgroup 0/1: query rows 64 cw .. 64 cw + 63
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the 128-row block
+
+    // descriptors (addresses change per stage / k-step; the constant fields are folded in once)
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK);
+    const uint32_t v_addr = smem_u32(sV);
+    auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
+        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int st, int kk) {  // B (K-major): keys 0..127, k 16kk..
+        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
+        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
+    };
+
+    float o[HS / 2];
+    float s[kBN / 2];
+    uint32_t pa[kBN / 16][4];
+    float m0 = -INFINITY, m1 = -INFINITY;  // running row maxima (of S * scale * log2 e)
+    float l0 = 0.f, l1 = 0.f;              // per-thread partial row sums
+
+    auto issue_s = [&](int st) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+        wgmma_commit();
+    };
+    auto issue_pv = [&](int st, bool accumulate) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            if constexpr (HS == 64)
+                wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+            else
+                wgmma_rs_n128<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+        }
+        wgmma_commit();
+    };
+    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
+    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
+        if (diag) {
+            const int r0 = qb * kBM + lrow0;
+#pragma unroll
+            for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = key0 + 8 * j + 2 * t + (e & 1);
+                    const int row = r0 + 8 * (e >> 1);
+                    if (key > row) s[4 * j + e] = -INFINITY;
+                }
+        }
+        const float mx0 = m0, mx1 = m1;
+        float r0max = -INFINITY, r1max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
+            r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
+        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
+        c0 = ex2(mx0 - n0);  // 2^-inf = 0 on the first tile
+        c1 = ex2(mx1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0));
+            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0));
+            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1));
+            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1));
+            sum0 += s[4 * j] + s[4 * j + 1];
+            sum1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto rescale_o = [&](float c0, float c1) {
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            o[4 * j + 0] *= c0;
+            o[4 * j + 1] *= c0;
+            o[4 * j + 2] *= c1;
+            o[4 * j + 3] *= c1;
+        }
+    };
+
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
+
+    mbar_wait(q_full, 0);
+
+    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the other's barrier;
+    // warpgroup 0 goes first; warpgroup 1 does not pass after its last section, so every arrival is matched
+    auto turn_wait = [&]() {
+        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
+    };
+    auto turn_pass = [&](bool last) {
+        if constexpr (kVariant == 2) {
+            if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+        }
+    };
+    if constexpr (kVariant == 2) {
+        if (cw == 1) named_barrier_arrive(1, 256);
+    }
+
+    if constexpr (kVariant == 1) {
+        for (int i = 0; i < n_tiles; ++i) {
+            const int n = n_tiles - 1 - i;
+            const int st = i % kStages;
+            const uint32_t ph = (i / kStages) & 1;
+            mbar_wait(&k_full[st], ph);
+            issue_s(st);
+            wgmma_wait<0>();
+            reg_fence(s);
+            float c0, c1;
+            softmax(i == 0, n * kBN, c0, c1);
+            to_p();
+            if (i > 0) rescale_o(c0, c1);
+            mbar_wait(&v_full[st], ph);
+            issue_pv(st, i > 0);
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[st]);
+        }
+    } else {
+        // tile 0 (the diagonal): S, softmax, P
+        {
+            turn_wait();
+            mbar_wait(&k_full[0], 0);
+            issue_s(0);
+            turn_pass(false);
+            wgmma_wait<0>();
+            reg_fence(s);
+            float c0, c1;
+            softmax(true, (n_tiles - 1) * kBN, c0, c1);
+            to_p();
+        }
+        for (int i = 1; i < n_tiles; ++i) {
+            const int n = n_tiles - 1 - i;
+            const int st = i % kStages, pst = (i - 1) % kStages;
+            const uint32_t ph = (i / kStages) & 1, pph = ((i - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&k_full[st], ph);
+            issue_s(st);                   // S_i = Q K_i^T
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
+            turn_pass(false);
+            wgmma_wait<1>();               // S_i done (P V may still run)
+            reg_fence(s);
+            float c0, c1;
+            softmax(false, n * kBN, c0, c1);  // overlaps the P V product
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+            to_p();
+            rescale_o(c0, c1);
+        }
+        {
+            const int pst = (n_tiles - 1) % kStages;
+            const uint32_t pph = ((n_tiles - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, n_tiles > 1);
+            turn_pass(true);
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+        }
+    }
+
+    // ---------------- epilogue: O / l, lse ----------------
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
+    bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
+    bf16* out1 = out0 + (size_t)8 * C;
+#pragma unroll
+    for (int j = 0; j < HS / 8; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (row0 < T)
+            *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        if (row1 < T)
+            *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+    }
+    if (t == 0) {
+        float* lse_bh = lse + (size_t)bh * T;
+        if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
+        if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
+    }
+#endif
+}
+
+// Variant 3: variant 2 in a persistent grid (one CTA per multiprocessor, each taking work items w =
+// blockIdx.x, + gridDim.x, ... in cta_order's order). The K/V ring and its barrier phases run on across work
+// items, Q has an "empty" barrier (the consumers release it after their last product), so the producer loads
+// the next item's Q and first K/V tiles while the consumers still finish the current one and store it: the
+// pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them
+// in full: about 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_forward_sm90_persistent_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
+                                             float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
+                                             int group, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = FwdCfg<HS>;
+    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sK = smem + Cfg::kQBytes;
+    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* q_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+    uint64_t* q_empty = bars + 1 + 3 * kStages;
+
+    const int tid = threadIdx.x;
+    const int wg = warpgroup_index();
+    const int C = NH * HS;
+    const int num_work = num_bh * num_qblocks;
+    // work item w -> (b, h, qb, n_tiles)
+    auto item = [&](int w, int& b, int& h, int& qb, int& n_tiles) {
+        int bh;
+        cta_order_of(w, num_bh, num_qblocks, group, bh, qb);
+        qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
+        b = bh / NH;
+        h = bh % NH;
+        n_tiles = (qb * kBM + kBM - 1) / kBN + 1;
+    };
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_qkv);
+        mbar_init(q_full, 1);
+        mbar_init(q_empty, 256);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---------------- producer ----------------
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            int kv = 0;  // K/V tiles loaded so far (ring position across work items)
+            int it = 0;
+            for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
+                int b, h, qb, n_tiles;
+                item(w, b, h, qb, n_tiles);
+                if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
+                mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, h * HS + p * kPanelCols, qb * kBM, b);
+                for (int i = 0; i < n_tiles; ++i, ++kv) {
+                    const int n = n_tiles - 1 - i;
+                    const int st = kv % kStages;
+                    if (kv >= kStages) mbar_wait(&empty[st], ((kv / kStages) - 1) & 1);
+                    mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
+#pragma unroll
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
+                                    C + h * HS + p * kPanelCols, n * kBN, b);
+                    mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
+#pragma unroll
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
+                                    2 * C + h * HS + p * kPanelCols, n * kBN, b);
+                }
+            }
+        }
+        return;
+    }
+
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;                    // consumer warpgroup 0/1: query rows 64 cw .. 64 cw + 63
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the 128-row block
+
+    // descriptors (addresses change per stage / k-step; the constant fields are folded in once)
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK);
+    const uint32_t v_addr = smem_u32(sV);
+    auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
+        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int st, int kk) {  // B (K-major): keys 0..127, k 16kk..
+        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
+        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
+    };
+
+    float o[HS / 2];
+    float s[kBN / 2];
+    uint32_t pa[kBN / 16][4];
+    float m0, m1;  // running row maxima (of S * scale * log2 e)
+    float l0, l1;  // per-thread partial row sums
+    int b = 0, h = 0, qb = 0, n_tiles = 0;
+
+    auto issue_s = [&](int st) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+        wgmma_commit();
+    };
+    auto issue_pv = [&](int st, bool accumulate) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            if constexpr (HS == 64)
+                wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+            else
+                wgmma_rs_n128<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
+        }
+        wgmma_commit();
+    };
+    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
+    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
+        if (diag) {
+            const int r0 = qb * kBM + lrow0;
+#pragma unroll
+            for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = key0 + 8 * j + 2 * t + (e & 1);
+                    const int row = r0 + 8 * (e >> 1);
+                    if (key > row) s[4 * j + e] = -INFINITY;
+                }
+        }
+        const float mx0 = m0, mx1 = m1;
+        float r0max = -INFINITY, r1max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
+            r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
+        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
+        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
+        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
+        c0 = ex2(mx0 - n0);  // 2^-inf = 0 on the first tile
+        c1 = ex2(mx1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0));
+            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0));
+            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1));
+            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1));
+            sum0 += s[4 * j] + s[4 * j + 1];
+            sum1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        l0 = l0 * c0 + sum0;
+        l1 = l1 * c1 + sum1;
+    };
+    auto to_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) {
+            pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+    };
+    auto rescale_o = [&](float c0, float c1) {
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            o[4 * j + 0] *= c0;
+            o[4 * j + 1] *= c0;
+            o[4 * j + 2] *= c1;
+            o[4 * j + 3] *= c1;
+        }
+    };
+
+    // ping-pong turns: warpgroup cw waits on barrier 1 + cw, passes on the other's barrier; warpgroup 0 goes
+    // first; warpgroup 1 does not pass after its very last section, so every arrival is matched
+    auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
+    auto turn_pass = [&](bool last) {
+        if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+    };
+    if (cw == 1) named_barrier_arrive(1, 256);
+
+    int kv = 0;  // K/V tiles consumed so far
+    int it = 0;
+    for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
+    item(w, b, h, qb, n_tiles);
+    const bool last_item = w + (int)gridDim.x >= num_work;
+    m0 = m1 = -INFINITY;
+    l0 = l1 = 0.f;
+    mbar_wait(q_full, it & 1);
+    {
+        // tile 0 (the diagonal): S, softmax, P
+        {
+            turn_wait();
+            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+            issue_s(kv % kStages);
+            turn_pass(false);
+            wgmma_wait<0>();
+            reg_fence(s);
+            float c0, c1;
+            softmax(true, (n_tiles - 1) * kBN, c0, c1);
+            to_p();
+        }
+        for (int i = 1; i < n_tiles; ++i) {
+            const int n = n_tiles - 1 - i;
+            const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+            const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&k_full[st], ph);
+            issue_s(st);                   // S_i = Q K_i^T
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
+            turn_pass(false);
+            wgmma_wait<1>();               // S_i done (P V may still run)
+            reg_fence(s);
+            float c0, c1;
+            softmax(false, n * kBN, c0, c1);  // overlaps the P V product
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+            to_p();
+            rescale_o(c0, c1);
+        }
+        {
+            const int pst = (kv + n_tiles - 1) % kStages;
+            const uint32_t pph = ((kv + n_tiles - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, n_tiles > 1);
+            turn_pass(last_item);
+            wgmma_wait<0>();
+            reg_fence(o);
+            mbar_arrive(&empty[pst]);
+        }
+    }
+    kv += n_tiles;
+    mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
+
+    // ---------------- epilogue: O / l, lse ----------------
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+    const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
+    bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
+    bf16* out1 = out0 + (size_t)8 * C;
+#pragma unroll
+    for (int j = 0; j < HS / 8; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (row0 < T)
+            *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+        if (row1 < T)
+            *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+    }
+    if (t == 0) {
+        float* lse_bh = lse + ((size_t)b * NH + h) * T;
+        if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
+        if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
+    }
+    }  // work items
+#endif
+}
+
+// ---- Backward -------------------------------------------------------------------------------------------
+// Deterministic like attention.cu's: D = rowsum(dO * O) first (attention.cu's preprocess kernel), then two
+// kernels that each write their outputs exactly once (no atomics), recomputing P from lse:
+//   dK/dV: one CTA per (128-key block, head, batch); consumer warpgroup cw owns keys 64cw..64cw+63; the
+//     producer streams 64-query tiles of Q and dO (TMA) from the diagonal to the end, and its warp 1 copies
+//     the tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D into shared memory.
+//     Per tile: S^T = K Q^T and dP^T = V dO^T (wgmma, A = this warpgroup's 64 keys, both K-major), P^T,
+//     dV += P^T dO (A = P^T from registers, dO as MN-major B), dS^T = P^T (dP^T - D), dK += dS^T Q (A from
+//     registers, Q as MN-major B). A warpgroup skips the compute of a tile whose queries all precede its keys.
+//   dQ: one CTA per (128-query block, head, batch), consumer warpgroup cw owns rows 64cw..; Q and dO loaded
+//     once, K/V tiles of kBN keys streamed from the diagonal down: S = Q K^T, dP = dO V^T, P, dS = P (dP - D),
+//     dQ += dS K (K as MN-major B).
+template <int HS>
+struct DkdvCfg {
+    static constexpr int kBN = 128;  // keys per CTA
+    static constexpr int kBM = 64;   // queries per streamed tile
+    static constexpr int kStages = 3;
+    static constexpr int kKVBytes = kBN * HS * 2;
+    static constexpr int kKVPanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kTileBytes = kBM * HS * 2;
+    static constexpr int kTilePanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kAuxBytes = 2 * kBM * 4;  // lse2[kBM], D[kBM]
+    static constexpr int kAuxOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
+    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
+    static constexpr int kNumBars = 1 + 4 * kStages;
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+};
+
+template <int HS>
+struct DqCfg {
+    static constexpr int kBM = 128;
+    static constexpr int kBN = HS == 64 ? 128 : 64;
+    static constexpr int kStages = 3;
+    static constexpr int kQBytes = kBM * HS * 2;
+    static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kTileBytes = kBN * HS * 2;
+    static constexpr int kTilePanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kBarOffset = 2 * kQBytes + 2 * kStages * kTileBytes;
+    static constexpr int kNumBars = 1 + 3 * kStages;
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+};
+
+// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
+template <int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+        a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+        a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+        a[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+    if constexpr (N == 64)
+        wgmma_ss_n64<0, 0>(d, da, db, scale_d);
+    else
+        wgmma_ss_n128<0, 0>(d, da, db, scale_d);
+}
+// B MN-major (transposed)
+template <int N>
+__device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+    if constexpr (N == 64)
+        wgmma_rs_n64<1>(d, a, db, scale_d);
+    else
+        wgmma_rs_n128<1>(d, a, db, scale_d);
+}
+
+// rows r0 (and r0 + 8) of an m64nHS accumulator -> bf16 columns col0.. of a (B, T, 3C) row, rows < T only
+template <int HS>
+__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[HS / 2], int r0,
+                                               int T, int t, float mult) {
+    bf16* p0 = base + (size_t)r0 * row_stride;
+    bf16* p1 = p0 + 8 * row_stride;
+#pragma unroll
+    for (int j = 0; j < HS / 8; ++j) {
+        const int col = 8 * j + 2 * t;
+        if (r0 < T) *reinterpret_cast<uint32_t*>(p0 + col) = pack_bf16x2(acc[4 * j] * mult, acc[4 * j + 1] * mult);
+        if (r0 + 8 < T)
+            *reinterpret_cast<uint32_t*>(p1 + col) = pack_bf16x2(acc[4 * j + 2] * mult, acc[4 * j + 3] * mult);
+    }
+}
+
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_backward_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv, const __grid_constant__ CUtensorMap tm_q,
+                                        const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
+                                        const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
+                                        int num_bh, int num_kblocks, int group, float scale, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = DkdvCfg<HS>;
+    constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
+    constexpr float kLog2e = 1.4426950408889634f;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sK = smem;
+    uint8_t* sV = smem + Cfg::kKVBytes;
+    uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
+    uint8_t* sdO = sQ + kStages * Cfg::kTileBytes;
+    float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* kv_full = bars;
+    uint64_t* q_full = bars + 1;
+    uint64_t* do_full = bars + 1 + kStages;
+    uint64_t* aux_full = bars + 1 + 2 * kStages;
+    uint64_t* empty = bars + 1 + 3 * kStages;
+
+    const int tid = threadIdx.x, wg = warpgroup_index();
+    int bh, kb;
+    cta_order(num_bh, num_kblocks, group, bh, kb);  // key block 0 (the most query tiles) first
+    const int b = bh / NH, h = bh % NH;
+    const int C = NH * HS;
+    const int q_first = kb * kBN / kBM;
+    const int n_q = (T + kBM - 1) / kBM - q_first;
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_kv);
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_do);
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&q_full[s], 1);
+            mbar_init(&do_full[s], 1);
+            mbar_init(&aux_full[s], 32);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) {
+                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, C + h * HS + p * kPanelCols, kb * kBN, b);
+                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, 2 * C + h * HS + p * kPanelCols, kb * kBN,
+                            b);
+            }
+            for (int i = 0; i < n_q; ++i) {
+                const int st = i % kStages;
+                const int row0 = (q_first + i) * kBM;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
+                                h * HS + p * kPanelCols, row0, b);
+                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
+                                h * HS + p * kPanelCols, row0, b);
+            }
+        } else if (tid >= 32 && tid < 64) {
+            const int lane = tid - 32;
+            const float* lse_bh = lse + (size_t)bh * T;
+            const float* d_bh = dvec + (size_t)bh * T;
+            for (int i = 0; i < n_q; ++i) {
+                const int st = i % kStages;
+                const int row0 = (q_first + i) * kBM;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                float* aux = sAux + st * (2 * kBM);
+#pragma unroll
+                for (int k = 0; k < kBM / 32; ++k) {
+                    const int r = row0 + lane + 32 * k;
+                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                }
+                mbar_arrive(&aux_full[st]);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int key0 = kb * kBN + 64 * cw;         // first key of this warpgroup
+    const int krow = key0 + 16 * warp + g;       // this thread's keys krow, krow + 8
+
+    const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
+    const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
+    const uint32_t q_addr = smem_u32(sQ), do_addr = smem_u32(sdO);
+    auto desc_kmaj_kv = [&](uint32_t base, int kk) {  // A: 64 keys x HS, K-major
+        return make_desc(base + (kk / 4) * Cfg::kKVPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_kmaj_tile = [&](uint32_t base, int st, int kk) {  // B: kBM queries x HS, K-major
+        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_mn_tile = [&](uint32_t base, int st, int kk) {  // B: k = queries 16kk.., n = HS, MN-major
+        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
+    };
+
+    float dk[HS / 2], dv[HS / 2];
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    mbar_wait(kv_full, 0);
+    for (int i = 0; i < n_q; ++i) {
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        const int row0 = (q_first + i) * kBM;
+        if (row0 + kBM - 1 < key0) {  // every query of the tile precedes every key of this warpgroup
+            mbar_arrive(&empty[st]);
+            continue;
+        }
+        const bool need_mask = row0 < key0 + 63;
+        float s[kBM / 2], dp[kBM / 2];
+        mbar_wait(&q_full[st], ph);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<kBM>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&do_full[st], ph);
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<kBM>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&aux_full[st], ph);
+        const float* aux = sAux + st * (2 * kBM);
+        wgmma_wait<1>();
+        reg_fence(s);
+        // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
+#pragma unroll
+        for (int j = 0; j < kBM / 8; ++j) {
+            const float2 l2 = *reinterpret_cast<const float2*>(aux + 8 * j + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int q = row0 + 8 * j + 2 * t + (e & 1);
+                const int k = krow + 8 * (e >> 1);
+                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                if (need_mask && q < k) p = 0.f;
+                s[4 * j + e] = p;
+            }
+        }
+        uint32_t pa[kBM / 16][4];
+        acc_to_a<kBM>(pa, s);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dv, pa[kk], desc_mn_tile(do_addr, st, kk), 1);
+        wgmma_commit();
+        if constexpr (HS == 128)
+            wgmma_wait<0>();
+        else
+            wgmma_wait<1>();
+        reg_fence(dp);
+        // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+        for (int j = 0; j < kBM / 8; ++j) {
+            const float2 dd = *reinterpret_cast<const float2*>(aux + kBM + 8 * j + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+        }
+        uint32_t da[kBM / 16][4];
+        acc_to_a<kBM>(da, dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dk, da[kk], desc_mn_tile(q_addr, st, kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dk);
+        reg_fence(dv);
+        mbar_arrive(&empty[st]);
+    }
+
+    const size_t row_stride = (size_t)3 * C;
+    bf16* base = dqkv + (size_t)b * T * row_stride + h * HS;
+    store_acc_rows<HS>(base + C, row_stride, dk, krow, T, t, scale);
+    store_acc_rows<HS>(base + 2 * C, row_stride, dv, krow, T, t, 1.f);
+#endif
+}
+
+template <int HS>
+__global__ void __launch_bounds__(384, 1)
+    attention_backward_dq_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
+                                      const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
+                                      const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
+                                      int num_bh, int num_qblocks, int group, float scale, float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = DqCfg<HS>;
+    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
+    constexpr float kLog2e = 1.4426950408889634f;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sQ = smem;
+    uint8_t* sdO = smem + Cfg::kQBytes;
+    uint8_t* sK = smem + 2 * Cfg::kQBytes;
+    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* qdo_full = bars;
+    uint64_t* k_full = bars + 1;
+    uint64_t* v_full = bars + 1 + kStages;
+    uint64_t* empty = bars + 1 + 2 * kStages;
+
+    const int tid = threadIdx.x, wg = warpgroup_index();
+    int bh, qb;
+    cta_order(num_bh, num_qblocks, group, bh, qb);
+    qb = num_qblocks - 1 - qb;
+    const int b = bh / NH, h = bh % NH;
+    const int C = NH * HS;
+    const int n_tiles = min((qb * kBM + kBM - 1) / kBN + 1, (T + kBN - 1) / kBN);
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_kv);
+        tma_prefetch_desc(&tm_do);
+        mbar_init(qdo_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&k_full[s], 1);
+            mbar_init(&v_full[s], 1);
+            mbar_init(&empty[s], 256);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            mbar_arrive_expect_tx(qdo_full, 2 * Cfg::kQBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) {
+                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_q, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
+                tma_load_3d(sdO + p * Cfg::kQPanelBytes, &tm_do, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
+            }
+            for (int i = 0; i < n_tiles; ++i) {
+                const int n = n_tiles - 1 - i;
+                const int st = i % kStages;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &k_full[st],
+                                C + h * HS + p * kPanelCols, n * kBN, b);
+                mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &v_full[st],
+                                2 * C + h * HS + p * kPanelCols, n * kBN, b);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int wrow0 = qb * kBM + 64 * cw;  // first row of this warpgroup
+    const int row = wrow0 + 16 * warp + g;  // this thread's rows row, row + 8
+    const float* lse_bh = lse + (size_t)bh * T;
+    const float* d_bh = dvec + (size_t)bh * T;
+    const float lse2_0 = row < T ? lse_bh[row] * kLog2e : 0.f;
+    const float lse2_1 = row + 8 < T ? lse_bh[row + 8] * kLog2e : 0.f;
+    const float d0 = row < T ? d_bh[row] : 0.f;
+    const float d1 = row + 8 < T ? d_bh[row + 8] : 0.f;
+
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t do_addr = smem_u32(sdO) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
+    auto desc_a = [&](uint32_t base, int kk) {  // 64 rows x HS, K-major
+        return make_desc(base + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_b = [&](uint32_t base, int st, int kk) {  // kBN keys x HS, K-major
+        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_b_mn = [&](uint32_t base, int st, int kk) {  // k = keys 16kk.., n = HS, MN-major
+        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
+    };
+
+    float dq[HS / 2];
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) dq[i] = 0.f;
+
+    mbar_wait(qdo_full, 0);
+    for (int i = 0; i < n_tiles; ++i) {
+        const int n = n_tiles - 1 - i;
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        const int key0 = n * kBN;
+        if (key0 > wrow0 + 63) {  // every key of the tile follows every row of this warpgroup
+            mbar_arrive(&empty[st]);
+            continue;
+        }
+        const bool need_mask = key0 + kBN - 1 > wrow0;
+        float s[kBN / 2], dp[kBN / 2];
+        mbar_wait(&k_full[st], ph);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(s, desc_a(q_addr, kk), desc_b(k_addr, st, kk), kk > 0);
+        wgmma_commit();
+        mbar_wait(&v_full[st], ph);
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(dp, desc_a(do_addr, kk), desc_b(v_addr, st, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        reg_fence(s);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = key0 + 8 * j + 2 * t + (e & 1);
+                const int r = row + 8 * (e >> 1);
+                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e >> 1) ? lse2_1 : lse2_0)));
+                if (need_mask && key > r) p = 0.f;
+                s[4 * j + e] = p;
+            }
+        wgmma_wait<0>();
+        reg_fence(dp);
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e >> 1) ? d1 : d0));
+        uint32_t da[kBN / 16][4];
+        acc_to_a<kBN>(da, dp);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_t<HS>(dq, da[kk], desc_b_mn(k_addr, st, kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dq);
+        mbar_arrive(&empty[st]);
+    }
+    const size_t row_stride = (size_t)3 * C;
+    store_acc_rows<HS>(dqkv + (size_t)b * T * row_stride + h * HS, row_stride, dq, row, T, t, scale);
+#endif
+}
+
+// ---- host side ----------------------------------------------------------------------------------------
+// heads per CTA group (cta_order): about one wave of CTAs (one CTA per multiprocessor) per group
+int head_group(int nblk, int num_bh) {
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    int g = sms / nblk;
+    if (g < 1) g = 1;
+    if (g > num_bh) g = num_bh;
+    return g;
+}
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn get_encode_fn() {
+    static EncodeTiledFn fn = nullptr;
+    if (!fn) {
+        void* p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+        require(q == cudaDriverEntryPointSuccess && p != nullptr, "attention_sm90: cuTensorMapEncodeTiled not found");
+        fn = reinterpret_cast<EncodeTiledFn>(p);
+    }
+    return fn;
+}
+
+// A (B, T, cols) bf16 tensor (row stride cols) seen as 3-D {cols, T, B}; box {64, box_rows, 1}, 128-byte
+// swizzle; rows past T read as zeros.
+CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) {
+    CUtensorMap map;
+    const cuuint64_t dims[3] = {(cuuint64_t)cols, (cuuint64_t)T, (cuuint64_t)B};
+    const cuuint64_t strides[2] = {(cuuint64_t)cols * 2, (cuuint64_t)cols * 2 * (cuuint64_t)T};
+    const cuuint32_t box[3] = {(cuuint32_t)kPanelCols, (cuuint32_t)box_rows, 1};
+    const cuuint32_t estr[3] = {1, 1, 1};
+    const CUresult r = get_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(base), dims,
+                                       strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    require(r == CUDA_SUCCESS, "attention_sm90: cuTensorMapEncodeTiled failed");
+    return map;
+}
+
+template <int HS>
+void launch_forward_sm90_persistent(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
+                                    cudaStream_t stream) {
+    using Cfg = FwdCfg<HS>;
+    auto kernel = attention_forward_sm90_persistent_kernel<HS>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
+    const int num_bh = B * NH;
+    const int num_qblocks = ceil_div(T, Cfg::kBM);
+    const long long work = (long long)num_bh * num_qblocks;
+    require(work <= 0x7fffffffLL, "attention_sm90: too many work items");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(work < sms ? work : sms);
+    const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
+                                                            head_group(num_qblocks, num_bh), scale_log2);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int HS, int kVariant>
+void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
+    using Cfg = FwdCfg<HS>;
+    auto kernel = attention_forward_sm90_kernel<HS, kVariant>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+    const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
+    const int num_bh = B * NH;
+    const int num_qblocks = ceil_div(T, Cfg::kBM);
+    const long long grid = (long long)num_bh * num_qblocks;
+    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+    const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
+    kernel<<<(unsigned)grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
+                                                                      head_group(num_qblocks, num_bh), scale_log2);
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int HS>
+void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec, int B,
+                          int T, int NH, cudaStream_t stream) {
+    const int C = NH * HS, num_bh = B * NH;
+    const double scale_d = 1.0 / std::sqrt((double)HS);
+    const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
+    {
+        using Cfg = DkdvCfg<HS>;
+        auto kernel = attention_backward_dkdv_sm90_kernel<HS>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
+        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
+        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const int num_kblocks = ceil_div(T, Cfg::kBN);
+        const long long grid = (long long)num_bh * num_kblocks;
+        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, NH, num_bh,
+                                                                 num_kblocks, head_group(num_kblocks, num_bh), scale,
+                                                                 scale_log2);
+        CUDA_CHECK_LAUNCH();
+    }
+    {
+        using Cfg = DqCfg<HS>;
+        auto kernel = attention_backward_dq_sm90_kernel<HS>;
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
+        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
+        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
+        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const int num_qblocks = ceil_div(T, Cfg::kBM);
+        const long long grid = (long long)num_bh * num_qblocks;
+        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, NH, num_bh,
+                                                                 num_qblocks, head_group(num_qblocks, num_bh), scale,
+                                                                 scale_log2);
+        CUDA_CHECK_LAUNCH();
+    }
+}
+
+// the fastest correct variant per head size on an H200 (docs/perf.md, third timing run, 2026-12-01):
+// HS 64: persistent ping-pong (3) 368 us at B=64 T=1024 NH=12 (ping-pong 2: 378, 0: 415, 1: 404) and 717 us
+// at B=16 T=2048 NH=32 (2: 809); HS 128: ping-pong (2) 272 us at B=64 T=1024 NH=6 (3: 297, 0: 294, 1: 301)
+constexpr int kDefaultVariantHs64 = 3;
+constexpr int kDefaultVariantHs128 = 2;
+
+}  // namespace
+
+void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                             int B, int T, int NH, int HS, cudaStream_t stream) {
+    require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
+    if (HS == 64)
+        launch_backward_sm90<64>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+    else
+        launch_backward_sm90<128>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+}
+
+bool attention_sm90_supported(int B, int T, int NH, int HS) {
+    (void)B;
+    (void)T;
+    (void)NH;
+    return HS == 64 || HS == 128;
+}
+
+void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
+                            cudaStream_t stream, int variant) {
+    require(HS == 64 || HS == 128, "attention_forward_sm90: head size must be 64 or 128");
+    // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
+    if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
+    require(variant >= 0 && variant <= 3, "attention_forward_sm90: variant 0, 1, 2 or 3");
+    if (variant == 3) {
+        if (HS == 64)
+            launch_forward_sm90_persistent<64>(out, lse, qkv, B, T, NH, stream);
+        else
+            launch_forward_sm90_persistent<128>(out, lse, qkv, B, T, NH, stream);
+        return;
+    }
+    if (HS == 64) {
+        if (variant == 0) launch_forward_sm90<64, 0>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 1) launch_forward_sm90<64, 1>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 2) launch_forward_sm90<64, 2>(out, lse, qkv, B, T, NH, stream);
+    } else {
+        if (variant == 0) launch_forward_sm90<128, 0>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 1) launch_forward_sm90<128, 1>(out, lse, qkv, B, T, NH, stream);
+        if (variant == 2) launch_forward_sm90<128, 2>(out, lse, qkv, B, T, NH, stream);
+    }
+}

@@ -1,0 +1,17 @@
+// attention_sm90.h: the Hopper (sm_90a) attention kernels of attention_sm90.cu, for attention.cu's dispatch.
+// Compiled only when 90 is among GPT2CU_CUDA_ARCHS (then GPT2CU_HAVE_SM90_ATTENTION is defined for
+// attention.cu); call them only on a device of compute capability 9.x.
+#pragma once
+#include "kernels.h"
+
+// shapes the sm_90 kernels handle (head sizes 64 and 128, any B, T, NH)
+bool attention_sm90_supported(int B, int T, int NH, int HS);
+// same contract as attention_forward; variant 0 = overlapped softmax, 1 = the plain loop, 2 = overlapped
+// with ping-pong turns between the consumer warpgroups, 3 = variant 2 in a persistent grid (attention_sm90.cu);
+// -1 = the default for HS
+void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
+                            cudaStream_t stream, int variant = -1);
+// the two backward kernels (dK/dV, then dQ) after attention.cu's preprocess wrote dvec = rowsum(dO * O)
+// (B, NH, T); same contract as attention_backward otherwise (deterministic, dqkv overwritten)
+void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                             int B, int T, int NH, int HS, cudaStream_t stream);

@@ -1,0 +1,141 @@
+// sm90_common.cuh: the Hopper (sm_90a) primitives the attention kernels of attention_sm90.cu are built from:
+// mbarriers, the tensor memory accelerator (TMA, cp.async.bulk.tensor), wgmma fences/commits/waits,
+// shared-memory matrix descriptors, register reallocation (setmaxnreg), named barriers.
+//
+// Shared tiles: every tile is stored as "panels" of 64 bf16 columns (128 bytes a row, the TMA box's inner
+// extent), rows consecutive at 128 bytes, with the 128-byte swizzle (16-byte chunk c of row r sits at
+// chunk c ^ (r & 7)); each panel starts 1024-byte aligned. That is the canonical SWIZZLE_128B layout of
+// wgmma in both majors:
+//   K-major operand (rows = M or N, 64 k per panel): 8-row core groups 1024 bytes apart (SBO = 1024), LBO
+//     unused; the k16 step kk inside a panel is +32 bytes on the start address.
+//   MN-major operand (rows = k, 64 of M/N per panel): k groups of 8 rows 1024 bytes apart (SBO = 1024),
+//     the next 64 columns of M/N one panel further (LBO = panel bytes); the k16 step is +16 rows = 2048 bytes.
+#pragma once
+#include <cstdint>
+#include <cuda.h>  // CUtensorMap and its enums (types only: the driver entry point is fetched at run time)
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cstdio>
+
+namespace sm90 {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- mbarrier -----------------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// make the initialisations visible to the async proxy (TMA) and the other threads
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// block until the phase of parity `parity` has completed (with GPT2CU_SM90_WATCHDOG defined, a wait of more
+// than about 2^32 cycles prints the barrier and traps instead of hanging: for development builds)
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done;
+#ifdef GPT2CU_SM90_WATCHDOG
+    const long long t0 = clock64();
+#endif
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_u32(bar)), "r"(parity)
+            : "memory");
+#ifdef GPT2CU_SM90_WATCHDOG
+        if (!done && clock64() - t0 > (1ll << 32)) {
+            printf("mbar_wait timeout: block %d thread %d bar %u parity %u\n", blockIdx.x, threadIdx.x,
+                   smem_u32(bar), parity);
+            __trap();
+        }
+#endif
+    } while (!done);
+}
+
+// ---- TMA ----------------------------------------------------------------------------------------------
+// 3-D tile load (coordinates innermost first, in elements) completing on `bar` (complete_tx::bytes)
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            int c2) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+        "[%2];\n" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// ---- wgmma bookkeeping ---------------------------------------------------------------------------------
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// keep the compiler from moving accumulator reads/writes across a wgmma wait (registers, not memory)
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63)
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+    uint64_t d = 0;
+    d |= (uint64_t)((saddr & 0x3FFFF) >> 4);
+    d |= (uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16;
+    d |= (uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32;
+    d |= (uint64_t)1 << 62;
+    return d;
+}
+
+// ---- warp specialisation ----------------------------------------------------------------------------------
+// threadIdx.x / 128 broadcast from lane 0: the same value, but one the compiler knows is warp-uniform. With the
+// plain quotient, branches on the warpgroup (a consumer skipping a masked tile) count as divergent and ptxas
+// serialises every wgmma behind its own warpgroup.arrive (warning C7520; seen in the backward kernels' SASS:
+// one WARPGROUP.DEPBAR per HGMMA).
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0); }
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+// barrier `id` (1..15; 0 is __syncthreads) among `count` threads
+__device__ __forceinline__ void named_barrier_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+// arrive on barrier `id` without waiting (the matching bar.sync of other threads completes with it)
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+}  // namespace sm90

@@ -1,0 +1,106 @@
+"""The Hopper attention kernels (kernels/attention_sm90.cu: wgmma + TMA) against the numpy oracle and
+against the mma.sync kernels they replace on compute capability 9.x. GPU only (the `gpu` marker of
+conftest.py skips every test, with the reason, where the CUDA backend cannot run); on a GPU that is not
+9.x, or in a build without sm_90 (GPT2CU_CUDA_ARCHS without 90), they skip with that reason.
+
+Same method as test_cuda_ops.py (fresh random inputs with the seed quoted, NaN-poisoned outputs,
+||out - ref|| / ||ref|| against the float64 numpy op on the same bf16 numbers), on sequence lengths that
+divide no tile (the kernels tile by 64 and 128), both head sizes, and each launch repeated to ask for
+identical bits (the backward is deterministic: no atomics).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from test_cuda_ops import (CHAIN_REL, FP32_REL, attention_reference, bits_of, case, cuda, decode,  # noqa: F401
+                            poisoned, raw, to_host)
+from gpt2cu.backends import numpy_ops as ref_ops
+
+try:
+    import cupy as cp
+except ImportError:  # every test here is marked gpu: conftest.py skips them all
+    cp = None
+
+pytestmark = pytest.mark.gpu
+
+CASES = [(2, 3, 1, 64), (2, 3, 100, 64), (1, 2, 129, 128), (2, 2, 1000, 64), (1, 2, 1000, 128),
+         (1, 1, 2048, 64), (1, 1, 300, 128)]
+IDS = [f"B{b}-NH{nh}-T{t}-HS{hs}" for b, nh, t, hs in CASES]
+
+
+@pytest.fixture
+def sm90(cuda):
+    """The backend, where attention dispatches to the Hopper kernels; the dispatch is restored after."""
+    k = cuda.k
+    if k.attention_backend_in_use(1, 64, 1, 64) != 9090:
+        pytest.skip("the Hopper attention kernels do not run here (not compute capability 9.x, or built "
+                    "without 90 in GPT2CU_CUDA_ARCHS)")
+    yield cuda
+    k.attention_set_backend(0)
+
+
+def run_forward(cuda, qkv_d, b, t, nh, hs, backend):
+    cuda.k.attention_set_backend(backend)
+    out, lse = poisoned((b, t, nh * hs)), poisoned((b, nh, t), fp32=True)
+    cuda.attention_forward(out, lse, qkv_d, nh)
+    cuda.k.attention_set_backend(0)
+    return out, lse
+
+
+def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, backend):
+    cuda.k.attention_set_backend(backend)
+    dqkv = poisoned((b, t, 3 * nh * hs))
+    cuda.attention_backward(dqkv, dout_d, qkv_d, out_d, lse_d, nh)
+    cuda.k.attention_set_backend(0)
+    return dqkv
+
+
+@pytest.mark.parametrize("b, nh, t, hs", CASES, ids=IDS)
+def test_sm90_forward(sm90, case, b, nh, t, hs):
+    qkv, qkv_d = case.bf16((b, t, 3 * nh * hs))
+    out, lse = run_forward(sm90, qkv_d, b, t, nh, hs, 0)
+    ref_out, ref_lse = attention_reference(qkv, nh)
+    case.check("out", to_host(out), ref_out, CHAIN_REL)
+    case.check("lse", to_host(lse), ref_lse, FP32_REL)
+    out2, lse2 = run_forward(sm90, qkv_d, b, t, nh, hs, 0)
+    assert np.array_equal(raw(out), raw(out2)) and np.array_equal(raw(lse), raw(lse2)), \
+        case.where("forward not bitwise repeatable")
+    # the mma.sync forward on the same inputs: two fp32-accumulating computations of one function
+    out_old, lse_old = run_forward(sm90, qkv_d, b, t, nh, hs, 1)
+    case.check("out vs mma.sync", to_host(out), to_host(out_old), CHAIN_REL)
+    case.check("lse vs mma.sync", to_host(lse), to_host(lse_old), FP32_REL)
+
+
+@pytest.mark.parametrize("b, nh, t, hs", CASES, ids=IDS)
+def test_sm90_backward(sm90, case, b, nh, t, hs):
+    """As test_cuda_ops.test_attention_backward (out and lse from the float64 forward), and twice: the same
+    bits (deterministic). At T = 1, dq = dk = 0 exactly, so the whole dqkv is checked there."""
+    c = nh * hs
+    qkv, qkv_d = case.bf16((b, t, 3 * c))
+    dout, dout_d = case.bf16((b, t, c))
+    out, lse = attention_reference(qkv, nh)
+    out, lse = decode(bits_of(out)), lse.astype(np.float32)
+    out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse)
+    dqkv = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, 0)
+    ref = np.empty((b, t, 3 * c))
+    ref_ops.attention_backward(ref, dout, qkv, out, lse, nh)
+    got = to_host(dqkv)
+    parts = {"dq": slice(0, c), "dk": slice(c, 2 * c), "dv": slice(2 * c, 3 * c)} if t > 1 else {"dqkv": slice(None)}
+    for name, cols in parts.items():
+        case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
+    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, 0)
+    assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
+
+
+def test_sm90_dispatch_switch(sm90):
+    """attention_set_backend: 1 keeps everything on the mma.sync kernels, 2 only the backward, 0 restores."""
+    k = sm90.k
+    k.attention_set_backend(1)
+    assert k.attention_backend_in_use(2, 1000, 3, 128) == 8080
+    k.attention_set_backend(2)
+    assert k.attention_backend_in_use(2, 1000, 3, 128) == 8090
+    k.attention_set_backend(0)
+    assert k.attention_backend_in_use(2, 1000, 3, 128) == 9090
+    with pytest.raises(Exception):
+        k.attention_set_backend(3)
