@@ -50,8 +50,10 @@ def buffer_elements(layout, n_layer: int, world_size: int, zero_stage: int) -> d
     optimizer shard). One source for the storages below and the memory planner."""
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {zero_stage}")
-    if zero_stage <= 1:
-        shards = zero_shards(layout, world_size if zero_stage == 1 else 1)
+    if zero_stage == 0:
+        return {"parameters": [layout.total], "gradients": [layout.total], "communication": [], "shard": layout.total}
+    if zero_stage == 1:
+        shards = zero_shards(layout, world_size)
         return {"parameters": [shards.padded_size], "gradients": [shards.padded_size], "communication": [],
                 "shard": shards.shard_size}
     units = zero_units(layout, n_layer, world_size)
@@ -100,9 +102,9 @@ class FlatStorage:
         self.g = layout.views(self.grads[:layout.total])
         # ZeRO-1 with a communicator (NCCL with one rank too: how that path is tested) shards the update
         self.sharded = zero_stage == 1 and comm.communicates
-        shards = zero_shards(layout, comm.world_size if zero_stage == 1 else 1)
-        self.start, self.end = shards.range(comm.rank if zero_stage == 1 else 0)
-        self.shard_size = self.end - self.start
+        self.shard_size = sizes["shard"]
+        self.start = comm.rank * self.shard_size if zero_stage == 1 else 0
+        self.end = self.start + self.shard_size
         self.grad_shard = self.grads[self.start:self.end]
         self.update_params, self.update_grads = self.params, self.grads
         self.segments = [UpdateSegment(s.name, s.begin, s.begin, s.begin - self.start, s.end - s.begin, s.decay)
