@@ -140,12 +140,15 @@ class MPIComm:
         self._reducible(buf, "all_reduce_start")
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf, op
 
-    def all_gather_start(self, send_shard, recv_flat):
-        """Start an all-gather into a separate buffer; finish() completes it."""
+    def _gatherable(self, send_shard, recv_flat, what: str):
         for buf in (send_shard, recv_flat):
             if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-                raise TypeError("all_gather_start: MPIComm needs C-contiguous numpy arrays")
-        _check_shards(recv_flat, send_shard, self.world_size, "all_gather_start")
+                raise TypeError(f"{what}: MPIComm needs C-contiguous numpy arrays")
+        _check_shards(recv_flat, send_shard, self.world_size, what)
+
+    def all_gather_start(self, send_shard, recv_flat):
+        """Start an all-gather into a separate buffer; finish() completes it."""
+        self._gatherable(send_shard, recv_flat, "all_gather_start")
         if np.shares_memory(send_shard, recv_flat):
             raise ValueError("all_gather_start: the shard must not overlap the gathered buffer")
         return self.comm.Iallgather(send_shard, recv_flat), recv_flat, "sum"
@@ -169,10 +172,7 @@ class MPIComm:
             self._average(recv_shard)
 
     def all_gather(self, send_shard, recv_flat):
-        for buf in (send_shard, recv_flat):
-            if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-                raise TypeError("all_gather: MPIComm needs C-contiguous numpy arrays")
-        _check_shards(recv_flat, send_shard, self.world_size, "all_gather")
+        self._gatherable(send_shard, recv_flat, "all_gather")
         if np.shares_memory(send_shard, recv_flat):
             send_shard = send_shard.copy()
         self.comm.Allgather(send_shard, recv_flat)
