@@ -84,7 +84,7 @@ def plan(cfg, B: int, T: int, world_size: int, zero_stage: int, recompute: int, 
         workspace = (4 * gpt2_scratch_floats(cfg, B, T, sizes["shard"])  # the norm runs over the shard + CUBLASLT_WORKSPACE_BYTES
                      + batch_buffer_bytes(B, T))
         if zero_stage >= 2:  # zero.py's accumulation: the shard chunk, the reduced chunk and their sum in fp32
-            workspace += 3 * 4 * zero_units(layout, cfg.n_layer, world_size)[0].shard_size
+            workspace += 3 * 4 * max(u.shard_size for u in zero_units(layout, cfg.n_layer, world_size))
     return {"parameters": dtypes.param * sum(sizes["parameters"]),
             "gradients": dtypes.param * sum(sizes["gradients"]),
             "optimizer state": 4 * sizes["shard"] * (3 if master else 2),
