@@ -125,9 +125,11 @@ def zero_units(layout: Layout, n_layer: int, world_size: int) -> tuple[Unit, ...
 
 class UnitSegment(NamedTuple):
     """A piece of one parameter tensor inside this rank's chunk of a unit: `length` elements at
-    `unit_at` in the unit (packed), at `shard_at` in the rank's shard buffer."""
+    `layout_at` in the layout's flat buffer, `unit_at` in the unit (packed), `shard_at` in the rank's
+    shard buffer."""
     name: str
     unit: Unit
+    layout_at: int
     unit_at: int
     shard_at: int
     length: int
@@ -141,5 +143,6 @@ def unit_shard_segments(units, rank: int) -> list[UnitSegment]:
         for piece in u.pieces:
             begin, end = max(lo, piece.at), min(hi, piece.at + piece.end - piece.begin)
             if begin < end:
-                segments.append(UnitSegment(piece.name, u, begin, u.shard_offset + begin - lo, end - begin))
+                segments.append(UnitSegment(piece.name, u, piece.begin + begin - piece.at, begin,
+                                            u.shard_offset + begin - lo, end - begin))
     return segments

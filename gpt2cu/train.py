@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("-i", dest="train_data", default=None, help="train shards glob (default: the embedded corpus)")
     a("-j", dest="val_data", default=None, help="val shards glob (default: the embedded corpus)")
-    a("-e", dest="model", default=None, help="dN descriptor (d12 = GPT-2 124M) or an llm.c model file")
+    a("-e", dest="model", default=None,
+      help="dN descriptor (d12 = GPT-2 124M), gpt3:SIZE (gpt3:125M .. gpt3:175B) or an llm.c model file")
     a("-o", dest="output_dir", default=None, help="directory for main.log and checkpoints")
     a("-b", dest="batch_size", type=int, default=None, help="per-rank micro-batch size B")
     a("-t", dest="seq_len", type=int, default=None, help="sequence length T")

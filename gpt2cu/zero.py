@@ -26,6 +26,8 @@ comes from buffer_elements(), which the memory planner (memory.py) reads too.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .sharding import gradient_buckets, shard_segments, unit_shard_segments, zero_shards, zero_units
@@ -34,14 +36,15 @@ ZERO_STAGES = (0, 1, 2, 3)
 PARAM_SLOTS = 3  # ZeRO-3 layer slots: the layer in use, the next one (the fused layernorm), the prefetch
 
 
-class UpdateSegment:
+class UpdateSegment(NamedTuple):
     """A piece of one tensor that AdamW updates: `length` elements at param_at in the storage's
     update_params, at grad_at in its update_grads, at state_at in the optimizer's shard state."""
-    __slots__ = ("name", "param_at", "grad_at", "state_at", "length", "decay")
-
-    def __init__(self, name, param_at, grad_at, state_at, length, decay):
-        self.name, self.param_at, self.grad_at = name, param_at, grad_at
-        self.state_at, self.length, self.decay = state_at, length, decay
+    name: str
+    param_at: int
+    grad_at: int
+    state_at: int
+    length: int
+    decay: bool
 
 
 def buffer_elements(layout, n_layer: int, world_size: int, zero_stage: int) -> dict:
@@ -243,9 +246,7 @@ class _UnitStorage:
         out = np.zeros(self.shard_size, dtype=np.float32)
         host = np.asarray(host, dtype=np.float32)
         for seg in self.unit_segments:
-            piece = next(p for p in seg.unit.pieces if p.at <= seg.unit_at < p.at + p.end - p.begin)
-            begin = piece.begin + seg.unit_at - piece.at
-            out[seg.shard_at:seg.shard_at + seg.length] = host[begin:begin + seg.length]
+            out[seg.shard_at:seg.shard_at + seg.length] = host[seg.layout_at:seg.layout_at + seg.length]
         return out
 
     def _unit_major(self, host) -> np.ndarray:
