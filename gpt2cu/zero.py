@@ -2,8 +2,8 @@
 them. A model family takes its parameter and gradient views (`p`, `g`) from a storage and calls its
 hooks around each layer; optim.AdamW updates the storage's shard and never asks which stage it holds.
 
-  FlatStorage        ZeRO-0 and -1: the whole flat buffers in layout order (padded so ZeRO-1's shards
-                     split evenly). ZeRO-0 all-reduces the gradients in per-layer buckets (started from
+  FlatStorage        ZeRO-0 and -1: the whole flat buffers in layout order (ZeRO-1's padded so its
+                     shards split evenly). ZeRO-0 all-reduces the gradients in per-layer buckets (started from
                      inside the last backward with --overlap-comm); ZeRO-1 reduce-scatters them into this
                      rank's shard and all-gathers the updated shard.
   GradShardStorage   ZeRO-2: parameters whole; gradients held only as this rank's shard. The backward
