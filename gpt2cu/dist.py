@@ -7,6 +7,9 @@ The interface (buffers are flat, C-contiguous and written in place; op is "sum" 
   all_reduce(buf, op)                      every rank ends with the reduction of all ranks' buf
   reduce_scatter(send_flat, recv_shard, op)  rank r gets the reduction of send_flat[r*S:(r+1)*S]
   all_gather(send_shard, recv_flat)        recv_flat[r*S:(r+1)*S] = rank r's send_shard
+  all_reduce_start(buf, op), all_gather_start(send_shard, recv_flat) -> handle
+                                           the same collectives started (NCCL: on a communication
+                                           stream); finish(handles) waits for them
   broadcast(buf, root=0)
   all_reduce_scalar(x) -> float            the sum over ranks of a host number
   barrier()
@@ -86,6 +89,9 @@ class SingleProcess:
     def all_reduce_start(self, buf, op: str = "sum"):
         _check_op(op)
 
+    def all_gather_start(self, send_shard, recv_flat):
+        self.all_gather(send_shard, recv_flat)
+
     def finish(self, handles):
         pass
 
@@ -134,6 +140,19 @@ class MPIComm:
         self._reducible(buf, "all_reduce_start")
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), buf, op
 
+    def _gatherable(self, send_shard, recv_flat, what: str):
+        for buf in (send_shard, recv_flat):
+            if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
+                raise TypeError(f"{what}: MPIComm needs C-contiguous numpy arrays")
+        _check_shards(recv_flat, send_shard, self.world_size, what)
+
+    def all_gather_start(self, send_shard, recv_flat):
+        """Start an all-gather into a separate buffer; finish() completes it."""
+        self._gatherable(send_shard, recv_flat, "all_gather_start")
+        if np.shares_memory(send_shard, recv_flat):
+            raise ValueError("all_gather_start: the shard must not overlap the gathered buffer")
+        return self.comm.Iallgather(send_shard, recv_flat), recv_flat, "sum"
+
     def finish(self, handles):
         self.MPI.Request.Waitall([request for request, _, _ in handles])
         for _, buf, op in handles:
@@ -153,10 +172,7 @@ class MPIComm:
             self._average(recv_shard)
 
     def all_gather(self, send_shard, recv_flat):
-        for buf in (send_shard, recv_flat):
-            if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-                raise TypeError("all_gather: MPIComm needs C-contiguous numpy arrays")
-        _check_shards(recv_flat, send_shard, self.world_size, "all_gather")
+        self._gatherable(send_shard, recv_flat, "all_gather")
         if np.shares_memory(send_shard, recv_flat):
             send_shard = send_shard.copy()
         self.comm.Allgather(send_shard, recv_flat)
@@ -192,7 +208,7 @@ class NCCLComm:
         self.cp, self.nccl_mod, self.mpi = cp, nccl, mpi
         self.rank, self.world_size, self.local_rank = mpi.rank, mpi.world_size, mpi.local_rank
         self.stream = stream
-        self._comm_stream = None  # created by the first overlapped all-reduce
+        self._comm_stream = None  # created by the first started collective
         self.version = nccl.get_version()
         new_enough = self.version >= _NCCL_BF16_AVG_VERSION
         # older CuPy builds do not export the newer enum values; they are fixed by nccl.h
@@ -258,13 +274,29 @@ class NCCLComm:
     def all_reduce_start(self, buf, op: str = "sum"):
         """The same all-reduce on a communication stream that waits for the compute stream's work so far,
         so the compute stream goes on (the backward of earlier layers) while it runs; finish() joins."""
+        comm_stream = self._communication_stream()
+        nccl_op, scale = self._reduce_op(op)
+        dtype = self._dtype(buf, "all_reduce_start")
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl_op, comm_stream.ptr)
+        return buf, scale
+
+    def _communication_stream(self):
+        """The stream started collectives run on, made to wait for the compute stream's work so far."""
         if self._comm_stream is None:
             self._comm_stream = self.cp.cuda.Stream(non_blocking=True)
         self._comm_stream.wait_event(self._stream().record())
-        nccl_op, scale = self._reduce_op(op)
-        dtype = self._dtype(buf, "all_reduce_start")
-        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, dtype, nccl_op, self._comm_stream.ptr)
-        return buf, scale
+        return self._comm_stream
+
+    def all_gather_start(self, send_shard, recv_flat):
+        """The same all-gather on the communication stream, after the compute stream's work so far (which
+        includes the last reads of recv_flat's previous contents); finish() joins."""
+        comm_stream = self._communication_stream()
+        dtype = self._dtype(send_shard, "all_gather_start")
+        self._dtype(recv_flat, "all_gather_start")
+        _check_shards(recv_flat, send_shard, self.world_size, "all_gather_start")
+        self._check_overlap(recv_flat, send_shard, "all_gather_start")
+        self.comm.allGather(send_shard.data.ptr, recv_flat.data.ptr, send_shard.size, dtype, comm_stream.ptr)
+        return recv_flat, False
 
     def finish(self, handles):
         if self._comm_stream is not None:

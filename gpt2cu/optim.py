@@ -1,10 +1,9 @@
 """AdamW: its hyper-parameters, the float32 reference update, gradient clipping, and the optimizer a
-trainer steps, which owns its communicator and ZeRO stage: it reduces the gradients (all-reduce in
-per-layer buckets, or reduce-scatter into its shard), clips them, updates its shard of the parameters and
-gathers them back.
+trainer steps, which owns its communicator and ZeRO stage: it has the model's storage (zero.py) reduce
+the gradients, clips them, updates its shard of the parameters and has them gathered back.
 
 The CUDA backend's AdamW kernel and the numpy backend are both tested against `adamw_reference`; every
-rank derives its shard from sharding.zero_shards alone.
+rank derives its shard from sharding's ranges alone.
 """
 from __future__ import annotations
 
@@ -12,9 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .sharding import gradient_buckets, shard_segments, zero_shards
-
-ZERO_STAGES = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -40,11 +36,6 @@ class AdamWConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-
-
-def padded_size(layout, world_size: int, zero_stage: int) -> int:
-    """The length of the model's flat parameter and gradient buffers for this ZeRO stage and world size."""
-    return zero_shards(layout, world_size if zero_stage >= 1 else 1).padded_size
 
 
 def clip_scale(norm: float, max_norm: float) -> float:
@@ -79,101 +70,78 @@ def adamw_reference(params, grads, m, v, step: int, cfg: AdamWConfig, lr: float,
 
 
 class AdamW:
-    """AdamW over this rank's shard of the flat buffers, on any backend: fp32 moments, fp32 master weights
-    when the backend stores bf16 parameters, one update launch per tensor segment so weight decay follows
-    the layout. ZeRO-0: every rank holds the whole optimizer state and all-reduces the gradients; ZeRO-1:
-    the gradients are reduce-scattered into this rank's shard and the updated shard is all-gathered back
-    into every rank's parameters."""
+    """AdamW over this rank's shard of the model's parameters, on any backend: fp32 moments, fp32 master
+    weights when the backend stores bf16 parameters, one update launch per tensor segment so weight decay
+    follows the layout. Which shard, and how gradients are reduced and parameters gathered, is the ZeRO
+    stage of the model's storage (zero.py): ZeRO-0 all-reduces and updates everything on every rank,
+    ZeRO-1 shards the update, ZeRO-2 the gradients as well (reduced during the backward), ZeRO-3 the
+    parameters too."""
 
     def __init__(self, backend, model, comm, cfg: AdamWConfig, zero_stage: int = 0, master_weights: bool = True,
                  graphs: bool = True, initial_params: np.ndarray | None = None):
-        """model's flat buffers must have padded_size(model.layout, comm.world_size, zero_stage) elements.
+        """model.storage must be zero_stage's storage over comm (zero.make_storage).
         initial_params: the fp32 host parameters the model was built from (a fresh init, an fp32 model
         file); the master copy starts from them rather than from their bf16 rounding, as an fp32-weights
         PyTorch run does (measured 4x closer to one over the first 100 steps, docs/perf.md)."""
-        if zero_stage not in ZERO_STAGES:
-            raise ValueError(f"ZeRO stage must be one of {ZERO_STAGES}, got {zero_stage}")
+        storage = model.storage
+        if storage.zero_stage != zero_stage or storage.comm is not comm:
+            raise ValueError(f"the model's storage is ZeRO-{storage.zero_stage} over another communicator; "
+                             f"AdamW was asked for ZeRO-{zero_stage} (build it with zero.make_storage)")
         self.backend, self.model, self.comm, self.cfg, self.zero_stage = backend, model, comm, cfg, zero_stage
-        self.sharded = zero_stage >= 1 and comm.communicates  # NCCL with one rank too: how that path is tested
-        shards = zero_shards(model.layout, comm.world_size if zero_stage >= 1 else 1)
-        if model.params.shape[0] != shards.padded_size:
-            raise ValueError(f"the model's flat buffers have {model.params.shape[0]} elements, ZeRO-{zero_stage} "
-                             f"over {comm.world_size} ranks needs {shards.padded_size} (padded_size())")
-        self.start, self.end = shards.range(comm.rank if zero_stage >= 1 else 0)
-        n = self.end - self.start
+        self.storage = storage
+        n = storage.shard_size
         self.m = backend.zeros((n,), fp32=True)
         self.v = backend.zeros((n,), fp32=True)
         self.master = None
-        if master_weights and model.params.dtype != np.float32:
-            if initial_params is None:
-                self.master = backend.fp32_copy(model.params[self.start:self.end])
-            else:  # the shard may run past the layout into the zero padding
-                host = np.zeros(n, dtype=np.float32)
-                part = np.asarray(initial_params, dtype=np.float32)[self.start:self.end]
-                host[:part.size] = part
-                self.master = backend.from_numpy(host)
-        self.segments = shard_segments(model.layout, self.start, self.end)
+        if master_weights and storage.update_params.dtype != np.float32:
+            host = initial_params if initial_params is not None else model.host_params()
+            self.master = backend.from_numpy(storage.host_shard(host))  # the shard may run into the padding
         # each tensor's stochastic rounding gets its own dither: the salt is its index in the layout
-        self.salts = [model.layout.names.index(seg.name) for seg in self.segments]
+        self.salts = [model.layout.names.index(seg.name) for seg in storage.segments]
         # one launch per segment every step: captured once as a CUDA graph (the scalars live on the device)
         self._update = backend.graphed(self._update_segments, enabled=graphs)
-        self.buckets = gradient_buckets(model.layout, model.cfg.n_layer)
-        self._pending, self._started = [], set()  # all-reduces started during the backward (ZeRO-0)
 
     @property
     def overlaps_backward(self) -> bool:
         """Whether layer_done can start gradient reductions inside the backward (ZeRO-0, several ranks)."""
-        return self.comm.communicates and self.zero_stage == 0
+        return self.storage.overlaps_backward
 
     def layer_done(self, layer: int):
         """For model.backward(layer_done=...) on the last micro-step under ZeRO-0: starts the all-reduce of
         a layer's gradients as soon as they are complete, overlapping the rest of the backward."""
-        self._pending += self._start_bucket(self.model.cfg.n_layer - 1 - layer)
-
-    def _start_bucket(self, bucket):
-        self._started.add(bucket)
-        g = self.model.grads
-        return [self.comm.all_reduce_start(g[b:e], op="avg") for b, e in self.buckets[bucket]]
+        self.storage.layer_done(layer)
 
     def reduce_gradients(self) -> float:
-        """Averages the gradients over ranks (all of them, or into this rank's shard under ZeRO-1) and
-        returns the global gradient norm."""
-        comm, grads, shard = self.comm, self.model.grads, self.model.grads[self.start:self.end]
-        if comm.communicates:
-            if self.sharded:
-                comm.reduce_scatter(grads, shard, op="avg")
-            else:  # bucket by bucket, whether or not the backward already started some
-                for bucket in range(len(self.buckets)):
-                    if bucket not in self._started:
-                        self._pending += self._start_bucket(bucket)
-                comm.finish(self._pending)
-                self._pending, self._started = [], set()
-        norm_squared = self.backend.global_norm_squared(shard)
-        if self.sharded:
-            comm.all_reduce(norm_squared, op="sum")
+        """Averages the gradients over ranks (what the backward has not reduced yet) and returns the
+        global gradient norm."""
+        storage = self.storage
+        storage.reduce_gradients()
+        norm_squared = self.backend.global_norm_squared(storage.grad_shard)
+        if storage.sharded:
+            self.comm.all_reduce(norm_squared, op="sum")
         return float(np.sqrt(self.backend.to_numpy(norm_squared)[0]))
 
     def step(self, lr: float, t: int, norm: float, seed: int):
         """Update number t (from 1) with learning rate lr, the gradients clipped from their global norm
-        `norm` to cfg.grad_clip; then, under ZeRO-1, every rank's parameters gathered."""
+        `norm` to cfg.grad_clip; then every rank's parameters gathered as its ZeRO stage needs."""
         c = self.cfg
         self._update(self.backend.adamw_scalars(lr, t, clip_scale(norm, c.grad_clip), seed, c.beta1, c.beta2))
         self.gather_params()
 
     def _update_segments(self, scalars):
-        c, b = self.cfg, self.backend
-        p, g = self.model.params, self.model.grads
-        for seg, salt in zip(self.segments, self.salts):
-            lo, hi = seg.begin - self.start, seg.end - self.start
+        c, b, storage = self.cfg, self.backend, self.storage
+        p, g = storage.update_params, storage.update_grads
+        for seg, salt in zip(storage.segments, self.salts):
+            lo, hi = seg.state_at, seg.state_at + seg.length
             master = self.master[lo:hi] if self.master is not None else None
-            b.adamw_update(p[seg.begin:seg.end], master, g[seg.begin:seg.end], self.m[lo:hi], self.v[lo:hi],
-                           scalars, c.beta1, c.beta2, c.eps, c.weight_decay if seg.decay else 0.0, salt)
+            b.adamw_update(p[seg.param_at:seg.param_at + seg.length], master, g[seg.grad_at:seg.grad_at + seg.length],
+                           self.m[lo:hi], self.v[lo:hi], scalars, c.beta1, c.beta2, c.eps,
+                           c.weight_decay if seg.decay else 0.0, salt)
 
     def gather_params(self):
-        """Every rank's parameters from the shards (ZeRO-1; nothing to do otherwise). A skipped update
-        gathers too, so every rank always holds the same parameters."""
-        if self.sharded:
-            self.comm.all_gather(self.model.params[self.start:self.end], self.model.params)
+        """Every rank's parameters made current after an update (a skipped one too, so every rank always
+        holds the same parameters)."""
+        self.storage.gather_params()
 
     def state_arrays(self) -> dict:
         arrays = {"m": self.m, "v": self.v}
@@ -192,6 +160,10 @@ class AdamW:
             if host.shape != dev.shape:
                 raise ValueError(f"optimizer state {name!r} has {host.size} elements, this shard needs {dev.size}")
             self.backend.from_numpy(host, out=dev)
-        if self.master is None and "master" in host_arrays and self.model.params.dtype == np.float32:
+        params = self.storage.update_params
+        if self.master is None and "master" in host_arrays and params.dtype == np.float32:
             # fp32 parameters are their own master weights: take the checkpoint's exact values
-            self.backend.from_numpy(host_arrays["master"], out=self.model.params[self.start:self.end])
+            master = host_arrays["master"]
+            for seg in self.storage.segments:
+                self.backend.from_numpy(master[seg.state_at:seg.state_at + seg.length],
+                                        out=params[seg.param_at:seg.param_at + seg.length])

@@ -17,10 +17,13 @@ from . import checkpoint, export
 from .data import DataLoader, RepeatedBatch
 from .dist import Watchdog
 from .extras import MissingExtra
+from .memory import plan, table
 from .models import config_from_descriptor, family_of
+from .models.gpt2 import RECOMPUTE_LEVELS
 from .optim import AdamWConfig
 from .schedules import LR_SCHEDULES
 from .trainer import TrainConfig, Trainer
+from .zero import ZERO_STAGES
 
 # per-backend defaults for flags left unset: the numpy backend gets a model that trains in minutes on a CPU
 BACKEND_DEFAULTS = {
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("-i", dest="train_data", default=None, help="train shards glob (default: the embedded corpus)")
     a("-j", dest="val_data", default=None, help="val shards glob (default: the embedded corpus)")
-    a("-e", dest="model", default=None, help="dN descriptor (d12 = GPT-2 124M) or an llm.c model file")
+    a("-e", dest="model", default=None,
+      help="dN descriptor (d12 = GPT-2 124M), gpt3:SIZE (gpt3:125M .. gpt3:175B) or an llm.c model file")
     a("-o", dest="output_dir", default=None, help="directory for main.log and checkpoints")
     a("-b", dest="batch_size", type=int, default=None, help="per-rank micro-batch size B")
     a("-t", dest="seq_len", type=int, default=None, help="sequence length T")
@@ -63,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("-nk", dest="checkpoints_keep", type=int, default=0, help="keep only the newest K checkpoints (0: all)")
     a("-nm", dest="major_checkpoint_every", type=int, default=0, help="never prune steps divisible by N")
     a("-y", dest="resume", type=int, default=0, choices=(0, 1), help="1: resume from the newest checkpoint in -o")
-    a("-r", dest="recompute", type=int, default=1, choices=(0, 1, 2), help="0 none, 1 GeLU, 2 GeLU + layernorm")
-    a("-z", dest="zero_stage", type=int, default=0, choices=(0, 1), help="1: ZeRO-1 optimizer sharding")
+    a("-r", dest="recompute", type=int, default=1, choices=RECOMPUTE_LEVELS,
+      help="0 none, 1 GeLU, 2 GeLU + layernorm, 3 whole blocks (each keeps only its input)")
+    a("-z", dest="zero_stage", type=int, default=0, choices=ZERO_STAGES,
+      help="ZeRO stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters")
     a("-sl", dest="skip_loss_z", type=float, default=0.0, help="skip update when loss z-score exceeds this")
     a("-sg", dest="skip_norm_z", type=float, default=0.0, help="skip update when grad-norm z-score exceeds this")
     a("-h", dest="hellaswag", type=int, default=0, choices=(0, 1), help="1: HellaSwag eval every -v steps")
@@ -109,7 +115,8 @@ def parse_args(argv=None):
     if args.resume and not args.output_dir:
         parser.error("-y 1 needs -o DIR to resume from")
     if args.overlap_comm and args.zero_stage:
-        parser.error("--overlap-comm needs -z 0 (ZeRO-1 reduce-scatters the whole buffer after the backward)")
+        parser.error("--overlap-comm needs -z 0 (ZeRO-1 reduce-scatters the whole buffer after the backward; "
+                     "ZeRO-2 and -3 always reduce each layer inside the backward)")
     return args, parser
 
 
@@ -232,8 +239,8 @@ def build_run(args, parser, backend, comm) -> Run:
                           RepeatedBatch(loader) if args.overfit_batch else loader)
     except MemoryError as e:
         message = str(e) if "allocating" in str(e) else (
-            f"out of memory allocating the optimizer state: {str(e).rstrip('.')}. Try -z 1 (ZeRO-1) on several "
-            f"GPUs or -w 0")
+            f"out of memory allocating the optimizer state: {str(e).rstrip('.')}. Try -z 1 or higher on several "
+            f"GPUs (python -m gpt2cu.plan says how many), or -w 0")
         parser.exit(1, f"{parser.prog}: error: {message}\n")
     backend.synchronize()
     return Run(trainer, val_loader, train_data, val_data)
@@ -265,7 +272,9 @@ def train(run: Run, args, comm) -> int:
             acc = evaluate_hellaswag(t.model, backend, read_eval_file(args.hellaswag_file), comm)
             say(f"step {step:5d} | HellaSwag acc_norm {acc:.4f}")
             logger.log(step, "eval", acc)
-        if rank == 0 and args.sample_every and ((step > 0 and step % args.sample_every == 0) or step == max_steps):
+        # under ZeRO-3 every rank samples: the forward's parameter gathers are collectives
+        samples_here = rank == 0 or t.config.zero_stage == 3
+        if samples_here and args.sample_every and ((step > 0 and step % args.sample_every == 0) or step == max_steps):
             from .sample import generate
             from .tokenizer import EOT, decode
             say(f"step {step:5d} | sample: {decode(generate(t.model, backend, [EOT], args.gen_tokens, seed=1337 + step))!r}")
@@ -286,14 +295,15 @@ def train(run: Run, args, comm) -> int:
 
 def report_start(t: Trainer, args, run: Run, say):
     cfg, c = t.cfg, t.config
-    mem = t.backend.memory_report(t.model, t.optimizer)
+    mem = plan(cfg, c.batch_size, c.seq_len, t.comm.world_size, c.zero_stage, c.recompute, t.backend.name,
+               c.master_weights)
     say(f"gpt2cu | backend {t.backend.name} | {t.backend.device_name()} | ranks {t.comm.world_size} | "
         f"ZeRO-{c.zero_stage}")
     say(f"model {args.model}: L={cfg.n_layer} H={cfg.n_head} C={cfg.n_embd} params {cfg.num_parameters():,}")
     say(f"B={c.batch_size} T={c.seq_len} total batch {t.tokens_per_step} tokens, grad accum {c.grad_accum}, "
         f"steps {c.max_steps}, recompute {c.recompute}")
     say(f"train {run.train_data} ({t.loader.num_tokens:,} tokens); val {run.val_data}")
-    say("memory: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in mem.items()))
+    say("memory per rank (python -m gpt2cu.plan prints the same without a GPU):\n" + table(mem))
 
 
 def progress_line(r, t: Trainer, step_times, max_steps) -> str:

@@ -20,9 +20,10 @@ import numpy as np
 
 from . import checkpoint
 from .models import family_of
-from .optim import AdamW, AdamWConfig, padded_size
+from .optim import AdamW, AdamWConfig
 from .outliers import OutlierDetector
 from .schedules import LR_SCHEDULES, get_lr
+from .zero import make_storage
 
 
 @dataclass(frozen=True)
@@ -80,16 +81,23 @@ class Trainer:
         comm.use_stream(backend.stream)  # NCCL collectives queue behind the backend's work
         self.family = family_of(model_cfg)
         B, T = config.batch_size, config.seq_len
-        layout = self.family.param_layout(model_cfg)
+        storage = make_storage(config.zero_stage, backend, self.family.param_layout(model_cfg), model_cfg.n_layer,
+                               comm)
         self.model = self.family.Model(model_cfg, backend, B, T, init_params, recompute=config.recompute,
-                                       padded_size=padded_size(layout, comm.world_size, config.zero_stage))
+                                       storage=storage)
         self.optimizer = AdamW(backend, self.model, comm, config.adamw, zero_stage=config.zero_stage,
                                master_weights=config.master_weights, graphs=config.graphs,
                                initial_params=init_params)
         self.step_count = 0
         self.tokens_per_step = B * T * config.grad_accum * comm.world_size
         self._dloss = 1.0 / (B * T * config.grad_accum)  # llm.c: every position of the step counts once
-        self._micro_step = backend.graphed(self._forward_backward, enabled=config.graphs)
+        # ZeRO-2/3 collectives run inside the micro-step, between kernels on two streams: not captured
+        # (docs/architecture.md, "ZeRO-2 and ZeRO-3"); the update stays a graph
+        graph_micro_steps = config.graphs and not storage.collectives_in_backward
+        if config.graphs and not graph_micro_steps and backend.stream is not None and comm.rank == 0:
+            print(f"ZeRO-{config.zero_stage}: the micro-steps run without CUDA graphs (their collectives are "
+                  f"not captured); the AdamW update is still a graph", flush=True)
+        self._micro_step = backend.graphed(self._forward_backward, enabled=graph_micro_steps)
         self._overlap = config.overlap_comm and self.optimizer.overlaps_backward
         self._loss_outliers, self._norm_outliers = OutlierDetector(), OutlierDetector()
         self._prefetched = None
@@ -167,7 +175,7 @@ class Trainer:
         backend, comm = self.backend, self.comm
         arrays = {name: backend.to_numpy(a) for name, a in self.optimizer.state_arrays().items()}
         state = checkpoint.TrainingState(self.config.zero_stage, arrays, {"train_loader": self._loader_state})
-        params = self.model.host_params() if comm.rank == 0 else None
+        params = self.model.host_params()  # every rank: a collective under ZeRO-3
         checkpoint.save_checkpoint(
             out_dir, self.step_count, comm.rank, comm.world_size,
             lambda path: checkpoint.write_model(path, self.cfg, params, dtype=backend.checkpoint_dtype),

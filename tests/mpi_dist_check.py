@@ -58,6 +58,11 @@ def check_collectives(comm):
     comm.all_gather(recv, gathered)
     np.testing.assert_allclose(gathered, reduced, rtol=RTOL, atol=ATOL)
 
+    # started (ZeRO-3's layer prefetch): the same gather once finish() returns
+    gathered_later = np.empty(n, np.float32)
+    comm.finish([comm.all_gather_start(recv, gathered_later)])
+    np.testing.assert_array_equal(gathered_later, gathered)
+
     # ZeRO-1's in-place pattern: gradients reduced into this rank's slot, parameters gathered from it
     grads = everyone[rank].copy()
     mine = grads[rank * shard:(rank + 1) * shard]

@@ -633,7 +633,7 @@ def micro_steps(cuda_backend):
     return MicroSteps(cuda_backend)
 
 
-@pytest.mark.parametrize("recompute", [0, 1, 2])
+@pytest.mark.parametrize("recompute", [0, 1, 2, 3])
 def test_model_matches_numpy(micro_steps, recompute):
     """GPT on CudaBackend against NumpyBackend (fp32): mean loss within 1e-2, logits, losses, dlogits and
     every gradient tensor within MODEL_REL."""
@@ -645,7 +645,7 @@ def test_model_matches_numpy(micro_steps, recompute):
         case.check(name, got[name].astype(np.float64), ref[name].astype(np.float64), MODEL_REL)
 
 
-@pytest.mark.parametrize("recompute", [0, 1, 2])
+@pytest.mark.parametrize("recompute", [0, 1, 2, 3])
 def test_model_step_is_deterministic(micro_steps, recompute):
     """The same micro-step on a second model instance reproduces every output to the bit."""
     first, second = micro_steps("cuda", recompute), micro_steps("cuda", recompute, repeat=1)
@@ -653,13 +653,14 @@ def test_model_step_is_deterministic(micro_steps, recompute):
         micro_steps.case.same_bits(f"{name} (second run)", second[name], first[name])
 
 
-@pytest.mark.parametrize("recompute", [1, 2])
+@pytest.mark.parametrize("recompute", [1, 2, 3])
 def test_model_recompute(micro_steps, recompute):
     """Recompute changes where GeLU/layernorm outputs live, not the forward's kernels or inputs: logits,
     losses and dlogits are bit-identical to recompute 0. The gradients agree within CHAIN_REL, but need
     not to the bit: the backward recomputes the GeLU with gelu.cu from the stored bf16 pre-activation,
     where the forward took cuBLASLt's GELU_AUX epilogue of the fp32 one, and (recompute 2) the layernorm
-    with layernorm_forward, where the forward ran the fused residual kernel."""
+    with layernorm_forward, where the forward ran the fused residual kernel (recompute 3 runs the block's
+    first layernorm that way too; the rest of the block with the forward's own kernels)."""
     case = micro_steps.case
     base, got = micro_steps("cuda", 0), micro_steps("cuda", recompute)
     for name in ("logits", "losses", "dlogits"):

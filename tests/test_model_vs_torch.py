@@ -94,9 +94,10 @@ class Float64Backend(NumpyBackend):
     def zeros(self, shape, fp32=False, param=False):
         return np.zeros(shape, dtype=np.float64)
 
-    def upload_params(self, host_fp32, n):
-        out = np.zeros(n, dtype=np.float64)
+    def upload_params(self, host_fp32, n, out=None):
+        out = np.zeros(n, dtype=np.float64) if out is None else out
         out[:host_fp32.size] = host_fp32
+        out[host_fp32.size:] = 0
         return out
 
 

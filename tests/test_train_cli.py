@@ -206,7 +206,7 @@ def test_out_of_memory_message_ends_its_sentence_once():
     from gpt2cu.models.gpt2 import GPT, init_params
 
     class FullDevice:  # what CuPy raises, message ending in a period
-        def upload_params(self, host, n, out=None):
+        def zeros(self, shape, fp32=False, param=False):
             raise MemoryError("Out of memory allocating 1,024 bytes (allocated so far: 0 bytes).")
     cfg = GPTConfig(n_layer=1, n_head=1, n_embd=8, max_seq_len=8, vocab_size=16, padded_vocab_size=16)
     with pytest.raises(MemoryError) as info:

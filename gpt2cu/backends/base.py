@@ -110,13 +110,6 @@ class Backend(ABC):
     @abstractmethod
     def peak_memory(self) -> int: ...
 
-    def memory_report(self, model, optimizer) -> dict:
-        """Bytes per group of buffers, for the start-up line."""
-        size = lambda arrays: sum(a.nbytes for a in arrays if a is not None)
-        return {"parameters": model.params.nbytes, "gradients": model.grads.nbytes,
-                "optimizer (master, m, v)": size(optimizer.state_arrays().values()),
-                "activations": size(model.acts.values())}
-
     # ---- ops (contracts: docs/architecture.md) --------------------------------------------------------
     @abstractmethod
     def zero_(self, a): ...

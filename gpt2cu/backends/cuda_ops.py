@@ -252,9 +252,6 @@ class CudaBackend(Backend):
     def peak_memory(self) -> int:
         return max(self._peak_pool, cp.get_default_memory_pool().total_bytes())
 
-    def memory_report(self, model, optimizer) -> dict:
-        return {**super().memory_report(model, optimizer), "scratch": self._scratch.nbytes}
-
     # ---- ops ------------------------------------------------------------------------------------
     def zero_(self, a):
         cp.cuda.runtime.memsetAsync(ptr(a), 0, a.nbytes, self.stream.ptr)

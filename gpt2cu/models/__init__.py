@@ -4,7 +4,7 @@
     param_layout(cfg)               the parameter table (layout.Layout): file order, decay, per_layer
     activation_layout(cfg, B, T, recompute)
     init_params(cfg, seed)          fresh fp32 flat parameters
-    Model(cfg, backend, B, T, params, recompute=, padded_size=)
+    Model(cfg, backend, B, T, params, recompute=, storage=)   (storage: zero.make_storage)
         forward(batch, dloss), backward(batch, layer_done=None), zero_grad(), load_params(host),
         host_params(), forward_schedule(acts, attend, tokens, position_rows) (the KV-cache decoder
         runs it), params / grads / acts / layout / cfg / B / T
@@ -18,6 +18,8 @@ from . import gpt2
 
 # descriptor prefix -> family module ("d12" has no prefix: GPT-2, as llm.c names it)
 DESCRIPTORS = {"": gpt2}
+# prefixes that name shapes of an existing family: "gpt3:175B" is a GPT-2-family config (gpt2.GPT3_SIZES)
+SHAPE_PREFIXES = {"gpt3": gpt2.GPTConfig.from_gpt3}
 
 
 def family_of(cfg):
@@ -29,9 +31,11 @@ def family_of(cfg):
 
 
 def config_from_descriptor(desc: str):
-    """'d12' -> GPT-2 124M's config; 'family:spec' -> that family's reading of spec."""
+    """'d12' -> GPT-2 124M's config; 'gpt3:175B' -> a GPT-3 shape; 'family:spec' -> that family's reading of spec."""
     prefix, _, spec = desc.rpartition(":")
+    if prefix in SHAPE_PREFIXES:
+        return SHAPE_PREFIXES[prefix](spec)
     if prefix not in DESCRIPTORS:
-        known = ", ".join(p + ":" for p in DESCRIPTORS if p)
+        known = ", ".join(p + ":" for p in [*DESCRIPTORS, *SHAPE_PREFIXES] if p)
         raise ValueError(f"unknown model family {prefix!r} in {desc!r}" + (f" (known: {known})" if known else ""))
     return DESCRIPTORS[prefix].Config.from_descriptor(spec)

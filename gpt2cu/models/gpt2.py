@@ -4,10 +4,14 @@ forward and backward schedule, written once over a backend's ops.
 The schedule is llm.c's: pre-LN blocks whose residual adds are fused into the next layernorm, the
 GeLU fused into the MLP's first matmul (and its derivative into the second one's backward), the LM
 head tied to wte, and a classifier that turns the logits into dlogits in place. Each op's contract is
-in docs/architecture.md; `recompute` trades GeLU (1) and layernorm (2) outputs for a second compute.
+in docs/architecture.md; `recompute` trades GeLU (1), layernorm (2) outputs, or every block's
+activations but its input (3: the block's forward runs again inside its backward) for a second compute.
+Parameters and gradients live in a storage (zero.py) that decides their ZeRO stage; the schedule calls its
+gather and reduce hooks around each layer.
 
 `-e` accepts llm.c's descriptors: "d12" (GPT-2 124M), "d24", "d36", "d48", any "dN" (channels = 64 * N,
-heads = N, rounded to llm.c's table for the named sizes), or a model file whose header carries the shape.
+heads = N, rounded to llm.c's table for the named sizes), or a model file whose header carries the shape;
+and, through the `gpt3:` prefix (models/__init__.py), the GPT-3 paper's sizes.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dist import SingleProcess
 from ..layout import Layout, build_layout
+from ..zero import FlatStorage, allocate
 
 GPT2_VOCAB = 50257
 GPT2_PADDED_VOCAB = 50304  # next multiple of 128: keeps the LM-head GEMM well tiled
@@ -25,6 +31,14 @@ GPT2_EOT = 50256
 # llm.c's named depths (the GPT-2 family): depth -> (channels, heads)
 _NAMED = {6: (384, 6), 12: (768, 12), 24: (1024, 16), 36: (1280, 20), 48: (1600, 25), 60: (1920, 30),
           72: (2880, 30), 84: (3456, 36)}
+
+# the GPT-3 paper's Table 2.1: name -> (n_layer, d_model, n_heads); d_head = d_model / n_heads, T = 2048.
+# 13B: the table's d_model 5140 is not its 40 heads x d_head 128; 5120 is. Dense attention in every
+# layer: the paper's alternating locally banded sparse layers are not modelled. The CUDA attention
+# kernels take d_head 64 or 128, so 760M (96) and 2.7B (80) run on the numpy backend and the planner only.
+GPT3_SIZES = {"125M": (12, 768, 12), "350M": (24, 1024, 16), "760M": (24, 1536, 16), "1.3B": (24, 2048, 32),
+              "2.7B": (32, 2560, 32), "6.7B": (32, 4096, 32), "13B": (40, 5120, 40), "175B": (96, 12288, 96)}
+GPT3_SEQ_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,14 @@ class GPTConfig:
             raise ValueError(f"model depth must be >= 1, got {desc!r}")
         channels, heads = _NAMED.get(depth, (64 * depth, depth))
         return cls(n_layer=depth, n_head=heads, n_embd=channels, **overrides)
+
+    @classmethod
+    def from_gpt3(cls, size: str) -> "GPTConfig":
+        """'175B' -> the GPT-3 paper's 175B shape, on GPT-2's vocabulary (as the paper's BPE)."""
+        if size not in GPT3_SIZES:
+            raise ValueError(f"unknown GPT-3 size {size!r}: expected one of {', '.join(GPT3_SIZES)}")
+        n_layer, channels, heads = GPT3_SIZES[size]
+        return cls(n_layer=n_layer, n_head=heads, n_embd=channels, max_seq_len=GPT3_SEQ_LEN)
 
     def num_parameters(self) -> int:
         return param_layout(self).total
@@ -100,33 +122,38 @@ FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "l
                               "att_lse", "losses"})
 
 
+RECOMPUTE_LEVELS = (0, 1, 2, 3)
+
+
 def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Layout:
     """Forward activations kept for the backward pass, plus the backward's scratch buffers.
 
     recompute 0: keep everything; 1: GeLU outputs are recomputed in the backward (one shared buffer);
     2: also the layernorm outputs (one shared buffer each; the backward recomputes them from the
-    residual stream and the saved mean/rstd).
+    residual stream and the saved mean/rstd); 3: every block keeps only its input (the residual
+    stream), and the backward runs the block's forward again into one block's buffers.
     """
-    if recompute not in (0, 1, 2):
-        raise ValueError(f"recompute must be 0, 1 or 2, got {recompute}")
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute}")
     L, C, H, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size
     gelu_layers = 1 if recompute >= 1 else L
     ln_layers = 1 if recompute >= 2 else L
+    block_layers = 1 if recompute >= 3 else L
     return build_layout([
         ("encoded", (B, T, C)),
         ("ln1", (ln_layers, B, T, C)),
-        ("ln1_mean", (L, B, T)),
-        ("ln1_rstd", (L, B, T)),
-        ("qkv", (L, B, T, 3 * C)),
-        ("atty", (L, B, T, C)),
-        ("att_lse", (L, B, H, T)),
-        ("residual2", (L, B, T, C)),
+        ("ln1_mean", (block_layers, B, T)),
+        ("ln1_rstd", (block_layers, B, T)),
+        ("qkv", (block_layers, B, T, 3 * C)),
+        ("atty", (block_layers, B, T, C)),
+        ("att_lse", (block_layers, B, H, T)),
+        ("residual2", (block_layers, B, T, C)),
         ("ln2", (ln_layers, B, T, C)),
-        ("ln2_mean", (L, B, T)),
-        ("ln2_rstd", (L, B, T)),
-        ("fch", (L, B, T, 4 * C)),
+        ("ln2_mean", (block_layers, B, T)),
+        ("ln2_rstd", (block_layers, B, T)),
+        ("fch", (block_layers, B, T, 4 * C)),
         ("fch_gelu", (gelu_layers, B, T, 4 * C)),
-        ("residual3", (L, B, T, C)),
+        ("residual3", (L, B, T, C)),  # the blocks' outputs: each the next block's input
         ("lnf", (B, T, C)),
         ("lnf_mean", (B, T)),
         ("lnf_rstd", (B, T)),
@@ -162,40 +189,45 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> np.ndarray:
     return flat
 
 
-def _allocate(group: str, make):
-    try:
-        return make()
-    except MemoryError as e:  # CuPy's OutOfMemoryError is a MemoryError
-        raise MemoryError(f"out of memory allocating the {group}: {str(e).rstrip('.')}. Try a smaller -b, "
-                          f"or -r 2 to recompute activations") from e
-
-
 class GPT:
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend."""
 
     def __init__(self, cfg: GPTConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
-                 padded_size: int | None = None):
+                 storage=None):
+        """storage: where parameters and gradients live (zero.make_storage; default: whole flat buffers,
+        ZeRO-0 on one rank); params, the host fp32 values, are loaded into it."""
         if not 1 <= T <= cfg.max_seq_len:
             raise ValueError(f"sequence length {T} must be in [1, {cfg.max_seq_len}] for this model")
         self.cfg, self.ops, self.B, self.T, self.recompute = cfg, backend, B, T, recompute
         self.layout = param_layout(cfg)
-        # the flat buffers may be longer than the layout (ZeRO shards are padded to align)
-        n = padded_size or self.layout.total
-        self.params = _allocate("parameters", lambda: backend.upload_params(params, n))
-        self.grads = _allocate("gradients", lambda: backend.zeros((n,), param=True))
-        self.p = self.layout.views(self.params[:self.layout.total])
-        self.g = self.layout.views(self.grads[:self.layout.total])
-        self.acts = _allocate("activations", lambda: {
+        if storage is None:
+            storage = FlatStorage(backend, self.layout, cfg.n_layer, SingleProcess())
+        self.storage = storage
+        storage.load_params(params)
+        # p[name] / g[name]: a tensor, or for per-layer tensors anything indexed by layer
+        self.p, self.g = storage.p, storage.g
+        self.acts = allocate("activations", lambda: {
             t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
             for t in activation_layout(cfg, B, T, recompute).tensors})
 
+    @property
+    def params(self):
+        """The parameter buffer this rank holds (the whole model, or its shard under ZeRO-3)."""
+        return self.storage.params
+
+    @property
+    def grads(self):
+        """The gradient buffer this rank holds (the whole model, or its shard under ZeRO-2 and -3)."""
+        return self.storage.grads
+
     def load_params(self, host_params: np.ndarray):
         """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
-        self.ops.upload_params(host_params, self.params.shape[0], out=self.params)
+        self.storage.load_params(host_params)
 
     def host_params(self) -> np.ndarray:
-        """The parameters as a host fp32 flat buffer of the layout's size."""
-        return self.ops.to_numpy(self.params[:self.layout.total])
+        """The parameters as a host fp32 flat buffer of the layout's size (under ZeRO-3 a collective:
+        every rank must call it)."""
+        return self.storage.host_params()
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch, dloss: float = 0.0):
@@ -253,23 +285,21 @@ class GPT:
         attend(l, block) fills block["atty"] (and block["att_lse"]) from block["qkv"]. The full forward
         passes its activation tables; the KV-cache decoder (kv_cache.py) one-row buffers and attention
         over its cache, so the block schedule is written only here."""
-        ops, p, L = self.ops, self.p, self.cfg.n_layer
+        ops, p, L, storage = self.ops, self.p, self.cfg.n_layer, self.storage
         top = acts(None)
+        storage.gather_top()
         ops.encoder_forward(top["encoded"], tokens, p["wte"], wpe_rows)
         first = acts(0)
+        storage.gather_layer(0, prefetch=1)
         ops.layernorm_forward(first["ln1"], first["ln1_mean"], first["ln1_rstd"], top["encoded"],
                               p["ln1w"][0], p["ln1b"][0])
         for l in range(L):
             a = acts(l)
             residual_in = top["encoded"] if l == 0 else acts(l - 1)["residual3"]
-            ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l], p["qkvb"][l])
-            attend(l, a)
-            ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l], p["attprojb"][l])
-            ops.fused_residual_layernorm_forward(a["residual2"], a["ln2"], a["ln2_mean"], a["ln2_rstd"],
-                                                 residual_in, a["scratch"], p["ln2w"][l], p["ln2b"][l])
-            ops.matmul_forward(a["fch_gelu"], a["ln2"], p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"])
+            self.block_forward_to_mlp(l, a, residual_in, attend)
             ops.matmul_forward(a["scratch"], a["fch_gelu"], p["fcprojw"][l], p["fcprojb"][l])
             if l + 1 < L:  # the next block's first layernorm
+                storage.gather_layer(l + 1, prefetch=l + 2)
                 nxt = acts(l + 1)
                 norm = (nxt["ln1"], nxt["ln1_mean"], nxt["ln1_rstd"], p["ln1w"][l + 1], p["ln1b"][l + 1])
             else:  # the final layernorm
@@ -279,6 +309,17 @@ class GPT:
             ops.fused_residual_layernorm_forward(a["residual3"], out, mean, rstd, a["residual2"], a["scratch"],
                                                  weight, bias)
 
+    def block_forward_to_mlp(self, l, a, residual_in, attend):
+        """Block l's forward from its first layernorm's output to the MLP's GeLU: everything its backward
+        reads (the MLP's second matmul and the residual add feed only the next block)."""
+        ops, p = self.ops, self.p
+        ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l], p["qkvb"][l])
+        attend(l, a)
+        ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l], p["attprojb"][l])
+        ops.fused_residual_layernorm_forward(a["residual2"], a["ln2"], a["ln2_mean"], a["ln2_rstd"],
+                                             residual_in, a["scratch"], p["ln2w"][l], p["ln2b"][l])
+        ops.matmul_forward(a["fch_gelu"], a["ln2"], p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"])
+
     def block_acts(self, l):
         """Block l's activation buffers (or, for None, those outside the blocks) in this model's tables;
         the GeLU / layernorm outputs live in one shared slot when they are recomputed in the backward."""
@@ -286,10 +327,11 @@ class GPT:
         if l is None:
             return a
         ln = 0 if self.recompute >= 2 else l
-        return {"ln1": a["ln1"][ln], "ln1_mean": a["ln1_mean"][l], "ln1_rstd": a["ln1_rstd"][l],
-                "qkv": a["qkv"][l], "atty": a["atty"][l], "att_lse": a["att_lse"][l],
-                "residual2": a["residual2"][l], "ln2": a["ln2"][ln], "ln2_mean": a["ln2_mean"][l],
-                "ln2_rstd": a["ln2_rstd"][l], "fch": a["fch"][l],
+        blk = 0 if self.recompute >= 3 else l
+        return {"ln1": a["ln1"][ln], "ln1_mean": a["ln1_mean"][blk], "ln1_rstd": a["ln1_rstd"][blk],
+                "qkv": a["qkv"][blk], "atty": a["atty"][blk], "att_lse": a["att_lse"][blk],
+                "residual2": a["residual2"][blk], "ln2": a["ln2"][ln], "ln2_mean": a["ln2_mean"][blk],
+                "ln2_rstd": a["ln2_rstd"][blk], "fch": a["fch"][blk],
                 "fch_gelu": a["fch_gelu"][0 if self.recompute >= 1 else l],
                 "residual3": a["residual3"][l], "scratch": a["btc_scratch"]}
 
@@ -302,6 +344,7 @@ class GPT:
         (which ran the LM head's backward: dwte, and d(lnf) in acts["dbtc"]). layer_done(l), when given,
         is called as soon as layer l's gradients are complete (to start reducing them)."""
         ops, p, g, a, L, H = self.ops, self.p, self.g, self.acts, self.cfg.n_layer, self.cfg.n_head
+        storage = self.storage
         dresidual = a["dresidual"]
         ops.zero_(dresidual)
         ops.layernorm_backward(dresidual, g["lnfw"], g["lnfb"], a["dbtc"], a["residual3"][L - 1], p["lnfw"],
@@ -309,12 +352,17 @@ class GPT:
         for l in reversed(range(L)):
             b = self.block_acts(l)
             residual_in = a["encoded"] if l == 0 else a["residual3"][l - 1]
-            if self.recompute >= 2:
+            storage.gather_layer(l, prefetch=l - 1)
+            if self.recompute >= 3:  # the whole block again, from its input
+                ops.layernorm_forward(b["ln1"], b["ln1_mean"], b["ln1_rstd"], residual_in, p["ln1w"][l],
+                                      p["ln1b"][l])
+                self.block_forward_to_mlp(l, b, residual_in, self.attend)
+            elif self.recompute == 2:
                 ops.layernorm_forward(b["ln1"], b["ln1_mean"], b["ln1_rstd"], residual_in, p["ln1w"][l],
                                       p["ln1b"][l])
                 ops.layernorm_forward(b["ln2"], b["ln2_mean"], b["ln2_rstd"], b["residual2"], p["ln2w"][l],
                                       p["ln2b"][l])
-            if self.recompute >= 1:
+            if self.recompute in (1, 2):
                 ops.gelu_forward(b["fch_gelu"], b["fch"])
             # MLP: dresidual -> fcproj -> (GeLU') -> fc -> ln2
             ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, b["fch_gelu"],
@@ -329,12 +377,14 @@ class GPT:
             ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], b["ln1"], p["qkvw"][l])
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], a["dbtc"], residual_in, p["ln1w"][l],
                                    b["ln1_mean"], b["ln1_rstd"])
+            storage.layer_grads_done(l)
             if layer_done is not None:
                 layer_done(l)
         ops.encoder_backward(g["wte"], g["wpe"][:self.T], dresidual, batch)
+        storage.top_grads_done()
 
     def zero_grad(self):
-        self.ops.zero_(self.grads)
+        self.storage.zero_grad()
 
 
 # the family interface (models/__init__.py)
