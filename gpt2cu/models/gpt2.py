@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats import (HEADER_BYTES, MODEL_FILE, atomic_write, bf16_bits_to_f32, check_file_size, f32_to_bf16_bits,
+                       new_header, read_header)
 from ..layout import Layout, build_layout
 
 GPT2_VOCAB = 50257
@@ -48,6 +50,14 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head  # every query head has its own key/value head
+
+    @property
+    def qkv_width(self) -> int:
+        return 3 * self.n_embd
+
     @classmethod
     def from_descriptor(cls, desc: str, **overrides) -> "GPTConfig":
         """'d12' -> GPT-2 124M; any 'dN' gets 64*N channels and N heads unless llm.c names it."""
@@ -62,6 +72,10 @@ class GPTConfig:
 
     def num_parameters(self) -> int:
         return param_layout(self).total
+
+    def flops_per_token(self, T: int) -> int:
+        """llm.c's 6N + 6LCT: the training FLOPs of one token at sequence length T (attention's included)."""
+        return 6 * self.num_parameters() + 6 * self.n_layer * self.n_embd * T
 
 
 def param_layout(cfg: GPTConfig) -> Layout:
@@ -203,7 +217,7 @@ class GPT:
         dloss != 0 (1/(B*T*grad_accum) in training) the LM head's backward too: dwte += and d(lnf) into
         acts["dbtc"], chunk by chunk, so whole logits are never stored. batch: the backend's
         upload_batch result. logits() gives the logits of an inference forward."""
-        self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.p["wpe"][:self.T])
+        self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.position_rows(0, self.T))
         if batch.targets is not None:
             self.lm_head_loss(batch.targets, dloss)
 
@@ -296,6 +310,22 @@ class GPT:
     def attend(self, l, a):
         self.ops.attention_forward(a["atty"], a["att_lse"], a["qkv"], self.cfg.n_head)
 
+    def position_rows(self, start: int, stop: int):
+        """What the schedule needs of positions start..stop-1: their rows of wpe."""
+        return self.p["wpe"][start:stop]
+
+    def decode_buffers(self):
+        """One-row (B = T = 1) buffers for a decoding step: (outside the blocks, one block's, shared by every
+        block); the decoder supplies qkv (its cache row) and may replace atty."""
+        ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
+        z = lambda *shape, fp32=False: ops.zeros((1, 1) + shape, fp32=fp32)  # noqa: E731
+        ln, mean, rstd, residual3 = z(C), z(fp32=True), z(fp32=True), z(C)
+        top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
+        block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
+                 "ln2_rstd": rstd, "atty": z(C), "att_lse": None, "scratch": z(C), "residual2": z(C),
+                 "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": residual3}
+        return top, block
+
     # ---- backward -------------------------------------------------------------------------------
     def backward(self, batch, layer_done=None):
         """Accumulates into self.grads; needs forward() to have run with dloss != 0 on the same batch
@@ -335,6 +365,43 @@ class GPT:
 
     def zero_grad(self):
         self.ops.zero_(self.grads)
+
+
+# ---- llm.c's model file (formats.py describes it) --------------------------------------------------
+MODEL_VERSION = {dtype: version for version, dtype in MODEL_FILE.versions.items()}  # "fp32" -> 3, "bf16" -> 5
+
+
+def write_model_file(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str) -> None:
+    header = new_header(MODEL_FILE, MODEL_VERSION[dtype], [cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
+                                                           cfg.n_head, cfg.n_embd, cfg.padded_vocab_size])
+    data = f32_to_bf16_bits(params) if dtype == "bf16" else np.ascontiguousarray(params)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(memoryview(data).cast("B"))
+    atomic_write(path, write)
+
+
+def read_model_file_header(path: str, error) -> tuple[GPTConfig, str]:
+    """(GPTConfig, "fp32" | "bf16") of an llm.c model file, after checking its size matches."""
+    header, size = read_header(path, MODEL_FILE, error)
+    max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
+                        vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    except ValueError as e:
+        raise error(f"{path}: bad model shape in header: {e}") from e
+    dtype = MODEL_FILE.versions[int(header[1])]
+    param_bytes = 4 if dtype == "fp32" else 2
+    check_file_size(path, MODEL_FILE, size, HEADER_BYTES + param_layout(cfg).total * param_bytes, error)
+    return cfg, dtype
+
+
+def read_model_file(path: str, error) -> tuple[GPTConfig, np.ndarray]:
+    cfg, dtype = read_model_file_header(path, error)
+    n = param_layout(cfg).total
+    raw = np.fromfile(path, dtype=np.float32 if dtype == "fp32" else np.uint16, count=n, offset=HEADER_BYTES)
+    return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
 
 
 # the family interface (models/__init__.py)
