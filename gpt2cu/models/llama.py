@@ -27,6 +27,12 @@ from .gpt2 import _NAMED, GPT2_PADDED_VOCAB, GPT2_VOCAB, _allocate
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
 
+def float32_value(x: float) -> float:
+    """The shortest decimal of x's float32 rounding (1.3 -> 1.3, not 1.2999999523): llm.c's file stores these
+    fields as float32, and a config must read back equal to the one written."""
+    return float(str(np.float32(x)))
+
+
 def ffn_hidden_size(n_embd: int, ffn_dim_multiplier: float | None, multiple_of: int) -> int:
     """The SwiGLU width as Meta's reference computes it: 2/3 of 4C, times the multiplier, rounded up to a
     multiple of multiple_of (C=4096, 1.3, 1024 -> 14336, Llama 3 8B)."""
@@ -43,7 +49,7 @@ def ffn_shape_for(n_embd: int, hidden: int) -> tuple[float | None, int]:
     if ffn_hidden_size(n_embd, None, 256) == hidden:
         return None, 256
     base = int(2 * (4 * n_embd) / 3)
-    multiplier = None if base <= hidden else float(np.float32(hidden / base))
+    multiplier = None if base <= hidden else float32_value(hidden / base)
     assert ffn_hidden_size(n_embd, multiplier, hidden) == hidden
     return multiplier, hidden
 
@@ -65,6 +71,9 @@ class LlamaConfig:
     tied_embeddings: bool = False  # the LM head is wte (no lm_head tensor)
 
     def __post_init__(self):
+        for name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float32_value(getattr(self, name)))
         if min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.multiple_of, self.max_seq_len) < 1:
             raise ValueError(f"model dimensions must be positive: {self}")
         if self.n_embd % self.n_head:
@@ -392,7 +401,7 @@ def read_model_file_header(path: str, error) -> tuple[LlamaConfig, str]:
     ints, size = read_header(path, MODEL_FILE, error)
     floats = np.fromfile(path, dtype="<f4", count=HEADER_INTS, offset=HEADER_BYTES)
     block_size, V, L, NH, NKV, C, multiple_of, scaled = (int(x) for x in ints[2:10])
-    multiplier, eps, theta = (float(x) for x in floats[:3])
+    multiplier, eps, theta = (float(x) for x in floats[:3])  # LlamaConfig takes them back to short decimals
     try:
         cfg = LlamaConfig(n_layer=L, n_head=NH, n_kv_head=NKV, n_embd=C, ffn_dim_multiplier=multiplier or None,
                           multiple_of=multiple_of, norm_eps=eps, rope_theta=theta, use_scaled_rope=bool(scaled),
