@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .formats import HEADER_BYTES, HEADER_DTYPE, STATE_FILE, atomic_write, check_file_size, fsync_dir, new_header, read_header
+from .formats import (HEADER_BYTES, HEADER_DTYPE, STATE_FILE, atomic_write, check_file_size, fsync_dir, new_header,
+                      read_header)
 from .models import DESCRIPTORS, family_of
 
 STATE_VERSION = 1
