@@ -69,7 +69,7 @@ def micro_step(backend, params, inputs, targets, recompute):
     model = Llama(CFG, backend, B, T, params, recompute=recompute)
     batch = backend.set_batch(inputs, targets)
     model.forward(batch, dloss=1.0 / (B * T))
-    result = {"losses": backend.to_numpy(model.acts["losses"]), "dlogits": backend.to_numpy(model.acts["logits"])}
+    result = {"losses": backend.to_numpy(model.acts["losses"])}
     model.backward(batch)
     result.update({f"grad {name}": backend.to_numpy(view) for name, view in model.g.items()})
     return result
@@ -77,7 +77,7 @@ def micro_step(backend, params, inputs, targets, recompute):
 
 @pytest.mark.parametrize("recompute", [0, 2])
 def test_model_matches_numpy(cuda, recompute):
-    """Llama on CUDA against numpy: mean loss within 1e-2, losses, dlogits and every gradient within
+    """Llama on CUDA against numpy: mean loss within 1e-2, losses and every gradient within
     MODEL_REL; a second CUDA run reproduces every output to the bit."""
     case = Case("llama model")
     params = bf16_bits_to_f32(f32_to_bf16_bits(init_params(CFG, seed=int(case.rng.integers(2 ** 31)))))

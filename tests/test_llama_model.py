@@ -71,7 +71,7 @@ def test_logits_loss_and_gradients_equal_transformers(tmp_path, torch, transform
     backend = NumpyBackend()
     model = Llama(cfg, backend, B, T, params)
     model.forward(backend.set_batch(tokens))
-    logits = model.acts["logits"][..., :cfg.vocab_size].copy()
+    logits = model.logits()[..., :cfg.vocab_size]
     batch = backend.set_batch(tokens, targets)
     model.forward(batch, dloss=1.0 / (B * T))
     loss = float(model.acts["losses"].mean())
@@ -107,7 +107,7 @@ def test_hf_export_round_trip_and_transformers_reads_it(tmp_path, torch, transfo
     model.forward(model.ops.set_batch(tokens))
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
-    assert_close(model.acts["logits"][..., :cfg.vocab_size], theirs, "logits")
+    assert_close(model.logits()[..., :cfg.vocab_size], theirs, "logits")
 
 
 def test_hf_import_refuses_what_it_cannot_compute(tmp_path):
@@ -155,7 +155,7 @@ def test_kv_cache_logits_equal_the_full_forward(attention):
     inputs[0, :12] = seq
     reference.forward(backend.set_batch(inputs))
     for i, got in enumerate(logits):
-        assert_close(got, reference.acts["logits"][0, 3 + i, :cfg.vocab_size], f"position {3 + i}", rel=1e-5)
+        assert_close(got, reference.logits(0, 3 + i)[:cfg.vocab_size], f"position {3 + i}", rel=1e-5)
 
 
 def test_descriptors_scale_like_gpt2():

@@ -221,9 +221,11 @@ class GPT:
         if batch.targets is not None:
             self.lm_head_loss(batch.targets, dloss)
 
+    head = "wte"  # the LM head's weight: tied to the token embedding (LLaMA's may be its own lm_head)
+
     def lm_head(self, out, hidden):
-        """logits = hidden @ wte.T: the LM head, tied to the token embedding."""
-        self.ops.matmul_forward(out, hidden, self.p["wte"])
+        """logits = hidden @ W.T, W = p[self.head]: the LM head (GPT-2's is tied to the token embedding)."""
+        self.ops.matmul_forward(out, hidden, self.p[self.head])
 
     def _lm_head_chunks(self):
         """(rows of lnf, the logits buffer's rows) of each chunk of the LM head."""
@@ -243,7 +245,7 @@ class GPT:
             self.lm_head(logits, lnf[rows])
             ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size)
             if dloss:
-                ops.matmul_backward(dlnf[rows], g["wte"], None, logits, lnf[rows], p["wte"])
+                ops.matmul_backward(dlnf[rows], g[self.head], None, logits, lnf[rows], p[self.head])
 
     def logits(self, row: int | None = None, position: int | None = None) -> np.ndarray:
         """Host float32 logits (all Vp columns) after an inference forward: of every position, (B, T, Vp),

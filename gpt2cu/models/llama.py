@@ -5,7 +5,8 @@ The network is Meta's Llama 3 as transformers' LlamaForCausalLM computes it: tok
 embedding), pre-norm blocks with RMSNorm, attention with RoPE (rotate_half pairing, numpy_llama_ops.py) and
 grouped key/value heads, a SwiGLU MLP, no biases, a final RMSNorm and an untied LM head (tied as an option).
 The schedule mirrors GPT-2's: residual adds fused into the next RMSNorm, RoPE applied in place to the qkv
-matmul's output (the backward rotates dqkv back), the classifier turning logits into dlogits in place.
+matmul's output (the backward rotates dqkv back), and GPT-2's LM head, run chunk by chunk with its loss
+and backward inside the training forward, over lm_head (or wte when tied).
 `recompute` trades SwiGLU (1) and RMSNorm (2) outputs for a second compute, as GPT-2's GeLU and layernorm.
 
 `-e llama:dN`: N layers, channels and query heads as GPT-2's dN, key/value heads the largest divisor of the
@@ -22,7 +23,7 @@ from ..backends.numpy_llama_ops import LLAMA31_SCALING, rope_tables
 from ..formats import (HEADER_BYTES, HEADER_INTS, HeaderFormat, atomic_write, bf16_bits_to_f32, check_file_size,
                        f32_to_bf16_bits, new_header, read_header)
 from ..layout import Layout, build_layout
-from .gpt2 import _NAMED, GPT2_PADDED_VOCAB, GPT2_VOCAB, _allocate
+from .gpt2 import _NAMED, GPT, GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, _allocate
 
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
@@ -165,7 +166,8 @@ def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> L
         ("lnf", (B, T, C)),
         ("lnf_rstd", (B, T)),
         ("losses", (B, T)),
-        ("logits", (B, T, Vp)),  # the classifier overwrites it with dlogits
+        # one chunk of rows of the LM head's logits (the classifier overwrites them with dlogits)
+        ("logits", (min(B * T, LM_HEAD_CHUNK_ROWS), Vp)),
         # backward scratch
         ("dresidual", (B, T, C)),
         ("dbtc", (B, T, C)),
@@ -216,7 +218,7 @@ class Llama:
         cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta,
                                LLAMA31_SCALING if cfg.use_scaled_rope else None)
         self.rope_cos, self.rope_sin = backend.from_numpy(cos), backend.from_numpy(sin)
-        self.head = "wte" if cfg.tied_embeddings else "lm_head"
+        self.head = "wte" if cfg.tied_embeddings else "lm_head"  # the LM head's weight
 
     def load_params(self, host_params: np.ndarray):
         self.ops.upload_params(host_params, self.params.shape[0], out=self.params)
@@ -230,15 +232,19 @@ class Llama:
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch, dloss: float = 0.0):
-        """As GPT.forward: logits, and with targets the losses (and dlogits in place when dloss != 0)."""
+        """As GPT.forward: up to the final RMSNorm; with targets the losses, and with dloss != 0 the LM
+        head's backward (d(lnf) into acts["dbtc"]). logits() gives the logits of an inference forward."""
         self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.position_rows(0, self.T))
         if batch.targets is not None:
-            self.ops.fused_classifier(self.acts["losses"], self.acts["logits"], batch.targets, dloss,
-                                      self.cfg.vocab_size)
+            self.lm_head_loss(batch.targets, dloss)
+
+    # the LM head is GPT-2's, chunk by chunk, over self.head
+    lm_head, _lm_head_chunks, lm_head_loss, logits = GPT.lm_head, GPT._lm_head_chunks, GPT.lm_head_loss, GPT.logits
 
     def forward_schedule(self, acts, attend, tokens, position_rows):
-        """The forward up to the logits over activations wherever the caller keeps them (GPT.forward_schedule
-        describes acts and attend); position_rows: the (cos, sin) rows of the tokens' positions."""
+        """The forward up to the final RMSNorm (lnf) over activations wherever the caller keeps them
+        (GPT.forward_schedule describes acts and attend); position_rows: the (cos, sin) rows of the tokens'
+        positions."""
         ops, p, cfg = self.ops, self.p, self.cfg
         L, NH, NKV, eps = cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.norm_eps
         cos, sin = position_rows
@@ -265,7 +271,6 @@ class Llama:
                 out, rstd, weight = top["lnf"], top["lnf_rstd"], p["lnfw"]
             # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
             ops.fused_residual_rmsnorm_forward(a["residual3"], out, rstd, a["residual2"], a["scratch"], weight, eps)
-        ops.matmul_forward(top["logits"], top["lnf"], p[self.head])
 
     def block_acts(self, l):
         """Block l's activation buffers (None: those outside the blocks); recomputed outputs share one slot."""
@@ -295,14 +300,14 @@ class Llama:
 
     # ---- backward -------------------------------------------------------------------------------
     def backward(self, batch, layer_done=None):
-        """Accumulates into self.grads after forward() with dloss != 0 on the same batch; layer_done(l) is
-        called as soon as layer l's gradients are complete."""
+        """Accumulates into self.grads after forward() with dloss != 0 on the same batch (which ran the LM
+        head's backward: d(lnf) in acts["dbtc"]); layer_done(l) is called as soon as layer l's gradients are
+        complete."""
         ops, p, g, a, cfg = self.ops, self.p, self.g, self.acts, self.cfg
         NH, NKV, eps = cfg.n_head, cfg.n_kv_head, cfg.norm_eps
         cos, sin = self.position_rows(0, self.T)
         dresidual = a["dresidual"]
         ops.zero_(dresidual)
-        ops.matmul_backward(a["dbtc"], g[self.head], None, a["logits"], a["lnf"], p[self.head])
         ops.rmsnorm_backward(dresidual, g["lnfw"], a["dbtc"], a["residual3"][cfg.n_layer - 1], p["lnfw"],
                              a["lnf_rstd"])
         for l in reversed(range(cfg.n_layer)):
