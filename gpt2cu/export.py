@@ -74,19 +74,23 @@ def to_hf_tensors(cfg: GPTConfig, flat: np.ndarray) -> dict:
     return {name: np.ascontiguousarray(a) for name, a in out.items()}
 
 
+def _take(tensors: dict, name: str, shape, source: str) -> np.ndarray:
+    """tensors.pop(name), checked to exist and to have `shape` (the one config.json implies)."""
+    if name not in tensors:
+        raise ValueError(f"{source}: tensor {name} is missing")
+    a = tensors.pop(name)
+    if a.shape != shape:
+        raise ValueError(f"{source}: {name} has shape {a.shape}, config.json implies {shape}")
+    return a
+
+
 def from_hf_tensors(cfg: GPTConfig, tensors: dict, source: str = "") -> np.ndarray:
     """Our flat fp32 params from HF tensors (names with or without the "transformer." prefix)."""
     stripped = {name.removeprefix("transformer."): a for name, a in tensors.items()}
     flat = np.zeros(param_layout(cfg).total, dtype=np.float32)
     views = param_layout(cfg).views(flat)
 
-    def take(name, shape):
-        if name not in stripped:
-            raise ValueError(f"{source}: tensor {name} is missing")
-        a = stripped.pop(name)
-        if a.shape != shape:
-            raise ValueError(f"{source}: {name} has shape {a.shape}, config.json implies {shape}")
-        return a
+    take = lambda name, shape: _take(stripped, name, shape, source)  # noqa: E731
 
     views["wte"][:cfg.vocab_size] = take("wte.weight", (cfg.vocab_size, cfg.n_embd))
     for ours, hf in GLOBAL:
@@ -190,12 +194,7 @@ def llama_from_hf_tensors(cfg: llama.LlamaConfig, tensors: dict, source: str = "
     V, H = cfg.vocab_size, cfg.ffn_hidden
 
     def take(name, target):
-        if name not in remaining:
-            raise ValueError(f"{source}: tensor {name} is missing")
-        a = remaining.pop(name)
-        if a.shape != target.shape:
-            raise ValueError(f"{source}: {name} has shape {a.shape}, config.json implies {target.shape}")
-        target[...] = a
+        target[...] = _take(remaining, name, target.shape, source)
 
     take("model.embed_tokens.weight", views["wte"][:V])
     take("model.norm.weight", views["lnfw"])

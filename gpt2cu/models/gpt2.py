@@ -19,6 +19,7 @@ import numpy as np
 from ..formats import (HEADER_BYTES, MODEL_FILE, atomic_write, bf16_bits_to_f32, check_file_size, f32_to_bf16_bits,
                        new_header, read_header)
 from ..layout import Layout, build_layout
+from .base import FlatModel
 
 GPT2_VOCAB = 50257
 GPT2_PADDED_VOCAB = 50304  # next multiple of 128: keeps the LM-head GEMM well tiled
@@ -176,40 +177,13 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> np.ndarray:
     return flat
 
 
-def _allocate(group: str, make):
-    try:
-        return make()
-    except MemoryError as e:  # CuPy's OutOfMemoryError is a MemoryError
-        raise MemoryError(f"out of memory allocating the {group}: {str(e).rstrip('.')}. Try a smaller -b, "
-                          f"or -r 2 to recompute activations") from e
-
-
-class GPT:
+class GPT(FlatModel):
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend."""
 
     def __init__(self, cfg: GPTConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
                  padded_size: int | None = None):
-        if not 1 <= T <= cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in [1, {cfg.max_seq_len}] for this model")
-        self.cfg, self.ops, self.B, self.T, self.recompute = cfg, backend, B, T, recompute
-        self.layout = param_layout(cfg)
-        # the flat buffers may be longer than the layout (ZeRO shards are padded to align)
-        n = padded_size or self.layout.total
-        self.params = _allocate("parameters", lambda: backend.upload_params(params, n))
-        self.grads = _allocate("gradients", lambda: backend.zeros((n,), param=True))
-        self.p = self.layout.views(self.params[:self.layout.total])
-        self.g = self.layout.views(self.grads[:self.layout.total])
-        self.acts = _allocate("activations", lambda: {
-            t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
-            for t in activation_layout(cfg, B, T, recompute).tensors})
-
-    def load_params(self, host_params: np.ndarray):
-        """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
-        self.ops.upload_params(host_params, self.params.shape[0], out=self.params)
-
-    def host_params(self) -> np.ndarray:
-        """The parameters as a host fp32 flat buffer of the layout's size."""
-        return self.ops.to_numpy(self.params[:self.layout.total])
+        super().__init__(cfg, backend, B, T, params, recompute, padded_size, param_layout(cfg),
+                         activation_layout(cfg, B, T, recompute), FP32_ACTIVATIONS)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch, dloss: float = 0.0):
@@ -365,8 +339,6 @@ class GPT:
                 layer_done(l)
         ops.encoder_backward(g["wte"], g["wpe"][:self.T], dresidual, batch)
 
-    def zero_grad(self):
-        self.ops.zero_(self.grads)
 
 
 # ---- llm.c's model file (formats.py describes it) --------------------------------------------------

@@ -23,7 +23,8 @@ from ..backends.numpy_llama_ops import LLAMA31_SCALING, rope_tables
 from ..formats import (HEADER_BYTES, HEADER_INTS, HeaderFormat, atomic_write, bf16_bits_to_f32, check_file_size,
                        f32_to_bf16_bits, new_header, read_header)
 from ..layout import Layout, build_layout
-from .gpt2 import _NAMED, GPT, GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, _allocate
+from .base import FlatModel
+from .gpt2 import _NAMED, GPT, GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS
 
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
@@ -197,34 +198,18 @@ def init_params(cfg: LlamaConfig, seed: int = 0) -> np.ndarray:
     return flat
 
 
-class Llama:
+class Llama(FlatModel):
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend; the RoPE
     tables (fp32, max_seq_len rows) live on the backend beside them, computed once."""
 
     def __init__(self, cfg: LlamaConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
                  padded_size: int | None = None):
-        if not 1 <= T <= cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in [1, {cfg.max_seq_len}] for this model")
-        self.cfg, self.ops, self.B, self.T, self.recompute = cfg, backend, B, T, recompute
-        self.layout = param_layout(cfg)
-        n = padded_size or self.layout.total
-        self.params = _allocate("parameters", lambda: backend.upload_params(params, n))
-        self.grads = _allocate("gradients", lambda: backend.zeros((n,), param=True))
-        self.p = self.layout.views(self.params[:self.layout.total])
-        self.g = self.layout.views(self.grads[:self.layout.total])
-        self.acts = _allocate("activations", lambda: {
-            t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
-            for t in activation_layout(cfg, B, T, recompute).tensors})
+        super().__init__(cfg, backend, B, T, params, recompute, padded_size, param_layout(cfg),
+                         activation_layout(cfg, B, T, recompute), FP32_ACTIVATIONS)
         cos, sin = rope_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta,
                                LLAMA31_SCALING if cfg.use_scaled_rope else None)
         self.rope_cos, self.rope_sin = backend.from_numpy(cos), backend.from_numpy(sin)
         self.head = "wte" if cfg.tied_embeddings else "lm_head"  # the LM head's weight
-
-    def load_params(self, host_params: np.ndarray):
-        self.ops.upload_params(host_params, self.params.shape[0], out=self.params)
-
-    def host_params(self) -> np.ndarray:
-        return self.ops.to_numpy(self.params[:self.layout.total])
 
     def position_rows(self, start: int, stop: int):
         """What the schedule needs of positions start..stop-1: their rows of the RoPE tables."""
@@ -332,9 +317,6 @@ class Llama:
             if layer_done is not None:
                 layer_done(l)
         ops.embedding_backward(g["wte"], dresidual, batch)
-
-    def zero_grad(self):
-        self.ops.zero_(self.grads)
 
 
 # ---- llm.c's LLaMA model file ---------------------------------------------------------------------
