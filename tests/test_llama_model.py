@@ -175,3 +175,28 @@ def test_meta_ffn_width_and_bad_shapes():
         LlamaConfig(n_layer=1, n_head=6, n_kv_head=4, n_embd=48)
     with pytest.raises(ValueError, match="even head dimension"):
         LlamaConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=36)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_torch_reference_equals_the_numpy_model(torch, tied):
+    """gpt2cu.reference.torch_llama (the GPU tests' and benchmark's baseline) computes this family's network:
+    loss and every gradient equal the numpy model's on the same flat parameters, in fp32."""
+    from gpt2cu.reference.torch_llama import TorchLlama
+    cfg = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100, padded_vocab_size=128,
+                      max_seq_len=16, use_scaled_rope=True, tied_embeddings=tied)
+    params = init_params(cfg, seed=4) * 3
+    rng = np.random.default_rng(5)
+    tokens, targets = (rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32) for _ in range(2))
+    backend = NumpyBackend()
+    model = Llama(cfg, backend, B, T, params)
+    batch = backend.set_batch(tokens, targets)
+    model.forward(batch, dloss=1.0 / (B * T))
+    model.backward(batch)
+    ref = TorchLlama.from_flat(cfg, params)
+    _, loss = ref(torch.from_numpy(tokens).long(), torch.from_numpy(targets).long())
+    loss.backward()
+    assert abs(float(model.acts["losses"].mean()) - loss.item()) < 1e-5 * loss.item()
+    layout = param_layout(cfg)
+    theirs = layout.views(ref.grads_to_flat())
+    for name, ours in layout.views(model.grads).items():
+        assert_close(ours, theirs[name], f"gradient of {name}")
