@@ -108,3 +108,31 @@ def test_bad_input_is_one_line_and_exit_2(shards, tmp_path, case, needle):
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr, r.stderr
     assert len([l for l in r.stderr.splitlines() if "error" in l]) == 1, r.stderr  # after argparse's usage
+
+
+@pytest.mark.parametrize("source", ["hf", "llmc"])
+def test_training_starts_from_a_hugging_face_directory_or_an_llmc_file(shards, tmp_path, source):
+    """-e with a LlamaForCausalLM directory or an llm.c LLaMA model file: its weights are step 0's (the val
+    loss before any step equals the numpy model's on them)."""
+    from gpt2cu.export import export_hf
+    train, val = shards
+    cfg = LlamaConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=64, max_seq_len=64, tied_embeddings=True)
+    params = init_params(cfg, seed=7)
+    path = tmp_path / "model"
+    if source == "hf":
+        export_hf(str(path), cfg, params)
+    else:
+        checkpoint.write_model(str(path), cfg, params)
+    r = run_train(*TINY, "-e", str(path), "-i", train, "-j", val, "-x", "2", "-v", "2", "-m", "1",
+                  "-o", str(tmp_path / "out"), "-n", "2")
+    assert r.returncode == 0, r.stderr
+    assert "L=1 H=4 C=64" in r.stdout
+    written, _ = checkpoint.read_model(checkpoint.model_path(str(tmp_path / "out"), 2))
+    assert written == cfg
+    from gpt2cu.backends.numpy_ops import NumpyBackend
+    from gpt2cu.data import DataLoader
+    from gpt2cu.models.llama import Llama
+    backend = NumpyBackend()
+    model = Llama(cfg, backend, 2, 32, params)
+    model.forward(backend.set_batch(*DataLoader(val, 2, 32).next_batch()))
+    assert f"step     0 | val loss {backend.mean_loss(model.acts['losses']):.4f}" in r.stdout, r.stdout

@@ -110,3 +110,16 @@ def test_version7_shards_round_trip_and_load(tmp_path):
     open(path, "wb").write(raw[:-1])
     with pytest.raises(ShardError, match="truncated"):
         read_shard_header(path)
+
+
+@pytest.mark.parametrize("hidden", [72, 40, 96])
+def test_any_hf_intermediate_size_survives_the_model_file(tmp_path, hidden):
+    """A Hugging Face intermediate_size becomes (ffn_dim_multiplier, multiple_of) that Meta's formula turns
+    back into it, also after the multiplier's float32 trip through the file's header."""
+    from gpt2cu.models.llama import ffn_shape_for
+    multiplier, multiple_of = ffn_shape_for(32, hidden)
+    cfg = LlamaConfig(n_layer=1, n_head=4, n_kv_head=2, n_embd=32, ffn_dim_multiplier=multiplier,
+                      multiple_of=multiple_of, max_seq_len=8)
+    assert cfg.ffn_hidden == hidden
+    checkpoint.write_model(str(tmp_path / "m.bin"), cfg, init_params(cfg))
+    assert checkpoint.read_model_header(str(tmp_path / "m.bin"))[0] == cfg

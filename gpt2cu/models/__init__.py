@@ -1,11 +1,12 @@
 """Model families. A family is one module that owns a model's whole definition:
 
     Config                          its shape (a frozen dataclass), with from_descriptor(desc)
-    param_layout(cfg)               the parameter table (layout.Layout): file order, decay, per_layer
+    param_layout(cfg)               the parameter table (layout.Layout): order, decay, per_layer
     activation_layout(cfg, B, T, recompute)
     init_params(cfg, seed)          fresh fp32 flat parameters
-    Model(cfg, backend, B, T, params, recompute=, padded_size=)
-        forward(batch, dloss), backward(batch, layer_done=None), zero_grad(), load_params(host),
+    Model(cfg, backend, B, T, params, recompute=, padded_size=)    a base.FlatModel
+        forward(batch, dloss), backward(batch, layer_done=None), logits(row, position) and lm_head(out,
+        hidden) (inference), zero_grad(), load_params(host),
         host_params(), forward_schedule(acts, attend, tokens, position_rows) (the KV-cache decoder
         runs it), position_rows(start, stop) (what the schedule needs of those positions), attend(l, block)
         (fills block["atty"], block["att_lse"] from block["qkv"]), decode_buffers() (one-row buffers for
