@@ -1,11 +1,15 @@
-"""Training throughput: gpt2cu's CUDA step vs a PyTorch GPT-2 under torch.compile, same GPU, same run.
+"""Training throughput: gpt2cu's CUDA step vs the same model in PyTorch under torch.compile, same GPU,
+same run.
 
-    python bench/bench_train.py [--model d12] [--T 1024] [--batch-sizes 16,32,64] [--steps 20]
+    python bench/bench_train.py [--model d12[,llama:d12]] [--T 1024] [--batch-sizes 16,32,64] [--steps 20]
+
+Several models (comma separated) are timed one after the other in the same run, each against its family's
+reference (gpt2cu.reference: TorchGPT, or TorchLlama with SDPA over grouped key/value heads).
 
 Both sides train the same model (same init, same random token batches) with AdamW and grad clipping,
 gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs;
-PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (llm.c's
-6N + 6LCT FLOPs per token over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
+PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (the family's
+FLOPs per token, llm.c's 6N + 6LCT for GPT-2, over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
 torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu). Timings compare only within one run.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 import numpy as np
 
 from gpt2cu.data import InMemoryBatches
-from gpt2cu.models.gpt2 import GPTConfig, init_params
+from gpt2cu.models import config_from_descriptor, family_of, gpt2, llama
 from gpt2cu.optim import AdamWConfig
 from gpt2cu.trainer import TrainConfig, Trainer, flops_per_token
 
@@ -40,7 +44,7 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
     pool.free_all_blocks()
     config = TrainConfig(batch_size=B, seq_len=T, max_steps=warmup + steps, recompute=recompute,
                          adamw=AdamWConfig(lr=6e-4, weight_decay=0.1), lr_schedule="constant", seed=0)
-    trainer = Trainer(cfg, init_params(cfg, seed=0), backend, SingleProcess(), config,
+    trainer = Trainer(cfg, family_of(cfg).init_params(cfg, seed=0), backend, SingleProcess(), config,
                       InMemoryBatches(random_batches(cfg, B, T, 4)))
     start, end = cp.cuda.Event(), cp.cuda.Event()
     losses, phases = [], []  # phases: CUDA events at the step's phases ("start", "backward", ...)
@@ -75,13 +79,19 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
                 fwd_bwd_ms=fwd_bwd_ms, update_ms=update_ms)
 
 
+def torch_reference(cfg):
+    """The PyTorch model class of cfg's family."""
+    from gpt2cu.reference.torch_gpt2 import TorchGPT
+    from gpt2cu.reference.torch_llama import TorchLlama
+    return {gpt2: TorchGPT, llama: TorchLlama}[family_of(cfg)]
+
+
 def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
     import torch
-    from gpt2cu.reference.torch_gpt2 import TorchGPT
 
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = TorchGPT.from_flat(cfg, init_params(cfg, seed=0)).cuda()
+    model = torch_reference(cfg).from_flat(cfg, family_of(cfg).init_params(cfg, seed=0)).cuda()
     opt = model.configure_optimizer(weight_decay=0.1, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     run = torch.compile(model) if compile_model else model
     batches = [(torch.from_numpy(x).long().cuda(), torch.from_numpy(y).long().cuda())
@@ -118,7 +128,7 @@ def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="d12")
+    ap.add_argument("--model", default="d12", help="descriptors, comma separated (e.g. d12,llama:d12)")
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--steps", type=int, default=20)
@@ -127,7 +137,16 @@ def main():
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
-    cfg = GPTConfig.from_descriptor(args.model)
+    tables = {desc: bench_model(config_from_descriptor(desc), args) for desc in args.model.split(",")}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(tables, f, indent=1)
+    for desc, rows in tables.items():
+        print_table(desc, config_from_descriptor(desc), rows, args.T)
+
+
+def bench_model(cfg, args) -> list:
+    """One row per batch size: gpt2cu at each recompute setting, and torch.compile."""
     peak_flops = None
     rows = []
     for B in [int(b) for b in args.batch_sizes.split(",")]:
@@ -153,10 +172,12 @@ def main():
             row["torch_mfu"] = (100 * flops_per_token(cfg, args.T) * row["torch_tok_s"] / peak_flops
                                 if peak_flops else None)
         rows.append(row)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    print(f"\n{cfg.n_layer}-layer GPT-2 ({args.model}), T={args.T}, bf16, {rows[0]['device']}")
+    return rows
+
+
+def print_table(desc, cfg, rows, T):
+    print(f"\n{desc}: {cfg.n_layer} layers, C={cfg.n_embd}, {cfg.num_parameters():,} parameters, T={T}, bf16, "
+          f"{rows[0]['device']}")
     print(f"{'B':>4} | {'impl':<14} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | loss first->last")
     for r in rows:
         for o in r["ours"]:

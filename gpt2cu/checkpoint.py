@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .formats import (HEADER_BYTES, MODEL_FILE, STATE_FILE, atomic_write, bf16_bits_to_f32, check_file_size,
-                      f32_to_bf16_bits, fsync_dir, new_header, read_header)
-from .models.gpt2 import GPTConfig, param_layout
-
-MODEL_VERSION = {dtype: version for version, dtype in MODEL_FILE.versions.items()}  # "fp32" -> 3, "bf16" -> 5
+from .formats import (HEADER_BYTES, HEADER_DTYPE, STATE_FILE, atomic_write, check_file_size, fsync_dir, new_header,
+                      read_header)
+from .models import DESCRIPTORS, family_of
 
 STATE_VERSION = 1
 STATE_FIELDS = ("world_size", "rank", "zero_stage", "step")  # header slots 2..5, given by the caller
@@ -42,48 +40,41 @@ class RunMismatch(CheckpointError):
 
 
 # ---- model file -------------------------------------------------------------------------------------
+# Each family writes and reads its own llm.c model file (GPT-2's: formats.MODEL_FILE, LLaMA's: models/llama.py);
+# a file is read by the family whose magic it carries.
 
-def write_model(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str = "fp32") -> None:
-    """Write an llm.c model file (atomically) from fp32 flat parameters in layout order."""
-    if dtype not in MODEL_VERSION:
+def _family_of_file(path: str):
+    """The family whose model-file magic `path` starts with (GPT-2's when none: its reader then says what
+    is wrong with the file)."""
+    magic = np.fromfile(path, dtype=HEADER_DTYPE, count=1) if os.path.isfile(path) else ()
+    for family in DESCRIPTORS.values():
+        if len(magic) and int(magic[0]) == family.MODEL_FILE.magic:
+            return family
+    return DESCRIPTORS[""]
+
+
+def write_model(path: str, cfg, params: np.ndarray, dtype: str = "fp32") -> None:
+    """Write an llm.c model file of cfg's family (atomically) from fp32 flat parameters in layout order."""
+    if dtype not in ("fp32", "bf16"):
         raise ValueError(f"model file dtype must be 'fp32' or 'bf16', got {dtype!r}")
     params = np.asarray(params)
     if params.dtype != np.float32:
         raise TypeError(f"parameters must be float32, got {params.dtype}")
-    expected = param_layout(cfg).total
+    family = family_of(cfg)
+    expected = family.param_layout(cfg).total
     if params.shape != (expected,):
         raise ValueError(f"parameters have shape {params.shape}, the model needs ({expected},)")
-    header = new_header(MODEL_FILE, MODEL_VERSION[dtype], [cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
-                                                           cfg.n_head, cfg.n_embd, cfg.padded_vocab_size])
-    data = f32_to_bf16_bits(params) if dtype == "bf16" else np.ascontiguousarray(params)
-
-    def write(f):
-        f.write(header.tobytes())
-        f.write(memoryview(data).cast("B"))
-    atomic_write(path, write)
+    family.write_model_file(path, cfg, params, dtype)
 
 
-def read_model_header(path: str) -> tuple[GPTConfig, str]:
-    """(GPTConfig, "fp32" | "bf16") of an llm.c model file, after checking its size matches."""
-    header, size = read_header(path, MODEL_FILE, CheckpointError)
-    max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
-    try:
-        cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
-                        vocab_size=vocab_size, padded_vocab_size=padded_vocab)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: bad model shape in header: {e}") from e
-    dtype = MODEL_FILE.versions[int(header[1])]
-    param_bytes = 4 if dtype == "fp32" else 2
-    check_file_size(path, MODEL_FILE, size, HEADER_BYTES + param_layout(cfg).total * param_bytes, CheckpointError)
-    return cfg, dtype
+def read_model_header(path: str) -> tuple:
+    """(config, "fp32" | "bf16") of an llm.c model file of any family, after checking its size matches."""
+    return _family_of_file(path).read_model_file_header(path, CheckpointError)
 
 
-def read_model(path: str) -> tuple[GPTConfig, np.ndarray]:
-    """(GPTConfig, float32 flat parameters) from an llm.c model file (fp32 or bf16)."""
-    cfg, dtype = read_model_header(path)
-    n = param_layout(cfg).total
-    raw = np.fromfile(path, dtype=np.float32 if dtype == "fp32" else np.uint16, count=n, offset=HEADER_BYTES)
-    return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
+def read_model(path: str) -> tuple:
+    """(config, float32 flat parameters) from an llm.c model file of any family (fp32 or bf16)."""
+    return _family_of_file(path).read_model_file(path, CheckpointError)
 
 
 # ---- state file -------------------------------------------------------------------------------------

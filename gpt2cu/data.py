@@ -15,10 +15,12 @@ import os
 
 import numpy as np
 
-from .formats import HEADER_BYTES, SHARD, atomic_write, check_file_size, new_header, read_header
+from .formats import HEADER_BYTES, HEADER_DTYPE, SHARD, SHARD_V7, atomic_write, check_file_size, new_header, read_header
 
-SHARD_VERSION = 1
-MAX_TOKEN = np.iinfo(np.uint16).max
+# the two shard formats: (format, version, token dtype); version 7 holds vocabularies past uint16
+SHARD_FORMATS = ((SHARD, 1, np.dtype("<u2")), (SHARD_V7, 7, np.dtype("<u4")))
+MAX_TOKEN = np.iinfo(np.uint16).max  # the largest token of a version-1 shard
+MAX_TOKEN_V7 = np.iinfo(np.uint32).max
 
 
 class ShardError(ValueError):
@@ -26,34 +28,50 @@ class ShardError(ValueError):
 
 
 def write_shard(path, tokens) -> None:
-    """Write `tokens` (integers in [0, 65535]) as a shard; atomic, so readers never see half a file."""
+    """Write `tokens` (integers in [0, 2^32 - 1]) as a shard: version 1 (uint16) when every token fits
+    65535, else version 7 (uint32); atomic, so readers never see half a file."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() > MAX_TOKEN):
-        raise ValueError(f"{path}: tokens must be integers in [0, {MAX_TOKEN}] to fit uint16")
-    header = new_header(SHARD, SHARD_VERSION, [tokens.size])
+    if tokens.size and (tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() > MAX_TOKEN_V7):
+        raise ValueError(f"{path}: tokens must be integers in [0, {MAX_TOKEN_V7}] to fit uint32")
+    fmt, version, dtype = SHARD_FORMATS[int(bool(tokens.size) and int(tokens.max()) > MAX_TOKEN)]
+    header = new_header(fmt, version, [tokens.size])
 
     def write(f):
         header.tofile(f)
-        tokens.astype("<u2", copy=False).tofile(f)
+        tokens.astype(dtype, copy=False).tofile(f)
     atomic_write(path, write)
+
+
+def _shard_format(path):
+    """(format, version, token dtype) of the shard by its magic (version 1's when unknown: its reader
+    then says what is wrong)."""
+    magic = np.fromfile(path, dtype=HEADER_DTYPE, count=1) if os.path.isfile(path) else ()
+    return next((f for f in SHARD_FORMATS if len(magic) and int(magic[0]) == f[0].magic), SHARD_FORMATS[0])
+
+
+def read_shard_layout(path) -> tuple[int, np.dtype]:
+    """Check the shard's header and size; return its number of tokens and their dtype."""
+    fmt, _, dtype = _shard_format(path)
+    header, size = read_header(path, fmt, ShardError)
+    ntok = int(header[2])
+    check_file_size(path, fmt, size, HEADER_BYTES + dtype.itemsize * ntok, ShardError)
+    return ntok, dtype
 
 
 def read_shard_header(path) -> int:
     """Check the shard's header and size; return its number of tokens."""
-    header, size = read_header(path, SHARD, ShardError)
-    ntok = int(header[2])
-    check_file_size(path, SHARD, size, HEADER_BYTES + 2 * ntok, ShardError)
-    return ntok
+    return read_shard_layout(path)[0]
 
 
 def load_shard_tokens(path) -> np.ndarray:
-    """The shard's tokens as a read-only uint16 memory map (checked against the header first)."""
-    ntok = read_shard_header(path)
+    """The shard's tokens as a read-only uint16 (version 1) or uint32 (version 7) memory map, checked
+    against the header first."""
+    ntok, dtype = read_shard_layout(path)
     if ntok == 0:  # mmap refuses an empty mapping
-        return np.empty(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(ntok,))
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
 def _shard_files(pattern) -> list:
@@ -87,7 +105,10 @@ class DataLoader:
         self.shuffle, self.seed = shuffle, seed
         self.sample_tokens = B * T * world_size
         self.files = _shard_files(pattern)
-        self.shard_sizes = [read_shard_header(f) for f in self.files]
+        layouts = [read_shard_layout(f) for f in self.files]
+        self.shard_sizes = [ntok for ntok, _ in layouts]
+        # the largest token id every shard's format can hold (a model's vocabulary past it cannot be the data's)
+        self.max_token = min(int(np.iinfo(dtype).max) for _, dtype in layouts)
         for path, ntok in zip(self.files, self.shard_sizes):
             if ntok < self.sample_tokens + 1:
                 raise ShardError(f"{path}: {ntok} tokens is too few for one batch: B*T*world_size+1 = "

@@ -19,6 +19,12 @@ State file `state_%08d_%05d.bin` (step, rank), gpt2cu's own (checkpoint.py)
 Token shard (llm.c's dev/data scripts write the same; data.py)
   [0] 20240520  [1] 1 (version)  [2] number of tokens
   then the tokens as uint16.
+  Version 7 (llm.c's LLaMA 3 data, vocabularies over 65,536 tokens):
+  [0] 20240801  [1] 7 (version)  [2] number of tokens
+  then the tokens as uint32.
+
+LLaMA model file (llm.c's train_llama3.py writes it; models/llama.py describes and reads it)
+  [0] 20240803  [1] version: 3 = fp32, 5 = bf16, then a second 256-slot block of float32 fields.
 
 Eval file (llm.c's multiple-choice format, dev/data/hellaswag.py writes it; eval.py)
   [0] 20240522  [1] 1 (version)  [2] number of examples  [3] longest example in bytes
@@ -52,6 +58,7 @@ class HeaderFormat:
 MODEL_FILE = HeaderFormat("model file", "an llm.c model file", 20240326, {3: "fp32", 5: "bf16"})
 STATE_FILE = HeaderFormat("state file", "a gpt2cu state file", 20240527, {1: "float32 arrays + JSON"})
 SHARD = HeaderFormat("shard", "an llm.c shard", 20240520, {1: "uint16 tokens"})
+SHARD_V7 = HeaderFormat("shard", "an llm.c shard", 20240801, {7: "uint32 tokens"})
 EVAL_FILE = HeaderFormat("eval file", "an llm.c eval file", 20240522, {1: "uint16 records"})
 
 

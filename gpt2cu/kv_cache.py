@@ -1,6 +1,6 @@
 """Incremental decoding with a KV cache, written once over a backend's ops (numpy and CUDA).
 
-    dec = KVCacheDecoder(model, capacity)   # model: a GPT (any B >= 1, T >= the prompt's length)
+    dec = KVCacheDecoder(model, capacity)   # model: any family's (any B >= 1, T >= the prompt's length)
     logits = dec.prefill(prompt_tokens)     # one forward of `model`; keeps each layer's q, k, v rows
     logits = dec.step(token)                # one new position
 
@@ -16,7 +16,7 @@ is written only in the family's module. Only attention differs, in one of two wa
            array math in the backend's array module (activation_to_fp32 widens the cache exactly,
            store_fp32 rounds the output back): scale 1/sqrt(hs), softmax over positions 0..pos.
            O(pos * C) per layer, but ~15 small array operations.
-  "kernel" (CUDA's default): the backend's own causal attention_forward over the cached rows 0..pos,
+  "kernel" (CUDA's default): the model's own attention (model.attend) over the cached rows 0..pos,
            keeping the last row. It recomputes the earlier rows' attention (O(pos^2 * C) per layer,
            microseconds on a GPU for GPT-2 lengths), but it is one launch, and the very computation the
            full forward does (its logits equal the full forward's bitwise in tests/test_gpu_sample.py).
@@ -53,18 +53,14 @@ class KVCacheDecoder:
         if attention not in self.ATTENTION:
             raise ValueError(f"attention must be one of {self.ATTENTION}, got {attention!r}")
         self.model, self.ops, self.cfg, self.capacity, self.attention = model, ops, cfg, capacity, attention
-        L, H, C, Vp = cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.padded_vocab_size
-        self.scale = 1.0 / math.sqrt(C // H)
-        # the cache: acts["qkv"]'s rows 0..capacity-1 of row 0, per layer, in the activation dtype
-        self.qkv = ops.zeros((L, 1, capacity, 3 * C))
-        # one-row activations shared by every layer (separate allocations: aligned for the kernels)
-        z = lambda *shape, fp32=False: ops.zeros((1, 1) + shape, fp32=fp32)
-        ln, mean, rstd, residual3 = z(C), z(fp32=True), z(fp32=True), z(C)
-        self.top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
-        self.block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
-                      "ln2_rstd": rstd, "atty": z(C), "att_lse": None, "scratch": z(C), "residual2": z(C),
-                      "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": residual3}
-        if attention == "kernel":  # attention_forward's outputs over up to `capacity` rows
+        L, H, C = cfg.n_layer, cfg.n_head, cfg.n_embd
+        self.scale = 1.0 / math.sqrt(cfg.head_size)
+        # the cache: acts["qkv"]'s rows 0..capacity-1 of row 0, per layer, in the activation dtype; a row holds
+        # the query heads and the n_kv_head key and value heads (RoPE applied, for the LLaMA family)
+        self.qkv = ops.zeros((L, 1, capacity, cfg.qkv_width))
+        # one-row activations shared by every layer, from the family's model
+        self.top, self.block = model.decode_buffers()
+        if attention == "kernel":  # the model's attention over up to `capacity` rows
             self.atty_all = ops.zeros((1, capacity, C))
             self.lse = ops.zeros((H * capacity,), fp32=True)  # viewed as (1, H, n) for n rows
         self.token = ops.from_numpy(np.zeros((1, 1), np.int32))
@@ -94,7 +90,7 @@ class KVCacheDecoder:
             raise ValueError(f"the KV cache is full ({self.capacity} positions)")
         ops, pos = self.ops, self.pos
         ops.from_numpy(np.array([[token]], np.int32), out=self.token)
-        self.model.forward_schedule(self._acts, self._attend, self.token, self.model.p["wpe"][pos:pos + 1])
+        self.model.forward_schedule(self._acts, self._attend, self.token, self.model.position_rows(pos, pos + 1))
         self.model.lm_head(self.top["logits"], self.top["lnf"])
         self.pos = pos + 1
         return ops.to_numpy(self.top["logits"][0, 0, :self.cfg.vocab_size])
@@ -106,20 +102,21 @@ class KVCacheDecoder:
 
     def _attend(self, l: int, block):
         """block["atty"] = the attention output of position pos over cached positions 0..pos of layer l."""
-        n, C, H = self.pos + 1, self.cfg.n_embd, self.cfg.n_head
+        n, cfg = self.pos + 1, self.cfg
         if self.attention == "kernel":
             out = self.atty_all[:, :n]
-            self.ops.attention_forward(out, self.lse[:H * n].reshape(1, H, n), self.qkv[l][:, :n], H)
+            self.model.attend(l, {"atty": out, "att_lse": self.lse[:cfg.n_head * n].reshape(1, cfg.n_head, n),
+                                  "qkv": self.qkv[l][:, :n]})
             block["atty"] = out[:, n - 1:]  # the last row, read in place by the projection that follows
             return
-        xp, hs = self.ops.xp, C // H
+        xp, hs, H, KV = self.ops.xp, cfg.head_size, cfg.n_head, cfg.n_kv_head
+        q_width, kv_width = H * hs, KV * hs
         with self.ops.on_stream():
-            qkv = self.ops.activation_to_fp32(self.qkv[l][0, :n])  # (n, 3C)
-            q = qkv[n - 1, :C].reshape(H, 1, hs)
-            keys = qkv[:, C:2 * C].reshape(n, H, hs).transpose(1, 2, 0)  # (H, hs, n)
-            values = qkv[:, 2 * C:].reshape(n, H, hs).transpose(1, 0, 2)  # (H, n, hs)
-            s = (q @ keys) * self.scale  # (H, 1, n)
+            qkv = self.ops.activation_to_fp32(self.qkv[l][0, :n])  # (n, qkv_width)
+            q = qkv[n - 1, :q_width].reshape(KV, H // KV, hs)  # the query heads grouped by key/value head
+            keys = qkv[:, q_width:q_width + kv_width].reshape(n, KV, hs).transpose(1, 2, 0)  # (KV, hs, n)
+            values = qkv[:, q_width + kv_width:].reshape(n, KV, hs).transpose(1, 0, 2)  # (KV, n, hs)
+            s = (q @ keys) * self.scale  # (KV, H/KV, n)
             e = xp.exp(s - s.max(axis=-1, keepdims=True))
-            y = (e / e.sum(axis=-1, keepdims=True)) @ values  # (H, 1, hs)
-            self.ops.store_fp32(block["atty"], y.reshape(C))
-
+            y = (e / e.sum(axis=-1, keepdims=True)) @ values  # (KV, H/KV, hs)
+            self.ops.store_fp32(block["atty"], y.reshape(q_width))

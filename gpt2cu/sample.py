@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
 
     from .backends import get_backend
-    from .models.gpt2 import GPT
+    from .models import family_of
     from .tokenizer import decode, encode
 
     try:
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     if not prompt:
         p.error("--prompt encodes to no tokens; leave it out to start from <|endoftext|>")
     T = min(cfg.max_seq_len, len(prompt) + args.max_new_tokens)
-    model = GPT(cfg, backend, B=1, T=T, params=params)
+    model = family_of(cfg).Model(cfg, backend, B=1, T=T, params=params)
     new = generate(model, backend, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
                    kv_cache=args.kv_cache)
     print(decode(new if args.prompt is None else prompt + new))

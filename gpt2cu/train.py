@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("-i", dest="train_data", default=None, help="train shards glob (default: the embedded corpus)")
     a("-j", dest="val_data", default=None, help="val shards glob (default: the embedded corpus)")
     a("-e", dest="model", default=None,
-      help="dN descriptor (d12 = GPT-2 124M), gpt3:SIZE (gpt3:125M .. gpt3:175B) or an llm.c model file")
+      help="dN (d12 = GPT-2 124M), gpt3:SIZE (gpt3:125M .. gpt3:175B), llama:dN (the LLaMA-3 family), an llm.c "
+           "model file or a Hugging Face directory")
     a("-o", dest="output_dir", default=None, help="directory for main.log and checkpoints")
     a("-b", dest="batch_size", type=int, default=None, help="per-rank micro-batch size B")
     a("-t", dest="seq_len", type=int, default=None, help="sequence length T")
@@ -226,6 +227,10 @@ def build_run(args, parser, backend, comm) -> Run:
         val_loader = DataLoader(val_data, B, T, comm.rank, world, shuffle=False) if args.val_every else None
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    if cfg.vocab_size > loader.max_token + 1:
+        parser.error(f"-e {args.model}: the model's vocabulary of {cfg.vocab_size:,} tokens is larger than -i's token "
+                     f"shards can hold ({loader.max_token + 1:,} ids: version-1 shards are uint16); tokenize the "
+                     f"data into version-7 (uint32) shards")
     grad_accum = total_batch // tokens_per_micro
     max_steps = args.max_steps if args.max_steps >= 0 else max(1, loader.num_batches_per_epoch // grad_accum)
     config = TrainConfig(

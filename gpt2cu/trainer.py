@@ -67,8 +67,8 @@ class StepResult:
 
 
 def flops_per_token(cfg, T: int) -> int:
-    """llm.c's 6N + 6LCT: the training FLOPs of one token at sequence length T (attention's included)."""
-    return 6 * cfg.num_parameters() + 6 * cfg.n_layer * cfg.n_embd * T
+    """The training FLOPs of one token at sequence length T, as the model family counts them."""
+    return cfg.flops_per_token(T)
 
 
 class Trainer:

@@ -284,7 +284,7 @@ def sdpa_reference(torch, qkv, n_head, n_kv_head):
 @pytest.mark.parametrize("n_head, n_kv_head", GQA_SHAPES)
 def test_attention_forward_gqa_matches_sdpa(rng, torch, n_head, n_kv_head):
     qkv, out, lse = attention_inputs(rng, n_head, n_kv_head)
-    ops.attention_forward_gqa(out, lse, qkv, n_head, n_kv_head)
+    numpy_ops.attention_forward_gqa(out, lse, qkv, n_head, n_kv_head)
     ref_out, ref_lse, _ = sdpa_reference(torch, qkv, n_head, n_kv_head)
     assert_close(out, ref_out.detach().numpy(), EXACT_REL)
     assert_close(lse, ref_lse.detach().numpy(), EXACT_REL)
@@ -298,12 +298,12 @@ def test_attention_backward_gqa(rng, torch, n_head, n_kv_head):
     dout = rng.normal(size=out.shape)
 
     def loss():
-        ops.attention_forward_gqa(out, lse, qkv, n_head, n_kv_head)
+        numpy_ops.attention_forward_gqa(out, lse, qkv, n_head, n_kv_head)
         return np.sum(dout * out)
 
     loss()
     dqkv = nans(*qkv.shape)
-    ops.attention_backward_gqa(dqkv, dout, qkv, out.copy(), lse.copy(), n_head, n_kv_head)
+    numpy_ops.attention_backward_gqa(dqkv, dout, qkv, out.copy(), lse.copy(), n_head, n_kv_head)
     assert_close(dqkv, numeric_grad(loss, qkv), FD_REL)
     ref_out, _, leaf = sdpa_reference(torch, qkv, n_head, n_kv_head)
     (ref_out * torch.from_numpy(dout)).sum().backward()
@@ -319,7 +319,7 @@ def test_attention_gqa_with_all_heads_is_gpt2_attention(rng, seq):
     dout = rng.normal(size=(B, seq, n_head * HS)).astype(np.float32)
     results = {}
     for name, forward, backward, heads in (
-            ("gqa", ops.attention_forward_gqa, ops.attention_backward_gqa, (n_head, n_head)),
+            ("gqa", numpy_ops.attention_forward_gqa, numpy_ops.attention_backward_gqa, (n_head, n_head)),
             ("gpt2", numpy_ops.attention_forward, numpy_ops.attention_backward, (n_head,))):
         out, lse = np.empty((B, seq, n_head * HS), np.float32), np.empty((B, n_head, seq), np.float32)
         dqkv = np.empty_like(qkv)
@@ -334,4 +334,4 @@ def test_attention_gqa_with_all_heads_is_gpt2_attention(rng, seq):
 def test_attention_gqa_rejects_kv_heads_not_dividing_heads(rng):
     qkv, out, lse = attention_inputs(rng, 6, 4)
     with pytest.raises(ValueError, match="does not divide"):
-        ops.attention_forward_gqa(out, lse, qkv, 6, 4)
+        numpy_ops.attention_forward_gqa(out, lse, qkv, 6, 4)

@@ -21,6 +21,40 @@ _PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), (
               ("L40S", 362.0e12), ("A10", 125.0e12), ("RTX 4090", 165.2e12))
 
 
+# Grouped-query attention until the Hopper attention work brings a GQA-native flash kernel: the key/value
+# heads are repeated into a scratch qkv of n_head heads for the existing attention kernels, and dK/dV are
+# the sums of each group's copies, added in head order in fp32 (deterministic) and rounded once to bf16.
+_GQA_EXPAND = cp.ElementwiseKernel(
+    "raw uint16 qkv, int32 nh, int32 nkv, int32 hs", "raw uint16 expanded",
+    """
+    const int width = 3 * nh * hs;  // a row of the expanded [q | k | v], nh heads each
+    const long long row = i / width;
+    const int c = i % width, part = c / (nh * hs), head = (c % (nh * hs)) / hs, d = c % hs;
+    const int source = part == 0 ? c : (nh + (part - 1) * nkv + head / (nh / nkv)) * hs + d;
+    expanded[i] = qkv[row * (nh + 2 * nkv) * hs + source];
+    """, "gpt2cu_gqa_expand")
+
+_GQA_FOLD = cp.ElementwiseKernel(
+    "raw uint16 dexpanded, int32 nh, int32 nkv, int32 hs", "raw uint16 dqkv",
+    """
+    const int width = (nh + 2 * nkv) * hs;  // a row of the packed dqkv
+    const long long row = i / width;
+    const int c = i % width;
+    const long long base = row * 3 * nh * hs;
+    if (c < nh * hs) {
+        dqkv[i] = dexpanded[base + c];
+    } else {
+        const int part = (c - nh * hs) / (nkv * hs), within = (c - nh * hs) % (nkv * hs);
+        const int group = nh / nkv, first = (within / hs) * group, d = within % hs;
+        float sum = 0.0f;
+        for (int g = 0; g < group; g++)
+            sum += __uint_as_float((unsigned int)dexpanded[base + (1 + part) * nh * hs + (first + g) * hs + d] << 16);
+        unsigned int bits = sum != sum ? 0x7FC00000u : __float_as_uint(sum);
+        dqkv[i] = (unsigned short)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+    """, "gpt2cu_gqa_fold")
+
+
 def ptr(a) -> int:
     return 0 if a is None else a.data.ptr
 
@@ -117,6 +151,7 @@ class CudaBackend(Backend):
         self._norm = cp.zeros(1, dtype=np.float32)
         self._adamw_scalars = cp.zeros(8, dtype=np.uint32)  # struct AdamWScalars: 4 floats + seed + pad
         self._peak_pool = 0
+        self._grown = {}  # name -> bf16 buffers grown to the largest size asked for (_grown_of)
 
     # ---- memory API -------------------------------------------------------------------------
     # allocations and copies run on self.stream too, so the kernels that follow see them done
@@ -172,6 +207,16 @@ class CudaBackend(Backend):
             self.stream.synchronize()
             self._scratch = cp.empty(int(floats), dtype=np.float32)
         return ptr(self._scratch), self._scratch.size
+
+    def _grown_of(self, name: str, elements: int):
+        """A bf16 device buffer of at least `elements` zero-initialized elements, kept under `name`; grows only
+        during the eager warm-up step, as _scratch_of."""
+        buffer = self._grown.get(name)
+        if buffer is None or buffer.size < elements:
+            self.stream.synchronize()
+            with self.stream:
+                buffer = self._grown[name] = cp.zeros(int(elements), dtype=BF16)
+        return buffer[:elements]
 
     # ---- batches ------------------------------------------------------------------------------
     # A batch reaches the GPU in two halves so the host's half can overlap the GPU's work on the
@@ -316,6 +361,79 @@ class CudaBackend(Backend):
         Vp = logits.shape[-1]
         self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), logits.size // Vp,
                                 vocab_size, Vp, self.stream.ptr)
+
+    # ---- the LLaMA family's ops ----------------------------------------------------------------------
+    # No position embedding: the encoder kernels with a zero wpe (adding 0 is exact) and a dwpe nobody reads,
+    # until a kernel without wpe earns its place.
+    def embedding_forward(self, out, tokens, wte):
+        B, T, C = out.shape
+        zero_wpe = self._grown_of("zero_wpe", T * C)
+        self.k.encoder_forward(ptr(out), ptr(tokens), ptr(wte), ptr(zero_wpe), B, T, C, self.stream.ptr)
+
+    def embedding_backward(self, dwte, dout, batch: DeviceBatch):
+        B, T, C = dout.shape
+        self.encoder_backward(dwte, self._grown_of("unread_dwpe", T * C), dout, batch)
+
+    def rmsnorm_forward(self, out, rstd, inp, weight, eps):
+        C = inp.shape[-1]
+        self.k.rmsnorm_forward(ptr(out), ptr(rstd), ptr(inp), ptr(weight), float(eps), inp.size // C, C,
+                               self.stream.ptr)
+
+    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, weight, eps):
+        C = inp1.shape[-1]
+        self.k.fused_residual_rmsnorm_forward(ptr(residual), ptr(out), ptr(rstd), ptr(inp1), ptr(inp2), ptr(weight),
+                                              float(eps), inp1.size // C, C, self.stream.ptr)
+
+    def rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd):
+        C = inp.shape[-1]
+        N = inp.size // C
+        scratch, floats = self._scratch_of(self.k.rmsnorm_backward_scratch_floats(N, C))
+        self.k.rmsnorm_backward(ptr(dinp), ptr(dweight), ptr(dout), ptr(inp), ptr(weight), ptr(rstd), scratch,
+                                floats, N, C, self.stream.ptr)
+
+    def rope_forward(self, out, inp, cos, sin, n_head, n_kv_head):
+        B, T, width = inp.shape
+        self.k.rope_forward(ptr(out), ptr(inp), ptr(cos), ptr(sin), B, T, n_head, n_kv_head,
+                            width // (n_head + 2 * n_kv_head), self.stream.ptr)
+
+    def rope_backward(self, dinp, dout, cos, sin, n_head, n_kv_head):
+        B, T, width = dout.shape
+        self.k.rope_backward(ptr(dinp), ptr(dout), ptr(cos), ptr(sin), B, T, n_head, n_kv_head,
+                             width // (n_head + 2 * n_kv_head), self.stream.ptr)
+
+    def swiglu_forward(self, out, inp):
+        H = out.shape[-1]
+        self.k.swiglu_forward(ptr(out), ptr(inp), out.size // H, H, self.stream.ptr)
+
+    def swiglu_backward(self, dinp, dout, inp):
+        H = dout.shape[-1]
+        self.k.swiglu_backward(ptr(dinp), ptr(dout), ptr(inp), dout.size // H, H, self.stream.ptr)
+
+    def _expanded_qkv(self, qkv, n_head, n_kv_head):
+        """qkv (B, T, (NH + 2 NKV) HS) with its key/value heads repeated: (B, T, 3 NH HS) in scratch."""
+        B, T, width = qkv.shape
+        HS = width // (n_head + 2 * n_kv_head)
+        expanded = self._grown_of("gqa_qkv", B * T * 3 * n_head * HS).reshape(B, T, 3 * n_head * HS)
+        with self.stream:
+            _GQA_EXPAND(qkv, np.int32(n_head), np.int32(n_kv_head), np.int32(HS), expanded, size=expanded.size)
+        return expanded
+
+    def attention_forward_gqa(self, out, lse, qkv, n_head, n_kv_head):
+        if n_head % n_kv_head:
+            raise ValueError(f"n_kv_head {n_kv_head} does not divide n_head {n_head}")
+        if n_kv_head == n_head:  # the packed layout is GPT-2's
+            return self.attention_forward(out, lse, qkv, n_head)
+        self.attention_forward(out, lse, self._expanded_qkv(qkv, n_head, n_kv_head), n_head)
+
+    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head):
+        if n_kv_head == n_head:
+            return self.attention_backward(dqkv, dout, qkv, out, lse, n_head)
+        expanded = self._expanded_qkv(qkv, n_head, n_kv_head)  # the forward's scratch may have been reused
+        dexpanded = self._grown_of("gqa_dqkv", expanded.size).reshape(expanded.shape)
+        self.attention_backward(dexpanded, dout, expanded, out, lse, n_head)
+        HS = expanded.shape[-1] // (3 * n_head)
+        with self.stream:
+            _GQA_FOLD(dexpanded, np.int32(n_head), np.int32(n_kv_head), np.int32(HS), dqkv, size=dqkv.size)
 
     def global_norm_squared(self, grads):
         scratch, floats = self._scratch_of(self.k.global_norm_scratch_floats(grads.size))

@@ -1,5 +1,6 @@
-"""The numpy reference ops of the LLaMA family: RMSNorm, RoPE, SwiGLU and attention with grouped key/value
-heads, in the contract of numpy_ops.py (outputs first, written in place, "+=" where gradients accumulate,
+"""The numpy reference ops of the LLaMA family: RMSNorm, RoPE, SwiGLU, the token embedding, and the key/value
+head repetition (and its transpose) that numpy_ops.attention_forward_gqa / attention_backward_gqa wrap GPT-2's
+attention in, in the contract of numpy_ops.py (outputs first, written in place, "+=" where gradients accumulate,
 computed in the dtype of the inputs). The correctness bar is Hugging Face transformers' LlamaForCausalLM,
 so its conventions are the ones followed here:
 
@@ -21,7 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import numpy_ops
+
+
+def _rows(a):
+    return a.reshape(-1, a.shape[-1])
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd):
     xhat = inp * rs
     dxhat = dout * weight
     dinp += rs * (dxhat - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
-    dweight += (numpy_ops._rows(dout) * numpy_ops._rows(xhat)).sum(axis=0)
+    dweight += (_rows(dout) * _rows(xhat)).sum(axis=0)
 
 
 # ---- RoPE ---------------------------------------------------------------------------------------
@@ -141,7 +145,7 @@ def _split_qkv(qkv, n_head, n_kv_head):
     return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:], head_dim
 
 
-def _repeat_kv(qkv, n_head, n_kv_head):
+def repeat_kv(qkv, n_head, n_kv_head):
     """The GPT-2 layout (B, T, 3 NH HS) in which every key/value head is repeated for each of the
     NH / NKV query heads it serves (head h of the copy is kv head h // group)."""
     if n_head % n_kv_head:
@@ -153,8 +157,8 @@ def _repeat_kv(qkv, n_head, n_kv_head):
     return np.concatenate([q, repeat(k), repeat(v)], axis=-1)
 
 
-def _sum_kv_groups(dqkv_repeated, n_head, n_kv_head):
-    """The transpose of _repeat_kv: each key/value head's gradient is the sum over its group's copies."""
+def sum_kv_groups(dqkv_repeated, n_head, n_kv_head):
+    """The transpose of repeat_kv (deterministic): each key/value head's gradient is the sum over its group's copies."""
     head_dim = dqkv_repeated.shape[-1] // (3 * n_head)
     group = n_head // n_kv_head
     dq, dk, dv = np.split(dqkv_repeated, 3, axis=-1)
@@ -163,15 +167,11 @@ def _sum_kv_groups(dqkv_repeated, n_head, n_kv_head):
     return np.concatenate([dq, fold(dk), fold(dv)], axis=-1)
 
 
-def attention_forward_gqa(out, lse, qkv, n_head, n_kv_head):
-    """Causal attention (scale 1/sqrt(HS)) over the packed qkv (B, T, (NH + 2 NKV) HS); out (B, T, NH HS),
-    lse (B, NH, T) natural log. Each key/value head serves NH / NKV consecutive query heads."""
-    numpy_ops.attention_forward(out, lse, _repeat_kv(qkv, n_head, n_kv_head), n_head)
+# ---- token embedding (no position embedding) --------------------------------------------------
+def embedding_forward(out, tokens, wte):
+    out[...] = wte[tokens]
 
 
-def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
-    """dqkv (B, T, (NH + 2 NKV) HS) overwritten; dK and dV of a key/value head summed over its group."""
-    repeated = _repeat_kv(qkv, n_head, n_kv_head)
-    drepeated = np.empty_like(repeated)
-    numpy_ops.attention_backward(drepeated, dout, repeated, out, lse, n_head)
-    dqkv[...] = _sum_kv_groups(drepeated, n_head, n_kv_head)
+def embedding_backward(dwte, dout, tokens):
+    # np.add.at: a token repeated in the batch adds once per occurrence
+    np.add.at(dwte, tokens.reshape(-1), _rows(dout))

@@ -15,6 +15,7 @@ import resource
 
 import numpy as np
 
+from . import numpy_llama_ops
 from .base import Backend, Batch
 
 LN_EPS = 1e-5
@@ -157,6 +158,20 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head):
 
 
 # ---- classifier ---------------------------------------------------------------------------------
+def attention_forward_gqa(out, lse, qkv, n_head, n_kv_head):
+    """Causal attention over the LLaMA family's packed qkv (B, T, (NH + 2 NKV) HS); out (B, T, NH HS), lse
+    (B, NH, T). Each key/value head serves NH / NKV consecutive query heads (numpy_llama_ops.repeat_kv)."""
+    attention_forward(out, lse, numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head), n_head)
+
+
+def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
+    """dqkv (B, T, (NH + 2 NKV) HS) overwritten; dK and dV of a key/value head summed over its group."""
+    repeated = numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head)
+    drepeated = np.empty_like(repeated)
+    attention_backward(drepeated, dout, repeated, out, lse, n_head)
+    dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
+
+
 def fused_classifier(losses, logits, targets, dloss, vocab_size):
     valid = targets >= 0
     safe_t = np.where(valid, targets, 0)[..., None]  # an in-range index for masked rows, zeroed below
@@ -291,5 +306,22 @@ class NumpyBackend(Backend):
     attention_forward = staticmethod(attention_forward)
     attention_backward = staticmethod(attention_backward)
     fused_classifier = staticmethod(fused_classifier)
+
+    # the LLaMA family's (numpy_llama_ops.py)
+    embedding_forward = staticmethod(numpy_llama_ops.embedding_forward)
+
+    def embedding_backward(self, dwte, dout, batch):
+        numpy_llama_ops.embedding_backward(dwte, dout, batch.tokens)
+
+    rmsnorm_forward = staticmethod(numpy_llama_ops.rmsnorm_forward)
+    fused_residual_rmsnorm_forward = staticmethod(numpy_llama_ops.fused_residual_rmsnorm_forward)
+    rmsnorm_backward = staticmethod(numpy_llama_ops.rmsnorm_backward)
+    rope_forward = staticmethod(numpy_llama_ops.rope_forward)
+    rope_backward = staticmethod(numpy_llama_ops.rope_backward)
+    swiglu_forward = staticmethod(numpy_llama_ops.swiglu_forward)
+    swiglu_backward = staticmethod(numpy_llama_ops.swiglu_backward)
+    attention_forward_gqa = staticmethod(attention_forward_gqa)
+    attention_backward_gqa = staticmethod(attention_backward_gqa)
+
     global_norm_squared = staticmethod(global_norm_squared)
     adamw_update = staticmethod(adamw_update)

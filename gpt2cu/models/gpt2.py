@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dist import SingleProcess
+from ..formats import (HEADER_BYTES, MODEL_FILE, atomic_write, bf16_bits_to_f32, check_file_size, f32_to_bf16_bits,
+                       new_header, read_header)
 from ..layout import Layout, build_layout
-from ..zero import FlatStorage, allocate
+from .base import FlatModel
 
 GPT2_VOCAB = 50257
 GPT2_PADDED_VOCAB = 50304  # next multiple of 128: keeps the LM-head GEMM well tiled
@@ -62,6 +63,14 @@ class GPTConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head  # every query head has its own key/value head
+
+    @property
+    def qkv_width(self) -> int:
+        return 3 * self.n_embd
+
     @classmethod
     def from_descriptor(cls, desc: str, **overrides) -> "GPTConfig":
         """'d12' -> GPT-2 124M; any 'dN' gets 64*N channels and N heads unless llm.c names it."""
@@ -84,6 +93,10 @@ class GPTConfig:
 
     def num_parameters(self) -> int:
         return param_layout(self).total
+
+    def flops_per_token(self, T: int) -> int:
+        """llm.c's 6N + 6LCT: the training FLOPs of one token at sequence length T (attention's included)."""
+        return 6 * self.num_parameters() + 6 * self.n_layer * self.n_embd * T
 
 
 def param_layout(cfg: GPTConfig) -> Layout:
@@ -189,45 +202,13 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> np.ndarray:
     return flat
 
 
-class GPT:
+class GPT(FlatModel):
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend."""
 
     def __init__(self, cfg: GPTConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
                  storage=None):
-        """storage: where parameters and gradients live (zero.make_storage; default: whole flat buffers,
-        ZeRO-0 on one rank); params, the host fp32 values, are loaded into it."""
-        if not 1 <= T <= cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} must be in [1, {cfg.max_seq_len}] for this model")
-        self.cfg, self.ops, self.B, self.T, self.recompute = cfg, backend, B, T, recompute
-        self.layout = param_layout(cfg)
-        if storage is None:
-            storage = FlatStorage(backend, self.layout, cfg.n_layer, SingleProcess())
-        self.storage = storage
-        storage.load_params(params)
-        # p[name] / g[name]: a tensor, or for per-layer tensors anything indexed by layer
-        self.p, self.g = storage.p, storage.g
-        self.acts = allocate("activations", lambda: {
-            t.name: backend.zeros(t.shape, fp32=t.name in FP32_ACTIVATIONS)
-            for t in activation_layout(cfg, B, T, recompute).tensors})
-
-    @property
-    def params(self):
-        """The parameter buffer this rank holds (the whole model, or its shard under ZeRO-3)."""
-        return self.storage.params
-
-    @property
-    def grads(self):
-        """The gradient buffer this rank holds (the whole model, or its shard under ZeRO-2 and -3)."""
-        return self.storage.grads
-
-    def load_params(self, host_params: np.ndarray):
-        """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
-        self.storage.load_params(host_params)
-
-    def host_params(self) -> np.ndarray:
-        """The parameters as a host fp32 flat buffer of the layout's size (under ZeRO-3 a collective:
-        every rank must call it)."""
-        return self.storage.host_params()
+        super().__init__(cfg, backend, B, T, params, recompute, storage, param_layout(cfg),
+                         activation_layout(cfg, B, T, recompute), FP32_ACTIVATIONS)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, batch, dloss: float = 0.0):
@@ -235,49 +216,9 @@ class GPT:
         dloss != 0 (1/(B*T*grad_accum) in training) the LM head's backward too: dwte += and d(lnf) into
         acts["dbtc"], chunk by chunk, so whole logits are never stored. batch: the backend's
         upload_batch result. logits() gives the logits of an inference forward."""
-        self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.p["wpe"][:self.T])
+        self.forward_schedule(self.block_acts, self.attend, batch.tokens, self.position_rows(0, self.T))
         if batch.targets is not None:
             self.lm_head_loss(batch.targets, dloss)
-
-    def lm_head(self, out, hidden):
-        """logits = hidden @ wte.T: the LM head, tied to the token embedding."""
-        self.ops.matmul_forward(out, hidden, self.p["wte"])
-
-    def _lm_head_chunks(self):
-        """(rows of lnf, the logits buffer's rows) of each chunk of the LM head."""
-        N, chunk = self.B * self.T, self.acts["logits"].shape[0]
-        for start in range(0, N, chunk):
-            rows = slice(start, min(start + chunk, N))
-            yield rows, self.acts["logits"][:rows.stop - rows.start]
-
-    def lm_head_loss(self, targets, dloss: float):
-        """Per chunk: logits = lnf @ wte.T, the fused softmax cross-entropy (losses, dlogits in place),
-        and with dloss != 0 the chunk's backward at once: d(lnf) rows = dlogits @ wte, dwte +=
-        dlogits.T @ lnf rows. Same sums as whole logits, in chunk order: deterministic."""
-        ops, a, p, g, C = self.ops, self.acts, self.p, self.g, self.cfg.n_embd
-        lnf, dlnf = a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C)
-        losses, targets = a["losses"].reshape(-1), targets.reshape(-1)
-        for rows, logits in self._lm_head_chunks():
-            self.lm_head(logits, lnf[rows])
-            ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size)
-            if dloss:
-                ops.matmul_backward(dlnf[rows], g["wte"], None, logits, lnf[rows], p["wte"])
-
-    def logits(self, row: int | None = None, position: int | None = None) -> np.ndarray:
-        """Host float32 logits (all Vp columns) after an inference forward: of every position, (B, T, Vp),
-        or of one (row, position), (Vp,). Computed chunk by chunk from lnf."""
-        ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
-        lnf = self.acts["lnf"].reshape(-1, C)
-        if row is not None:
-            at = row * self.T + position
-            out = self.acts["logits"][:1]
-            self.lm_head(out, lnf[at:at + 1])
-            return ops.to_numpy(out)[0]
-        host = np.empty((self.B * self.T, Vp), np.float32)
-        for rows, logits in self._lm_head_chunks():
-            self.lm_head(logits, lnf[rows])
-            host[rows] = ops.to_numpy(logits)
-        return host.reshape(self.B, self.T, Vp)
 
     def forward_schedule(self, acts, attend, tokens, wpe_rows):
         """The forward up to the final layernorm (lnf), over activations wherever the caller keeps them:
@@ -338,6 +279,22 @@ class GPT:
     def attend(self, l, a):
         self.ops.attention_forward(a["atty"], a["att_lse"], a["qkv"], self.cfg.n_head)
 
+    def position_rows(self, start: int, stop: int):
+        """What the schedule needs of positions start..stop-1: their rows of wpe."""
+        return self.p["wpe"][start:stop]
+
+    def decode_buffers(self):
+        """One-row (B = T = 1) buffers for a decoding step: (outside the blocks, one block's, shared by every
+        block); the decoder supplies qkv (its cache row) and may replace atty."""
+        ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
+        z = lambda *shape, fp32=False: ops.zeros((1, 1) + shape, fp32=fp32)  # noqa: E731
+        ln, mean, rstd, residual3 = z(C), z(fp32=True), z(fp32=True), z(C)
+        top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
+        block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
+                 "ln2_rstd": rstd, "atty": z(C), "att_lse": None, "scratch": z(C), "residual2": z(C),
+                 "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": residual3}
+        return top, block
+
     # ---- backward -------------------------------------------------------------------------------
     def backward(self, batch, layer_done=None):
         """Accumulates into self.grads; needs forward() to have run with dloss != 0 on the same batch
@@ -383,8 +340,43 @@ class GPT:
         ops.encoder_backward(g["wte"], g["wpe"][:self.T], dresidual, batch)
         storage.top_grads_done()
 
-    def zero_grad(self):
-        self.storage.zero_grad()
+
+
+# ---- llm.c's model file (formats.py describes it) --------------------------------------------------
+MODEL_VERSION = {dtype: version for version, dtype in MODEL_FILE.versions.items()}  # "fp32" -> 3, "bf16" -> 5
+
+
+def write_model_file(path: str, cfg: GPTConfig, params: np.ndarray, dtype: str) -> None:
+    header = new_header(MODEL_FILE, MODEL_VERSION[dtype], [cfg.max_seq_len, cfg.vocab_size, cfg.n_layer,
+                                                           cfg.n_head, cfg.n_embd, cfg.padded_vocab_size])
+    data = f32_to_bf16_bits(params) if dtype == "bf16" else np.ascontiguousarray(params)
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(memoryview(data).cast("B"))
+    atomic_write(path, write)
+
+
+def read_model_file_header(path: str, error) -> tuple[GPTConfig, str]:
+    """(GPTConfig, "fp32" | "bf16") of an llm.c model file, after checking its size matches."""
+    header, size = read_header(path, MODEL_FILE, error)
+    max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
+    try:
+        cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
+                        vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    except ValueError as e:
+        raise error(f"{path}: bad model shape in header: {e}") from e
+    dtype = MODEL_FILE.versions[int(header[1])]
+    param_bytes = 4 if dtype == "fp32" else 2
+    check_file_size(path, MODEL_FILE, size, HEADER_BYTES + param_layout(cfg).total * param_bytes, error)
+    return cfg, dtype
+
+
+def read_model_file(path: str, error) -> tuple[GPTConfig, np.ndarray]:
+    cfg, dtype = read_model_file_header(path, error)
+    n = param_layout(cfg).total
+    raw = np.fromfile(path, dtype=np.float32 if dtype == "fp32" else np.uint16, count=n, offset=HEADER_BYTES)
+    return cfg, raw if dtype == "fp32" else bf16_bits_to_f32(raw)
 
 
 # the family interface (models/__init__.py)

@@ -2,20 +2,20 @@
 
 nanoGPT's model (pre-LN blocks, fused qkv Linear, SDPA causal attention, tanh GeLU MLP, LM head tied to
 wte), with wte holding the padded vocabulary as gpt2cu does. Its parameters load from and export to
-gpt2cu's flat fp32 buffer through the family's param_layout, so both implementations start from the same
-init_params and their gradients compare tensor by tensor. Used on the CPU in fp32/float64 for parity
+gpt2cu's flat fp32 buffer (flat.FlatParams), so both implementations start from the same init_params and
+their gradients compare tensor by tensor. Used on the CPU in fp32/float64 for parity
 tests, and on the GPU under bf16 autocast and torch.compile as the benchmark baseline, so the forward
 stays free of Python-side data-dependent control flow. Only tests and benchmarks import this module
 (and with it torch); the package itself does not need torch.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.gpt2 import GPTConfig, param_layout
+from ..models.gpt2 import GPTConfig
+from .flat import FlatParams
 
 
 class CausalSelfAttention(nn.Module):
@@ -61,7 +61,7 @@ def _cast(x, dtype):
     return x if dtype is None else x.to(dtype)
 
 
-class TorchGPT(nn.Module):
+class TorchGPT(FlatParams):
     def __init__(self, cfg: GPTConfig, residual_dtype=None):
         """residual_dtype None keeps the residual stream in the parameters' dtype (fp32 under autocast);
         torch.bfloat16 rounds it after every add, as a bf16-activation implementation stores it."""
@@ -75,16 +75,10 @@ class TorchGPT(nn.Module):
     def forward(self, idx, targets=None):
         """idx, targets (B, T) int64 -> (logits (B, T, V) over the real vocabulary, mean cross-entropy
         over the targets that are not -1, or None without targets)."""
-        V = self.cfg.vocab_size
         x = _cast(self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device)), self.residual_dtype)
         for block in self.h:
             x = block(x, self.residual_dtype)
-        # the tied head over all Vp rows (a well-tiled GEMM, as gpt2cu's), then the padding is dropped
-        logits = F.linear(self.ln_f(x), self.wte.weight)[..., :V]
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.lm_head_loss(self.ln_f(x), self.wte.weight, targets)  # the head tied to wte
 
     # ---- gpt2cu's flat buffer -----------------------------------------------------------------
     def layout_tensors(self) -> dict:
@@ -100,40 +94,3 @@ class TorchGPT(nn.Module):
             "fcprojw": [b.mlp.c_proj.weight for b in h], "fcprojb": [b.mlp.c_proj.bias for b in h],
             "lnfw": [self.ln_f.weight], "lnfb": [self.ln_f.bias],
         }
-
-    def _views(self, flat: np.ndarray):
-        """(parameter, matching view of flat) pairs over the whole layout."""
-        views = param_layout(self.cfg).views(flat)
-        for name, params in self.layout_tensors().items():
-            yield from zip(params, views[name].reshape(len(params), *params[0].shape))
-
-    @classmethod
-    def from_flat(cls, cfg: GPTConfig, flat: np.ndarray, **kwargs) -> "TorchGPT":
-        model = cls(cfg, **kwargs)
-        with torch.no_grad():
-            for p, src in model._views(np.asarray(flat, dtype=np.float32)):
-                p.copy_(torch.from_numpy(np.ascontiguousarray(src)))
-        return model
-
-    def _export(self, pick, dtype) -> np.ndarray:
-        flat = np.zeros(param_layout(self.cfg).total, dtype=dtype)
-        for p, dst in self._views(flat):
-            t = pick(p)
-            if t is not None:
-                torch.from_numpy(dst).copy_(t.detach())  # any device, any dtype
-        return flat
-
-    def to_flat(self, dtype=np.float32) -> np.ndarray:
-        """The parameters as gpt2cu's flat host buffer (fp32; float64 keeps a float64 model's precision)."""
-        return self._export(lambda p: p, dtype)
-
-    def grads_to_flat(self, dtype=np.float32) -> np.ndarray:
-        """The gradients as a flat host buffer (zero where a parameter has no gradient)."""
-        return self._export(lambda p: p.grad, dtype)
-
-    def configure_optimizer(self, weight_decay, lr, betas, eps, fused):
-        """torch's AdamW with gpt2cu's split: weight decay on the layout's decay tensors only."""
-        params = self.layout_tensors()
-        groups = [{"params": [p for t in param_layout(self.cfg).tensors if t.decay == decay for p in params[t.name]],
-                   "weight_decay": weight_decay if decay else 0.0} for decay in (True, False)]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)

@@ -1,0 +1,97 @@
+"""What every family's model holds, whatever its network: parameters and gradients in a storage
+(zero.make_storage: whole flat buffers, or this rank's shards under ZeRO-2/3) viewed through the family's
+parameter table, and activation buffers from its activation table, for a fixed (B, T) on one backend. A
+family's Model subclasses FlatModel and adds its schedule, calling the storage's hooks around each layer
+(gather_top, gather_layer, layer_grads_done, top_grads_done: no-ops for whole buffers)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dist import SingleProcess
+from ..layout import Layout
+from ..zero import FlatStorage, allocate
+
+
+class FlatModel:
+    def __init__(self, cfg, backend, B: int, T: int, params: np.ndarray, recompute: int, storage,
+                 layout: Layout, activations: Layout, fp32_activations: frozenset):
+        """storage: where parameters and gradients live (default: whole flat buffers, ZeRO-0 on one rank);
+        params, the host fp32 values, are loaded into it."""
+        if not 1 <= T <= cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} must be in [1, {cfg.max_seq_len}] for this model")
+        self.cfg, self.ops, self.B, self.T, self.recompute = cfg, backend, B, T, recompute
+        self.layout = layout
+        if storage is None:
+            storage = FlatStorage(backend, layout, cfg.n_layer, SingleProcess())
+        self.storage = storage
+        storage.load_params(params)
+        # p[name] / g[name]: a tensor, or for per-layer tensors anything indexed by layer
+        self.p, self.g = storage.p, storage.g
+        self.acts = allocate("activations", lambda: {
+            t.name: backend.zeros(t.shape, fp32=t.name in fp32_activations) for t in activations.tensors})
+
+    # ---- the LM head, in row chunks (the activation table's "logits" holds one chunk) ------------
+    head = "wte"  # the LM head's weight: tied to the token embedding (LLaMA's may be its own lm_head)
+
+    def lm_head(self, out, hidden):
+        """logits = hidden @ W.T, W = p[self.head]: the LM head."""
+        self.ops.matmul_forward(out, hidden, self.p[self.head])
+
+    def _lm_head_chunks(self):
+        """(rows of lnf, the logits buffer's rows) of each chunk of the LM head."""
+        N, chunk = self.B * self.T, self.acts["logits"].shape[0]
+        for start in range(0, N, chunk):
+            rows = slice(start, min(start + chunk, N))
+            yield rows, self.acts["logits"][:rows.stop - rows.start]
+
+    def lm_head_loss(self, targets, dloss: float):
+        """Per chunk: logits = lnf @ W.T, the fused softmax cross-entropy (losses, dlogits in place),
+        and with dloss != 0 the chunk's backward at once: d(lnf) rows = dlogits @ W, dW += dlogits.T @
+        lnf rows (W = p[self.head]). Same sums as whole logits, in chunk order: deterministic. lnf: the
+        final norm's output, acts["lnf"], whatever the family's norm."""
+        ops, a, p, g, C = self.ops, self.acts, self.p, self.g, self.cfg.n_embd
+        lnf, dlnf = a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C)
+        losses, targets = a["losses"].reshape(-1), targets.reshape(-1)
+        for rows, logits in self._lm_head_chunks():
+            self.lm_head(logits, lnf[rows])
+            ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size)
+            if dloss:
+                ops.matmul_backward(dlnf[rows], g[self.head], None, logits, lnf[rows], p[self.head])
+
+    def logits(self, row: int | None = None, position: int | None = None) -> np.ndarray:
+        """Host float32 logits (all Vp columns) after an inference forward: of every position, (B, T, Vp),
+        or of one (row, position), (Vp,). Computed chunk by chunk from lnf."""
+        ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
+        lnf = self.acts["lnf"].reshape(-1, C)
+        if row is not None:
+            at = row * self.T + position
+            out = self.acts["logits"][:1]
+            self.lm_head(out, lnf[at:at + 1])
+            return ops.to_numpy(out)[0]
+        host = np.empty((self.B * self.T, Vp), np.float32)
+        for rows, logits in self._lm_head_chunks():
+            self.lm_head(logits, lnf[rows])
+            host[rows] = ops.to_numpy(logits)
+        return host.reshape(self.B, self.T, Vp)
+
+    @property
+    def params(self):
+        """The parameter buffer this rank holds (the whole model, or its shard under ZeRO-3)."""
+        return self.storage.params
+
+    @property
+    def grads(self):
+        """The gradient buffer this rank holds (the whole model, or its shard under ZeRO-2 and -3)."""
+        return self.storage.grads
+
+    def load_params(self, host_params: np.ndarray):
+        """Replace the parameters with a host fp32 flat buffer (e.g. a checkpoint's)."""
+        self.storage.load_params(host_params)
+
+    def host_params(self) -> np.ndarray:
+        """The parameters as a host fp32 flat buffer of the layout's size (under ZeRO-3 a collective:
+        every rank must call it)."""
+        return self.storage.host_params()
+
+    def zero_grad(self):
+        self.storage.zero_grad()
