@@ -135,8 +135,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--recompute", default="0,1", help="gpt2cu recompute settings to time (-r)")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--attention", choices=("auto", "mma"), default="auto",
+                    help="gpt2cu's attention kernels: auto (Hopper wgmma/TMA on sm_90) or mma (the mma.sync ones)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
+    if args.attention == "mma":
+        from gpt2cu._native import load_kernels
+        load_kernels().attention_set_backend(1)
     tables = {desc: bench_model(config_from_descriptor(desc), args) for desc in args.model.split(",")}
     if args.out:
         with open(args.out, "w") as f:
