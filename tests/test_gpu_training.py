@@ -195,7 +195,9 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
     too. The first loss is bit-identical (same forward); after it they are close, not identical: the
     stochastic rounding of the bf16 weights hashes each element's index inside its update segment (whole
     stacked tensors under ZeRO-1, one layer's piece under ZeRO-2/3), and the gradient norm sums the shard
-    in another order. Bounds: losses within 0.01, weights within 1% relative norm per tensor."""
+    in another order. Bounds: losses within 0.01, weights within 3% relative norm per tensor: a different
+    dither moves an element by up to one bf16 ulp (0.4% of it) per update, and the small biases (|w| ~ 2e-3,
+    moved ~1e-3 a step by Adam) drift a few ulps apart (measured on an H200: 1.25% for qkvb)."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm
     from gpt2cu.models.gpt2 import param_layout
@@ -220,21 +222,25 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.01, (zero, recompute, losses, ref_losses)
         for name, x in layout.views(params).items():
             y = layout.views(ref_params)[name]
-            assert np.linalg.norm(x - y) <= 0.01 * max(np.linalg.norm(y), 1e-6), (zero, recompute, name)
+            assert np.linalg.norm(x - y) <= 0.03 * max(np.linalg.norm(y), 1e-6), (zero, recompute, name)
 
 
 @pytest.mark.parametrize("model,B", [("d12", 16), ("d24", 16), ("d48", 8)])
 def test_planner_matches_peak_memory(model, B):
     """python -m gpt2cu.plan's total for one GPU (memory.plan) against the measured peak after two steps
-    (CuPy's pool, emptied first, never returns memory by itself, so its size is this run's peak; plus the
-    cuBLASLt workspace, which is outside the pool): within 10%."""
+    (CuPy's pool never returns memory by itself, so its growth over this test is this run's peak; earlier
+    tests' buffers still held are the baseline; plus the cuBLASLt workspace, outside the pool): within 10%."""
     from gpt2cu import memory
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import SingleProcess
     from gpt2cu.models import config_from_descriptor
+    import gc
+
     import cupy as cp
+    gc.collect()  # earlier tests' trainers
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
+    baseline = pool.total_bytes()
     T = 1024
     cfg = config_from_descriptor(model)
     backend = get_backend("cuda")
@@ -244,7 +250,7 @@ def test_planner_matches_peak_memory(model, B):
     for _ in range(2):
         trainer.step()
     backend.synchronize()
-    measured = pool.total_bytes() + memory.CUBLASLT_WORKSPACE_BYTES
+    measured = pool.total_bytes() - baseline + memory.CUBLASLT_WORKSPACE_BYTES
     planned = sum(memory.plan(cfg, B, T, 1, 0, 1, "cuda").values())
     print(f"{model} B={B}: planned {planned / 2**20:,.0f} MiB, measured peak {measured / 2**20:,.0f} MiB")
     assert abs(measured - planned) <= 0.1 * measured, (planned, measured)
