@@ -189,15 +189,16 @@ def test_nccl_with_one_rank_matches_no_communicator():
         assert np.array_equal(params, ref_params), (zero, overlap)
 
 
+@pytest.mark.xfail(strict=True, reason="ZeRO-2/3 on CUDA: measured on an H200, qkvb after 3 steps (-z 2, -r 1) is "
+                   "21% away from -z 1 in relative norm (most elements 1 bf16 ulp, some far more); the CLI refuses "
+                   "-z 2/3 with --backend cuda until this passes")
 def test_nccl_with_one_rank_zero2_zero3_match_zero1():
     """ZeRO-2 and -3 through NCCL with world size 1 (per-layer reduce-scatters inside the backward, ZeRO-3's
     gathers prefetched on the communication stream) against ZeRO-1 on the same communicator, with -r 3
     too. The first loss is bit-identical (same forward); after it they are close, not identical: the
     stochastic rounding of the bf16 weights hashes each element's index inside its update segment (whole
     stacked tensors under ZeRO-1, one layer's piece under ZeRO-2/3), and the gradient norm sums the shard
-    in another order. Bounds: losses within 0.01, weights within 3% relative norm per tensor: a different
-    dither moves an element by up to one bf16 ulp (0.4% of it) per update, and the small biases (|w| ~ 2e-3,
-    moved ~1e-3 a step by Adam) drift a few ulps apart (measured on an H200: 1.25% for qkvb)."""
+    in another order. Bounds: losses within 0.01, weights within 1% relative norm per tensor."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm
     from gpt2cu.models.gpt2 import param_layout
@@ -222,7 +223,7 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.01, (zero, recompute, losses, ref_losses)
         for name, x in layout.views(params).items():
             y = layout.views(ref_params)[name]
-            assert np.linalg.norm(x - y) <= 0.03 * max(np.linalg.norm(y), 1e-6), (zero, recompute, name)
+            assert np.linalg.norm(x - y) <= 0.01 * max(np.linalg.norm(y), 1e-6), (zero, recompute, name)
 
 
 @pytest.mark.parametrize("model,B", [("d12", 16), ("d24", 16), ("d48", 8)])
