@@ -1,8 +1,9 @@
 """Training curves from main.log files: `python -m gpt2cu.plot DIR [DIR...] -o curves.png`.
 
 Reads llm.c's log lines (`s:N trl:X` train loss, `s:N tel:X` val loss, `s:N eval:X` HellaSwag accuracy
-as a fraction), written by train.py or by llm.c itself; any other `key:value` field on a line is
-ignored. A resumed run appends to its log from the checkpoint's step, so a step at or before one
+as a fraction), written by train.py or by llm.c itself, and the RL fields of gpt2cu.ppo (RL_KEYS: reward,
+KL, entropy, clip fraction, value loss, explained variance, held-out reward); any other `key:value` field
+on a line is ignored. A resumed run appends to its log from the checkpoint's step, so a step at or before one
 already seen replaces that entry and everything after it (the abandoned tail of the first attempt).
 
 One PNG: train and val loss against step (or tokens, with --tokens-per-step), and HellaSwag in percent
@@ -18,6 +19,10 @@ import sys
 from .extras import MissingExtra, require
 
 KEYS = {"trl": "train loss", "tel": "val loss", "eval": "HellaSwag"}
+# python -m gpt2cu.ppo's per-step fields: one panel each
+RL_KEYS = {"rwd": "mean reward", "evr": "held-out mean reward", "kl": "KL to the reference", "ent": "entropy",
+           "clip": "clip fraction", "vloss": "value loss", "ev": "explained variance"}
+KEYS.update(RL_KEYS)
 
 
 class LogError(ValueError):
@@ -25,7 +30,7 @@ class LogError(ValueError):
 
 
 def read_log(path: str) -> dict:
-    """{"trl" | "tel" | "eval": [(step, value), ...] in step order} from a main.log."""
+    """{key of KEYS: [(step, value), ...] in step order} from a main.log."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no log file: {path}")
     series = {key: [] for key in KEYS}
@@ -56,7 +61,9 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
     import matplotlib.pyplot as plt
 
     has_eval = any(series["eval"] for series in runs.values())
-    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(14 if has_eval else 8, 5), squeeze=False)
+    rl_keys = [key for key in RL_KEYS if any(series[key] for series in runs.values())]
+    columns = (2 if has_eval else 1) + len(rl_keys)
+    fig, axes = plt.subplots(1, columns, figsize=(7 * columns if columns > 1 else 8, 5), squeeze=False)
     loss_ax = axes[0, 0]
     scale = tokens_per_step or 1
     xlabel = "tokens" if tokens_per_step else "step"
@@ -72,6 +79,10 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
             steps, values = zip(*series["eval"])
             axes[0, 1].plot([s * scale for s in steps], [100 * v for v in values], "-o", markersize=3,
                             color=color, label=label)
+        for column, key in enumerate(rl_keys, start=2 if has_eval else 1):
+            if series[key]:
+                steps, values = zip(*series[key])
+                axes[0, column].plot([s * scale for s in steps], values, "-", color=color, label=label)
     if ref_val_loss is not None:
         loss_ax.axhline(ref_val_loss, color="red", linestyle=":", label=f"reference val loss {ref_val_loss}")
     loss_ax.set(xlabel=xlabel, ylabel="loss", title="loss")
@@ -82,6 +93,11 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
             eval_ax.axhline(ref_hellaswag, color="red", linestyle=":", label=f"reference {ref_hellaswag}%")
         eval_ax.set(xlabel=xlabel, ylabel="acc_norm (%)", title="HellaSwag")
         panels.append(eval_ax)
+    for column, key in enumerate(rl_keys, start=2 if has_eval else 1):
+        axes[0, column].set(xlabel=xlabel, title=RL_KEYS[key])
+        panels.append(axes[0, column])
+    if not any(series["trl"] or series["tel"] for series in runs.values()):
+        loss_ax.set_visible(False)  # an RL run's log: no loss to plot
     for ax in panels:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -19,7 +19,7 @@ import os
 import sys
 
 from .rl.ppo import ALGOS, PPO, PPOConfig
-from .rl.text import InputError, codec_for, read_jsonl
+from .rl.text import InputError, codec_for, document_tokens, read_jsonl
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-whiten", dest="whiten", action="store_false", help="PPO: keep the advantages' scale")
     a("--eval-prompts", default=None, help="held-out JSONL prompts: mean reward at the start and every --eval-every")
     a("--eval-every", type=int, default=0)
+    a("--eval-reward", default=None, help="module:function to measure the held-out completions with (default: "
+                                          "the training reward), e.g. the rule a reward model was trained on")
     a("-n", dest="checkpoint_every", type=int, default=0, help="checkpoint every N steps (and at the end)")
     a("-y", dest="resume", type=int, default=0, choices=(0, 1), help="1: resume from the newest checkpoint in -o")
     a("--backend", default="auto", choices=("auto", "numpy", "cuda"))
@@ -91,9 +93,10 @@ def main(argv=None) -> int:
         if args.reward:
             reward_fn = load_reward_function(args.reward)
         else:
-            longest = max(len(codec.encode(x)) for x in prompts + eval_prompts)
+            longest = max(len(document_tokens(codec, x)) for x in prompts + eval_prompts)
             reward_fn = RewardModelReward(args.reward_model, cfg, backend, args.minibatch,
                                           longest + args.max_new_tokens + 1)
+        eval_reward = load_reward_function(args.eval_reward) if args.eval_reward else None
         ppo = PPO(cfg, params, backend, config, prompts, reward_fn, codec)
     except (InputError, OSError, ValueError, RuntimeError, ImportError) as e:
         fail(e)
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     try:
         def evaluate(step):
             if eval_prompts:
-                value = ppo.evaluate(eval_prompts)
+                value = ppo.evaluate(eval_prompts, eval_reward)
                 log.log(step, "evr", value)
                 print(f"step {step:5d} | held-out mean reward {value:.4f}", flush=True)
                 return value

@@ -1,7 +1,8 @@
 """Synthetic arithmetic for the RL demonstrations (README, "RL fine-tuning"): two-digit additions written
 in the character vocabulary of gpt2cu/rl/text.py, one problem per document ("23+58=81", EOT before each).
 
-The problems a+b with 10 <= a, b <= 99 are split once (fixed seed) into train problems and held-out ones.
+The problems a+b with 10 <= a, b <= 99 (by default those without carries: "23+51=74", digit by digit,
+which a tiny model learns in a few hundred steps on a CPU; --carries for all of them) are split once (fixed seed) into train problems and held-out ones.
 The pretraining text is a noisy teacher: a fraction --noise of its answers is off by 1 or 10, so a model
 pretrained on it gives wrong answers at about that rate even where it has learned the sum, and an exact-
 match reward can remove what the noise taught. It writes into --output:
@@ -31,12 +32,15 @@ from gpt2cu.models.gpt2 import GPTConfig, init_params  # noqa: E402
 from gpt2cu.rl.text import CHAR_PADDED_VOCAB, CHAR_VOCAB, CharCodec  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arithmetic")
-MAX_SEQ_LEN = 16  # "99+99=198" is 9 characters
+MAX_SEQ_LEN = 18  # two documents of "<EOT>23+51=74"
 
 
-def split_problems(heldout_frac: float, seed: int = 0):
-    """(train, held-out) lists of (a, b)."""
-    problems = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+def split_problems(heldout_frac: float, digits: int, carries: bool, seed: int = 0):
+    """(train, held-out) lists of (a, b) of `digits`-digit operands; without carries, only those whose
+    digits add up to at most 9."""
+    low, high = (0, 10) if digits == 1 else (10 ** (digits - 1), 10 ** digits)
+    problems = [(a, b) for a in range(low, high) for b in range(low, high)
+                if carries or all((a // 10 ** i) % 10 + (b // 10 ** i) % 10 <= 9 for i in range(digits))]
     order = np.random.default_rng(seed).permutation(len(problems))
     n_heldout = int(len(problems) * heldout_frac)
     return [problems[i] for i in order[n_heldout:]], [problems[i] for i in order[:n_heldout]]
@@ -79,6 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--val-docs", type=int, default=2_000)
     p.add_argument("--noise", type=float, default=0.3, help="fraction of pretraining answers that are wrong")
     p.add_argument("--heldout-frac", type=float, default=0.1)
+    p.add_argument("--digits", type=int, default=2, choices=(1, 2, 3), help="digits of each operand")
+    p.add_argument("--carries", action="store_true",
+                   help="all two-digit additions (default: those without carries, which a tiny model learns "
+                        "in a few hundred CPU steps)")
     p.add_argument("--depth", type=int, default=None, help="also write init_model.bin with this many layers")
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
         p.error("--noise must be in [0, 1) and --heldout-frac in (0, 1)")
     os.makedirs(args.output, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    train, heldout = split_problems(args.heldout_frac)
+    train, heldout = split_problems(args.heldout_frac, args.digits, args.carries)
     out = lambda name: os.path.join(args.output, name)
     write_shard(out("arithmetic_train_000000.bin"), documents_tokens(train, args.train_docs, args.noise, rng))
     write_shard(out("arithmetic_val_000000.bin"), documents_tokens(train, args.val_docs, args.noise, rng))

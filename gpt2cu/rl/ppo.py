@@ -44,6 +44,7 @@ from ..optim import AdamWConfig
 from .reward_model import ModelOptimizer, ScalarHeadModel
 from .rewards import checked_rewards
 from .rollout import BatchedDecoder, generate
+from .text import document_tokens
 
 ALGOS = ("ppo", "grpo")
 
@@ -132,7 +133,7 @@ class PPO:
                  reward_fn, codec):
         self.cfg, self.ops, self.config, self.codec, self.reward_fn = model_cfg, backend, config, codec, reward_fn
         self.prompts = list(prompts)
-        self.prompt_tokens = [codec.encode(p) for p in self.prompts]
+        self.prompt_tokens = [document_tokens(codec, p) for p in self.prompts]
         B = config.minibatch
         self.T = max(len(p) for p in self.prompt_tokens) + config.max_new_tokens - 1
         if self.T > model_cfg.max_seq_len:
@@ -181,12 +182,12 @@ class PPO:
             texts += [self.codec.decode(r.completion(i)) for i in range(len(chunk))]
         return np.concatenate(rows), np.concatenate(prompt_lens), np.concatenate(lengths), texts
 
-    def evaluate(self, prompts: list, seed: int = 0) -> float:
-        """The mean reward of one sampled completion per prompt (a fixed seed: before and after compare
-        the same draws)."""
-        _, _, _, texts = self.sample([self.codec.encode(p) for p in prompts], np.random.default_rng(seed),
+    def evaluate(self, prompts: list, reward_fn=None, seed: int = 0) -> float:
+        """The mean reward (the training reward's, or reward_fn's) of one sampled completion per prompt
+        (a fixed seed: before and after compare the same draws)."""
+        _, _, _, texts = self.sample([document_tokens(self.codec, p) for p in prompts], np.random.default_rng(seed),
                                      self.config.temperature)
-        return float(checked_rewards(self.reward_fn, prompts, texts).mean())
+        return float(checked_rewards(reward_fn or self.reward_fn, prompts, texts).mean())
 
     # ---- forwards over whole sequences ------------------------------------------------------------------
     def _logprobs(self, model, inputs, targets, entropy: bool = False):

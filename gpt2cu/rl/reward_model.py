@@ -19,7 +19,7 @@ from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_
 from ..models import family_of
 from ..models.gpt2 import GPTConfig, param_layout
 from ..optim import AdamW, adamw_reference, clip_scale
-from .text import InputError
+from .text import InputError, document_tokens
 
 
 class ScalarHeadModel:
@@ -162,15 +162,17 @@ def sequence_scores(model: ScalarHeadModel, seqs: list, eot: int) -> np.ndarray:
 
 
 def encode_pairs(records: list, codec) -> list:
-    """[(prompt + chosen + EOT, prompt + rejected + EOT) token lists] of JSONL preference records."""
-    return [(codec.encode(r["prompt"] + r["chosen"]) + [codec.eot], codec.encode(r["prompt"] + r["rejected"]) + [codec.eot])
+    """[(EOT + prompt + chosen + EOT, EOT + prompt + rejected + EOT) token lists] of JSONL preference records
+    (each sequence a document, as in the rollouts the reward model scores)."""
+    return [tuple(document_tokens(codec, r["prompt"] + r[side]) + [codec.eot] for side in ("chosen", "rejected"))
             for r in records]
 
 
 def pairwise_accuracy(model: ScalarHeadModel, pairs: list, eot: int) -> float:
-    """The fraction of pairs whose chosen sequence scores above the rejected one."""
+    """The fraction of pairs whose chosen sequence scores above the rejected one (a tie counts half)."""
     scores = sequence_scores(model, [s for pair in pairs for s in pair], eot)
-    return float((scores[0::2] > scores[1::2]).mean())
+    chosen, rejected = scores[0::2], scores[1::2]
+    return float((chosen > rejected).mean() + 0.5 * (chosen == rejected).mean())
 
 
 def bradley_terry_step(model: ScalarHeadModel, optimizer: ModelOptimizer, pairs: list, eot: int,

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from .reward_model import ScalarHeadModel, read_reward_model, sequence_scores
-from .text import InputError, codec_for
+from .text import InputError, codec_for, document_tokens
 
 
 def load_reward_function(spec: str):
@@ -48,7 +48,7 @@ def checked_rewards(reward_fn, prompts: list, completions: list) -> np.ndarray:
 
 
 class RewardModelReward:
-    """A reward model file as a reward function: the score of prompt + completion + EOT."""
+    """A reward model file as a reward function: the score of EOT + prompt + completion + EOT."""
 
     def __init__(self, path: str, policy_cfg, backend, rows: int, max_tokens: int):
         cfg, trunk, head = read_reward_model(path)
@@ -60,7 +60,7 @@ class RewardModelReward:
 
     def __call__(self, prompts, completions):
         eot = self.codec.eot
-        seqs = [self.codec.encode(p + c) + [eot] for p, c in zip(prompts, completions)]
+        seqs = [document_tokens(self.codec, p + c) + [eot] for p, c in zip(prompts, completions)]
         return sequence_scores(self.model, seqs, eot).tolist()
 
 

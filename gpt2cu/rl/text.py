@@ -53,6 +53,11 @@ def codec_for(cfg):
                      f"or the synthetic tasks' {CHAR_VOCAB} characters)")
 
 
+def document_tokens(codec, text: str) -> list[int]:
+    """EOT, then the text: a prompt starts a document, as every document of llm.c's token streams does."""
+    return [codec.eot] + codec.encode(text)
+
+
 def read_jsonl(path: str, fields: tuple) -> list[dict]:
     """The records of a JSONL file, each an object with string values for `fields`; InputError otherwise."""
     try:
