@@ -86,7 +86,10 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
     if ref_val_loss is not None:
         loss_ax.axhline(ref_val_loss, color="red", linestyle=":", label=f"reference val loss {ref_val_loss}")
     loss_ax.set(xlabel=xlabel, ylabel="loss", title="loss")
-    panels = [loss_ax]
+    # an RL run's log has no loss to plot
+    has_loss = any(series["trl"] or series["tel"] for series in runs.values())
+    loss_ax.set_visible(has_loss)
+    panels = [loss_ax] if has_loss else []
     if has_eval:
         eval_ax = axes[0, 1]
         if ref_hellaswag is not None:
@@ -96,8 +99,6 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
     for column, key in enumerate(rl_keys, start=2 if has_eval else 1):
         axes[0, column].set(xlabel=xlabel, title=RL_KEYS[key])
         panels.append(axes[0, column])
-    if not any(series["trl"] or series["tel"] for series in runs.values()):
-        loss_ax.set_visible(False)  # an RL run's log: no loss to plot
     for ax in panels:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -41,7 +41,7 @@ import numpy as np
 from .. import checkpoint
 from ..models import family_of
 from ..optim import AdamWConfig
-from .reward_model import ModelOptimizer, ScalarHeadModel
+from .reward_model import ModelOptimizer, ScalarHeadModel, build_model
 from .rewards import checked_rewards
 from .rollout import BatchedDecoder, generate
 from .text import document_tokens
@@ -139,11 +139,10 @@ class PPO:
         if self.T > model_cfg.max_seq_len:
             raise ValueError(f"prompts of up to {self.T - config.max_new_tokens + 1} tokens plus "
                              f"{config.max_new_tokens} new ones exceed the model's {model_cfg.max_seq_len} positions")
-        Model = family_of(model_cfg).Model
         adamw = AdamWConfig(lr=config.lr, grad_clip=config.grad_clip)
-        self.policy = Model(model_cfg, backend, B, self.T, init_params)
+        self.policy = build_model(model_cfg, backend, B, self.T, init_params)
         self.policy_opt = ModelOptimizer(backend, self.policy, init_params, adamw)
-        self.reference = Model(model_cfg, backend, B, self.T, init_params)
+        self.reference = family_of(model_cfg).Model(model_cfg, backend, B, self.T, init_params)
         self.value = self.value_opt = None
         if config.algo == "ppo":
             self.value = ScalarHeadModel(model_cfg, backend, B, self.T, init_params)

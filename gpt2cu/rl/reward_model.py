@@ -18,8 +18,14 @@ from ..dist import SingleProcess
 from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_size, new_header, read_header
 from ..models import family_of
 from ..models.gpt2 import GPTConfig, param_layout
-from ..optim import AdamW, adamw_reference, clip_scale
+from ..optim import AdamW, adamw_reference, clip_scale, padded_size
 from .text import InputError, document_tokens
+
+
+def build_model(cfg, backend, B: int, T: int, params: np.ndarray):
+    """A model of cfg's family whose flat buffers fit a single-process AdamW (padded to its alignment)."""
+    family = family_of(cfg)
+    return family.Model(cfg, backend, B, T, params, padded_size=padded_size(family.param_layout(cfg), 1, 0))
 
 
 class ScalarHeadModel:
@@ -27,7 +33,7 @@ class ScalarHeadModel:
 
     def __init__(self, cfg, backend, B: int, T: int, trunk_params: np.ndarray, head: np.ndarray | None = None):
         self.cfg, self.ops, C = cfg, backend, cfg.n_embd
-        self.trunk = family_of(cfg).Model(cfg, backend, B, T, trunk_params)
+        self.trunk = build_model(cfg, backend, B, T, trunk_params)
         self.head = backend.from_numpy(np.zeros(C + 1, np.float32) if head is None else head.astype(np.float32))
         self.head_grad = backend.zeros((C + 1,), fp32=True)
         self._batch = self._lnf = None
