@@ -117,8 +117,10 @@ def main(argv=None) -> int:
         before = evaluate(ppo.step_count)
         while ppo.step_count < args.steps:
             s = ppo.step()
-            for key, value in (("rwd", s.reward), ("kl", s.kl), ("ent", s.entropy), ("clip", s.clip_frac),
-                               ("vloss", s.value_loss), ("ev", s.explained_var)):
+            fields = [("rwd", s.reward), ("kl", s.kl), ("ent", s.entropy), ("clip", s.clip_frac)]
+            if args.algo == "ppo":  # GRPO has no value model
+                fields += [("vloss", s.value_loss), ("ev", s.explained_var)]
+            for key, value in fields:
                 log.log(s.step, key, value)
             print(f"step {s.step:5d}/{args.steps} | reward {s.reward:.4f} | kl {s.kl:.4f} (coef {s.kl_coef:.4f}) | "
                   f"entropy {s.entropy:.3f} | clip {s.clip_frac:.3f} | value loss {s.value_loss:.4f} | "
