@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--value-clip", type=float, default=0.2)
     a("--grad-clip", type=float, default=1.0)
     a("--no-whiten", dest="whiten", action="store_false", help="PPO: keep the advantages' scale")
-    a("--eval-prompts", default=None, help="held-out JSONL prompts: mean reward at the start and every --eval-every")
+    a("--eval-prompts", default=None, help="held-out JSONL prompts: mean reward at the start, the end and every "
+                                           "--eval-every steps")
     a("--eval-every", type=int, default=0)
     a("--eval-reward", default=None, help="module:function to measure the held-out completions with (default: "
                                           "the training reward), e.g. the rule a reward model was trained on")
@@ -127,12 +128,12 @@ def main(argv=None) -> int:
                   f"ev {s.explained_var:.3f} | rollout {s.rollout_tokens_per_s:,.0f} tok/s | "
                   f"update {s.update_tokens_per_s:,.0f} tok/s | {s.seconds * 1000:.0f} ms", flush=True)
             last = s.step == args.steps
-            if args.eval_every and (s.step % args.eval_every == 0 or last):
-                after = evaluate(s.step)
+            if args.eval_every and s.step % args.eval_every == 0 and not last:
+                evaluate(s.step)
             if args.output_dir and ((args.checkpoint_every and s.step % args.checkpoint_every == 0) or last):
                 ppo.save(args.output_dir)
-        if eval_prompts and before is not None and args.eval_every:
-            print(f"held-out mean reward: {before:.4f} -> {after:.4f}")
+        if eval_prompts:
+            print(f"held-out mean reward: {before:.4f} -> {evaluate(ppo.step_count):.4f}")
     except InputError as e:  # a reward function that fails on the completions it is given
         fail(e)
     if args.output_dir:

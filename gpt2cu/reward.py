@@ -48,9 +48,7 @@ def main(argv=None) -> int:
         pairs = encode_pairs(read_jsonl(args.pairs, PAIR_FIELDS), codec)
         val_pairs = encode_pairs(read_jsonl(args.val_pairs, PAIR_FIELDS), codec)
         backend = get_backend(args.backend)
-    except InputError as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
+    except (InputError, OSError, ValueError, RuntimeError, ImportError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     T = max(len(s) for pair in pairs + val_pairs for s in pair)
     if T > cfg.max_seq_len:

@@ -273,3 +273,29 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
           f"KL max {max(kl):.3f}, last 10 steps {np.mean(kl[-10:]):.3f}")
     assert code == 0 and after >= before + 0.25, out
     assert max(kl) < 5.0 and np.mean(kl[-10:]) < 2.0
+
+
+@pytest.mark.gpu
+def test_ppo_and_reward_model_run_on_cuda(cuda_backend):
+    """The CUDA backend runs the rollouts, PPO's updates (weighted classifier, value model) and a
+    Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the attention kernel's.)"""
+    from gpt2cu.optim import AdamWConfig
+    from gpt2cu.rl.ppo import PPO, PPOConfig
+    from gpt2cu.rl.reward_model import ModelOptimizer, bradley_terry_step
+    from gpt2cu.rl.rewards import even_last_digit
+    from gpt2cu.rl.text import CharCodec
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=64, max_seq_len=18, vocab_size=CHAR_VOCAB,
+                    padded_vocab_size=CHAR_PADDED_VOCAB)
+    params = init_params(cfg, seed=0)
+    prompts = [f"{a}+{a}=" for a in range(10, 26)]
+    ppo = PPO(cfg, params, cuda_backend, PPOConfig(prompts_per_step=8, minibatch=8, max_new_tokens=3, lr=1e-2),
+              prompts, even_last_digit, CharCodec())
+    stats = [ppo.step() for _ in range(2)]
+    assert all(np.isfinite([s.kl, s.entropy, s.value_loss, s.explained_var]).all() for s in stats)
+    assert not np.array_equal(ppo.policy.host_params(), ppo.reference.host_params())
+    model = ScalarHeadModel(cfg, cuda_backend, 4, 9, params)
+    eot = CHAR_VOCAB - 1
+    pairs = [([eot, 3, 4, 5, eot], [eot, 3, 4, 6, eot]), ([eot, 7, eot], [eot, 8, 9, eot])]
+    loss, _ = bradley_terry_step(model, ModelOptimizer(cuda_backend, model, params, AdamWConfig(lr=1e-3)), pairs,
+                                 eot, 1e-3)
+    assert np.isfinite(loss) and np.abs(model.host_head()).sum() > 0

@@ -97,11 +97,11 @@ class StepStats:
     step: int
     reward: float          # mean reward of the step's completions
     kl: float              # mean over sequences of sum over tokens of log pi_old - log pi_ref
-    entropy: float         # mean per-token entropy of the policy at sampling
+    entropy: float         # mean per-token entropy of the policy's distribution (temperature 1) over completions
     clip_frac: float       # fraction of token updates whose ratio was clipped
     value_loss: float      # PPO only (0 for GRPO)
     explained_var: float   # of the returns by the values, PPO only
-    kl_coef: float
+    kl_coef: float         # the coefficient this step used
     rollout_tokens_per_s: float
     update_tokens_per_s: float
     seconds: float
@@ -247,7 +247,7 @@ class PPO:
                     value_losses.append(self._value_update(inputs[mb], mask[mb], values[mb], returns[mb]))
         t_update = time.time() - t1
 
-        kl = float(kl_tokens.sum(axis=1).mean())
+        kl, kl_coef = float(kl_tokens.sum(axis=1).mean()), self.kl_coef
         if c.kl_target is not None:  # proportional control of the KL per sequence towards kl_target
             self.kl_coef *= 1.0 + np.clip(kl / c.kl_target - 1.0, -0.2, 0.2) * R / c.kl_horizon
         explained = 0.0
@@ -257,7 +257,7 @@ class PPO:
         self.step_count += 1
         return StepStats(self.step_count, float(scores.mean()), kl, float(entropy[mask].mean()),
                          clipped_tokens / (c.epochs * mask.sum()), float(np.mean(value_losses)) if value_losses else 0.0,
-                         explained, self.kl_coef, float((lengths - prompt_lens).sum()) / max(t_rollout, 1e-9),
+                         explained, kl_coef, float((lengths - prompt_lens).sum()) / max(t_rollout, 1e-9),
                          c.epochs * R * T / max(t_update, 1e-9), time.time() - t0)
 
     def _policy_update(self, inputs, targets, mask, old_logp, ref_logp, advantages) -> float:
