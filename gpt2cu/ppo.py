@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             reward_fn = RewardModelReward(args.reward_model, cfg, backend, args.minibatch,
                                           longest + args.max_new_tokens + 1)
         eval_reward = load_reward_function(args.eval_reward) if args.eval_reward else None
-        ppo = PPO(cfg, params, backend, config, prompts, reward_fn, codec)
+        ppo = PPO(cfg, params, backend, config, prompts, reward_fn, codec, eval_prompts)
     except (InputError, OSError, ValueError, RuntimeError, ImportError) as e:
         fail(e)
 

@@ -25,7 +25,7 @@ from gpt2cu.checkpoint import write_model
 from gpt2cu.models.gpt2 import GPT, GPTConfig, init_params
 from gpt2cu.rl.ppo import gae
 from gpt2cu.rl.reward_model import ScalarHeadModel, read_reward_model, write_reward_model
-from gpt2cu.rl.rollout import BatchedDecoder, generate, sample_tokens
+from gpt2cu.rl.rollout import BatchedDecoder, completion_mask, generate, sample_tokens
 from gpt2cu.rl.text import CHAR_PADDED_VOCAB, CHAR_VOCAB, InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,12 @@ def test_batched_decoder_matches_full_forwards(backend):
                 break
         assert seq == rollout.tokens[row, :rollout.lengths[row]].tolist()
         assert rollout.lengths[row] - len(prompt) <= 6
+    # sampled at temperature 1: the kept log-probabilities are the model's, as a full forward gives them
+    rollout = generate(model, BatchedDecoder(model), prompts, 6, eot, np.random.default_rng(1), temperature=1.0)
+    mask = completion_mask(rollout.prompt_lens, rollout.lengths, 12)
+    assert mask.sum() == (rollout.lengths - rollout.prompt_lens).sum()
+    model.forward(backend.set_batch(rollout.tokens[:, :12], np.where(mask, rollout.tokens[:, 1:], -1)))
+    np.testing.assert_allclose(rollout.logprobs[:, 1:][mask], -model.acts["losses"][mask], rtol=1e-4, atol=1e-5)
 
 
 def test_sample_tokens_top_k_and_logprobs():

@@ -43,7 +43,7 @@ from ..models import family_of
 from ..optim import AdamWConfig
 from .reward_model import ModelOptimizer, ScalarHeadModel, build_model
 from .rewards import checked_rewards
-from .rollout import BatchedDecoder, generate
+from .rollout import BatchedDecoder, completion_mask, generate
 from .text import document_tokens
 
 ALGOS = ("ppo", "grpo")
@@ -130,14 +130,16 @@ class PPO:
     """The policy, its frozen reference and (PPO) value model, their optimizers and the prompt stream."""
 
     def __init__(self, model_cfg, init_params: np.ndarray, backend, config: PPOConfig, prompts: list,
-                 reward_fn, codec):
+                 reward_fn, codec, eval_prompts: list = ()):
+        """eval_prompts: the held-out prompts evaluate() will be given (the models' T must hold them too)."""
         self.cfg, self.ops, self.config, self.codec, self.reward_fn = model_cfg, backend, config, codec, reward_fn
         self.prompts = list(prompts)
         self.prompt_tokens = [document_tokens(codec, p) for p in self.prompts]
         B = config.minibatch
-        self.T = max(len(p) for p in self.prompt_tokens) + config.max_new_tokens - 1
+        longest = max(len(document_tokens(codec, p)) for p in self.prompts + list(eval_prompts))
+        self.T = longest + config.max_new_tokens - 1
         if self.T > model_cfg.max_seq_len:
-            raise ValueError(f"prompts of up to {self.T - config.max_new_tokens + 1} tokens plus "
+            raise ValueError(f"prompts of up to {longest} tokens plus "
                              f"{config.max_new_tokens} new ones exceed the model's {model_cfg.max_seq_len} positions")
         adamw = AdamWConfig(lr=config.lr, grad_clip=config.grad_clip)
         self.policy = build_model(model_cfg, backend, B, self.T, init_params)
@@ -212,8 +214,7 @@ class PPO:
 
         R = len(prompt_ids)
         inputs = tokens[:, :T]
-        positions = np.arange(T)[None, :]
-        mask = (positions >= prompt_lens[:, None] - 1) & (positions < lengths[:, None] - 1)
+        mask = completion_mask(prompt_lens, lengths, T)
         targets = np.where(mask, tokens[:, 1:], -1).astype(np.int32)
         old_logp, ref_logp, entropy, values = (np.zeros((R, T)) for _ in range(4))
         for start in range(0, R, B):

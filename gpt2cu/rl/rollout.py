@@ -120,10 +120,12 @@ class Rollout:
         tokens = self.tokens[row, self.prompt_lens[row]:self.lengths[row]].tolist()
         return tokens[:-1] if self.ended[row] else tokens
 
-    def completion_mask(self) -> np.ndarray:
-        """(B, T) bool over the input positions whose target is a completion token."""
-        positions = np.arange(self.tokens.shape[1] - 1)[None, :]
-        return (positions >= self.prompt_lens[:, None] - 1) & (positions < self.lengths[:, None] - 1)
+
+def completion_mask(prompt_lens: np.ndarray, lengths: np.ndarray, T: int) -> np.ndarray:
+    """(B, T) bool over the input positions (tokens[:, :T]) whose target (the next token) is a completion
+    token, of rows with these prompt lengths and lengths."""
+    positions = np.arange(T)[None, :]
+    return (positions >= prompt_lens[:, None] - 1) & (positions < lengths[:, None] - 1)
 
 
 def generate(model, decoder: BatchedDecoder, prompts: list, max_new_tokens: int, eot: int,
