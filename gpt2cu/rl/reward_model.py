@@ -1,9 +1,9 @@
 """A GPT-2 trunk with a scalar head: the reward model (trained on preference pairs with the Bradley-Terry
 loss) and PPO's value model. The head is n_embd weights and a bias on the final layernorm's output,
 value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at its last token (the EOT that ends
-a completion). The head is C + 1 numbers, so it lives in float32 arrays of the backend's array module
-(numpy or CuPy) and is updated with the float32 reference AdamW; the trunk is an ordinary model of its
-family, trained by optim.AdamW through the same ops as pretraining (its LM head is never run).
+a completion). The head is C + 1 numbers: it is applied in float32 arrays of the backend's array module
+(numpy or CuPy) and updated on the host with the float32 reference AdamW; the trunk is an ordinary model
+of its family, trained by optim.AdamW through the same ops as pretraining (its LM head is never run).
 
 The reward model file (formats.REWARD_MODEL_FILE) is one file: the trunk as a model file's parameters
 plus the head.
@@ -70,9 +70,9 @@ class ModelOptimizer:
         self.head_model = model if isinstance(model, ScalarHeadModel) else None
         self.model = model.trunk if self.head_model else model
         self.adamw = AdamW(backend, self.model, SingleProcess(), cfg, graphs=False, initial_params=init_params)
-        if self.head_model:
-            n = self.head_model.head.shape[0]
-            self.head_m, self.head_v = backend.zeros((n,), fp32=True), backend.zeros((n,), fp32=True)
+        if self.head_model:  # C + 1 numbers: updated on the host, then copied to the device
+            self.head = self.head_model.host_head()
+            self.head_m, self.head_v = np.zeros_like(self.head), np.zeros_like(self.head)
         self.t = 0
 
     def step(self, lr: float) -> float:
@@ -80,16 +80,16 @@ class ModelOptimizer:
         norm_squared = self.adamw.reduce_gradients() ** 2
         hm = self.head_model
         if hm:
-            with self.ops.on_stream():
-                norm_squared += float((hm.head_grad * hm.head_grad).sum())
+            head_grad = self.ops.to_numpy(hm.head_grad)
+            norm_squared += float(head_grad.astype(np.float64) @ head_grad)
         norm = math.sqrt(norm_squared)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
             self.adamw.step(lr, self.t, norm, seed=self.t)
             if hm:
-                with self.ops.on_stream():
-                    adamw_reference(hm.head, hm.head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
-                                    clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
+                adamw_reference(self.head, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
+                                clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
+                self.ops.from_numpy(self.head, out=hm.head)
         self.model.zero_grad()
         if hm:
             self.ops.zero_(hm.head_grad)
@@ -100,16 +100,15 @@ class ModelOptimizer:
         arrays = {name: self.ops.to_numpy(a) for name, a in self.adamw.state_arrays().items()}
         arrays["step"] = np.array([self.t], np.float32)
         if self.head_model:
-            arrays.update(head=self.head_model.host_head(), head_m=self.ops.to_numpy(self.head_m),
-                          head_v=self.ops.to_numpy(self.head_v))
+            arrays.update(head=self.head, head_m=self.head_m, head_v=self.head_v)
         return arrays
 
     def load_state(self, arrays: dict):
         self.adamw.load_state(arrays)
         self.t = int(arrays["step"][0])
         if self.head_model:
-            for name, device in (("head", self.head_model.head), ("head_m", self.head_m), ("head_v", self.head_v)):
-                self.ops.from_numpy(arrays[name], out=device)
+            self.head, self.head_m, self.head_v = (arrays[k].copy() for k in ("head", "head_m", "head_v"))
+            self.ops.from_numpy(self.head, out=self.head_model.head)
 
 
 # ---- the file --------------------------------------------------------------------------------------
