@@ -138,8 +138,8 @@ def run(args) -> dict:
         print("measuring the ceilings ...", flush=True)
         bench.measure_ceilings()
         inputs = rng.integers(0, V, (B, T), dtype=np.int32)
-        batch = be.set_batch(inputs)
-        tok = batch.tokens
+        batch = be.set_batch(inputs, rng.integers(0, V, (B, T), dtype=np.int32))
+        tok, tgt = batch.tokens, batch.targets
         distinct = len(np.unique(inputs))  # wte rows the batch reads (and whose gradients it writes)
         act = lambda width, std=1.0: random_bf16((B, T, width), std)  # noqa: E731
         stat = lambda *shape: cp.zeros(shape, dtype=cp.float32)  # noqa: E731

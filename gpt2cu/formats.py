@@ -26,6 +26,12 @@ Token shard (llm.c's dev/data scripts write the same; data.py)
 LLaMA model file (llm.c's train_llama3.py writes it; models/llama.py describes and reads it)
   [0] 20240803  [1] version: 3 = fp32, 5 = bf16, then a second 256-slot block of float32 fields.
 
+Reward model file, gpt2cu's own (rl/reward_model.py): a GPT-2 trunk and a scalar head on its final layernorm
+  [0] 20261201  [1] 1 (version: fp32)  [2]..[7] as the model file's (max_seq_len, vocab_size, n_layer,
+  n_head, n_embd, padded_vocab_size)
+  then the trunk's parameters as a model file's (fp32, layout order; wte's LM-head role is unused), then the
+  head: n_embd weights and one bias, float32. A sequence's reward is the head's value at its last token.
+
 Eval file (llm.c's multiple-choice format, dev/data/hellaswag.py writes it; eval.py)
   [0] 20240522  [1] 1 (version)  [2] number of examples  [3] longest example in bytes
   then per example a uint16 record
@@ -59,6 +65,7 @@ MODEL_FILE = HeaderFormat("model file", "an llm.c model file", 20240326, {3: "fp
 STATE_FILE = HeaderFormat("state file", "a gpt2cu state file", 20240527, {1: "float32 arrays + JSON"})
 SHARD = HeaderFormat("shard", "an llm.c shard", 20240520, {1: "uint16 tokens"})
 SHARD_V7 = HeaderFormat("shard", "an llm.c shard", 20240801, {7: "uint32 tokens"})
+REWARD_MODEL_FILE = HeaderFormat("reward model file", "a gpt2cu reward model file", 20261201, {1: "fp32"})
 EVAL_FILE = HeaderFormat("eval file", "an llm.c eval file", 20240522, {1: "uint16 records"})
 
 

@@ -1,8 +1,9 @@
 """Training curves from main.log files: `python -m gpt2cu.plot DIR [DIR...] -o curves.png`.
 
 Reads llm.c's log lines (`s:N trl:X` train loss, `s:N tel:X` val loss, `s:N eval:X` HellaSwag accuracy
-as a fraction), written by train.py or by llm.c itself; any other `key:value` field on a line is
-ignored. A resumed run appends to its log from the checkpoint's step, so a step at or before one
+as a fraction), written by train.py or by llm.c itself, and the RL fields of gpt2cu.ppo (RL_KEYS: reward,
+KL, entropy, clip fraction, value loss, explained variance, held-out reward); any other `key:value` field
+on a line is ignored. A resumed run appends to its log from the checkpoint's step, so a step at or before one
 already seen replaces that entry and everything after it (the abandoned tail of the first attempt).
 
 One PNG: train and val loss against step (or tokens, with --tokens-per-step), and HellaSwag in percent
@@ -18,6 +19,10 @@ import sys
 from .extras import MissingExtra, require
 
 KEYS = {"trl": "train loss", "tel": "val loss", "eval": "HellaSwag"}
+# python -m gpt2cu.ppo's per-step fields: one panel each
+RL_KEYS = {"rwd": "mean reward", "evr": "held-out mean reward", "kl": "KL to the reference", "ent": "entropy",
+           "clip": "clip fraction", "vloss": "value loss", "ev": "explained variance"}
+KEYS.update(RL_KEYS)
 
 
 class LogError(ValueError):
@@ -25,7 +30,7 @@ class LogError(ValueError):
 
 
 def read_log(path: str) -> dict:
-    """{"trl" | "tel" | "eval": [(step, value), ...] in step order} from a main.log."""
+    """{key of KEYS: [(step, value), ...] in step order} from a main.log."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no log file: {path}")
     series = {key: [] for key in KEYS}
@@ -55,9 +60,18 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    has_loss = any(series["trl"] or series["tel"] for series in runs.values()) or not any(
+        series[key] for series in runs.values() for key in RL_KEYS)
     has_eval = any(series["eval"] for series in runs.values())
-    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(14 if has_eval else 8, 5), squeeze=False)
-    loss_ax = axes[0, 0]
+    # one panel each: loss, HellaSwag, then the RL fields present, four to a row
+    names = ["loss"] * has_loss + ["eval"] * has_eval + [k for k in RL_KEYS if any(s[k] for s in runs.values())]
+    columns = min(len(names), 4)
+    rows = -(-len(names) // columns)
+    width = {1: 8, 2: 14}.get(columns, 5 * columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(width, 5 * rows), squeeze=False)
+    axes = dict(zip(names, grid.flat))
+    for unused in grid.flat[len(names):]:
+        unused.set_visible(False)
     scale = tokens_per_step or 1
     xlabel = "tokens" if tokens_per_step else "step"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -66,23 +80,28 @@ def plot_runs(runs: dict, out: str, tokens_per_step: int | None = None, ref_val_
         for key, style in (("trl", "-"), ("tel", "--")):
             if series[key]:
                 steps, values = zip(*series[key])
-                loss_ax.plot([s * scale for s in steps], values, style, color=color, alpha=0.9,
-                             label=f"{label} {KEYS[key]}")
+                axes["loss"].plot([s * scale for s in steps], values, style, color=color, alpha=0.9,
+                                  label=f"{label} {KEYS[key]}")
         if has_eval and series["eval"]:
             steps, values = zip(*series["eval"])
-            axes[0, 1].plot([s * scale for s in steps], [100 * v for v in values], "-o", markersize=3,
-                            color=color, label=label)
-    if ref_val_loss is not None:
-        loss_ax.axhline(ref_val_loss, color="red", linestyle=":", label=f"reference val loss {ref_val_loss}")
-    loss_ax.set(xlabel=xlabel, ylabel="loss", title="loss")
-    panels = [loss_ax]
+            axes["eval"].plot([s * scale for s in steps], [100 * v for v in values], "-o", markersize=3,
+                              color=color, label=label)
+        for key in RL_KEYS:
+            if key in axes and series[key]:
+                steps, values = zip(*series[key])
+                axes[key].plot([s * scale for s in steps], values, "-", color=color, label=label)
+    if has_loss:
+        if ref_val_loss is not None:
+            axes["loss"].axhline(ref_val_loss, color="red", linestyle=":", label=f"reference val loss {ref_val_loss}")
+        axes["loss"].set(xlabel=xlabel, ylabel="loss", title="loss")
     if has_eval:
-        eval_ax = axes[0, 1]
         if ref_hellaswag is not None:
-            eval_ax.axhline(ref_hellaswag, color="red", linestyle=":", label=f"reference {ref_hellaswag}%")
-        eval_ax.set(xlabel=xlabel, ylabel="acc_norm (%)", title="HellaSwag")
-        panels.append(eval_ax)
-    for ax in panels:
+            axes["eval"].axhline(ref_hellaswag, color="red", linestyle=":", label=f"reference {ref_hellaswag}%")
+        axes["eval"].set(xlabel=xlabel, ylabel="acc_norm (%)", title="HellaSwag")
+    for key in RL_KEYS:
+        if key in axes:
+            axes[key].set(xlabel=xlabel, title=RL_KEYS[key])
+    for ax in axes.values():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

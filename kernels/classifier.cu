@@ -9,6 +9,9 @@
 // Pass 1 loads normally (to keep the row in L2); pass 2 is the last use of the logits and writes the
 // gradient with streaming (evict-first) loads and stores. Targets < 0: loss 0, a zero row (not read).
 // Exponentials are exp2f((x - max) * log2 e), one MUFU op each.
+// Optional, for policy-gradient losses (gpt2cu/rl): per-row weights multiply the row's dlogits, and the
+// row's entropy -sum p log p = lse - sum p x comes from a third running sum, sum exp(x - max) * x, kept
+// beside (max, sum) in pass 1 (a template flag: the pretraining kernel does no extra work).
 // Vp not a multiple of 8 (or unaligned logits) runs the same code with 1-column vectors.
 #include <math.h>
 #include "common.cuh"
@@ -17,21 +20,22 @@ constexpr int CLS_THREADS = 1024;
 constexpr float LOG2E = 1.4426950408889634f;
 
 struct MaxSum {
-    float max, sum;  // running max, and sum of exp(x - max)
+    float max, sum, dot;  // running max, sum of exp(x - max), and sum of exp(x - max) * x (entropy only)
 };
 
 // commutative (bitwise: max and + are), so the xor butterflies agree across lanes
 __device__ __forceinline__ MaxSum combine(MaxSum a, MaxSum b) {
     const float m = fmaxf(a.max, b.max);
-    const float sa = a.max == -INFINITY ? 0.0f : a.sum * exp2f((a.max - m) * LOG2E);
-    const float sb = b.max == -INFINITY ? 0.0f : b.sum * exp2f((b.max - m) * LOG2E);
-    return {m, sa + sb};
+    const float fa = a.max == -INFINITY ? 0.0f : exp2f((a.max - m) * LOG2E);
+    const float fb = b.max == -INFINITY ? 0.0f : exp2f((b.max - m) * LOG2E);
+    return {m, a.sum * fa + b.sum * fb, a.dot * fa + b.dot * fb};
 }
 
 __device__ __forceinline__ MaxSum warp_combine(MaxSum v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
-        v = combine(v, {__shfl_xor_sync(FULL_MASK, v.max, o), __shfl_xor_sync(FULL_MASK, v.sum, o)});
+        v = combine(v, {__shfl_xor_sync(FULL_MASK, v.max, o), __shfl_xor_sync(FULL_MASK, v.sum, o),
+                        __shfl_xor_sync(FULL_MASK, v.dot, o)});
     return v;
 }
 
@@ -50,10 +54,11 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum v) {
     return total;
 }
 
-template <int VW>
+template <int VW, bool ENTROPY>
 __global__ void __launch_bounds__(CLS_THREADS, 2)
     fused_classifier_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int* __restrict__ targets,
-                            float dloss, int V, int Vp) {
+                            float dloss, const float* __restrict__ weights, float* __restrict__ entropy, int V,
+                            int Vp) {
     static_assert(CLS_THREADS == 1024, "block_combine reads one value per warp into one warp");
     const int tid = threadIdx.x;
     bf16* x = logits + (size_t)blockIdx.x * Vp;
@@ -61,7 +66,10 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     const int vecs = Vp / VW;
 
     if (target < 0) {
-        if (tid == 0) losses[blockIdx.x] = 0.0f;
+        if (tid == 0) {
+            losses[blockIdx.x] = 0.0f;
+            if (ENTROPY) entropy[blockIdx.x] = 0.0f;
+        }
         if (dloss != 0.0f) {
             Vec<bf16, VW> zero;
 #pragma unroll
@@ -73,7 +81,7 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     // read before the barrier in block_combine: after it, other threads overwrite the row
     const float target_logit = tid == 0 ? (float)x[target] : 0.0f;
 
-    MaxSum ms = {-INFINITY, 0.0f};
+    MaxSum ms = {-INFINITY, 0.0f, 0.0f};
     for (int i = ceil_div(V, VW) - 1 - tid; i >= 0; i -= CLS_THREADS) {
         const Vec<bf16, VW> xv = load_vec<VW>(x + i * VW);
         float f[VW], vmax = -INFINITY;
@@ -83,17 +91,28 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
             vmax = fmaxf(vmax, f[k]);
         }
         if (vmax > ms.max) {
-            ms.sum *= exp2f((ms.max - vmax) * LOG2E);  // 0 on the first vector (max = -inf)
+            const float rescale = exp2f((ms.max - vmax) * LOG2E);  // 0 on the first vector (max = -inf)
+            ms.sum *= rescale;
+            if (ENTROPY) ms.dot *= rescale;
             ms.max = vmax;
         }
 #pragma unroll
-        for (int k = 0; k < VW; k++) ms.sum += exp2f((f[k] - ms.max) * LOG2E);
+        for (int k = 0; k < VW; k++) {
+            const float e = exp2f((f[k] - ms.max) * LOG2E);
+            ms.sum += e;
+            if (ENTROPY && f[k] != -INFINITY) ms.dot += e * f[k];  // masked columns: 0 * -inf would be NaN
+        }
     }
     ms = block_combine(ms);
 
-    if (tid == 0) losses[blockIdx.x] = ms.max + logf(ms.sum) - target_logit;
+    const float lse = ms.max + logf(ms.sum);
+    if (tid == 0) {
+        losses[blockIdx.x] = lse - target_logit;
+        if (ENTROPY) entropy[blockIdx.x] = lse - ms.dot / ms.sum;
+    }
     if (dloss == 0.0f) return;
-    const float scale = dloss / ms.sum;
+    const float row_dloss = weights ? dloss * weights[blockIdx.x] : dloss;
+    const float scale = row_dloss / ms.sum;
     for (int i = tid; i < vecs; i += CLS_THREADS) {
         Vec<bf16, VW> d;
         if (i * VW < V) {
@@ -102,7 +121,7 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
             for (int k = 0; k < VW; k++) {
                 const int col = i * VW + k;
                 const float p = col < V ? scale * exp2f(((float)xv[k] - ms.max) * LOG2E) : 0.0f;
-                d[k] = __float2bfloat16_rn(col == target ? p - dloss : p);
+                d[k] = __float2bfloat16_rn(col == target ? p - row_dloss : p);
             }
         } else {
 #pragma unroll
@@ -112,13 +131,24 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     }
 }
 
-void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, int N, int V, int Vp,
-                      cudaStream_t stream) {
+template <int VW>
+static void launch_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
+                              float* entropy, int N, int V, int Vp, cudaStream_t stream) {
+    if (entropy)
+        fused_classifier_kernel<VW, true>
+            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
+    else
+        fused_classifier_kernel<VW, false>
+            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
+}
+
+void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
+                      float* entropy, int N, int V, int Vp, cudaStream_t stream) {
     require(N >= 0 && V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
     if (N == 0) return;
     if (Vp % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
-        fused_classifier_kernel<8><<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, V, Vp);
+        launch_classifier<8>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
     else
-        fused_classifier_kernel<1><<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, V, Vp);
+        launch_classifier<1>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
     CUDA_CHECK_LAUNCH();
 }

@@ -436,6 +436,28 @@ def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
     case.zero("dlogits of masked rows", got[masked])
 
 
+@pytest.mark.parametrize("b, t, V, Vp", [(B, T, 1001, 1024), (2, 3, 50257, 50304)], ids=["V1001", "V50257"])
+def test_fused_classifier_weights_and_entropy(cuda, case, b, t, V, Vp):
+    """Per-row weights (RL's policy-gradient weights, of either sign) scale each row's dlogits; the
+    entropy of each row's softmax comes from the same pass. Both against the numpy op; masked rows 0."""
+    logits = case.normal((b, t, Vp), std=2.0)
+    logits[..., V:] = 40.0
+    targets = case.rng.integers(0, V, (b, t)).astype(np.int32)
+    targets.flat[0] = -1
+    weights = case.normal((b, t), std=1.0).astype(np.float32)
+    logits_d, losses, entropy = cp.asarray(bits_of(logits)), poisoned((b, t), fp32=True), poisoned((b, t), fp32=True)
+    cuda.fused_classifier(losses, logits_d, cp.asarray(targets), 0.25, V, weights=cp.asarray(weights),
+                          entropy=entropy)
+    ref_losses, ref_dlogits, ref_entropy = np.empty((b, t)), logits.copy(), np.empty((b, t))
+    ref_ops.fused_classifier(ref_losses, ref_dlogits, targets, 0.25, V, weights=weights.astype(np.float64),
+                             entropy=ref_entropy)
+    case.check("losses", to_host(losses), ref_losses, FP32_REL)
+    case.check("entropy", to_host(entropy), ref_entropy, FP32_REL)
+    case.zero("entropy of the masked row", to_host(entropy).flat[:1])
+    case.check("weighted dlogits", to_host(logits_d), ref_dlogits, BF16_REL)
+    case.zero("dlogits in the padded columns", to_host(logits_d)[..., V:])
+
+
 # ---- attention ----------------------------------------------------------------------------------------
 # (B, NH, T, HS): every sequence length with both head sizes; fewer heads for the long ones, whose float64
 # reference materializes (T, T) scores per head.

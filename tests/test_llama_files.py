@@ -38,7 +38,7 @@ def test_model_file_is_llmc_train_llama3_layout(tmp_path):
     floats = np.fromfile(path, dtype="<f4", count=256, offset=HEADER_BYTES)
     assert ints[:12].tolist() == [20240803, 3, 64, 100, 2, 4, 2, 32, 32, 1, 3, 1]
     assert floats[:3].tolist() == [np.float32(1.3), np.float32(1e-5), 500000.0]
-    C, V, H, HS = CFG.n_embd, CFG.vocab_size, CFG.ffn_hidden, CFG.head_size
+    V, H, HS = CFG.vocab_size, CFG.ffn_hidden, CFG.head_size
     q, kv = CFG.n_head * HS, CFG.n_kv_head * HS
     v = param_layout(CFG).views(flat)
     c_attn = [np.concatenate([unpermute(w[:q], CFG.n_head), unpermute(w[q:q + kv], CFG.n_kv_head), w[q + kv:]])

@@ -287,6 +287,25 @@ def test_fused_classifier_gradient(rng):
     assert_close(dlogits, numeric_grad(loss, logits), FD_REL)
 
 
+def test_fused_classifier_weights_and_entropy(rng):
+    """Per-row weights scale each row's dlogits (the gradient of sum_i w_i * loss_i); entropy is
+    -sum p log p of each row's softmax over the real columns, 0 for masked rows."""
+    logits, targets = classifier_inputs(rng)
+    weights = rng.normal(0.0, 1.0, size=(B, T))
+    losses, entropy = np.empty((B, T)), nans(B, T)
+
+    def loss():
+        ops.fused_classifier(losses, logits, targets, 0.0, V)
+        return 0.5 * (weights * losses).sum()
+
+    dlogits = logits.copy()
+    ops.fused_classifier(np.empty((B, T)), dlogits, targets, 0.5, V, weights=weights, entropy=entropy)
+    assert_close(dlogits, numeric_grad(loss, logits), FD_REL)
+    p = torch.softmax(torch.from_numpy(logits[..., :V]), dim=-1).numpy()
+    expected = np.where(targets >= 0, -(p * np.log(p)).sum(axis=-1), 0.0)
+    assert_close(entropy, expected, 1e-10)
+
+
 def test_fused_classifier_eval_leaves_logits(rng):
     logits, targets = classifier_inputs(rng)
     kept = logits.copy()

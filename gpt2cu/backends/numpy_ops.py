@@ -172,12 +172,16 @@ def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
     dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
 
 
-def fused_classifier(losses, logits, targets, dloss, vocab_size):
+def fused_classifier(losses, logits, targets, dloss, vocab_size, weights=None, entropy=None):
     valid = targets >= 0
     safe_t = np.where(valid, targets, 0)[..., None]  # an in-range index for masked rows, zeroed below
     # one (N, V) temporary, reused from shifted logits to exp to probabilities: V is 50257 in real use
     z = logits[..., :vocab_size] - logits[..., :vocab_size].max(axis=-1, keepdims=True)
     picked = np.take_along_axis(z, safe_t, axis=-1)[..., 0]
+    if entropy is not None:  # -sum p log p = log(total) - sum p z, with z the shifted logits
+        exp_z = np.exp(z)
+        total = exp_z.sum(axis=-1)
+        entropy[...] = np.where(valid, np.log(total) - (exp_z * z).sum(axis=-1) / total, 0.0)
     probs = np.exp(z, out=z)
     total = probs.sum(axis=-1, keepdims=True)
     losses[...] = np.where(valid, np.log(total[..., 0]) - picked, 0.0)
@@ -186,6 +190,8 @@ def fused_classifier(losses, logits, targets, dloss, vocab_size):
     probs /= total
     np.put_along_axis(probs, safe_t, np.take_along_axis(probs, safe_t, axis=-1) - 1.0, axis=-1)
     probs *= dloss
+    if weights is not None:  # per-row weights on -log p(target): policy-gradient losses
+        probs *= weights[..., None]
     probs[~valid] = 0.0
     logits[..., :vocab_size] = probs
     logits[..., vocab_size:] = 0.0

@@ -1,0 +1,197 @@
+"""A GPT-2 trunk with a scalar head: the reward model (trained on preference pairs with the Bradley-Terry
+loss) and PPO's value model. The head is n_embd weights and a bias on the final layernorm's output,
+value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at its last token (the EOT that ends
+a completion). The head is C + 1 numbers: it is applied in float32 arrays of the backend's array module
+(numpy or CuPy) and updated on the host with the float32 reference AdamW; the trunk is an ordinary model
+of its family, trained by optim.AdamW through the same ops as pretraining (its LM head is never run).
+
+The reward model file (formats.REWARD_MODEL_FILE) is one file: the trunk as a model file's parameters
+plus the head.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_size, new_header, read_header
+from ..models import family_of
+from ..models.gpt2 import GPTConfig, param_layout
+from ..optim import AdamW, adamw_reference, clip_scale
+from .text import InputError, document_tokens
+
+
+def build_model(cfg, backend, B: int, T: int, params: np.ndarray):
+    """A model of cfg's family in whole flat buffers (the storage a single-process AdamW updates)."""
+    return family_of(cfg).Model(cfg, backend, B, T, params)
+
+
+class ScalarHeadModel:
+    """A trunk of (B, T) and its scalar head: forward(inputs) -> values (B, T), backward(dvalues)."""
+
+    def __init__(self, cfg, backend, B: int, T: int, trunk_params: np.ndarray, head: np.ndarray | None = None):
+        self.cfg, self.ops, C = cfg, backend, cfg.n_embd
+        self.trunk = build_model(cfg, backend, B, T, trunk_params)
+        self.head = backend.from_numpy(np.zeros(C + 1, np.float32) if head is None else head.astype(np.float32))
+        self.head_grad = backend.zeros((C + 1,), fp32=True)
+        self._batch = self._lnf = None
+
+    def forward(self, inputs: np.ndarray):
+        """values (B, T) float32 (an array of the backend's array module) of the host tokens `inputs`."""
+        ops, trunk, C = self.ops, self.trunk, self.cfg.n_embd
+        self._batch = ops.set_batch(inputs)
+        trunk.forward(self._batch)  # no targets: up to the final layernorm only
+        with ops.on_stream():
+            self._lnf = ops.activation_to_fp32(trunk.acts["lnf"])
+            return self._lnf @ self.head[:C] + self.head[C]
+
+    def backward(self, dvalues):
+        """Accumulates the gradients of sum(dvalues * values) of the last forward into head_grad and the
+        trunk's grads; dvalues (B, T) float32 of the backend's array module."""
+        ops, trunk, C = self.ops, self.trunk, self.cfg.n_embd
+        with ops.on_stream():
+            self.head_grad[:C] += (self._lnf * dvalues[..., None]).sum(axis=(0, 1))
+            self.head_grad[C] += dvalues.sum()
+            ops.store_fp32(trunk.acts["dbtc"], dvalues[..., None] * self.head[:C])
+        trunk.backward(self._batch)
+
+    def host_head(self) -> np.ndarray:
+        return self.ops.to_numpy(self.head)
+
+
+class ModelOptimizer:
+    """AdamW (single process) over a model's flat parameters and, for a ScalarHeadModel, its head too;
+    one global gradient norm clips both. `model` is a family model or a ScalarHeadModel."""
+
+    def __init__(self, backend, model, init_params: np.ndarray, cfg):
+        self.ops, self.cfg = backend, cfg
+        self.head_model = model if isinstance(model, ScalarHeadModel) else None
+        self.model = model.trunk if self.head_model else model
+        self.adamw = AdamW(backend, self.model, self.model.storage.comm, cfg, graphs=False, initial_params=init_params)
+        if self.head_model:  # C + 1 numbers: updated on the host, then copied to the device
+            self.head = self.head_model.host_head()
+            self.head_m, self.head_v = np.zeros_like(self.head), np.zeros_like(self.head)
+        self.t = 0
+
+    def step(self, lr: float) -> float:
+        """One update from the accumulated gradients, which it then zeroes; returns their global norm."""
+        norm_squared = self.adamw.reduce_gradients() ** 2
+        hm = self.head_model
+        if hm:
+            head_grad = self.ops.to_numpy(hm.head_grad)
+            norm_squared += float(head_grad.astype(np.float64) @ head_grad)
+        norm = math.sqrt(norm_squared)
+        if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
+            self.t += 1
+            self.adamw.step(lr, self.t, norm, seed=self.t)
+            if hm:
+                adamw_reference(self.head, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
+                                clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
+                self.ops.from_numpy(self.head, out=hm.head)
+        self.model.zero_grad()
+        if hm:
+            self.ops.zero_(hm.head_grad)
+        return norm
+
+    def state_arrays(self) -> dict:
+        """Host float32 arrays of everything a resumed run needs besides the model file."""
+        arrays = {name: self.ops.to_numpy(a) for name, a in self.adamw.state_arrays().items()}
+        arrays["step"] = np.array([self.t], np.float32)
+        if self.head_model:
+            arrays.update(head=self.head, head_m=self.head_m, head_v=self.head_v)
+        return arrays
+
+    def load_state(self, arrays: dict):
+        self.adamw.load_state(arrays)
+        self.t = int(arrays["step"][0])
+        if self.head_model:
+            self.head, self.head_m, self.head_v = (arrays[k].copy() for k in ("head", "head_m", "head_v"))
+            self.ops.from_numpy(self.head, out=self.head_model.head)
+
+
+# ---- the file --------------------------------------------------------------------------------------
+
+def write_reward_model(path: str, cfg: GPTConfig, trunk_params: np.ndarray, head: np.ndarray) -> None:
+    header = new_header(REWARD_MODEL_FILE, 1, [cfg.max_seq_len, cfg.vocab_size, cfg.n_layer, cfg.n_head,
+                                               cfg.n_embd, cfg.padded_vocab_size])
+    body = np.concatenate([np.asarray(trunk_params, np.float32), np.asarray(head, np.float32)])
+
+    def write(f):
+        f.write(header.tobytes())
+        f.write(memoryview(body).cast("B"))
+    atomic_write(path, write)
+
+
+def read_reward_model(path: str) -> tuple[GPTConfig, np.ndarray, np.ndarray]:
+    """(config, fp32 trunk parameters, fp32 head) of a reward model file; InputError when it is not one."""
+    try:
+        header, size = read_header(path, REWARD_MODEL_FILE, InputError)
+        max_seq_len, vocab_size, n_layer, n_head, n_embd, padded_vocab = (int(x) for x in header[2:8])
+        cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, max_seq_len=max_seq_len,
+                        vocab_size=vocab_size, padded_vocab_size=padded_vocab)
+    except (OSError, ValueError) as e:
+        raise InputError(str(e)) from None
+    n = param_layout(cfg).total
+    check_file_size(path, REWARD_MODEL_FILE, size, HEADER_BYTES + 4 * (n + n_embd + 1), InputError)
+    body = np.fromfile(path, dtype=np.float32, offset=HEADER_BYTES)
+    return cfg, body[:n], body[n:]
+
+
+# ---- scoring and Bradley-Terry training -----------------------------------------------------------------
+
+def pad_rows(seqs: list, B: int, T: int, eot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs (B, T) int32 right-padded with EOT, last-token index of each row); rows past len(seqs)
+    repeat the first sequence."""
+    rows = list(seqs) + [seqs[0]] * (B - len(seqs))
+    inputs = np.full((B, T), eot, np.int32)
+    for r, s in enumerate(rows):
+        inputs[r, :len(s)] = s
+    return inputs, np.array([len(s) - 1 for s in rows])
+
+
+def sequence_scores(model: ScalarHeadModel, seqs: list, eot: int) -> np.ndarray:
+    """The value at each token sequence's last token, model.trunk.B sequences per forward."""
+    B, T = model.trunk.B, model.trunk.T
+    longest = max(len(s) for s in seqs)
+    if longest > T:
+        raise InputError(f"a sequence of {longest} tokens is longer than the reward model's {T} positions")
+    scores = []
+    for start in range(0, len(seqs), B):
+        chunk = seqs[start:start + B]
+        inputs, last = pad_rows(chunk, B, T, eot)
+        values = model.ops.to_numpy(model.forward(inputs))
+        scores.append(values[np.arange(len(chunk)), last[:len(chunk)]])
+    return np.concatenate(scores)
+
+
+def encode_pairs(records: list, codec) -> list:
+    """[(EOT + prompt + chosen + EOT, EOT + prompt + rejected + EOT) token lists] of JSONL preference records
+    (each sequence a document, as in the rollouts the reward model scores)."""
+    return [tuple(document_tokens(codec, r["prompt"] + r[side]) + [codec.eot] for side in ("chosen", "rejected"))
+            for r in records]
+
+
+def pairwise_accuracy(model: ScalarHeadModel, pairs: list, eot: int) -> float:
+    """The fraction of pairs whose chosen sequence scores above the rejected one (a tie counts half)."""
+    scores = sequence_scores(model, [s for pair in pairs for s in pair], eot)
+    chosen, rejected = scores[0::2], scores[1::2]
+    return float((chosen > rejected).mean() + 0.5 * (chosen == rejected).mean())
+
+
+def bradley_terry_step(model: ScalarHeadModel, optimizer: ModelOptimizer, pairs: list, eot: int,
+                       lr: float) -> tuple[float, float]:
+    """One update on model.trunk.B // 2 pairs (rows 2i chosen, 2i+1 rejected): the loss
+    -log sigmoid(r_chosen - r_rejected), averaged over pairs. Returns (loss, accuracy) of the batch."""
+    B, T = model.trunk.B, model.trunk.T
+    inputs, last = pad_rows([s for pair in pairs for s in pair], B, T, eot)
+    values = model.forward(inputs)
+    scores = model.ops.to_numpy(values)[np.arange(B), last]
+    margin = scores[0::2] - scores[1::2]
+    # d loss / d margin = -sigmoid(-margin), spread over the pairs' two score positions
+    dmargin = -0.5 * (1.0 - np.tanh(0.5 * margin)) / len(pairs)
+    dvalues = np.zeros((B, T), np.float32)
+    dvalues[np.arange(0, B, 2), last[0::2]] = dmargin
+    dvalues[np.arange(1, B, 2), last[1::2]] = -dmargin
+    model.backward(model.ops.from_numpy(dvalues))
+    optimizer.step(lr)
+    return float(np.logaddexp(0.0, -margin).mean()), float((margin > 0).mean())

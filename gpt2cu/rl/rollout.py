@@ -1,0 +1,163 @@
+"""Rollouts: B sequences sampled at once with a KV cache, over the model family's forward schedule.
+
+    decoder = BatchedDecoder(model)                  # model: any (B, T); the cache holds T positions
+    rollout = generate(model, decoder, prompts, max_new_tokens, eot, rng, temperature=1.0, top_k=None)
+
+The batched decoder is kv_cache.KVCacheDecoder widened to B rows: the prefill is the model's own forward
+over (B, T) (prompts right-padded with EOT, which causal attention keeps out of earlier positions) and a
+step runs model.forward_schedule on one position of every row through the backend's ops, with attention
+as plain array math in the backend's array module (numpy or CuPy): each row's one new query against its
+own cached keys and values. No new kernels; the cost per step is ~15 array operations per layer for all
+B rows at once.
+
+Rows of different prompt lengths advance in lockstep at one shared position, so positions stay
+absolute: the prefill covers the shortest prompt, and a row whose prompt is longer is fed its own prompt
+tokens (teacher forcing) until its prompt ends, then its samples. A row stops at EOT (kept: ending is an
+action the policy takes) or after max_new_tokens; the others go on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class BatchedDecoder:
+    """Incremental decoding of model.B sequences over model's parameters with cached keys and values."""
+
+    def __init__(self, model):
+        cfg, ops = model.cfg, model.ops
+        self.model, self.ops, self.cfg = model, ops, cfg
+        B, L, C, Vp = model.B, cfg.n_layer, cfg.n_embd, cfg.padded_vocab_size
+        self.capacity = model.T
+        self.scale = 1.0 / math.sqrt(cfg.head_size)
+        self.qkv = ops.zeros((L, B, self.capacity, 3 * C))  # acts["qkv"] of every row, per layer
+        z = lambda *shape, fp32=False: ops.zeros((B, 1) + shape, fp32=fp32)
+        ln, mean, rstd = z(C), z(fp32=True), z(fp32=True)
+        self.top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
+        # the layers run one after another, so they share these buffers (as KVCacheDecoder's)
+        self.block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
+                      "ln2_rstd": rstd, "qkv": z(3 * C), "atty": z(C), "att_lse": None, "scratch": z(C),
+                      "residual2": z(C), "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": z(C)}
+        self.tokens = ops.from_numpy(np.zeros((B, 1), np.int32))
+        self.pos = 0
+
+    def prefill(self, inputs: np.ndarray, length: int) -> np.ndarray:
+        """inputs (B, T) int32; caches positions 0..length-1 of every row; returns the host float32 logits
+        (B, vocab_size) predicting position `length`."""
+        m, ops = self.model, self.ops
+        m.forward(ops.set_batch(inputs))
+        with ops.on_stream():
+            self.qkv[:, :, :length] = m.acts["qkv"][:, :, :length]
+            self.top["lnf"][...] = m.acts["lnf"][:, length - 1:length]  # contiguous for the LM head's GEMM
+        self.pos = length
+        return self._logits()
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """Appends one token per row at the next position; returns the logits (B, vocab_size) after it."""
+        if self.pos >= self.capacity:
+            raise ValueError(f"the KV cache is full ({self.capacity} positions)")
+        ops, m, pos = self.ops, self.model, self.pos
+        ops.from_numpy(np.asarray(tokens, np.int32).reshape(-1, 1), out=self.tokens)
+        m.forward_schedule(self._acts, self._attend, self.tokens, m.p["wpe"][pos:pos + 1])
+        self.pos = pos + 1
+        return self._logits()
+
+    def _logits(self) -> np.ndarray:
+        self.model.lm_head(self.top["logits"], self.top["lnf"])
+        return self.ops.to_numpy(self.top["logits"][:, 0, :self.cfg.vocab_size])
+
+    def _acts(self, l):
+        return self.top if l is None else self.block
+
+    def _attend(self, l: int, block):
+        """block["atty"] = every row's new position attending over its cached positions 0..pos of layer l."""
+        ops, xp, n = self.ops, self.ops.xp, self.pos + 1
+        B, C, H = self.model.B, self.cfg.n_embd, self.cfg.n_head
+        hs = C // H
+        with ops.on_stream():
+            self.qkv[l][:, self.pos:n] = block["qkv"]
+            qkv = ops.activation_to_fp32(self.qkv[l][:, :n])  # (B, n, 3C)
+            q = qkv[:, n - 1, :C].reshape(B, H, 1, hs)
+            keys = qkv[:, :, C:2 * C].reshape(B, n, H, hs).transpose(0, 2, 3, 1)  # (B, H, hs, n)
+            values = qkv[:, :, 2 * C:].reshape(B, n, H, hs).transpose(0, 2, 1, 3)  # (B, H, n, hs)
+            s = (q @ keys) * self.scale  # (B, H, 1, n)
+            e = xp.exp(s - s.max(axis=-1, keepdims=True))
+            y = (e / e.sum(axis=-1, keepdims=True)) @ values  # (B, H, 1, hs)
+            ops.store_fp32(block["atty"], y.transpose(0, 2, 1, 3).reshape(B, 1, C))
+
+
+def sample_tokens(logits: np.ndarray, rng: np.random.Generator, temperature: float,
+                  top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, their log-probabilities under the sampling distribution) for each row of logits (B, V).
+    temperature 0 is greedy (log-probability 0); top_k keeps each row's k most likely tokens."""
+    if temperature == 0:
+        return logits.argmax(axis=-1), np.zeros(len(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k:].min(axis=-1, keepdims=True)
+        z = np.where(z >= kth, z, -np.inf)
+    logp = z - z.max(axis=-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+    cdf = np.exp(logp).cumsum(axis=-1)
+    draws = rng.random(len(z))[:, None] * cdf[:, -1:]
+    tokens = np.minimum((cdf < draws).sum(axis=-1), z.shape[1] - 1)
+    return tokens, logp[np.arange(len(z)), tokens]
+
+
+@dataclass
+class Rollout:
+    """Sampled sequences, laid out for the training forward (inputs tokens[:, :-1], targets tokens[:, 1:])."""
+    tokens: np.ndarray        # (B, T + 1) int32: prompt, completion, EOT padding
+    prompt_lens: np.ndarray   # (B,)
+    lengths: np.ndarray       # (B,) prompt + completion tokens (the completion's EOT included when sampled)
+    logprobs: np.ndarray      # (B, T + 1) float32: each completion token's log-probability when sampled
+    ended: np.ndarray         # (B,) bool: the completion ended with EOT (not cut at the length limit)
+
+    def completion(self, row: int) -> list[int]:
+        """Row's completion tokens, without the EOT that ended it."""
+        tokens = self.tokens[row, self.prompt_lens[row]:self.lengths[row]].tolist()
+        return tokens[:-1] if self.ended[row] else tokens
+
+
+def completion_mask(prompt_lens: np.ndarray, lengths: np.ndarray, T: int) -> np.ndarray:
+    """(B, T) bool over the input positions (tokens[:, :T]) whose target (the next token) is a completion
+    token, of rows with these prompt lengths and lengths."""
+    positions = np.arange(T)[None, :]
+    return (positions >= prompt_lens[:, None] - 1) & (positions < lengths[:, None] - 1)
+
+
+def generate(model, decoder: BatchedDecoder, prompts: list, max_new_tokens: int, eot: int,
+             rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
+    """Completions of up to model.B prompts (token lists; missing rows repeat the first prompt and are
+    dropped from the result). model.T must hold the longest prompt plus max_new_tokens - 1 positions."""
+    B, T = model.B, model.T
+    n = len(prompts)
+    if not 1 <= n <= B:
+        raise ValueError(f"generate takes 1..{B} prompts (the model's B), got {n}")
+    rows = list(prompts) + [prompts[0]] * (B - n)
+    prompt_lens = np.array([len(p) for p in rows])
+    if prompt_lens.min() < 1 or prompt_lens.max() + max_new_tokens - 1 > T:
+        raise ValueError(f"prompts of {prompt_lens.min()}..{prompt_lens.max()} tokens and {max_new_tokens} new "
+                         f"tokens need T >= {prompt_lens.max() + max_new_tokens - 1}, the model has {T}")
+    tokens = np.full((B, T + 1), eot, np.int32)
+    for r, p in enumerate(rows):
+        tokens[r, :len(p)] = p
+    logprobs = np.zeros((B, T + 1), np.float32)
+    lengths = prompt_lens.copy()
+    ended = np.zeros(B, bool)
+    start = int(prompt_lens.min())
+    logits = decoder.prefill(tokens[:, :T], start)
+    for pos in range(start, T + 1):
+        sampling = (pos >= prompt_lens) & ~ended & (lengths - prompt_lens < max_new_tokens)
+        if not sampling.any() and pos >= prompt_lens.max():
+            break
+        new, logp = sample_tokens(logits, rng, temperature, top_k)
+        tokens[sampling, pos] = new[sampling]
+        logprobs[sampling, pos] = logp[sampling]
+        lengths[sampling] += 1
+        ended |= sampling & (new == eot)
+        if pos < T:
+            logits = decoder.step(tokens[:, pos])
+    return Rollout(tokens[:n], prompt_lens[:n], lengths[:n], logprobs[:n], ended[:n])
