@@ -12,6 +12,25 @@ from ..layout import Layout
 from ..zero import FlatStorage, allocate
 
 
+class TransformerShape:
+    """What every family's config shares (mixed into its frozen dataclass): the head size, and the shape
+    checks a config's __post_init__ runs before its own."""
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def check_shape(self, *more_dims: int):
+        """Positive dimensions (more_dims: the family's own), heads dividing the width, the padded
+        vocabulary covering the real one."""
+        if min(self.n_layer, self.n_head, self.n_embd, *more_dims) < 1:
+            raise ValueError(f"model dimensions must be positive: {self}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError("padded_vocab_size must be >= vocab_size")
+
+
 class FlatModel:
     def __init__(self, cfg, backend, B: int, T: int, params: np.ndarray, recompute: int, storage,
                  layout: Layout, activations: Layout, fp32_activations: frozenset):

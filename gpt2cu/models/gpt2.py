@@ -23,7 +23,7 @@ import numpy as np
 from ..formats import (HEADER_BYTES, MODEL_FILE, atomic_write, bf16_bits_to_f32, check_file_size, f32_to_bf16_bits,
                        new_header, read_header)
 from ..layout import Layout, build_layout
-from .base import FlatModel
+from .base import FlatModel, TransformerShape
 
 GPT2_VOCAB = 50257
 GPT2_PADDED_VOCAB = 50304  # next multiple of 128: keeps the LM-head GEMM well tiled
@@ -42,8 +42,20 @@ GPT3_SIZES = {"125M": (12, 768, 12), "350M": (24, 1024, 16), "760M": (24, 1536, 
 GPT3_SEQ_LEN = 2048
 
 
+def depth_shape(desc: str, family: str, example: str) -> tuple[int, int, int]:
+    """(layers, channels, heads) of a 'dN' descriptor, scaled as llm.c scales GPT-2 (every family's dN
+    follows it); family and example: what the error message names and shows."""
+    m = re.fullmatch(r"d(\d+)", desc)
+    if not m:
+        raise ValueError(f"unknown {family} descriptor {desc!r}: expected dN (e.g. {example}) or a model file path")
+    depth = int(m.group(1))
+    if depth < 1:
+        raise ValueError(f"model depth must be >= 1, got {desc!r}")
+    return (depth, *_NAMED.get(depth, (64 * depth, depth)))
+
+
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(TransformerShape):
     n_layer: int
     n_head: int
     n_embd: int
@@ -52,16 +64,7 @@ class GPTConfig:
     padded_vocab_size: int = GPT2_PADDED_VOCAB
 
     def __post_init__(self):
-        if self.n_layer < 1 or self.n_head < 1 or self.n_embd < 1:
-            raise ValueError(f"model dimensions must be positive: {self}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("padded_vocab_size must be >= vocab_size")
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        self.check_shape()
 
     @property
     def n_kv_head(self) -> int:
@@ -74,13 +77,7 @@ class GPTConfig:
     @classmethod
     def from_descriptor(cls, desc: str, **overrides) -> "GPTConfig":
         """'d12' -> GPT-2 124M; any 'dN' gets 64*N channels and N heads unless llm.c names it."""
-        m = re.fullmatch(r"d(\d+)", desc)
-        if not m:
-            raise ValueError(f"unknown model descriptor {desc!r}: expected dN (e.g. d12) or a model file path")
-        depth = int(m.group(1))
-        if depth < 1:
-            raise ValueError(f"model depth must be >= 1, got {desc!r}")
-        channels, heads = _NAMED.get(depth, (64 * depth, depth))
+        depth, channels, heads = depth_shape(desc, "model", "d12")
         return cls(n_layer=depth, n_head=heads, n_embd=channels, **overrides)
 
     @classmethod

@@ -14,7 +14,6 @@ query heads that is at most a third of them (llama:d12 = 12 layers, C=768, 12 qu
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +22,8 @@ from ..backends.numpy_llama_ops import LLAMA31_SCALING, rope_tables
 from ..formats import (HEADER_BYTES, HEADER_INTS, HeaderFormat, atomic_write, bf16_bits_to_f32, check_file_size,
                        f32_to_bf16_bits, new_header, read_header)
 from ..layout import Layout, build_layout
-from .base import FlatModel
-from .gpt2 import _NAMED, GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS
+from .base import FlatModel, TransformerShape
+from .gpt2 import GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, depth_shape
 
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
@@ -57,7 +56,7 @@ def ffn_shape_for(n_embd: int, hidden: int) -> tuple[float | None, int]:
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(TransformerShape):
     n_layer: int
     n_head: int
     n_kv_head: int
@@ -76,20 +75,11 @@ class LlamaConfig:
         for name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, float32_value(getattr(self, name)))
-        if min(self.n_layer, self.n_head, self.n_kv_head, self.n_embd, self.multiple_of, self.max_seq_len) < 1:
-            raise ValueError(f"model dimensions must be positive: {self}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        self.check_shape(self.n_kv_head, self.multiple_of, self.max_seq_len)
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.head_size % 2:
             raise ValueError(f"RoPE needs an even head dimension, n_embd / n_head = {self.head_size}")
-        if self.padded_vocab_size < self.vocab_size:
-            raise ValueError("padded_vocab_size must be >= vocab_size")
-
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
 
     @property
     def ffn_hidden(self) -> int:
@@ -101,13 +91,7 @@ class LlamaConfig:
 
     @classmethod
     def from_descriptor(cls, desc: str, **overrides) -> "LlamaConfig":
-        m = re.fullmatch(r"d(\d+)", desc)
-        if not m:
-            raise ValueError(f"unknown LLaMA descriptor {desc!r}: expected dN (e.g. llama:d12)")
-        depth = int(m.group(1))
-        if depth < 1:
-            raise ValueError(f"model depth must be >= 1, got {desc!r}")
-        channels, heads = _NAMED.get(depth, (64 * depth, depth))
+        depth, channels, heads = depth_shape(desc, "LLaMA", "llama:d12")
         kv_heads = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, heads // 3))
         return cls(n_layer=depth, n_head=heads, n_kv_head=kv_heads, n_embd=channels, **overrides)
 
