@@ -2,9 +2,11 @@
 same run.
 
     python bench/bench_train.py [--model d12[,llama:d12]] [--T 1024] [--batch-sizes 16,32,64] [--steps 20]
+                                [--recompute 0,1] [--zero 0]
 
 Several models (comma separated) are timed one after the other in the same run, each against its family's
-reference (gpt2cu.reference: TorchGPT, or TorchLlama with SDPA over grouped key/value heads).
+reference (gpt2cu.reference: TorchGPT, or TorchLlama with SDPA over grouped key/value heads). --zero
+times the ZeRO stages through NCCL with one rank (stage 0: no communicator), as `mpirun -np 1` would run them.
 
 Both sides train the same model (same init, same random token batches) with AdamW and grad clipping,
 gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs;
@@ -22,6 +24,7 @@ import time
 import numpy as np
 
 from gpt2cu.data import InMemoryBatches
+from gpt2cu.memory import plan
 from gpt2cu.models import config_from_descriptor, family_of, gpt2, llama
 from gpt2cu.optim import AdamWConfig
 from gpt2cu.trainer import TrainConfig, Trainer, flops_per_token
@@ -33,18 +36,30 @@ def random_batches(cfg, B, T, count, seed=0):
     return [(t[:, :-1].copy(), t[:, 1:].copy()) for t in toks]
 
 
-def bench_gpt2cu(cfg, B, T, steps, warmup, recompute):
+_NCCL = []  # one communicator for the whole run
+
+
+def communicator(zero, backend):
+    """No communicator for ZeRO-0; NCCL with this one rank for the sharded stages."""
+    from gpt2cu.dist import MPIComm, NCCLComm, SingleProcess
+    if zero == 0:
+        return SingleProcess()
+    if not _NCCL:
+        _NCCL.append(NCCLComm(MPIComm(), stream=backend.stream))
+    return _NCCL[0]
+
+
+def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
     """The trainer's own step (trainer.Trainer, as python -m gpt2cu.train runs it) on random batches."""
     import cupy as cp
     from gpt2cu.backends import get_backend
-    from gpt2cu.dist import SingleProcess
 
     backend = get_backend("cuda")
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
-    config = TrainConfig(batch_size=B, seq_len=T, max_steps=warmup + steps, recompute=recompute,
+    config = TrainConfig(batch_size=B, seq_len=T, max_steps=warmup + steps, recompute=recompute, zero_stage=zero,
                          adamw=AdamWConfig(lr=6e-4, weight_decay=0.1), lr_schedule="constant", seed=0)
-    trainer = Trainer(cfg, family_of(cfg).init_params(cfg, seed=0), backend, SingleProcess(), config,
+    trainer = Trainer(cfg, family_of(cfg).init_params(cfg, seed=0), backend, communicator(zero, backend), config,
                       InMemoryBatches(random_batches(cfg, B, T, 4)))
     start, end = cp.cuda.Event(), cp.cuda.Event()
     losses, phases = [], []  # phases: CUDA events at the step's phases ("start", "backward", ...)
@@ -134,6 +149,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--recompute", default="0,1", help="gpt2cu recompute settings to time (-r)")
+    ap.add_argument("--zero", default="0", help="ZeRO stages to time (-z), each with every recompute setting")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--attention", choices=("auto", "mma"), default="auto",
                     help="gpt2cu's attention kernels: auto (Hopper wgmma/TMA on sm_90) or mma (the mma.sync ones)")
@@ -157,15 +173,18 @@ def bench_model(cfg, args) -> list:
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         tokens = B * args.T
         row = dict(B=B, T=args.T, ours=[])
-        for r in [int(x) for x in args.recompute.split(",")]:
+        settings = [(int(z), int(r)) for z in args.zero.split(",") for r in args.recompute.split(",")]
+        for z, r in settings:
             t0 = time.time()
-            ours = bench_gpt2cu(cfg, B, args.T, args.steps, args.warmup, r)
-            print(f"gpt2cu B={B} -r {r}: {ours['ms']:.2f} ms/step: fwd+bwd graph {ours['fwd_bwd_ms']:.2f}, AdamW "
-                  f"graph {ours['update_ms']:.2f}, the rest (batch upload, norm, host gaps) "
+            ours = bench_gpt2cu(cfg, B, args.T, args.steps, args.warmup, r, z)
+            print(f"gpt2cu B={B} -r {r} -z {z}: {ours['ms']:.2f} ms/step: forward+backward {ours['fwd_bwd_ms']:.2f}, "
+                  f"AdamW graph {ours['update_ms']:.2f}, the rest (batch upload, norm, host gaps) "
                   f"{ours['ms'] - ours['fwd_bwd_ms'] - ours['update_ms']:.2f} ({time.time() - t0:.0f}s)", flush=True)
             row["device"] = ours["device"]
-            row["ours"].append(dict(recompute=r, ms=ours["ms"], tok_s=tokens / ours["ms"] * 1e3, mfu=ours["mfu"],
-                                    peak_mib=ours["peak"] / 2**20, loss=(ours["first_loss"], ours["last_loss"])))
+            row["ours"].append(dict(recompute=r, zero=z, ms=ours["ms"], tok_s=tokens / ours["ms"] * 1e3,
+                                    mfu=ours["mfu"], peak_mib=ours["peak"] / 2**20,
+                                    planned_mib=sum(plan(cfg, B, args.T, 1, z, r, "cuda").values()) / 2**20,
+                                    loss=(ours["first_loss"], ours["last_loss"])))
             if ours["mfu"]:
                 peak_flops = flops_per_token(cfg, args.T) * row["ours"][-1]["tok_s"] / (ours["mfu"] / 100)
         if not args.skip_torch:
@@ -183,15 +202,16 @@ def bench_model(cfg, args) -> list:
 def print_table(desc, cfg, rows, T):
     print(f"\n{desc}: {cfg.n_layer} layers, C={cfg.n_embd}, {cfg.num_parameters():,} parameters, T={T}, bf16, "
           f"{rows[0]['device']}")
-    print(f"{'B':>4} | {'impl':<14} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | loss first->last")
+    print(f"{'B':>4} | {'impl':<19} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | {'planned':>9} | loss first->last")
     for r in rows:
         for o in r["ours"]:
             ratio = f" ({o['tok_s'] / r['torch_tok_s']:.3f}x torch.compile)" if "torch_tok_s" in r else ""
-            print(f"{r['B']:>4} | {'gpt2cu -r ' + str(o['recompute']):<14} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
-                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
+            impl = f"gpt2cu -r {o['recompute']}" + (f" -z {o['zero']}" if o["zero"] else "")
+            print(f"{r['B']:>4} | {impl:<19} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
+                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | {o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
         if "torch_ms" in r:
-            print(f"{r['B']:>4} | {'torch.compile':<14} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
-                  f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | "
+            print(f"{r['B']:>4} | {'torch.compile':<19} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
+                  f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | {'':>9} | "
                   f"{r['torch_loss'][0]:.3f}->{r['torch_loss'][1]:.3f}")
 
 

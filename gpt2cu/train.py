@@ -209,9 +209,6 @@ class Run:
 def build_run(args, parser, backend, comm) -> Run:
     """Checks every flag against the backend, the ranks, the model and the data (a usage error exits 2
     here, before anything is allocated), then builds the trainer."""
-    if args.zero_stage >= 2 and backend.name == "cuda":
-        parser.error(f"-z {args.zero_stage} is not yet right on the CUDA backend (its GPU test disagrees with -z 1 "
-                     f"beyond bf16 rounding); use -z 1, or -z {args.zero_stage} with --backend numpy")
     fill_backend_defaults(args, backend.name)
     B, T, world = args.batch_size, args.seq_len, comm.world_size
     tokens_per_micro = B * T * world

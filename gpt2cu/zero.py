@@ -224,9 +224,7 @@ class _UnitStorage:
         b, r, s = self.backend, self.comm.rank, unit.shard_size
         mine = buf[r * s:(r + 1) * s]
         self.comm.reduce_scatter(buf, mine, op="avg")
-        shard = self._shard(self.grad_shard, unit)
-        with b.on_stream():
-            b.store_fp32(shard, b.activation_to_fp32(shard) + b.activation_to_fp32(mine))
+        b.accumulate(self._shard(self.grad_shard, unit), mine)
         b.zero_(buf)
 
     def layer_grads_done(self, layer: int):

@@ -327,4 +327,11 @@ PYBIND11_MODULE(_kernels, m) {
         },
         "out (bf16) = inp (fp32) rounded to nearest even, n elements", py::arg("out"), py::arg("inp"), py::arg("n"),
         py::arg("stream"));
+    m.def(
+        "bf16_accumulate",
+        [](uintptr_t out, uintptr_t x, size_t n, uintptr_t stream) {
+            bf16_accumulate(ptr<bf16>(out), ptr<const bf16>(x), n, strm(stream));
+        },
+        "out (bf16) += x (bf16), added in fp32 and rounded to nearest even, n elements", py::arg("out"),
+        py::arg("x"), py::arg("n"), py::arg("stream"));
 }

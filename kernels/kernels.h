@@ -151,3 +151,4 @@ size_t global_norm_scratch_floats(size_t n);
 // ---- convert.cu -------------------------------------------------------------------------------
 void bf16_to_float(float* out, const bf16* inp, size_t n, cudaStream_t stream);
 void float_to_bf16(bf16* out, const float* inp, size_t n, cudaStream_t stream);  // round to nearest even
+void bf16_accumulate(bf16* out, const bf16* x, size_t n, cudaStream_t stream);  // out += x in fp32, rounded

@@ -607,6 +607,21 @@ def test_global_norm_squared(cuda, case, n):
     case.same_bits("sum of squares (second run)", raw(cuda.global_norm_squared(g_d)), first)
 
 
+# ---- bf16 accumulation (ZeRO-2/3's gradient shard) -------------------------------------------------------
+@pytest.mark.parametrize("n, out_at, x_at", [(1, 0, 0), (1_000_003, 0, 0), (1_000_003, 1, 3)],
+                         ids=["one", "aligned", "unaligned"])
+def test_accumulate(cuda, case, n, out_at, x_at):
+    """out += x: the fp32 sum of two bf16 values rounded to nearest even, bit for bit (numpy's float32 add
+    rounds as the kernel's does); 1,000,003 is divided by no vector width, and starting 1 and 3 elements into
+    the buffers leaves them unaligned for the 16-byte path."""
+    out, out_d = case.bf16((n + out_at,))
+    x, x_d = case.bf16((n + x_at,), std=0.1)
+    expected = bits_of(out[out_at:].astype(np.float32) + x[x_at:].astype(np.float32))
+    cuda.accumulate(out_d[out_at:], x_d[x_at:])
+    case.same_bits("out", raw(out_d)[out_at:], expected)
+    case.same_bits("in front of out", raw(out_d)[:out_at], bits_of(out[:out_at]))
+
+
 # ---- the whole model ----------------------------------------------------------------------------------
 MODEL_CFG = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=64)  # the real vocabulary sizes
 MODEL_B, MODEL_T = 4, 64

@@ -189,41 +189,75 @@ def test_nccl_with_one_rank_matches_no_communicator():
         assert np.array_equal(params, ref_params), (zero, overlap)
 
 
-@pytest.mark.xfail(strict=True, reason="ZeRO-2/3 on CUDA: measured on an H200, qkvb after 3 steps (-z 2, -r 1) is "
-                   "21% away from -z 1 in relative norm (most elements 1 bf16 ulp, some far more); the CLI refuses "
-                   "-z 2/3 with --backend cuda until this passes")
+def zero_host_grads(storage):
+    """The gradients a storage holds after the reduction, as a host fp32 buffer in layout order (one rank:
+    ZeRO-1's flat buffer, or ZeRO-2/3's shard, which then holds every unit)."""
+    if storage.zero_stage <= 1:
+        return storage.backend.to_numpy(storage.grads[:storage.layout.total])
+    unit_major = storage.backend.to_numpy(storage.grad_shard)
+    out = np.zeros(storage.layout.total, dtype=np.float32)
+    for unit in storage.units:
+        storage._layout_order(unit, unit_major[unit.shard_offset:unit.shard_offset + unit.shard_size], out)
+    return out
+
+
 def test_nccl_with_one_rank_zero2_zero3_match_zero1():
     """ZeRO-2 and -3 through NCCL with world size 1 (per-layer reduce-scatters inside the backward, ZeRO-3's
     gathers prefetched on the communication stream) against ZeRO-1 on the same communicator, with -r 3
-    too. The first loss is bit-identical (same forward); after it they are close, not identical: the
-    stochastic rounding of the bf16 weights hashes each element's index inside its update segment (whole
-    stacked tensors under ZeRO-1, one layer's piece under ZeRO-2/3), and the gradient norm sums the shard
-    in another order. Bounds: losses within 0.01, weights within 1% relative norm per tensor."""
+    too, two micro-steps per step. The first loss is bit-identical (same forward). The first step's
+    gradients differ by rounding only: ZeRO-1's backward accumulates the second micro-step in the matmul
+    (one bf16 rounding), ZeRO-2/3 add each micro-step's bf16 gradient into the shard (two): within 1% relative
+    norm per tensor. After 3 updates weights are within 1% per tensor, except the key bias: softmax ignores
+    it, so its exact gradient is 0 and its computed one is rounding noise, which Adam (dividing by sqrt(v))
+    turns into steps of ~lr whose signs differ between any two roundings; those elements are only bounded by
+    what Adam can move them (3 steps of at most ~lr each, with room for the bias correction)."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm
     from gpt2cu.models.gpt2 import param_layout
     cfg, B, T = GPTConfig(n_layer=3, n_head=2, n_embd=128, max_seq_len=128), 4, 128
-    batches = corpus_batches(B, T, 6)
+    C, lr, steps = cfg.n_embd, 1e-3, 3
+    batches = corpus_batches(B, T, 2 * steps)
     backend = get_backend("cuda")
     nccl = NCCLComm(MPIComm(), stream=backend.stream)
+    layout = param_layout(cfg)
 
     def run(zero, recompute=1):
-        config = TrainConfig(batch_size=B, seq_len=T, max_steps=3, grad_accum=2, zero_stage=zero,
-                             recompute=recompute, adamw=AdamWConfig(lr=1e-3, weight_decay=0.1),
+        config = TrainConfig(batch_size=B, seq_len=T, max_steps=steps, grad_accum=2, zero_stage=zero,
+                             recompute=recompute, adamw=AdamWConfig(lr=lr, weight_decay=0.1),
                              lr_schedule="constant", seed=0)
         trainer = Trainer(cfg, init_params(cfg, seed=1), backend, nccl, config, InMemoryBatches(batches))
-        losses = [trainer.step().loss for _ in range(3)]
-        return losses, trainer.model.host_params()
+        grads = {}
+        first = trainer.step(lambda phase: phase == "reduced" and grads.setdefault(
+            "g", zero_host_grads(trainer.model.storage)))
+        losses = [first.loss] + [trainer.step().loss for _ in range(steps - 1)]
+        return losses, grads["g"], trainer.model.host_params()
 
-    ref_losses, ref_params = run(1)
-    layout = param_layout(cfg)
+    def split_key_bias(views):
+        """qkvb's key part apart from the rest of the tensors."""
+        views = dict(views)
+        qkvb = views.pop("qkvb")
+        views["qkvb (query, value)"] = np.concatenate([qkvb[:, :C], qkvb[:, 2 * C:]], axis=1)
+        return views, qkvb[:, C:2 * C]
+
+    rel = lambda x, y: np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-12)
+    ref_losses, ref_grads, ref_params = run(1)
+    ref_g, _ = split_key_bias(layout.views(ref_grads))
+    ref_p, ref_key = split_key_bias(layout.views(ref_params))
     for zero, recompute in ((2, 1), (3, 1), (3, 3)):
-        losses, params = run(zero, recompute)
+        losses, grads, params = run(zero, recompute)
+        g, _ = split_key_bias(layout.views(grads))
+        p, key = split_key_bias(layout.views(params))
+        grad_err = {name: rel(g[name], ref_g[name]) for name in ref_g}
+        param_err = {name: rel(p[name], ref_p[name]) for name in ref_p}
+        key_step = np.abs(key - ref_key).max()
+        print(f"-z {zero} -r {recompute}: losses {losses} vs {ref_losses}; worst gradient "
+              f"{max(grad_err, key=grad_err.get)} {max(grad_err.values()):.2e}; worst weight "
+              f"{max(param_err, key=param_err.get)} {max(param_err.values()):.2e}; key bias max |diff| {key_step:.2e}")
         assert losses[0] == ref_losses[0], (zero, recompute, losses, ref_losses)
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.01, (zero, recompute, losses, ref_losses)
-        for name, x in layout.views(params).items():
-            y = layout.views(ref_params)[name]
-            assert np.linalg.norm(x - y) <= 0.01 * max(np.linalg.norm(y), 1e-6), (zero, recompute, name)
+        assert max(grad_err.values()) < 0.01, (zero, recompute, grad_err)
+        assert max(param_err.values()) < 0.01, (zero, recompute, param_err)
+        assert key_step <= 3 * steps * lr, (zero, recompute, key_step)
 
 
 @pytest.mark.parametrize("model,B", [("d12", 16), ("d24", 16), ("d48", 8)])

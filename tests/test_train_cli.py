@@ -214,15 +214,3 @@ def test_out_of_memory_message_ends_its_sentence_once():
     message = str(info.value)
     assert ".." not in message and "bytes). Try" in message, message
     assert "out of memory allocating the parameters" in message and "Try a smaller -b" in message
-
-
-def test_zero2_and_zero3_are_refused_on_cuda_until_their_gpu_test_passes():
-    """-z 2/3 disagree with -z 1 on the GPU (tests/test_gpu_training.py, xfail): the CLI says so in one line.
-    Checked without a GPU: the flag check runs before the backend is used."""
-    from types import SimpleNamespace
-
-    from gpt2cu.train import build_run, parse_args
-    args, parser = parse_args(["-z", "2", "-e", "d1"])
-    with pytest.raises(SystemExit) as exit_info:
-        build_run(args, parser, SimpleNamespace(name="cuda"), SimpleNamespace(world_size=1, rank=0))
-    assert exit_info.value.code == 2

@@ -115,6 +115,9 @@ class Backend(ABC):
     def zero_(self, a): ...
 
     @abstractmethod
+    def accumulate(self, out, x): ...
+
+    @abstractmethod
     def encoder_forward(self, out, tokens, wte, wpe): ...
 
     @abstractmethod

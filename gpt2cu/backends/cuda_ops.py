@@ -301,6 +301,11 @@ class CudaBackend(Backend):
     def zero_(self, a):
         cp.cuda.runtime.memsetAsync(ptr(a), 0, a.nbytes, self.stream.ptr)
 
+    def accumulate(self, out, x):
+        if out.shape != x.shape:
+            raise ValueError(f"accumulate: shapes {out.shape} and {x.shape} differ")
+        self.k.bf16_accumulate(ptr(out), ptr(x), out.size, self.stream.ptr)
+
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
         self.k.encoder_forward(ptr(out), ptr(tokens), ptr(wte), ptr(wpe), B, T, C, self.stream.ptr)

@@ -32,6 +32,10 @@ def zero_(arr):
     arr[...] = 0
 
 
+def accumulate(out, x):
+    out += x
+
+
 # ---- encoder ------------------------------------------------------------------------------------
 def encoder_forward(out, tokens, wte, wpe):
     out[...] = wte[tokens] + wpe
@@ -297,6 +301,7 @@ class NumpyBackend(Backend):
 
     # ---- ops ---------------------------------------------------------------------------------------------
     zero_ = staticmethod(zero_)
+    accumulate = staticmethod(accumulate)
     encoder_forward = staticmethod(encoder_forward)
 
     def encoder_backward(self, dwte, dwpe, dout, batch):
