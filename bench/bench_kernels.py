@@ -36,11 +36,17 @@ import numpy as np
 from gpt2cu.backends import get_backend
 from gpt2cu.models.gpt2 import LM_HEAD_CHUNK_ROWS, GPTConfig
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:
-    torch = None
+torch = F = None  # imported by import_torch(), after gpt2cu's extension (and its cuBLASLt) has loaded
+
+
+def import_torch() -> bool:
+    global torch, F
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 BF16, F32, I32 = 2, 4, 4  # bytes per element
 C, NH, V, VP = 768, 12, 50257, 50304
@@ -140,7 +146,7 @@ class Bench:
 
 def run(args) -> dict:
     be = get_backend("cuda")  # raises, with the reason, when there is no usable GPU
-    use_torch = torch is not None and torch.cuda.is_available() and not args.no_torch
+    use_torch = not args.no_torch and import_torch()
     bench = Bench(be, args.reps, use_torch, args.rows.split(",") if args.rows else None)
     B, T = args.B, args.T
     N = B * T
