@@ -4,15 +4,10 @@
 // One block of 1024 threads per row (a row of Vp = 50304 bf16 is 6288 16-byte vectors, ~6 per thread).
 // Pass 1 keeps a per-thread online (max, sum of exp) over the vectors covering the first V columns
 // (the last, partial one masks columns >= V with -inf), combined across the block in a fixed tree.
-// Pass 2 writes the gradient with streaming (evict-first) stores. Where the row's first V columns fit
-// in shared memory with two blocks per SM (Vp = 50304: 100.6 KB of the H100/H200's 228 KB), the row is
-// RESIDENT: every thread first issues all its 16-byte cp.async copies of the row into shared memory
-// (the whole row in flight at once, no registers held), pass 1 and pass 2 read it there, so the logits
-// cross DRAM once each way; one block computes while the other SM's block loads. Otherwise (a larger
-// vocabulary, 1-column vectors) both passes read global memory: pass 1 walks the row from the end, so
-// the row's beginning is the most recently read when pass 2 walks it from the start and mostly hits L2.
-// Both orders give the same sums per thread, so the two paths agree bit for bit. Targets < 0: loss 0,
-// a zero row (not read).
+// It walks the row from the end, so the row's beginning is the most recently read when pass 2 walks
+// it from the start: with ~264 rows (26 MB) in flight on an H100, pass 2's reads mostly hit L2.
+// Pass 1 loads normally (to keep the row in L2); pass 2 is the last use of the logits and writes the
+// gradient with streaming (evict-first) loads and stores. Targets < 0: loss 0, a zero row (not read).
 // Exponentials are exp2f((x - max) * log2 e), one MUFU op each.
 // Optional, for policy-gradient losses (gpt2cu/rl): per-row weights multiply the row's dlogits, and the
 // row's entropy -sum p log p = lse - sum p x comes from a third running sum, sum exp(x - max) * x, kept
@@ -59,20 +54,16 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum v) {
     return total;
 }
 
-// RESIDENT: dynamic shared memory holds the row's first ceil(V/VW) vectors (launcher: resident_bytes).
-template <int VW, bool ENTROPY, bool RESIDENT>
+template <int VW, bool ENTROPY>
 __global__ void __launch_bounds__(CLS_THREADS, 2)
     fused_classifier_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int* __restrict__ targets,
                             float dloss, const float* __restrict__ weights, float* __restrict__ entropy, int V,
                             int Vp) {
     static_assert(CLS_THREADS == 1024, "block_combine reads one value per warp into one warp");
-    static_assert(!RESIDENT || VW == 8, "the resident row arrives in 16-byte copies");
-    extern __shared__ __align__(16) unsigned char resident_row[];
-    Vec<bf16, VW>* row = reinterpret_cast<Vec<bf16, VW>*>(resident_row);
     const int tid = threadIdx.x;
     bf16* x = logits + (size_t)blockIdx.x * Vp;
     const int target = targets[blockIdx.x];
-    const int vecs = Vp / VW, real_vecs = ceil_div(V, VW);
+    const int vecs = Vp / VW;
 
     if (target < 0) {
         if (tid == 0) {
@@ -89,15 +80,10 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     }
     // read before the barrier in block_combine: after it, other threads overwrite the row
     const float target_logit = tid == 0 ? (float)x[target] : 0.0f;
-    if (RESIDENT) {
-        for (int i = real_vecs - 1 - tid; i >= 0; i -= CLS_THREADS) cp_async_16(&row[i], x + i * VW);
-        cp_async_commit();
-        cp_async_wait<0>();  // this thread's vectors; block_combine's barrier publishes them to pass 2
-    }
 
     MaxSum ms = {-INFINITY, 0.0f, 0.0f};
-    for (int i = real_vecs - 1 - tid; i >= 0; i -= CLS_THREADS) {
-        const Vec<bf16, VW> xv = RESIDENT ? row[i] : load_vec<VW>(x + i * VW);
+    for (int i = ceil_div(V, VW) - 1 - tid; i >= 0; i -= CLS_THREADS) {
+        const Vec<bf16, VW> xv = load_vec<VW>(x + i * VW);
         float f[VW], vmax = -INFINITY;
 #pragma unroll
         for (int k = 0; k < VW; k++) {
@@ -130,7 +116,7 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     for (int i = tid; i < vecs; i += CLS_THREADS) {
         Vec<bf16, VW> d;
         if (i * VW < V) {
-            const Vec<bf16, VW> xv = RESIDENT ? row[i] : load_vec_cs<VW>(x + i * VW);
+            const Vec<bf16, VW> xv = load_vec_cs<VW>(x + i * VW);
 #pragma unroll
             for (int k = 0; k < VW; k++) {
                 const int col = i * VW + k;
@@ -145,43 +131,24 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
     }
 }
 
-// The resident row's bytes for V where two such blocks fit on one SM of this device (the kernel's
-// dynamic shared memory limit raised to it), else 0.
-template <bool ENTROPY>
-static size_t resident_bytes(int V) {
-    auto kernel = fused_classifier_kernel<8, ENTROPY, true>;
-    const size_t bytes = (size_t)ceil_div(V, 8) * 16;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess) {
-        cudaGetLastError();  // more than a block may have on this device: not an error, the streaming path
-        return 0;
-    }
-    int blocks = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, CLS_THREADS, bytes));
-    return blocks >= 2 ? bytes : 0;
-}
-
-template <bool ENTROPY>
+template <int VW>
 static void launch_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
                               float* entropy, int N, int V, int Vp, cudaStream_t stream) {
-    if (Vp % 8 != 0 || reinterpret_cast<uintptr_t>(logits) % 16 != 0) {
-        fused_classifier_kernel<1, ENTROPY, false>
+    if (entropy)
+        fused_classifier_kernel<VW, true>
             <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
-    } else if (const size_t smem = resident_bytes<ENTROPY>(V)) {
-        fused_classifier_kernel<8, ENTROPY, true>
-            <<<N, CLS_THREADS, smem, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
-    } else {
-        fused_classifier_kernel<8, ENTROPY, false>
+    else
+        fused_classifier_kernel<VW, false>
             <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
-    }
 }
 
 void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
                       float* entropy, int N, int V, int Vp, cudaStream_t stream) {
     require(N >= 0 && V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
     if (N == 0) return;
-    if (entropy)
-        launch_classifier<true>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
+    if (Vp % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
+        launch_classifier<8>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
     else
-        launch_classifier<false>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
+        launch_classifier<1>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
     CUDA_CHECK_LAUNCH();
 }
