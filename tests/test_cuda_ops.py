@@ -461,8 +461,8 @@ def test_gelu_backward(cuda, case, in_place):
 
 
 # ---- classifier ---------------------------------------------------------------------------------------
-# V50257 keeps the row in shared memory (resident), V128256 (LLaMA 3's vocabulary) is too large for that and
-# streams both passes from global memory, V1001 in Vp 1003 takes 1-column vectors
+# GPT-2's vocabulary, LLaMA 3's (a row of 250 KB: more than L2 holds for many rows in flight), and V 1001 in
+# Vp 1003, which takes 1-column vectors
 CLASSIFIER_CASES = [(B, T, 1001, 1024), (B, T, 1001, 1003), (2, 3, 50257, 50304), (1, 2, 128256, 128256)]
 CLASSIFIER_IDS = ["V1001", "V1001-Vp1003", "V50257", "V128256"]
 
