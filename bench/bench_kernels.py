@@ -1,6 +1,7 @@
 """Per-kernel time against its floor, at GPT-2 124M sizes, on this GPU.
 
-    python bench/bench_kernels.py [--B 64] [--T 1024] [--reps 20] [--out FILE.json]
+    python bench/bench_kernels.py [--B 64] [--T 1024] [--reps 20] [--rows SUBSTR,...] [--no-torch]
+                                  [--no-attention] [--out FILE.json]
 
 First the two ceilings of this GPU are measured: device-to-device copy bandwidth (CuPy, a 2 GiB buffer,
 read + write bytes counted) and the dense bf16 GEMM rate (torch.matmul at 8192^3 on random data when torch
@@ -15,8 +16,13 @@ next to each op below; floor / time, the percentage of the floor reached; and th
 equivalent (bf16, same shapes) where one exists. Random data is bf16 by truncation of fp32 normals.
 Then an attention table: our attention (as dispatched: the Hopper wgmma/TMA kernels on compute capability 9.x;
 and forced onto the mma.sync kernels) against torch SDPA's cuDNN and FlashAttention-2 backends on three shapes,
-forward and backward, in us and TFLOP/s (causal FLOPs). The tables print last; --out writes them, with the
-ceilings, as JSON.
+forward and backward, in us and TFLOP/s (causal FLOPs). Then a GEMM table: every cuBLASLt product of a
+training step (each layer's forward, dinp and dweight GEMMs, the LM head's per 8192-row chunk), each with
+the algorithm cuBLASLt's heuristic ranks first and with the one matmul.cu's tuning chose, their TFLOP/s
+against the measured GEMM rate, and the GEMM time of a whole step both ways; the tuner's own log (its
+timing of the heuristic's first and of its pick) prints with it. The tables print last; --out writes
+them, with the ceilings, as JSON. --rows keeps only the rows (and GEMM-table rows) whose name holds one of
+the substrings; --no-torch skips PyTorch's timings, --no-attention the attention table.
 """
 from __future__ import annotations
 
@@ -28,13 +34,19 @@ import cupy as cp
 import numpy as np
 
 from gpt2cu.backends import get_backend
-from gpt2cu.models.gpt2 import GPTConfig
+from gpt2cu.models.gpt2 import LM_HEAD_CHUNK_ROWS, GPTConfig
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:
-    torch = None
+torch = F = None  # imported by import_torch(), after gpt2cu's extension (and its cuBLASLt) has loaded
+
+
+def import_torch() -> bool:
+    global torch, F
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 BF16, F32, I32 = 2, 4, 4  # bytes per element
 C, NH, V, VP = 768, 12, 50257, 50304
@@ -71,8 +83,8 @@ def median_us(fn, stream, reps, warmup=3):
 
 
 class Bench:
-    def __init__(self, be, reps, use_torch):
-        self.be, self.reps, self.use_torch = be, reps, use_torch
+    def __init__(self, be, reps, use_torch, only=None):
+        self.be, self.reps, self.use_torch, self.only = be, reps, use_torch, only
         self.torch_stream = None
         if use_torch:  # torch launches on its current stream; CuPy events are recorded on that same stream
             handle = torch.cuda.current_stream().cuda_stream
@@ -117,7 +129,12 @@ class Bench:
         us = self.ours(lambda: self.be.matmul_forward(out, a, b))
         return f"cuBLASLt (our matmul_forward) bf16 {n}^3", 2 * n ** 3 / (us * 1e-6)
 
+    def wanted(self, name):
+        return not self.only or any(part in name for part in self.only)
+
     def row(self, name, fn, nbytes, flops, torch_make=None):
+        if not self.wanted(name):
+            return
         us = self.ours(fn)
         memory_us, compute_us = 1e6 * nbytes / self.bandwidth, 1e6 * flops / self.gemm_rate
         floor_us = max(memory_us, compute_us)
@@ -129,8 +146,8 @@ class Bench:
 
 def run(args) -> dict:
     be = get_backend("cuda")  # raises, with the reason, when there is no usable GPU
-    use_torch = torch is not None and torch.cuda.is_available()
-    bench = Bench(be, args.reps, use_torch)
+    use_torch = not args.no_torch and import_torch()
+    bench = Bench(be, args.reps, use_torch, args.rows.split(",") if args.rows else None)
     B, T = args.B, args.T
     N = B * T
     rng = np.random.default_rng(0)
@@ -239,12 +256,68 @@ def run(args) -> dict:
         # reads grads
         bench.row(f"global norm {P / 1e6:.1f}M", lambda: be.global_norm_squared(grads), P * BF16, 0,
                   lambda: torch_global_norm(grads))
-        print("attention against cuDNN and FlashAttention-2 ...", flush=True)
-        attention = attention_table(bench, B, T)
-    return {"attention": attention,
+        del params, grads, master, m, v, logits
+        cp.get_default_memory_pool().free_all_blocks()
+        print("GEMMs, heuristic's first against the tuned choice ...", flush=True)
+        gemms = gemm_table(bench, B, T)
+        attention = []
+        if not args.no_attention:
+            print("attention against cuDNN and FlashAttention-2 ...", flush=True)
+            attention = attention_table(bench, B, T)
+    return {"attention": attention, "gemm": gemms, "gemm_tuning_log": tuning_log(be),
             "device": be.device_name(), "B": B, "T": T, "C": C, "n_head": NH, "padded_vocab": VP,
             "copy_bandwidth_GBps": bench.bandwidth / 1e9, "gemm_TFLOPs": bench.gemm_rate / 1e12,
             "gemm_source": bench.gemm_source, "torch": torch.__version__ if use_torch else None, "rows": bench.rows}
+
+
+def gemm_products(B, T):
+    """(name, rows, in, out, calls per step) of GPT-2 124M's linear layers at B x T tokens, and the LM head
+    per chunk of LM_HEAD_CHUNK_ROWS rows (models/gpt2.py), as a training step runs them."""
+    N, layers = B * T, GPTConfig.from_descriptor("d12").n_layer
+    chunk = min(N, LM_HEAD_CHUNK_ROWS)
+    return [("qkv", N, C, 3 * C, layers), ("attproj", N, C, C, layers), ("fc", N, C, 4 * C, layers),
+            ("fcproj", N, 4 * C, C, layers), (f"lm head ({chunk}-row chunk)", chunk, C, VP, -(-N // chunk))]
+
+
+def gemm_table(bench, B, T):
+    """Each GEMM of a training step (forward with its epilogue: bias, GeLU; dinp, with DGELU after fc;
+    dweight, accumulating), timed with cuBLASLt's heuristic's first algorithm and with the tuned choice
+    (matmul_set_tuning 0 / 1: separate plans, so both run in this process), against the GEMM rate."""
+    be, k = bench.be, bench.be.k
+    if not hasattr(k, "matmul_set_tuning"):  # an extension from before the tuning
+        return []
+    rows = []
+    for name, n, cin, cout, per_step in gemm_products(B, T):
+        inp, w, dout = random_bf16((n, cin)), random_bf16((cout, cin), cin ** -0.5), random_bf16((n, cout))
+        bias = random_bf16((cout,), 0.1) if cout != VP else None
+        out, dinp, dw = cp.empty((n, cout), dtype=cp.uint16), cp.empty((n, cin), dtype=cp.uint16), random_bf16(
+            (cout, cin), 0.01)
+        pre = random_bf16((n, cout)) if name == "fc" else None          # the GeLU epilogue writes it
+        dpre = random_bf16((n, cin)) if name == "fcproj" else None      # DGELU reads fc's pre-activation
+        calls = [("fwd", lambda: be.matmul_forward(out, inp, w, bias, gelu_pre=pre)),
+                 ("bwd dinp", lambda: be.matmul_backward(dinp, None, None, dout, inp, w, dinp_gelu_pre=dpre)),
+                 ("bwd dweight", lambda: be.matmul_backward(None, dw, None, dout, inp, w))]
+        for call, fn in calls:
+            label = f"{name} {call} {n}x{cin}->{cout}"
+            if not bench.wanted(label) and not bench.wanted("gemm"):
+                continue
+            times = {}
+            for mode in (0, 1):
+                k.matmul_set_tuning(mode)
+                times[mode] = bench.ours(fn)
+            k.matmul_set_tuning(1)
+            flops = 2 * n * cin * cout
+            rows.append({"name": label, "per_step": per_step, "heuristic_us": times[0], "tuned_us": times[1],
+                         "tflops": flops / times[1] / 1e6, "pct_of_gemm_rate": 100 * flops / times[1] * 1e6
+                         / bench.gemm_rate})
+            print(f"  {label}: heuristic {times[0]:.1f} us, tuned {times[1]:.1f} us", flush=True)
+        del inp, w, dout, bias, out, dinp, dw, pre, dpre
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def tuning_log(be):
+    return be.k.matmul_tuning_report().splitlines() if hasattr(be.k, "matmul_tuning_report") else []
 
 
 # ---- PyTorch equivalents: each takes our CuPy arrays (shared through DLPack) and returns the callable to time
@@ -437,6 +510,22 @@ def print_table(result):
         torch_us = f"{r['torch_us']:.1f}" if r["torch_us"] is not None else "-"
         print(f"{r['name']:<36} {r['time_us']:>10.1f} {r['floor_us']:>10.1f} {r['pct_of_floor']:>7.1f}% "
               f"{r['bound']:>8} {r['bytes'] / 1e6:>9.1f} {r['flops'] / 1e9:>9.1f} {torch_us:>10}")
+    if result.get("gemm"):
+        print(f"\nGEMMs of a training step: cuBLASLt heuristic's first vs the tuned choice "
+              f"(% of the {result['gemm_TFLOPs']:.0f} TFLOP/s GEMM rate)")
+        header = (f"{'GEMM':<44} {'per step':>8} {'heur. us':>9} {'tuned us':>9} {'TFLOP/s':>8} {'% rate':>7}")
+        print(header)
+        print("-" * len(header))
+        for r in result["gemm"]:
+            print(f"{r['name']:<44} {r['per_step']:>8} {r['heuristic_us']:>9.1f} {r['tuned_us']:>9.1f} "
+                  f"{r['tflops']:>8.1f} {r['pct_of_gemm_rate']:>6.1f}%")
+        before = sum(r["per_step"] * r["heuristic_us"] for r in result["gemm"]) / 1e3
+        after = sum(r["per_step"] * r["tuned_us"] for r in result["gemm"]) / 1e3
+        print(f"GEMM time of one step: {before:.2f} ms with the heuristic's first, {after:.2f} ms tuned "
+              f"({after - before:+.2f} ms)")
+        print("tuner log (cache key, how chosen):")
+        for line in result.get("gemm_tuning_log", []):
+            print("  " + line)
     if result.get("attention"):
         print("\nattention, causal (TFLOP/s: causal FLOPs; torch bwd = fwd+bwd - fwd)")
         header = f"{'shape':<26} {'kernel':<30} {'fwd us':>9} {'TFLOP/s':>8} {'bwd us':>9} {'TFLOP/s':>8}"
@@ -452,6 +541,9 @@ def main(argv=None):
     parser.add_argument("--B", type=int, default=64, help="batch size (sequences)")
     parser.add_argument("--T", type=int, default=1024, help="sequence length")
     parser.add_argument("--reps", type=int, default=20, help="timed calls per op (the median is reported)")
+    parser.add_argument("--rows", help="comma-separated substrings: only the rows whose name holds one")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch's timings")
+    parser.add_argument("--no-attention", action="store_true", help="skip the attention table")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = parser.parse_args(argv)
     result = run(args)

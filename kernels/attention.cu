@@ -78,24 +78,11 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kBlock = 64;
 
 // ---- PTX wrappers -------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy global -> shared; valid == false writes 16 zero bytes (src-size 0 reads nothing).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-// 4-byte variant (fp32 rows of lse / D whose start need not be 16-byte aligned).
+// (smem_addr, cp_async_16, cp_async_commit, cp_async_wait: common.cuh)
+// 4-byte variant of cp_async_16 (fp32 rows of lse / D whose start need not be 16-byte aligned).
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {

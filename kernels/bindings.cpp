@@ -278,6 +278,14 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
         py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
         py::arg("OC"), py::arg("stream"));
+    m.def(
+        "matmul_set_tuning", [](int mode) { return matmul_set_tuning(mode); },
+        "1: time the cuBLASLt heuristic's candidates at a shape's first call (the default), 0: its first; -1 only "
+        "asks; returns the mode before",
+        py::arg("mode"));
+    m.def(
+        "matmul_tuning_report", []() { return matmul_tuning_report(); },
+        "the GEMM algorithm choices made in this process, one line each: cache key, tab, how it was chosen");
 
     // ---- adamw.cu
     m.def(

@@ -91,6 +91,24 @@ __device__ __forceinline__ x128 load128cs(const bf16* p) { return load_vec_cs<8>
 __device__ __forceinline__ void store128(bf16* p, const x128& x) { store_vec<8>(p, x); }
 __device__ __forceinline__ void store128cs(bf16* p, const x128& x) { store_vec_cs<8>(p, x); }
 
+// ---- asynchronous copies global -> shared (sm_80+) ---------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte async copy global -> shared, bypassing L1; valid == false writes 16 zero bytes (src-size 0
+// reads nothing).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid = true) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// waits until at most N of this thread's committed groups are still in flight
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // ---- reductions ---------------------------------------------------------------------------------
 // xor butterflies: every lane ends with the same, bitwise identical value (fp add is commutative).
 

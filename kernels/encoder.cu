@@ -3,7 +3,7 @@
 // forward: out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]; one thread per 8-channel vector.
 //
 // backward, dwpe[t,:] += sum_b dout[b,t,:]: one thread per (t, 8-channel vector) adds the B rows in
-// order b = 0..B-1.
+// order b = 0..B-1, 8 rows in flight.
 //
 // backward, dwte[v,:] += sum of the dout rows of the positions holding token v. The caller groups the
 // positions into buckets (runs of one token in a stable sort), so every bucket owns one dwte row and
@@ -12,21 +12,27 @@
 // the batch, most tokens appear once), so two kernels split the buckets by size, both with grids
 // fixed at launch (num_buckets is only known on the device) that stride over the buckets:
 //  - small (<= 32 rows): one warp per bucket; lane r holds row r's position, the warp adds the rows
-//    in order, 4 rows in flight.
+//    in order. The work is a chain of dependent loads (bucket start -> positions -> token -> rows), so
+//    each lane loads its columns of a row (up to WTE_SMALL_VPL 16-byte vectors) at once, and the next
+//    bucket's start and positions load while this bucket's rows do.
+//    The same launch adds dwpe: its first blocks take the dwpe columns (bandwidth-bound: every dout row
+//    once), the rest the small buckets (latency-bound), so the two overlap; the grid is one wave.
 //  - large (> 32 rows): the bucket is cut into channel slices of 64 (8 threads x 8 channels, grid.y)
 //    so its rows are read by many SMs at once; in a slice, 64 row groups of 8 threads each add rows
 //    g, g+64, ... in order, then the 64 group sums are added in a fixed two-level order. Block x looks
 //    at buckets x, x+gridDim.x, ... and lists the large ones with their start, size and token (an
 //    ordered compaction in shared memory), so each bucket then costs two dependent loads (positions,
 //    rows) plus the reduction.
-// Two kernels rather than one with two kinds of blocks: each gets the registers it needs.
+// The large buckets have a kernel of their own: it needs twice the registers and shared memory.
 // C not a multiple of 8 (or unaligned pointers) runs the same code with 1-channel vectors.
 #include <algorithm>
 #include "common.cuh"
 
-constexpr int ENC_THREADS = 256;           // forward and dwpe
+constexpr int ENC_THREADS = 256;           // forward
 constexpr int WTE_SMALL_THREADS = 256;
 constexpr int WTE_SMALL_MAX = 32;           // a bucket of up to this many rows is one warp's
+constexpr int WTE_SMALL_VPL = 3;            // vectors per lane loaded at once (C = 768: the whole row)
+constexpr int WPE_SHARE = 4;                // 1 in WPE_SHARE blocks of the small-bucket launch adds dwpe
 constexpr int WTE_THREADS = 512;            // large buckets
 constexpr int WTE_WARPS = WTE_THREADS / 32;
 constexpr int WTE_LANES = 8;                // threads across one row of a large bucket's slice
@@ -51,74 +57,98 @@ __global__ void __launch_bounds__(ENC_THREADS)
     store_vec<V>(out + row * C + c, o);
 }
 
+// dwpe columns (t, vector) idx = first, first + stride, ...: the B rows of each added in order.
 template <int V>
-__global__ void __launch_bounds__(ENC_THREADS)
-    wpe_backward_kernel(bf16* __restrict__ dwpe, const bf16* __restrict__ dout, int B, int T, int C) {
-    const size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+__device__ __forceinline__ void wpe_backward(bf16* __restrict__ dwpe, const bf16* __restrict__ dout, int B, int T,
+                                             int C, size_t first, size_t stride) {
     const int vecs = C / V;
-    if (idx >= (size_t)T * vecs) return;
-    const int t = (int)(idx / vecs), c = (int)(idx % vecs) * V;
-    float acc[V] = {};
-#pragma unroll 8
-    for (int b = 0; b < B; b++) {
-        const Vec<bf16, V> x = load_vec<V>(dout + ((size_t)b * T + t) * C + c);
-#pragma unroll
-        for (int k = 0; k < V; k++) acc[k] += (float)x[k];
-    }
-    bf16* dst = dwpe + (size_t)t * C + c;
-    Vec<bf16, V> d = load_vec<V>(dst);
-#pragma unroll
-    for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
-    store_vec<V>(dst, d);
-}
-
-// One warp adds the `size` (<= 32) rows of the bucket starting at `start` into dwte[token].
-template <int V>
-__device__ __forceinline__ void wte_small_bucket(bf16* __restrict__ dwte, const bf16* __restrict__ dout,
-                                                 const int* __restrict__ tokens,
-                                                 const int* __restrict__ sorted_positions, int start, int size,
-                                                 int C) {
-    const int lane = threadIdx.x % 32;
-    const int my_pos = lane < size ? sorted_positions[start + lane] : 0;  // lane r holds row r's position
-    const int token = tokens[__shfl_sync(FULL_MASK, my_pos, 0)];
-    const int vecs = C / V;
-    for (int base = 0; base < vecs; base += 32) {  // warp-uniform: every lane takes part in the shuffles
-        const bool active = base + lane < vecs;
-        const int c = (base + lane) * V;
-        const bf16* column = dout + (active ? c : 0);  // inactive lanes load (and drop) column 0
-        bf16* dst = dwte + (size_t)token * C + (active ? c : 0);
-        Vec<bf16, V> d = load_vec<V>(dst);  // issued with the dout loads
+    for (size_t idx = first; idx < (size_t)T * vecs; idx += stride) {
+        const int t = (int)(idx / vecs), c = (int)(idx % vecs) * V;
         float acc[V] = {};
-        auto add = [&](const Vec<bf16, V>& x) {
+#pragma unroll 8
+        for (int b = 0; b < B; b++) {
+            const Vec<bf16, V> x = load_vec<V>(dout + ((size_t)b * T + t) * C + c);
 #pragma unroll
             for (int k = 0; k < V; k++) acc[k] += (float)x[k];
-        };
-        int r = 0;
-        for (; r + 4 <= size; r += 4) {  // 4 rows in flight, unpredicated
-            Vec<bf16, V> x[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) x[u] = load_vec<V>(column + __shfl_sync(FULL_MASK, my_pos, r + u) * C);
-#pragma unroll
-            for (int u = 0; u < 4; u++) add(x[u]);
         }
-        for (; r < size; r++) add(load_vec<V>(column + __shfl_sync(FULL_MASK, my_pos, r) * C));
-        if (active) {
+        bf16* dst = dwpe + (size_t)t * C + c;
+        Vec<bf16, V> d = load_vec<V>(dst);
 #pragma unroll
-            for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
-            store_vec<V>(dst, d);
-        }
+        for (int k = 0; k < V; k++) d[k] = __float2bfloat16_rn((float)d[k] + acc[k]);
+        store_vec<V>(dst, d);
     }
 }
 
+// One warp adds the `size` (<= 32) rows of a bucket into dwte[token]; lane r holds row r's position
+// (my_pos). Columns in passes of WTE_SMALL_VPL vectors per lane, every load of a row's pass at once.
 template <int V>
-__global__ void __launch_bounds__(WTE_SMALL_THREADS, 4)
-    wte_small_kernel(bf16* __restrict__ dwte, const bf16* __restrict__ dout, const int* __restrict__ tokens,
-                     const int* __restrict__ sorted_positions, const int* __restrict__ bucket_starts,
-                     const int* __restrict__ num_buckets, int C) {
-    const int nb = *num_buckets, warps = gridDim.x * (WTE_SMALL_THREADS / 32);
-    for (int b = blockIdx.x * (WTE_SMALL_THREADS / 32) + threadIdx.x / 32; b < nb; b += warps) {
-        const int start = bucket_starts[b], size = bucket_starts[b + 1] - start;
-        if (size <= WTE_SMALL_MAX) wte_small_bucket<V>(dwte, dout, tokens, sorted_positions, start, size, C);
+__device__ __forceinline__ void wte_small_bucket(bf16* __restrict__ dwte, const bf16* __restrict__ dout,
+                                                 const int* __restrict__ tokens, int my_pos, int size, int C) {
+    const int lane = threadIdx.x % 32;
+    const int token = tokens[__shfl_sync(FULL_MASK, my_pos, 0)];
+    const int vecs = C / V;
+    for (int base = 0; base < vecs; base += 32 * WTE_SMALL_VPL) {
+        bool active[WTE_SMALL_VPL];
+        int col[WTE_SMALL_VPL];
+        Vec<bf16, V> d[WTE_SMALL_VPL];
+        float acc[WTE_SMALL_VPL][V] = {};
+#pragma unroll
+        for (int j = 0; j < WTE_SMALL_VPL; j++) {
+            active[j] = base + 32 * j + lane < vecs;
+            col[j] = active[j] ? (base + 32 * j + lane) * V : 0;  // inactive lanes load (and drop) column 0
+            d[j] = load_vec<V>(dwte + (size_t)token * C + col[j]);
+        }
+#pragma unroll 1  // rolled: 77 registers, no spills, 3 blocks per SM
+        for (int r = 0; r < size; r++) {  // warp-uniform: every lane takes part in the shuffle
+            const bf16* src = dout + (size_t)__shfl_sync(FULL_MASK, my_pos, r) * C;
+            Vec<bf16, V> x[WTE_SMALL_VPL];
+#pragma unroll
+            for (int j = 0; j < WTE_SMALL_VPL; j++) x[j] = load_vec<V>(src + col[j]);
+#pragma unroll
+            for (int j = 0; j < WTE_SMALL_VPL; j++)
+#pragma unroll
+                for (int k = 0; k < V; k++) acc[j][k] += (float)x[j][k];
+        }
+#pragma unroll
+        for (int j = 0; j < WTE_SMALL_VPL; j++)
+            if (active[j]) {
+#pragma unroll
+                for (int k = 0; k < V; k++) d[j][k] = __float2bfloat16_rn((float)d[j][k] + acc[j][k]);
+                store_vec<V>(dwte + (size_t)token * C + col[j], d[j]);
+            }
+    }
+}
+
+// Blocks [0, wpe_blocks) add dwpe; the others stride over the buckets, taking those of <= WTE_SMALL_MAX rows.
+template <int V>
+__global__ void __launch_bounds__(WTE_SMALL_THREADS, 3)
+    wte_small_kernel(bf16* __restrict__ dwte, bf16* __restrict__ dwpe, const bf16* __restrict__ dout,
+                     const int* __restrict__ tokens, const int* __restrict__ sorted_positions,
+                     const int* __restrict__ bucket_starts, const int* __restrict__ num_buckets, int B, int T, int C,
+                     int wpe_blocks) {
+    if ((int)blockIdx.x < wpe_blocks) {
+        wpe_backward<V>(dwpe, dout, B, T, C, blockIdx.x * (size_t)WTE_SMALL_THREADS + threadIdx.x,
+                        (size_t)wpe_blocks * WTE_SMALL_THREADS);
+        return;
+    }
+    constexpr int WARPS = WTE_SMALL_THREADS / 32;
+    const int lane = threadIdx.x % 32;
+    const int nb = *num_buckets, warps = (gridDim.x - wpe_blocks) * WARPS;
+    // bucket b's start, size and lane's position, loaded one bucket ahead
+    auto fetch = [&](int b, int& start, int& size, int& pos) {
+        start = b < nb ? bucket_starts[b] : 0;
+        size = b < nb ? bucket_starts[b + 1] - start : 0;
+        pos = lane < size && size <= WTE_SMALL_MAX ? sorted_positions[start + lane] : 0;
+    };
+    int b = (blockIdx.x - wpe_blocks) * WARPS + threadIdx.x / 32, start, size, pos;
+    fetch(b, start, size, pos);
+    for (; b < nb; b += warps) {
+        int next_start, next_size, next_pos;
+        fetch(b + warps, next_start, next_size, next_pos);
+        if (size <= WTE_SMALL_MAX) wte_small_bucket<V>(dwte, dout, tokens, pos, size, C);
+        start = next_start;
+        size = next_size;
+        pos = next_pos;
     }
 }
 
@@ -249,18 +279,15 @@ template <int V>
 static void encoder_backward_launch(bf16* dwte, bf16* dwpe, const bf16* dout, const int* tokens,
                                     const int* sorted_positions, const int* bucket_starts, const int* num_buckets,
                                     int B, int T, int C, cudaStream_t stream) {
-    const size_t wpe_threads = (size_t)T * (C / V);
-    wpe_backward_kernel<V><<<(unsigned)ceil_div(wpe_threads, (size_t)ENC_THREADS), ENC_THREADS, 0, stream>>>(
-        dwpe, dout, B, T, C);
-    CUDA_CHECK_LAUNCH();
-
     // both kernels stride over the buckets with one full wave of resident blocks
     const int BT = B * T, sms = device_sm_count();
     int per_sm = 0;
     CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wte_small_kernel<V>, WTE_SMALL_THREADS, 0));
-    const int small_blocks = std::min(sms * std::max(per_sm, 1), ceil_div(BT, WTE_SMALL_THREADS / 32));
-    wte_small_kernel<V><<<small_blocks, WTE_SMALL_THREADS, 0, stream>>>(dwte, dout, tokens, sorted_positions,
-                                                                        bucket_starts, num_buckets, C);
+    const int wave = sms * std::max(per_sm, 1);
+    const int wpe_blocks = std::min(std::max(wave / WPE_SHARE, 1), ceil_div(T * (C / V), WTE_SMALL_THREADS));
+    const int small_blocks = std::max(std::min(wave - wpe_blocks, ceil_div(BT, WTE_SMALL_THREADS / 32)), 1);
+    wte_small_kernel<V><<<wpe_blocks + small_blocks, WTE_SMALL_THREADS, 0, stream>>>(
+        dwte, dwpe, dout, tokens, sorted_positions, bucket_starts, num_buckets, B, T, C, wpe_blocks);
     CUDA_CHECK_LAUNCH();
 
     const int max_large = BT / (WTE_SMALL_MAX + 1);  // buckets of more than WTE_SMALL_MAX rows

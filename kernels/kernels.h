@@ -12,6 +12,7 @@
 //  - reductions are deterministic: no float atomics on a shared output.
 #pragma once
 #include <cstddef>
+#include <string>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 
@@ -122,6 +123,13 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
                      const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
                      cudaStream_t stream);
+// The algorithm of each GEMM shape is chosen at its first call (matmul.cu's header: timed among the
+// heuristic's candidates, recorded in the GPT2CU_GEMM_CACHE file). mode 1: tuned (the default;
+// GPT2CU_GEMM_TUNE=0 starts at 0), 0: the heuristic's first, -1: only asks. Returns the mode before.
+// Later first calls use the new mode; plans made under the other mode stay for their shapes.
+int matmul_set_tuning(int mode);
+// One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
+std::string matmul_tuning_report();
 
 // ---- adamw.cu ---------------------------------------------------------------------------------
 // Per-step values, read from DEVICE memory so one captured graph serves every step.

@@ -13,7 +13,9 @@
 // in registers between the statistics and the output, so each row is read from memory once. Row sums
 // are xor-butterfly warp reductions. Requires C % 8 == 0 and C <= 2048 (common.cuh's row helpers); GPT-2
 // widths (768 ... 1600) are multiples of 64.
-// backward: every load of a row (dout, inp, dinp, weight) is issued at once. dweight/dbias: each warp
+// backward: a warp's rows stream through shared memory by cp.async, two buffers deep: row i+1's dout,
+// inp and dinp are in flight while row i is computed (a warp's next loads no longer wait for its
+// reductions and stores), at no register cost. dweight/dbias: each warp
 // keeps fp32 per-channel sums of its rows in its own slice of shared memory (registers would cost 48
 // more per thread at C = 768 and halve the warps in flight); at the end the block adds its 4 warps'
 // sums in warp order and writes one fp32 partial row [dweight | dbias] (2C floats) to scratch;
@@ -86,7 +88,8 @@ void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, fl
     layernorm_forward_launch<true>(residual, out, mean, rstd, inp1, inp2, weight, bias, N, C, stream);
 }
 
-// Dynamic shared memory: each warp's fp32 sums [dweight | dbias], 2 x VPL*256 floats.
+// Dynamic shared memory: each warp's fp32 sums [dweight | dbias], 2 x VPL*256 floats, then each warp's
+// two row buffers [dout | inp | dinp], 2 x 3 x VPL*256 bf16 (ln_backward_smem).
 // partials: one row of 2C floats per block, [dweight sums | dbias sums] of the block's rows.
 template <int VPL>
 __global__ void __launch_bounds__(LN_BWD_THREADS, VPL <= 3 ? 4 : 1)  // C <= 768: 16 warps per SM
@@ -101,21 +104,44 @@ __global__ void __launch_bounds__(LN_BWD_THREADS, VPL <= 3 ? 4 : 1)  // C <= 768
     float4* db_sum = dw_sum + W / 4;                  // and dbias sums
     for (int i = lane; i < 2 * W / 4; i += 32) dw_sum[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     __syncwarp();
+    // this warp's row buffers: buffer b holds [dout | inp | dinp] of a row; each lane copies and reads
+    // back only its own vectors, so cp.async's own wait orders them (no barrier)
+    x128* rows = reinterpret_cast<x128*>(warp_sums + LN_BWD_WARPS * (2 * W / 4)) + warp * (2 * 3 * W / 8);
+    auto stage = [&](int i) {  // starts the copies of the warp's i-th row into buffer i % 2
+        const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_BWD_WARPS + warp;
+        if (i < LN_ROWS_PER_WARP && row < N) {
+            x128* buf = rows + (i % 2) * (3 * W / 8);
+            const size_t off = (size_t)row * C;
+#pragma unroll
+            for (int j = 0; j < VPL; j++)
+                if (lane + 32 * j < vecs) {
+                    const int v = lane + 32 * j;
+                    cp_async_16(buf + v, dout + off + 8 * v);
+                    cp_async_16(buf + W / 8 + v, inp + off + 8 * v);
+                    cp_async_16(buf + 2 * W / 8 + v, dinp + off + 8 * v);
+                }
+        }
+        cp_async_commit();  // an empty group past the last row keeps the wait below uniform
+    };
+    stage(0);
 
     for (int i = 0; i < LN_ROWS_PER_WARP; i++) {
         const int row = blockIdx.x * LN_ROWS_PER_BLOCK + i * LN_BWD_WARPS + warp;
         if (row >= N) break;
         const size_t off = (size_t)row * C;
-        // every load of the row is issued up front (the weights only while registers allow: C <= 1024)
+        stage(i + 1);
+        cp_async_wait<1>();  // row i has landed; row i+1 stays in flight
+        const x128* buf = rows + (i % 2) * (3 * W / 8);
+        // the weights only while registers allow (C <= 1024)
         x128 g[VPL], x[VPL], w[VPL], di[VPL];
 #pragma unroll
         for (int j = 0; j < VPL; j++)
             if (lane + 32 * j < vecs) {
-                const int c = (lane + 32 * j) * 8;
-                g[j] = load128cs(dout + off + c);
-                x[j] = load128cs(inp + off + c);
-                di[j] = load128(dinp + off + c);
-                if (VPL <= 4) w[j] = load128(weight + c);
+                const int v = lane + 32 * j;
+                g[j] = buf[v];
+                x[j] = buf[W / 8 + v];
+                di[j] = buf[2 * W / 8 + v];
+                if (VPL <= 4) w[j] = load128(weight + 8 * v);
             }
         const float m = mean[row], s = rstd[row];
         float sum_dn = 0.0f, sum_dnx = 0.0f;
@@ -184,7 +210,8 @@ void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout
     const int blocks = ceil_div(N, LN_ROWS_PER_BLOCK);
     dispatch_row_vectors(vpl, [&](auto v) {
         constexpr int VPL = decltype(v)::value;
-        constexpr int smem = LN_BWD_WARPS * 2 * VPL * 32 * 8 * sizeof(float);  // 8 KB * VPL (24 KB at C = 768)
+        // sums 8 KB * VPL, row buffers 12 KB * VPL (60 KB at C = 768: 3 blocks per SM on sm_90)
+        constexpr int smem = LN_BWD_WARPS * VPL * 32 * 8 * (2 * sizeof(float) + 2 * 3 * sizeof(bf16));
         auto kernel = layernorm_backward_kernel<VPL>;
         if (smem > 48 * 1024)
             CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

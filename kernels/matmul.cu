@@ -45,23 +45,55 @@
 // both created on that stream's first call. cudaMalloc is not allowed during CUDA-graph capture, so the
 // first matmul call on each stream must come before capture (a warm-up step); a first call under
 // capture throws a clear error instead. A workspace per stream keeps matmuls on different streams from
-// racing on it. Matmul descriptors, layouts and the heuristic's algorithm are cached per (device,
-// shape, transposes, lds, epilogue, beta, pointer alignments); cached calls only set the bias/aux
+// racing on it. Matmul descriptors, layouts and the chosen algorithm are cached per (device, shape,
+// transposes, lds, epilogue, beta, pointer alignments, tuning mode); cached calls only set the bias/aux
 // pointers and launch: no allocation, no synchronisation. cuBLASLt's results are run-to-run
 // deterministic for a fixed algorithm and workspace on one GPU model.
+//
+// Algorithm choice (the first call of each cache key). cuBLASLt's heuristic ranks up to kCandidates
+// algorithms; its first is often not the fastest for these shapes (the LM head's long-k dweight, the
+// GeLU epilogue). With tuning on (the default; GPT2CU_GEMM_TUNE=0 or matmul_set_tuning(0) turn it off)
+// every candidate runs a few times after a warm-up on the real inputs but into scratch outputs (D, and
+// the aux matrix when the epilogue writes one; with beta = 1 the real D is read as C only), so no
+// caller data changes; a candidate replaces the heuristic's first only when it is faster by more than
+// kTuneMargin, so noise does not pick. Bit-exact resume across processes needs the same algorithm in
+// every process, so a choice is used only once it is in the cache file (GPT2CU_GEMM_CACHE, default
+// $XDG_CACHE_HOME or ~/.cache, gpt2cu/gemm-algos.txt), keyed by device name, SM count, cuBLASLt version
+// and the cache key; the file is read first, written atomically (temporary file + rename) under an
+// flock, so concurrent processes (ranks) on one machine agree. Where the file cannot be written, or the
+// call is under graph capture (the trainer's eager first step makes every plan before capture), the
+// heuristic's first is used (under capture it is also recorded, so later processes agree).
 #include "kernels.h"
 
 #include <cublasLt.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
 #include <mutex>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace {
 
 constexpr size_t kWorkspaceBytes = 32u << 20;  // 32 MiB
+constexpr int kCandidates = 16;                 // the heuristic's top algorithms timed per cache key
+constexpr float kTuneMargin = 0.02f;            // another candidate must beat the first by more than 2%
+constexpr int kTuneRounds = 3;                  // each candidate's time: the best of 3 interleaved rounds
+constexpr float kTuneRoundUs = 300.0f;          // of about this long each (repeated calls)
 
 [[noreturn]] void mm_fail(const std::string& msg) { throw std::runtime_error(msg); }
 
@@ -96,13 +128,14 @@ struct GemmKey {
     uint32_t epilogue;
     int accumulate;
     uint32_t align_a, align_b, align_c, align_d, align_bias, align_aux;
+    int tuned;  // the tuning mode the plan was made under (both kinds can coexist: bench_kernels)
 
     bool operator==(const GemmKey& o) const {
         return device == o.device && transa == o.transa && transb == o.transb && m == o.m && n == o.n &&
                k == o.k && lda == o.lda && ldb == o.ldb && ldd == o.ldd && aux_ld == o.aux_ld &&
                epilogue == o.epilogue && accumulate == o.accumulate && align_a == o.align_a &&
                align_b == o.align_b && align_c == o.align_c && align_d == o.align_d && align_bias == o.align_bias &&
-               align_aux == o.align_aux;
+               align_aux == o.align_aux && tuned == o.tuned;
     }
 };
 
@@ -113,7 +146,7 @@ struct GemmKeyHash {
             h ^= v;
             h *= 1099511628211ull;
         };
-        mix(static_cast<uint64_t>(key.device));
+        mix(static_cast<uint64_t>(key.device) | (static_cast<uint64_t>(key.tuned) << 32));
         mix(static_cast<uint64_t>(key.transa) | (static_cast<uint64_t>(key.transb) << 8));
         mix(static_cast<uint64_t>(key.m));
         mix(static_cast<uint64_t>(key.n));
@@ -153,6 +186,16 @@ std::mutex g_mutex;
 std::unordered_map<int, cublasLtHandle_t> g_handles;                        // device -> handle
 std::unordered_map<StreamKey, void*, StreamKeyHash> g_workspaces;           // (device, stream) -> 32 MiB
 std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> g_plans;
+std::vector<std::string> g_report;  // one line per algorithm choice made in this process
+int g_tuning = -1;                  // -1: not yet read from GPT2CU_GEMM_TUNE
+
+int mm_tuning_mode() {
+    if (g_tuning < 0) {
+        const char* env = std::getenv("GPT2CU_GEMM_TUNE");
+        g_tuning = env && std::strcmp(env, "0") == 0 ? 0 : 1;
+    }
+    return g_tuning;
+}
 
 bool mm_is_capturing(cudaStream_t stream, const char* who) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -204,6 +247,10 @@ struct Gemm {
     int64_t aux_ld;
 };
 
+bool mm_writes_aux(cublasLtEpilogue_t e) {
+    return e == CUBLASLT_EPILOGUE_GELU_AUX || e == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+}
+
 std::string mm_context(const Gemm& g) {
     return "m=" + std::to_string(g.m) + " n=" + std::to_string(g.n) + " k=" + std::to_string(g.k) +
            " transa=" + (g.transa == CUBLAS_OP_T ? "T" : "N") + " transb=" + (g.transb == CUBLAS_OP_T ? "T" : "N") +
@@ -219,6 +266,11 @@ void mm_set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr,
     mm_check_cublas(cublasLtMatmulDescSetAttribute(desc, attr, value, size), name, who, ctx);
 }
 
+void mm_set_aux(cublasLtMatmulDesc_t desc, void* aux, const char* who, const std::string& ctx) {
+    mm_set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux),
+                "cublasLtMatmulDescSetAttribute(EPILOGUE_AUX_POINTER)", who, ctx);
+}
+
 void mm_set_pointers(cublasLtMatmulDesc_t desc, const Gemm& g, const char* who, const std::string* ctx) {
     static const std::string empty;
     const std::string& c = ctx ? *ctx : empty;
@@ -227,15 +279,310 @@ void mm_set_pointers(cublasLtMatmulDesc_t desc, const Gemm& g, const char* who, 
         mm_set_desc(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias),
                     "cublasLtMatmulDescSetAttribute(BIAS_POINTER)", who, c);
     }
-    if (g.aux) {
-        void* aux = g.aux;
-        mm_set_desc(desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux),
-                    "cublasLtMatmulDescSetAttribute(EPILOGUE_AUX_POINTER)", who, c);
+    if (g.aux) mm_set_aux(desc, g.aux, who, c);
+}
+
+// ---- the cache file of algorithm choices ---------------------------------------------------------
+// One line per choice: key <TAB> the algorithm's 64 bytes in hex <TAB> how it was chosen. cuBLASLt
+// documents cublasLtMatmulAlgo_t as serializable for reuse with the same library version (in the key);
+// a stored algorithm is still checked (cublasLtMatmulAlgoCheck) before use.
+
+std::string mm_cache_path() {
+    const char* env = std::getenv("GPT2CU_GEMM_CACHE");
+    if (env && *env) return env;
+    const char* xdg = std::getenv("XDG_CACHE_HOME");
+    if (xdg && *xdg) return std::string(xdg) + "/gpt2cu/gemm-algos.txt";
+    const char* home = std::getenv("HOME");
+    if (home && *home) return std::string(home) + "/.cache/gpt2cu/gemm-algos.txt";
+    return "";
+}
+
+void mm_make_parent_dirs(const std::string& path) {
+    for (size_t i = path.find('/', 1); i != std::string::npos; i = path.find('/', i + 1))
+        mkdir(path.substr(0, i).c_str(), 0755);  // existing directories: EEXIST, ignored
+}
+
+// An exclusive flock on <path>.lock for the read-choose-write of one entry (released on destruction).
+struct CacheLock {
+    int fd = -1;
+    explicit CacheLock(const std::string& path) {
+        mm_make_parent_dirs(path);
+        fd = open((path + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        if (fd >= 0 && flock(fd, LOCK_EX) != 0) {
+            close(fd);
+            fd = -1;
+        }
     }
+    ~CacheLock() {
+        if (fd >= 0) close(fd);  // releases the lock
+    }
+    bool ok() const { return fd >= 0; }
+};
+
+std::map<std::string, std::string> mm_cache_read(const std::string& path) {  // key -> rest of the line
+    std::map<std::string, std::string> entries;
+    std::ifstream in(path);
+    std::string line;
+    while (std::getline(in, line)) {
+        const size_t tab = line.find('\t');
+        if (line.empty() || line[0] == '#' || tab == std::string::npos) continue;
+        entries[line.substr(0, tab)] = line.substr(tab + 1);
+    }
+    return entries;
+}
+
+bool mm_cache_write(const std::string& path, const std::map<std::string, std::string>& entries) {
+    const std::string tmp = path + ".tmp." + std::to_string(getpid());
+    {
+        std::ofstream out(tmp, std::ios::trunc);
+        out << "# gpt2cu cuBLASLt algorithm choices (kernels/matmul.cu): key\talgorithm (hex)\thow chosen\n";
+        for (const auto& e : entries) out << e.first << '\t' << e.second << '\n';
+        out.flush();
+        if (!out) {
+            std::remove(tmp.c_str());
+            return false;
+        }
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::remove(tmp.c_str());
+        return false;
+    }
+    return true;
+}
+
+std::string mm_algo_hex(const cublasLtMatmulAlgo_t& algo) {
+    static const char* digits = "0123456789abcdef";
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(&algo);
+    std::string s;
+    for (size_t i = 0; i < sizeof(algo); i++) {
+        s += digits[p[i] >> 4];
+        s += digits[p[i] & 15];
+    }
+    return s;
+}
+
+bool mm_algo_from_hex(const std::string& s, cublasLtMatmulAlgo_t* algo) {
+    if (s.size() < 2 * sizeof(*algo)) return false;
+    unsigned char* p = reinterpret_cast<unsigned char*>(algo);
+    for (size_t i = 0; i < sizeof(*algo); i++) {
+        unsigned v = 0;
+        if (std::sscanf(s.c_str() + 2 * i, "%2x", &v) != 1) return false;
+        p[i] = static_cast<unsigned char>(v);
+    }
+    return true;
+}
+
+// "NVIDIA_H200 cc9.0 132sm cublasLt=130100": the part of a cache key that names the GPU and library.
+std::string mm_device_text(int device, const char* who) {
+    cudaDeviceProp prop{};
+    mm_check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties", who);
+    std::string name = prop.name;
+    std::replace(name.begin(), name.end(), ' ', '_');
+    return name + " cc" + std::to_string(prop.major) + "." + std::to_string(prop.minor) + " " +
+           std::to_string(prop.multiProcessorCount) + "sm cublasLt=" + std::to_string(cublasLtGetVersion());
+}
+
+std::string mm_cache_key(const GemmKey& k, int device, const char* who) {
+    std::ostringstream s;
+    s << mm_device_text(device, who) << " op=" << (k.transa == CUBLAS_OP_T ? 'T' : 'N')
+      << (k.transb == CUBLAS_OP_T ? 'T' : 'N') << " m=" << k.m << " n=" << k.n << " k=" << k.k << " ld=" << k.lda
+      << "," << k.ldb << "," << k.ldd << "," << k.aux_ld << " epilogue=" << k.epilogue << " beta=" << k.accumulate
+      << " align=" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_d << "," << k.align_bias
+      << "," << k.align_aux;
+    return s.str();
+}
+
+// ---- choosing among the heuristic's candidates ---------------------------------------------------
+
+struct Candidate {
+    cublasLtMatmulAlgo_t algo;
+    size_t workspace;
+};
+
+// The heuristic's candidates (best first) that fit the workspace.
+std::vector<Candidate> mm_candidates(cublasLtHandle_t handle, const GemmPlan& plan, const GemmKey& key, int count,
+                                     const char* who, const std::string& ctx) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    mm_check_cublas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate", who, ctx);
+    uint64_t ws_bytes = kWorkspaceBytes;
+    uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c, al_d = key.align_d;
+    struct {
+        cublasLtMatmulPreferenceAttributes_t attr;
+        const void* value;
+        size_t size;
+        const char* name;
+    } prefs[] = {
+        {CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes),
+         "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)"},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a),
+         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)"},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b),
+         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)"},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c),
+         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)"},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d),
+         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)"},
+    };
+    for (const auto& p : prefs) {
+        cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, p.attr, p.value, p.size);
+        if (st != CUBLAS_STATUS_SUCCESS) {
+            cublasLtMatmulPreferenceDestroy(pref);
+            mm_check_cublas(st, p.name, who, ctx);
+        }
+    }
+    std::vector<cublasLtMatmulHeuristicResult_t> results(count);
+    int returned = 0;
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, pref, count,
+                                                       results.data(), &returned);
+    cublasLtMatmulPreferenceDestroy(pref);
+    mm_check_cublas(st, "cublasLtMatmulAlgoGetHeuristic", who, ctx);
+    std::vector<Candidate> out;
+    for (int i = 0; i < returned; i++)
+        if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize <= kWorkspaceBytes)
+            out.push_back({results[i].algo, results[i].workspaceSize});
+    if (out.empty()) {
+        mm_fail(std::string(who) + ": cublasLtMatmulAlgoGetHeuristic found no algorithm for this matmul (within 32 "
+                                   "MiB of workspace) [" + ctx + "]");
+    }
+    return out;
+}
+
+// Microseconds per call of each candidate (infinity for one that fails to launch), or an empty vector
+// when the scratch outputs cannot be allocated. Runs on `stream` and waits for it.
+std::vector<float> mm_time_candidates(cublasLtHandle_t handle, GemmPlan& plan, const Gemm& g,
+                                      const std::vector<Candidate>& cands, void* workspace, cudaStream_t stream,
+                                      const char* who, const std::string& ctx) {
+    const size_t d_bytes = static_cast<size_t>(g.ldd) * g.n * 2;
+    const size_t aux_bytes = mm_writes_aux(g.epilogue) ? static_cast<size_t>(g.aux_ld) * g.n * 2 : 0;
+    void* scratch = nullptr;
+    if (cudaMalloc(&scratch, d_bytes + aux_bytes) != cudaSuccess) {
+        cudaGetLastError();  // clear the allocation failure
+        return {};
+    }
+    void* d = scratch;
+    const void* c = g.accumulate ? g.D : scratch;  // beta = 1 reads the real D, writes the scratch
+    if (aux_bytes) mm_set_aux(plan.desc, static_cast<char*>(scratch) + d_bytes, who, ctx);
+    const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
+    auto launch = [&](const Candidate& cand) {
+        return cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, c, plan.c, d, plan.d,
+                              &cand.algo, workspace, kWorkspaceBytes, stream);
+    };
+    const int n = static_cast<int>(cands.size());
+    std::vector<float> us(n, 0.0f);
+    std::vector<cudaEvent_t> events(2 * n * kTuneRounds + 2, nullptr);
+    for (auto& e : events) mm_check_cuda(cudaEventCreate(&e), "cudaEventCreate", who);
+    for (int i = 0; i < n; i++)  // warm-up; a candidate that cannot launch is out
+        if (launch(cands[i]) != CUBLAS_STATUS_SUCCESS) us[i] = INFINITY;
+    mm_check_cuda(cudaGetLastError(), "cublasLtMatmul (tuning launch)", who);
+    // calls per timing: about kTuneRoundUs of the heuristic's first
+    cudaEvent_t e0 = events[2 * n * kTuneRounds], e1 = events[2 * n * kTuneRounds + 1];
+    mm_check_cuda(cudaEventRecord(e0, stream), "cudaEventRecord", who);
+    launch(cands[0]);
+    mm_check_cuda(cudaEventRecord(e1, stream), "cudaEventRecord", who);
+    mm_check_cuda(cudaEventSynchronize(e1), "cudaEventSynchronize", who);
+    float first_ms = 0.0f;
+    mm_check_cuda(cudaEventElapsedTime(&first_ms, e0, e1), "cudaEventElapsedTime", who);
+    const int reps = std::max(1, std::min(32, static_cast<int>(kTuneRoundUs / std::max(1e3f * first_ms, 1.0f))));
+    for (int r = 0; r < kTuneRounds; r++)  // rounds interleave the candidates: clock drift hits them alike
+        for (int i = 0; i < n; i++) {
+            if (us[i] == INFINITY) continue;
+            cudaEvent_t* e = &events[2 * (r * n + i)];
+            mm_check_cuda(cudaEventRecord(e[0], stream), "cudaEventRecord", who);
+            for (int j = 0; j < reps; j++) launch(cands[i]);
+            mm_check_cuda(cudaEventRecord(e[1], stream), "cudaEventRecord", who);
+        }
+    mm_check_cuda(cudaGetLastError(), "cublasLtMatmul (tuning launch)", who);
+    mm_check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (tuning)", who);
+    for (int i = 0; i < n; i++) {
+        if (us[i] == INFINITY) continue;
+        float best = INFINITY;
+        for (int r = 0; r < kTuneRounds; r++) {
+            float ms = 0.0f;
+            mm_check_cuda(cudaEventElapsedTime(&ms, events[2 * (r * n + i)], events[2 * (r * n + i) + 1]),
+                          "cudaEventElapsedTime", who);
+            best = std::min(best, 1e3f * ms / reps);
+        }
+        us[i] = best;
+    }
+    for (auto& e : events) cudaEventDestroy(e);
+    mm_check_cuda(cudaFree(scratch), "cudaFree (tuning scratch)", who);
+    return us;
+}
+
+// Warned once per process: a choice that cannot be recorded is not made.
+void mm_warn_no_cache(const std::string& path) {
+    static bool warned = false;
+    if (warned) return;
+    warned = true;
+    std::fprintf(stderr,
+                 "gpt2cu matmul: cannot write the GEMM algorithm cache '%s' (set GPT2CU_GEMM_CACHE to a writable "
+                 "file): using cuBLASLt's heuristic choice, untuned\n",
+                 path.empty() ? "(no HOME)" : path.c_str());
+}
+
+// Sets plan.algo for a new plan; appends a line to g_report. Caller holds g_mutex.
+void mm_choose(cublasLtHandle_t handle, GemmPlan& plan, const GemmKey& key, const Gemm& g, int device,
+               cudaStream_t stream, const char* who, const std::string& ctx) {
+    const std::string cache_key = mm_cache_key(key, device, who);
+    std::vector<Candidate> cands = mm_candidates(handle, plan, key, key.tuned ? kCandidates : 1, who, ctx);
+    plan.algo = cands[0].algo;
+    if (!key.tuned || cands.size() == 1) {
+        g_report.push_back(cache_key + "\t" + (key.tuned ? "one candidate" : "untuned: heuristic's first"));
+        return;
+    }
+    const std::string path = mm_cache_path();
+    CacheLock lock(path);
+    if (path.empty() || !lock.ok()) {
+        mm_warn_no_cache(path);
+        g_report.push_back(cache_key + "\tno cache file: heuristic's first");
+        return;
+    }
+    std::map<std::string, std::string> entries = mm_cache_read(path);
+    auto found = entries.find(cache_key);
+    if (found != entries.end()) {
+        cublasLtMatmulAlgo_t algo{};
+        cublasLtMatmulHeuristicResult_t check{};
+        if (mm_algo_from_hex(found->second, &algo) &&
+            cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, &algo, &check) ==
+                CUBLAS_STATUS_SUCCESS &&
+            check.workspaceSize <= kWorkspaceBytes) {
+            plan.algo = algo;
+            g_report.push_back(cache_key + "\tfrom the cache: " + found->second.substr(found->second.find('\t') + 1));
+            return;
+        }
+    }
+    std::string how;
+    int pick = 0;
+    if (mm_is_capturing(stream, who)) {
+        how = "under graph capture: heuristic's first of " + std::to_string(cands.size());
+    } else {
+        void* workspace = mm_workspace(device, stream, who);
+        const std::vector<float> us = mm_time_candidates(handle, plan, g, cands, workspace, stream, who, ctx);
+        if (us.empty()) {
+            how = "no memory for the scratch outputs: heuristic's first of " + std::to_string(cands.size());
+        } else {
+            int fastest = 0;
+            for (int i = 1; i < static_cast<int>(us.size()); i++)
+                if (us[i] < us[fastest]) fastest = i;
+            if (us[fastest] < (1.0f - kTuneMargin) * us[0]) pick = fastest;
+            char buf[160];
+            std::snprintf(buf, sizeof(buf), "tuned: #%d of %zu, %.1f us (heuristic's first %.1f us)", pick,
+                          cands.size(), us[pick], us[0]);
+            how = buf;
+        }
+    }
+    entries[cache_key] = mm_algo_hex(cands[pick].algo) + "\t" + how;
+    if (!mm_cache_write(path, entries)) {
+        mm_warn_no_cache(path);
+        g_report.push_back(cache_key + "\tcache not writable: heuristic's first");
+        return;
+    }
+    plan.algo = cands[pick].algo;
+    g_report.push_back(cache_key + "\t" + how);
 }
 
 // Caller holds g_mutex.
-GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, const char* who) {
+GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, cudaStream_t stream, const char* who) {
     GemmKey key{device,
                 static_cast<int>(g.transa),
                 static_cast<int>(g.transb),
@@ -253,7 +600,8 @@ GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, const char
                 mm_alignment(g.D),  // C is D
                 mm_alignment(g.D),
                 mm_alignment(g.bias),
-                mm_alignment(g.aux)};
+                mm_alignment(g.aux),
+                mm_tuning_mode()};
     auto it = g_plans.find(key);
     if (it != g_plans.end()) return it->second;
 
@@ -293,50 +641,7 @@ GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, const char
                     who, ctx);
     mm_check_cublas(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_16BF, g.m, g.n, g.ldd), "cublasLtMatrixLayoutCreate(D)",
                     who, ctx);
-
-    cublasLtMatmulPreference_t pref = nullptr;
-    mm_check_cublas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate", who, ctx);
-    uint64_t ws_bytes = kWorkspaceBytes;
-    uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c, al_d = key.align_d;
-    struct {
-        cublasLtMatmulPreferenceAttributes_t attr;
-        const void* value;
-        size_t size;
-        const char* name;
-    } prefs[] = {
-        {CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes),
-         "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)"},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a),
-         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_A_BYTES)"},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b),
-         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_B_BYTES)"},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c),
-         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)"},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d),
-         "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)"},
-    };
-    for (const auto& p : prefs) {
-        cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, p.attr, p.value, p.size);
-        if (st != CUBLAS_STATUS_SUCCESS) {
-            cublasLtMatmulPreferenceDestroy(pref);
-            mm_check_cublas(st, p.name, who, ctx);
-        }
-    }
-    cublasLtMatmulHeuristicResult_t result{};
-    int returned = 0;
-    cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, pref, 1, &result, &returned);
-    cublasLtMatmulPreferenceDestroy(pref);
-    mm_check_cublas(st, "cublasLtMatmulAlgoGetHeuristic", who, ctx);
-    if (returned == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
-        mm_fail(std::string(who) + ": cublasLtMatmulAlgoGetHeuristic found no algorithm for this matmul [" + ctx +
-                "]");
-    }
-    if (result.workspaceSize > kWorkspaceBytes) {
-        mm_fail(std::string(who) + ": cuBLASLt algorithm wants " + std::to_string(result.workspaceSize) +
-                " bytes of workspace, more than 32 MiB [" + ctx + "]");
-    }
-    plan.algo = result.algo;
+    mm_choose(handle, plan, key, g, device, stream, who, ctx);
     return g_plans.emplace(key, plan).first->second;
 }
 
@@ -346,7 +651,7 @@ void mm_gemm(const Gemm& g, cudaStream_t stream, const char* who) {
     mm_check_cuda(cudaGetDevice(&device), "cudaGetDevice", who);
     cublasLtHandle_t handle = mm_handle(device, stream, who);
     void* workspace = mm_workspace(device, stream, who);
-    GemmPlan& plan = mm_plan(handle, device, g, who);
+    GemmPlan& plan = mm_plan(handle, device, g, stream, who);
     mm_set_pointers(plan.desc, g, who, nullptr);
     const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
     cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, g.D, plan.c, g.D,
@@ -461,4 +766,18 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
     if (dbias) {
         bias_backward(dbias, dout, scratch, scratch_floats, N, OC, stream);
     }
+}
+
+int matmul_set_tuning(int mode) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    const int previous = mm_tuning_mode();
+    if (mode >= 0) g_tuning = mode ? 1 : 0;
+    return previous;
+}
+
+std::string matmul_tuning_report() {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    std::string out;
+    for (const auto& line : g_report) out += line + "\n";
+    return out;
 }

@@ -9,6 +9,8 @@ GPU-less machine reports skips, never import errors. Such modules must not impor
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -24,6 +26,10 @@ def cuda_skip_reason() -> str | None:
 
 
 def pytest_configure(config):
+    # cuBLASLt algorithm choices (kernels/matmul.cu) go to a fresh file per session, inherited by the
+    # subprocesses tests start: every GEMM shape is tuned once here, and no user's cache is touched
+    if not os.environ.get("GPT2CU_GEMM_CACHE"):
+        os.environ["GPT2CU_GEMM_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="gpt2cu-tests-"), "gemm-algos.txt")
     config.addinivalue_line(
         "markers", "gpu: needs a CUDA GPU, CuPy and the compiled gpt2cu._kernels (skipped, with the reason, "
                    "where they are missing)")

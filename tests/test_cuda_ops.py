@@ -169,12 +169,14 @@ def test_encoder_forward(cuda, case, C):
     case.same_bits("out", raw(out), bits_of(wte[tokens] + wpe[:T]))
 
 
-@pytest.mark.parametrize("C", [64, 768])
-def test_encoder_backward(cuda, case, C):
-    """Tokens from 7 ids, so each bucket holds ~16 positions. Rows of other tokens and wpe rows past T
-    keep their bits, and a second run reproduces the first to the bit."""
+@pytest.mark.parametrize("n_ids", [7, 2], ids=["small-buckets", "large-buckets"])
+@pytest.mark.parametrize("C", [64, 100, 768, 1600])
+def test_encoder_backward(cuda, case, C, n_ids):
+    """Tokens from 7 ids (each bucket ~16 positions: one warp's) or 2 (~55: the large-bucket kernel); C 100
+    takes 1-channel vectors, 1600 several column passes. Rows of other tokens and wpe rows past T keep
+    their bits, and a second run reproduces the first to the bit."""
     V, max_t = 1001, 64
-    ids = case.rng.choice(V, size=7, replace=False)
+    ids = case.rng.choice(V, size=n_ids, replace=False)
     tokens = case.rng.choice(ids, size=(B, T)).astype(np.int32)
     batch = cuda.set_batch(tokens)
     dout, dout_d = case.bf16((B, T, C))
@@ -285,7 +287,8 @@ def test_layernorm_rejects_channels_not_multiple_of_8(cuda, op):
         getattr(cuda, op)(*args)
 
 
-@pytest.mark.parametrize("b, t, C", [(B, T, 64), (B, T, 200), (B, T, 768), (4, 1001, 768)])
+@pytest.mark.parametrize("b, t, C", [(B, T, 64), (B, T, 200), (B, T, 768), (4, 1001, 768), (B, T, 1600),
+                                     (2, 5, 2048)])
 def test_layernorm_backward(cuda, case, b, t, C):
     """dinp, dweight and dbias all accumulate; mean and rstd come in as fp32, as the forward saved them.
     4004 rows span many blocks of the dweight/dbias reduction; two runs agree to the bit."""
@@ -358,6 +361,60 @@ def test_matmul_backward(cuda, case, C, OC, with_dbias, gelu):
     assert_repeatable(case, run, first)
 
 
+# One process's GEMMs: every epilogue and beta of a training step, on inputs from a fixed seed; prints the
+# outputs' hash, then the tuner's log (matmul_tuning_report).
+TUNING_SCRIPT = """
+import hashlib, sys
+import numpy as np, cupy as cp
+from gpt2cu.backends.cuda_ops import CudaBackend
+be = CudaBackend(0)
+rng = np.random.default_rng(1234)
+def bf16(*shape):
+    return cp.asarray((rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16))
+N, C, OC = 1024, 256, 1024
+x, w, bias, dw, db = bf16(N, C), bf16(OC, C), bf16(OC), bf16(OC, C), bf16(OC)
+out, pre, dinp = cp.empty((N, OC), cp.uint16), cp.empty((N, OC), cp.uint16), cp.empty((N, C), cp.uint16)
+be.matmul_forward(out, x, w, bias, gelu_pre=pre)
+be.matmul_backward(dinp, dw, db, out, x, w, dinp_gelu_pre=bf16(N, C))
+be.synchronize()
+h = hashlib.sha256()
+for a in (out, pre, dinp, dw, db):
+    h.update(cp.asnumpy(a).tobytes())
+print(h.hexdigest())
+sys.stdout.write(be.k.matmul_tuning_report())
+"""
+
+
+def run_tuning_script(env):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", TUNING_SCRIPT], env={**os.environ, **env}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digest, *log = r.stdout.splitlines()
+    return digest, log
+
+
+def test_matmul_tuning_is_recorded_and_reused(tmp_path):
+    """A fresh cache file: the first process times the candidates of each GEMM (forward with the GeLU
+    epilogue writing its aux matrix, dinp with DGELU, dweight accumulating) and records its choices; a
+    second process reads them (no timing) and gets the same bits, as bit-exact resume needs. Tuning off:
+    the heuristic's first, nothing written. A cache line is key, algorithm (64 bytes hex), how chosen."""
+    cache = tmp_path / "sub" / "gemm-algos.txt"
+    first, log1 = run_tuning_script({"GPT2CU_GEMM_CACHE": str(cache), "GPT2CU_GEMM_TUNE": "1"})
+    assert len(log1) == 3 and all("\ttuned: #" in line or "\tone candidate" in line for line in log1), log1
+    lines = [line.split("\t") for line in cache.read_text().splitlines() if not line.startswith("#")]
+    assert sorted(line[0] for line in lines) == sorted(entry.split("\t")[0] for entry in log1
+                                                       if "\ttuned: #" in entry)
+    assert all(len(line[1]) == 128 and int(line[1], 16) >= 0 for line in lines)
+    second, log2 = run_tuning_script({"GPT2CU_GEMM_CACHE": str(cache), "GPT2CU_GEMM_TUNE": "1"})
+    assert second == first
+    assert sum("\tfrom the cache: " in line for line in log2) == len(lines), log2
+    off_cache = tmp_path / "off.txt"
+    _, log3 = run_tuning_script({"GPT2CU_GEMM_CACHE": str(off_cache), "GPT2CU_GEMM_TUNE": "0"})
+    assert all("untuned" in line for line in log3) and not off_cache.exists(), log3
+
+
 @pytest.mark.parametrize("OC", [200, 1001, 2304])
 def test_bias_backward(cuda, case, OC):
     """bias.cu on its own: 4004 rows (several row tiles, the last one partial), OC = 1001 takes the
@@ -404,8 +461,14 @@ def test_gelu_backward(cuda, case, in_place):
 
 
 # ---- classifier ---------------------------------------------------------------------------------------
+# GPT-2's vocabulary, LLaMA 3's (a row of 250 KB: more than L2 holds for many rows in flight), and V 1001 in
+# Vp 1003, which takes 1-column vectors
+CLASSIFIER_CASES = [(B, T, 1001, 1024), (B, T, 1001, 1003), (2, 3, 50257, 50304), (1, 2, 128256, 128256)]
+CLASSIFIER_IDS = ["V1001", "V1001-Vp1003", "V50257", "V128256"]
+
+
 @pytest.mark.parametrize("dloss", [0.25, 0.0], ids=["train", "eval"])
-@pytest.mark.parametrize("b, t, V, Vp", [(B, T, 1001, 1024), (2, 3, 50257, 50304)], ids=["V1001", "V50257"])
+@pytest.mark.parametrize("b, t, V, Vp", CLASSIFIER_CASES, ids=CLASSIFIER_IDS)
 def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
     """The padded columns hold 40 on input: a kernel that lets them into the softmax is ~30 off in the
     loss. dlogits is checked whole, then without the target column (whose dloss * (p - 1) would dominate
@@ -436,7 +499,7 @@ def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
     case.zero("dlogits of masked rows", got[masked])
 
 
-@pytest.mark.parametrize("b, t, V, Vp", [(B, T, 1001, 1024), (2, 3, 50257, 50304)], ids=["V1001", "V50257"])
+@pytest.mark.parametrize("b, t, V, Vp", CLASSIFIER_CASES, ids=CLASSIFIER_IDS)
 def test_fused_classifier_weights_and_entropy(cuda, case, b, t, V, Vp):
     """Per-row weights (RL's policy-gradient weights, of either sign) scale each row's dlogits; the
     entropy of each row's softmax comes from the same pass. Both against the numpy op; masked rows 0."""
