@@ -4,7 +4,7 @@
     logits = dec.prefill(prompt_tokens)     # one forward of `model`; keeps each layer's q, k, v rows
     logits = dec.step(token)                # one new position
 
-The prefill is the model's own forward (row 0 holds the prompt, the other rows EOT, as sample.generate
+The prefill is the model's own forward (row 0 holds the prompt, the other rows padding_token: EOT, as sample.generate
 always did); each layer's qkv rows of the prompt positions are copied out of acts["qkv"] into a cache of
 `capacity` rows per layer, in the backend's activation dtype (bf16 bits on CUDA). A step then runs
 the model family's own forward schedule (model.forward_schedule) on a single row (N = 1), over one-row
@@ -37,6 +37,13 @@ import math
 import numpy as np
 
 from .models.gpt2 import GPT2_EOT
+
+
+def padding_token(cfg) -> int:
+    """The token that fills the positions after a prompt or window (never seen by the positions before them,
+    causal attention): GPT-2's EOT, or 0 where the vocabulary is smaller than GPT-2's (EOT would index past
+    the embedding table: an illegal address on CUDA)."""
+    return GPT2_EOT if GPT2_EOT < cfg.vocab_size else 0
 
 
 class KVCacheDecoder:
@@ -74,7 +81,7 @@ class KVCacheDecoder:
         P = len(prompt_tokens)
         if not 1 <= P <= self.capacity:
             raise ValueError(f"prompt of {P} tokens: the KV cache holds 1..{self.capacity} positions")
-        inputs = np.full((m.B, m.T), GPT2_EOT, dtype=np.int32)
+        inputs = np.full((m.B, m.T), padding_token(cfg), dtype=np.int32)
         inputs[0, :P] = prompt_tokens  # positions past P are never seen by positions < P (causal attention)
         m.forward(ops.set_batch(inputs))
         with ops.on_stream():

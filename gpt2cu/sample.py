@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from .export import load_weights
-from .kv_cache import KVCacheDecoder
+from .kv_cache import KVCacheDecoder, padding_token
 from .models.gpt2 import GPT2_EOT
 
 
@@ -48,7 +48,7 @@ def recompute_logits(model, backend, seq) -> np.ndarray:
     model over seq's last T tokens in row 0 (the window slides once seq outgrows T)."""
     B, T = model.B, model.T
     window = seq[-T:]
-    inputs = np.full((B, T), GPT2_EOT, dtype=np.int32)
+    inputs = np.full((B, T), padding_token(model.cfg), dtype=np.int32)
     inputs[0, :len(window)] = window  # positions past the window are never seen (causal attention)
     model.forward(backend.set_batch(inputs))
     return model.logits(0, len(window) - 1)[:model.cfg.vocab_size]

@@ -1,6 +1,13 @@
-// attention.cu: causal multi-head flash attention (FlashAttention-2 algorithm), forward and backward.
+// attention.cu: causal flash attention (FlashAttention-2 algorithm) with grouped key/value heads, forward
+// and backward.
 //
-// ---- The math (one (batch b, head h); T rows; HS = head size; scale = 1/sqrt(HS)) ----------------
+// ---- Layout -----------------------------------------------------------------------------------------
+// qkv (B, T, (NH + 2 NKV) HS), each row [q: NH heads | k: NKV heads | v: NKV heads]; query head h reads
+// key/value head h / G, G = NH / NKV (grouped-query attention; NKV == NH is GPT-2's (B, T, 3C)). out
+// (B, T, NH HS), lse (B, NH, T); dqkv has qkv's layout, dK and dV of a key/value head summing the G
+// query heads of its group.
+//
+// ---- The math (one (batch b, query head h); T rows; HS = head size; scale = 1/sqrt(HS)) ----------
 //   S = scale * Q K^T (T x T),  S[i,j] = -inf for j > i (causal)
 //   P = softmax_rows(S),  O = P V,  lse[i] = log(sum_j exp(S[i,j]))   (natural log)
 //
@@ -23,7 +30,7 @@
 // ldmatrix (.trans where the operand must be transposed), tiles arrive by cp.async, double-buffered.
 // Shared tiles are row-major with a row stride of HS+8 elements: the 16-byte pad makes the 8 row
 // addresses of every ldmatrix phase fall in 8 different bank groups (no conflicts).
-//   forward  one CTA per (query block, head, batch): query block = 128 rows (HS 64, 2 m-tiles a warp)
+//   forward  one CTA per (query block, query head, batch): query block = 128 rows (HS 64, 2 m-tiles a warp)
 //            or 64 rows (HS 128, 1 m-tile a warp, to stay within 255 registers); key/value tiles of 64
 //            keys stream through. Q fragments stay in registers for HS 128; for HS 64 (two m-tiles,
 //            no registers left) they are re-read from shared memory per k-chunk. P goes from the score
@@ -33,16 +40,17 @@
 //            launched in decreasing order (the last ones have the most keys) so long CTAs start first.
 //   backward, deterministic (no atomics: every output element is written by exactly one thread once):
 //     1. preprocess: D[b,h,i] = dO[i,:] . O[i,:] into the scratch (fp32, B*NH*T floats).
-//     2. dK/dV: one CTA per (key block, head, batch); each warp owns 16*MT keys (HS 64: MT = 2, 128-key
-//        blocks; HS 128: MT = 1, 64-key blocks); loops over the 64-query blocks from the diagonal to the
-//        end, each in steps of SUB queries (HS 64: 16, which keeps the 32 x SUB score tiles small enough
-//        to hold 2 m-tiles of dK/dV accumulators; HS 128: the whole block): S^T = K Q^T, P^T,
-//        dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q. Two m-tiles a warp halve the
-//        shared-memory reads of Q/dO per mma (the backward is bound by them). Accumulators in registers,
-//        written once.
-//     3. dQ: one CTA per (query block, head, batch); each warp owns 16*MT queries (HS 64: MT = 2, 128-query
-//        blocks, key steps of 16; HS 128: MT = 1, 64); loops over the 64-key blocks up to the diagonal:
-//        S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. Written once.
+//     2. dK/dV: one CTA per (key block, key/value head, batch); each warp owns 16*MT keys (HS 64: MT = 2,
+//        128-key blocks; HS 128: MT = 1, 64-key blocks); loops over the G query heads of the group and, for
+//        each, over the 64-query blocks from the diagonal to the end, as one pipelined sequence of tiles
+//        (K/V loaded once for the group; dK/dV summed over it in registers, in that fixed order), each block
+//        in steps of SUB queries (HS 64: 16, which keeps the 32 x SUB score tiles small enough to hold 2
+//        m-tiles of dK/dV accumulators; HS 128: the whole block): S^T = K Q^T, P^T, dV += P^T dO,
+//        dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q. Two m-tiles a warp halve the shared-memory
+//        reads of Q/dO per mma (the backward is bound by them). Accumulators in registers, written once.
+//     3. dQ: one CTA per (query block, query head, batch); each warp owns 16*MT queries (HS 64: MT = 2,
+//        128-query blocks, key steps of 16; HS 128: MT = 1, 64); loops over the 64-key blocks up to the
+//        diagonal: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. Written once.
 //   Rows/keys past T are zero-filled on load (so no garbage, possibly NaN, enters a product) and never
 //   stored; the causal mask alone removes keys >= T from every real row (j >= T > i).
 //
@@ -103,19 +111,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 2^x on the special-function unit; 2^-inf = +0, which the masking relies on.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// lo in the low 16 bits (the lower column / k index), as mma and ldmatrix expect.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // ---- tile loads (whole CTA) ---------------------------------------------------------------------------
@@ -320,7 +315,7 @@ struct FwdConfig {
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_forward_kernel(bf16* __restrict__ out, float* __restrict__ lse, const bf16* __restrict__ qkv, int T,
-                             int NH, int num_bh, int num_qblocks, float scale_log2) {
+                             QkvLayout lay, int num_bh, int num_qblocks, float scale_log2) {
     using Cfg = FwdConfig<HS>;
     constexpr int MT = Cfg::kMT, BQ = Cfg::kBlockQ, S = Cfg::kStride;
     constexpr int KC = HS / 16;      // k-chunks of Q K^T
@@ -336,12 +331,13 @@ __global__ void __launch_bounds__(kThreads)
     // query blocks in decreasing order: the first CTAs launched are the ones with the most keys
     const int qb = num_qblocks - 1 - (int)(blockIdx.x / num_bh);
     const int bh = blockIdx.x % num_bh;
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
-    const size_t row_stride = 3 * (size_t)C;
-    const bf16* q_g = qkv + (size_t)b * T * row_stride + (size_t)h * HS;
-    const bf16* k_g = q_g + C;
-    const bf16* v_g = q_g + 2 * C;
+    const int b = bh / lay.NH, h = bh % lay.NH;
+    const int C = lay.NH * HS;
+    const size_t row_stride = lay.row_stride();
+    const bf16* row_g = qkv + (size_t)b * T * row_stride;
+    const bf16* q_g = row_g + lay.q(h);
+    const bf16* k_g = row_g + lay.k(lay.kv_head(h));
+    const bf16* v_g = row_g + lay.v(lay.kv_head(h));
     const int q0 = qb * BQ;
     const int num_kblocks = (min(q0 + BQ, T) - 1) / kBlock + 1;  // up to the block of the last real row
 
@@ -508,14 +504,16 @@ __global__ void attention_backward_preprocess_kernel(float* __restrict__ dvec, c
     }
 }
 
-// dK, dV for one key block of kKvRows keys (warp w owns keys 16*MT*w.. +16*MT-1), looping over the
-// 64-query blocks that reach the block's keys; each query block is taken kKvSub queries at a time.
+// dK, dV for one key block of kKvRows keys of one key/value head (warp w owns keys 16*MT*w.. +16*MT-1),
+// looping over the group's query heads and, for each, over the 64-query blocks that reach the block's keys:
+// tile it of the sequence is query block qb_first + it % nq of query head G kh + it / nq. Each query block
+// is taken kKvSub queries at a time.
 template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dkdv_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                    const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                   const float* __restrict__ dvec, int T, int NH, int num_bh, int num_qblocks,
-                                   float scale, float scale_log2) {
+                                   const float* __restrict__ dvec, int T, QkvLayout lay, int num_bkv,
+                                   int num_qblocks, float scale, float scale_log2) {
     using Cfg = BwdConfig<HS>;
     constexpr int S = Cfg::kStride, TILE = Cfg::kTile;
     constexpr int MT = Cfg::kKvMT, BK = Cfg::kKvRows, SUB = Cfg::kKvSub;
@@ -533,27 +531,37 @@ __global__ void __launch_bounds__(kThreads)
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     // key blocks in increasing order: block 0 meets every query block, so it starts first
-    const int kb = (int)(blockIdx.x / num_bh);
-    const int bh = blockIdx.x % num_bh;
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
-    const size_t row_stride = 3 * (size_t)C;
-    const bf16* q_g = qkv + (size_t)b * T * row_stride + (size_t)h * HS;
-    const bf16* k_g = q_g + C;
-    const bf16* v_g = q_g + 2 * C;
-    const bf16* do_g = dout + (size_t)b * T * C + (size_t)h * HS;
-    const float* lse_g = lse + (size_t)bh * T;
-    const float* d_g = dvec + (size_t)bh * T;
+    const int kb = (int)(blockIdx.x / num_bkv);
+    const int bkv = blockIdx.x % num_bkv;
+    const int b = bkv / lay.NKV, kh = bkv % lay.NKV;
+    const int G = lay.NH / lay.NKV;
+    const int C = lay.NH * HS;
+    const size_t row_stride = lay.row_stride();
+    const bf16* row_g = qkv + (size_t)b * T * row_stride;
+    const bf16* k_g = row_g + lay.k(kh);
+    const bf16* v_g = row_g + lay.v(kh);
+    // the group's first query head; head G kh + j is j HS columns (Q, dO) or j T rows (lse, D) further
+    const int h0 = G * kh;
+    const bf16* q_g = row_g + lay.q(h0);
+    const bf16* do_g = dout + (size_t)b * T * C + (size_t)h0 * HS;
+    const float* lse_g = lse + ((size_t)b * lay.NH + h0) * T;
+    const float* d_g = dvec + ((size_t)b * lay.NH + h0) * T;
     const int k0 = kb * BK;
     // the first query block is the one holding query k0 (queries before k0 see none of these keys)
     const int qb_first = k0 / kBlock;
+    const int nq = num_qblocks - qb_first;  // query blocks per query head
+    // tile `it` of the sequence (Q, dO, lse, D rows of its head and query block) into buffer nb
+    auto load_q_tile = [&](int it, int nb) {
+        const int j = it / nq, q0 = (qb_first + it - j * nq) * kBlock;
+        load_tile_async<kBlock, HS, S>(sQ + nb * TILE, q_g + j * HS, row_stride, q0, T, tid);
+        load_tile_async<kBlock, HS, S>(sdO + nb * TILE, do_g + j * HS, C, q0, T, tid);
+        load_row_floats_async(sLse + nb * kBlock, lse_g + (size_t)j * T, q0, T, tid);
+        load_row_floats_async(sD + nb * kBlock, d_g + (size_t)j * T, q0, T, tid);
+    };
 
     load_tile_async<BK, HS, S>(sK, k_g, row_stride, k0, T, tid);
     load_tile_async<BK, HS, S>(sV, v_g, row_stride, k0, T, tid);
-    load_tile_async<kBlock, HS, S>(sQ, q_g, row_stride, qb_first * kBlock, T, tid);
-    load_tile_async<kBlock, HS, S>(sdO, do_g, C, qb_first * kBlock, T, tid);
-    load_row_floats_async(sLse, lse_g, qb_first * kBlock, T, tid);
-    load_row_floats_async(sD, d_g, qb_first * kBlock, T, tid);
+    load_q_tile(0, 0);
     cp_async_commit();
 
     const int warp_key0 = k0 + warp * 16 * MT;
@@ -563,25 +571,21 @@ __global__ void __launch_bounds__(kThreads)
     zero_acc(dk);
     zero_acc(dv);
 
-    for (int qb = qb_first; qb < num_qblocks; ++qb) {
-        const int buf = (qb - qb_first) & 1;
-        if (qb + 1 < num_qblocks) {
-            const int nb = buf ^ 1, nq0 = (qb + 1) * kBlock;
-            load_tile_async<kBlock, HS, S>(sQ + nb * TILE, q_g, row_stride, nq0, T, tid);
-            load_tile_async<kBlock, HS, S>(sdO + nb * TILE, do_g, C, nq0, T, tid);
-            load_row_floats_async(sLse + nb * kBlock, lse_g, nq0, T, tid);
-            load_row_floats_async(sD + nb * kBlock, d_g, nq0, T, tid);
+    for (int it = 0; it < G * nq; ++it) {
+        const int buf = it & 1;
+        if (it + 1 < G * nq) {
+            load_q_tile(it + 1, buf ^ 1);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
         __syncthreads();
-        if (qb == qb_first) {
+        if (it == 0) {
             k_frag.preload();
             v_frag.preload();
         }
-        const int q0 = qb * kBlock;
+        const int q0 = (qb_first + it % nq) * kBlock;
 #pragma unroll
         for (int sub = 0; sub < kBlock / SUB; ++sub) {
             const int qs = q0 + sub * SUB;  // first query of the step
@@ -618,9 +622,9 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
     }
 
-    bf16* dk_g = dqkv + (size_t)b * T * row_stride + C + (size_t)h * HS;
-    store_rows<MT, NTO>(dk_g, row_stride, dk, warp_key0, T, scale, lane);
-    store_rows<MT, NTO>(dk_g + C, row_stride, dv, warp_key0, T, 1.f, lane);
+    bf16* drow_g = dqkv + (size_t)b * T * row_stride;
+    store_rows<MT, NTO>(drow_g + lay.k(kh), row_stride, dk, warp_key0, T, scale, lane);
+    store_rows<MT, NTO>(drow_g + lay.v(kh), row_stride, dv, warp_key0, T, 1.f, lane);
 }
 
 // dQ for one query block of kDqRows queries (warp w owns queries 16*MT*w.. +16*MT-1), looping over the
@@ -629,8 +633,8 @@ template <int HS>
 __global__ void __launch_bounds__(kThreads)
     attention_backward_dq_kernel(bf16* __restrict__ dqkv, const bf16* __restrict__ dout,
                                  const bf16* __restrict__ qkv, const float* __restrict__ lse,
-                                 const float* __restrict__ dvec, int T, int NH, int num_bh, int num_blocks,
-                                 float scale, float scale_log2) {
+                                 const float* __restrict__ dvec, int T, QkvLayout lay, int num_bh,
+                                 int num_blocks, float scale, float scale_log2) {
     using Cfg = BwdConfig<HS>;
     constexpr int S = Cfg::kStride, TILE = Cfg::kTile;
     constexpr int MT = Cfg::kDqMT, BQ = Cfg::kDqRows, SUB = Cfg::kDqSub;
@@ -648,12 +652,13 @@ __global__ void __launch_bounds__(kThreads)
     const int gr = lane >> 2;
     const int qb = num_blocks - 1 - (int)(blockIdx.x / num_bh);  // most keys first
     const int bh = blockIdx.x % num_bh;
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
-    const size_t row_stride = 3 * (size_t)C;
-    const bf16* q_g = qkv + (size_t)b * T * row_stride + (size_t)h * HS;
-    const bf16* k_g = q_g + C;
-    const bf16* v_g = q_g + 2 * C;
+    const int b = bh / lay.NH, h = bh % lay.NH;
+    const int C = lay.NH * HS;
+    const size_t row_stride = lay.row_stride();
+    const bf16* row_g = qkv + (size_t)b * T * row_stride;
+    const bf16* q_g = row_g + lay.q(h);
+    const bf16* k_g = row_g + lay.k(lay.kv_head(h));
+    const bf16* v_g = row_g + lay.v(lay.kv_head(h));
     const bf16* do_g = dout + (size_t)b * T * C + (size_t)h * HS;
     const int q0 = qb * BQ;
     const int num_kblocks = (min(q0 + BQ, T) - 1) / kBlock + 1;
@@ -722,8 +727,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();
     }
 
-    store_rows<MT, NTO>(dqkv + (size_t)b * T * row_stride + (size_t)h * HS, row_stride, dq, warp_row0, T, scale,
-                        lane);
+    store_rows<MT, NTO>(dqkv + (size_t)b * T * row_stride + lay.q(h), row_stride, dq, warp_row0, T, scale, lane);
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
@@ -755,64 +759,68 @@ bool attention_sm90_backward_selected(int B, int T, int NH, int HS) {
     return g_attention_backend == 0 && attention_sm90_forward_selected(B, T, NH, HS);
 }
 
-void check_shapes(int B, int T, int NH, int HS) {
+void check_shapes(int B, int T, int NH, int NKV, int HS) {
     require(B > 0 && T > 0 && NH > 0, "attention: B, T, NH must be positive");
+    require(NKV > 0 && NH % NKV == 0, "attention: NKV must divide NH");
     require(HS == 64 || HS == 128, "attention: head size must be 64 or 128");
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// 1-D grids of blocks_per_head * B * NH CTAs; the head/batch index varies fastest.
-unsigned int grid_size(int blocks, int num_bh) {
-    const long long n = (long long)blocks * num_bh;
+// 1-D grids of blocks_per_head * heads CTAs; the head/batch index varies fastest.
+unsigned int grid_size(int blocks, int num_heads) {
+    const long long n = (long long)blocks * num_heads;
     require(n <= 0x7fffffffLL, "attention: grid too large");
     return (unsigned int)n;
 }
 
+float scale_log2_of(int HS) { return (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634); }
+
 template <int HS>
-void launch_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
+void launch_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FwdConfig<HS>;
     auto kernel = attention_forward_kernel<HS>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kSmemBytes));
-    const int num_bh = B * NH;
+    const int num_bh = B * lay.NH;
     const int num_qblocks = ceil_div(T, Cfg::kBlockQ);
-    const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-    kernel<<<grid_size(num_qblocks, num_bh), kThreads, Cfg::kSmemBytes, stream>>>(out, lse, qkv, T, NH, num_bh,
-                                                                                   num_qblocks, scale_log2);
+    kernel<<<grid_size(num_qblocks, num_bh), kThreads, Cfg::kSmemBytes, stream>>>(out, lse, qkv, T, lay, num_bh,
+                                                                                   num_qblocks, scale_log2_of(HS));
     CUDA_CHECK_LAUNCH();
 }
 
 template <int HS>
-void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse, float* dvec,
-                     int B, int T, int NH, cudaStream_t stream) {
-    using Cfg = BwdConfig<HS>;
-    const int num_bh = B * NH;
-    const int num_qblocks = ceil_div(T, kBlock);  // 64-query blocks the dK/dV kernel loops over
-    const double scale_d = 1.0 / std::sqrt((double)HS);
-    const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
+void launch_preprocess(float* dvec, const bf16* dout, const bf16* out, int B, int T, int NH, cudaStream_t stream) {
+    const size_t threads = (size_t)B * T * NH * (HS / 8);
+    const int block = 256;
+    const size_t grid = (threads + block - 1) / block;
+    require(grid <= 0x7fffffffULL, "attention_backward: grid too large");
+    attention_backward_preprocess_kernel<HS><<<(unsigned int)grid, block, 0, stream>>>(dvec, dout, out, B, T, NH);
+    CUDA_CHECK_LAUNCH();
+}
 
-    {
-        const size_t threads = (size_t)B * T * NH * (HS / 8);
-        const int block = 256;
-        const size_t grid = (threads + block - 1) / block;
-        require(grid <= 0x7fffffffULL, "attention_backward: grid too large");
-        attention_backward_preprocess_kernel<HS><<<(unsigned int)grid, block, 0, stream>>>(dvec, dout, out, B, T, NH);
-        CUDA_CHECK_LAUNCH();
-    }
+// the dK/dV and dQ kernels, after launch_preprocess
+template <int HS>
+void launch_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec, int B,
+                     int T, QkvLayout lay, cudaStream_t stream) {
+    using Cfg = BwdConfig<HS>;
+    const int num_qblocks = ceil_div(T, kBlock);  // 64-query blocks the dK/dV kernel loops over
+    const float scale = (float)(1.0 / std::sqrt((double)HS)), scale_log2 = scale_log2_of(HS);
     {
         auto kernel = attention_backward_dkdv_kernel<HS>;
         CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kDkdvSmemBytes));
-        kernel<<<grid_size(ceil_div(T, Cfg::kKvRows), num_bh), kThreads, Cfg::kDkdvSmemBytes, stream>>>(
-            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_qblocks, scale, scale_log2);
+        const int num_bkv = B * lay.NKV;
+        kernel<<<grid_size(ceil_div(T, Cfg::kKvRows), num_bkv), kThreads, Cfg::kDkdvSmemBytes, stream>>>(
+            dqkv, dout, qkv, lse, dvec, T, lay, num_bkv, num_qblocks, scale, scale_log2);
         CUDA_CHECK_LAUNCH();
     }
     {
         auto kernel = attention_backward_dq_kernel<HS>;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kDqSmemBytes));
+        const int num_bh = B * lay.NH;
         const int num_dq_blocks = ceil_div(T, Cfg::kDqRows);
         kernel<<<grid_size(num_dq_blocks, num_bh), kThreads, Cfg::kDqSmemBytes, stream>>>(
-            dqkv, dout, qkv, lse, dvec, T, NH, num_bh, num_dq_blocks, scale, scale_log2);
+            dqkv, dout, qkv, lse, dvec, T, lay, num_bh, num_dq_blocks, scale, scale_log2);
         CUDA_CHECK_LAUNCH();
     }
 }
@@ -830,21 +838,23 @@ int attention_backend_in_use(int B, int T, int NH, int HS) {
            (attention_sm90_backward_selected(B, T, NH, HS) ? 9000 : 8000);
 }
 
-void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream) {
-    check_shapes(B, T, NH, HS);
+void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
+                       cudaStream_t stream) {
+    check_shapes(B, T, NH, NKV, HS);
     require(aligned16(qkv), "attention_forward: qkv must be 16-byte aligned");
     require((reinterpret_cast<uintptr_t>(out) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0,
             "attention_forward: out and lse must be 4-byte aligned");
     if (attention_sm90_forward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-        attention_forward_sm90(out, lse, qkv, B, T, NH, HS, stream);
+        attention_forward_sm90(out, lse, qkv, B, T, NH, NKV, HS, stream);
         return;
 #endif
     }
+    const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        launch_forward<64>(out, lse, qkv, B, T, NH, stream);
+        launch_forward<64>(out, lse, qkv, B, T, lay, stream);
     else
-        launch_forward<128>(out, lse, qkv, B, T, NH, stream);
+        launch_forward<128>(out, lse, qkv, B, T, lay, stream);
 }
 
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
@@ -853,8 +863,9 @@ size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
 }
 
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                        float* scratch, size_t scratch_floats, int B, int T, int NH, int HS, cudaStream_t stream) {
-    check_shapes(B, T, NH, HS);
+                        float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
+                        cudaStream_t stream) {
+    check_shapes(B, T, NH, NKV, HS);
     require(scratch_floats >= attention_backward_scratch_floats(B, T, NH, HS),
             "attention_backward: scratch too small");
     require(aligned16(qkv) && aligned16(dout) && aligned16(out),
@@ -862,26 +873,23 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
     require((reinterpret_cast<uintptr_t>(dqkv) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0 &&
                 (reinterpret_cast<uintptr_t>(scratch) & 3) == 0,
             "attention_backward: dqkv, lse and scratch must be 4-byte aligned");
+    const QkvLayout lay{NH, NKV, HS};
     // the dK/dV and dQ kernels read qkv while other CTAs write dqkv: they must not overlap
-    const size_t qkv_bytes = (size_t)B * T * 3 * NH * HS * sizeof(bf16);
+    const size_t qkv_bytes = (size_t)B * T * lay.row_stride() * sizeof(bf16);
     const uintptr_t a = reinterpret_cast<uintptr_t>(dqkv), q = reinterpret_cast<uintptr_t>(qkv);
     require(a + qkv_bytes <= q || q + qkv_bytes <= a, "attention_backward: dqkv must not overlap qkv");
-#ifdef GPT2CU_HAVE_SM90_ATTENTION
-    if (attention_sm90_backward_selected(B, T, NH, HS)) {
-        const size_t threads = (size_t)B * T * NH * (HS / 8);
-        const size_t grid = (threads + 255) / 256;
-        require(grid <= 0x7fffffffULL, "attention_backward: grid too large");
-        if (HS == 64)
-            attention_backward_preprocess_kernel<64><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
-        else
-            attention_backward_preprocess_kernel<128><<<(unsigned int)grid, 256, 0, stream>>>(scratch, dout, out, B, T, NH);
-        CUDA_CHECK_LAUNCH();
-        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, HS, stream);
-        return;
-    }
-#endif
     if (HS == 64)
-        launch_backward<64>(dqkv, dout, qkv, out, lse, scratch, B, T, NH, stream);
+        launch_preprocess<64>(scratch, dout, out, B, T, NH, stream);
     else
-        launch_backward<128>(dqkv, dout, qkv, out, lse, scratch, B, T, NH, stream);
+        launch_preprocess<128>(scratch, dout, out, B, T, NH, stream);
+    if (attention_sm90_backward_selected(B, T, NH, HS)) {
+#ifdef GPT2CU_HAVE_SM90_ATTENTION
+        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, NKV, HS, stream);
+        return;
+#endif
+    }
+    if (HS == 64)
+        launch_backward<64>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
+    else
+        launch_backward<128>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
 }

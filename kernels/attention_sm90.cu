@@ -1,13 +1,16 @@
 // attention_sm90.cu: causal flash attention for Hopper (sm_90a): wgmma tensor-core products fed by TMA.
-// Same contract as attention.cu (read its header for the math and the layouts): qkv (B, T, 3C) = [q|k|v],
-// out (B, T, C), lse (B, NH, T) fp32 natural log, scale 1/sqrt(HS); head sizes 64 and 128; any T.
+// Same contract as attention.cu (read its header for the math and the layouts): the packed qkv
+// (B, T, (NH + 2 NKV) HS) = [q: NH heads | k: NKV heads | v: NKV heads], query head h reading key/value head
+// h / (NH / NKV); out (B, T, NH HS), lse (B, NH, T) fp32 natural log, scale 1/sqrt(HS); head sizes 64 and
+// 128; any T.
 // Built only for sm_90a (CMake compiles this file with -gencode=arch=compute_90a,code=sm_90a when 90 is
 // among the architectures); attention.cu dispatches here on compute capability 9.x.
 //
 // ---- Forward --------------------------------------------------------------------------------------------
-// One CTA per (128-query block, head, batch), 3 warpgroups (384 threads), warp-specialised:
+// One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised:
 //   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
-//     block once, then K and V tiles of 128 keys from the diagonal tile down to tile 0, into a ring of
+//     block once, then K and V tiles of 128 keys of its key/value head from the diagonal tile down to
+//     tile 0 (the query heads of a group read the same tiles, through L2), into a ring of
 //     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
 //     copy engine's byte count) and an "empty" mbarrier (the 256 consumer threads arrive when done with
 //     the stage).
@@ -16,15 +19,15 @@
 //     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
-//     diagonal tile only (the first one processed). In the overlapped variant (kOverlap) the product
+//     diagonal tile only (the first one processed). In the overlapped variants the product
 //     S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the tensor
 //     cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups also
 //     interleave with each other.
 //   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
 //   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
 //   products (named barriers), so that one's softmax runs under the other's products (default for HS 128),
-//   3 variant 2 in a persistent grid (attention_forward_sm90_persistent_kernel; default for HS 64). CTAs (work
-//   items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
+//   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor; default for HS 64). CTAs
+//   (work items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row.
 #include "kernels.h"
@@ -82,302 +85,33 @@ __device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& 
 
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
+// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
+template <int N>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+        a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
+        a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
+        a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
+        a[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
 // kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the two
 // consumer warpgroups taking turns to issue their products ("ping-pong": named barriers 1 and 2 pass the
-// turn, so one warpgroup's softmax runs while the other's products occupy the tensor cores)
+// turn, so one warpgroup's softmax runs while the other's products occupy the tensor cores).
+// Work items (128-query block, query head, batch) w = blockIdx.x, + gridDim.x, ... in cta_order's order: the
+// one-shot grid (one CTA per item) takes one each; the persistent grid (variant 3: kVariant 2 on one CTA per
+// multiprocessor) several. The K/V ring and its barrier phases run on across items, and Q has an "empty"
+// barrier (the consumers release it after their last product), so the producer loads the next item's Q and
+// first K/V tiles while the consumers still finish the current one and store it: the pipeline fill and the
+// epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about 1.8 us
+// a key tile were measured against ~0.6-1 us of products and softmax).
 template <int HS, int kVariant>
 __global__ void __launch_bounds__(384, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
-                                  float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
+                                  float* __restrict__ lse, int T, QkvLayout lay, int num_bh, int num_qblocks,
                                   int group, float scale_log2) {
-#ifdef GPT2CU_SM90A_DEVICE
-    using Cfg = FwdCfg<HS>;
-    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
-    extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    uint8_t* sQ = smem;
-    uint8_t* sK = smem + Cfg::kQBytes;
-    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
-    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
-    uint64_t* q_full = bars;
-    uint64_t* k_full = bars + 1;
-    uint64_t* v_full = bars + 1 + kStages;
-    uint64_t* empty = bars + 1 + 2 * kStages;
-
-    const int tid = threadIdx.x;
-    const int wg = warpgroup_index();
-    int bh, qb;
-    cta_order(num_bh, num_qblocks, group, bh, qb);
-    qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
-    const int n_tiles = (qb * kBM + kBM - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1 (kBM == kBN: qb + 1)
-
-    if (tid == 0) {
-        tma_prefetch_desc(&tm_qkv);
-        mbar_init(q_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&k_full[s], 1);
-            mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], 256);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
-
-    if (wg == 0) {
-        // ---------------- producer ----------------
-        setmaxnreg_dec<24>();
-        if (tid == 0) {
-            mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
-#pragma unroll
-            for (int p = 0; p < kPanels; ++p)
-                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, h * HS + p * kPanelCols, qb * kBM, b);
-            for (int i = 0; i < n_tiles; ++i) {
-                const int n = n_tiles - 1 - i;
-                const int st = i % kStages;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
-                                C + h * HS + p * kPanelCols, n * kBN, b);
-                mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
-                                2 * C + h * HS + p * kPanelCols, n * kBN, b);
-            }
-        }
-        return;
-    }
-
-    // ---------------- consumers ----------------
-    setmaxnreg_inc<240>();
-    const int cw = wg - 1;                    // consumer warpgroup 0/1: query rows 64 cw .. 64 cw + 63
-    const int ctid = tid - 128 * wg;
-    const int warp = ctid / 32, lane = ctid % 32;
-    const int g = lane >> 2, t = lane & 3;
-    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the 128-row block
-
-    // descriptors (addresses change per stage / k-step; the constant fields are folded in once)
-    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
-    const uint32_t k_addr = smem_u32(sK);
-    const uint32_t v_addr = smem_u32(sV);
-    auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
-        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_k = [&](int st, int kk) {  // B (K-major): keys 0..127, k 16kk..
-        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
-        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
-    };
-
-    float o[HS / 2];
-    float s[kBN / 2];
-    uint32_t pa[kBN / 16][4];
-    float m0 = -INFINITY, m1 = -INFINITY;  // running row maxima (of S * scale * log2 e)
-    float l0 = 0.f, l1 = 0.f;              // per-thread partial row sums
-
-    auto issue_s = [&](int st) {
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
-        wgmma_commit();
-    };
-    auto issue_pv = [&](int st, bool accumulate) {
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            if constexpr (HS == 64)
-                wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
-            else
-                wgmma_rs_n128<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
-        }
-        wgmma_commit();
-    };
-    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
-    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
-        if (diag) {
-            const int r0 = qb * kBM + lrow0;
-#pragma unroll
-            for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = key0 + 8 * j + 2 * t + (e & 1);
-                    const int row = r0 + 8 * (e >> 1);
-                    if (key > row) s[4 * j + e] = -INFINITY;
-                }
-        }
-        const float mx0 = m0, mx1 = m1;
-        float r0max = -INFINITY, r1max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-            r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
-            r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
-        r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
-        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
-        r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
-        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
-        c0 = ex2(mx0 - n0);  // 2^-inf = 0 on the first tile
-        c1 = ex2(mx1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0));
-            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0));
-            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1));
-            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1));
-            sum0 += s[4 * j] + s[4 * j + 1];
-            sum1 += s[4 * j + 2] + s[4 * j + 3];
-        }
-        l0 = l0 * c0 + sum0;
-        l1 = l1 * c1 + sum1;
-    };
-    auto to_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
-            pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
-        }
-    };
-    auto rescale_o = [&](float c0, float c1) {
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            o[4 * j + 0] *= c0;
-            o[4 * j + 1] *= c0;
-            o[4 * j + 2] *= c1;
-            o[4 * j + 3] *= c1;
-        }
-    };
-
-#pragma unroll
-    for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
-
-    mbar_wait(q_full, 0);
-
-    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the other's barrier;
-    // warpgroup 0 goes first; warpgroup 1 does not pass after its last section, so every arrival is matched
-    auto turn_wait = [&]() {
-        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
-    };
-    auto turn_pass = [&](bool last) {
-        if constexpr (kVariant == 2) {
-            if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
-        }
-    };
-    if constexpr (kVariant == 2) {
-        if (cw == 1) named_barrier_arrive(1, 256);
-    }
-
-    if constexpr (kVariant == 1) {
-        for (int i = 0; i < n_tiles; ++i) {
-            const int n = n_tiles - 1 - i;
-            const int st = i % kStages;
-            const uint32_t ph = (i / kStages) & 1;
-            mbar_wait(&k_full[st], ph);
-            issue_s(st);
-            wgmma_wait<0>();
-            reg_fence(s);
-            float c0, c1;
-            softmax(i == 0, n * kBN, c0, c1);
-            to_p();
-            if (i > 0) rescale_o(c0, c1);
-            mbar_wait(&v_full[st], ph);
-            issue_pv(st, i > 0);
-            wgmma_wait<0>();
-            reg_fence(o);
-            mbar_arrive(&empty[st]);
-        }
-    } else {
-        // tile 0 (the diagonal): S, softmax, P
-        {
-            turn_wait();
-            mbar_wait(&k_full[0], 0);
-            issue_s(0);
-            turn_pass(false);
-            wgmma_wait<0>();
-            reg_fence(s);
-            float c0, c1;
-            softmax(true, (n_tiles - 1) * kBN, c0, c1);
-            to_p();
-        }
-        for (int i = 1; i < n_tiles; ++i) {
-            const int n = n_tiles - 1 - i;
-            const int st = i % kStages, pst = (i - 1) % kStages;
-            const uint32_t ph = (i / kStages) & 1, pph = ((i - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&k_full[st], ph);
-            issue_s(st);                   // S_i = Q K_i^T
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
-            turn_pass(false);
-            wgmma_wait<1>();               // S_i done (P V may still run)
-            reg_fence(s);
-            float c0, c1;
-            softmax(false, n * kBN, c0, c1);  // overlaps the P V product
-            wgmma_wait<0>();
-            reg_fence(o);
-            mbar_arrive(&empty[pst]);
-            to_p();
-            rescale_o(c0, c1);
-        }
-        {
-            const int pst = (n_tiles - 1) % kStages;
-            const uint32_t pph = ((n_tiles - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, n_tiles > 1);
-            turn_pass(true);
-            wgmma_wait<0>();
-            reg_fence(o);
-            mbar_arrive(&empty[pst]);
-        }
-    }
-
-    // ---------------- epilogue: O / l, lse ----------------
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
-    bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
-    bf16* out1 = out0 + (size_t)8 * C;
-#pragma unroll
-    for (int j = 0; j < HS / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        if (row0 < T)
-            *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        if (row1 < T)
-            *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-    }
-    if (t == 0) {
-        float* lse_bh = lse + (size_t)bh * T;
-        if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
-        if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
-    }
-#endif
-}
-
-// Variant 3: variant 2 in a persistent grid (one CTA per multiprocessor, each taking work items w =
-// blockIdx.x, + gridDim.x, ... in cta_order's order). The K/V ring and its barrier phases run on across work
-// items, Q has an "empty" barrier (the consumers release it after their last product), so the producer loads
-// the next item's Q and first K/V tiles while the consumers still finish the current one and store it: the
-// pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them
-// in full: about 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
-template <int HS>
-__global__ void __launch_bounds__(384, 1)
-    attention_forward_sm90_persistent_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
-                                             float* __restrict__ lse, int T, int NH, int num_bh, int num_qblocks,
-                                             int group, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
@@ -395,16 +129,16 @@ __global__ void __launch_bounds__(384, 1)
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
-    const int C = NH * HS;
+    const int C = lay.NH * HS;
     const int num_work = num_bh * num_qblocks;
     // work item w -> (b, h, qb, n_tiles)
     auto item = [&](int w, int& b, int& h, int& qb, int& n_tiles) {
         int bh;
         cta_order_of(w, num_bh, num_qblocks, group, bh, qb);
         qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
-        b = bh / NH;
-        h = bh % NH;
-        n_tiles = (qb * kBM + kBM - 1) / kBN + 1;
+        b = bh / lay.NH;
+        h = bh % lay.NH;
+        n_tiles = (qb * kBM + kBM - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1 (kBM == kBN: qb + 1)
     };
 
     if (tid == 0) {
@@ -429,11 +163,12 @@ __global__ void __launch_bounds__(384, 1)
             for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
                 int b, h, qb, n_tiles;
                 item(w, b, h, qb, n_tiles);
+                const int kh = lay.kv_head(h);
                 if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
                 mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
 #pragma unroll
                 for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, h * HS + p * kPanelCols, qb * kBM, b);
+                    tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, lay.q(h) + p * kPanelCols, qb * kBM, b);
                 for (int i = 0; i < n_tiles; ++i, ++kv) {
                     const int n = n_tiles - 1 - i;
                     const int st = kv % kStages;
@@ -442,12 +177,12 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
                         tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
-                                    C + h * HS + p * kPanelCols, n * kBN, b);
+                                    lay.k(kh) + p * kPanelCols, n * kBN, b);
                     mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
                         tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
-                                    2 * C + h * HS + p * kPanelCols, n * kBN, b);
+                                    lay.v(kh) + p * kPanelCols, n * kBN, b);
                 }
             }
         }
@@ -525,31 +260,22 @@ __global__ void __launch_bounds__(384, 1)
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
         const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
-        c0 = ex2(mx0 - n0);  // 2^-inf = 0 on the first tile
-        c1 = ex2(mx1 - n1);
+        c0 = fast_exp2(mx0 - n0);  // 2^-inf = 0 on the first tile
+        c1 = fast_exp2(mx1 - n1);
         m0 = n0;
         m1 = n1;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
-            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0));
-            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0));
-            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1));
-            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1));
+            s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -n0));
+            s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -n0));
+            s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -n1));
+            s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -n1));
             sum0 += s[4 * j] + s[4 * j + 1];
             sum1 += s[4 * j + 2] + s[4 * j + 3];
         }
         l0 = l0 * c0 + sum0;
         l1 = l1 * c1 + sum1;
-    };
-    auto to_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-            pa[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
-            pa[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
-        }
     };
     auto rescale_o = [&](float c0, float c1) {
 #pragma unroll
@@ -561,92 +287,120 @@ __global__ void __launch_bounds__(384, 1)
         }
     };
 
-    // ping-pong turns: warpgroup cw waits on barrier 1 + cw, passes on the other's barrier; warpgroup 0 goes
-    // first; warpgroup 1 does not pass after its very last section, so every arrival is matched
-    auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
-    auto turn_pass = [&](bool last) {
-        if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
+
+    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the other's barrier;
+    // warpgroup 0 goes first; warpgroup 1 does not pass after its very last section, so every arrival is matched
+    auto turn_wait = [&]() {
+        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
     };
-    if (cw == 1) named_barrier_arrive(1, 256);
+    auto turn_pass = [&](bool last) {
+        if constexpr (kVariant == 2) {
+            if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+        }
+    };
+    if constexpr (kVariant == 2) {
+        if (cw == 1) named_barrier_arrive(1, 256);
+    }
 
     int kv = 0;  // K/V tiles consumed so far
     int it = 0;
     for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
-    item(w, b, h, qb, n_tiles);
-    const bool last_item = w + (int)gridDim.x >= num_work;
-    m0 = m1 = -INFINITY;
-    l0 = l1 = 0.f;
-    mbar_wait(q_full, it & 1);
-    {
-        // tile 0 (the diagonal): S, softmax, P
-        {
-            turn_wait();
-            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-            issue_s(kv % kStages);
-            turn_pass(false);
-            wgmma_wait<0>();
-            reg_fence(s);
-            float c0, c1;
-            softmax(true, (n_tiles - 1) * kBN, c0, c1);
-            to_p();
+        item(w, b, h, qb, n_tiles);
+        const bool last_item = w + (int)gridDim.x >= num_work;
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.f;
+        mbar_wait(q_full, it & 1);
+        if constexpr (kVariant == 1) {
+            for (int i = 0; i < n_tiles; ++i) {
+                const int n = n_tiles - 1 - i;
+                const int st = (kv + i) % kStages;
+                const uint32_t ph = ((kv + i) / kStages) & 1;
+                mbar_wait(&k_full[st], ph);
+                issue_s(st);
+                wgmma_wait<0>();
+                reg_fence(s);
+                float c0, c1;
+                softmax(i == 0, n * kBN, c0, c1);
+                acc_to_a<kBN>(pa, s);
+                if (i > 0) rescale_o(c0, c1);
+                mbar_wait(&v_full[st], ph);
+                issue_pv(st, i > 0);
+                wgmma_wait<0>();
+                reg_fence(o);
+                mbar_arrive(&empty[st]);
+            }
+        } else {
+            // tile 0 (the diagonal): S, softmax, P
+            {
+                turn_wait();
+                mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+                issue_s(kv % kStages);
+                turn_pass(false);
+                wgmma_wait<0>();
+                reg_fence(s);
+                float c0, c1;
+                softmax(true, (n_tiles - 1) * kBN, c0, c1);
+                acc_to_a<kBN>(pa, s);
+            }
+            for (int i = 1; i < n_tiles; ++i) {
+                const int n = n_tiles - 1 - i;
+                const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+                const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+                turn_wait();
+                mbar_wait(&k_full[st], ph);
+                issue_s(st);                   // S_i = Q K_i^T
+                mbar_wait(&v_full[pst], pph);
+                issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
+                turn_pass(false);
+                wgmma_wait<1>();               // S_i done (P V may still run)
+                reg_fence(s);
+                float c0, c1;
+                softmax(false, n * kBN, c0, c1);  // overlaps the P V product
+                wgmma_wait<0>();
+                reg_fence(o);
+                mbar_arrive(&empty[pst]);
+                acc_to_a<kBN>(pa, s);
+                rescale_o(c0, c1);
+            }
+            {
+                const int pst = (kv + n_tiles - 1) % kStages;
+                const uint32_t pph = ((kv + n_tiles - 1) / kStages) & 1;
+                turn_wait();
+                mbar_wait(&v_full[pst], pph);
+                issue_pv(pst, n_tiles > 1);
+                turn_pass(last_item);
+                wgmma_wait<0>();
+                reg_fence(o);
+                mbar_arrive(&empty[pst]);
+            }
         }
-        for (int i = 1; i < n_tiles; ++i) {
-            const int n = n_tiles - 1 - i;
-            const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
-            const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&k_full[st], ph);
-            issue_s(st);                   // S_i = Q K_i^T
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
-            turn_pass(false);
-            wgmma_wait<1>();               // S_i done (P V may still run)
-            reg_fence(s);
-            float c0, c1;
-            softmax(false, n * kBN, c0, c1);  // overlaps the P V product
-            wgmma_wait<0>();
-            reg_fence(o);
-            mbar_arrive(&empty[pst]);
-            to_p();
-            rescale_o(c0, c1);
-        }
-        {
-            const int pst = (kv + n_tiles - 1) % kStages;
-            const uint32_t pph = ((kv + n_tiles - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, n_tiles > 1);
-            turn_pass(last_item);
-            wgmma_wait<0>();
-            reg_fence(o);
-            mbar_arrive(&empty[pst]);
-        }
-    }
-    kv += n_tiles;
-    mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
+        kv += n_tiles;
+        mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
 
-    // ---------------- epilogue: O / l, lse ----------------
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
-    bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
-    bf16* out1 = out0 + (size_t)8 * C;
+        // ---------------- epilogue: O / l, lse ----------------
+        l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+        const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
+        bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
+        bf16* out1 = out0 + (size_t)8 * C;
 #pragma unroll
-    for (int j = 0; j < HS / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        if (row0 < T)
-            *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-        if (row1 < T)
-            *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-    }
-    if (t == 0) {
-        float* lse_bh = lse + ((size_t)b * NH + h) * T;
-        if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
-        if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
-    }
+        for (int j = 0; j < HS / 8; ++j) {
+            const int col = 8 * j + 2 * t;
+            if (row0 < T)
+                *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+            if (row1 < T)
+                *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+        }
+        if (t == 0) {
+            float* lse_bh = lse + ((size_t)b * lay.NH + h) * T;
+            if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
+            if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
+        }
     }  // work items
 #endif
 }
@@ -654,13 +408,15 @@ __global__ void __launch_bounds__(384, 1)
 // ---- Backward -------------------------------------------------------------------------------------------
 // Deterministic like attention.cu's: D = rowsum(dO * O) first (attention.cu's preprocess kernel), then two
 // kernels that each write their outputs exactly once (no atomics), recomputing P from lse:
-//   dK/dV: one CTA per (128-key block, head, batch); consumer warpgroup cw owns keys 64cw..64cw+63; the
-//     producer streams 64-query tiles of Q and dO (TMA) from the diagonal to the end, and its warp 1 copies
-//     the tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D into shared memory.
+//   dK/dV: one CTA per (128-key block, key/value head, batch); consumer warpgroup cw owns keys 64cw..64cw+63;
+//     the producer streams 64-query tiles of Q and dO (TMA) from the diagonal to the end, for each query head
+//     of the group in turn (one sequence of tiles through the ring: K/V loaded once, dK/dV summed over the
+//     group in registers in that fixed order), and its warp 1 copies the tile's lse (times log2 e; +inf past
+//     T, so those queries get P = 0) and D into shared memory.
 //     Per tile: S^T = K Q^T and dP^T = V dO^T (wgmma, A = this warpgroup's 64 keys, both K-major), P^T,
 //     dV += P^T dO (A = P^T from registers, dO as MN-major B), dS^T = P^T (dP^T - D), dK += dS^T Q (A from
 //     registers, Q as MN-major B). A warpgroup skips the compute of a tile whose queries all precede its keys.
-//   dQ: one CTA per (128-query block, head, batch), consumer warpgroup cw owns rows 64cw..; Q and dO loaded
+//   dQ: one CTA per (128-query block, query head, batch), consumer warpgroup cw owns rows 64cw..; Q and dO loaded
 //     once, K/V tiles of kBN keys streamed from the diagonal down: S = Q K^T, dP = dO V^T, P, dS = P (dP - D),
 //     dQ += dS K (K as MN-major B).
 template <int HS>
@@ -693,18 +449,6 @@ struct DqCfg {
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
 };
 
-// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
-template <int N>
-__device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
-#pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-        a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
-        a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
-        a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
-        a[kk][3] = pack_bf16x2(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-}
-
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
     if constexpr (N == 64)
@@ -721,7 +465,7 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a
         wgmma_rs_n128<1>(d, a, db, scale_d);
 }
 
-// rows r0 (and r0 + 8) of an m64nHS accumulator -> bf16 columns col0.. of a (B, T, 3C) row, rows < T only
+// rows r0 (and r0 + 8) of an m64nHS accumulator -> bf16 columns col0.. of a packed qkv row, rows < T only
 template <int HS>
 __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[HS / 2], int r0,
                                                int T, int t, float mult) {
@@ -740,8 +484,9 @@ template <int HS>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv, const __grid_constant__ CUtensorMap tm_q,
                                         const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
-                                        const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
-                                        int num_bh, int num_kblocks, int group, float scale, float scale_log2) {
+                                        const float* __restrict__ lse, const float* __restrict__ dvec, int T,
+                                        QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
+                                        float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = DkdvCfg<HS>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -761,12 +506,13 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* empty = bars + 1 + 3 * kStages;
 
     const int tid = threadIdx.x, wg = warpgroup_index();
-    int bh, kb;
-    cta_order(num_bh, num_kblocks, group, bh, kb);  // key block 0 (the most query tiles) first
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
+    int bkv, kb;
+    cta_order(num_bkv, num_kblocks, group, bkv, kb);  // key block 0 (the most query tiles) first
+    const int b = bkv / lay.NKV, kh = bkv % lay.NKV;
+    const int h0 = kh * (lay.NH / lay.NKV);  // the group's first query head
     const int q_first = kb * kBN / kBM;
-    const int n_q = (T + kBM - 1) / kBM - q_first;
+    const int n_q = (T + kBM - 1) / kBM - q_first;      // query tiles per query head
+    const int n_tiles = (lay.NH / lay.NKV) * n_q;       // tile i: query head h0 + i / n_q, query tile i % n_q
 
     if (tid == 0) {
         tma_prefetch_desc(&tm_kv);
@@ -789,32 +535,32 @@ __global__ void __launch_bounds__(384, 1)
             mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
 #pragma unroll
             for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, C + h * HS + p * kPanelCols, kb * kBN, b);
-                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, 2 * C + h * HS + p * kPanelCols, kb * kBN,
-                            b);
+                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(kh) + p * kPanelCols, kb * kBN, b);
+                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(kh) + p * kPanelCols, kb * kBN, b);
             }
-            for (int i = 0; i < n_q; ++i) {
+            for (int i = 0; i < n_tiles; ++i) {
                 const int st = i % kStages;
-                const int row0 = (q_first + i) * kBM;
+                const int j = i / n_q, row0 = (q_first + i - j * n_q) * kBM;
                 if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
                 mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
 #pragma unroll
                 for (int p = 0; p < kPanels; ++p)
                     tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
-                                h * HS + p * kPanelCols, row0, b);
+                                lay.q(h0 + j) + p * kPanelCols, row0, b);
                 mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
 #pragma unroll
                 for (int p = 0; p < kPanels; ++p)
                     tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
-                                h * HS + p * kPanelCols, row0, b);
+                                (h0 + j) * HS + p * kPanelCols, row0, b);
             }
         } else if (tid >= 32 && tid < 64) {
             const int lane = tid - 32;
-            const float* lse_bh = lse + (size_t)bh * T;
-            const float* d_bh = dvec + (size_t)bh * T;
-            for (int i = 0; i < n_q; ++i) {
+            for (int i = 0; i < n_tiles; ++i) {
                 const int st = i % kStages;
-                const int row0 = (q_first + i) * kBM;
+                const int j = i / n_q, row0 = (q_first + i - j * n_q) * kBM;
+                const size_t bh = (size_t)b * lay.NH + h0 + j;
+                const float* lse_bh = lse + bh * T;
+                const float* d_bh = dvec + bh * T;
                 if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
                 float* aux = sAux + st * (2 * kBM);
 #pragma unroll
@@ -855,10 +601,10 @@ __global__ void __launch_bounds__(384, 1)
     for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
 
     mbar_wait(kv_full, 0);
-    for (int i = 0; i < n_q; ++i) {
+    for (int i = 0; i < n_tiles; ++i) {
         const int st = i % kStages;
         const uint32_t ph = (i / kStages) & 1;
-        const int row0 = (q_first + i) * kBM;
+        const int row0 = (q_first + i % n_q) * kBM;
         if (row0 + kBM - 1 < key0) {  // every query of the tile precedes every key of this warpgroup
             mbar_arrive(&empty[st]);
             continue;
@@ -888,7 +634,7 @@ __global__ void __launch_bounds__(384, 1)
             for (int e = 0; e < 4; ++e) {
                 const int q = row0 + 8 * j + 2 * t + (e & 1);
                 const int k = krow + 8 * (e >> 1);
-                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
                 if (need_mask && q < k) p = 0.f;
                 s[4 * j + e] = p;
             }
@@ -923,10 +669,10 @@ __global__ void __launch_bounds__(384, 1)
         mbar_arrive(&empty[st]);
     }
 
-    const size_t row_stride = (size_t)3 * C;
-    bf16* base = dqkv + (size_t)b * T * row_stride + h * HS;
-    store_acc_rows<HS>(base + C, row_stride, dk, krow, T, t, scale);
-    store_acc_rows<HS>(base + 2 * C, row_stride, dv, krow, T, t, 1.f);
+    const size_t row_stride = lay.row_stride();
+    bf16* base = dqkv + (size_t)b * T * row_stride;
+    store_acc_rows<HS>(base + lay.k(kh), row_stride, dk, krow, T, t, scale);
+    store_acc_rows<HS>(base + lay.v(kh), row_stride, dv, krow, T, t, 1.f);
 #endif
 }
 
@@ -934,8 +680,9 @@ template <int HS>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_dq_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                       const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
-                                      const float* __restrict__ lse, const float* __restrict__ dvec, int T, int NH,
-                                      int num_bh, int num_qblocks, int group, float scale, float scale_log2) {
+                                      const float* __restrict__ lse, const float* __restrict__ dvec, int T,
+                                      QkvLayout lay, int num_bh, int num_qblocks, int group, float scale,
+                                      float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = DqCfg<HS>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -956,8 +703,7 @@ __global__ void __launch_bounds__(384, 1)
     int bh, qb;
     cta_order(num_bh, num_qblocks, group, bh, qb);
     qb = num_qblocks - 1 - qb;
-    const int b = bh / NH, h = bh % NH;
-    const int C = NH * HS;
+    const int b = bh / lay.NH, h = bh % lay.NH, kh = lay.kv_head(h);
     const int n_tiles = min((qb * kBM + kBM - 1) / kBN + 1, (T + kBN - 1) / kBN);
 
     if (tid == 0) {
@@ -980,7 +726,7 @@ __global__ void __launch_bounds__(384, 1)
             mbar_arrive_expect_tx(qdo_full, 2 * Cfg::kQBytes);
 #pragma unroll
             for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_q, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
+                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_q, qdo_full, lay.q(h) + p * kPanelCols, qb * kBM, b);
                 tma_load_3d(sdO + p * Cfg::kQPanelBytes, &tm_do, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
             }
             for (int i = 0; i < n_tiles; ++i) {
@@ -991,12 +737,12 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                 for (int p = 0; p < kPanels; ++p)
                     tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &k_full[st],
-                                C + h * HS + p * kPanelCols, n * kBN, b);
+                                lay.k(kh) + p * kPanelCols, n * kBN, b);
                 mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
 #pragma unroll
                 for (int p = 0; p < kPanels; ++p)
                     tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &v_full[st],
-                                2 * C + h * HS + p * kPanelCols, n * kBN, b);
+                                lay.v(kh) + p * kPanelCols, n * kBN, b);
             }
         }
         return;
@@ -1062,7 +808,7 @@ __global__ void __launch_bounds__(384, 1)
             for (int e = 0; e < 4; ++e) {
                 const int key = key0 + 8 * j + 2 * t + (e & 1);
                 const int r = row + 8 * (e >> 1);
-                float p = ex2(fmaf(s[4 * j + e], scale_log2, -((e >> 1) ? lse2_1 : lse2_0)));
+                float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e >> 1) ? lse2_1 : lse2_0)));
                 if (need_mask && key > r) p = 0.f;
                 s[4 * j + e] = p;
             }
@@ -1082,8 +828,8 @@ __global__ void __launch_bounds__(384, 1)
         reg_fence(dq);
         mbar_arrive(&empty[st]);
     }
-    const size_t row_stride = (size_t)3 * C;
-    store_acc_rows<HS>(dqkv + (size_t)b * T * row_stride + h * HS, row_stride, dq, row, T, t, scale);
+    const size_t row_stride = lay.row_stride();
+    store_acc_rows<HS>(dqkv + (size_t)b * T * row_stride + lay.q(h), row_stride, dq, row, T, t, scale);
 #endif
 }
 
@@ -1130,60 +876,47 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
-template <int HS>
-void launch_forward_sm90_persistent(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH,
-                                    cudaStream_t stream) {
+// variant 0, 1, 2: the kernel of that kVariant on a one-shot grid (one CTA per work item); 3: kVariant 2 on a
+// persistent grid (one CTA per multiprocessor)
+template <int HS, int kVariant>
+void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, bool persistent,
+                         cudaStream_t stream) {
     using Cfg = FwdCfg<HS>;
-    auto kernel = attention_forward_sm90_persistent_kernel<HS>;
+    auto kernel = attention_forward_sm90_kernel<HS, kVariant>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
-    const int num_bh = B * NH;
+    const CUtensorMap map = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
+    const int num_bh = B * lay.NH;
     const int num_qblocks = ceil_div(T, Cfg::kBM);
     const long long work = (long long)num_bh * num_qblocks;
     require(work <= 0x7fffffffLL, "attention_sm90: too many work items");
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(work < sms ? work : sms);
+    const int grid = (int)(persistent && work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, lay, num_bh, num_qblocks,
                                                             head_group(num_qblocks, num_bh), scale_log2);
-    CUDA_CHECK_LAUNCH();
-}
-
-template <int HS, int kVariant>
-void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, cudaStream_t stream) {
-    using Cfg = FwdCfg<HS>;
-    auto kernel = attention_forward_sm90_kernel<HS, kVariant>;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    const CUtensorMap map = make_map_3d(qkv, 3 * NH * HS, T, B, Cfg::kBN);
-    const int num_bh = B * NH;
-    const int num_qblocks = ceil_div(T, Cfg::kBM);
-    const long long grid = (long long)num_bh * num_qblocks;
-    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-    const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-    kernel<<<(unsigned)grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, NH, num_bh, num_qblocks,
-                                                                      head_group(num_qblocks, num_bh), scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
 template <int HS>
 void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec, int B,
-                          int T, int NH, cudaStream_t stream) {
-    const int C = NH * HS, num_bh = B * NH;
+                          int T, QkvLayout lay, cudaStream_t stream) {
+    const int C = lay.NH * HS, W = lay.row_stride();
     const double scale_d = 1.0 / std::sqrt((double)HS);
     const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
     {
         using Cfg = DkdvCfg<HS>;
         auto kernel = attention_backward_dkdv_sm90_kernel<HS>;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
-        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
+        const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
+        const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
         const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const int num_bkv = B * lay.NKV;
         const int num_kblocks = ceil_div(T, Cfg::kBN);
-        const long long grid = (long long)num_bh * num_kblocks;
+        const long long grid = (long long)num_bkv * num_kblocks;
         require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, NH, num_bh,
-                                                                 num_kblocks, head_group(num_kblocks, num_bh), scale,
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, lay, num_bkv,
+                                                                 num_kblocks, head_group(num_kblocks, num_bkv), scale,
                                                                  scale_log2);
         CUDA_CHECK_LAUNCH();
     }
@@ -1191,13 +924,14 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
         using Cfg = DqCfg<HS>;
         auto kernel = attention_backward_dq_sm90_kernel<HS>;
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-        const CUtensorMap tm_q = make_map_3d(qkv, 3 * C, T, B, Cfg::kBM);
-        const CUtensorMap tm_kv = make_map_3d(qkv, 3 * C, T, B, Cfg::kBN);
+        const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
+        const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
         const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+        const int num_bh = B * lay.NH;
         const int num_qblocks = ceil_div(T, Cfg::kBM);
         const long long grid = (long long)num_bh * num_qblocks;
         require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, NH, num_bh,
+        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, lay, num_bh,
                                                                  num_qblocks, head_group(num_qblocks, num_bh), scale,
                                                                  scale_log2);
         CUDA_CHECK_LAUNCH();
@@ -1210,15 +944,25 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
 constexpr int kDefaultVariantHs64 = 3;
 constexpr int kDefaultVariantHs128 = 2;
 
+template <int HS>
+void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
+                     cudaStream_t stream) {
+    if (variant == 0) launch_forward_sm90<HS, 0>(out, lse, qkv, B, T, lay, false, stream);
+    if (variant == 1) launch_forward_sm90<HS, 1>(out, lse, qkv, B, T, lay, false, stream);
+    if (variant == 2 || variant == 3) launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, variant == 3, stream);
+}
+
 }  // namespace
 
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                             int B, int T, int NH, int HS, cudaStream_t stream) {
+                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream) {
     require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
+    require(NKV > 0 && NH % NKV == 0, "attention_backward_sm90: NKV must divide NH");
+    const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        launch_backward_sm90<64>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+        launch_backward_sm90<64>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
     else
-        launch_backward_sm90<128>(dqkv, dout, qkv, lse, dvec, B, T, NH, stream);
+        launch_backward_sm90<128>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
 }
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {
@@ -1228,26 +972,16 @@ bool attention_sm90_supported(int B, int T, int NH, int HS) {
     return HS == 64 || HS == 128;
 }
 
-void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
+void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                             cudaStream_t stream, int variant) {
     require(HS == 64 || HS == 128, "attention_forward_sm90: head size must be 64 or 128");
+    require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
     require(variant >= 0 && variant <= 3, "attention_forward_sm90: variant 0, 1, 2 or 3");
-    if (variant == 3) {
-        if (HS == 64)
-            launch_forward_sm90_persistent<64>(out, lse, qkv, B, T, NH, stream);
-        else
-            launch_forward_sm90_persistent<128>(out, lse, qkv, B, T, NH, stream);
-        return;
-    }
-    if (HS == 64) {
-        if (variant == 0) launch_forward_sm90<64, 0>(out, lse, qkv, B, T, NH, stream);
-        if (variant == 1) launch_forward_sm90<64, 1>(out, lse, qkv, B, T, NH, stream);
-        if (variant == 2) launch_forward_sm90<64, 2>(out, lse, qkv, B, T, NH, stream);
-    } else {
-        if (variant == 0) launch_forward_sm90<128, 0>(out, lse, qkv, B, T, NH, stream);
-        if (variant == 1) launch_forward_sm90<128, 1>(out, lse, qkv, B, T, NH, stream);
-        if (variant == 2) launch_forward_sm90<128, 2>(out, lse, qkv, B, T, NH, stream);
-    }
+    const QkvLayout lay{NH, NKV, HS};
+    if (HS == 64)
+        forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);
+    else
+        forward_variant<128>(out, lse, qkv, B, T, lay, variant, stream);
 }

@@ -4,14 +4,14 @@
 #pragma once
 #include "kernels.h"
 
-// shapes the sm_90 kernels handle (head sizes 64 and 128, any B, T, NH)
+// shapes the sm_90 kernels handle (head sizes 64 and 128, any B, T, NH; any NKV dividing NH)
 bool attention_sm90_supported(int B, int T, int NH, int HS);
 // same contract as attention_forward; variant 0 = overlapped softmax, 1 = the plain loop, 2 = overlapped
 // with ping-pong turns between the consumer warpgroups, 3 = variant 2 in a persistent grid (attention_sm90.cu);
 // -1 = the default for HS
-void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS,
+void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                             cudaStream_t stream, int variant = -1);
 // the two backward kernels (dK/dV, then dQ) after attention.cu's preprocess wrote dvec = rowsum(dO * O)
 // (B, NH, T); same contract as attention_backward otherwise (deterministic, dqkv overwritten)
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                             int B, int T, int NH, int HS, cudaStream_t stream);
+                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream);

@@ -217,24 +217,28 @@ PYBIND11_MODULE(_kernels, m) {
     // ---- attention.cu
     m.def(
         "attention_forward",
-        [](uintptr_t out, uintptr_t lse, uintptr_t qkv, int B, int T, int NH, int HS, uintptr_t stream) {
-            attention_forward(ptr<bf16>(out), ptr<float>(lse), ptr<const bf16>(qkv), B, T, NH, HS, strm(stream));
+        [](uintptr_t out, uintptr_t lse, uintptr_t qkv, int B, int T, int NH, int HS, uintptr_t stream, int NKV) {
+            attention_forward(ptr<bf16>(out), ptr<float>(lse), ptr<const bf16>(qkv), B, T, NH, NKV ? NKV : NH, HS,
+                              strm(stream));
         },
-        "causal flash attention over qkv (B, T, 3C) = [q | k | v]; out (B, T, C); lse (B, NH, T) natural log, "
-        "scale 1/sqrt(HS); HS in {64, 128}",
+        "causal flash attention over the packed qkv (B, T, (NH + 2 NKV) HS) = [q | k | v], query head h reading "
+        "key/value head h / (NH / NKV); NKV = 0 means NH (GPT-2's (B, T, 3C)); out (B, T, NH HS); lse (B, NH, T) "
+        "natural log, scale 1/sqrt(HS); HS in {64, 128}",
         py::arg("out"), py::arg("lse"), py::arg("qkv"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("NKV") = 0);
     m.def(
         "attention_backward",
         [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
-           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream) {
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV) {
             attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
-                               ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, HS,
-                               strm(stream));
+                               ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, NKV ? NKV : NH,
+                               HS, strm(stream));
         },
-        "dqkv (B, T, 3C) overwritten with [dq | dk | dv]", py::arg("dqkv"), py::arg("dout"), py::arg("qkv"),
-        py::arg("out"), py::arg("lse"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("B"), py::arg("T"),
-        py::arg("NH"), py::arg("HS"), py::arg("stream"));
+        "dqkv (qkv's layout) overwritten with [dq | dk | dv], dk and dv summed over each group of query heads "
+        "(deterministic); NKV = 0 means NH",
+        py::arg("dqkv"), py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("scratch"),
+        py::arg("scratch_floats"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"),
+        py::arg("NKV") = 0);
     m.def(
         "attention_backward_scratch_floats",
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },

@@ -109,6 +109,31 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// ---- scalar helpers of the attention kernels (attention.cu, attention_sm90.cu) ---------------------
+// 2^x on the special-function unit; 2^-inf = +0, which the causal masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+// two floats rounded to bf16, lo in the low 16 bits (the lower column / k index, as mma, wgmma and
+// ldmatrix fragments hold them)
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The packed qkv row of the attention kernels: [q: NH heads | k: NKV heads | v: NKV heads], HS elements a
+// head; query head h reads key/value head h / (NH / NKV). Element offsets within a row:
+struct QkvLayout {
+    int NH, NKV, HS;
+    __host__ __device__ int row_stride() const { return (NH + 2 * NKV) * HS; }
+    __host__ __device__ int q(int h) const { return h * HS; }
+    __host__ __device__ int k(int kh) const { return (NH + kh) * HS; }
+    __host__ __device__ int v(int kh) const { return (NH + NKV + kh) * HS; }
+    __host__ __device__ int kv_head(int h) const { return h / (NH / NKV); }
+};
+
 // ---- reductions ---------------------------------------------------------------------------------
 // xor butterflies: every lane ends with the same, bitwise identical value (fp add is commutative).
 

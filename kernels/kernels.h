@@ -98,13 +98,18 @@ void fused_classifier(bf16* logits, float* losses, const int* targets, float dlo
                       float* entropy, int N, int V, int Vp, cudaStream_t stream);
 
 // ---- attention.cu -----------------------------------------------------------------------------
-// Causal multi-head flash attention over qkv (B, T, 3C) laid out [q | k | v], head h in columns
-// h*HS..(h+1)*HS of each third. out (B, T, C) has head h in the same columns; lse (B, NH, T) is the
-// natural-log logsumexp of each row of scaled scores (scale 1/sqrt(HS)). HS in {64, 128}.
-void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int HS, cudaStream_t stream);
-// dqkv (B, T, 3C) overwritten with [dq | dk | dv]
+// Causal flash attention with grouped key/value heads over the packed qkv (B, T, (NH + 2 NKV) HS), each
+// row [q: NH heads | k: NKV heads | v: NKV heads]; query head h attends with key/value head h / (NH / NKV)
+// (NKV divides NH; NKV == NH is GPT-2's multi-head qkv (B, T, 3C)). out (B, T, NH HS) has query head h in
+// columns h*HS..(h+1)*HS; lse (B, NH, T) is the natural-log logsumexp of each row of scaled scores (scale
+// 1/sqrt(HS)). HS in {64, 128}.
+void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
+                       cudaStream_t stream);
+// dqkv (qkv's layout) overwritten with [dq | dk | dv]; dk, dv of a key/value head are the sums over the
+// query heads of its group, in a fixed order (deterministic: no atomics)
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
-                        float* scratch, size_t scratch_floats, int B, int T, int NH, int HS, cudaStream_t stream);
+                        float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
+                        cudaStream_t stream);
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // Which kernels run: 0 (default) picks the Hopper wgmma/TMA kernels (attention_sm90.cu) on compute
 // capability 9.x where they were built and support the shape, else the mma.sync kernels; 1 forces the

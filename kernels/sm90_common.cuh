@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <cuda.h>  // CUtensorMap and its enums (types only: the driver entry point is fetched at run time)
 #include <cuda_runtime.h>
-#include <cuda_bf16.h>
 #include <cstdio>
 
 namespace sm90 {
@@ -126,16 +125,6 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
 }
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 }  // namespace sm90

@@ -5,16 +5,16 @@ conftest.py skips every test, with the reason, where the CUDA backend cannot run
 
 Same method as test_cuda_ops.py (fresh random inputs with the seed quoted, NaN-poisoned outputs,
 ||out - ref|| / ||ref|| against the float64 numpy op on the same bf16 numbers), on sequence lengths that
-divide no tile (the kernels tile by 64 and 128), both head sizes, and each launch repeated to ask for
-identical bits (the backward is deterministic: no atomics).
+divide no tile (the kernels tile by 64 and 128), both head sizes, multi-head and grouped key/value heads
+(the packed qkv of NH + 2 NKV heads; numpy's GQA ops as the reference), and each launch repeated to ask
+for identical bits (the backward is deterministic: no atomics).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from test_cuda_ops import (CHAIN_REL, FP32_REL, attention_reference, bits_of, case, cuda, decode,  # noqa: F401
-                            poisoned, raw, to_host)
+from test_cuda_ops import CHAIN_REL, FP32_REL, bits_of, case, cuda, decode, poisoned, raw, to_host  # noqa: F401
 from gpt2cu.backends import numpy_ops as ref_ops
 
 try:
@@ -24,9 +24,10 @@ except ImportError:  # every test here is marked gpu: conftest.py skips them all
 
 pytestmark = pytest.mark.gpu
 
-CASES = [(2, 3, 1, 64), (2, 3, 100, 64), (1, 2, 129, 128), (2, 2, 1000, 64), (1, 2, 1000, 128),
-         (1, 1, 2048, 64), (1, 1, 300, 128)]
-IDS = [f"B{b}-NH{nh}-T{t}-HS{hs}" for b, nh, t, hs in CASES]
+# (B, NH, NKV, T, HS); NKV < NH: grouped-query attention (groups of 3 and 4)
+CASES = [(2, 3, 3, 1, 64), (2, 3, 3, 100, 64), (1, 2, 2, 129, 128), (2, 2, 2, 1000, 64), (1, 2, 2, 1000, 128),
+         (1, 1, 1, 2048, 64), (1, 1, 1, 300, 128), (2, 6, 2, 100, 64), (1, 4, 1, 1000, 64), (1, 6, 2, 300, 128)]
+IDS = [f"B{b}-NH{nh}-NKV{nkv}-T{t}-HS{hs}" for b, nh, nkv, t, hs in CASES]
 
 
 @pytest.fixture
@@ -40,56 +41,67 @@ def sm90(cuda):
     k.attention_set_backend(0)
 
 
-def run_forward(cuda, qkv_d, b, t, nh, hs, backend):
+def reference(qkv, nh, nkv):
+    """float64 out (B, T, NH HS) and lse (B, NH, T) of numpy's GQA forward (GPT-2's when NKV == NH)."""
+    b, t, width = qkv.shape
+    hs = width // (nh + 2 * nkv)
+    out, lse = np.empty((b, t, nh * hs)), np.empty((b, nh, t))
+    ref_ops.attention_forward_gqa(out, lse, qkv, nh, nkv)
+    return out, lse
+
+
+def run_forward(cuda, qkv_d, b, t, nh, nkv, hs, backend):
     cuda.k.attention_set_backend(backend)
     out, lse = poisoned((b, t, nh * hs)), poisoned((b, nh, t), fp32=True)
-    cuda.attention_forward(out, lse, qkv_d, nh)
+    cuda.attention_forward_gqa(out, lse, qkv_d, nh, nkv)
     cuda.k.attention_set_backend(0)
     return out, lse
 
 
-def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, backend):
+def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, backend):
     cuda.k.attention_set_backend(backend)
-    dqkv = poisoned((b, t, 3 * nh * hs))
-    cuda.attention_backward(dqkv, dout_d, qkv_d, out_d, lse_d, nh)
+    dqkv = poisoned(qkv_d.shape)
+    cuda.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv)
     cuda.k.attention_set_backend(0)
     return dqkv
 
 
-@pytest.mark.parametrize("b, nh, t, hs", CASES, ids=IDS)
-def test_sm90_forward(sm90, case, b, nh, t, hs):
-    qkv, qkv_d = case.bf16((b, t, 3 * nh * hs))
-    out, lse = run_forward(sm90, qkv_d, b, t, nh, hs, 0)
-    ref_out, ref_lse = attention_reference(qkv, nh)
+@pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
+def test_sm90_forward(sm90, case, b, nh, nkv, t, hs):
+    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    out, lse = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)
+    ref_out, ref_lse = reference(qkv, nh, nkv)
     case.check("out", to_host(out), ref_out, CHAIN_REL)
     case.check("lse", to_host(lse), ref_lse, FP32_REL)
-    out2, lse2 = run_forward(sm90, qkv_d, b, t, nh, hs, 0)
+    out2, lse2 = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)
     assert np.array_equal(raw(out), raw(out2)) and np.array_equal(raw(lse), raw(lse2)), \
         case.where("forward not bitwise repeatable")
     # the mma.sync forward on the same inputs: two fp32-accumulating computations of one function
-    out_old, lse_old = run_forward(sm90, qkv_d, b, t, nh, hs, 1)
+    out_old, lse_old = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 1)
     case.check("out vs mma.sync", to_host(out), to_host(out_old), CHAIN_REL)
     case.check("lse vs mma.sync", to_host(lse), to_host(lse_old), FP32_REL)
 
 
-@pytest.mark.parametrize("b, nh, t, hs", CASES, ids=IDS)
-def test_sm90_backward(sm90, case, b, nh, t, hs):
+@pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
+def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
     """As test_cuda_ops.test_attention_backward (out and lse from the float64 forward), and twice: the same
-    bits (deterministic). At T = 1, dq = dk = 0 exactly, so the whole dqkv is checked there."""
-    c = nh * hs
-    qkv, qkv_d = case.bf16((b, t, 3 * c))
-    dout, dout_d = case.bf16((b, t, c))
-    out, lse = attention_reference(qkv, nh)
+    bits (deterministic, dK/dV summed over each group in a fixed order). At T = 1, dq = dk = 0 exactly, so the
+    whole dqkv is checked there."""
+    q_end, k_end = nh * hs, (nh + nkv) * hs
+    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    dout, dout_d = case.bf16((b, t, nh * hs))
+    out, lse = reference(qkv, nh, nkv)
     out, lse = decode(bits_of(out)), lse.astype(np.float32)
     out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse)
-    dqkv = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, 0)
-    ref = np.empty((b, t, 3 * c))
-    ref_ops.attention_backward(ref, dout, qkv, out, lse, nh)
+    dqkv = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
+    ref = np.empty(qkv.shape)
+    ref_ops.attention_backward_gqa(ref, dout, qkv, out, lse, nh, nkv)
     got = to_host(dqkv)
-    parts = {"dq": slice(0, c), "dk": slice(c, 2 * c), "dv": slice(2 * c, 3 * c)} if t > 1 else {"dqkv": slice(None)}
+    parts = ({"dq": slice(0, q_end), "dk": slice(q_end, k_end), "dv": slice(k_end, None)} if t > 1
+             else {"dqkv": slice(None)})
     for name, cols in parts.items():
         case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
-    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, hs, 0)
+    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
     assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
 
 

@@ -1,5 +1,6 @@
-"""The LLaMA family's CUDA kernels (kernels/rmsnorm.cu, rope.cu, swiglu.cu through gpt2cu._kernels) against
-their numpy ops (gpt2cu/backends/numpy_llama_ops.py), one kernel at a time. GPU only: the `gpu` marker
+"""The LLaMA family's CUDA kernels (kernels/rmsnorm.cu, rope.cu, swiglu.cu, and grouped-query attention in
+attention.cu / attention_sm90.cu, through gpt2cu._kernels) against their numpy ops
+(gpt2cu/backends/numpy_llama_ops.py, numpy_ops' GQA attention), one kernel at a time. GPU only: the `gpu` marker
 (conftest.py) skips every test here, with the reason, where the CUDA backend cannot run.
 
 Method and bounds as test_cuda_ops.py (whose helpers this module uses): fresh inputs each run, with the
@@ -9,10 +10,14 @@ at random values; the error is ||out - ref|| / ||ref|| over an output.
   BF16_REL 1e-2  every bf16 output here is fp32 arithmetic rounded once to bf16 (<= 2^-8 relative per
                  element, ~1e-3 RMS): RMSNorm's out and its "+=" dinp and dweight (fp32 sums), RoPE's two-term
                  rotations, SwiGLU's products. A 5-10x margin, while a wrong term or pairing is O(0.1) off.
-  FP32_REL 1e-4  RMSNorm's fp32 rstd of bf16 inputs: a sum of at most 2048 squares in fp32 and an rsqrtf.
+  FP32_REL 1e-4  RMSNorm's fp32 rstd of bf16 inputs: a sum of at most 2048 squares in fp32 and an rsqrtf;
+                 attention's lse (fp32 sums of exp2 of fp32 scores).
+  CHAIN_REL 2e-2 attention's outputs, computed through bf16 P and dS (two roundings, compounded through the
+                 sums; dK and dV also sum a group's query heads in fp32 before their one rounding).
 Exact results are asked for to the bit: the residual sum (two bf16 numbers added and rounded once), the
-v heads RoPE copies, a second run of the deterministic RMSNorm backward.
-Sizes divide no block size: N = 111 rows (and 4004), widths 200 and 2048, 8 query and 2 key/value heads.
+v heads RoPE copies, a second run of the deterministic RMSNorm backward and of both attention directions.
+Sizes divide no block size: N = 111 rows (and 4004), widths 200 and 2048, 8 query and 2 key/value heads;
+attention over T = 77, 201, 333 (its kernels tile by 64 and 128).
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends import numpy_llama_ops as ref_ops
-from test_cuda_ops import (B, BF16_REL, FP32_REL, T, assert_repeatable, bits_of, case, cp, cuda,  # noqa: F401
-                           decode, poisoned, raw, to_host)
+from gpt2cu.backends import numpy_ops
+from test_cuda_ops import (B, BF16_REL, CHAIN_REL, FP32_REL, T, assert_repeatable, bits_of, case, cp,  # noqa: F401
+                           cuda, decode, poisoned, raw, to_host)
 
 pytestmark = pytest.mark.gpu
 
@@ -177,3 +183,66 @@ def test_swiglu_backward(cuda, case, hidden, offset, in_place):
     got = to_host(dinp)
     case.check("dgate", got[..., :hidden], ref[..., :hidden], BF16_REL)
     case.check("dup", got[..., hidden:], ref[..., hidden:], BF16_REL)
+
+
+# ---- grouped-query attention ----------------------------------------------------------------------------
+# (B, NH, NKV, T, HS): groups of NH / NKV = 1 (GPT-2's layout), 3 and 4 query heads, both head sizes
+GQA_CASES = [(2, 4, 4, 77, 64), (2, 6, 2, 201, 64), (1, 8, 2, 333, 64),
+             (2, 4, 4, 201, 128), (1, 6, 2, 333, 128), (2, 8, 2, 77, 128)]
+GQA_IDS = [f"B{b}-NH{nh}-NKV{nkv}-T{t}-HS{hs}" for b, nh, nkv, t, hs in GQA_CASES]
+
+
+@pytest.fixture(params=[0, 1], ids=["dispatched", "mma_sync"])
+def attention_kernels(request, cuda):
+    """The backend with attention on the kernels attention.cu dispatches to (the Hopper ones on compute
+    capability 9.x) or forced onto its mma.sync kernels (attention_set_backend(1)); restored after."""
+    cuda.k.attention_set_backend(request.param)
+    yield cuda
+    cuda.k.attention_set_backend(0)
+
+
+@pytest.mark.parametrize("b, nh, nkv, t, hs", GQA_CASES, ids=GQA_IDS)
+def test_attention_gqa(attention_kernels, case, b, nh, nkv, t, hs):
+    """The kernels read the packed qkv (B, T, (NH + 2 NKV) HS) directly: forward out and lse, and backward
+    dq, dk, dv (dK and dV summed over each group) against numpy's GQA ops in float64; each direction run
+    twice for identical bits (the sums over a group run in a fixed order, no atomics). The backward takes the
+    float64 forward's out and lse, stored as the kernel gets them (bf16, fp32), on both sides."""
+    ops = attention_kernels
+    q_end, k_end = nh * hs, (nh + nkv) * hs
+    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    dout, dout_d = case.bf16((b, t, nh * hs))
+    ref_out, ref_lse = np.empty((b, t, nh * hs)), np.empty((b, nh, t))
+    numpy_ops.attention_forward_gqa(ref_out, ref_lse, qkv, nh, nkv)
+
+    def forward():
+        out, lse = poisoned((b, t, nh * hs)), poisoned((b, nh, t), fp32=True)
+        ops.attention_forward_gqa(out, lse, qkv_d, nh, nkv)
+        return {"out": raw(out), "lse": raw(lse)}
+
+    first = forward()
+    case.check("out", decode(first["out"]), ref_out, CHAIN_REL)
+    case.check("lse", decode(first["lse"]), ref_lse, FP32_REL)
+    assert_repeatable(case, forward, first)
+
+    out, lse = decode(bits_of(ref_out)), ref_lse.astype(np.float32)
+    out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse)
+    ref = np.empty(qkv.shape)
+    numpy_ops.attention_backward_gqa(ref, dout, qkv, out, lse, nh, nkv)
+
+    def backward():
+        dqkv = poisoned(qkv.shape)
+        ops.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv)
+        return {"dqkv": raw(dqkv)}
+
+    first = backward()
+    got = decode(first["dqkv"])
+    for name, cols in {"dq": slice(0, q_end), "dk": slice(q_end, k_end), "dv": slice(k_end, None)}.items():
+        case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
+    assert_repeatable(case, backward, first)
+
+
+def test_attention_rejects_kv_heads_not_dividing_heads(cuda):
+    qkv = cp.zeros((1, 64, (6 + 2 * 4) * 64), np.uint16)
+    out, lse = cp.zeros((1, 64, 6 * 64), np.uint16), cp.zeros((1, 6, 64), np.float32)
+    with pytest.raises(RuntimeError, match="NKV must divide NH"):
+        cuda.attention_forward_gqa(out, lse, qkv, 6, 4)

@@ -30,9 +30,10 @@ args = ap.parse_args()
 lib = ctypes.CDLL(args.lib)
 P = ctypes.c_void_p
 I = ctypes.c_int
-lib.h_fwd.argtypes = [P, P, P, I, I, I, I, P]
-lib.h_fwd_sm90.argtypes = [P, P, P, I, I, I, I, I, P]
-lib.h_bwd.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, P]
+# the harness takes (NH, NKV, HS); this script times multi-head shapes (NKV = NH)
+lib.h_fwd.argtypes = [P, P, P, I, I, I, I, I, P]
+lib.h_fwd_sm90.argtypes = [P, P, P, I, I, I, I, I, I, P]
+lib.h_bwd.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, I, P]
 lib.h_bwd_scratch.argtypes = [I, I, I, I]
 lib.h_bwd_scratch.restype = ctypes.c_size_t
 lib.h_set_backend.argtypes = [I]
@@ -54,19 +55,19 @@ def ck(rc, what):
 def run_fwd(kind, out, lse, qkv, B, T, NH, HS):
     if kind == "fa2":
         lib.h_set_backend(1)
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, stream()), "fwd fa2")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd fa2")
         lib.h_set_backend(0)
     elif kind == "auto":
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, stream()), "fwd auto")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd auto")
     else:
         v = int(kind[-1])
-        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, HS, v, stream()), kind)
+        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, v, stream()), kind)
 
 
 def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS):
     lib.h_set_backend(1 if kind == "fa2" else 0)
     ck(lib.h_bwd(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                 scratch.data_ptr(), scratch.numel(), B, T, NH, HS, stream()), "bwd " + kind)
+                 scratch.data_ptr(), scratch.numel(), B, T, NH, NH, HS, stream()), "bwd " + kind)
     lib.h_set_backend(0)
 
 

@@ -9,23 +9,25 @@ extern "C" {
 int h_set_backend(int backend) {
     try { attention_set_backend(backend); return 0; } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
 }
-int h_fwd(void* out, void* lse, const void* qkv, int B, int T, int NH, int HS, void* stream) {
+int h_fwd(void* out, void* lse, const void* qkv, int B, int T, int NH, int NKV, int HS, void* stream) {
     try {
-        attention_forward((bf16*)out, (float*)lse, (const bf16*)qkv, B, T, NH, HS, (cudaStream_t)stream);
+        attention_forward((bf16*)out, (float*)lse, (const bf16*)qkv, B, T, NH, NKV, HS, (cudaStream_t)stream);
         return 0;
     } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
 }
-int h_fwd_sm90(void* out, void* lse, const void* qkv, int B, int T, int NH, int HS, int variant, void* stream) {
+int h_fwd_sm90(void* out, void* lse, const void* qkv, int B, int T, int NH, int NKV, int HS, int variant,
+               void* stream) {
     try {
-        attention_forward_sm90((bf16*)out, (float*)lse, (const bf16*)qkv, B, T, NH, HS, (cudaStream_t)stream, variant);
+        attention_forward_sm90((bf16*)out, (float*)lse, (const bf16*)qkv, B, T, NH, NKV, HS, (cudaStream_t)stream,
+                               variant);
         return 0;
     } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
 }
 int h_bwd(void* dqkv, const void* dout, const void* qkv, const void* out, const void* lse, void* scratch,
-          size_t scratch_floats, int B, int T, int NH, int HS, void* stream) {
+          size_t scratch_floats, int B, int T, int NH, int NKV, int HS, void* stream) {
     try {
         attention_backward((bf16*)dqkv, (const bf16*)dout, (const bf16*)qkv, (const bf16*)out, (const float*)lse,
-                           (float*)scratch, scratch_floats, B, T, NH, HS, (cudaStream_t)stream);
+                           (float*)scratch, scratch_floats, B, T, NH, NKV, HS, (cudaStream_t)stream);
         return 0;
     } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
 }

@@ -21,40 +21,6 @@ _PEAK_BF16 = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), (
               ("L40S", 362.0e12), ("A10", 125.0e12), ("RTX 4090", 165.2e12))
 
 
-# Grouped-query attention until the Hopper attention work brings a GQA-native flash kernel: the key/value
-# heads are repeated into a scratch qkv of n_head heads for the existing attention kernels, and dK/dV are
-# the sums of each group's copies, added in head order in fp32 (deterministic) and rounded once to bf16.
-_GQA_EXPAND = cp.ElementwiseKernel(
-    "raw uint16 qkv, int32 nh, int32 nkv, int32 hs", "raw uint16 expanded",
-    """
-    const int width = 3 * nh * hs;  // a row of the expanded [q | k | v], nh heads each
-    const long long row = i / width;
-    const int c = i % width, part = c / (nh * hs), head = (c % (nh * hs)) / hs, d = c % hs;
-    const int source = part == 0 ? c : (nh + (part - 1) * nkv + head / (nh / nkv)) * hs + d;
-    expanded[i] = qkv[row * (nh + 2 * nkv) * hs + source];
-    """, "gpt2cu_gqa_expand")
-
-_GQA_FOLD = cp.ElementwiseKernel(
-    "raw uint16 dexpanded, int32 nh, int32 nkv, int32 hs", "raw uint16 dqkv",
-    """
-    const int width = (nh + 2 * nkv) * hs;  // a row of the packed dqkv
-    const long long row = i / width;
-    const int c = i % width;
-    const long long base = row * 3 * nh * hs;
-    if (c < nh * hs) {
-        dqkv[i] = dexpanded[base + c];
-    } else {
-        const int part = (c - nh * hs) / (nkv * hs), within = (c - nh * hs) % (nkv * hs);
-        const int group = nh / nkv, first = (within / hs) * group, d = within % hs;
-        float sum = 0.0f;
-        for (int g = 0; g < group; g++)
-            sum += __uint_as_float((unsigned int)dexpanded[base + (1 + part) * nh * hs + (first + g) * hs + d] << 16);
-        unsigned int bits = sum != sum ? 0x7FC00000u : __float_as_uint(sum);
-        dqkv[i] = (unsigned short)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);  // round to nearest even
-    }
-    """, "gpt2cu_gqa_fold")
-
-
 def ptr(a) -> int:
     return 0 if a is None else a.data.ptr
 
@@ -352,15 +318,10 @@ class CudaBackend(Backend):
         self.k.gelu_backward(ptr(dinp), ptr(dout), ptr(inp), inp.size, self.stream.ptr)
 
     def attention_forward(self, out, lse, qkv, n_head):
-        B, T, C3 = qkv.shape
-        self.k.attention_forward(ptr(out), ptr(lse), ptr(qkv), B, T, n_head, C3 // 3 // n_head, self.stream.ptr)
+        self.attention_forward_gqa(out, lse, qkv, n_head, n_head)
 
     def attention_backward(self, dqkv, dout, qkv, out, lse, n_head):
-        B, T, C3 = qkv.shape
-        HS = C3 // 3 // n_head
-        scratch, floats = self._scratch_of(self.k.attention_backward_scratch_floats(B, T, n_head, HS))
-        self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
-                                  n_head, HS, self.stream.ptr)
+        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head)
 
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, weights=None, entropy=None):
         Vp = logits.shape[-1]
@@ -414,31 +375,18 @@ class CudaBackend(Backend):
         H = dout.shape[-1]
         self.k.swiglu_backward(ptr(dinp), ptr(dout), ptr(inp), dout.size // H, H, self.stream.ptr)
 
-    def _expanded_qkv(self, qkv, n_head, n_kv_head):
-        """qkv (B, T, (NH + 2 NKV) HS) with its key/value heads repeated: (B, T, 3 NH HS) in scratch."""
-        B, T, width = qkv.shape
-        HS = width // (n_head + 2 * n_kv_head)
-        expanded = self._grown_of("gqa_qkv", B * T * 3 * n_head * HS).reshape(B, T, 3 * n_head * HS)
-        with self.stream:
-            _GQA_EXPAND(qkv, np.int32(n_head), np.int32(n_kv_head), np.int32(HS), expanded, size=expanded.size)
-        return expanded
-
+    # grouped-query attention: the flash kernels read the packed qkv (B, T, (NH + 2 NKV) HS) directly
     def attention_forward_gqa(self, out, lse, qkv, n_head, n_kv_head):
-        if n_head % n_kv_head:
-            raise ValueError(f"n_kv_head {n_kv_head} does not divide n_head {n_head}")
-        if n_kv_head == n_head:  # the packed layout is GPT-2's
-            return self.attention_forward(out, lse, qkv, n_head)
-        self.attention_forward(out, lse, self._expanded_qkv(qkv, n_head, n_kv_head), n_head)
+        B, T, width = qkv.shape
+        self.k.attention_forward(ptr(out), ptr(lse), ptr(qkv), B, T, n_head, width // (n_head + 2 * n_kv_head),
+                                 self.stream.ptr, NKV=n_kv_head)
 
     def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head):
-        if n_kv_head == n_head:
-            return self.attention_backward(dqkv, dout, qkv, out, lse, n_head)
-        expanded = self._expanded_qkv(qkv, n_head, n_kv_head)  # the forward's scratch may have been reused
-        dexpanded = self._grown_of("gqa_dqkv", expanded.size).reshape(expanded.shape)
-        self.attention_backward(dexpanded, dout, expanded, out, lse, n_head)
-        HS = expanded.shape[-1] // (3 * n_head)
-        with self.stream:
-            _GQA_FOLD(dexpanded, np.int32(n_head), np.int32(n_kv_head), np.int32(HS), dqkv, size=dqkv.size)
+        B, T, width = qkv.shape
+        HS = width // (n_head + 2 * n_kv_head)
+        scratch, floats = self._scratch_of(self.k.attention_backward_scratch_floats(B, T, n_head, HS))
+        self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
+                                  n_head, HS, self.stream.ptr, NKV=n_kv_head)
 
     def global_norm_squared(self, grads):
         scratch, floats = self._scratch_of(self.k.global_norm_scratch_floats(grads.size))
