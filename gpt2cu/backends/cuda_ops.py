@@ -357,10 +357,11 @@ class CudaBackend(Backend):
         self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
                                   n_head, HS, self.stream.ptr)
 
-    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, weights=None, entropy=None):
+    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
         Vp = logits.shape[-1]
-        self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(weights), ptr(entropy),
-                                logits.size // Vp, vocab_size, Vp, self.stream.ptr)
+        terms, clip = (None, 0.0) if policy is None else (policy.terms, policy.clip)
+        self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(terms), float(clip),
+                                ptr(entropy), logits.size // Vp, vocab_size, Vp, self.stream.ptr)
 
     # ---- the LLaMA family's ops ----------------------------------------------------------------------
     # No position embedding: the encoder kernels with a zero wpe (adding 0 is exact) and a dwpe nobody reads,
