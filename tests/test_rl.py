@@ -379,7 +379,7 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
     assert accuracy > 0.9
     code, out, _ = run_ppo_cli(capsys, *rl_flags(d, "--reward-model", rm, "--eval-reward",
                                                  "gpt2cu.rl.rewards:even_last_digit", "--prompts-per-step", "64",
-                                                 "--kl-coef", "0.05", "--kl-target", "1", "--kl-horizon", "640",
+                                                 "--kl-coef", "0.1", "--kl-target", "1", "--kl-horizon", "640",
                                                  "-o", str(tmp_path / "ppo")))
     before, after = held_out_rewards(out)
     kl = [float(line.split("kl:")[1]) for line in (tmp_path / "ppo" / "main.log").read_text().split("\n")
