@@ -139,14 +139,15 @@ def test_reward_model_file_round_trip_and_truncation(tmp_path):
 
 
 def update_minibatch(backend, algo):
-    """A PPO over TINY with a random value head, and one minibatch of its update's inputs: the old
-    log-probabilities put each token's starting ratio at 0.5, 0.9, 1.1 or 1.6 and the old values sit 0.05
-    or 0.5 from the values (away from both clip boundaries, so finite differences see one branch)."""
+    """A PPO over TINY with a random value head (one epoch of one minibatch per update), and a scored
+    minibatch of rollouts, advantages and returns for its update: the old log-probabilities put each
+    token's starting ratio at 0.5, 0.9, 1.1 or 1.6 and the old values sit 0.05 or 0.5 from the values
+    (away from both clip boundaries, so finite differences see one branch)."""
     from gpt2cu.rl.ppo import PPO, PPOConfig, Rollouts
     from gpt2cu.rl.text import CharCodec
     rng = np.random.default_rng(2)
     params = init_params(TINY, seed=2)
-    ppo = PPO(TINY, params, backend, PPOConfig(algo=algo, prompts_per_step=4, minibatch=4, max_new_tokens=4,
+    ppo = PPO(TINY, params, backend, PPOConfig(algo=algo, prompts_per_step=4, minibatch=4, epochs=1, max_new_tokens=4,
                                                kl_coef=0.3), ["10+10="] * 4, lambda p, c: [0.0] * len(c), CharCodec())
     if ppo.value_head is not None:
         ppo.value_head.params[...] = rng.normal(0.0, 0.2, TINY.n_embd + 1)
@@ -156,12 +157,10 @@ def update_minibatch(backend, algo):
     targets = np.where(mask, rng.integers(0, CHAR_VOCAB, (B, T)), -1).astype(np.int32)
     r = ppo.score(Rollouts(inputs, targets, mask))
     pick = lambda choices: rng.choice(choices, size=(B, T))  # noqa: E731
-    old_logp = r.old_logp - np.log(pick([0.5, 0.9, 1.1, 1.6]))
-    ref_logp = r.old_logp + rng.normal(0.0, 0.5, (B, T))
-    old_values = r.values + pick([-0.5, -0.05, 0.05, 0.5])
-    args = (inputs, targets, mask, old_logp, ref_logp, rng.normal(0.0, 1.0, (B, T)), old_values,
-            rng.normal(0.0, 1.0, (B, T)))
-    return ppo, params, args
+    r.ref_logp = r.old_logp + rng.normal(0.0, 0.5, (B, T))
+    r.old_logp = r.old_logp - np.log(pick([0.5, 0.9, 1.1, 1.6]))
+    r.values = r.values + pick([-0.5, -0.05, 0.05, 0.5])
+    return ppo, params, r, rng.normal(0.0, 1.0, (B, T)), rng.normal(0.0, 1.0, (B, T))
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
@@ -170,12 +169,12 @@ def test_update_gradients_match_finite_differences(backend, algo):
     value head's loss added into the trunk's d(lnf)) give the gradients of the whole minibatch loss,
     written out here from a plain forward: PPO's clipped surrogate plus vf_coef times the clipped value
     loss, GRPO's surrogate plus its KL term, each a mean over completion tokens."""
-    ppo, params, args = update_minibatch(backend, algo)
-    inputs, targets, mask, old_logp, ref_logp, advantages, old_values, returns = args
+    ppo, params, r, advantages, returns = update_minibatch(backend, algo)
+    inputs, targets, mask, old_logp, ref_logp, old_values = r.inputs, r.targets, r.mask, r.old_logp, r.ref_logp, r.values
     c, n, C = ppo.config, mask.sum(), TINY.n_embd
     kl = c.kl_coef if algo == "grpo" else 0.0
     head = ppo.value_head.host_params() if ppo.value_head is not None else None
-    ppo.gradients(*args)
+    ppo.gradients(backend.prepare_batch(inputs, targets), mask, old_logp, ref_logp, advantages, old_values, returns)
 
     def objective(trunk_params, head_params):
         model = GPT(TINY, backend, *inputs.shape, trunk_params)
@@ -233,10 +232,10 @@ def test_update_runs_the_ops_of_a_pretraining_step(algo):
     from gpt2cu.optim import AdamWConfig
     from gpt2cu.trainer import TrainConfig, Trainer
     backend = CountingBackend()
-    ppo, params, args = update_minibatch(backend, algo)
-    B, T = args[0].shape
+    ppo, params, r, advantages, returns = update_minibatch(backend, algo)
+    B, T = r.inputs.shape
     backend.calls = {}
-    ppo._update_minibatch(*args)
+    ppo.update(r, advantages, returns)
     update_calls = backend.calls
     tokens = np.random.default_rng(0).integers(0, CHAR_VOCAB, (B, T + 1)).astype(np.int32)
     trainer = Trainer(TINY, params, backend, SingleProcess(),

@@ -35,8 +35,8 @@ What an update costs per token is what a pretraining step costs (bench/bench_rl.
     and TRL's shared-trunk setups).
   - On CUDA the update's forward (trunk and LM head) and backward are CUDA graphs, as the trainer's
     micro-step is; the value head's few array operations run between them, and the AdamW update is the
-    trainer's graph. The per-minibatch host work is one upload of the tokens and terms and one read of
-    the gradient norm, as a pretraining step's.
+    trainer's graph. Per minibatch the host prepares the next one's tokens while the device works and
+    waits only for the gradient norm, as in a pretraining step.
 The score phase is two forwards per token (policy and reference, no backward); the rollout is
 incremental decoding. Each phase's tokens/s is reported.
 """
@@ -306,42 +306,52 @@ class PPO:
     # ---- the update phase --------------------------------------------------------------------------------
     def update(self, r: Rollouts, advantages: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
         """`epochs` passes of shuffled minibatches over scored rollouts, one update each; returns (the
-        number of clipped token updates, the mean value loss over the minibatches (PPO; else 0))."""
-        c, B = self.config, self.config.minibatch
-        clipped_tokens, value_losses = 0.0, []
-        for _ in range(c.epochs):
-            for mb in self.rng.permutation(len(r.inputs)).reshape(-1, B):
-                clipped, value_loss = self._update_minibatch(r.inputs[mb], r.targets[mb], r.mask[mb], r.old_logp[mb],
-                                                             r.ref_logp[mb], advantages[mb], r.values[mb], returns[mb])
-                clipped_tokens += clipped
-                value_losses.append(value_loss)
-        return clipped_tokens, float(np.mean(value_losses)) if self.value_head is not None else 0.0
+        number of clipped token updates, the mean value loss over the minibatches (PPO; else 0)).
+        As the trainer's steps: the next minibatch's tokens are prepared on the host while the device
+        works, and per minibatch the host waits only for the gradient norm; what the statistics need
+        stays on the device until the end."""
+        c, ops, B, T = self.config, self.ops, self.config.minibatch, self.T
+        minibatches = [mb for _ in range(c.epochs) for mb in self.rng.permutation(len(r.inputs)).reshape(-1, B)]
+        losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
+        value_losses = ops.zeros((len(minibatches),), fp32=True)
+        terms = []
+        staged = ops.prepare_batch(r.inputs[minibatches[0]], r.targets[minibatches[0]])
+        for k, mb in enumerate(minibatches):
+            mb_terms, value_loss = self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
+                                                  r.values[mb], returns[mb])
+            terms.append(mb_terms)
+            with ops.on_stream():
+                losses[k] = self.policy.acts["losses"]
+                if value_loss is not None:
+                    value_losses[k] = value_loss
+            if k + 1 < len(minibatches):
+                nxt = minibatches[k + 1]
+                staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
+            self.policy_opt.step(c.lr)
+        losses = ops.to_numpy(losses).astype(np.float64)
+        clipped = sum(float((policy_weights(-losses[k], terms[k], c.clip)[1] & r.mask[mb]).sum())
+                      for k, mb in enumerate(minibatches))
+        return clipped, float(ops.to_numpy(value_losses).mean()) if self.value_head is not None else 0.0
 
     def _policy_forward(self, batch):
         """The update's forward: the trunk, then the LM head with the policy loss (its backward included)."""
         self._forward(self.policy, batch, 1.0, policy=self._policy_loss)
 
-    def _update_minibatch(self, inputs, targets, mask, old_logp, ref_logp, advantages, old_values, returns):
-        """One update on a minibatch; returns (clipped tokens, value loss)."""
-        terms, value_loss = self.gradients(inputs, targets, mask, old_logp, ref_logp, advantages, old_values, returns)
-        self.policy_opt.step(self.config.lr)
-        # the statistics, from what the update's forward computed
-        logp = -self.ops.to_numpy(self.policy.acts["losses"]).astype(np.float64)
-        clipped = policy_weights(logp, terms, self.config.clip)[1] & mask
-        return float(clipped.sum()), (float(self.ops.to_numpy(value_loss)) if value_loss is not None else 0.0)
-
-    def gradients(self, inputs, targets, mask, old_logp, ref_logp, advantages, old_values, returns):
+    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns):
         """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss: the policy
         loss (the clipped surrogate, GRPO's KL term) and for PPO vf_coef times the clipped value loss, each
-        a mean over the completion tokens, in one forward and one backward of the policy's trunk. Returns
-        (the policy terms (B, T, 4) it used, the value loss as a backend scalar (PPO; else None))."""
+        a mean over the completion tokens, in one forward and one backward of the policy's trunk. staged:
+        the minibatch's tokens and targets from backend.prepare_batch. Returns (the policy terms (B, T, 4)
+        it used, the value loss as a backend scalar (PPO; else None)), without waiting for the device."""
         c, ops, n = self.config, self.ops, mask.sum()
         kl = c.kl_coef if c.algo == "grpo" else 0.0
         terms = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
-        ops.from_numpy(terms.astype(np.float32), out=self._policy_loss.terms)
-        if self.value_head is not None:
-            ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1).astype(np.float32), out=self._value_terms)
-        batch = ops.set_batch(inputs, targets)
+        with ops.on_stream():  # copies queued on the stream, into the buffers the captured graphs read
+            self._policy_loss.terms[...] = ops.from_numpy(terms.astype(np.float32))
+            if self.value_head is not None:
+                self._value_terms[...] = ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1)
+                                                        .astype(np.float32))
+        batch = ops.upload_batch(staged)
         self._update_forward(batch)
         value_loss = None
         if self.value_head is not None:

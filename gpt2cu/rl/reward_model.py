@@ -108,11 +108,11 @@ class ModelOptimizer:
         norm = math.sqrt(norm_squared)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
-            self.adamw.step(lr, self.t, norm, seed=self.t)
-            if head:
+            if head:  # first: the device is idle after the norm's read, so the upload waits for nothing
                 adamw_reference(self.head_params, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
                                 clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
                 self.ops.from_numpy(self.head_params, out=head.params)
+            self.adamw.step(lr, self.t, norm, seed=self.t)
         self.model.zero_grad()
         if head:
             self.ops.zero_(head.grad)
