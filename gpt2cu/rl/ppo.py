@@ -36,7 +36,8 @@ What an update costs per token is what a pretraining step costs (bench/bench_rl.
   - On CUDA the update's forward (trunk and LM head) and backward are CUDA graphs, as the trainer's
     micro-step is; the value head's few array operations run between them, and the AdamW update is the
     trainer's graph. Per minibatch the host prepares the next one's tokens while the device works and
-    waits only for the gradient norm, as in a pretraining step.
+    waits only for the gradient norm (and, with a value head, reads its C + 1 gradients and writes its
+    parameters back while the device is idle for that read), as in a pretraining step.
 The score phase is two forwards per token (policy and reference, no backward); the rollout is
 incremental decoding. Each phase's tokens/s is reported.
 """
@@ -308,8 +309,8 @@ class PPO:
         """`epochs` passes of shuffled minibatches over scored rollouts, one update each; returns (the
         number of clipped token updates, the mean value loss over the minibatches (PPO; else 0)).
         As the trainer's steps: the next minibatch's tokens are prepared on the host while the device
-        works, and per minibatch the host waits only for the gradient norm; what the statistics need
-        stays on the device until the end."""
+        works, and per minibatch the host waits only for the gradient norm (ModelOptimizer.step); what
+        the statistics need stays on the device until the end."""
         c, ops, B, T = self.config, self.ops, self.config.minibatch, self.T
         minibatches = [mb for _ in range(c.epochs) for mb in self.rng.permutation(len(r.inputs)).reshape(-1, B)]
         losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
