@@ -305,7 +305,7 @@ def test_reward_cli_bad_pairs_file(tiny_run, capsys):
 
 def test_resume_continues_the_same_run(tiny_run, capsys):
     """Steps 1-2, a checkpoint, then -y 1 to step 4 give the policy of an uninterrupted 4-step run, bit for bit
-    (PPO: the value model, both optimizers, the prompt order and the RNG are in the checkpoint)."""
+    (PPO: the value head, the optimizer, the prompt order and the RNG are in the checkpoint)."""
     common = ["--policy", "policy.bin", "--prompts", "prompts.jsonl", "--reward", "gpt2cu.rl.rewards:even_last_digit",
               "--lr", "1e-2"]
     assert run_ppo_cli(capsys, *common, "--steps", "4", "-o", "whole")[0] == 0
@@ -391,7 +391,7 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
 
 @pytest.mark.gpu
 def test_ppo_and_reward_model_run_on_cuda(cuda_backend):
-    """The CUDA backend runs the rollouts, PPO's updates (weighted classifier, value model) and a
+    """The CUDA backend runs the rollouts, PPO's updates (the policy loss in the classifier, the value head, CUDA graphs) and a
     Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the attention kernel's.)"""
     from gpt2cu.optim import AdamWConfig
     from gpt2cu.rl.ppo import PPO, PPOConfig
