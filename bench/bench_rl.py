@@ -118,8 +118,8 @@ def main():
     print(f"{'':<9} | {'rollout tok/s':>13} | {'score tok/s':>11} | {'update tok/s':>12} | {'pretrain tok/s':>14} | "
           f"update / pretrain (time per token)")
     for algo, r in rows.items():
-        print(f"{algo:<9} | {r['rollout']:>13,.0f} | {r['score']:>11,.0f} | {r['update']:>12,.0f} | {pretrain:>14,.0f} | "
-              f"{pretrain / r['update']:.3f}")
+        print(f"{algo:<9} | {r['rollout']:>13,.0f} | {r['score']:>11,.0f} | {r['update']:>12,.0f} | "
+              f"{pretrain:>14,.0f} | {pretrain / r['update']:.3f}")
 
 
 if __name__ == "__main__":

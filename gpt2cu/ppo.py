@@ -10,8 +10,9 @@ completions, scores them and runs the updates (gpt2cu/rl/ppo.py); main.log gets 
 (rwd), the KL to the reference (kl), the entropy (ent), the clip fraction (clip), the value loss (vloss),
 the explained variance (ev), the tokens per second of the rollout (rtok: completion tokens sampled), the
 score forwards (stok) and the updates (utok: positions, as pretraining counts them) and, with
---eval-prompts, the held-out mean reward (evr); `python -m gpt2cu.plot` draws them. -n N checkpoints every N steps (the policy as a model file, usable by
-gpt2cu.sample) and -y 1 resumes from the newest one. Bad input is one line and exit code 2.
+--eval-prompts, the held-out mean reward (evr); `python -m gpt2cu.plot` draws them. -n N checkpoints every
+N steps (the policy as a model file, usable by gpt2cu.sample) and -y 1 resumes from the newest one. Bad
+input is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lam", type=float, default=0.95)
     a("--clip", type=float, default=0.2)
     a("--value-clip", type=float, default=0.2)
-    a("--vf-coef", type=float, default=0.1, help="PPO: the value loss's weight (the value head shares the policy's trunk)")
+    a("--vf-coef", type=float, default=0.1,
+      help="PPO: the value loss's weight (the value head shares the policy's trunk)")
     a("--grad-clip", type=float, default=1.0)
     a("--no-whiten", dest="whiten", action="store_false", help="PPO: keep the advantages' scale")
     a("--eval-prompts", default=None, help="held-out JSONL prompts: mean reward at the start, the end and every "

@@ -170,7 +170,8 @@ def test_update_gradients_match_finite_differences(backend, algo):
     written out here from a plain forward: PPO's clipped surrogate plus vf_coef times the clipped value
     loss, GRPO's surrogate plus its KL term, each a mean over completion tokens."""
     ppo, params, r, advantages, returns = update_minibatch(backend, algo)
-    inputs, targets, mask, old_logp, ref_logp, old_values = r.inputs, r.targets, r.mask, r.old_logp, r.ref_logp, r.values
+    inputs, targets, mask, old_values = r.inputs, r.targets, r.mask, r.values
+    old_logp, ref_logp = r.old_logp, r.ref_logp
     c, n, C = ppo.config, mask.sum(), TINY.n_embd
     kl = c.kl_coef if algo == "grpo" else 0.0
     head = ppo.value_head.host_params() if ppo.value_head is not None else None
@@ -391,8 +392,9 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
 
 @pytest.mark.gpu
 def test_ppo_and_reward_model_run_on_cuda(cuda_backend):
-    """The CUDA backend runs the rollouts, PPO's updates (the policy loss in the classifier, the value head, CUDA graphs) and a
-    Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the attention kernel's.)"""
+    """The CUDA backend runs the rollouts, PPO's updates (the policy loss in the classifier, the value head,
+    CUDA graphs) and a Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the
+    attention kernel's.)"""
     from gpt2cu.optim import AdamWConfig
     from gpt2cu.rl.ppo import PPO, PPOConfig
     from gpt2cu.rl.reward_model import ModelOptimizer, bradley_terry_step
