@@ -8,9 +8,11 @@ The reward is a Python function `module:function(prompts, completions) -> list[f
 the current directory) or a reward model file from `python -m gpt2cu.reward`. Each step samples
 completions, scores them and runs the updates (gpt2cu/rl/ppo.py); main.log gets per step the mean reward
 (rwd), the KL to the reference (kl), the entropy (ent), the clip fraction (clip), the value loss (vloss),
-the explained variance (ev) and, with --eval-prompts, the held-out mean reward (evr); `python -m
-gpt2cu.plot` draws them. -n N checkpoints every N steps (the policy as a model file, usable by
-gpt2cu.sample) and -y 1 resumes from the newest one. Bad input is one line and exit code 2.
+the explained variance (ev), the tokens per second of the rollout (rtok: completion tokens sampled), the
+score forwards (stok) and the updates (utok: positions, as pretraining counts them) and, with
+--eval-prompts, the held-out mean reward (evr); `python -m gpt2cu.plot` draws them. -n N checkpoints every
+N steps (the policy as a model file, usable by gpt2cu.sample) and -y 1 resumes from the newest one. Bad
+input is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lam", type=float, default=0.95)
     a("--clip", type=float, default=0.2)
     a("--value-clip", type=float, default=0.2)
+    a("--vf-coef", type=float, default=0.1,
+      help="PPO: the value loss's weight (the value head shares the policy's trunk)")
     a("--grad-clip", type=float, default=1.0)
     a("--no-whiten", dest="whiten", action="store_false", help="PPO: keep the advantages' scale")
     a("--eval-prompts", default=None, help="held-out JSONL prompts: mean reward at the start, the end and every "
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
                            minibatch=args.minibatch, epochs=args.epochs, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, lr=args.lr, kl_coef=args.kl_coef,
                            kl_target=args.kl_target, kl_horizon=args.kl_horizon, gamma=args.gamma, lam=args.lam,
-                           clip=args.clip, value_clip=args.value_clip, grad_clip=args.grad_clip,
+                           clip=args.clip, value_clip=args.value_clip, vf_coef=args.vf_coef, grad_clip=args.grad_clip,
                            whiten=args.whiten, seed=args.seed)
     except ValueError as e:
         p.error(str(e))
@@ -119,14 +123,17 @@ def main(argv=None) -> int:
         while ppo.step_count < args.steps:
             s = ppo.step()
             fields = [("rwd", s.reward), ("kl", s.kl), ("ent", s.entropy), ("clip", s.clip_frac)]
-            if args.algo == "ppo":  # GRPO has no value model
+            if args.algo == "ppo":  # GRPO has no value head
                 fields += [("vloss", s.value_loss), ("ev", s.explained_var)]
+            fields += [("rtok", s.rollout_tokens_per_s), ("stok", s.score_tokens_per_s),
+                       ("utok", s.update_tokens_per_s)]
             for key, value in fields:
                 log.log(s.step, key, value)
             print(f"step {s.step:5d}/{args.steps} | reward {s.reward:.4f} | kl {s.kl:.4f} (coef {s.kl_coef:.4f}) | "
                   f"entropy {s.entropy:.3f} | clip {s.clip_frac:.3f} | value loss {s.value_loss:.4f} | "
                   f"ev {s.explained_var:.3f} | rollout {s.rollout_tokens_per_s:,.0f} tok/s | "
-                  f"update {s.update_tokens_per_s:,.0f} tok/s | {s.seconds * 1000:.0f} ms", flush=True)
+                  f"score {s.score_tokens_per_s:,.0f} tok/s | update {s.update_tokens_per_s:,.0f} tok/s | "
+                  f"{s.seconds * 1000:.0f} ms", flush=True)
             last = s.step == args.steps
             if args.eval_every and s.step % args.eval_every == 0 and not last:
                 evaluate(s.step)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if T > cfg.max_seq_len:
         p.exit(2, f"{p.prog}: error: a pair of {T} tokens exceeds the model's {cfg.max_seq_len} positions\n")
     model = ScalarHeadModel(cfg, backend, 2 * args.batch, T, params)
-    optimizer = ModelOptimizer(backend, model, params, AdamWConfig(lr=args.lr))
+    optimizer = ModelOptimizer(backend, model.trunk, params, AdamWConfig(lr=args.lr), head=model.scalar_head)
     rng = np.random.default_rng(args.seed)
     before = pairwise_accuracy(model, val_pairs, codec.eot)
     print(f"{len(pairs)} train pairs, {len(val_pairs)} held-out; held-out pairwise accuracy before: {before:.4f}")

@@ -203,16 +203,16 @@ PYBIND11_MODULE(_kernels, m) {
     // ---- classifier.cu
     m.def(
         "fused_classifier",
-        [](uintptr_t logits, uintptr_t losses, uintptr_t targets, float dloss, uintptr_t weights,
+        [](uintptr_t logits, uintptr_t losses, uintptr_t targets, float dloss, uintptr_t policy, float clip,
            uintptr_t entropy, int N, int V, int Vp, uintptr_t stream) {
             fused_classifier(ptr<bf16>(logits), ptr<float>(losses), ptr<const int>(targets), dloss,
-                             ptr<const float>(weights), ptr<float>(entropy), N, V, Vp, strm(stream));
+                             ptr<const float>(policy), clip, ptr<float>(entropy), N, V, Vp, strm(stream));
         },
         "losses[i] = logsumexp(logits[i,:V]) - logits[i,targets[i]]; logits overwritten by dloss*(softmax - "
-        "onehot) (times weights[i] when weights != 0), 0 in padded columns; entropy[i] = -sum p log p when "
-        "entropy != 0; targets < 0 mask a row; dloss = 0 skips dlogits",
-        py::arg("logits"), py::arg("losses"), py::arg("targets"), py::arg("dloss"), py::arg("weights"),
-        py::arg("entropy"), py::arg("N"), py::arg("V"), py::arg("Vp"), py::arg("stream"));
+        "onehot) (times the policy-gradient weight of row i's log p when policy != 0), 0 in padded columns; "
+        "entropy[i] = -sum p log p when entropy != 0; targets < 0 mask a row; dloss = 0 skips dlogits",
+        py::arg("logits"), py::arg("losses"), py::arg("targets"), py::arg("dloss"), py::arg("policy"),
+        py::arg("clip"), py::arg("entropy"), py::arg("N"), py::arg("V"), py::arg("Vp"), py::arg("stream"));
 
     // ---- attention.cu
     m.def(

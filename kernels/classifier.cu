@@ -9,9 +9,15 @@
 // Pass 1 loads normally (to keep the row in L2); pass 2 is the last use of the logits and writes the
 // gradient with streaming (evict-first) loads and stores. Targets < 0: loss 0, a zero row (not read).
 // Exponentials are exp2f((x - max) * log2 e), one MUFU op each.
-// Optional, for policy-gradient losses (gpt2cu/rl): per-row weights multiply the row's dlogits, and the
-// row's entropy -sum p log p = lse - sum p x comes from a third running sum, sum exp(x - max) * x, kept
-// beside (max, sum) in pass 1 (a template flag: the pretraining kernel does no extra work).
+// Optional, for policy-gradient losses (gpt2cu/rl): a row's dlogits are scaled by a weight computed from
+// the row's own log p = x[target] - lse and its policy terms (old log p, advantage A, reference log p, KL
+// coefficient k), between pass 1 and pass 2, so the LM head runs once per update and no weights cross to
+// the host (numpy_ops.policy_weights is the reference):
+//   r = exp(log p - old);  w = r * A unless (A > 0 and r > 1 + clip) or (A < 0 and r < 1 - clip), then 0;
+//   w -= k * (1 - exp(ref - log p)) when k != 0          (PPO's clipped surrogate, GRPO's KL term)
+// Every thread reads x[target] and computes the same w. The row's entropy -sum p log p = lse - sum p x
+// comes from a third running sum, sum exp(x - max) * x, kept beside (max, sum) in pass 1 (a template
+// flag: the pretraining kernel does no extra work).
 // Vp not a multiple of 8 (or unaligned logits) runs the same code with 1-column vectors.
 #include <math.h>
 #include "common.cuh"
@@ -54,11 +60,21 @@ __device__ __forceinline__ MaxSum block_combine(MaxSum v) {
     return total;
 }
 
+// -d loss / d log p of one row (the header comment's w); t = the row's 4 policy terms
+__device__ __forceinline__ float policy_weight(float logp, const float* t, float clip) {
+    const float old = t[0], adv = t[1], ref = t[2], kl = t[3];
+    const float ratio = expf(logp - old);
+    const bool clipped = (adv > 0.0f && ratio > 1.0f + clip) || (adv < 0.0f && ratio < 1.0f - clip);
+    float w = clipped ? 0.0f : ratio * adv;
+    if (kl != 0.0f) w -= kl * (1.0f - expf(ref - logp));
+    return w;
+}
+
 template <int VW, bool ENTROPY>
 __global__ void __launch_bounds__(CLS_THREADS, 2)
     fused_classifier_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int* __restrict__ targets,
-                            float dloss, const float* __restrict__ weights, float* __restrict__ entropy, int V,
-                            int Vp) {
+                            float dloss, const float* __restrict__ policy, float clip, float* __restrict__ entropy,
+                            int V, int Vp) {
     static_assert(CLS_THREADS == 1024, "block_combine reads one value per warp into one warp");
     const int tid = threadIdx.x;
     bf16* x = logits + (size_t)blockIdx.x * Vp;
@@ -79,7 +95,7 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
         return;
     }
     // read before the barrier in block_combine: after it, other threads overwrite the row
-    const float target_logit = tid == 0 ? (float)x[target] : 0.0f;
+    const float target_logit = tid == 0 || policy ? (float)x[target] : 0.0f;
 
     MaxSum ms = {-INFINITY, 0.0f, 0.0f};
     for (int i = ceil_div(V, VW) - 1 - tid; i >= 0; i -= CLS_THREADS) {
@@ -111,7 +127,8 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
         if (ENTROPY) entropy[blockIdx.x] = lse - ms.dot / ms.sum;
     }
     if (dloss == 0.0f) return;
-    const float row_dloss = weights ? dloss * weights[blockIdx.x] : dloss;
+    const float row_dloss =
+        policy ? dloss * policy_weight(target_logit - lse, policy + 4 * (size_t)blockIdx.x, clip) : dloss;
     const float scale = row_dloss / ms.sum;
     for (int i = tid; i < vecs; i += CLS_THREADS) {
         Vec<bf16, VW> d;
@@ -132,23 +149,23 @@ __global__ void __launch_bounds__(CLS_THREADS, 2)
 }
 
 template <int VW>
-static void launch_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
-                              float* entropy, int N, int V, int Vp, cudaStream_t stream) {
+static void launch_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* policy,
+                              float clip, float* entropy, int N, int V, int Vp, cudaStream_t stream) {
     if (entropy)
         fused_classifier_kernel<VW, true>
-            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
+            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, policy, clip, entropy, V, Vp);
     else
         fused_classifier_kernel<VW, false>
-            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, weights, entropy, V, Vp);
+            <<<N, CLS_THREADS, 0, stream>>>(logits, losses, targets, dloss, policy, clip, entropy, V, Vp);
 }
 
-void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
-                      float* entropy, int N, int V, int Vp, cudaStream_t stream) {
+void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* policy,
+                      float clip, float* entropy, int N, int V, int Vp, cudaStream_t stream) {
     require(N >= 0 && V >= 1 && V <= Vp, "fused_classifier: need 1 <= V <= Vp");
     if (N == 0) return;
     if (Vp % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
-        launch_classifier<8>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
+        launch_classifier<8>(logits, losses, targets, dloss, policy, clip, entropy, N, V, Vp, stream);
     else
-        launch_classifier<1>(logits, losses, targets, dloss, weights, entropy, N, V, Vp, stream);
+        launch_classifier<1>(logits, losses, targets, dloss, policy, clip, entropy, N, V, Vp, stream);
     CUDA_CHECK_LAUNCH();
 }

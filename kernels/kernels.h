@@ -92,10 +92,11 @@ size_t bias_backward_scratch_floats(int N, int OC);
 //   logits[i,:] is overwritten by dlogits = dloss * (softmax(logits[i,:V]) - onehot(targets[i])),
 //   and zero in the padded columns V..Vp-1.
 // targets[i] < 0 masks row i: loss 0, dlogits row 0. dloss = 0 skips writing dlogits (eval).
-// weights (nullable, fp32 [N]): row i's dlogits are scaled by weights[i] (per-token policy-gradient weights).
+// policy (nullable, fp32 [N, 4]: old log p, advantage, reference log p, KL coefficient per row) and clip:
+// row i's dlogits are scaled by the policy-gradient weight of its log p = -losses[i] (classifier.cu).
 // entropy (nullable, fp32 [N]): entropy[i] = -sum_j p_j log p_j over the first V columns (0 for masked rows).
-void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* weights,
-                      float* entropy, int N, int V, int Vp, cudaStream_t stream);
+void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* policy,
+                      float clip, float* entropy, int N, int V, int Vp, cudaStream_t stream);
 
 // ---- attention.cu -----------------------------------------------------------------------------
 // Causal flash attention with grouped key/value heads over the packed qkv (B, T, (NH + 2 NKV) HS), each

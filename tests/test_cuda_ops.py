@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends import numpy_ops as ref_ops
+from gpt2cu.backends.base import PolicyLoss
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from gpt2cu.formats import bf16_bits_to_f32, f32_to_bf16_bits
 from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
@@ -500,25 +501,34 @@ def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
 
 
 @pytest.mark.parametrize("b, t, V, Vp", CLASSIFIER_CASES, ids=CLASSIFIER_IDS)
-def test_fused_classifier_weights_and_entropy(cuda, case, b, t, V, Vp):
-    """Per-row weights (RL's policy-gradient weights, of either sign) scale each row's dlogits; the
-    entropy of each row's softmax comes from the same pass. Both against the numpy op; masked rows 0."""
+def test_fused_classifier_policy_loss_and_entropy(cuda, case, b, t, V, Vp):
+    """Policy terms (RL's PPO / GRPO loss, numpy_ops.policy_weights) weight each row's dlogits from its own
+    log p in the same pass; the entropy of each row's softmax comes from it too. Both against the numpy op.
+    The old log-probabilities put each row's starting ratio at 0.5, 0.9, 1.1 or 1.6 (clipped or not by the
+    advantage's sign, never within float32 rounding of the clip boundaries 0.8 and 1.2); half the rows
+    have a KL term; masked rows 0."""
     logits = case.normal((b, t, Vp), std=2.0)
     logits[..., V:] = 40.0
     targets = case.rng.integers(0, V, (b, t)).astype(np.int32)
     targets.flat[0] = -1
-    weights = case.normal((b, t), std=1.0).astype(np.float32)
+    ref_losses, clip = np.empty((b, t)), 0.2
+    ref_ops.fused_classifier(ref_losses, logits.copy(), targets, 0.0, V)
+    ratio = case.rng.choice([0.5, 0.9, 1.1, 1.6], size=(b, t))
+    terms = np.stack([-ref_losses - np.log(ratio), case.rng.normal(0.0, 1.0, (b, t)),
+                      -ref_losses + case.rng.normal(0.0, 0.5, (b, t)),
+                      np.where(case.rng.random((b, t)) < 0.5, 0.3, 0.0)], axis=-1).astype(np.float32)
     logits_d, losses, entropy = cp.asarray(bits_of(logits)), poisoned((b, t), fp32=True), poisoned((b, t), fp32=True)
-    cuda.fused_classifier(losses, logits_d, cp.asarray(targets), 0.25, V, weights=cp.asarray(weights),
+    cuda.fused_classifier(losses, logits_d, cp.asarray(targets), 0.25, V, policy=PolicyLoss(cp.asarray(terms), clip),
                           entropy=entropy)
-    ref_losses, ref_dlogits, ref_entropy = np.empty((b, t)), logits.copy(), np.empty((b, t))
-    ref_ops.fused_classifier(ref_losses, ref_dlogits, targets, 0.25, V, weights=weights.astype(np.float64),
-                             entropy=ref_entropy)
+    ref_dlogits, ref_entropy = logits.copy(), np.empty((b, t))
+    ref_ops.fused_classifier(ref_losses, ref_dlogits, targets, 0.25, V,
+                             policy=PolicyLoss(terms.astype(np.float64), clip), entropy=ref_entropy)
     case.check("losses", to_host(losses), ref_losses, FP32_REL)
     case.check("entropy", to_host(entropy), ref_entropy, FP32_REL)
     case.zero("entropy of the masked row", to_host(entropy).flat[:1])
-    case.check("weighted dlogits", to_host(logits_d), ref_dlogits, BF16_REL)
+    case.check("policy-weighted dlogits", to_host(logits_d), ref_dlogits, BF16_REL)
     case.zero("dlogits in the padded columns", to_host(logits_d)[..., V:])
+    case.zero("dlogits of the masked row", to_host(logits_d).reshape(-1, Vp)[0])
 
 
 # ---- attention ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 from gpt2cu.backends import numpy_llama_ops
 from gpt2cu.backends import numpy_ops as ops
-from gpt2cu.backends.base import Backend
+from gpt2cu.backends.base import Backend, PolicyLoss
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from numeric_checks import assert_close, nans, numeric_grad
 
@@ -287,20 +287,32 @@ def test_fused_classifier_gradient(rng):
     assert_close(dlogits, numeric_grad(loss, logits), FD_REL)
 
 
-def test_fused_classifier_weights_and_entropy(rng):
-    """Per-row weights scale each row's dlogits (the gradient of sum_i w_i * loss_i); entropy is
-    -sum p log p of each row's softmax over the real columns, 0 for masked rows."""
+def test_fused_classifier_policy_loss_and_entropy(rng):
+    """With policy terms each row's dlogits is the gradient of the policy-gradient loss (numpy_ops.
+    policy_weights), written out here and differentiated numerically: ratios start away from the clip
+    boundaries on both sides (clipped and unclipped rows, advantages of either sign), half the rows with a
+    KL term. Entropy is -sum p log p of each row's softmax over the real columns, 0 for masked rows."""
     logits, targets = classifier_inputs(rng)
-    weights = rng.normal(0.0, 1.0, size=(B, T))
-    losses, entropy = np.empty((B, T)), nans(B, T)
+    losses, entropy, clip = np.empty((B, T)), nans(B, T), 0.2
+    ops.fused_classifier(losses, logits, targets, 0.0, V)
+    logp0, ratio0 = -losses.copy(), rng.choice([0.5, 0.9, 1.1, 1.6], size=(B, T))
+    adv = rng.normal(0.0, 1.0, (B, T))
+    ratio0.flat[2:5], adv.flat[2:5] = (1.6, 0.5, 1.1), (0.7, -0.4, 0.9)  # clipped above, below, not clipped
+    terms = np.stack([logp0 - np.log(ratio0), adv, logp0 + rng.normal(0.0, 0.5, (B, T)),
+                      np.where(rng.random((B, T)) < 0.5, 0.3, 0.0)], axis=-1)
+    old, adv, ref, kl = np.moveaxis(terms, -1, 0)
 
     def loss():
         ops.fused_classifier(losses, logits, targets, 0.0, V)
-        return 0.5 * (weights * losses).sum()
+        r, q = np.exp(-losses - old), np.exp(ref + losses)
+        per_row = -np.minimum(r * adv, np.clip(r, 1 - clip, 1 + clip) * adv) + kl * (q - np.log(q) - 1)
+        return 0.5 * per_row[targets >= 0].sum()
 
     dlogits = logits.copy()
-    ops.fused_classifier(np.empty((B, T)), dlogits, targets, 0.5, V, weights=weights, entropy=entropy)
+    ops.fused_classifier(np.empty((B, T)), dlogits, targets, 0.5, V, policy=PolicyLoss(terms, clip), entropy=entropy)
     assert_close(dlogits, numeric_grad(loss, logits), FD_REL)
+    clipped = ops.policy_weights(logp0, terms, clip)[1][targets >= 0]
+    assert clipped.any() and not clipped.all()
     p = torch.softmax(torch.from_numpy(logits[..., :V]), dim=-1).numpy()
     expected = np.where(targets >= 0, -(p * np.log(p)).sum(axis=-1), 0.0)
     assert_close(entropy, expected, 1e-10)

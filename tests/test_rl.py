@@ -138,6 +138,115 @@ def test_reward_model_file_round_trip_and_truncation(tmp_path):
         read_reward_model(path)
 
 
+def update_minibatch(backend, algo):
+    """A PPO over TINY with a random value head (one epoch of one minibatch per update), and a scored
+    minibatch of rollouts, advantages and returns for its update: the old log-probabilities put each
+    token's starting ratio at 0.5, 0.9, 1.1 or 1.6 and the old values sit 0.05 or 0.5 from the values
+    (away from both clip boundaries, so finite differences see one branch)."""
+    from gpt2cu.rl.ppo import PPO, PPOConfig, Rollouts
+    from gpt2cu.rl.text import CharCodec
+    rng = np.random.default_rng(2)
+    params = init_params(TINY, seed=2)
+    ppo = PPO(TINY, params, backend, PPOConfig(algo=algo, prompts_per_step=4, minibatch=4, epochs=1, max_new_tokens=4,
+                                               kl_coef=0.3), ["10+10="] * 4, lambda p, c: [0.0] * len(c), CharCodec())
+    if ppo.value_head is not None:
+        ppo.value_head.params[...] = rng.normal(0.0, 0.2, TINY.n_embd + 1)
+    B, T = 4, ppo.T
+    inputs = rng.integers(0, CHAR_VOCAB, (B, T)).astype(np.int32)
+    mask = completion_mask(np.array([7, 7, 5, 6]), np.array([11, 9, 9, 8]), T)
+    targets = np.where(mask, rng.integers(0, CHAR_VOCAB, (B, T)), -1).astype(np.int32)
+    r = ppo.score(Rollouts(inputs, targets, mask))
+    pick = lambda choices: rng.choice(choices, size=(B, T))  # noqa: E731
+    r.ref_logp = r.old_logp + rng.normal(0.0, 0.5, (B, T))
+    r.old_logp = r.old_logp - np.log(pick([0.5, 0.9, 1.1, 1.6]))
+    r.values = r.values + pick([-0.5, -0.05, 0.05, 0.5])
+    return ppo, params, r, rng.normal(0.0, 1.0, (B, T)), rng.normal(0.0, 1.0, (B, T))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_update_gradients_match_finite_differences(backend, algo):
+    """The update's one forward and backward (the policy loss weighted inside the fused classifier, the
+    value head's loss added into the trunk's d(lnf)) give the gradients of the whole minibatch loss,
+    written out here from a plain forward: PPO's clipped surrogate plus vf_coef times the clipped value
+    loss, GRPO's surrogate plus its KL term, each a mean over completion tokens."""
+    ppo, params, r, advantages, returns = update_minibatch(backend, algo)
+    inputs, targets, mask, old_values = r.inputs, r.targets, r.mask, r.values
+    old_logp, ref_logp = r.old_logp, r.ref_logp
+    c, n, C = ppo.config, mask.sum(), TINY.n_embd
+    kl = c.kl_coef if algo == "grpo" else 0.0
+    head = ppo.value_head.host_params() if ppo.value_head is not None else None
+    ppo.gradients(backend.prepare_batch(inputs, targets), mask, old_logp, ref_logp, advantages, old_values, returns)
+
+    def objective(trunk_params, head_params):
+        model = GPT(TINY, backend, *inputs.shape, trunk_params)
+        model.forward(backend.set_batch(inputs, targets))
+        logp = -model.acts["losses"].astype(np.float64)
+        ratio, q = np.exp(logp - old_logp), np.exp(ref_logp - logp)
+        loss = (-np.minimum(ratio * advantages, np.clip(ratio, 1 - c.clip, 1 + c.clip) * advantages)
+                + kl * (q - np.log(q) - 1))
+        if head_params is not None:
+            v = model.acts["lnf"].astype(np.float64) @ head_params[:C] + head_params[C]
+            v_clipped = old_values + np.clip(v - old_values, -c.value_clip, c.value_clip)
+            loss += c.vf_coef * 0.5 * np.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
+        return float(loss[mask].sum() / n)
+
+    eps = 2e-3  # the clipped branches stay put; float32 objectives still resolve the differences
+    grads = ppo.policy.grads
+    for i in np.argsort(-np.abs(grads))[:4]:  # the largest: well above float32 noise
+        up, down = params.copy(), params.copy()
+        up[i] += eps
+        down[i] -= eps
+        numeric = (objective(up, head) - objective(down, head)) / (2 * eps)
+        assert numeric == pytest.approx(float(grads[i]), rel=5e-2), i
+    if head is not None:
+        for i in (0, 1, C):  # two weights and the bias
+            up, down = head.copy(), head.copy()
+            up[i] += eps
+            down[i] -= eps
+            numeric = (objective(params, up) - objective(params, down)) / (2 * eps)
+            assert numeric == pytest.approx(float(ppo.value_head.grad[i]), rel=2e-2), i
+
+
+class CountingBackend(NumpyBackend):
+    """The numpy backend, counting each op of the ops table it runs."""
+    def __init__(self):
+        super().__init__()
+        self.calls = {}
+
+
+for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
+            "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
+            "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update"):
+    def _counted(self, *args, _name=_op, **kwargs):
+        self.calls[_name] = self.calls.get(_name, 0) + 1
+        return getattr(super(CountingBackend, self), _name)(*args, **kwargs)
+    setattr(CountingBackend, _op, _counted)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_update_runs_the_ops_of_a_pretraining_step(algo):
+    """One update minibatch calls exactly the ops a pretraining step of the same model and (B, T) calls:
+    one LM-head pass (matmul, classifier, matmul backward per chunk), one trunk forward and backward, the
+    norm and the AdamW update; the value head's few array operations are all it adds."""
+    from gpt2cu.data import InMemoryBatches
+    from gpt2cu.dist import SingleProcess
+    from gpt2cu.optim import AdamWConfig
+    from gpt2cu.trainer import TrainConfig, Trainer
+    backend = CountingBackend()
+    ppo, params, r, advantages, returns = update_minibatch(backend, algo)
+    B, T = r.inputs.shape
+    backend.calls = {}
+    ppo.update(r, advantages, returns)
+    update_calls = backend.calls
+    tokens = np.random.default_rng(0).integers(0, CHAR_VOCAB, (B, T + 1)).astype(np.int32)
+    trainer = Trainer(TINY, params, backend, SingleProcess(),
+                      TrainConfig(batch_size=B, seq_len=T, max_steps=1, recompute=0, adamw=AdamWConfig()),
+                      InMemoryBatches([(tokens[:, :-1], tokens[:, 1:])]))
+    backend.calls = {}
+    trainer.step()
+    assert update_calls == backend.calls and backend.calls["fused_classifier"] >= 1
+
+
 # ---- bad input: one line, exit code 2 ----------------------------------------------------------------
 @pytest.fixture
 def tiny_run(tmp_path, monkeypatch):
@@ -197,7 +306,7 @@ def test_reward_cli_bad_pairs_file(tiny_run, capsys):
 
 def test_resume_continues_the_same_run(tiny_run, capsys):
     """Steps 1-2, a checkpoint, then -y 1 to step 4 give the policy of an uninterrupted 4-step run, bit for bit
-    (PPO: the value model, both optimizers, the prompt order and the RNG are in the checkpoint)."""
+    (PPO: the value head, the optimizer, the prompt order and the RNG are in the checkpoint)."""
     common = ["--policy", "policy.bin", "--prompts", "prompts.jsonl", "--reward", "gpt2cu.rl.rewards:even_last_digit",
               "--lr", "1e-2"]
     assert run_ppo_cli(capsys, *common, "--steps", "4", "-o", "whole")[0] == 0
@@ -270,7 +379,7 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
     assert accuracy > 0.9
     code, out, _ = run_ppo_cli(capsys, *rl_flags(d, "--reward-model", rm, "--eval-reward",
                                                  "gpt2cu.rl.rewards:even_last_digit", "--prompts-per-step", "64",
-                                                 "--kl-coef", "0.05", "--kl-target", "1", "--kl-horizon", "640",
+                                                 "--kl-coef", "0.1", "--kl-target", "1", "--kl-horizon", "640",
                                                  "-o", str(tmp_path / "ppo")))
     before, after = held_out_rewards(out)
     kl = [float(line.split("kl:")[1]) for line in (tmp_path / "ppo" / "main.log").read_text().split("\n")
@@ -283,8 +392,9 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
 
 @pytest.mark.gpu
 def test_ppo_and_reward_model_run_on_cuda(cuda_backend):
-    """The CUDA backend runs the rollouts, PPO's updates (weighted classifier, value model) and a
-    Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the attention kernel's.)"""
+    """The CUDA backend runs the rollouts, PPO's updates (the policy loss in the classifier, the value head,
+    CUDA graphs) and a Bradley-Terry step: finite statistics, a policy that moved. (Head size 64: the
+    attention kernel's.)"""
     from gpt2cu.optim import AdamWConfig
     from gpt2cu.rl.ppo import PPO, PPOConfig
     from gpt2cu.rl.reward_model import ModelOptimizer, bradley_terry_step
@@ -302,6 +412,6 @@ def test_ppo_and_reward_model_run_on_cuda(cuda_backend):
     model = ScalarHeadModel(cfg, cuda_backend, 4, 9, params)
     eot = CHAR_VOCAB - 1
     pairs = [([eot, 3, 4, 5, eot], [eot, 3, 4, 6, eot]), ([eot, 7, eot], [eot, 8, 9, eot])]
-    loss, _ = bradley_terry_step(model, ModelOptimizer(cuda_backend, model, params, AdamWConfig(lr=1e-3)), pairs,
-                                 eot, 1e-3)
+    optimizer = ModelOptimizer(cuda_backend, model.trunk, params, AdamWConfig(lr=1e-3), head=model.scalar_head)
+    loss, _ = bradley_terry_step(model, optimizer, pairs, eot, 1e-3)
     assert np.isfinite(loss) and np.abs(model.host_head()).sum() > 0

@@ -21,6 +21,22 @@ class Batch:
     targets: object = None
 
 
+POLICY_TERMS = 4  # per row: old log p, advantage, reference log p, KL coefficient
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """fused_classifier's policy-gradient loss (gpt2cu/rl/ppo.py): terms (..., POLICY_TERMS) float32 of the
+    backend, one row per position [old log p, advantage, reference log p, KL coefficient], and the ratio's
+    clip range; numpy_ops.policy_weights is the loss and the weights it puts on each row's gradient."""
+    terms: object
+    clip: float
+
+    def rows(self, rows: slice) -> "PolicyLoss":
+        """The terms of a slice of the flattened rows (an LM-head chunk)."""
+        return PolicyLoss(self.terms.reshape(-1, POLICY_TERMS)[rows], self.clip)
+
+
 class Backend(ABC):
     name: str               # "numpy" | "cuda"
     checkpoint_dtype: str   # the model-file dtype its parameters round-trip exactly: "fp32" | "bf16"
@@ -151,7 +167,7 @@ class Backend(ABC):
     def attention_backward(self, dqkv, dout, qkv, out, lse, n_head): ...
 
     @abstractmethod
-    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, weights=None, entropy=None): ...
+    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...
 
     # ---- the LLaMA family's ops -------------------------------------------------------------------
     @abstractmethod

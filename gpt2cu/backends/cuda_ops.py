@@ -323,10 +323,11 @@ class CudaBackend(Backend):
     def attention_backward(self, dqkv, dout, qkv, out, lse, n_head):
         self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head)
 
-    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, weights=None, entropy=None):
+    def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
         Vp = logits.shape[-1]
-        self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(weights), ptr(entropy),
-                                logits.size // Vp, vocab_size, Vp, self.stream.ptr)
+        terms, clip = (None, 0.0) if policy is None else (policy.terms, policy.clip)
+        self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(terms), float(clip),
+                                ptr(entropy), logits.size // Vp, vocab_size, Vp, self.stream.ptr)
 
     # ---- the LLaMA family's ops ----------------------------------------------------------------------
     # No position embedding: the encoder kernels with a zero wpe (adding 0 is exact) and a dwpe nobody reads,

@@ -16,7 +16,7 @@ import resource
 import numpy as np
 
 from . import numpy_llama_ops
-from .base import Backend, Batch
+from .base import POLICY_TERMS, Backend, Batch
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -176,7 +176,21 @@ def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
     dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
 
 
-def fused_classifier(losses, logits, targets, dloss, vocab_size, weights=None, entropy=None):
+def policy_weights(logp, terms, clip):
+    """(weights, clipped) per row of a policy-gradient loss on log p = logp (fused_classifier's policy):
+    terms (..., 4) rows [old log p, advantage A, reference log p, KL coefficient k] and the loss
+        -min(r A, clip(r, 1 - clip, 1 + clip) A) + k (q - log q - 1),  r = exp(log p - old), q = exp(ref - log p)
+    (PPO's clipped surrogate; GRPO's KL estimator, k = 0 for PPO). The weight is -d loss / d log p: r A where
+    the unclipped term is the smaller (`clipped` marks the others, weight 0 there), minus k (1 - q)."""
+    old, adv, ref, kl = (terms[..., i] for i in range(POLICY_TERMS))
+    ratio = np.exp(logp - old)
+    clipped = ((adv > 0) & (ratio > 1.0 + clip)) | ((adv < 0) & (ratio < 1.0 - clip))
+    with np.errstate(over="ignore"):  # q of a row with k = 0 is never used
+        kl_grad = np.where(kl != 0, kl * (1.0 - np.exp(ref - logp)), 0.0)
+    return np.where(clipped, 0.0, ratio * adv) - kl_grad, clipped
+
+
+def fused_classifier(losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
     valid = targets >= 0
     safe_t = np.where(valid, targets, 0)[..., None]  # an in-range index for masked rows, zeroed below
     # one (N, V) temporary, reused from shifted logits to exp to probabilities: V is 50257 in real use
@@ -188,14 +202,15 @@ def fused_classifier(losses, logits, targets, dloss, vocab_size, weights=None, e
         entropy[...] = np.where(valid, np.log(total) - (exp_z * z).sum(axis=-1) / total, 0.0)
     probs = np.exp(z, out=z)
     total = probs.sum(axis=-1, keepdims=True)
-    losses[...] = np.where(valid, np.log(total[..., 0]) - picked, 0.0)
+    row_losses = np.where(valid, np.log(total[..., 0]) - picked, 0.0)
+    losses[...] = row_losses
     if dloss == 0:  # eval: the logits stay
         return
     probs /= total
     np.put_along_axis(probs, safe_t, np.take_along_axis(probs, safe_t, axis=-1) - 1.0, axis=-1)
     probs *= dloss
-    if weights is not None:  # per-row weights on -log p(target): policy-gradient losses
-        probs *= weights[..., None]
+    if policy is not None:  # per-row weights on -log p(target) from each row's log p
+        probs *= policy_weights(-row_losses, policy.terms, policy.clip)[0][..., None]
     probs[~valid] = 0.0
     logits[..., :vocab_size] = probs
     logits[..., vocab_size:] = 0.0

@@ -63,22 +63,21 @@ class FlatModel:
             rows = slice(start, min(start + chunk, N))
             yield rows, self.acts["logits"][:rows.stop - rows.start]
 
-    def lm_head_loss(self, targets, dloss: float, weights=None, entropy=None):
+    def lm_head_loss(self, targets, dloss: float, policy=None, entropy=None):
         """Per chunk: logits = lnf @ W.T, the fused softmax cross-entropy (losses, dlogits in place),
         and with dloss != 0 the chunk's backward at once: d(lnf) rows = dlogits @ W, dW += dlogits.T @
         lnf rows (W = p[self.head]). Same sums as whole logits, in chunk order: deterministic. lnf: the
-        final norm's output, acts["lnf"], whatever the family's norm. weights (B, T) fp32, optional:
-        per-position factors on dlogits (RL's policy-gradient weights); entropy (B, T) fp32, optional:
-        filled with each position's softmax entropy."""
+        final norm's output, acts["lnf"], whatever the family's norm. policy (backends.base.PolicyLoss,
+        optional): RL's policy-gradient loss, each position's dlogits weighted from its own log p in the
+        same pass; entropy (B, T) fp32, optional: filled with each position's softmax entropy."""
         ops, a, p, g, C = self.ops, self.acts, self.p, self.g, self.cfg.n_embd
         lnf, dlnf = a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C)
         losses, targets = a["losses"].reshape(-1), targets.reshape(-1)
-        row_weights = None if weights is None else weights.reshape(-1)
         row_entropy = None if entropy is None else entropy.reshape(-1)
         for rows, logits in self._lm_head_chunks():
             self.lm_head(logits, lnf[rows])
             ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size,
-                                 None if row_weights is None else row_weights[rows],
+                                 None if policy is None else policy.rows(rows),
                                  None if row_entropy is None else row_entropy[rows])
             if dloss:
                 ops.matmul_backward(dlnf[rows], g[self.head], None, logits, lnf[rows], p[self.head])

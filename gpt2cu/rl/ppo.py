@@ -6,30 +6,40 @@ through the same ops and optimizer as pretraining.
     ppo.evaluate(prompts)      # mean reward of completions of held-out prompts
     ppo.save(out_dir) / ppo.resume(out_dir)
 
-One step: sample completions of a batch of prompts (rollout.py); score them; run the policy, the frozen
-reference (the starting policy) and, for PPO, the value model over the sequences for the old
-log-probabilities, the reference's, each token's entropy and the values; turn them into advantages;
-then `epochs` passes of shuffled minibatches, each one policy update and (PPO) one value update.
+One step, three phases, each timed: `rollout` samples completions of a batch of prompts (rollout.py) and
+scores them; `score` runs the policy and the frozen reference (the starting policy) over the sequences
+for the old log-probabilities, the reference's, each token's entropy and (PPO) the values, and turns
+them into advantages; `update` runs `epochs` passes of shuffled minibatches, one update each.
 
   PPO   per-token rewards -kl_coef * (log pi_old - log pi_ref) plus the sequence's reward at its last
-        token; GAE(gamma, lambda) over the completion with the value model's values; advantages whitened;
-        the clipped surrogate, and the clipped value loss. kl_coef is fixed, or adapted towards kl_target
-        (Ziegler et al. 2019: a proportional controller with horizon kl_horizon).
+        token; GAE(gamma, lambda) over the completion with the value head's values; advantages whitened;
+        the clipped surrogate, plus vf_coef times the clipped value loss. kl_coef is fixed, or adapted
+        towards kl_target (Ziegler et al. 2019: a proportional controller with horizon kl_horizon).
   GRPO  group_size completions per prompt; each completion's advantage is its reward normalized by its
-        group's mean and standard deviation, for all its tokens; no value model; the KL to the reference
+        group's mean and standard deviation, for all its tokens; no value head; the KL to the reference
         is a loss term kl_coef * (r - log r - 1), r = pi_ref / pi (DeepSeekMath's estimator).
 
-The policy loss enters the model as per-token weights on log-probabilities: every term above is
-f(log pi(token)) summed over completion tokens, whose gradient is f'(log pi) * d log pi / d logits, and
-the fused classifier's gradient of -log pi is (softmax - onehot): so the LM head runs the classifier with
-weights[t] = -f'(log pi_t), and the full probability tensor is never stored (one LM-head chunk at a time,
-as in pretraining). Getting f' needs log pi under the current parameters first: each minibatch runs the
-trunk once, the LM head twice (log-probabilities, then the weighted gradient), then the backward.
-
-The value model is a separate model (a trunk of the policy's shape, started from the policy's weights,
-with a scalar head; reward_model.ScalarHeadModel) rather than a head on the policy's trunk: its loss then
-never pulls on the policy's features, there is no value-loss coefficient to balance against the policy
-loss, and it is the same class as the reward model. It costs a second forward and backward per minibatch.
+What an update costs per token is what a pretraining step costs (bench/bench_rl.py measures both):
+  - The policy loss is a sum over completion tokens of f(log pi(token)), whose gradient is
+    f'(log pi) * d log pi / d logits; the fused classifier's gradient of -log pi is (softmax - onehot),
+    so it only needs each row's weight -f'(log pi) -- which depends on log pi under the current
+    parameters. The classifier computes that weight itself, from the row's log pi and its terms (old
+    log pi, advantage, reference log pi, KL coefficient: backends.base.PolicyLoss, numpy_ops.
+    policy_weights), between its two passes over the row: the LM head runs once per update, as in
+    pretraining, and never stores a probability tensor.
+  - The value head is a scalar head on the policy's own trunk (reward_model.ScalarHead), not a separate
+    model: its forward and backward are 2C multiply-adds and C + 1 gradients per token on the trunk's
+    final-norm output, where a separate value model of the policy's size would double the update's
+    work (a second trunk forward and backward per token). The price is that the value loss now shapes
+    the policy's features too: vf_coef weighs it against the policy loss (0.1, as in Ziegler et al.'s
+    and TRL's shared-trunk setups).
+  - On CUDA the update's forward (trunk and LM head) and backward are CUDA graphs, as the trainer's
+    micro-step is; the value head's few array operations run between them, and the AdamW update is the
+    trainer's graph. Per minibatch the host prepares the next one's tokens while the device works and
+    waits only for the gradient norm (and, with a value head, reads its C + 1 gradients and writes its
+    parameters back while the device is idle for that read), as in a pretraining step.
+The score phase is two forwards per token (policy and reference, no backward); the rollout is
+incremental decoding. Each phase's tokens/s is reported.
 """
 from __future__ import annotations
 
@@ -39,9 +49,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import checkpoint
+from ..backends.base import POLICY_TERMS, PolicyLoss
+from ..backends.numpy_ops import policy_weights
 from ..models import family_of
 from ..optim import AdamWConfig
-from .reward_model import ModelOptimizer, ScalarHeadModel, build_model
+from .reward_model import ModelOptimizer, ScalarHead, build_model
 from .rewards import checked_rewards
 from .rollout import BatchedDecoder, completion_mask, generate
 from .text import document_tokens
@@ -54,12 +66,12 @@ class PPOConfig:
     algo: str = "ppo"
     prompts_per_step: int = 32     # prompts sampled per step (GRPO: each group_size times)
     group_size: int = 4            # GRPO's completions per prompt
-    minibatch: int = 16            # sequences per update (the models' B)
+    minibatch: int = 16            # sequences per update (the model's B)
     epochs: int = 2                # passes over each rollout batch
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_k: int | None = None
-    lr: float = 1e-5               # policy and value model
+    lr: float = 1e-5               # the policy's trunk and (PPO) its value head
     kl_coef: float = 0.05
     kl_target: float | None = None  # adapt kl_coef towards this KL per sequence (None: fixed)
     kl_horizon: int = 10000
@@ -67,6 +79,7 @@ class PPOConfig:
     lam: float = 0.95
     clip: float = 0.2              # the ratio's clip range
     value_clip: float = 0.2
+    vf_coef: float = 0.1           # PPO: the value loss's weight against the policy loss (shared trunk)
     grad_clip: float = 1.0
     whiten: bool = True            # PPO: advantages to mean 0, std 1 over each rollout batch
     seed: int = 42
@@ -86,6 +99,8 @@ class PPOConfig:
             raise ValueError(f"temperature must be > 0 for a stochastic policy, got {self.temperature}")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ValueError("kl_coef must be >= 0 and kl_target > 0")
+        if self.vf_coef < 0:
+            raise ValueError(f"vf_coef must be >= 0, got {self.vf_coef}")
 
     @property
     def rollout_rows(self) -> int:
@@ -102,9 +117,22 @@ class StepStats:
     value_loss: float      # PPO only (0 for GRPO)
     explained_var: float   # of the returns by the values, PPO only
     kl_coef: float         # the coefficient this step used
-    rollout_tokens_per_s: float
-    update_tokens_per_s: float
+    rollout_tokens_per_s: float  # completion tokens sampled (and scored by the reward) per second
+    score_tokens_per_s: float    # positions (B * T) through the policy's and the reference's forwards per second
+    update_tokens_per_s: float   # positions (B * T) per second over the epochs of updates, as pretraining counts
     seconds: float
+
+
+@dataclass
+class Rollouts:
+    """A step's sequences laid out for the (B, T) models, and what the score phase adds."""
+    inputs: np.ndarray       # (R, T) int32
+    targets: np.ndarray      # (R, T) int32: the next token at completion positions, -1 elsewhere
+    mask: np.ndarray         # (R, T) bool: the completion positions
+    old_logp: np.ndarray = None   # (R, T) float64 host arrays from here on: log pi_old(target)
+    ref_logp: np.ndarray = None   # log pi_ref(target)
+    entropy: np.ndarray = None    # the policy's entropy at each position
+    values: np.ndarray = None     # PPO: the value head's values (0 outside the mask)
 
 
 def whiten(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -126,8 +154,19 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages, advantages + values
 
 
+def clipped_value_loss(xp, values, old_values, returns, clip: float):
+    """(loss, d loss / d values) per token of 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = old +
+    clip(v - old, -clip, clip), in the array module xp (numpy or CuPy: no host round trip on the GPU)."""
+    v_clipped = old_values + xp.clip(values - old_values, -clip, clip)
+    plain, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    # the gradient of whichever is larger (the clipped one's is 0 outside the clip range)
+    grad = xp.where(plain >= clipped, values - returns,
+                    (v_clipped - returns) * (xp.abs(values - old_values) < clip))
+    return 0.5 * xp.maximum(plain, clipped), grad
+
+
 class PPO:
-    """The policy, its frozen reference and (PPO) value model, their optimizers and the prompt stream."""
+    """The policy (with, for PPO, its value head), its frozen reference, the optimizer and the prompt stream."""
 
     def __init__(self, model_cfg, init_params: np.ndarray, backend, config: PPOConfig, prompts: list,
                  reward_fn, codec, eval_prompts: list = ()):
@@ -141,17 +180,18 @@ class PPO:
         if self.T > model_cfg.max_seq_len:
             raise ValueError(f"prompts of up to {longest} tokens plus "
                              f"{config.max_new_tokens} new ones exceed the model's {model_cfg.max_seq_len} positions")
-        adamw = AdamWConfig(lr=config.lr, grad_clip=config.grad_clip)
         self.policy = build_model(model_cfg, backend, B, self.T, init_params)
-        self.policy_opt = ModelOptimizer(backend, self.policy, init_params, adamw)
+        self.value_head = ScalarHead(self.policy) if config.algo == "ppo" else None
+        self.policy_opt = ModelOptimizer(backend, self.policy, init_params,
+                                         AdamWConfig(lr=config.lr, grad_clip=config.grad_clip), head=self.value_head)
         self.reference = family_of(model_cfg).Model(model_cfg, backend, B, self.T, init_params)
-        self.value = self.value_opt = None
-        if config.algo == "ppo":
-            self.value = ScalarHeadModel(model_cfg, backend, B, self.T, init_params)
-            self.value_opt = ModelOptimizer(backend, self.value, init_params, adamw)
         self.decoder = BatchedDecoder(self.policy)
-        self._weights = backend.zeros((B, self.T), fp32=True)
         self._entropy = backend.zeros((B, self.T), fp32=True)
+        # the update's inputs besides the tokens, at fixed addresses (the captured graphs read them)
+        self._policy_loss = PolicyLoss(backend.zeros((B, self.T, POLICY_TERMS), fp32=True), config.clip)
+        self._value_terms = backend.zeros((B, self.T, 3), fp32=True)  # old value, return, mask / n
+        self._update_forward = backend.graphed(self._policy_forward)
+        self._update_backward = backend.graphed(self.policy.backward)
         self.rng = np.random.default_rng(config.seed)
         self.order, self.cursor = self.rng.permutation(len(self.prompts)), 0
         self.kl_coef = config.kl_coef
@@ -190,19 +230,36 @@ class PPO:
                                      self.config.temperature)
         return float(checked_rewards(reward_fn or self.reward_fn, prompts, texts).mean())
 
-    # ---- forwards over whole sequences ------------------------------------------------------------------
-    def _logprobs(self, model, inputs, targets, entropy: bool = False):
+    # ---- the score phase: forwards over whole sequences -------------------------------------------------
+    def _forward(self, model, batch, dloss: float, policy=None, entropy=None):
+        model.forward_schedule(model.block_acts, model.attend, batch.tokens, model.position_rows(0, model.T))
+        model.lm_head_loss(batch.targets, dloss, policy=policy, entropy=entropy)
+
+    def _logprobs(self, model, batch, entropy: bool = False):
         """Host log pi(target) (B, T) under `model` (0 where the target is masked), and each position's
-        entropy when asked; leaves the trunk's activations for a backward."""
-        batch = self.ops.set_batch(inputs, targets)
-        model.forward_schedule(model.block_acts, model.attend, batch.tokens, model.p["wpe"][:model.T])
-        model.lm_head_loss(batch.targets, 0.0, entropy=self._entropy if entropy else None)
+        entropy when asked."""
+        self._forward(model, batch, 0.0, entropy=self._entropy if entropy else None)
         logp = -self.ops.to_numpy(model.acts["losses"]).astype(np.float64)
-        return batch, logp, (self.ops.to_numpy(self._entropy).astype(np.float64) if entropy else None)
+        return logp, (self.ops.to_numpy(self._entropy).astype(np.float64) if entropy else None)
+
+    def score(self, rollouts: Rollouts) -> Rollouts:
+        """Fills in the old and reference log-probabilities, the entropy and (PPO) the values."""
+        B, shape = self.config.minibatch, rollouts.inputs.shape
+        r = rollouts
+        r.old_logp, r.ref_logp, r.entropy, r.values = (np.zeros(shape) for _ in range(4))
+        for start in range(0, shape[0], B):
+            rows = slice(start, start + B)
+            batch = self.ops.set_batch(r.inputs[rows], r.targets[rows])
+            r.old_logp[rows], r.entropy[rows] = self._logprobs(self.policy, batch, entropy=True)
+            if self.value_head is not None:
+                r.values[rows] = self.ops.to_numpy(self.value_head.forward())
+            r.ref_logp[rows], _ = self._logprobs(self.reference, batch)
+        r.values = np.where(r.mask, r.values, 0.0)
+        return r
 
     # ---- one step --------------------------------------------------------------------------------------
     def step(self) -> StepStats:
-        c, B, T = self.config, self.config.minibatch, self.T
+        c, T = self.config, self.T
         t0 = time.time()
         prompt_ids = self._next_prompts()
         if c.algo == "grpo":
@@ -212,94 +269,107 @@ class PPO:
         scores = checked_rewards(self.reward_fn, [self.prompts[i] for i in prompt_ids], texts)
         t_rollout = time.time() - t0
 
+        t1 = time.time()
         R = len(prompt_ids)
-        inputs = tokens[:, :T]
         mask = completion_mask(prompt_lens, lengths, T)
-        targets = np.where(mask, tokens[:, 1:], -1).astype(np.int32)
-        old_logp, ref_logp, entropy, values = (np.zeros((R, T)) for _ in range(4))
-        for start in range(0, R, B):
-            rows = slice(start, start + B)
-            _, old_logp[rows], entropy[rows] = self._logprobs(self.policy, inputs[rows], targets[rows], entropy=True)
-            _, ref_logp[rows], _ = self._logprobs(self.reference, inputs[rows], targets[rows])
-            if self.value is not None:
-                values[rows] = self.ops.to_numpy(self.value.forward(inputs[rows]))
-        kl_tokens = np.where(mask, old_logp - ref_logp, 0.0)
-
+        r = self.score(Rollouts(tokens[:, :T], np.where(mask, tokens[:, 1:], -1).astype(np.int32), mask))
+        kl_tokens = np.where(mask, r.old_logp - r.ref_logp, 0.0)
         if c.algo == "ppo":
             rewards = -self.kl_coef * kl_tokens
             rewards[np.arange(R), lengths - 2] += scores  # the input position predicting the last token
-            values = np.where(mask, values, 0.0)
-            advantages, returns = gae(rewards, values, mask, c.gamma, c.lam)
+            advantages, returns = gae(rewards, r.values, mask, c.gamma, c.lam)
             if c.whiten:
                 advantages = whiten(advantages, mask)
         else:
             groups = scores.reshape(-1, c.group_size)
             normalized = (groups - groups.mean(axis=1, keepdims=True)) / (groups.std(axis=1, keepdims=True) + 1e-6)
             advantages = np.where(mask, normalized.reshape(-1, 1), 0.0)
-            returns = None
+            returns = np.zeros_like(advantages)
+        t_score = time.time() - t1
 
-        t1 = time.time()
-        clipped_tokens, value_losses = 0.0, []
-        for _ in range(c.epochs):
-            for mb in self.rng.permutation(R).reshape(-1, B):
-                clipped_tokens += self._policy_update(inputs[mb], targets[mb], mask[mb], old_logp[mb],
-                                                      ref_logp[mb], advantages[mb])
-                if self.value is not None:
-                    value_losses.append(self._value_update(inputs[mb], mask[mb], values[mb], returns[mb]))
-        t_update = time.time() - t1
+        t2 = time.time()
+        clipped_tokens, value_loss = self.update(r, advantages, returns)
+        t_update = time.time() - t2
 
         kl, kl_coef = float(kl_tokens.sum(axis=1).mean()), self.kl_coef
         if c.kl_target is not None:  # proportional control of the KL per sequence towards kl_target
             self.kl_coef *= 1.0 + np.clip(kl / c.kl_target - 1.0, -0.2, 0.2) * R / c.kl_horizon
         explained = 0.0
-        if returns is not None:
+        if self.value_head is not None:
             variance = returns[mask].var()
-            explained = float(1.0 - (returns - values)[mask].var() / variance) if variance > 0 else 0.0
+            explained = float(1.0 - (returns - r.values)[mask].var() / variance) if variance > 0 else 0.0
         self.step_count += 1
-        return StepStats(self.step_count, float(scores.mean()), kl, float(entropy[mask].mean()),
-                         clipped_tokens / (c.epochs * mask.sum()), float(np.mean(value_losses)) if value_losses else 0.0,
-                         explained, kl_coef, float((lengths - prompt_lens).sum()) / max(t_rollout, 1e-9),
+        return StepStats(self.step_count, float(scores.mean()), kl, float(r.entropy[mask].mean()),
+                         clipped_tokens / (c.epochs * mask.sum()), value_loss, explained, kl_coef,
+                         float((lengths - prompt_lens).sum()) / max(t_rollout, 1e-9), R * T / max(t_score, 1e-9),
                          c.epochs * R * T / max(t_update, 1e-9), time.time() - t0)
 
-    def _policy_update(self, inputs, targets, mask, old_logp, ref_logp, advantages) -> float:
-        """One clipped-surrogate update on a minibatch; returns the number of clipped tokens."""
-        c = self.config
-        batch, logp, _ = self._logprobs(self.policy, inputs, targets)
-        ratio = np.exp(logp - old_logp)
-        clipped = mask & (((advantages > 0) & (ratio > 1 + c.clip)) | ((advantages < 0) & (ratio < 1 - c.clip)))
-        n = mask.sum()
-        # loss = -mean over tokens of min(ratio * A, clip(ratio) * A): d loss / d log pi = -ratio * A where
-        # the unclipped term is the minimum, else 0; the weight on -log pi's gradient is its negative
-        weights = np.where(mask & ~clipped, ratio * advantages, 0.0) / n
-        if c.algo == "grpo":  # kl_coef * (r - log r - 1), r = pi_ref / pi: d / d log pi = kl_coef * (1 - r)
-            weights -= np.where(mask, c.kl_coef * (1.0 - np.exp(ref_logp - logp)), 0.0) / n
-        self.ops.from_numpy(weights.astype(np.float32), out=self._weights)
-        self.policy.lm_head_loss(batch.targets, 1.0, weights=self._weights)
-        self.policy.backward(batch)
-        self.policy_opt.step(c.lr)
-        return float(clipped.sum())
+    # ---- the update phase --------------------------------------------------------------------------------
+    def update(self, r: Rollouts, advantages: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
+        """`epochs` passes of shuffled minibatches over scored rollouts, one update each; returns (the
+        number of clipped token updates, the mean value loss over the minibatches (PPO; else 0)).
+        As the trainer's steps: the next minibatch's tokens are prepared on the host while the device
+        works, and per minibatch the host waits only for the gradient norm (ModelOptimizer.step); what
+        the statistics need stays on the device until the end."""
+        c, ops, B, T = self.config, self.ops, self.config.minibatch, self.T
+        minibatches = [mb for _ in range(c.epochs) for mb in self.rng.permutation(len(r.inputs)).reshape(-1, B)]
+        losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
+        value_losses = ops.zeros((len(minibatches),), fp32=True)
+        terms = []
+        staged = ops.prepare_batch(r.inputs[minibatches[0]], r.targets[minibatches[0]])
+        for k, mb in enumerate(minibatches):
+            mb_terms, value_loss = self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
+                                                  r.values[mb], returns[mb])
+            terms.append(mb_terms)
+            with ops.on_stream():
+                losses[k] = self.policy.acts["losses"]
+                if value_loss is not None:
+                    value_losses[k] = value_loss
+            if k + 1 < len(minibatches):
+                nxt = minibatches[k + 1]
+                staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
+            self.policy_opt.step(c.lr)
+        losses = ops.to_numpy(losses).astype(np.float64)
+        clipped = sum(float((policy_weights(-losses[k], terms[k], c.clip)[1] & r.mask[mb]).sum())
+                      for k, mb in enumerate(minibatches))
+        return clipped, float(ops.to_numpy(value_losses).mean()) if self.value_head is not None else 0.0
 
-    def _value_update(self, inputs, mask, old_values, returns) -> float:
-        """One clipped value-loss update on a minibatch; returns the loss."""
-        c, n = self.config, mask.sum()
-        v = self.ops.to_numpy(self.value.forward(inputs)).astype(np.float64)
-        v_clipped = old_values + np.clip(v - old_values, -c.value_clip, c.value_clip)
-        loss_plain, loss_clipped = (v - returns) ** 2, (v_clipped - returns) ** 2
-        # 0.5 * max(plain, clipped): the gradient of whichever is larger (the clipped one's is 0 outside the clip)
-        grad = np.where(loss_plain >= loss_clipped, v - returns,
-                        (v_clipped - returns) * (np.abs(v - old_values) < c.value_clip))
-        self.value.backward(self.ops.from_numpy(np.where(mask, grad, 0.0).astype(np.float32) / n))
-        self.value_opt.step(c.lr)
-        return float(0.5 * np.maximum(loss_plain, loss_clipped)[mask].mean())
+    def _policy_forward(self, batch):
+        """The update's forward: the trunk, then the LM head with the policy loss (its backward included)."""
+        self._forward(self.policy, batch, 1.0, policy=self._policy_loss)
+
+    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns):
+        """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss: the policy
+        loss (the clipped surrogate, GRPO's KL term) and for PPO vf_coef times the clipped value loss, each
+        a mean over the completion tokens, in one forward and one backward of the policy's trunk. staged:
+        the minibatch's tokens and targets from backend.prepare_batch. Returns (the policy terms (B, T, 4)
+        it used, the value loss as a backend scalar (PPO; else None)), without waiting for the device."""
+        c, ops, n = self.config, self.ops, mask.sum()
+        kl = c.kl_coef if c.algo == "grpo" else 0.0
+        terms = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
+        with ops.on_stream():  # copies queued on the stream, into the buffers the captured graphs read
+            self._policy_loss.terms[...] = ops.from_numpy(terms.astype(np.float32))
+            if self.value_head is not None:
+                self._value_terms[...] = ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1)
+                                                        .astype(np.float32))
+        batch = ops.upload_batch(staged)
+        self._update_forward(batch)
+        value_loss = None
+        if self.value_head is not None:
+            with ops.on_stream():
+                old, ret, weight = (self._value_terms[..., i] for i in range(3))
+                loss, grad = clipped_value_loss(ops.xp, self.value_head.forward(), old, ret, c.value_clip)
+                value_loss = (loss * weight).sum()
+                self.value_head.backward(c.vf_coef * weight * grad, add=True)
+        self._update_backward(batch)
+        return terms, value_loss
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, out_dir: str):
-        """The policy as an llm.c model file, and a state file with both optimizers, the value model, the
-        KL coefficient, the prompt order and the RNG (a resumed run continues the same stream)."""
+        """The policy as an llm.c model file, and a state file with the optimizer (the value head's
+        parameters with it), the KL coefficient, the prompt order and the RNG (a resumed run continues the
+        same stream)."""
         arrays = {f"policy.{k}": v for k, v in self.policy_opt.state_arrays().items()}
-        if self.value is not None:
-            arrays.update({f"value.{k}": v for k, v in self.value_opt.state_arrays().items()})
-            arrays["value.params"] = self.value.trunk.host_params()
         extra = {"kl_coef": self.kl_coef, "rng": self.rng.bit_generator.state, "order": self.order.tolist(),
                  "cursor": self.cursor, "algo": self.config.algo}
         params = self.policy.host_params()
@@ -326,9 +396,6 @@ class PPO:
             group = lambda prefix: {k[len(prefix):]: v for k, v in state.arrays.items() if k.startswith(prefix)}
             self.policy.load_params(params)
             self.policy_opt.load_state(group("policy."))
-            if self.value is not None:
-                self.value.trunk.load_params(state.arrays["value.params"])
-                self.value_opt.load_state(group("value."))
             extra = state.extra
             self.kl_coef, self.cursor = extra["kl_coef"], extra["cursor"]
             self.order = np.array(extra["order"])

@@ -1,9 +1,10 @@
-"""A GPT-2 trunk with a scalar head: the reward model (trained on preference pairs with the Bradley-Terry
-loss) and PPO's value model. The head is n_embd weights and a bias on the final layernorm's output,
-value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at its last token (the EOT that ends
-a completion). The head is C + 1 numbers: it is applied in float32 arrays of the backend's array module
-(numpy or CuPy) and updated on the host with the float32 reference AdamW; the trunk is an ordinary model
-of its family, trained by optim.AdamW through the same ops as pretraining (its LM head is never run).
+"""A scalar head on a GPT-2 trunk: the reward model (trained on preference pairs with the Bradley-Terry
+loss) and PPO's value head (on the policy's own trunk, rl/ppo.py). The head is n_embd weights and a bias
+on the final layernorm's output, value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at
+its last token (the EOT that ends a completion). The head is C + 1 numbers: it is applied in float32
+arrays of the backend's array module (numpy or CuPy) and updated on the host with the float32 reference
+AdamW; the trunk is an ordinary model of its family, trained by optim.AdamW through the same ops as
+pretraining.
 
 The reward model file (formats.REWARD_MODEL_FILE) is one file: the trunk as a model file's parameters
 plus the head.
@@ -26,87 +27,111 @@ def build_model(cfg, backend, B: int, T: int, params: np.ndarray):
     return family_of(cfg).Model(cfg, backend, B, T, params)
 
 
+class ScalarHead:
+    """value = lnf . w + bias on a trunk's final-norm output, after the trunk's forward; its backward
+    feeds d(lnf) to the trunk's backward (acts["dbtc"], where the LM head's backward leaves its own)."""
+
+    def __init__(self, trunk, head: np.ndarray | None = None):
+        self.trunk, self.ops, C = trunk, trunk.ops, trunk.cfg.n_embd
+        self.params = self.ops.from_numpy(np.zeros(C + 1, np.float32) if head is None else head.astype(np.float32))
+        self.grad = self.ops.zeros((C + 1,), fp32=True)
+        self._lnf = None
+
+    def forward(self):
+        """values (B, T) float32 (an array of the backend's array module) of the trunk's last forward."""
+        ops, C = self.ops, self.trunk.cfg.n_embd
+        with ops.on_stream():
+            self._lnf = ops.activation_to_fp32(self.trunk.acts["lnf"])
+            return self._lnf @ self.params[:C] + self.params[C]
+
+    def backward(self, dvalues, add: bool = False):
+        """Accumulates the gradients of sum(dvalues * values) of the last forward into grad, and writes
+        d(lnf) into the trunk's acts["dbtc"] for its backward (add: onto the LM head's d(lnf) there).
+        dvalues (B, T) float32 of the backend's array module."""
+        ops, C, dlnf = self.ops, self.trunk.cfg.n_embd, self.trunk.acts["dbtc"]
+        with ops.on_stream():
+            self.grad[:C] += (self._lnf * dvalues[..., None]).sum(axis=(0, 1))
+            self.grad[C] += dvalues.sum()
+            d = dvalues[..., None] * self.params[:C]
+            ops.store_fp32(dlnf, d + ops.activation_to_fp32(dlnf) if add else d)
+
+    def host_params(self) -> np.ndarray:
+        return self.ops.to_numpy(self.params)
+
+
 class ScalarHeadModel:
-    """A trunk of (B, T) and its scalar head: forward(inputs) -> values (B, T), backward(dvalues)."""
+    """A trunk of (B, T) and its scalar head (the reward model): forward(inputs) -> values (B, T),
+    backward(dvalues)."""
 
     def __init__(self, cfg, backend, B: int, T: int, trunk_params: np.ndarray, head: np.ndarray | None = None):
-        self.cfg, self.ops, C = cfg, backend, cfg.n_embd
+        self.cfg, self.ops = cfg, backend
         self.trunk = build_model(cfg, backend, B, T, trunk_params)
-        self.head = backend.from_numpy(np.zeros(C + 1, np.float32) if head is None else head.astype(np.float32))
-        self.head_grad = backend.zeros((C + 1,), fp32=True)
-        self._batch = self._lnf = None
+        self.scalar_head = ScalarHead(self.trunk, head)
+        self.head, self.head_grad = self.scalar_head.params, self.scalar_head.grad
+        self._batch = None
 
     def forward(self, inputs: np.ndarray):
         """values (B, T) float32 (an array of the backend's array module) of the host tokens `inputs`."""
-        ops, trunk, C = self.ops, self.trunk, self.cfg.n_embd
-        self._batch = ops.set_batch(inputs)
-        trunk.forward(self._batch)  # no targets: up to the final layernorm only
-        with ops.on_stream():
-            self._lnf = ops.activation_to_fp32(trunk.acts["lnf"])
-            return self._lnf @ self.head[:C] + self.head[C]
+        self._batch = self.ops.set_batch(inputs)
+        self.trunk.forward(self._batch)  # no targets: up to the final layernorm only
+        return self.scalar_head.forward()
 
     def backward(self, dvalues):
         """Accumulates the gradients of sum(dvalues * values) of the last forward into head_grad and the
         trunk's grads; dvalues (B, T) float32 of the backend's array module."""
-        ops, trunk, C = self.ops, self.trunk, self.cfg.n_embd
-        with ops.on_stream():
-            self.head_grad[:C] += (self._lnf * dvalues[..., None]).sum(axis=(0, 1))
-            self.head_grad[C] += dvalues.sum()
-            ops.store_fp32(trunk.acts["dbtc"], dvalues[..., None] * self.head[:C])
-        trunk.backward(self._batch)
+        self.scalar_head.backward(dvalues)
+        self.trunk.backward(self._batch)
 
     def host_head(self) -> np.ndarray:
-        return self.ops.to_numpy(self.head)
+        return self.scalar_head.host_params()
 
 
 class ModelOptimizer:
-    """AdamW (single process) over a model's flat parameters and, for a ScalarHeadModel, its head too;
-    one global gradient norm clips both. `model` is a family model or a ScalarHeadModel."""
+    """AdamW (single process) over a family model's flat parameters and, when given, a scalar head on it
+    too; one global gradient norm clips both."""
 
-    def __init__(self, backend, model, init_params: np.ndarray, cfg):
-        self.ops, self.cfg = backend, cfg
-        self.head_model = model if isinstance(model, ScalarHeadModel) else None
-        self.model = model.trunk if self.head_model else model
-        self.adamw = AdamW(backend, self.model, self.model.storage.comm, cfg, graphs=False, initial_params=init_params)
-        if self.head_model:  # C + 1 numbers: updated on the host, then copied to the device
-            self.head = self.head_model.host_head()
-            self.head_m, self.head_v = np.zeros_like(self.head), np.zeros_like(self.head)
+    def __init__(self, backend, model, init_params: np.ndarray, cfg, head: ScalarHead | None = None):
+        self.ops, self.cfg, self.model, self.head = backend, cfg, model, head
+        self.adamw = AdamW(backend, model, model.storage.comm, cfg, initial_params=init_params)
+        if head:  # C + 1 numbers: updated on the host, then copied to the device
+            self.head_params = head.host_params()
+            self.head_m, self.head_v = np.zeros_like(self.head_params), np.zeros_like(self.head_params)
         self.t = 0
 
     def step(self, lr: float) -> float:
         """One update from the accumulated gradients, which it then zeroes; returns their global norm."""
         norm_squared = self.adamw.reduce_gradients() ** 2
-        hm = self.head_model
-        if hm:
-            head_grad = self.ops.to_numpy(hm.head_grad)
+        head = self.head
+        if head:
+            head_grad = self.ops.to_numpy(head.grad)
             norm_squared += float(head_grad.astype(np.float64) @ head_grad)
         norm = math.sqrt(norm_squared)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
-            self.adamw.step(lr, self.t, norm, seed=self.t)
-            if hm:
-                adamw_reference(self.head, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
+            if head:  # first: the device is idle after the norm's read, so the upload waits for nothing
+                adamw_reference(self.head_params, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
                                 clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
-                self.ops.from_numpy(self.head, out=hm.head)
+                self.ops.from_numpy(self.head_params, out=head.params)
+            self.adamw.step(lr, self.t, norm, seed=self.t)
         self.model.zero_grad()
-        if hm:
-            self.ops.zero_(hm.head_grad)
+        if head:
+            self.ops.zero_(head.grad)
         return norm
 
     def state_arrays(self) -> dict:
         """Host float32 arrays of everything a resumed run needs besides the model file."""
         arrays = {name: self.ops.to_numpy(a) for name, a in self.adamw.state_arrays().items()}
         arrays["step"] = np.array([self.t], np.float32)
-        if self.head_model:
-            arrays.update(head=self.head, head_m=self.head_m, head_v=self.head_v)
+        if self.head:
+            arrays.update(head=self.head_params, head_m=self.head_m, head_v=self.head_v)
         return arrays
 
     def load_state(self, arrays: dict):
         self.adamw.load_state(arrays)
         self.t = int(arrays["step"][0])
-        if self.head_model:
-            self.head, self.head_m, self.head_v = (arrays[k].copy() for k in ("head", "head_m", "head_v"))
-            self.ops.from_numpy(self.head, out=self.head_model.head)
+        if self.head:
+            self.head_params, self.head_m, self.head_v = (arrays[k].copy() for k in ("head", "head_m", "head_v"))
+            self.ops.from_numpy(self.head_params, out=self.head.params)
 
 
 # ---- the file --------------------------------------------------------------------------------------
