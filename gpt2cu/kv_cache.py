@@ -46,6 +46,21 @@ def padding_token(cfg) -> int:
     return GPT2_EOT if GPT2_EOT < cfg.vocab_size else 0
 
 
+def cached_attention(xp, qkv, cfg, scale: float):
+    """The last position's attention over positions 0..n-1 of R sequences' cached rows at once: qkv
+    (R, n, qkv_width) float32 -> (R, n_head * head_size) float32. The query heads are grouped by the
+    key/value head they read (query head h reads key/value head h // (n_head / n_kv_head))."""
+    R, n, _ = qkv.shape
+    hs, H, KV = cfg.head_size, cfg.n_head, cfg.n_kv_head
+    q_width, kv_width = H * hs, KV * hs
+    q = qkv[:, n - 1, :q_width].reshape(R, KV, H // KV, hs)
+    keys = qkv[:, :, q_width:q_width + kv_width].reshape(R, n, KV, hs).transpose(0, 2, 3, 1)  # (R, KV, hs, n)
+    values = qkv[:, :, q_width + kv_width:].reshape(R, n, KV, hs).transpose(0, 2, 1, 3)  # (R, KV, n, hs)
+    s = (q @ keys) * scale  # (R, KV, H/KV, n)
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))
+    return ((e / e.sum(axis=-1, keepdims=True)) @ values).reshape(R, q_width)
+
+
 class KVCacheDecoder:
     """Decoding of one sequence over `model`'s parameters with cached keys and values."""
 
@@ -116,14 +131,6 @@ class KVCacheDecoder:
                                   "qkv": self.qkv[l][:, :n]})
             block["atty"] = out[:, n - 1:]  # the last row, read in place by the projection that follows
             return
-        xp, hs, H, KV = self.ops.xp, cfg.head_size, cfg.n_head, cfg.n_kv_head
-        q_width, kv_width = H * hs, KV * hs
         with self.ops.on_stream():
-            qkv = self.ops.activation_to_fp32(self.qkv[l][0, :n])  # (n, qkv_width)
-            q = qkv[n - 1, :q_width].reshape(KV, H // KV, hs)  # the query heads grouped by key/value head
-            keys = qkv[:, q_width:q_width + kv_width].reshape(n, KV, hs).transpose(1, 2, 0)  # (KV, hs, n)
-            values = qkv[:, q_width + kv_width:].reshape(n, KV, hs).transpose(1, 0, 2)  # (KV, n, hs)
-            s = (q @ keys) * self.scale  # (KV, H/KV, n)
-            e = xp.exp(s - s.max(axis=-1, keepdims=True))
-            y = (e / e.sum(axis=-1, keepdims=True)) @ values  # (KV, H/KV, hs)
-            self.ops.store_fp32(block["atty"], y.reshape(q_width))
+            qkv = self.ops.activation_to_fp32(self.qkv[l][:, :n])  # (1, n, qkv_width)
+            self.ops.store_fp32(block["atty"], cached_attention(self.ops.xp, qkv, cfg, self.scale))

@@ -22,7 +22,9 @@ from gpt2cu import ppo as ppo_cli
 from gpt2cu import reward as reward_cli
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from gpt2cu.checkpoint import write_model
+from gpt2cu.models import family_of
 from gpt2cu.models.gpt2 import GPT, GPTConfig, init_params
+from gpt2cu.models.llama import LlamaConfig
 from gpt2cu.rl.ppo import gae
 from gpt2cu.rl.reward_model import ScalarHeadModel, read_reward_model, write_reward_model
 from gpt2cu.rl.rollout import BatchedDecoder, completion_mask, generate, sample_tokens
@@ -31,6 +33,9 @@ from gpt2cu.rl.text import CHAR_PADDED_VOCAB, CHAR_VOCAB, InputError
 REPO = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(n_layer=1, n_head=2, n_embd=16, max_seq_len=18, vocab_size=CHAR_VOCAB,
                  padded_vocab_size=CHAR_PADDED_VOCAB)
+# LLaMA with grouped key/value heads (4 query heads over 2), RoPE and SwiGLU, in the same vocabulary
+TINY_LLAMA = LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, multiple_of=16, max_seq_len=18,
+                         vocab_size=CHAR_VOCAB, padded_vocab_size=CHAR_PADDED_VOCAB)
 EXACT_MATCH = "gpt2cu.rl.rewards:arithmetic_exact_match"
 
 
@@ -40,15 +45,18 @@ def backend():
 
 
 # ---- pieces ------------------------------------------------------------------------------------------
-def test_batched_decoder_matches_full_forwards(backend):
+@pytest.mark.parametrize("cfg", [TINY, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_batched_decoder_matches_full_forwards(backend, cfg):
     """Greedy rollouts of prompts of different lengths, decoded together over the KV cache, equal greedy
-    decoding of each prompt alone by full forwards."""
-    params = init_params(TINY, seed=3) * 10  # large weights: peaked, prompt-dependent logits
+    decoding of each prompt alone by full forwards; for both model families (LLaMA's cache holds its
+    key/value heads only, and each step rotates its one position)."""
+    family = family_of(cfg)
+    params = family.init_params(cfg, seed=3) * 10  # large weights: peaked, prompt-dependent logits
     eot = CHAR_VOCAB - 1
     prompts = [[eot, 3, 4, 5], [eot, 7, 8, 9, 10, 11, 12], [eot]]
-    model = GPT(TINY, backend, 3, 12, params)
+    model = family.Model(cfg, backend, 3, 12, params)
     rollout = generate(model, BatchedDecoder(model), prompts, 6, eot, np.random.default_rng(0), temperature=0)
-    single = GPT(TINY, backend, 1, 12, params)
+    single = family.Model(cfg, backend, 1, 12, params)
     for row, prompt in enumerate(prompts):
         seq = list(prompt)
         while len(seq) < rollout.lengths[row]:
@@ -304,9 +312,12 @@ def test_reward_cli_bad_pairs_file(tiny_run, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "prompt, chosen, rejected" in err
 
 
-def test_resume_continues_the_same_run(tiny_run, capsys):
+@pytest.mark.parametrize("cfg", [TINY, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_resume_continues_the_same_run(tiny_run, capsys, cfg):
     """Steps 1-2, a checkpoint, then -y 1 to step 4 give the policy of an uninterrupted 4-step run, bit for bit
-    (PPO: the value head, the optimizer, the prompt order and the RNG are in the checkpoint)."""
+    (PPO: the value head, the optimizer, the prompt order and the RNG are in the checkpoint); a LLaMA policy
+    (llm.c's LLaMA model file) as well as GPT-2's."""
+    write_model(str(tiny_run / "policy.bin"), cfg, family_of(cfg).init_params(cfg, seed=0))
     common = ["--policy", "policy.bin", "--prompts", "prompts.jsonl", "--reward", "gpt2cu.rl.rewards:even_last_digit",
               "--lr", "1e-2"]
     assert run_ppo_cli(capsys, *common, "--steps", "4", "-o", "whole")[0] == 0

@@ -9,7 +9,7 @@
         hidden) (inference), zero_grad(), load_params(host),
         host_params(), forward_schedule(acts, attend, tokens, position_rows) (the KV-cache decoder
         runs it), position_rows(start, stop) (what the schedule needs of those positions), attend(l, block)
-        (fills block["atty"], block["att_lse"] from block["qkv"]), decode_buffers() (one-row buffers for
+        (fills block["atty"], block["att_lse"] from block["qkv"]), decode_buffers(rows) (buffers for
         the decoder), params / grads / acts / layout / cfg / B / T
     MODEL_FILE, write_model_file(path, cfg, params, dtype), read_model_file_header(path, error),
         read_model_file(path, error)   llm.c's model file of the family (checkpoint.py picks it by magic)

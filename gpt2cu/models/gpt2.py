@@ -280,11 +280,11 @@ class GPT(FlatModel):
         """What the schedule needs of positions start..stop-1: their rows of wpe."""
         return self.p["wpe"][start:stop]
 
-    def decode_buffers(self):
-        """One-row (B = T = 1) buffers for a decoding step: (outside the blocks, one block's, shared by every
-        block); the decoder supplies qkv (its cache row) and may replace atty."""
+    def decode_buffers(self, rows: int = 1):
+        """Buffers for a decoding step of `rows` sequences at one position (B = rows, T = 1): (outside the
+        blocks, one block's, shared by every block); the decoder supplies qkv and may replace atty."""
         ops, C, Vp = self.ops, self.cfg.n_embd, self.cfg.padded_vocab_size
-        z = lambda *shape, fp32=False: ops.zeros((1, 1) + shape, fp32=fp32)  # noqa: E731
+        z = lambda *shape, fp32=False: ops.zeros((rows, 1) + shape, fp32=fp32)  # noqa: E731
         ln, mean, rstd, residual3 = z(C), z(fp32=True), z(fp32=True), z(C)
         top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
         block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,

@@ -253,11 +253,11 @@ class Llama(FlatModel):
                 "swiglu": a["swiglu"][0 if self.recompute >= 1 else l], "residual3": a["residual3"][l],
                 "scratch": a["btc_scratch"]}
 
-    def decode_buffers(self):
-        """One-row (B = T = 1) buffers for a decoding step: (outside the blocks, one block's, shared by every
-        block); the decoder supplies qkv (its cache row) and may replace atty."""
+    def decode_buffers(self, rows: int = 1):
+        """Buffers for a decoding step of `rows` sequences at one position (B = rows, T = 1): (outside the
+        blocks, one block's, shared by every block); the decoder supplies qkv and may replace atty."""
         ops, C, H, Vp = self.ops, self.cfg.n_embd, self.cfg.ffn_hidden, self.cfg.padded_vocab_size
-        z = lambda *shape, fp32=False: ops.zeros((1, 1) + shape, fp32=fp32)  # noqa: E731
+        z = lambda *shape, fp32=False: ops.zeros((rows, 1) + shape, fp32=fp32)  # noqa: E731
         ln, rstd, residual3 = z(C), z(fp32=True), z(C)
         top = {"encoded": z(C), "lnf": z(C), "lnf_rstd": rstd, "logits": z(Vp)}
         block = {"ln1": ln, "ln1_rstd": rstd, "ln2": ln, "ln2_rstd": rstd, "atty": z(C), "att_lse": None,

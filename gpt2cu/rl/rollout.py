@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kv_cache import cached_attention
+
 
 class BatchedDecoder:
     """Incremental decoding of model.B sequences over model's parameters with cached keys and values."""
@@ -29,17 +31,14 @@ class BatchedDecoder:
     def __init__(self, model):
         cfg, ops = model.cfg, model.ops
         self.model, self.ops, self.cfg = model, ops, cfg
-        B, L, C, Vp = model.B, cfg.n_layer, cfg.n_embd, cfg.padded_vocab_size
+        B, L = model.B, cfg.n_layer
         self.capacity = model.T
         self.scale = 1.0 / math.sqrt(cfg.head_size)
-        self.qkv = ops.zeros((L, B, self.capacity, 3 * C))  # acts["qkv"] of every row, per layer
-        z = lambda *shape, fp32=False: ops.zeros((B, 1) + shape, fp32=fp32)
-        ln, mean, rstd = z(C), z(fp32=True), z(fp32=True)
-        self.top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
-        # the layers run one after another, so they share these buffers (as KVCacheDecoder's)
-        self.block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
-                      "ln2_rstd": rstd, "qkv": z(3 * C), "atty": z(C), "att_lse": None, "scratch": z(C),
-                      "residual2": z(C), "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": z(C)}
+        self.qkv = ops.zeros((L, B, self.capacity, cfg.qkv_width))  # acts["qkv"] of every row, per layer
+        # the family's buffers for B rows at one position; the layers run one after another and share them.
+        # The new position's qkv goes to a buffer of its own (B rows apart by the capacity in the cache)
+        self.top, self.block = model.decode_buffers(B)
+        self.block["qkv"] = ops.zeros((B, 1, cfg.qkv_width))
         self.tokens = ops.from_numpy(np.zeros((B, 1), np.int32))
         self.pos = 0
 
@@ -60,7 +59,7 @@ class BatchedDecoder:
             raise ValueError(f"the KV cache is full ({self.capacity} positions)")
         ops, m, pos = self.ops, self.model, self.pos
         ops.from_numpy(np.asarray(tokens, np.int32).reshape(-1, 1), out=self.tokens)
-        m.forward_schedule(self._acts, self._attend, self.tokens, m.p["wpe"][pos:pos + 1])
+        m.forward_schedule(self._acts, self._attend, self.tokens, m.position_rows(pos, pos + 1))
         self.pos = pos + 1
         return self._logits()
 
@@ -73,19 +72,11 @@ class BatchedDecoder:
 
     def _attend(self, l: int, block):
         """block["atty"] = every row's new position attending over its cached positions 0..pos of layer l."""
-        ops, xp, n = self.ops, self.ops.xp, self.pos + 1
-        B, C, H = self.model.B, self.cfg.n_embd, self.cfg.n_head
-        hs = C // H
+        ops, n = self.ops, self.pos + 1
         with ops.on_stream():
             self.qkv[l][:, self.pos:n] = block["qkv"]
-            qkv = ops.activation_to_fp32(self.qkv[l][:, :n])  # (B, n, 3C)
-            q = qkv[:, n - 1, :C].reshape(B, H, 1, hs)
-            keys = qkv[:, :, C:2 * C].reshape(B, n, H, hs).transpose(0, 2, 3, 1)  # (B, H, hs, n)
-            values = qkv[:, :, 2 * C:].reshape(B, n, H, hs).transpose(0, 2, 1, 3)  # (B, H, n, hs)
-            s = (q @ keys) * self.scale  # (B, H, 1, n)
-            e = xp.exp(s - s.max(axis=-1, keepdims=True))
-            y = (e / e.sum(axis=-1, keepdims=True)) @ values  # (B, H, 1, hs)
-            ops.store_fp32(block["atty"], y.transpose(0, 2, 1, 3).reshape(B, 1, C))
+            qkv = ops.activation_to_fp32(self.qkv[l][:, :n])  # (B, n, qkv_width)
+            ops.store_fp32(block["atty"], cached_attention(ops.xp, qkv, self.cfg, self.scale))
 
 
 def sample_tokens(logits: np.ndarray, rng: np.random.Generator, temperature: float,
