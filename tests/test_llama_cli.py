@@ -55,21 +55,24 @@ def test_resume_is_bit_exact(shards, tmp_path, accumulate, recompute):
     assert all(a[s] == b[s] for s in range(5, 9)), (a, b)
 
 
-def test_zero1_on_two_ranks_trains_what_one_rank_trains(shards, tmp_path):
+def test_zero1_and_zero3_on_two_ranks_train_what_one_rank_trains(shards, tmp_path):
     from test_multirank import train as multirank_train, log_values
     pytest.importorskip("mpi4py")
     runs = {}
-    for ranks, zero in ((1, "0"), (2, "1")):
-        out = tmp_path / f"ranks{ranks}"
-        code, stdout = multirank_train(ranks, out, shards, "-e", "llama:d2", "-z", zero)
+    settings = {"one rank": (1, "0", "1"), "ZeRO-1": (2, "1", "1"), "ZeRO-3 -r 3": (2, "3", "3")}
+    for name, (ranks, zero, recompute) in settings.items():
+        out = tmp_path / name.replace(" ", "_")
+        code, stdout = multirank_train(ranks, out, shards, "-e", "llama:d2", "-z", zero, "-r", recompute)
         assert code == 0, stdout
-        runs[ranks] = out
-    la, lb = log_values(runs[1], "trl"), log_values(runs[2], "trl")
-    assert sorted(la) == sorted(lb) and all(abs(la[s] - lb[s]) < 1e-4 for s in la), (la, lb)
-    cfg, pa = checkpoint.read_model(checkpoint.model_path(str(runs[1]), 6))
-    _, pb = checkpoint.read_model(checkpoint.model_path(str(runs[2]), 6))
+        runs[name] = out
+    cfg, pa = checkpoint.read_model(checkpoint.model_path(str(runs["one rank"]), 6))
     assert isinstance(cfg, LlamaConfig)
-    assert np.linalg.norm(pa - pb) <= 1e-3 * np.linalg.norm(pa)
+    la = log_values(runs["one rank"], "trl")
+    for name in ("ZeRO-1", "ZeRO-3 -r 3"):
+        lb = log_values(runs[name], "trl")
+        assert sorted(la) == sorted(lb) and all(abs(la[s] - lb[s]) < 1e-4 for s in la), (name, la, lb)
+        _, pb = checkpoint.read_model(checkpoint.model_path(str(runs[name]), 6))
+        assert np.linalg.norm(pa - pb) <= 1e-3 * np.linalg.norm(pa), name
 
 
 def bad_model_file(path, **shape):

@@ -7,7 +7,8 @@ grouped key/value heads, a SwiGLU MLP, no biases, a final RMSNorm and an untied 
 The schedule mirrors GPT-2's: residual adds fused into the next RMSNorm, RoPE applied in place to the qkv
 matmul's output (the backward rotates dqkv back), and GPT-2's LM head, run chunk by chunk with its loss
 and backward inside the training forward, over lm_head (or wte when tied).
-`recompute` trades SwiGLU (1) and RMSNorm (2) outputs for a second compute, as GPT-2's GeLU and layernorm.
+`recompute` trades SwiGLU (1) and RMSNorm (2) outputs for a second compute, as GPT-2's GeLU and layernorm,
+and at 3 keeps only each block's input, running the block's forward again inside its backward.
 
 `-e llama:dN`: N layers, channels and query heads as GPT-2's dN, key/value heads the largest divisor of the
 query heads that is at most a third of them (llama:d12 = 12 layers, C=768, 12 query and 4 key/value heads).
@@ -23,7 +24,7 @@ from ..formats import (HEADER_BYTES, HEADER_INTS, HeaderFormat, atomic_write, bf
                        f32_to_bf16_bits, new_header, read_header)
 from ..layout import Layout, build_layout
 from .base import FlatModel, TransformerShape
-from .gpt2 import GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, depth_shape
+from .gpt2 import GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, RECOMPUTE_LEVELS, depth_shape
 
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
@@ -129,23 +130,25 @@ FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "lo
 
 
 def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> Layout:
-    """As GPT-2's: recompute 1 keeps one shared SwiGLU output buffer, 2 also one per RMSNorm output."""
-    if recompute not in (0, 1, 2):
-        raise ValueError(f"recompute must be 0, 1 or 2, got {recompute}")
+    """As GPT-2's: recompute 1 keeps one shared SwiGLU output buffer, 2 also one per RMSNorm output, 3 one
+    block's buffers in all (every block keeps only its input, the residual stream)."""
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute}")
     L, C, NH, H, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.ffn_hidden, cfg.padded_vocab_size
     swiglu_layers = 1 if recompute >= 1 else L
     norm_layers = 1 if recompute >= 2 else L
+    block_layers = 1 if recompute >= 3 else L
     return build_layout([
         ("encoded", (B, T, C)),
         ("ln1", (norm_layers, B, T, C)),
-        ("ln1_rstd", (L, B, T)),
-        ("qkv", (L, B, T, cfg.qkv_width)),  # q and k rotated (RoPE in place)
-        ("atty", (L, B, T, C)),
-        ("att_lse", (L, B, NH, T)),
-        ("residual2", (L, B, T, C)),
+        ("ln1_rstd", (block_layers, B, T)),
+        ("qkv", (block_layers, B, T, cfg.qkv_width)),  # q and k rotated (RoPE in place)
+        ("atty", (block_layers, B, T, C)),
+        ("att_lse", (block_layers, B, NH, T)),
+        ("residual2", (block_layers, B, T, C)),
         ("ln2", (norm_layers, B, T, C)),
-        ("ln2_rstd", (L, B, T)),
-        ("fch", (L, B, T, 2 * H)),  # [gate | up]
+        ("ln2_rstd", (block_layers, B, T)),
+        ("fch", (block_layers, B, T, 2 * H)),  # [gate | up]
         ("swiglu", (swiglu_layers, B, T, H)),
         ("residual3", (L, B, T, C)),
         ("lnf", (B, T, C)),
@@ -212,8 +215,7 @@ class Llama(FlatModel):
         (gpt2.GPT.forward_schedule describes acts and attend); position_rows: the (cos, sin) rows of the tokens'
         positions."""
         ops, p, cfg, storage = self.ops, self.p, self.cfg, self.storage
-        L, NH, NKV, eps = cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.norm_eps
-        cos, sin = position_rows
+        L, eps = cfg.n_layer, cfg.norm_eps
         top = acts(None)
         storage.gather_top()
         ops.embedding_forward(top["encoded"], tokens, p["wte"])
@@ -223,14 +225,7 @@ class Llama(FlatModel):
         for l in range(L):
             a = acts(l)
             residual_in = top["encoded"] if l == 0 else acts(l - 1)["residual3"]
-            ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l])
-            ops.rope_forward(a["qkv"], a["qkv"], cos, sin, NH, NKV)
-            attend(l, a)
-            ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l])
-            ops.fused_residual_rmsnorm_forward(a["residual2"], a["ln2"], a["ln2_rstd"], residual_in, a["scratch"],
-                                               p["ln2w"][l], eps)
-            ops.matmul_forward(a["fch"], a["ln2"], p["fcw"][l])
-            ops.swiglu_forward(a["swiglu"], a["fch"])
+            self.block_forward_to_mlp(l, a, residual_in, attend, position_rows)
             ops.matmul_forward(a["scratch"], a["swiglu"], p["fcprojw"][l])
             if l + 1 < L:  # the next block's first RMSNorm
                 storage.gather_layer(l + 1, prefetch=l + 2)
@@ -241,15 +236,30 @@ class Llama(FlatModel):
             # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
             ops.fused_residual_rmsnorm_forward(a["residual3"], out, rstd, a["residual2"], a["scratch"], weight, eps)
 
+    def block_forward_to_mlp(self, l, a, residual_in, attend, position_rows):
+        """Block l's forward from its first RMSNorm's output to the SwiGLU output: everything its backward
+        reads (the MLP's second matmul and the residual add feed only the next block)."""
+        ops, p, cfg = self.ops, self.p, self.cfg
+        cos, sin = position_rows
+        ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l])
+        ops.rope_forward(a["qkv"], a["qkv"], cos, sin, cfg.n_head, cfg.n_kv_head)
+        attend(l, a)
+        ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l])
+        ops.fused_residual_rmsnorm_forward(a["residual2"], a["ln2"], a["ln2_rstd"], residual_in, a["scratch"],
+                                           p["ln2w"][l], cfg.norm_eps)
+        ops.matmul_forward(a["fch"], a["ln2"], p["fcw"][l])
+        ops.swiglu_forward(a["swiglu"], a["fch"])
+
     def block_acts(self, l):
         """Block l's activation buffers (None: those outside the blocks); recomputed outputs share one slot."""
         a = self.acts
         if l is None:
             return a
         norm = 0 if self.recompute >= 2 else l
-        return {"ln1": a["ln1"][norm], "ln1_rstd": a["ln1_rstd"][l], "qkv": a["qkv"][l], "atty": a["atty"][l],
-                "att_lse": a["att_lse"][l], "residual2": a["residual2"][l], "ln2": a["ln2"][norm],
-                "ln2_rstd": a["ln2_rstd"][l], "fch": a["fch"][l],
+        blk = 0 if self.recompute >= 3 else l
+        return {"ln1": a["ln1"][norm], "ln1_rstd": a["ln1_rstd"][blk], "qkv": a["qkv"][blk],
+                "atty": a["atty"][blk], "att_lse": a["att_lse"][blk], "residual2": a["residual2"][blk],
+                "ln2": a["ln2"][norm], "ln2_rstd": a["ln2_rstd"][blk], "fch": a["fch"][blk],
                 "swiglu": a["swiglu"][0 if self.recompute >= 1 else l], "residual3": a["residual3"][l],
                 "scratch": a["btc_scratch"]}
 
@@ -283,10 +293,13 @@ class Llama(FlatModel):
             b = self.block_acts(l)
             residual_in = a["encoded"] if l == 0 else a["residual3"][l - 1]
             self.storage.gather_layer(l, prefetch=l - 1)
-            if self.recompute >= 2:
+            if self.recompute >= 3:  # the whole block again, from its input
+                ops.rmsnorm_forward(b["ln1"], b["ln1_rstd"], residual_in, p["ln1w"][l], eps)
+                self.block_forward_to_mlp(l, b, residual_in, self.attend, (cos, sin))
+            elif self.recompute == 2:
                 ops.rmsnorm_forward(b["ln1"], b["ln1_rstd"], residual_in, p["ln1w"][l], eps)
                 ops.rmsnorm_forward(b["ln2"], b["ln2_rstd"], b["residual2"], p["ln2w"][l], eps)
-            if self.recompute >= 1:
+            if self.recompute in (1, 2):
                 ops.swiglu_forward(b["swiglu"], b["fch"])
             # MLP: dresidual -> fcproj -> SwiGLU -> fc -> ln2
             ops.matmul_backward(a["dbth"], g["fcprojw"][l], None, dresidual, b["swiglu"], p["fcprojw"][l])
