@@ -13,6 +13,12 @@ score forwards (stok) and the updates (utok: positions, as pretraining counts th
 --eval-prompts, the held-out mean reward (evr); `python -m gpt2cu.plot` draws them. -n N checkpoints every
 N steps (the policy as a model file, usable by gpt2cu.sample) and -y 1 resumes from the newest one. Bad
 input is one line and exit code 2.
+
+Data-parallel under mpirun, with the global batch of one rank (rl/ppo.py says how):
+    mpirun -np 2 python -m gpt2cu.ppo --policy model.bin --prompts prompts.jsonl --reward mymodule:reward -o log_ppo
+--minibatch and --prompts-per-step must split evenly over the ranks. Rank 0 prints, writes main.log and
+the model files; every rank writes its own state file, and a checkpoint is resumed by as many ranks as
+wrote it.
 """
 from __future__ import annotations
 
@@ -86,37 +92,60 @@ def main(argv=None) -> int:
         p.error(str(e))
 
     from .backends import get_backend
+    from .dist import abort_on_failure, init_distributed, install_abort_on_exception
+    try:
+        backend = get_backend(args.backend)
+        comm = init_distributed(backend.name)
+    except (RuntimeError, ValueError, ImportError) as e:
+        fail(e)
+    install_abort_on_exception(comm)
+    with abort_on_failure(comm):  # a rank that exits alone would leave the others waiting in a collective
+        return run(args, p, config, backend, comm)
+
+
+def run(args, p, config, backend, comm) -> int:
+    from .checkpoint import RunMismatch
     from .export import load_weights
+    from .rl.ppo import split_problem
     from .rl.rewards import RewardModelReward, load_reward_function
     from .train import Logger
+    say = print if comm.rank == 0 else (lambda *a, **k: None)
+    fail = lambda message: p.exit(2, f"{p.prog}: error: {message}\n" if comm.rank == 0 else None)
+    if split_problem(config, comm.world_size):
+        fail(split_problem(config, comm.world_size))
+    backend.select_device(comm.local_rank)
+    comm.use_stream(backend.stream)  # NCCL collectives queue behind the backend's work
     try:
         cfg, params = load_weights(args.policy)
         codec = codec_for(cfg)
         prompts = [r["prompt"] for r in read_jsonl(args.prompts, ("prompt",))]
         eval_prompts = [r["prompt"] for r in read_jsonl(args.eval_prompts, ("prompt",))] if args.eval_prompts else []
-        backend = get_backend(args.backend)
         if args.reward:
             reward_fn = load_reward_function(args.reward)
         else:
             longest = max(len(document_tokens(codec, x)) for x in prompts + eval_prompts)
-            reward_fn = RewardModelReward(args.reward_model, cfg, backend, args.minibatch,
+            reward_fn = RewardModelReward(args.reward_model, cfg, backend, args.minibatch // comm.world_size,
                                           longest + args.max_new_tokens + 1)
         eval_reward = load_reward_function(args.eval_reward) if args.eval_reward else None
-        ppo = PPO(cfg, params, backend, config, prompts, reward_fn, codec, eval_prompts)
+        ppo = PPO(cfg, params, backend, config, prompts, reward_fn, codec, eval_prompts, comm)
     except (InputError, OSError, ValueError, RuntimeError, ImportError) as e:
         fail(e)
 
-    start = ppo.resume(args.output_dir) if args.resume else None
-    log = Logger(args.output_dir, 0, resume=start is not None)
-    print(f"{args.algo}: {len(prompts)} prompts, {config.rollout_rows} sequences per step in minibatches of "
-          f"{config.minibatch}, T={ppo.T}, backend {backend.name}"
-          + (f"; resumed at step {start}" if start is not None else ""))
+    try:
+        start = ppo.resume(args.output_dir, say) if args.resume else None
+    except RunMismatch as e:  # every checkpoint of the directory is of another world size
+        fail(e)
+    log = Logger(args.output_dir, comm.rank, resume=start is not None)
+    say(f"{args.algo}: {len(prompts)} prompts, {config.rollout_rows} sequences per step in minibatches of "
+        f"{config.minibatch}, T={ppo.T}, backend {backend.name}"
+        + (f", ranks {comm.world_size}" if comm.world_size > 1 else "")
+        + (f"; resumed at step {start}" if start is not None else ""))
     try:
         def evaluate(step):
             if eval_prompts:
                 value = ppo.evaluate(eval_prompts, eval_reward)
                 log.log(step, "evr", value)
-                print(f"step {step:5d} | held-out mean reward {value:.4f}", flush=True)
+                say(f"step {step:5d} | held-out mean reward {value:.4f}", flush=True)
                 return value
 
         before = evaluate(ppo.step_count)
@@ -129,22 +158,23 @@ def main(argv=None) -> int:
                        ("utok", s.update_tokens_per_s)]
             for key, value in fields:
                 log.log(s.step, key, value)
-            print(f"step {s.step:5d}/{args.steps} | reward {s.reward:.4f} | kl {s.kl:.4f} (coef {s.kl_coef:.4f}) | "
-                  f"entropy {s.entropy:.3f} | clip {s.clip_frac:.3f} | value loss {s.value_loss:.4f} | "
-                  f"ev {s.explained_var:.3f} | rollout {s.rollout_tokens_per_s:,.0f} tok/s | "
-                  f"score {s.score_tokens_per_s:,.0f} tok/s | update {s.update_tokens_per_s:,.0f} tok/s | "
-                  f"{s.seconds * 1000:.0f} ms", flush=True)
+            say(f"step {s.step:5d}/{args.steps} | reward {s.reward:.4f} | kl {s.kl:.4f} (coef {s.kl_coef:.4f}) | "
+                f"entropy {s.entropy:.3f} | clip {s.clip_frac:.3f} | value loss {s.value_loss:.4f} | "
+                f"ev {s.explained_var:.3f} | rollout {s.rollout_tokens_per_s:,.0f} tok/s | "
+                f"score {s.score_tokens_per_s:,.0f} tok/s | update {s.update_tokens_per_s:,.0f} tok/s | "
+                f"{s.seconds * 1000:.0f} ms", flush=True)
             last = s.step == args.steps
             if args.eval_every and s.step % args.eval_every == 0 and not last:
                 evaluate(s.step)
             if args.output_dir and ((args.checkpoint_every and s.step % args.checkpoint_every == 0) or last):
                 ppo.save(args.output_dir)
         if eval_prompts:
-            print(f"held-out mean reward: {before:.4f} -> {evaluate(ppo.step_count):.4f}")
-    except InputError as e:  # a reward function that fails on the completions it is given
-        fail(e)
+            say(f"held-out mean reward: {before:.4f} -> {evaluate(ppo.step_count):.4f}")
+    except InputError as e:  # a reward function that fails on the completions it is given (this rank's)
+        where = f" (rank {comm.rank})" if comm.world_size > 1 else ""
+        p.exit(2, f"{p.prog}: error{where}: {e}\n")
     if args.output_dir:
-        print(f"policy: {os.path.join(args.output_dir, f'model_{ppo.step_count:08d}.bin')}")
+        say(f"policy: {os.path.join(args.output_dir, f'model_{ppo.step_count:08d}.bin')}")
     return 0
 
 

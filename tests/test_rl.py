@@ -318,8 +318,10 @@ def test_resume_continues_the_same_run(tiny_run, capsys, cfg):
     (PPO: the value head, the optimizer, the prompt order and the RNG are in the checkpoint); a LLaMA policy
     (llm.c's LLaMA model file) as well as GPT-2's."""
     write_model(str(tiny_run / "policy.bin"), cfg, family_of(cfg).init_params(cfg, seed=0))
+    # 16 sequences per step: the untrained policy ends about 1 completion in 12 with an even digit, and a
+    # step whose rewards are all 0 does not move it
     common = ["--policy", "policy.bin", "--prompts", "prompts.jsonl", "--reward", "gpt2cu.rl.rewards:even_last_digit",
-              "--lr", "1e-2"]
+              "--lr", "1e-2", "--prompts-per-step", "16"]
     assert run_ppo_cli(capsys, *common, "--steps", "4", "-o", "whole")[0] == 0
     assert run_ppo_cli(capsys, *common, "--steps", "2", "-o", "parts")[0] == 0
     code, out, _ = run_ppo_cli(capsys, *common, "--steps", "4", "-o", "parts", "-y", "1")

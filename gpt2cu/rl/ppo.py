@@ -40,6 +40,21 @@ What an update costs per token is what a pretraining step costs (bench/bench_rl.
     parameters back while the device is idle for that read), as in a pretraining step.
 The score phase is two forwards per token (policy and reference, no backward); the rollout is
 incremental decoding. Each phase's tokens/s is reported.
+
+Data-parallel ranks (comm: dist.MPIComm on the numpy backend, NCCLComm on CUDA) run the step one rank
+would run on the same global batch:
+  - every rank holds the whole policy (ZeRO-0: AdamW all-reduces the gradients, ModelOptimizer the value
+    head's) and draws the same prompts, prompt order and minibatch permutations from the shared RNG;
+  - the rollout rows are split in contiguous shares (a GRPO group stays on one rank), and row i of the
+    step samples with its own generator seeded by (seed, step, i), so its completion does not depend on
+    which rank, or which other rows, it is sampled with; each rank computes its rows' rewards and scores;
+  - the scored rows are all-gathered (R x T numbers per array, small beside a forward): GAE, the
+    whitening, GRPO's group statistics, the KL controller and the logged statistics are then the same
+    host arithmetic over the same arrays on every rank as on one;
+  - each global minibatch of `minibatch` rows is split over the ranks, and its per-token normalization
+    counts the whole minibatch's tokens (times the world size, which the gradient average divides out):
+    the averaged gradient is one rank's gradient of the whole minibatch.
+Bit-for-bit equality with one rank is not the claim: the ranks sum gradients in another order.
 """
 from __future__ import annotations
 
@@ -49,11 +64,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import checkpoint
+from ..dist import SingleProcess
 from ..backends.base import POLICY_TERMS, PolicyLoss
 from ..backends.numpy_ops import policy_weights
 from ..models import family_of
 from ..optim import AdamWConfig
-from .reward_model import ModelOptimizer, ScalarHead, build_model
+from .reward_model import ModelOptimizer, ScalarHead, build_model, rank_share
 from .rewards import checked_rewards
 from .rollout import BatchedDecoder, completion_mask, generate
 from .text import document_tokens
@@ -66,7 +82,7 @@ class PPOConfig:
     algo: str = "ppo"
     prompts_per_step: int = 32     # prompts sampled per step (GRPO: each group_size times)
     group_size: int = 4            # GRPO's completions per prompt
-    minibatch: int = 16            # sequences per update (the model's B)
+    minibatch: int = 16            # sequences per update, over all ranks (the model's B is its share)
     epochs: int = 2                # passes over each rollout batch
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -165,22 +181,40 @@ def clipped_value_loss(xp, values, old_values, returns, clip: float):
     return 0.5 * xp.maximum(plain, clipped), grad
 
 
+def row_generators(seed: int, rows, *key) -> list:
+    """One generator per row index, seeded by (seed, *key, row): a row samples the same whatever the
+    rank and the other rows it is decoded with."""
+    return [np.random.default_rng([seed, *key, int(i)]) for i in rows]
+
+
+def split_problem(config: PPOConfig, world_size: int) -> str | None:
+    """Why config's global batch cannot be split over world_size ranks, or None."""
+    if config.minibatch % world_size or config.prompts_per_step % world_size:
+        return (f"--minibatch {config.minibatch} and --prompts-per-step {config.prompts_per_step} must both "
+                f"split evenly over {world_size} ranks")
+    return None
+
+
 class PPO:
     """The policy (with, for PPO, its value head), its frozen reference, the optimizer and the prompt stream."""
 
     def __init__(self, model_cfg, init_params: np.ndarray, backend, config: PPOConfig, prompts: list,
-                 reward_fn, codec, eval_prompts: list = ()):
-        """eval_prompts: the held-out prompts evaluate() will be given (the models' T must hold them too)."""
+                 reward_fn, codec, eval_prompts: list = (), comm=None):
+        """eval_prompts: the held-out prompts evaluate() will be given (the models' T must hold them too).
+        comm: the data-parallel ranks (default: a single process); every rank must call every method."""
         self.cfg, self.ops, self.config, self.codec, self.reward_fn = model_cfg, backend, config, codec, reward_fn
+        self.comm = comm = comm or SingleProcess()
+        if split_problem(config, comm.world_size):
+            raise ValueError(split_problem(config, comm.world_size))
         self.prompts = list(prompts)
         self.prompt_tokens = [document_tokens(codec, p) for p in self.prompts]
-        B = config.minibatch
+        B = config.minibatch // comm.world_size  # this rank's share of a minibatch
         longest = max(len(document_tokens(codec, p)) for p in self.prompts + list(eval_prompts))
         self.T = longest + config.max_new_tokens - 1
         if self.T > model_cfg.max_seq_len:
             raise ValueError(f"prompts of up to {longest} tokens plus "
                              f"{config.max_new_tokens} new ones exceed the model's {model_cfg.max_seq_len} positions")
-        self.policy = build_model(model_cfg, backend, B, self.T, init_params)
+        self.policy = build_model(model_cfg, backend, B, self.T, init_params, comm)
         self.value_head = ScalarHead(self.policy) if config.algo == "ppo" else None
         self.policy_opt = ModelOptimizer(backend, self.policy, init_params,
                                          AdamWConfig(lr=config.lr, grad_clip=config.grad_clip), head=self.value_head)
@@ -210,12 +244,14 @@ class PPO:
         return np.array(picked)
 
     def sample(self, prompt_tokens: list, rng, temperature: float):
-        """(token rows (R, T + 1), prompt lengths, lengths, completion texts): one completion per prompt."""
-        c, B = self.config, self.config.minibatch
+        """(token rows (R, T + 1), prompt lengths, lengths, completion texts): one completion per prompt, in
+        batches of the model's B; rng: a Generator, or one per prompt."""
+        c, B = self.config, self.policy.B
         rows, prompt_lens, lengths, texts = [], [], [], []
         for start in range(0, len(prompt_tokens), B):
             chunk = prompt_tokens[start:start + B]
-            r = generate(self.policy, self.decoder, chunk, c.max_new_tokens, self.codec.eot, rng, temperature,
+            r = generate(self.policy, self.decoder, chunk, c.max_new_tokens, self.codec.eot,
+                         rng if isinstance(rng, np.random.Generator) else rng[start:start + B], temperature,
                          c.top_k)
             rows.append(r.tokens)
             prompt_lens.append(r.prompt_lens)
@@ -225,10 +261,17 @@ class PPO:
 
     def evaluate(self, prompts: list, reward_fn=None, seed: int = 0) -> float:
         """The mean reward (the training reward's, or reward_fn's) of one sampled completion per prompt
-        (a fixed seed: before and after compare the same draws)."""
-        _, _, _, texts = self.sample([document_tokens(self.codec, p) for p in prompts], np.random.default_rng(seed),
-                                     self.config.temperature)
-        return float(checked_rewards(reward_fn or self.reward_fn, prompts, texts).mean())
+        (fixed seeds: before and after compare the same draws); each rank samples and scores its share of
+        the prompts, and the rewards are summed over the ranks."""
+        share = rank_share(len(prompts), self.comm)
+        mine = list(prompts[share])
+        total = 0.0
+        if mine:
+            _, _, _, texts = self.sample([document_tokens(self.codec, p) for p in mine],
+                                         row_generators(seed, range(share.start, share.stop), 1),
+                                         self.config.temperature)
+            total = float(checked_rewards(reward_fn or self.reward_fn, mine, texts).sum())
+        return self.comm.all_reduce_scalar(total) / len(prompts)
 
     # ---- the score phase: forwards over whole sequences -------------------------------------------------
     def _forward(self, model, batch, dloss: float, policy=None, entropy=None):
@@ -244,7 +287,7 @@ class PPO:
 
     def score(self, rollouts: Rollouts) -> Rollouts:
         """Fills in the old and reference log-probabilities, the entropy and (PPO) the values."""
-        B, shape = self.config.minibatch, rollouts.inputs.shape
+        B, shape = self.policy.B, rollouts.inputs.shape
         r = rollouts
         r.old_logp, r.ref_logp, r.entropy, r.values = (np.zeros(shape) for _ in range(4))
         for start in range(0, shape[0], B):
@@ -264,15 +307,20 @@ class PPO:
         prompt_ids = self._next_prompts()
         if c.algo == "grpo":
             prompt_ids = np.repeat(prompt_ids, c.group_size)
-        tokens, prompt_lens, lengths, texts = self.sample([self.prompt_tokens[i] for i in prompt_ids], self.rng,
-                                                          c.temperature)
-        scores = checked_rewards(self.reward_fn, [self.prompts[i] for i in prompt_ids], texts)
+        R = len(prompt_ids)
+        share = rank_share(R, self.comm)  # whole GRPO groups: prompts_per_step splits evenly over the ranks
+        mine = prompt_ids[share]
+        tokens, prompt_lens, lengths, texts = self.sample(
+            [self.prompt_tokens[i] for i in mine], row_generators(c.seed, range(share.start, share.stop), 0,
+                                                                  self.step_count), c.temperature)
+        scores = checked_rewards(self.reward_fn, [self.prompts[i] for i in mine], texts)
         t_rollout = time.time() - t0
 
         t1 = time.time()
-        R = len(prompt_ids)
         mask = completion_mask(prompt_lens, lengths, T)
         r = self.score(Rollouts(tokens[:, :T], np.where(mask, tokens[:, 1:], -1).astype(np.int32), mask))
+        r, scores, prompt_lens, lengths = self._gather(r, scores, prompt_lens, lengths)
+        mask = r.mask
         kl_tokens = np.where(mask, r.old_logp - r.ref_logp, 0.0)
         if c.algo == "ppo":
             rewards = -self.kl_coef * kl_tokens
@@ -304,6 +352,26 @@ class PPO:
                          float((lengths - prompt_lens).sum()) / max(t_rollout, 1e-9), R * T / max(t_score, 1e-9),
                          c.epochs * R * T / max(t_update, 1e-9), time.time() - t0)
 
+    def _gather(self, r: Rollouts, scores, prompt_lens, lengths):
+        """Every rank's scored rows, in row order, on every rank (one all-gather of the rows packed as
+        float64, exact for the tokens and lengths too); one process keeps its arrays as they are."""
+        comm, ops = self.comm, self.ops
+        if not comm.communicates:
+            return r, scores, prompt_lens, lengths
+        per_token = (r.inputs, r.targets, r.mask, r.old_logp, r.ref_logp, r.entropy, r.values)
+        per_row = (scores, prompt_lens, lengths)
+        local = np.concatenate([a.astype(np.float64) for a in per_token] + [np.stack(per_row, axis=1)], axis=1)
+        mine = ops.from_numpy(np.ascontiguousarray(local).reshape(-1))  # NCCL gathers device arrays
+        every = ops.from_numpy(np.zeros(local.size * comm.world_size))
+        comm.all_gather(mine, every)
+        rows = ops.to_numpy(every).reshape(-1, local.shape[1])
+        T = r.inputs.shape[1]
+        inputs, targets, mask, old_logp, ref_logp, entropy, values = (rows[:, k * T:(k + 1) * T] for k in range(7))
+        scores, prompt_lens, lengths = rows[:, 7 * T:].T
+        gathered = Rollouts(inputs.astype(np.int32), targets.astype(np.int32), mask.astype(bool), old_logp, ref_logp,
+                            entropy, values)
+        return gathered, scores, prompt_lens.astype(np.int64), lengths.astype(np.int64)
+
     # ---- the update phase --------------------------------------------------------------------------------
     def update(self, r: Rollouts, advantages: np.ndarray, returns: np.ndarray) -> tuple[float, float]:
         """`epochs` passes of shuffled minibatches over scored rollouts, one update each; returns (the
@@ -311,40 +379,50 @@ class PPO:
         As the trainer's steps: the next minibatch's tokens are prepared on the host while the device
         works, and per minibatch the host waits only for the gradient norm (ModelOptimizer.step); what
         the statistics need stays on the device until the end."""
-        c, ops, B, T = self.config, self.ops, self.config.minibatch, self.T
-        minibatches = [mb for _ in range(c.epochs) for mb in self.rng.permutation(len(r.inputs)).reshape(-1, B)]
+        c, ops, comm, B, T = self.config, self.ops, self.comm, self.policy.B, self.T
+        share = rank_share(c.minibatch, comm)  # this rank's rows of every (global) minibatch
+        minibatches = [mb for _ in range(c.epochs)
+                       for mb in self.rng.permutation(len(r.inputs)).reshape(-1, c.minibatch)]
         losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
         value_losses = ops.zeros((len(minibatches),), fp32=True)
         terms = []
-        staged = ops.prepare_batch(r.inputs[minibatches[0]], r.targets[minibatches[0]])
-        for k, mb in enumerate(minibatches):
+        staged = ops.prepare_batch(r.inputs[minibatches[0][share]], r.targets[minibatches[0][share]])
+        for k, whole in enumerate(minibatches):
+            mb = whole[share]
+            # the whole minibatch's tokens, per rank: the ranks' average of the gradients sums their shares
+            tokens = r.mask[whole].sum() / comm.world_size
             mb_terms, value_loss = self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
-                                                  r.values[mb], returns[mb])
+                                                  r.values[mb], returns[mb], tokens)
             terms.append(mb_terms)
             with ops.on_stream():
                 losses[k] = self.policy.acts["losses"]
                 if value_loss is not None:
                     value_losses[k] = value_loss
             if k + 1 < len(minibatches):
-                nxt = minibatches[k + 1]
+                nxt = minibatches[k + 1][share]
                 staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
             self.policy_opt.step(c.lr)
         losses = ops.to_numpy(losses).astype(np.float64)
-        clipped = sum(float((policy_weights(-losses[k], terms[k], c.clip)[1] & r.mask[mb]).sum())
-                      for k, mb in enumerate(minibatches))
-        return clipped, float(ops.to_numpy(value_losses).mean()) if self.value_head is not None else 0.0
+        clipped = comm.all_reduce_scalar(sum(float((policy_weights(-losses[k], terms[k], c.clip)[1]
+                                                    & r.mask[mb[share]]).sum()) for k, mb in enumerate(minibatches)))
+        if self.value_head is None:
+            return clipped, 0.0
+        comm.all_reduce(value_losses, op="avg")  # each rank's is world_size times its share's sum over the tokens
+        return clipped, float(ops.to_numpy(value_losses).mean())
 
     def _policy_forward(self, batch):
         """The update's forward: the trunk, then the LM head with the policy loss (its backward included)."""
         self._forward(self.policy, batch, 1.0, policy=self._policy_loss)
 
-    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns):
+    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
         """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss: the policy
         loss (the clipped surrogate, GRPO's KL term) and for PPO vf_coef times the clipped value loss, each
         a mean over the completion tokens, in one forward and one backward of the policy's trunk. staged:
-        the minibatch's tokens and targets from backend.prepare_batch. Returns (the policy terms (B, T, 4)
-        it used, the value loss as a backend scalar (PPO; else None)), without waiting for the device."""
-        c, ops, n = self.config, self.ops, mask.sum()
+        the minibatch's tokens and targets from backend.prepare_batch; tokens: the count the means divide
+        by (default: mask's; on several ranks the whole minibatch's over the world size). Returns (the
+        policy terms (B, T, 4) it used, the value loss as a backend scalar (PPO; else None)), without
+        waiting for the device."""
+        c, ops, n = self.config, self.ops, mask.sum() if tokens is None else tokens
         kl = c.kl_coef if c.algo == "grpo" else 0.0
         terms = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
         with ops.on_stream():  # copies queued on the stream, into the buffers the captured graphs read
@@ -366,32 +444,38 @@ class PPO:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, out_dir: str):
-        """The policy as an llm.c model file, and a state file with the optimizer (the value head's
-        parameters with it), the KL coefficient, the prompt order and the RNG (a resumed run continues the
-        same stream)."""
+        """The policy as an llm.c model file (rank 0), and a state file per rank with its optimizer (the
+        value head's parameters with it), the KL coefficient, the prompt order and the RNG (a resumed run
+        continues the same stream). Every rank must call it."""
         arrays = {f"policy.{k}": v for k, v in self.policy_opt.state_arrays().items()}
         extra = {"kl_coef": self.kl_coef, "rng": self.rng.bit_generator.state, "order": self.order.tolist(),
                  "cursor": self.cursor, "algo": self.config.algo}
-        params = self.policy.host_params()
-        checkpoint.save_checkpoint(out_dir, self.step_count, 0, 1,
+        params, comm = self.policy.host_params(), self.comm
+        checkpoint.save_checkpoint(out_dir, self.step_count, comm.rank, comm.world_size,
                                    lambda path: checkpoint.write_model(path, self.cfg, params),
-                                   checkpoint.TrainingState(0, arrays, extra), lambda: None)
+                                   checkpoint.TrainingState(0, arrays, extra), comm.barrier)
 
     def resume(self, out_dir: str, say=print) -> int | None:
-        """Loads the newest usable checkpoint of out_dir (each newer unusable one reported); its step, or
-        None when there is none."""
+        """Loads the newest checkpoint of out_dir every rank can use (each newer unusable one reported);
+        its step, or None when there is none. A checkpoint of another world size raises
+        checkpoint.RunMismatch (every older one would be refused alike). Every rank must call it."""
+        comm = self.comm
         for step in reversed(checkpoint.checkpoint_steps(out_dir)):
             problem = checkpoint.checkpoint_problem(out_dir, step)
             if problem is None:
                 try:
-                    state = checkpoint.load_training_state(out_dir, step, 0, 1, 0)
+                    state = checkpoint.load_training_state(out_dir, step, comm.rank, comm.world_size, 0)
                     cfg, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
                     if cfg != self.cfg or state.extra.get("algo") != self.config.algo:
                         problem = f"it was written by another run (model {cfg}, algo {state.extra.get('algo')})"
+                except checkpoint.RunMismatch:
+                    raise
                 except (OSError, checkpoint.CheckpointError) as e:
                     problem = str(e)
             if problem is not None:
-                say(f"resume: skipping the checkpoint of step {step}: {problem}")
+                say(f"resume: skipping the checkpoint of step {step}"
+                    + (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}")
+            if comm.all_reduce_scalar(problem is not None) != 0:  # the ranks agree on every step tried
                 continue
             group = lambda prefix: {k[len(prefix):]: v for k, v in state.arrays.items() if k.startswith(prefix)}
             self.policy.load_params(params)

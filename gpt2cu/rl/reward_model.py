@@ -16,15 +16,20 @@ import math
 import numpy as np
 
 from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_size, new_header, read_header
+from ..dist import SingleProcess
 from ..models import family_of
 from ..models.gpt2 import GPTConfig, param_layout
 from ..optim import AdamW, adamw_reference, clip_scale
+from ..zero import make_storage
 from .text import InputError, document_tokens
 
 
-def build_model(cfg, backend, B: int, T: int, params: np.ndarray):
-    """A model of cfg's family in whole flat buffers (the storage a single-process AdamW updates)."""
-    return family_of(cfg).Model(cfg, backend, B, T, params)
+def build_model(cfg, backend, B: int, T: int, params: np.ndarray, comm=None):
+    """A model of cfg's family in whole flat buffers on every rank of comm (ZeRO-0: AdamW all-reduces the
+    gradients and every rank updates the whole model; default: a single process)."""
+    family = family_of(cfg)
+    storage = make_storage(0, backend, family.param_layout(cfg), cfg.n_layer, comm or SingleProcess())
+    return family.Model(cfg, backend, B, T, params, storage=storage)
 
 
 class ScalarHead:
@@ -63,9 +68,11 @@ class ScalarHeadModel:
     """A trunk of (B, T) and its scalar head (the reward model): forward(inputs) -> values (B, T),
     backward(dvalues)."""
 
-    def __init__(self, cfg, backend, B: int, T: int, trunk_params: np.ndarray, head: np.ndarray | None = None):
+    def __init__(self, cfg, backend, B: int, T: int, trunk_params: np.ndarray, head: np.ndarray | None = None,
+                 comm=None):
+        """comm: the ranks that train it data-parallel (default: a single process)."""
         self.cfg, self.ops = cfg, backend
-        self.trunk = build_model(cfg, backend, B, T, trunk_params)
+        self.trunk = build_model(cfg, backend, B, T, trunk_params, comm)
         self.scalar_head = ScalarHead(self.trunk, head)
         self.head, self.head_grad = self.scalar_head.params, self.scalar_head.grad
         self._batch = None
@@ -87,8 +94,10 @@ class ScalarHeadModel:
 
 
 class ModelOptimizer:
-    """AdamW (single process) over a family model's flat parameters and, when given, a scalar head on it
-    too; one global gradient norm clips both."""
+    """AdamW over a family model's flat parameters and, when given, a scalar head on it too; one global
+    gradient norm clips both. On several ranks (the model's storage's communicator) both gradients are
+    averaged over the ranks first: the trunk's by AdamW (ZeRO-0), the head's here, on the device before
+    its host copy, so every rank applies the same update."""
 
     def __init__(self, backend, model, init_params: np.ndarray, cfg, head: ScalarHead | None = None):
         self.ops, self.cfg, self.model, self.head = backend, cfg, model, head
@@ -103,6 +112,7 @@ class ModelOptimizer:
         norm_squared = self.adamw.reduce_gradients() ** 2
         head = self.head
         if head:
+            self.adamw.comm.all_reduce(head.grad, op="avg")  # SingleProcess: the identity
             head_grad = self.ops.to_numpy(head.grad)
             norm_squared += float(head_grad.astype(np.float64) @ head_grad)
         norm = math.sqrt(norm_squared)
@@ -196,27 +206,41 @@ def encode_pairs(records: list, codec) -> list:
             for r in records]
 
 
+def rank_share(n: int, comm) -> slice:
+    """This rank's contiguous share of n items split over comm's ranks (sizes differ by at most one)."""
+    return slice(comm.rank * n // comm.world_size, (comm.rank + 1) * n // comm.world_size)
+
+
 def pairwise_accuracy(model: ScalarHeadModel, pairs: list, eot: int) -> float:
-    """The fraction of pairs whose chosen sequence scores above the rejected one (a tie counts half)."""
-    scores = sequence_scores(model, [s for pair in pairs for s in pair], eot)
+    """The fraction of pairs whose chosen sequence scores above the rejected one (a tie counts half);
+    on several ranks each scores its share of the pairs and the counts are summed."""
+    comm = model.trunk.storage.comm
+    mine = [s for pair in pairs[rank_share(len(pairs), comm)] for s in pair]
+    scores = sequence_scores(model, mine, eot) if mine else np.zeros(0)
     chosen, rejected = scores[0::2], scores[1::2]
-    return float((chosen > rejected).mean() + 0.5 * (chosen == rejected).mean())
+    wins = comm.all_reduce_scalar((chosen > rejected).sum() + 0.5 * (chosen == rejected).sum())
+    return wins / len(pairs)
 
 
 def bradley_terry_step(model: ScalarHeadModel, optimizer: ModelOptimizer, pairs: list, eot: int,
                        lr: float) -> tuple[float, float]:
     """One update on model.trunk.B // 2 pairs (rows 2i chosen, 2i+1 rejected): the loss
-    -log sigmoid(r_chosen - r_rejected), averaged over pairs. Returns (loss, accuracy) of the batch."""
-    B, T = model.trunk.B, model.trunk.T
+    -log sigmoid(r_chosen - r_rejected), averaged over pairs. On several ranks `pairs` is this rank's
+    share of the step's pairs (as many on every rank): the gradient is that of the mean over all of them
+    once the ranks' gradients are averaged, and the loss and accuracy returned are over all of them."""
+    B, T, comm = model.trunk.B, model.trunk.T, model.trunk.storage.comm
     inputs, last = pad_rows([s for pair in pairs for s in pair], B, T, eot)
     values = model.forward(inputs)
     scores = model.ops.to_numpy(values)[np.arange(B), last]
     margin = scores[0::2] - scores[1::2]
-    # d loss / d margin = -sigmoid(-margin), spread over the pairs' two score positions
-    dmargin = -0.5 * (1.0 - np.tanh(0.5 * margin)) / len(pairs)
+    # d loss / d margin = -sigmoid(-margin), spread over the pairs' two score positions; the ranks' average
+    # of the gradients divides by the world size, so each rank's share counts world_size times
+    dmargin = -0.5 * (1.0 - np.tanh(0.5 * margin)) / (len(pairs) / comm.world_size)
     dvalues = np.zeros((B, T), np.float32)
     dvalues[np.arange(0, B, 2), last[0::2]] = dmargin
     dvalues[np.arange(1, B, 2), last[1::2]] = -dmargin
     model.backward(model.ops.from_numpy(dvalues))
     optimizer.step(lr)
-    return float(np.logaddexp(0.0, -margin).mean()), float((margin > 0).mean())
+    total = len(pairs) * comm.world_size
+    return (comm.all_reduce_scalar(np.logaddexp(0.0, -margin).sum()) / total,
+            comm.all_reduce_scalar((margin > 0).sum()) / total)

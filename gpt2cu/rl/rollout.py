@@ -79,10 +79,11 @@ class BatchedDecoder:
             ops.store_fp32(block["atty"], cached_attention(ops.xp, qkv, self.cfg, self.scale))
 
 
-def sample_tokens(logits: np.ndarray, rng: np.random.Generator, temperature: float,
+def sample_tokens(logits: np.ndarray, rng, temperature: float,
                   top_k: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, their log-probabilities under the sampling distribution) for each row of logits (B, V).
-    temperature 0 is greedy (log-probability 0); top_k keeps each row's k most likely tokens."""
+    temperature 0 is greedy (log-probability 0); top_k keeps each row's k most likely tokens. rng: one
+    Generator for all rows, or a sequence of B (each row draws from its own)."""
     if temperature == 0:
         return logits.argmax(axis=-1), np.zeros(len(logits))
     z = logits.astype(np.float64) / temperature
@@ -92,7 +93,8 @@ def sample_tokens(logits: np.ndarray, rng: np.random.Generator, temperature: flo
     logp = z - z.max(axis=-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
     cdf = np.exp(logp).cumsum(axis=-1)
-    draws = rng.random(len(z))[:, None] * cdf[:, -1:]
+    uniform = rng.random(len(z)) if isinstance(rng, np.random.Generator) else np.array([g.random() for g in rng])
+    draws = uniform[:, None] * cdf[:, -1:]
     tokens = np.minimum((cdf < draws).sum(axis=-1), z.shape[1] - 1)
     return tokens, logp[np.arange(len(z)), tokens]
 
@@ -120,14 +122,18 @@ def completion_mask(prompt_lens: np.ndarray, lengths: np.ndarray, T: int) -> np.
 
 
 def generate(model, decoder: BatchedDecoder, prompts: list, max_new_tokens: int, eot: int,
-             rng: np.random.Generator, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
+             rng, temperature: float = 1.0, top_k: int | None = None) -> Rollout:
     """Completions of up to model.B prompts (token lists; missing rows repeat the first prompt and are
-    dropped from the result). model.T must hold the longest prompt plus max_new_tokens - 1 positions."""
+    dropped from the result). model.T must hold the longest prompt plus max_new_tokens - 1 positions.
+    rng: one Generator for all rows, or one per prompt (a row's samples then depend on its own generator
+    only, not on which rows share the batch: how data-parallel ranks sample what one rank would)."""
     B, T = model.B, model.T
     n = len(prompts)
     if not 1 <= n <= B:
         raise ValueError(f"generate takes 1..{B} prompts (the model's B), got {n}")
     rows = list(prompts) + [prompts[0]] * (B - n)
+    if not isinstance(rng, np.random.Generator):  # the dropped rows draw from a generator of their own
+        rng = list(rng) + [np.random.default_rng(0)] * (B - n)
     prompt_lens = np.array([len(p) for p in rows])
     if prompt_lens.min() < 1 or prompt_lens.max() + max_new_tokens - 1 > T:
         raise ValueError(f"prompts of {prompt_lens.min()}..{prompt_lens.max()} tokens and {max_new_tokens} new "
