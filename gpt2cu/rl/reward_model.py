@@ -233,9 +233,9 @@ def bradley_terry_step(model: ScalarHeadModel, optimizer: ModelOptimizer, pairs:
     values = model.forward(inputs)
     scores = model.ops.to_numpy(values)[np.arange(B), last]
     margin = scores[0::2] - scores[1::2]
-    # d loss / d margin = -sigmoid(-margin), spread over the pairs' two score positions; the ranks' average
-    # of the gradients divides by the world size, so each rank's share counts world_size times
-    dmargin = -0.5 * (1.0 - np.tanh(0.5 * margin)) / (len(pairs) / comm.world_size)
+    # d loss / d margin = -sigmoid(-margin), spread over the pairs' two score positions; dividing by this
+    # rank's count is dividing by all the pairs times the world size, which the ranks' average divides out
+    dmargin = -0.5 * (1.0 - np.tanh(0.5 * margin)) / len(pairs)
     dvalues = np.zeros((B, T), np.float32)
     dvalues[np.arange(0, B, 2), last[0::2]] = dmargin
     dvalues[np.arange(1, B, 2), last[1::2]] = -dmargin
