@@ -370,10 +370,10 @@ def rl_flags(d, *flags):
 
 @pytest.mark.parametrize("algo, flags, gain", [
     ("ppo", ["--prompts-per-step", "64", "--kl-coef", "0.02"], 0.25),
-    # GRPO's gain after 60 steps depends on the draws: sampled with a generator per row, seeds 1-6 gave
-    # +0.17..+0.32 and seed 42 +0.07 (a group of equal rewards teaches nothing, and most are at ~8%);
-    # seed 2 (+0.21) is a typical one
-    ("grpo", ["--prompts-per-step", "16", "--group-size", "4", "--kl-coef", "0.02", "--seed", "2"], 0.15),
+    # GRPO learns only from groups whose rewards differ (most start at ~8% accuracy), so its gain depends on
+    # how many such groups a step draws: with 16 prompts a step, seeds 1-6 and 42 gave +0.07..+0.32; with 32 (about
+    # 3 s on a CPU), seeds 42 and 1-5 gave +0.38..+0.60
+    ("grpo", ["--prompts-per-step", "32", "--group-size", "4", "--kl-coef", "0.02"], 0.15),
 ])
 def test_demo_arithmetic_exact_match(arithmetic, capsys, tmp_path, algo, flags, gain):
     code, out, _ = run_ppo_cli(capsys, *rl_flags(arithmetic, "--algo", algo, "--reward", EXACT_MATCH, *flags,
