@@ -202,13 +202,15 @@ def bench_model(cfg, args) -> list:
 def print_table(desc, cfg, rows, T):
     print(f"\n{desc}: {cfg.n_layer} layers, C={cfg.n_embd}, {cfg.num_parameters():,} parameters, T={T}, bf16, "
           f"{rows[0]['device']}")
-    print(f"{'B':>4} | {'impl':<19} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | {'planned':>9} | loss first->last")
+    print(f"{'B':>4} | {'impl':<19} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | {'planned':>9} | "
+          f"loss first->last")
     for r in rows:
         for o in r["ours"]:
             ratio = f" ({o['tok_s'] / r['torch_tok_s']:.3f}x torch.compile)" if "torch_tok_s" in r else ""
             impl = f"gpt2cu -r {o['recompute']}" + (f" -z {o['zero']}" if o["zero"] else "")
             print(f"{r['B']:>4} | {impl:<19} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
-                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | {o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
+                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | "
+                  f"{o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
         if "torch_ms" in r:
             print(f"{r['B']:>4} | {'torch.compile':<19} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
                   f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | {'':>9} | "
