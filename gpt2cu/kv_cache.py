@@ -5,8 +5,9 @@
     logits = dec.step(token)                # one new position
 
 The prefill is the model's own forward (row 0 holds the prompt, the other rows padding_token: EOT, as sample.generate
-always did); each layer's qkv rows of the prompt positions are copied out of acts["qkv"] into a cache of
-`capacity` rows per layer, in the backend's activation dtype (bf16 bits on CUDA). A step then runs
+always did) through `forward_caching_qkv`: each layer's qkv rows of the prompt positions are copied into a cache
+of `capacity` rows per layer, in the backend's activation dtype (bf16 bits on CUDA), as that layer's attention
+reads them (after RoPE; before a -r 3 model reuses its one block's buffers for the next layer). A step then runs
 the model family's own forward schedule (model.forward_schedule) on a single row (N = 1), over one-row
 buffers, through the same backend ops (the qkv matmul writes its row straight into the cache), so every
 tensor goes through the same kernels, in the same dtype, as in the full forward, and the block schedule
@@ -44,6 +45,16 @@ def padding_token(cfg) -> int:
     causal attention): GPT-2's EOT, or 0 where the vocabulary is smaller than GPT-2's (EOT would index past
     the embedding table: an illegal address on CUDA)."""
     return GPT2_EOT if GPT2_EOT < cfg.vocab_size else 0
+
+
+def forward_caching_qkv(model, batch, store):
+    """model's forward over batch (up to lnf, no loss) calling store(l, qkv) with layer l's qkv activation
+    (B, T, qkv_width) just before its attention reads it. The attend is the decoder's, not the model's own, so
+    the LLaMA family rotates q and k in place first whatever its rope_fusion (the cache holds rotated rows)."""
+    def attend(l, a):
+        store(l, a["qkv"])
+        model.attend(l, a)
+    model.forward_schedule(model.block_acts, attend, batch.tokens, model.position_rows(0, model.T))
 
 
 def cached_attention(xp, qkv, cfg, scale: float):
@@ -98,9 +109,12 @@ class KVCacheDecoder:
             raise ValueError(f"prompt of {P} tokens: the KV cache holds 1..{self.capacity} positions")
         inputs = np.full((m.B, m.T), padding_token(cfg), dtype=np.int32)
         inputs[0, :P] = prompt_tokens  # positions past P are never seen by positions < P (causal attention)
-        m.forward(ops.set_batch(inputs))
-        with ops.on_stream():
-            self.qkv[:, 0, :P] = m.acts["qkv"][:, 0, :P]
+
+        def store(l, qkv):
+            with ops.on_stream():
+                self.qkv[l][0, :P] = qkv[0, :P]
+
+        forward_caching_qkv(m, ops.set_batch(inputs), store)
         self.pos = P
         return m.logits(0, P - 1)[:cfg.vocab_size]
 

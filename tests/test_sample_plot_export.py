@@ -65,16 +65,20 @@ def test_generate_matches_one_sequence_reference_and_slides_past_T():
         generate(model, backend, [], 3)
 
 
+@pytest.mark.parametrize("recompute", [0, 3])
 @pytest.mark.parametrize("attention", ["query", "kernel"])
-def test_kv_cache_logits_match_full_forward_every_step(attention):
+def test_kv_cache_logits_match_full_forward_every_step(attention, recompute):
     """Prefill + one cached step per token against a full forward over the whole prefix (B=1, T=its
     length), at every step: float32 logits within 1e-4 relative. The decoder's model has B=2 and a T
     longer than the sequence, as generate's (the prefill leaves the other row and positions unseen).
-    Both attention forms: the one query in array math, and the backend's attention op over the cache."""
+    Both attention forms: the one query in array math, and the backend's attention op over the cache.
+    -r 3 (train.py's -s samples from the training model): one block's buffers, so the prefill caches each
+    layer's rows as the forward goes."""
     from gpt2cu.kv_cache import KVCacheDecoder
     backend, params = NumpyBackend(), random_params(seed=3)
     seq = [50256, 464, 3290, 318]
-    dec = KVCacheDecoder(GPT(CFG, backend, 2, CFG.max_seq_len, params), capacity=12, attention=attention)
+    dec = KVCacheDecoder(GPT(CFG, backend, 2, CFG.max_seq_len, params, recompute=recompute), capacity=12,
+                         attention=attention)
     assert dec.attention == attention
     logits = dec.prefill(seq)
     tokens = list(np.random.default_rng(1).integers(0, CFG.vocab_size, 12 - len(seq)))

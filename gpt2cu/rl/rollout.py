@@ -4,11 +4,11 @@
     rollout = generate(model, decoder, prompts, max_new_tokens, eot, rng, temperature=1.0, top_k=None)
 
 The batched decoder is kv_cache.KVCacheDecoder widened to B rows: the prefill is the model's own forward
-over (B, T) (prompts right-padded with EOT, which causal attention keeps out of earlier positions) and a
-step runs model.forward_schedule on one position of every row through the backend's ops, with attention
-as plain array math in the backend's array module (numpy or CuPy): each row's one new query against its
-own cached keys and values. No new kernels; the cost per step is ~15 array operations per layer for all
-B rows at once.
+(kv_cache.forward_caching_qkv) over (B, T) (prompts right-padded with EOT, which causal attention keeps out
+of earlier positions) and a step runs model.forward_schedule on one position of every row through the
+backend's ops, with attention as plain array math in the backend's array module (numpy or CuPy): each
+row's one new query against its own cached keys and values. No new kernels; the cost per step is ~15
+array operations per layer for all B rows at once.
 
 Rows of different prompt lengths advance in lockstep at one shared position, so positions stay
 absolute: the prefill covers the shortest prompt, and a row whose prompt is longer is fed its own prompt
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kv_cache import cached_attention
+from ..kv_cache import cached_attention, forward_caching_qkv
 
 
 class BatchedDecoder:
@@ -46,9 +46,13 @@ class BatchedDecoder:
         """inputs (B, T) int32; caches positions 0..length-1 of every row; returns the host float32 logits
         (B, vocab_size) predicting position `length`."""
         m, ops = self.model, self.ops
-        m.forward(ops.set_batch(inputs))
+
+        def store(l, qkv):
+            with ops.on_stream():
+                self.qkv[l][:, :length] = qkv[:, :length]
+
+        forward_caching_qkv(m, ops.set_batch(inputs), store)
         with ops.on_stream():
-            self.qkv[:, :, :length] = m.acts["qkv"][:, :, :length]
             self.top["lnf"][...] = m.acts["lnf"][:, length - 1:length]  # contiguous for the LM head's GEMM
         self.pos = length
         return self._logits()
