@@ -10,6 +10,7 @@ held-out pairwise accuracy) and PPO on it raises the rule's rate on held-out pro
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import re
 import subprocess
 import sys
@@ -87,6 +88,16 @@ def test_sample_tokens_top_k_and_logprobs():
     restricted = np.take_along_axis(z, top3, axis=1)
     expected = z[rows, tokens] - np.log(np.exp(restricted).sum(axis=1))[rows]
     np.testing.assert_allclose(logp, expected, rtol=1e-9)
+    # the frequencies are the softmax's (20,000 draws of 7 tokens: standard error < 0.0036, bound 5 of them)
+    small = rng.normal(0, 2, (1, 7))
+    p = np.exp(small[0] - small.max())
+    p /= p.sum()
+    draws = sample_tokens(np.repeat(small, 20_000, axis=0), rng, temperature=1.0, top_k=None)[0]
+    assert np.abs(np.bincount(draws, minlength=7) / 20_000 - p).max() < 0.018
+    # a draw of exactly 0 still takes a token of positive probability (here the first is masked by top_k)
+    zero = [SimpleNamespace(random=lambda: 0.0)]  # the row's own generator
+    first_masked = np.array([[-5.0, 1.0, 2.0]])
+    assert sample_tokens(first_masked, zero, temperature=1.0, top_k=2)[0][0] == 1
 
 
 def test_gae_with_lambda_and_gamma_one_is_reward_to_go_minus_value():

@@ -90,17 +90,23 @@ def sample_tokens(logits: np.ndarray, rng, temperature: float,
     Generator for all rows, or a sequence of B (each row draws from its own)."""
     if temperature == 0:
         return logits.argmax(axis=-1), np.zeros(len(logits))
-    z = logits.astype(np.float64) / temperature
+    # inverse-CDF sampling over the unnormalized probabilities, in place: the host's per-token cost in a
+    # rollout (B x V doubles), so as few passes over them as possible
+    z = logits.astype(np.float64)
+    z /= temperature
     if top_k is not None and top_k < z.shape[1]:
         kth = np.partition(z, -top_k, axis=-1)[:, -top_k:].min(axis=-1, keepdims=True)
-        z = np.where(z >= kth, z, -np.inf)
-    logp = z - z.max(axis=-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
-    cdf = np.exp(logp).cumsum(axis=-1)
+        z[z < kth] = -np.inf
+    z -= z.max(axis=-1, keepdims=True)
+    cdf = np.exp(z)
+    np.cumsum(cdf, axis=-1, out=cdf)
+    total = cdf[:, -1]
     uniform = rng.random(len(z)) if isinstance(rng, np.random.Generator) else np.array([g.random() for g in rng])
-    draws = uniform[:, None] * cdf[:, -1:]
-    tokens = np.minimum((cdf < draws).sum(axis=-1), z.shape[1] - 1)
-    return tokens, logp[np.arange(len(z)), tokens]
+    # the first token whose cumulative mass exceeds the draw: never one of probability 0
+    tokens = np.array([np.searchsorted(row, u * t, side="right") for row, u, t in zip(cdf, uniform, total)])
+    tokens = np.minimum(tokens, z.shape[1] - 1)
+    rows = np.arange(len(z))
+    return tokens, z[rows, tokens] - np.log(total)
 
 
 @dataclass
