@@ -77,6 +77,23 @@ def test_batched_decoder_matches_full_forwards(backend, cfg):
     np.testing.assert_allclose(rollout.logprobs[:, 1:][mask], -model.acts["losses"][mask], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_rows_with_their_own_generators_sample_alone_what_they_sample_together(backend, cfg):
+    """With a generator per row (how data-parallel ranks split a batch), a row's completion does not depend
+    on the rows it is decoded with: prompts of different lengths (the batch's prefill covers the shortest, so
+    a longer prompt's row waits several steps) sample together what each samples alone."""
+    family = family_of(cfg)
+    params = family.init_params(cfg, seed=4) * 3
+    eot = CHAR_VOCAB - 1
+    prompts = [[eot, 3], [eot, 7, 8, 9, 10, 11], [eot, 5, 6, 7]]
+    model = family.Model(cfg, backend, 3, 14, params)
+    gens = lambda seeds: [np.random.default_rng(s) for s in seeds]  # noqa: E731
+    together = generate(model, BatchedDecoder(model), prompts, 6, eot, gens([10, 11, 12]), temperature=1.0)
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, BatchedDecoder(model), [prompt], 6, eot, gens([10 + row]), temperature=1.0)
+        assert together.completion(row) == alone.completion(0), row
+
+
 def test_sample_tokens_top_k_and_logprobs():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 2, (4, 30))

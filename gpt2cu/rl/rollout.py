@@ -143,7 +143,7 @@ def generate(model, decoder: BatchedDecoder, prompts: list, max_new_tokens: int,
         raise ValueError(f"generate takes 1..{B} prompts (the model's B), got {n}")
     rows = list(prompts) + [prompts[0]] * (B - n)
     if not isinstance(rng, np.random.Generator):  # the dropped rows draw from a generator of their own
-        rng = list(rng) + [np.random.default_rng(0)] * (B - n)
+        rng = list(rng) + [np.random.default_rng(0) for _ in range(B - n)]
     prompt_lens = np.array([len(p) for p in rows])
     if prompt_lens.min() < 1 or prompt_lens.max() + max_new_tokens - 1 > T:
         raise ValueError(f"prompts of {prompt_lens.min()}..{prompt_lens.max()} tokens and {max_new_tokens} new "
@@ -160,11 +160,16 @@ def generate(model, decoder: BatchedDecoder, prompts: list, max_new_tokens: int,
         sampling = (pos >= prompt_lens) & ~ended & (lengths - prompt_lens < max_new_tokens)
         if not sampling.any() and pos >= prompt_lens.max():
             break
-        new, logp = sample_tokens(logits, rng, temperature, top_k)
-        tokens[sampling, pos] = new[sampling]
-        logprobs[sampling, pos] = logp[sampling]
-        lengths[sampling] += 1
-        ended |= sampling & (new == eot)
+        # only the rows that sample draw (a row's draws then depend on its own prompt and samples alone,
+        # not on the batch it shares, and finished rows cost no host work)
+        rows_now = np.flatnonzero(sampling)
+        if rows_now.size:
+            row_rng = rng if isinstance(rng, np.random.Generator) else [rng[r] for r in rows_now]
+            new, logp = sample_tokens(logits[rows_now], row_rng, temperature, top_k)
+            tokens[rows_now, pos] = new
+            logprobs[rows_now, pos] = logp
+            lengths[rows_now] += 1
+            ended[rows_now] |= new == eot
         if pos < T:
             logits = decoder.step(tokens[:, pos])
     return Rollout(tokens[:n], prompt_lens[:n], lengths[:n], logprobs[:n], ended[:n])
