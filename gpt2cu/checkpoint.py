@@ -288,6 +288,31 @@ def latest_checkpoint(out_dir: str) -> int | None:
     return None
 
 
+def newest_usable(out_dir: str, comm, zero_stage: int, mismatch, say):
+    """The newest checkpoint of out_dir that every rank can use, as (step, this rank's TrainingState, model
+    config, fp32 parameters), or None. Each newer, unusable one is reported with say(step, reason) before
+    an older one is tried (no DONE marker, a truncated or corrupt file, or mismatch(cfg, state): a reason
+    it belongs to another run, None if it does not), so a damaged checkpoint never goes unnoticed. The ranks
+    agree on every step tried (one collective each). A checkpoint of another world size or ZeRO stage
+    raises RunMismatch: every older one would be refused alike."""
+    for step in reversed(checkpoint_steps(out_dir)):
+        problem = checkpoint_problem(out_dir, step)
+        if problem is None:
+            try:
+                state = load_training_state(out_dir, step, comm.rank, comm.world_size, zero_stage)
+                cfg, params = read_model(model_path(out_dir, step))
+                problem = mismatch(cfg, state)
+            except RunMismatch:
+                raise
+            except (OSError, CheckpointError) as e:
+                problem = str(e)
+        if problem is not None:
+            say(step, problem)
+        if comm.all_reduce_scalar(problem is not None) == 0:
+            return step, state, cfg, params
+    return None
+
+
 def load_training_state(out_dir: str, step: int, rank: int, world_size: int, zero_stage: int) -> TrainingState:
     """This rank's state at `step`, checked against the run resuming it."""
     written_by = _done_world_size(out_dir, step)

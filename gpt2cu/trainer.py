@@ -187,27 +187,19 @@ class Trainer:
         or corrupt file, another model shape) before an older one is tried, so a damaged checkpoint never
         goes unnoticed. The ranks agree on every step (one collective per step tried)."""
         comm = self.comm
-        for step in reversed(checkpoint.checkpoint_steps(out_dir)):
-            problem = checkpoint.checkpoint_problem(out_dir, step)
-            if problem is None:
-                try:
-                    state = checkpoint.load_training_state(out_dir, step, comm.rank, comm.world_size,
-                                                           self.config.zero_stage)
-                    cfg, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
-                    if cfg != self.cfg:
-                        problem = f"its model {cfg} is not the run's {self.cfg}"
-                except checkpoint.RunMismatch:
-                    raise
-                except (OSError, checkpoint.CheckpointError) as e:
-                    problem = str(e)
-            if problem is not None:
-                print(f"-y 1: skipping the checkpoint of step {step}"
-                      + (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}", flush=True)
-            if comm.all_reduce_scalar(problem is not None) == 0:
-                self.model.load_params(params)
-                self.optimizer.load_state(state.arrays)
-                self.loader.load_state_dict(state.extra["train_loader"])
-                self._loader_state, self._prefetched = state.extra["train_loader"], None
-                self.step_count = step
-                return step
-        return None
+
+        def say(step, problem):
+            print(f"-y 1: skipping the checkpoint of step {step}"
+                  + (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}", flush=True)
+        found = checkpoint.newest_usable(
+            out_dir, comm, self.config.zero_stage,
+            lambda cfg, state: None if cfg == self.cfg else f"its model {cfg} is not the run's {self.cfg}", say)
+        if found is None:
+            return None
+        step, state, _, params = found
+        self.model.load_params(params)
+        self.optimizer.load_state(state.arrays)
+        self.loader.load_state_dict(state.extra["train_loader"])
+        self._loader_state, self._prefetched = state.extra["train_loader"], None
+        self.step_count = step
+        return step

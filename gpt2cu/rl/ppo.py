@@ -460,30 +460,24 @@ class PPO:
         its step, or None when there is none. A checkpoint of another world size raises
         checkpoint.RunMismatch (every older one would be refused alike). Every rank must call it."""
         comm = self.comm
-        for step in reversed(checkpoint.checkpoint_steps(out_dir)):
-            problem = checkpoint.checkpoint_problem(out_dir, step)
-            if problem is None:
-                try:
-                    state = checkpoint.load_training_state(out_dir, step, comm.rank, comm.world_size, 0)
-                    cfg, params = checkpoint.read_model(checkpoint.model_path(out_dir, step))
-                    if cfg != self.cfg or state.extra.get("algo") != self.config.algo:
-                        problem = f"it was written by another run (model {cfg}, algo {state.extra.get('algo')})"
-                except checkpoint.RunMismatch:
-                    raise
-                except (OSError, checkpoint.CheckpointError) as e:
-                    problem = str(e)
-            if problem is not None:
-                say(f"resume: skipping the checkpoint of step {step}"
-                    + (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}")
-            if comm.all_reduce_scalar(problem is not None) != 0:  # the ranks agree on every step tried
-                continue
-            group = lambda prefix: {k[len(prefix):]: v for k, v in state.arrays.items() if k.startswith(prefix)}
-            self.policy.load_params(params)
-            self.policy_opt.load_state(group("policy."))
-            extra = state.extra
-            self.kl_coef, self.cursor = extra["kl_coef"], extra["cursor"]
-            self.order = np.array(extra["order"])
-            self.rng.bit_generator.state = extra["rng"]
-            self.step_count = step
-            return step
-        return None
+
+        def mismatch(cfg, state):
+            if cfg != self.cfg or state.extra.get("algo") != self.config.algo:
+                return f"it was written by another run (model {cfg}, algo {state.extra.get('algo')})"
+            return None
+        found = checkpoint.newest_usable(
+            out_dir, comm, 0, mismatch,
+            lambda step, problem: say(f"resume: skipping the checkpoint of step {step}"
+                                      + (f" (rank {comm.rank})" if comm.world_size > 1 else "") + f": {problem}"))
+        if found is None:
+            return None
+        step, state, _, params = found
+        group = lambda prefix: {k[len(prefix):]: v for k, v in state.arrays.items() if k.startswith(prefix)}
+        self.policy.load_params(params)
+        self.policy_opt.load_state(group("policy."))
+        extra = state.extra
+        self.kl_coef, self.cursor = extra["kl_coef"], extra["cursor"]
+        self.order = np.array(extra["order"])
+        self.rng.bit_generator.state = extra["rng"]
+        self.step_count = step
+        return step
