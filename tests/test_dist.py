@@ -82,19 +82,24 @@ def mpirun_command(n: int):
     return [mpirun, *flags, "-np", str(n)]
 
 
-def mpirun(n: int, *args):
-    """(exit status, stdout + stderr) of the check script under mpirun; a run that outlives the timeout
-    counts as a hang and its whole process group is killed so no rank is left behind."""
-    cmd = mpirun_command(n) + [sys.executable, CHECK, *args]
-    proc = subprocess.Popen(cmd, env=clean_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def run_ranks(ranks: int, argv, timeout: float, env=None, cwd=REPO):
+    """(exit status, stdout + stderr) of argv on `ranks` ranks (1: run directly, no mpirun); a run that
+    outlives the timeout counts as a hang and its whole process group is killed so no rank is left behind."""
+    cmd = ([] if ranks == 1 else mpirun_command(ranks)) + list(argv)
+    proc = subprocess.Popen(cmd, env=env or clean_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=MPIRUN_TIMEOUT)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        pytest.fail(f"`{' '.join(cmd)}` hung for {MPIRUN_TIMEOUT} s:\n{out}")
+        pytest.fail(f"`{' '.join(cmd)}` hung for {timeout} s:\n{out}")
     return proc.returncode, out
+
+
+def mpirun(n: int, *args):
+    """(exit status, stdout + stderr) of the check script on n >= 2 ranks."""
+    return run_ranks(n, [sys.executable, CHECK, *args], MPIRUN_TIMEOUT)
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -24,7 +22,7 @@ import pytest
 from gpt2cu import checkpoint
 from conftest import write_skewed_shards
 from gpt2cu.models.gpt2 import param_layout
-from test_dist import REPO, clean_env, mpirun_command
+from test_dist import clean_env, run_ranks
 
 TIMEOUT = 240
 STEPS = 6
@@ -39,19 +37,11 @@ def shards(tmp_path_factory):
 def train(ranks: int, out, shards, *flags):
     train_glob, val_glob = shards
     # total batch 2 x 4 x 32 tokens: 2 micro-steps of 4 rows, split over the ranks
-    cmd = ([] if ranks == 1 else mpirun_command(ranks)) + [
-        sys.executable, "-m", "gpt2cu.train", "--backend", "numpy", "-e", "d1", "-b", str(4 // ranks), "-t", "32",
-        "-d", str(2 * 4 * 32), "-i", train_glob, "-j", val_glob, "-x", str(STEPS), "-l", "3e-3", "-u", "2",
-        "-c", "0.1", "-v", "3", "-m", "2", "-s", "0", "-n", "3", "-o", str(out), *flags]
+    argv = [sys.executable, "-m", "gpt2cu.train", "--backend", "numpy", "-e", "d1", "-b", str(4 // ranks), "-t", "32",
+            "-d", str(2 * 4 * 32), "-i", train_glob, "-j", val_glob, "-x", str(STEPS), "-l", "3e-3", "-u", "2",
+            "-c", "0.1", "-v", "3", "-m", "2", "-s", "0", "-n", "3", "-o", str(out), *flags]
     env = dict(clean_env(), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        stdout, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{' '.join(cmd)} hung:\n{proc.communicate()[0]}")
-    return proc.returncode, stdout
+    return run_ranks(ranks, argv, TIMEOUT, env)
 
 
 def log_values(out, key):

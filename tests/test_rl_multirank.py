@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -24,7 +22,7 @@ from gpt2cu.checkpoint import write_model
 from gpt2cu.models.gpt2 import GPTConfig, init_params, param_layout
 from gpt2cu.rl.reward_model import read_reward_model
 from gpt2cu.rl.text import CHAR_PADDED_VOCAB, CHAR_VOCAB
-from test_dist import clean_env, mpirun_command
+from test_dist import clean_env, run_ranks
 
 TIMEOUT = 240
 STEPS = 4
@@ -50,18 +48,10 @@ def work(tmp_path_factory):
 
 def launch(ranks: int, cwd, module: str, *flags):
     """(exit status, stdout + stderr) of python -m module on `ranks` ranks (1: no mpirun)."""
-    cmd = ([] if ranks == 1 else mpirun_command(ranks)) + [sys.executable, "-m", module, "--backend", "numpy", *flags]
     env = clean_env()
     env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(cwd) + os.pathsep + env["PYTHONPATH"]  # the reward module
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        stdout, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"{' '.join(cmd)} hung:\n{proc.communicate()[0]}")
-    return proc.returncode, stdout
+    return run_ranks(ranks, [sys.executable, "-m", module, "--backend", "numpy", *flags], TIMEOUT, env, cwd)
 
 
 ALGO_FLAGS = {
