@@ -224,7 +224,8 @@ class CountingBackend(NumpyBackend):
 
 for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
             "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
-            "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update"):
+            "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update",
+            "scalar_head_forward", "scalar_head_backward"):
     def _counted(self, *args, _name=_op, **kwargs):
         self.calls[_name] = self.calls.get(_name, 0) + 1
         return getattr(super(CountingBackend, self), _name)(*args, **kwargs)
@@ -235,7 +236,7 @@ for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_r
 def test_update_runs_the_ops_of_a_pretraining_step(algo):
     """One update minibatch calls exactly the ops a pretraining step of the same model and (B, T) calls:
     one LM-head pass (matmul, classifier, matmul backward per chunk), one trunk forward and backward, the
-    norm and the AdamW update; the value head's few array operations are all it adds."""
+    norm and the AdamW update; PPO's value head adds its two ops (value with loss, its backward), once each."""
     from gpt2cu.data import InMemoryBatches
     from gpt2cu.dist import SingleProcess
     from gpt2cu.optim import AdamWConfig
@@ -252,7 +253,10 @@ def test_update_runs_the_ops_of_a_pretraining_step(algo):
                       InMemoryBatches([(tokens[:, :-1], tokens[:, 1:])]))
     backend.calls = {}
     trainer.step()
+    head_ops = ("scalar_head_forward", "scalar_head_backward")
+    head_calls = {op: update_calls.pop(op) for op in head_ops if op in update_calls}
     assert update_calls == backend.calls and backend.calls["fused_classifier"] >= 1
+    assert head_calls == (dict.fromkeys(head_ops, 1) if algo == "ppo" else {})
 
 
 # ---- bad input: one line, exit code 2 ----------------------------------------------------------------
