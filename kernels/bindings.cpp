@@ -214,6 +214,32 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("logits"), py::arg("losses"), py::arg("targets"), py::arg("dloss"), py::arg("policy"),
         py::arg("clip"), py::arg("entropy"), py::arg("N"), py::arg("V"), py::arg("Vp"), py::arg("stream"));
 
+    // ---- scalar_head.cu
+    m.def(
+        "scalar_head_forward",
+        [](uintptr_t values, uintptr_t losses, uintptr_t inp, uintptr_t head, uintptr_t terms, float clip,
+           float scale, int N, int C, uintptr_t stream) {
+            scalar_head_forward(ptr<float>(values), ptr<float>(losses), ptr<const bf16>(inp), ptr<const float>(head),
+                                ptr<const float>(terms), clip, scale, N, C, strm(stream));
+        },
+        "values[i] = inp[i,:] . head[:C] + head[C]; with terms != 0 (old value, return, weight per row): "
+        "losses[i] = weight * the clipped value loss, values overwritten by scale * weight * its gradient",
+        py::arg("values"), py::arg("losses"), py::arg("inp"), py::arg("head"), py::arg("terms"), py::arg("clip"),
+        py::arg("scale"), py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "scalar_head_backward",
+        [](uintptr_t dinp, uintptr_t dhead, uintptr_t dvalues, uintptr_t inp, uintptr_t head, uintptr_t scratch,
+           size_t scratch_floats, int N, int C, uintptr_t stream) {
+            scalar_head_backward(ptr<bf16>(dinp), ptr<float>(dhead), ptr<const float>(dvalues), ptr<const bf16>(inp),
+                                 ptr<const float>(head), ptr<float>(scratch), scratch_floats, N, C, strm(stream));
+        },
+        "dinp[i,:] += dvalues[i] * head[:C]; dhead += [sum_i dvalues[i] inp[i,:] | sum_i dvalues[i]]",
+        py::arg("dinp"), py::arg("dhead"), py::arg("dvalues"), py::arg("inp"), py::arg("head"), py::arg("scratch"),
+        py::arg("scratch_floats"), py::arg("N"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "scalar_head_backward_scratch_floats", [](int N, int C) { return scalar_head_backward_scratch_floats(N, C); },
+        "floats of scratch scalar_head_backward needs for (N, C)", py::arg("N"), py::arg("C"));
+
     // ---- attention.cu
     m.def(
         "attention_forward",

@@ -98,6 +98,20 @@ size_t bias_backward_scratch_floats(int N, int OC);
 void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* policy,
                       float clip, float* entropy, int N, int V, int Vp, cudaStream_t stream);
 
+// ---- scalar_head.cu ---------------------------------------------------------------------------
+// A scalar head on N rows of C (the final norm's output), head = [w (C) | b] fp32 (16-byte aligned):
+//   values[i] = inp[i,:] . w + b (fp32).
+// terms (nullable, fp32 [N, 3]: old value, return, weight per row), clip, scale: PPO's clipped value loss
+// (scalar_head.cu): losses[i] = weight * loss of row i, and values[i] is overwritten by
+// scale * weight * d loss / d value (the dvalues scalar_head_backward takes).
+void scalar_head_forward(float* values, float* losses, const bf16* inp, const float* head, const float* terms,
+                         float clip, float scale, int N, int C, cudaStream_t stream);
+// dinp[i,:] += dvalues[i] * w (bf16, rounded to nearest even); dhead += [sum_i dvalues[i] inp[i,:] |
+// sum_i dvalues[i]] (fp32, deterministic). Rows with dvalues[i] == 0 are not read.
+void scalar_head_backward(bf16* dinp, float* dhead, const float* dvalues, const bf16* inp, const float* head,
+                          float* scratch, size_t scratch_floats, int N, int C, cudaStream_t stream);
+size_t scalar_head_backward_scratch_floats(int N, int C);
+
 // ---- attention.cu -----------------------------------------------------------------------------
 // Causal flash attention with grouped key/value heads over the packed qkv (B, T, (NH + 2 NKV) HS), each
 // row [q: NH heads | k: NKV heads | v: NKV heads]; query head h attends with key/value head h / (NH / NKV)

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from gpt2cu.backends import numpy_ops as ref_ops
-from gpt2cu.backends.base import PolicyLoss
+from gpt2cu.backends.base import PolicyLoss, ValueLoss
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from gpt2cu.formats import bf16_bits_to_f32, f32_to_bf16_bits
 from gpt2cu.models.gpt2 import GPTConfig, GPT, init_params
@@ -529,6 +529,71 @@ def test_fused_classifier_policy_loss_and_entropy(cuda, case, b, t, V, Vp):
     case.check("policy-weighted dlogits", to_host(logits_d), ref_dlogits, BF16_REL)
     case.zero("dlogits in the padded columns", to_host(logits_d)[..., V:])
     case.zero("dlogits of the masked row", to_host(logits_d).reshape(-1, Vp)[0])
+
+
+# ---- scalar head ---------------------------------------------------------------------------------------
+# C = 200: a row of 25 vectors (lanes idle); 4004 rows: many blocks of the backward's reduction, a partial
+# last one; C = 2048: 8 vectors per lane, 64 KB of shared memory
+SCALAR_HEAD_CASES = [(B, T, 200), (4, 1001, 768), (2, 5, 2048)]
+
+
+def scalar_head_inputs(case, b, t, C):
+    """(x host, x device, head host float64 of float32 values, head device float32)."""
+    x, x_d = case.bf16((b, t, C))
+    head = case.rng.normal(0.0, C ** -0.5, C + 1).astype(np.float32)
+    return x, x_d, head.astype(np.float64), cp.asarray(head)
+
+
+@pytest.mark.parametrize("b, t, C", SCALAR_HEAD_CASES)
+def test_scalar_head_forward_and_value_loss(cuda, case, b, t, C):
+    """The values, then PPO's clipped value loss: each row's weighted loss and its gradient (left in values).
+    The old values sit 0.05 or 0.5 from the values (inside or outside the clip range 0.2, never within
+    float32 rounding of it); 60% of the rows weigh 0 (positions outside the completions): loss and gradient
+    exactly 0 there."""
+    x, x_d, head, head_d = scalar_head_inputs(case, b, t, C)
+    values = poisoned((b, t), fp32=True)
+    cuda.scalar_head_forward(values, None, x_d, head_d)
+    ref_values = np.empty((b, t))
+    ref_ops.scalar_head_forward(ref_values, None, x, head)
+    case.check("values", to_host(values), ref_values, FP32_REL)
+    weight = np.where(case.rng.random((b, t)) < 0.6, 0.0, case.rng.random((b, t)) + 0.1)
+    old = ref_values + case.rng.choice([-0.5, -0.05, 0.05, 0.5], size=(b, t))
+    terms = np.stack([old, case.rng.normal(0.0, 1.0, (b, t)), weight], axis=-1).astype(np.float32)
+    clip, scale = 0.2, 0.7
+    values, losses = poisoned((b, t), fp32=True), poisoned((b, t), fp32=True)
+    cuda.scalar_head_forward(values, losses, x_d, head_d, ValueLoss(cp.asarray(terms), clip, scale))
+    ref_dvalues, ref_losses = np.empty((b, t)), np.empty((b, t))
+    ref_ops.scalar_head_forward(ref_dvalues, ref_losses, x, head, ValueLoss(terms.astype(np.float64), clip, scale))
+    got_dvalues, got_losses = to_host(values), to_host(losses)
+    case.check("weighted losses", got_losses, ref_losses, FP32_REL)
+    case.check("dvalues", got_dvalues, ref_dvalues, FP32_REL)
+    case.zero("losses of rows of weight 0", got_losses[weight == 0])
+    case.zero("dvalues of rows of weight 0", got_dvalues[weight == 0])
+
+
+@pytest.mark.parametrize("b, t, C", SCALAR_HEAD_CASES)
+def test_scalar_head_backward(cuda, case, b, t, C):
+    """dinp (bf16) and dhead (fp32) both accumulate; half the rows have dvalues 0, whose dinp rows must keep
+    every bit; two runs agree to the bit."""
+    x, x_d, head, head_d = scalar_head_inputs(case, b, t, C)
+    dvalues = np.where(case.rng.random((b, t)) < 0.5, 0.0, case.rng.normal(0.0, 1.0, (b, t))).astype(np.float32)
+    dvalues.flat[0] = 1.0  # at least one row to read
+    dvalues_d = cp.asarray(dvalues)
+    inc_dinp, inc_dhead = np.zeros((b, t, C)), np.zeros(C + 1)
+    ref_ops.scalar_head_backward(inc_dinp, inc_dhead, dvalues.astype(np.float64), x, head)
+    dinp, dinp_d = case.accumulator(inc_dinp)
+    dhead = case.rng.normal(0.0, 0.5 * float(np.sqrt(np.mean(np.square(inc_dhead)))), C + 1).astype(np.float32)
+
+    def run():
+        acc_dinp, acc_dhead = dinp_d.copy(), cp.asarray(dhead)
+        cuda.scalar_head_backward(acc_dinp, acc_dhead, dvalues_d, x_d, head_d)
+        return {"dinp": raw(acc_dinp), "dhead": raw(acc_dhead)}
+
+    first = run()
+    case.check("dinp", decode(first["dinp"]), dinp + inc_dinp, BF16_REL)
+    case.check("dhead", decode(first["dhead"]), dhead + inc_dhead, FP32_REL)
+    case.same_bits("dinp of rows with dvalues 0", first["dinp"][dvalues == 0], raw(dinp_d)[dvalues == 0])
+    assert_repeatable(case, run, first)
 
 
 # ---- attention ----------------------------------------------------------------------------------------

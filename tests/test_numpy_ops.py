@@ -21,7 +21,7 @@ import torch
 
 from gpt2cu.backends import numpy_llama_ops
 from gpt2cu.backends import numpy_ops as ops
-from gpt2cu.backends.base import Backend, PolicyLoss
+from gpt2cu.backends.base import Backend, PolicyLoss, ValueLoss
 from gpt2cu.backends.numpy_ops import NumpyBackend
 from numeric_checks import assert_close, nans, numeric_grad
 
@@ -316,6 +316,34 @@ def test_fused_classifier_policy_loss_and_entropy(rng):
     p = torch.softmax(torch.from_numpy(logits[..., :V]), dim=-1).numpy()
     expected = np.where(targets >= 0, -(p * np.log(p)).sum(axis=-1), 0.0)
     assert_close(entropy, expected, 1e-10)
+
+
+def test_scalar_head_value_loss_and_backward(rng):
+    """scalar_head_forward with a value loss leaves in values the gradient of scale * sum(weighted losses),
+    and scalar_head_backward carries any dvalues into inp and head: both against central differences of
+    0.5 max((v - R)^2, (v_clipped - R)^2) written out here. The old values sit 0.05 or 0.5 from the values
+    (inside and outside the clip range 0.2); some rows weigh 0."""
+    b, t, C, clip, scale = 2, 5, 12, 0.2, 0.7
+    inp, head = rng.normal(size=(b, t, C)), rng.normal(0.0, 0.3, C + 1)
+    values = np.empty((b, t))
+    ops.scalar_head_forward(values, None, inp, head)
+    assert_close(values, inp @ head[:C] + head[C], 1e-12)
+    weight = np.where(rng.random((b, t)) < 0.3, 0.0, rng.random((b, t)))
+    terms = np.stack([values + rng.choice([-0.5, -0.05, 0.05, 0.5], size=(b, t)), rng.normal(size=(b, t)), weight],
+                     axis=-1)
+
+    def loss():
+        v = inp @ head[:C] + head[C]
+        v_clipped = terms[..., 0] + np.clip(v - terms[..., 0], -clip, clip)
+        return scale * (weight * 0.5 * np.maximum((v - terms[..., 1]) ** 2, (v_clipped - terms[..., 1]) ** 2)).sum()
+
+    dvalues, losses = nans(b, t), nans(b, t)
+    ops.scalar_head_forward(dvalues, losses, inp, head, ValueLoss(terms, clip, scale))
+    assert_close(scale * losses.sum(), loss(), 1e-12)
+    dinp, dhead = np.ones((b, t, C)), np.ones(C + 1)  # "+=" outputs
+    ops.scalar_head_backward(dinp, dhead, dvalues, inp, head)
+    assert_close(dinp - 1, numeric_grad(loss, inp), FD_REL)
+    assert_close(dhead - 1, numeric_grad(loss, head), FD_REL)
 
 
 def test_fused_classifier_eval_leaves_logits(rng):

@@ -174,7 +174,7 @@ def test_reward_model_file_round_trip_and_truncation(tmp_path):
         read_reward_model(path)
 
 
-def update_minibatch(backend, algo):
+def update_minibatch(backend, algo, cfg=TINY):
     """A PPO over TINY with a random value head (one epoch of one minibatch per update), and a scored
     minibatch of rollouts, advantages and returns for its update: the old log-probabilities put each
     token's starting ratio at 0.5, 0.9, 1.1 or 1.6 and the old values sit 0.05 or 0.5 from the values
@@ -182,11 +182,11 @@ def update_minibatch(backend, algo):
     from gpt2cu.rl.ppo import PPO, PPOConfig, Rollouts
     from gpt2cu.rl.text import CharCodec
     rng = np.random.default_rng(2)
-    params = init_params(TINY, seed=2)
-    ppo = PPO(TINY, params, backend, PPOConfig(algo=algo, prompts_per_step=4, minibatch=4, epochs=1, max_new_tokens=4,
+    params = init_params(cfg, seed=2)
+    ppo = PPO(cfg, params, backend, PPOConfig(algo=algo, prompts_per_step=4, minibatch=4, epochs=1, max_new_tokens=4,
                                                kl_coef=0.3), ["10+10="] * 4, lambda p, c: [0.0] * len(c), CharCodec())
     if ppo.value_head is not None:
-        ppo.value_head.params[...] = rng.normal(0.0, 0.2, TINY.n_embd + 1)
+        backend.from_numpy(rng.normal(0.0, 0.2, cfg.n_embd + 1).astype(np.float32), out=ppo.value_head.params)
     B, T = 4, ppo.T
     inputs = rng.integers(0, CHAR_VOCAB, (B, T)).astype(np.int32)
     mask = completion_mask(np.array([7, 7, 5, 6]), np.array([11, 9, 9, 8]), T)
@@ -252,7 +252,8 @@ class CountingBackend(NumpyBackend):
 
 for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
             "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
-            "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update"):
+            "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update",
+            "scalar_head_forward", "scalar_head_backward"):
     def _counted(self, *args, _name=_op, **kwargs):
         self.calls[_name] = self.calls.get(_name, 0) + 1
         return getattr(super(CountingBackend, self), _name)(*args, **kwargs)
@@ -263,7 +264,7 @@ for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_r
 def test_update_runs_the_ops_of_a_pretraining_step(algo):
     """One update minibatch calls exactly the ops a pretraining step of the same model and (B, T) calls:
     one LM-head pass (matmul, classifier, matmul backward per chunk), one trunk forward and backward, the
-    norm and the AdamW update; the value head's few array operations are all it adds."""
+    norm and the AdamW update; PPO's value head adds its two ops (value with loss, its backward), once each."""
     from gpt2cu.data import InMemoryBatches
     from gpt2cu.dist import SingleProcess
     from gpt2cu.optim import AdamWConfig
@@ -280,7 +281,10 @@ def test_update_runs_the_ops_of_a_pretraining_step(algo):
                       InMemoryBatches([(tokens[:, :-1], tokens[:, 1:])]))
     backend.calls = {}
     trainer.step()
+    head_ops = ("scalar_head_forward", "scalar_head_backward")
+    head_calls = {op: update_calls.pop(op) for op in head_ops if op in update_calls}
     assert update_calls == backend.calls and backend.calls["fused_classifier"] >= 1
+    assert head_calls == (dict.fromkeys(head_ops, 1) if algo == "ppo" else {})
 
 
 # ---- bad input: one line, exit code 2 ----------------------------------------------------------------
@@ -432,6 +436,33 @@ def test_demo_preference_rule(arithmetic, capsys, tmp_path):
           f"KL max {max(kl):.3f}, last 10 steps {np.mean(kl[-10:]):.3f}")
     assert code == 0 and after >= before + 0.25, out
     assert max(kl) < 5.0 and np.mean(kl[-10:]) < 2.0
+
+
+@pytest.mark.gpu
+def test_ppo_value_head_on_cuda_matches_numpy(cuda_backend):
+    """PPO's update on CUDA, its value head (kernels/scalar_head.cu) inside the forward's CUDA graph: the
+    value head's gradient and the value loss of one minibatch equal the numpy backend's within the bf16
+    trunk's precision (test_cuda_ops.py's MODEL_REL, 5e-2), the eager call, the capture and a replay
+    alike; the replay repeats the capture's bits. (Head size 64: the attention kernel's.)"""
+    cfg = GPTConfig(n_layer=1, n_head=1, n_embd=64, max_seq_len=18, vocab_size=CHAR_VOCAB,
+                    padded_vocab_size=CHAR_PADDED_VOCAB)
+    results = {}
+    for name, backend in (("numpy", NumpyBackend()), ("cuda", cuda_backend)):
+        ppo, _, r, advantages, returns = update_minibatch(backend, "ppo", cfg)
+        runs = []
+        for _ in range(3 if name == "cuda" else 1):  # eager, captured, replayed
+            ppo.policy.zero_grad()
+            backend.zero_(ppo.value_head.grad)
+            ppo.gradients(backend.prepare_batch(r.inputs, r.targets), r.mask, r.old_logp, r.ref_logp, advantages,
+                          r.values, returns)
+            runs.append((backend.to_numpy(ppo.value_head.grad).astype(np.float64),
+                         float(backend.to_numpy(ppo.value_head.losses).astype(np.float64).sum())))
+        results[name] = runs
+    (ref_grad, ref_loss), = results["numpy"]
+    for grad, loss in results["cuda"]:
+        assert np.linalg.norm(grad - ref_grad) / np.linalg.norm(ref_grad) < 5e-2
+        assert loss == pytest.approx(ref_loss, rel=5e-2)
+    assert np.array_equal(results["cuda"][1][0], results["cuda"][2][0])
 
 
 @pytest.mark.gpu

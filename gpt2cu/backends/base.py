@@ -37,6 +37,19 @@ class PolicyLoss:
         return PolicyLoss(self.terms.reshape(-1, POLICY_TERMS)[rows], self.clip)
 
 
+VALUE_TERMS = 3  # per row: old value, return, weight
+
+
+@dataclass(frozen=True)
+class ValueLoss:
+    """scalar_head_forward's value loss (PPO's clipped value loss, gpt2cu/rl/ppo.py): terms (..., VALUE_TERMS)
+    float32 of the backend, one row per position [old value, return, weight], the value's clip range, and
+    the scale on the gradient it leaves for scalar_head_backward; numpy_ops.clipped_value_loss is the loss."""
+    terms: object
+    clip: float
+    scale: float
+
+
 class Backend(ABC):
     name: str               # "numpy" | "cuda"
     checkpoint_dtype: str   # the model-file dtype its parameters round-trip exactly: "fp32" | "bf16"
@@ -168,6 +181,12 @@ class Backend(ABC):
 
     @abstractmethod
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...
+
+    @abstractmethod
+    def scalar_head_forward(self, values, losses, inp, head, value_loss=None): ...
+
+    @abstractmethod
+    def scalar_head_backward(self, dinp, dhead, dvalues, inp, head): ...
 
     # ---- the LLaMA family's ops -------------------------------------------------------------------
     @abstractmethod

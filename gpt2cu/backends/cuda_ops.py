@@ -329,6 +329,20 @@ class CudaBackend(Backend):
         self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(terms), float(clip),
                                 ptr(entropy), logits.size // Vp, vocab_size, Vp, self.stream.ptr)
 
+    def scalar_head_forward(self, values, losses, inp, head, value_loss=None):
+        C = inp.shape[-1]
+        terms, clip, scale = (None, 0.0, 0.0) if value_loss is None else (value_loss.terms, value_loss.clip,
+                                                                           value_loss.scale)
+        self.k.scalar_head_forward(ptr(values), ptr(losses), ptr(inp), ptr(head), ptr(terms), float(clip),
+                                   float(scale), inp.size // C, C, self.stream.ptr)
+
+    def scalar_head_backward(self, dinp, dhead, dvalues, inp, head):
+        C = inp.shape[-1]
+        N = inp.size // C
+        scratch, floats = self._scratch_of(self.k.scalar_head_backward_scratch_floats(N, C))
+        self.k.scalar_head_backward(ptr(dinp), ptr(dhead), ptr(dvalues), ptr(inp), ptr(head), scratch, floats, N,
+                                    C, self.stream.ptr)
+
     # ---- the LLaMA family's ops ----------------------------------------------------------------------
     # No position embedding: the encoder kernels with a zero wpe (adding 0 is exact) and a dwpe nobody reads,
     # until a kernel without wpe earns its place.

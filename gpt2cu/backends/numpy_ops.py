@@ -16,7 +16,7 @@ import resource
 import numpy as np
 
 from . import numpy_llama_ops
-from .base import POLICY_TERMS, Backend, Batch
+from .base import POLICY_TERMS, VALUE_TERMS, Backend, Batch
 
 LN_EPS = 1e-5
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -216,6 +216,43 @@ def fused_classifier(losses, logits, targets, dloss, vocab_size, policy=None, en
     logits[..., vocab_size:] = 0.0
 
 
+def clipped_value_loss(values, terms, clip):
+    """(loss, d loss / d values) per row of PPO's clipped value loss 0.5 max((v - R)^2, (v_clipped - R)^2),
+    v_clipped = old + clip(v - old, -clip, clip), terms (..., 3) rows [old value, return R, weight] (the
+    weight is not applied here). The gradient is that of the larger square (the clipped one's is 0
+    outside the clip range)."""
+    old, ret = terms[..., 0], terms[..., 1]
+    v_clipped = old + np.clip(values - old, -clip, clip)
+    plain, clipped = (values - ret) ** 2, (v_clipped - ret) ** 2
+    grad = np.where(plain >= clipped, values - ret, (v_clipped - ret) * (np.abs(values - old) < clip))
+    return 0.5 * np.maximum(plain, clipped), grad
+
+
+def scalar_head_forward(values, losses, inp, head, value_loss=None):
+    """values = inp . head[:C] + head[C] per row; with value_loss (base.ValueLoss): losses = weight * its
+    loss per row, and values overwritten by scale * weight * d loss / d value (scalar_head_backward's
+    dvalues)."""
+    C = inp.shape[-1]
+    v = inp @ head[:C] + head[C]
+    if value_loss is None:
+        values[...] = v
+        return
+    terms = value_loss.terms.reshape(v.shape + (VALUE_TERMS,))
+    loss, grad = clipped_value_loss(v, terms, value_loss.clip)
+    weight = terms[..., 2]
+    losses[...] = weight * loss
+    values[...] = value_loss.scale * weight * grad
+
+
+def scalar_head_backward(dinp, dhead, dvalues, inp, head):
+    """dinp += dvalues * head[:C] (each row); dhead += [sum over rows of dvalues * inp | sum of dvalues]."""
+    C = inp.shape[-1]
+    d = dvalues.reshape(-1, 1)
+    dinp += (d * head[:C]).reshape(dinp.shape)
+    dhead[:C] += (d * inp.reshape(-1, C)).sum(axis=0)
+    dhead[C] += d.sum()
+
+
 # ---- optimizer ----------------------------------------------------------------------------------
 def global_norm_squared(grads):
     """Sum of squares of a flat buffer, accumulated in float64 chunk by chunk (no full-size float64
@@ -332,6 +369,8 @@ class NumpyBackend(Backend):
     attention_forward = staticmethod(attention_forward)
     attention_backward = staticmethod(attention_backward)
     fused_classifier = staticmethod(fused_classifier)
+    scalar_head_forward = staticmethod(scalar_head_forward)
+    scalar_head_backward = staticmethod(scalar_head_backward)
 
     # the LLaMA family's (numpy_llama_ops.py)
     embedding_forward = staticmethod(numpy_llama_ops.embedding_forward)

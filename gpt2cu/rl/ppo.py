@@ -29,12 +29,13 @@ What an update costs per token is what a pretraining step costs (bench/bench_rl.
     pretraining, and never stores a probability tensor.
   - The value head is a scalar head on the policy's own trunk (reward_model.ScalarHead), not a separate
     model: its forward and backward are 2C multiply-adds and C + 1 gradients per token on the trunk's
-    final-norm output, where a separate value model of the policy's size would double the update's
-    work (a second trunk forward and backward per token). The price is that the value loss now shapes
+    final-norm output (two ops; on CUDA kernels/scalar_head.cu, which reads only the completion rows,
+    the others weighing 0), where a separate value model of the policy's size would double the
+    update's work (a second trunk forward and backward per token). The price is that the value loss now shapes
     the policy's features too: vf_coef weighs it against the policy loss (0.1, as in Ziegler et al.'s
     and TRL's shared-trunk setups).
-  - On CUDA the update's forward (trunk and LM head) and backward are CUDA graphs, as the trainer's
-    micro-step is; the value head's few array operations run between them, and the AdamW update is the
+  - On CUDA the update's forward (trunk, LM head, value head with its loss and backward) and the
+    trunk's backward are CUDA graphs, as the trainer's micro-step is, and the AdamW update is the
     trainer's graph. Per minibatch the host prepares the next one's tokens while the device works and
     waits only for the gradient norm (and, with a value head, reads its C + 1 gradients and writes its
     parameters back while the device is idle for that read), as in a pretraining step.
@@ -65,7 +66,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..dist import SingleProcess
-from ..backends.base import POLICY_TERMS, PolicyLoss
+from ..backends.base import POLICY_TERMS, VALUE_TERMS, PolicyLoss, ValueLoss
 from ..backends.numpy_ops import policy_weights
 from ..models import family_of
 from ..optim import AdamWConfig
@@ -170,17 +171,6 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages, advantages + values
 
 
-def clipped_value_loss(xp, values, old_values, returns, clip: float):
-    """(loss, d loss / d values) per token of 0.5 * max((v - R)^2, (v_clipped - R)^2), v_clipped = old +
-    clip(v - old, -clip, clip), in the array module xp (numpy or CuPy: no host round trip on the GPU)."""
-    v_clipped = old_values + xp.clip(values - old_values, -clip, clip)
-    plain, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
-    # the gradient of whichever is larger (the clipped one's is 0 outside the clip range)
-    grad = xp.where(plain >= clipped, values - returns,
-                    (v_clipped - returns) * (xp.abs(values - old_values) < clip))
-    return 0.5 * xp.maximum(plain, clipped), grad
-
-
 def row_generators(seed: int, rows, *key) -> list:
     """One generator per row index, seeded by (seed, *key, row): a row samples the same whatever the
     rank and the other rows it is decoded with."""
@@ -223,7 +213,8 @@ class PPO:
         self._entropy = backend.zeros((B, self.T), fp32=True)
         # the update's inputs besides the tokens, at fixed addresses (the captured graphs read them)
         self._policy_loss = PolicyLoss(backend.zeros((B, self.T, POLICY_TERMS), fp32=True), config.clip)
-        self._value_terms = backend.zeros((B, self.T, 3), fp32=True)  # old value, return, mask / n
+        self._value_loss = ValueLoss(backend.zeros((B, self.T, VALUE_TERMS), fp32=True), config.value_clip,
+                                     config.vf_coef)
         self._update_forward = backend.graphed(self._policy_forward)
         self._update_backward = backend.graphed(self.policy.backward)
         self.rng = np.random.default_rng(config.seed)
@@ -384,20 +375,20 @@ class PPO:
         minibatches = [mb for _ in range(c.epochs)
                        for mb in self.rng.permutation(len(r.inputs)).reshape(-1, c.minibatch)]
         losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
-        value_losses = ops.zeros((len(minibatches),), fp32=True)
+        head = self.value_head
+        value_losses = None if head is None else ops.zeros((len(minibatches), B, T), fp32=True)  # weighted, per token
         terms = []
         staged = ops.prepare_batch(r.inputs[minibatches[0][share]], r.targets[minibatches[0][share]])
         for k, whole in enumerate(minibatches):
             mb = whole[share]
             # the whole minibatch's tokens, per rank: the ranks' average of the gradients sums their shares
             tokens = r.mask[whole].sum() / comm.world_size
-            mb_terms, value_loss = self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
-                                                  r.values[mb], returns[mb], tokens)
-            terms.append(mb_terms)
+            terms.append(self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
+                                        r.values[mb], returns[mb], tokens))
             with ops.on_stream():
                 losses[k] = self.policy.acts["losses"]
-                if value_loss is not None:
-                    value_losses[k] = value_loss
+                if head is not None:
+                    value_losses[k] = head.losses
             if k + 1 < len(minibatches):
                 nxt = minibatches[k + 1][share]
                 staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
@@ -405,42 +396,39 @@ class PPO:
         losses = ops.to_numpy(losses).astype(np.float64)
         clipped = comm.all_reduce_scalar(sum(float((policy_weights(-losses[k], terms[k], c.clip)[1]
                                                     & r.mask[mb[share]]).sum()) for k, mb in enumerate(minibatches)))
-        if self.value_head is None:
+        if head is None:
             return clipped, 0.0
-        comm.all_reduce(value_losses, op="avg")  # each rank's is world_size times its share's sum over the tokens
-        return clipped, float(ops.to_numpy(value_losses).mean())
+        # each rank's sum over its rows is world_size times its share of the minibatches' value losses
+        total = comm.all_reduce_scalar(float(ops.to_numpy(value_losses).astype(np.float64).sum()))
+        return clipped, total / (comm.world_size * len(minibatches))
 
     def _policy_forward(self, batch):
-        """The update's forward: the trunk, then the LM head with the policy loss (its backward included)."""
+        """The update's forward: the trunk, then the LM head with the policy loss (its backward included),
+        and for PPO the value head with its loss (its backward included: its d(lnf) onto the LM head's)."""
         self._forward(self.policy, batch, 1.0, policy=self._policy_loss)
+        if self.value_head is not None:
+            self.value_head.value_loss(self._value_loss)
 
     def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
         """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss: the policy
         loss (the clipped surrogate, GRPO's KL term) and for PPO vf_coef times the clipped value loss, each
         a mean over the completion tokens, in one forward and one backward of the policy's trunk. staged:
         the minibatch's tokens and targets from backend.prepare_batch; tokens: the count the means divide
-        by (default: mask's; on several ranks the whole minibatch's over the world size). Returns (the
-        policy terms (B, T, 4) it used, the value loss as a backend scalar (PPO; else None)), without
-        waiting for the device."""
+        by (default: mask's; on several ranks the whole minibatch's over the world size). Returns the
+        policy terms (B, T, 4) it used, without waiting for the device; the value head's weighted value
+        loss per position (PPO) is in value_head.losses."""
         c, ops, n = self.config, self.ops, mask.sum() if tokens is None else tokens
         kl = c.kl_coef if c.algo == "grpo" else 0.0
         terms = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
         with ops.on_stream():  # copies queued on the stream, into the buffers the captured graphs read
             self._policy_loss.terms[...] = ops.from_numpy(terms.astype(np.float32))
             if self.value_head is not None:
-                self._value_terms[...] = ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1)
-                                                        .astype(np.float32))
+                self._value_loss.terms[...] = ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1)
+                                                             .astype(np.float32))
         batch = ops.upload_batch(staged)
         self._update_forward(batch)
-        value_loss = None
-        if self.value_head is not None:
-            with ops.on_stream():
-                old, ret, weight = (self._value_terms[..., i] for i in range(3))
-                loss, grad = clipped_value_loss(ops.xp, self.value_head.forward(), old, ret, c.value_clip)
-                value_loss = (loss * weight).sum()
-                self.value_head.backward(c.vf_coef * weight * grad, add=True)
         self._update_backward(batch)
-        return terms, value_loss
+        return terms
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, out_dir: str):

@@ -1,10 +1,9 @@
 """A scalar head on a GPT-2 trunk: the reward model (trained on preference pairs with the Bradley-Terry
 loss) and PPO's value head (on the policy's own trunk, rl/ppo.py). The head is n_embd weights and a bias
 on the final layernorm's output, value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at
-its last token (the EOT that ends a completion). The head is C + 1 numbers: it is applied in float32
-arrays of the backend's array module (numpy or CuPy) and updated on the host with the float32 reference
-AdamW; the trunk is an ordinary model of its family, trained by optim.AdamW through the same ops as
-pretraining.
+its last token (the EOT that ends a completion). The head is C + 1 float32 numbers: applied by the
+backend's scalar_head ops and updated on the host with the float32 reference AdamW; the trunk is an
+ordinary model of its family, trained by optim.AdamW through the same ops as pretraining.
 
 The reward model file (formats.REWARD_MODEL_FILE) is one file: the trunk as a model file's parameters
 plus the head.
@@ -34,31 +33,39 @@ def build_model(cfg, backend, B: int, T: int, params: np.ndarray, comm=None):
 
 class ScalarHead:
     """value = lnf . w + bias on a trunk's final-norm output, after the trunk's forward; its backward
-    feeds d(lnf) to the trunk's backward (acts["dbtc"], where the LM head's backward leaves its own)."""
+    feeds d(lnf) to the trunk's backward (acts["dbtc"], where the LM head's backward leaves its own).
+    Two ops of the backend (scalar_head_forward, scalar_head_backward: on CUDA kernels/scalar_head.cu),
+    into buffers at fixed addresses, so PPO's update captures them in its CUDA graph."""
 
     def __init__(self, trunk, head: np.ndarray | None = None):
         self.trunk, self.ops, C = trunk, trunk.ops, trunk.cfg.n_embd
         self.params = self.ops.from_numpy(np.zeros(C + 1, np.float32) if head is None else head.astype(np.float32))
         self.grad = self.ops.zeros((C + 1,), fp32=True)
-        self._lnf = None
+        self.values = self.ops.zeros((trunk.B, trunk.T), fp32=True)  # or, after value_loss, its gradient
+        self.losses = self.ops.zeros((trunk.B, trunk.T), fp32=True)  # value_loss's weighted loss per position
 
     def forward(self):
-        """values (B, T) float32 (an array of the backend's array module) of the trunk's last forward."""
-        ops, C = self.ops, self.trunk.cfg.n_embd
-        with ops.on_stream():
-            self._lnf = ops.activation_to_fp32(self.trunk.acts["lnf"])
-            return self._lnf @ self.params[:C] + self.params[C]
+        """values (B, T) float32 (a buffer of the backend, overwritten by the next call) of the trunk's last
+        forward."""
+        self.ops.scalar_head_forward(self.values, None, self.trunk.acts["lnf"], self.params)
+        return self.values
 
     def backward(self, dvalues, add: bool = False):
-        """Accumulates the gradients of sum(dvalues * values) of the last forward into grad, and writes
-        d(lnf) into the trunk's acts["dbtc"] for its backward (add: onto the LM head's d(lnf) there).
+        """Accumulates the gradients of sum(dvalues * values) of the trunk's last forward into grad, and
+        writes d(lnf) into the trunk's acts["dbtc"] for its backward (add: onto the LM head's d(lnf) there).
         dvalues (B, T) float32 of the backend's array module."""
-        ops, C, dlnf = self.ops, self.trunk.cfg.n_embd, self.trunk.acts["dbtc"]
-        with ops.on_stream():
-            self.grad[:C] += (self._lnf * dvalues[..., None]).sum(axis=(0, 1))
-            self.grad[C] += dvalues.sum()
-            d = dvalues[..., None] * self.params[:C]
-            ops.store_fp32(dlnf, d + ops.activation_to_fp32(dlnf) if add else d)
+        dlnf = self.trunk.acts["dbtc"]
+        if not add:
+            self.ops.zero_(dlnf)
+        self.ops.scalar_head_backward(dlnf, self.grad, dvalues, self.trunk.acts["lnf"], self.params)
+
+    def value_loss(self, value_loss):
+        """PPO's clipped value loss (backends.base.ValueLoss) of the trunk's last forward: its gradient
+        added into grad and onto the LM head's d(lnf) in acts["dbtc"]; each position's weighted loss left
+        in self.losses."""
+        acts = self.trunk.acts
+        self.ops.scalar_head_forward(self.values, self.losses, acts["lnf"], self.params, value_loss)
+        self.ops.scalar_head_backward(acts["dbtc"], self.grad, self.values, acts["lnf"], self.params)
 
     def host_params(self) -> np.ndarray:
         return self.ops.to_numpy(self.params)
