@@ -377,14 +377,17 @@ class PPO:
         losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
         head = self.value_head
         value_losses = None if head is None else ops.zeros((len(minibatches), B, T), fp32=True)  # weighted, per token
-        terms = []
+        # every minibatch's loss terms computed and uploaded at once: a copy from host memory waits for the
+        # stream, so one per minibatch would stall the host behind each AdamW update
+        terms = [self.loss_terms(r.mask[mb[share]], r.old_logp[mb[share]], r.ref_logp[mb[share]],
+                                 advantages[mb[share]], r.values[mb[share]], returns[mb[share]],
+                                 r.mask[mb].sum() / comm.world_size)  # the ranks' average sums their shares
+                 for mb in minibatches]
+        policy_terms = ops.from_numpy(np.stack([p for p, _ in terms]))
+        value_terms = None if head is None else ops.from_numpy(np.stack([v for _, v in terms]))
         staged = ops.prepare_batch(r.inputs[minibatches[0][share]], r.targets[minibatches[0][share]])
-        for k, whole in enumerate(minibatches):
-            mb = whole[share]
-            # the whole minibatch's tokens, per rank: the ranks' average of the gradients sums their shares
-            tokens = r.mask[whole].sum() / comm.world_size
-            terms.append(self.gradients(staged, r.mask[mb], r.old_logp[mb], r.ref_logp[mb], advantages[mb],
-                                        r.values[mb], returns[mb], tokens))
+        for k in range(len(minibatches)):
+            self._accumulate(staged, policy_terms[k], None if head is None else value_terms[k])
             with ops.on_stream():
                 losses[k] = self.policy.acts["losses"]
                 if head is not None:
@@ -394,7 +397,7 @@ class PPO:
                 staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
             self.policy_opt.step(c.lr)
         losses = ops.to_numpy(losses).astype(np.float64)
-        clipped = comm.all_reduce_scalar(sum(float((policy_weights(-losses[k], terms[k], c.clip)[1]
+        clipped = comm.all_reduce_scalar(sum(float((policy_weights(-losses[k], terms[k][0], c.clip)[1]
                                                     & r.mask[mb[share]]).sum()) for k, mb in enumerate(minibatches)))
         if head is None:
             return clipped, 0.0
@@ -409,26 +412,37 @@ class PPO:
         if self.value_head is not None:
             self.value_head.value_loss(self._value_loss)
 
-    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
-        """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss: the policy
-        loss (the clipped surrogate, GRPO's KL term) and for PPO vf_coef times the clipped value loss, each
-        a mean over the completion tokens, in one forward and one backward of the policy's trunk. staged:
-        the minibatch's tokens and targets from backend.prepare_batch; tokens: the count the means divide
-        by (default: mask's; on several ranks the whole minibatch's over the world size). Returns the
-        policy terms (B, T, 4) it used, without waiting for the device; the value head's weighted value
-        loss per position (PPO) is in value_head.losses."""
-        c, ops, n = self.config, self.ops, mask.sum() if tokens is None else tokens
+    def loss_terms(self, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
+        """A minibatch's loss terms on the host, fp32: the policy loss's (B, T, 4) (the clipped surrogate,
+        GRPO's KL term) and for PPO the value loss's (B, T, 3) (else None), each weighting its tokens for a
+        mean over the completion tokens. tokens: the count the means divide by (default: mask's; on several
+        ranks the whole minibatch's over the world size)."""
+        c, n = self.config, mask.sum() if tokens is None else tokens
         kl = c.kl_coef if c.algo == "grpo" else 0.0
-        terms = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
-        with ops.on_stream():  # copies queued on the stream, into the buffers the captured graphs read
-            self._policy_loss.terms[...] = ops.from_numpy(terms.astype(np.float32))
-            if self.value_head is not None:
-                self._value_loss.terms[...] = ops.from_numpy(np.stack([old_values, returns, mask / n], axis=-1)
-                                                             .astype(np.float32))
+        policy = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
+        value = None if self.value_head is None else np.stack([old_values, returns, mask / n], axis=-1)
+        return policy.astype(np.float32), None if value is None else value.astype(np.float32)
+
+    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
+        """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss (loss_terms):
+        staged: the minibatch's tokens and targets from backend.prepare_batch. Returns the host policy terms;
+        the value head's weighted value loss per position (PPO) is in value_head.losses."""
+        policy, value = self.loss_terms(mask, old_logp, ref_logp, advantages, old_values, returns, tokens)
+        self._accumulate(staged, self.ops.from_numpy(policy), None if value is None else self.ops.from_numpy(value))
+        return policy
+
+    def _accumulate(self, staged, policy_terms, value_terms):
+        """The policy loss (and PPO's value loss) in one forward and one backward of the policy's trunk, from
+        loss terms already on the device: copied on the stream into the buffers the captured graphs read,
+        so the host does not wait."""
+        ops = self.ops
+        with ops.on_stream():
+            self._policy_loss.terms[...] = policy_terms
+            if value_terms is not None:
+                self._value_loss.terms[...] = value_terms
         batch = ops.upload_batch(staged)
         self._update_forward(batch)
         self._update_backward(batch)
-        return terms
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, out_dir: str):
