@@ -1,9 +1,10 @@
 // AdamW on one contiguous segment of n elements (a tensor or a ZeRO shard), elementwise:
 //   g = grad * grad_scale;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   w -= lr * ((m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + weight_decay * w)
-// w is the fp32 master copy when there is one, else the bf16 params themselves. params gets w rounded
+// w is the fp32 master copy when there is one, else the params themselves. bf16 params get w rounded
 // stochastically, so updates below half a bf16 ulp still reach the forward on average (measured closer to
-// an fp32-weights PyTorch run than round-to-nearest, docs/perf.md).
+// an fp32-weights PyTorch run than round-to-nearest, docs/perf.md). fp32 params with fp32 gradients (a small
+// fp32 tensor such as RL's value head, updated beside the model) are w itself.
 // The per-step scalars come from device memory (one captured graph serves every step).
 // Stochastic rounding adds 16 random bits below the bf16 mantissa and truncates: the value rounds up
 // with probability equal to the dropped fraction. The bits hash (seed, element index in the segment).
@@ -11,6 +12,7 @@
 // once every array is 16-byte aligned (for_each_vector's scalar head handles a segment that starts at
 // any offset, its tail any n); if the arrays cannot be aligned together, 1 element per thread.
 #include <math.h>
+#include <type_traits>
 #include "common.cuh"
 
 constexpr int ADAMW_THREADS = 256;
@@ -33,9 +35,9 @@ __device__ __forceinline__ bf16 round_stochastic(float x, unsigned int seed, siz
     return __ushort_as_bfloat16((unsigned short)((bits + random) >> 16));
 }
 
-template <int V>
+template <int V, typename TParam, typename TGrad>
 __global__ void __launch_bounds__(ADAMW_THREADS)
-    adamw_kernel(bf16* __restrict__ params, float* __restrict__ master, const bf16* __restrict__ grads,
+    adamw_kernel(TParam* __restrict__ params, float* __restrict__ master, const TGrad* __restrict__ grads,
                  float* __restrict__ m, float* __restrict__ v, size_t n, size_t head,
                  const AdamWScalars* __restrict__ scalars, float beta1, float beta2, float eps, float weight_decay,
                  unsigned int rounding_salt) {
@@ -44,16 +46,16 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
     const unsigned int seed = scalars->seed ^ mix32(rounding_salt);  // tensors get independent dither
     for_each_vector<V>(n, head, [&](size_t i, auto width) {
         constexpr int W = decltype(width)::value;
-        const Vec<bf16, W> g = load_vec_cs<W>(grads + i);
+        const Vec<TGrad, W> g = load_vec_cs<W>(grads + i);
         Vec<float, W> mm = load_vec_cs<W>(m + i), vv = load_vec_cs<W>(v + i), w;
         if (master) {
             w = load_vec_cs<W>(master + i);
         } else {
-            const Vec<bf16, W> p = load_vec_cs<W>(params + i);
+            const Vec<TParam, W> p = load_vec_cs<W>(params + i);
 #pragma unroll
             for (int k = 0; k < W; k++) w[k] = (float)p[k];
         }
-        Vec<bf16, W> p;
+        Vec<TParam, W> p;
 #pragma unroll
         for (int k = 0; k < W; k++) {
             const float grad = (float)g[k] * grad_scale;
@@ -61,7 +63,10 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
             vv[k] = beta2 * vv[k] + (1.0f - beta2) * grad * grad;
             const float update = (mm[k] / b1c) / (sqrtf(vv[k] / b2c) + eps) + weight_decay * w[k];
             w[k] -= lr * update;
-            p[k] = round_stochastic(w[k], seed, i + k);
+            if constexpr (std::is_same_v<TParam, float>)
+                p[k] = w[k];
+            else
+                p[k] = round_stochastic(w[k], seed, i + k);
         }
         store_vec_cs<W>(m + i, mm);
         store_vec_cs<W>(v + i, vv);
@@ -70,9 +75,10 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
     });
 }
 
-void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
-                  const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
-                  unsigned int rounding_salt, cudaStream_t stream) {
+template <typename TParam, typename TGrad>
+static void launch_adamw(TParam* params, float* master, const TGrad* grads, float* m, float* v, size_t n,
+                         const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
+                         unsigned int rounding_salt, cudaStream_t stream) {
     if (n == 0) return;
     const long long head = vector_head(n, params, grads, master, m, v);
     if (head >= 0)
@@ -82,4 +88,15 @@ void adamw_update(bf16* params, float* master, const bf16* grads, float* m, floa
         adamw_kernel<1><<<elementwise_blocks(n, 1, ADAMW_THREADS), ADAMW_THREADS, 0, stream>>>(
             params, master, grads, m, v, n, 0, scalars, beta1, beta2, eps, weight_decay, rounding_salt);
     CUDA_CHECK_LAUNCH();
+}
+
+void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
+                  const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
+                  unsigned int rounding_salt, cudaStream_t stream) {
+    launch_adamw(params, master, grads, m, v, n, scalars, beta1, beta2, eps, weight_decay, rounding_salt, stream);
+}
+
+void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWScalars* scalars,
+                  float beta1, float beta2, float eps, float weight_decay, cudaStream_t stream) {
+    launch_adamw(params, (float*)nullptr, grads, m, v, n, scalars, beta1, beta2, eps, weight_decay, 0u, stream);
 }

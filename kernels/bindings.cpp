@@ -334,6 +334,16 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("scalars"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("rounding_salt"), py::arg("stream"));
     m.def(
+        "adamw_update_fp32",
+        [](uintptr_t params, uintptr_t grads, uintptr_t m_, uintptr_t v, size_t n, uintptr_t scalars, float beta1,
+           float beta2, float eps, float weight_decay, uintptr_t stream) {
+            adamw_update(ptr<float>(params), ptr<const float>(grads), ptr<float>(m_), ptr<float>(v), n,
+                         ptr<const AdamWScalars>(scalars), beta1, beta2, eps, weight_decay, strm(stream));
+        },
+        "AdamW on n fp32 params with fp32 grads (no master copy, no rounding); scalars as adamw_update's",
+        py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("scalars"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("stream"));
+    m.def(
         "sizeof_adamw_scalars", []() { return sizeof(AdamWScalars); },
         "bytes of struct AdamWScalars (4 floats lr, grad_scale, beta1_correction, beta2_correction; uint32 seed; "
         "uint32 pad[3])");

@@ -169,6 +169,9 @@ struct AdamWScalars {
 void adamw_update(bf16* params, float* master, const bf16* grads, float* m, float* v, size_t n,
                   const AdamWScalars* scalars, float beta1, float beta2, float eps, float weight_decay,
                   unsigned int rounding_salt, cudaStream_t stream);
+// The same on fp32 params with fp32 gradients and no master copy (params are w).
+void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWScalars* scalars,
+                  float beta1, float beta2, float eps, float weight_decay, cudaStream_t stream);
 
 // ---- global_norm.cu ---------------------------------------------------------------------------
 // out[0] = sum of squares of grads[0..n) in fp32, deterministic (fixed block partials + one final pass)

@@ -416,5 +416,11 @@ class CudaBackend(Backend):
         return self._adamw_scalars
 
     def adamw_update(self, params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):
+        if params.dtype == np.float32:  # a small fp32 tensor (RL's value head): no master, no rounding
+            if master is not None or grads.dtype != np.float32:
+                raise ValueError("adamw_update: fp32 params take fp32 grads and no master copy")
+            self.k.adamw_update_fp32(ptr(params), ptr(grads), ptr(m), ptr(v), params.size, ptr(scalars), beta1, beta2,
+                                     eps, weight_decay, self.stream.ptr)
+            return
         self.k.adamw_update(ptr(params), ptr(master), ptr(grads), ptr(m), ptr(v), params.size, ptr(scalars),
                             beta1, beta2, eps, weight_decay, rounding_salt, self.stream.ptr)

@@ -18,7 +18,7 @@ from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_
 from ..dist import SingleProcess
 from ..models import family_of
 from ..models.gpt2 import GPTConfig, param_layout
-from ..optim import AdamW, adamw_reference, clip_scale
+from ..optim import AdamW, clip_scale
 from ..zero import make_storage
 from .text import InputError, document_tokens
 
@@ -103,32 +103,33 @@ class ScalarHeadModel:
 class ModelOptimizer:
     """AdamW over a family model's flat parameters and, when given, a scalar head on it too; one global
     gradient norm clips both. On several ranks (the model's storage's communicator) both gradients are
-    averaged over the ranks first: the trunk's by AdamW (ZeRO-0), the head's here, on the device before
-    its host copy, so every rank applies the same update."""
+    averaged over the ranks first: the trunk's by AdamW (ZeRO-0), the head's here, so every rank applies
+    the same update. The head's C + 1 fp32 parameters and moments stay on the device, updated by the
+    backend's AdamW with the trunk's step scalars (no weight decay)."""
 
     def __init__(self, backend, model, init_params: np.ndarray, cfg, head: ScalarHead | None = None):
         self.ops, self.cfg, self.model, self.head = backend, cfg, model, head
         self.adamw = AdamW(backend, model, model.storage.comm, cfg, initial_params=init_params)
-        if head:  # C + 1 numbers: updated on the host, then copied to the device
-            self.head_params = head.host_params()
-            self.head_m, self.head_v = np.zeros_like(self.head_params), np.zeros_like(self.head_params)
+        if head:
+            self.head_m = backend.zeros(head.params.shape, fp32=True)
+            self.head_v = backend.zeros(head.params.shape, fp32=True)
         self.t = 0
 
     def step(self, lr: float) -> float:
         """One update from the accumulated gradients, which it then zeroes; returns their global norm."""
+        c, head = self.cfg, self.head
         norm_squared = self.adamw.reduce_gradients() ** 2
-        head = self.head
         if head:
             self.adamw.comm.all_reduce(head.grad, op="avg")  # SingleProcess: the identity
-            head_grad = self.ops.to_numpy(head.grad)
+            head_grad = self.ops.to_numpy(head.grad)  # C + 1 numbers, read while the device is idle anyway
             norm_squared += float(head_grad.astype(np.float64) @ head_grad)
         norm = math.sqrt(norm_squared)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
-            if head:  # first: the device is idle after the norm's read, so the upload waits for nothing
-                adamw_reference(self.head_params, head_grad, self.head_m, self.head_v, self.t, self.cfg, lr,
-                                clip_scale(norm, self.cfg.grad_clip), decay_mask=False)
-                self.ops.from_numpy(self.head_params, out=head.params)
+            if head:  # the trunk's update below writes the same scalars again
+                scalars = self.ops.adamw_scalars(lr, self.t, clip_scale(norm, c.grad_clip), self.t, c.beta1, c.beta2)
+                self.ops.adamw_update(head.params, None, head.grad, self.head_m, self.head_v, scalars, c.beta1,
+                                      c.beta2, c.eps, 0.0)
             self.adamw.step(lr, self.t, norm, seed=self.t)
         self.model.zero_grad()
         if head:
@@ -140,15 +141,16 @@ class ModelOptimizer:
         arrays = {name: self.ops.to_numpy(a) for name, a in self.adamw.state_arrays().items()}
         arrays["step"] = np.array([self.t], np.float32)
         if self.head:
-            arrays.update(head=self.head_params, head_m=self.head_m, head_v=self.head_v)
+            arrays.update(head=self.head.host_params(), head_m=self.ops.to_numpy(self.head_m),
+                          head_v=self.ops.to_numpy(self.head_v))
         return arrays
 
     def load_state(self, arrays: dict):
         self.adamw.load_state(arrays)
         self.t = int(arrays["step"][0])
         if self.head:
-            self.head_params, self.head_m, self.head_v = (arrays[k].copy() for k in ("head", "head_m", "head_v"))
-            self.ops.from_numpy(self.head_params, out=self.head.params)
+            for name, dev in (("head", self.head.params), ("head_m", self.head_m), ("head_v", self.head_v)):
+                self.ops.from_numpy(arrays[name], out=dev)
 
 
 # ---- the file --------------------------------------------------------------------------------------
