@@ -83,15 +83,17 @@ PYBIND11_MODULE(_kernels, m) {
         "layernorm_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
            uintptr_t mean, uintptr_t rstd, uintptr_t scratch, size_t scratch_floats, int N, int C,
-           uintptr_t stream) {
+           uintptr_t stream, uintptr_t dinp_sum) {
             layernorm_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                                ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const float>(mean),
-                               ptr<const float>(rstd), ptr<float>(scratch), scratch_floats, N, C, strm(stream));
+                               ptr<const float>(rstd), ptr<float>(scratch), scratch_floats, N, C, strm(stream),
+                               ptr<bf16>(dinp_sum));
         },
-        "dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout)", py::arg("dinp"),
-        py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"), py::arg("mean"),
-        py::arg("rstd"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
-        py::arg("stream"));
+        "dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout); dinp_sum (0: none) += "
+        "sum_rows(dinp) after the update",
+        py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
+        py::arg("mean"), py::arg("rstd"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
+        py::arg("stream"), py::arg("dinp_sum") = 0);
     m.def(
         "layernorm_backward_scratch_floats", [](int N, int C) { return layernorm_backward_scratch_floats(N, C); },
         "floats of scratch layernorm_backward needs for (N, C)", py::arg("N"), py::arg("C"));
@@ -381,5 +383,12 @@ PYBIND11_MODULE(_kernels, m) {
             bf16_accumulate(ptr<bf16>(out), ptr<const bf16>(x), n, strm(stream));
         },
         "out (bf16) += x (bf16), added in fp32 and rounded to nearest even, n elements", py::arg("out"),
+        py::arg("x"), py::arg("n"), py::arg("stream"));
+    m.def(
+        "bf16_accumulate_fp32",
+        [](uintptr_t out, uintptr_t x, size_t n, uintptr_t stream) {
+            bf16_accumulate(ptr<bf16>(out), ptr<const float>(x), n, strm(stream));
+        },
+        "out (bf16) += x (fp32), added in fp32 and rounded to nearest even, n elements", py::arg("out"),
         py::arg("x"), py::arg("n"), py::arg("stream"));
 }

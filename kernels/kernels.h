@@ -37,10 +37,11 @@ void layernorm_forward(bf16* out, float* mean, float* rstd, const bf16* inp, con
 void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
                                       const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
                                       cudaStream_t stream);
-// dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout)
+// dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout); dinp_sum (optional, C):
+// += sum_rows(dinp) after the update (the bias gradient of the projection feeding the residual stream)
 void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
                         const bf16* weight, const float* mean, const float* rstd, float* scratch,
-                        size_t scratch_floats, int N, int C, cudaStream_t stream);
+                        size_t scratch_floats, int N, int C, cudaStream_t stream, bf16* dinp_sum = nullptr);
 // floats of scratch layernorm_backward needs for (N, C)
 size_t layernorm_backward_scratch_floats(int N, int C);
 
@@ -183,3 +184,4 @@ size_t global_norm_scratch_floats(size_t n);
 void bf16_to_float(float* out, const bf16* inp, size_t n, cudaStream_t stream);
 void float_to_bf16(bf16* out, const float* inp, size_t n, cudaStream_t stream);  // round to nearest even
 void bf16_accumulate(bf16* out, const bf16* x, size_t n, cudaStream_t stream);  // out += x in fp32, rounded
+void bf16_accumulate(bf16* out, const float* x, size_t n, cudaStream_t stream);  // the same, x fp32

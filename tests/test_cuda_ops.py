@@ -288,11 +288,14 @@ def test_layernorm_rejects_channels_not_multiple_of_8(cuda, op):
         getattr(cuda, op)(*args)
 
 
+@pytest.mark.parametrize("dinp_sum", [False, True], ids=["", "dinp_sum"])
 @pytest.mark.parametrize("b, t, C", [(B, T, 64), (B, T, 200), (B, T, 768), (4, 1001, 768), (B, T, 1600),
                                      (2, 5, 2048)])
-def test_layernorm_backward(cuda, case, b, t, C):
+def test_layernorm_backward(cuda, case, b, t, C, dinp_sum):
     """dinp, dweight and dbias all accumulate; mean and rstd come in as fp32, as the forward saved them.
-    4004 rows span many blocks of the dweight/dbias reduction; two runs agree to the bit."""
+    4004 rows span many blocks of the dweight/dbias reduction; two runs agree to the bit. dinp_sum (fp32)
+    accumulates the new dinp's column sums: the reference sums the kernel's own stored dinp in float64 (so the
+    bound is fp32 summation, not bf16), and checks it against the exact dinp at the bf16 bound."""
     dout, dout_d = case.bf16((b, t, C))
     x, x_d = case.bf16((b, t, C), mean=0.5)
     weight, weight_d, bias, _ = layernorm_params(case, C)
@@ -302,15 +305,25 @@ def test_layernorm_backward(cuda, case, b, t, C):
     inc = {"dinp": np.zeros((b, t, C)), "dweight": np.zeros(C), "dbias": np.zeros(C)}
     ref_ops.layernorm_backward(inc["dinp"], inc["dweight"], inc["dbias"], dout, x, weight, mean, rstd)
     start = {name: case.accumulator(v) for name, v in inc.items()}
+    sum_start = case.normal(C).astype(np.float32) if dinp_sum else None
 
     def run():
         acc = {name: dev.copy() for name, (_, dev) in start.items()}
-        cuda.layernorm_backward(acc["dinp"], acc["dweight"], acc["dbias"], dout_d, x_d, weight_d, mean_d, rstd_d)
+        if dinp_sum:
+            acc["dinp_sum"] = cp.asarray(sum_start)
+        cuda.layernorm_backward(acc["dinp"], acc["dweight"], acc["dbias"], dout_d, x_d, weight_d, mean_d, rstd_d,
+                                dinp_sum=acc.get("dinp_sum"))
         return {name: raw(a) for name, a in acc.items()}
 
     first = run()
     for name, (host, _) in start.items():
         case.check(name, decode(first[name]), host + inc[name], BF16_REL)
+    if dinp_sum:
+        stored = decode(first["dinp"]).reshape(-1, C)
+        case.check("dinp_sum", first["dinp_sum"].astype(np.float64), sum_start + stored.sum(axis=0), FP32_REL)
+        exact = start["dinp"][0] + inc["dinp"]
+        case.check("dinp_sum (exact dinp)", first["dinp_sum"].astype(np.float64),
+                   sum_start + exact.reshape(-1, C).sum(axis=0), BF16_REL)
     assert_repeatable(case, run, first)
 
 
@@ -748,12 +761,17 @@ def test_global_norm_squared(cuda, case, n):
 # ---- bf16 accumulation (ZeRO-2/3's gradient shard) -------------------------------------------------------
 @pytest.mark.parametrize("n, out_at, x_at", [(1, 0, 0), (1_000_003, 0, 0), (1_000_003, 1, 3)],
                          ids=["one", "aligned", "unaligned"])
-def test_accumulate(cuda, case, n, out_at, x_at):
-    """out += x: the fp32 sum of two bf16 values rounded to nearest even, bit for bit (numpy's float32 add
-    rounds as the kernel's does); 1,000,003 is divided by no vector width, and starting 1 and 3 elements into
-    the buffers leaves them unaligned for the 16-byte path."""
+@pytest.mark.parametrize("x_fp32", [False, True], ids=["bf16", "fp32"])
+def test_accumulate(cuda, case, n, out_at, x_at, x_fp32):
+    """out += x: the fp32 sum of a bf16 value and a bf16 or fp32 one, rounded to nearest even, bit for bit
+    (numpy's float32 add rounds as the kernel's does); 1,000,003 is divided by no vector width, and starting
+    1 and 3 elements into the buffers leaves them unaligned for the 16-byte path."""
     out, out_d = case.bf16((n + out_at,))
-    x, x_d = case.bf16((n + x_at,), std=0.1)
+    if x_fp32:
+        x = (case.rng.normal(0.0, 0.1, n + x_at)).astype(np.float32)
+        x_d = cp.asarray(x)
+    else:
+        x, x_d = case.bf16((n + x_at,), std=0.1)
     expected = bits_of(out[out_at:].astype(np.float32) + x[x_at:].astype(np.float32))
     cuda.accumulate(out_d[out_at:], x_d[x_at:])
     case.same_bits("out", raw(out_d)[out_at:], expected)

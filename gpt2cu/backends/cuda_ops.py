@@ -270,7 +270,8 @@ class CudaBackend(Backend):
     def accumulate(self, out, x):
         if out.shape != x.shape:
             raise ValueError(f"accumulate: shapes {out.shape} and {x.shape} differ")
-        self.k.bf16_accumulate(ptr(out), ptr(x), out.size, self.stream.ptr)
+        add = self.k.bf16_accumulate_fp32 if x.dtype == np.float32 else self.k.bf16_accumulate
+        add(ptr(out), ptr(x), out.size, self.stream.ptr)
 
     def encoder_forward(self, out, tokens, wte, wpe):
         B, T, C = out.shape
@@ -292,12 +293,14 @@ class CudaBackend(Backend):
                                                 ptr(inp2), ptr(weight), ptr(bias), inp1.size // C, C,
                                                 self.stream.ptr)
 
-    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+    def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sum=None):
         C = inp.shape[-1]
         N = inp.size // C
+        if dinp_sum is not None and (dinp_sum.dtype != np.float32 or dinp_sum.size != C):
+            raise ValueError(f"layernorm_backward: dinp_sum must be {C} fp32 values")
         scratch, floats = self._scratch_of(self.k.layernorm_backward_scratch_floats(N, C))
         self.k.layernorm_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
-                                  ptr(mean), ptr(rstd), scratch, floats, N, C, self.stream.ptr)
+                                  ptr(mean), ptr(rstd), scratch, floats, N, C, self.stream.ptr, ptr(dinp_sum))
 
     def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None):
         C, OC = inp.shape[-1], weight.shape[0]

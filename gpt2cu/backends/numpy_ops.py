@@ -63,13 +63,15 @@ def fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weig
     layernorm_forward(out, mean, rstd, residual, weight, bias)
 
 
-def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd):
+def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sum=None):
     rs = rstd[..., None].astype(inp.dtype)
     xhat = (inp - mean[..., None].astype(inp.dtype)) * rs
     dnorm = dout * weight
     dinp += rs * (dnorm - dnorm.mean(axis=-1, keepdims=True) - xhat * (dnorm * xhat).mean(axis=-1, keepdims=True))
     dweight += (_rows(dout) * _rows(xhat)).sum(axis=0)
     dbias += _rows(dout).sum(axis=0)
+    if dinp_sum is not None:  # the residual stream's gradient summed over rows: a projection's bias gradient
+        dinp_sum += _rows(dinp).sum(axis=0)
 
 
 # ---- GeLU (tanh form) ---------------------------------------------------------------------------

@@ -129,7 +129,7 @@ LM_HEAD_CHUNK_ROWS = 8192
 # activation tensors whose elements are float32 on every backend (statistics and losses);
 # everything else is in the backend's activation dtype (fp32 for numpy, bf16 for CUDA)
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd",
-                              "att_lse", "losses"})
+                              "att_lse", "losses", "dresidual_sum"})
 
 
 RECOMPUTE_LEVELS = (0, 1, 2, 3)
@@ -172,6 +172,7 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
         ("logits", (min(B * T, LM_HEAD_CHUNK_ROWS), Vp)),
         # backward scratch
         ("dresidual", (B, T, C)),
+        ("dresidual_sum", (C,)),  # dresidual summed over rows by the layernorm backward: a projection's dbias
         ("dbtc", (B, T, C)),
         ("dbt4c", (B, T, 4 * C)),
         ("dqkv", (B, T, 3 * C)),
@@ -299,10 +300,15 @@ class GPT(FlatModel):
         is called as soon as layer l's gradients are complete (to start reducing them)."""
         ops, p, g, a, L, H = self.ops, self.p, self.g, self.acts, self.cfg.n_layer, self.cfg.n_head
         storage = self.storage
-        dresidual = a["dresidual"]
+        dresidual, dres_sum = a["dresidual"], a["dresidual_sum"]
+        # attproj's and fcproj's bias gradients are dresidual summed over rows: each layernorm backward sums
+        # the dresidual it writes (dres_sum), and the projection that reads that dresidual next adds the sum
+        # (no pass of its own over dresidual; a separate fp32 buffer, since under ZeRO-2/3 every layer's
+        # gradients share one buffer and the sum for layer l - 1 is made during layer l's backward)
         ops.zero_(dresidual)
+        ops.zero_(dres_sum)
         ops.layernorm_backward(dresidual, g["lnfw"], g["lnfb"], a["dbtc"], a["residual3"][L - 1], p["lnfw"],
-                               a["lnf_mean"], a["lnf_rstd"])
+                               a["lnf_mean"], a["lnf_rstd"], dinp_sum=dres_sum)
         for l in reversed(range(L)):
             b = self.block_acts(l)
             residual_in = a["encoded"] if l == 0 else a["residual3"][l - 1]
@@ -319,18 +325,22 @@ class GPT(FlatModel):
             if self.recompute in (1, 2):
                 ops.gelu_forward(b["fch_gelu"], b["fch"])
             # MLP: dresidual -> fcproj -> (GeLU') -> fc -> ln2
-            ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], g["fcprojb"][l], dresidual, b["fch_gelu"],
+            ops.accumulate(g["fcprojb"][l], dres_sum)
+            ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], None, dresidual, b["fch_gelu"],
                                 p["fcprojw"][l], dinp_gelu_pre=b["fch"])
             ops.matmul_backward(a["dbtc"], g["fcw"][l], g["fcb"][l], a["dbt4c"], b["ln2"], p["fcw"][l])
+            ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], a["dbtc"], b["residual2"], p["ln2w"][l],
-                                   b["ln2_mean"], b["ln2_rstd"])
+                                   b["ln2_mean"], b["ln2_rstd"], dinp_sum=dres_sum)
             # attention: dresidual -> attproj -> attention -> qkv -> ln1
-            ops.matmul_backward(a["dbtc"], g["attprojw"][l], g["attprojb"][l], dresidual, b["atty"],
-                                p["attprojw"][l])
+            ops.accumulate(g["attprojb"][l], dres_sum)
+            ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l])
             ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H)
             ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], b["ln1"], p["qkvw"][l])
+            if l > 0:
+                ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], a["dbtc"], residual_in, p["ln1w"][l],
-                                   b["ln1_mean"], b["ln1_rstd"])
+                                   b["ln1_mean"], b["ln1_rstd"], dinp_sum=dres_sum if l > 0 else None)
             storage.layer_grads_done(l)
             if layer_done is not None:
                 layer_done(l)
