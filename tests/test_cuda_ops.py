@@ -477,8 +477,11 @@ def test_gelu_backward(cuda, case, in_place):
 # ---- classifier ---------------------------------------------------------------------------------------
 # GPT-2's vocabulary, LLaMA 3's (a row of 250 KB: more than L2 holds for many rows in flight), and V 1001 in
 # Vp 1003, which takes 1-column vectors
-CLASSIFIER_CASES = [(B, T, 1001, 1024), (B, T, 1001, 1003), (2, 3, 50257, 50304), (1, 2, 128256, 128256)]
-CLASSIFIER_IDS = ["V1001", "V1001-Vp1003", "V50257", "V128256"]
+# V1001-Vp1003: 1-column vectors; V20001: a partial vector (V % 8 = 1) and 11 padding vectors after it;
+# V50257, V128256: rows of several unrolled groups per thread and a remainder (V128256: no partial vector)
+CLASSIFIER_CASES = [(B, T, 1001, 1024), (B, T, 1001, 1003), (3, 5, 20001, 20096), (2, 3, 50257, 50304),
+                    (1, 2, 128256, 128256)]
+CLASSIFIER_IDS = ["V1001", "V1001-Vp1003", "V20001", "V50257", "V128256"]
 
 
 @pytest.mark.parametrize("dloss", [0.25, 0.0], ids=["train", "eval"])
@@ -494,8 +497,14 @@ def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
     targets[case.rng.random((b, t)) < 0.25] = -1
     targets.flat[:2] = (-1, V - 1)  # at least one masked row; the last real column as a target
     masked = targets < 0
-    logits_d, losses = cp.asarray(bits_of(logits)), poisoned((b, t), fp32=True)
-    cuda.fused_classifier(losses, logits_d, cp.asarray(targets), dloss, V)
+    targets_d = cp.asarray(targets)
+
+    def run():  # from fresh copies of the inputs: (dlogits, losses) on the device
+        logits_d, losses = cp.asarray(bits_of(logits)), poisoned((b, t), fp32=True)
+        cuda.fused_classifier(losses, logits_d, targets_d, dloss, V)
+        return logits_d, losses
+
+    logits_d, losses = run()
     ref_losses, ref_dlogits = np.empty((b, t)), logits.copy()
     ref_ops.fused_classifier(ref_losses, ref_dlogits, targets, dloss, V)
     got_losses = to_host(losses)
@@ -511,6 +520,9 @@ def test_fused_classifier(cuda, case, b, t, V, Vp, dloss):
     case.check("dlogits off the target column", got[..., :V][off_target], ref_dlogits[..., :V][off_target], BF16_REL)
     case.zero("dlogits in the padded columns", got[..., V:])
     case.zero("dlogits of masked rows", got[masked])
+    again = run()  # the fixed reduction tree: the same bits every time
+    case.same_bits("dlogits (second run)", raw(again[0]), raw(logits_d))
+    case.same_bits("losses (second run)", raw(again[1]), raw(losses))
 
 
 @pytest.mark.parametrize("b, t, V, Vp", CLASSIFIER_CASES, ids=CLASSIFIER_IDS)
