@@ -732,6 +732,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side ----------------------------------------------------------------------------------------
 int g_attention_backend = 0;  // attention_set_backend: 0 automatic, 1 always the mma.sync kernels above
+int g_sm90_forward_variant = -1;  // attention_set_sm90_forward_variant
 
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
 // compute capability major of the current device (cached per device ordinal)
@@ -833,6 +834,11 @@ void attention_set_backend(int backend) {
     g_attention_backend = backend;
 }
 
+void attention_set_sm90_forward_variant(int variant) {
+    require(variant >= -1 && variant <= 6, "attention_set_sm90_forward_variant: -1 (default) or 0 .. 6");
+    g_sm90_forward_variant = variant;
+}
+
 int attention_backend_in_use(int B, int T, int NH, int HS) {
     return (attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80) +
            (attention_sm90_backward_selected(B, T, NH, HS) ? 9000 : 8000);
@@ -846,7 +852,7 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
             "attention_forward: out and lse must be 4-byte aligned");
     if (attention_sm90_forward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-        attention_forward_sm90(out, lse, qkv, B, T, NH, NKV, HS, stream);
+        attention_forward_sm90(out, lse, qkv, B, T, NH, NKV, HS, stream, g_sm90_forward_variant);
         return;
 #endif
     }

@@ -7,8 +7,9 @@
 // among the architectures); attention.cu dispatches here on compute capability 9.x.
 //
 // ---- Forward --------------------------------------------------------------------------------------------
-// One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised:
-//   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
+// One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised (or 192-query
+// blocks and 4 warpgroups: see the variants):
+//   warpgroup 0, the producer: gives up registers (setmaxnreg 32); one thread issues the TMA loads: the Q
 //     block once, then K and V tiles of 128 keys of its key/value head from the diagonal tile down to
 //     tile 0 (the query heads of a group read the same tiles, through L2), into a ring of
 //     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
@@ -28,8 +29,15 @@
 //   products (named barriers), so that one's softmax runs under the other's products (default for HS 128),
 //   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor; default for HS 64). CTAs
 //   (work items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
+//   4: variant 3 with 3 consumer warpgroups on 192-query blocks (512 threads; FlashAttention-3's shape for
+//   head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
+//   softmax under two others' products), consumers at setmaxnreg 160 (S, P and O of the overlapped loop are
+//   128 of them), the persistent rounds in snake order; HS 64 only. 5: variant 4 on the one-shot grid. 6:
+//   variant 3 in snake order.
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
-//   keys >= T from every real row.
+//   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
+//   block is the first, its warpgroups of rows before 0 idle.
+
 #include "kernels.h"
 #include "common.cuh"
 #include "attention_sm90.h"
@@ -51,11 +59,15 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kPanelCols = 64;     // bf16 columns per 128-byte swizzled panel
 constexpr int kPanelRowBytes = 128;
 
-template <int HS>
+// kWG consumer warpgroups of 64 query rows each: 2 (128-row blocks, 384 threads, consumers at 240 registers) or
+// 3 (192-row blocks, 512 threads, consumers at 160 registers: HS 64 only, where S, P and O of the overlapped
+// loop fit in 160)
+template <int HS, int kWG = 2>
 struct FwdCfg {
-    static constexpr int kBM = 128;                // query rows per CTA (2 consumer warpgroups x 64)
+    static_assert(kWG == 2 || (kWG == 3 && HS == 64), "3 consumer warpgroups: HS 64 only");
+    static constexpr int kBM = 64 * kWG;           // query rows per CTA
     static constexpr int kBN = 128;                // keys per tile
-    static constexpr int kStages = 3;  // HS 128: 32 KB Q + 3 x 64 KB K/V = 224 KB
+    static constexpr int kStages = kWG == 2 ? 3 : 4;  // HS 128: 32 KB Q + 3 x 64 KB K/V = 224 KB; 3 WGs: 152 KB
     static constexpr int kPanels = HS / kPanelCols;
     static constexpr int kQBytes = kBM * HS * 2;
     static constexpr int kTileBytes = kBN * HS * 2;  // one K or V tile
@@ -64,7 +76,12 @@ struct FwdCfg {
     static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
     static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;  // + slack to align the base to 1024
-    static constexpr int kThreads = 384;
+    static constexpr int kThreads = 128 * (kWG + 1);
+    static constexpr int kConsumerThreads = 128 * kWG;
+    // setmaxnreg: the producer warpgroup's and the consumers' shares of the 64K-register file (multiples of 8)
+    static constexpr int kProducerRegs = 24;
+    static constexpr int kConsumerRegs = kWG == 2 ? 240 : 160;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * kConsumerThreads <= 65536, "register file");
 };
 
 // CTA order: the blocks of `group` consecutive (batch, head) pairs run together, heaviest block first within
@@ -97,23 +114,34 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
     }
 }
 
-// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the two
-// consumer warpgroups taking turns to issue their products ("ping-pong": named barriers 1 and 2 pass the
-// turn, so one warpgroup's softmax runs while the other's products occupy the tensor cores).
-// Work items (128-query block, query head, batch) w = blockIdx.x, + gridDim.x, ... in cta_order's order: the
-// one-shot grid (one CTA per item) takes one each; the persistent grid (variant 3: kVariant 2 on one CTA per
-// multiprocessor) several. The K/V ring and its barrier phases run on across items, and Q has an "empty"
-// barrier (the consumers release it after their last product), so the producer loads the next item's Q and
-// first K/V tiles while the consumers still finish the current one and store it: the pipeline fill and the
-// epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about 1.8 us
+// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the consumer
+// warpgroups taking turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
+// passes the turn to the next one, round robin, so one warpgroup's softmax runs while the others' products
+// occupy the tensor cores).
+// Work items (query block, query head, batch) in cta_order's order: the one-shot grid (one CTA per item) takes
+// one each; the persistent grid (kVariant 2 on one CTA per multiprocessor) several: round k of gridDim.x items,
+// CTA c takes item c, or with `snake` item gridDim.x - 1 - c in the odd rounds. The order is heaviest block
+// first within a group of heads, so with the snake a CTA that had a heavy block gets a light one next (with
+// 192-row blocks at T = 1024 a group is exactly one round: the plain stride gives CTA c the same block in
+// every round). The K/V ring and its barrier phases run on across items, and Q has an "empty" barrier (the
+// consumers release it after their last product), so the producer loads the next item's Q and first K/V
+// tiles while the consumers still finish the current one and store it: the pipeline fill and the epilogue of
+// one item hide under the other's work (a CTA of the one-shot grid pays them in full: about 1.8 us
 // a key tile were measured against ~0.6-1 us of products and softmax).
-template <int HS, int kVariant>
-__global__ void __launch_bounds__(384, 1)
-    attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_qkv, bf16* __restrict__ out,
-                                  float* __restrict__ lse, int T, QkvLayout lay, int num_bh, int num_qblocks,
-                                  int group, float scale_log2) {
+// Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
+// warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
+// warpgroup masks only its first tile and no row is ever fully masked. With 192-row blocks a warpgroup's rows
+// can end one or two tiles before the block's (and rows wholly past T have none): it skips those tiles,
+// releasing their stages in its turns, instead of computing them fully masked (a quarter of the products of
+// the 192-row blocks at T = 1024).
+// tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
+template <int HS, int kWG, int kVariant>
+__global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
+    attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
+                                  bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
+                                  int num_qblocks, int group, int snake, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
-    using Cfg = FwdCfg<HS>;
+    using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -131,24 +159,35 @@ __global__ void __launch_bounds__(384, 1)
     const int wg = warpgroup_index();
     const int C = lay.NH * HS;
     const int num_work = num_bh * num_qblocks;
-    // work item w -> (b, h, qb, n_tiles)
-    auto item = [&](int w, int& b, int& h, int& qb, int& n_tiles) {
-        int bh;
-        cta_order_of(w, num_bh, num_qblocks, group, bh, qb);
-        qb = num_qblocks - 1 - qb;  // heaviest (last) query blocks first
+    // this CTA's work item of round k (>= num_work: none; increasing in k)
+    auto work_at = [&](int k) {
+        const int c = (snake && (k & 1)) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+        return k * (int)gridDim.x + c;
+    };
+    // The query blocks end at T (to within 64 rows), so the one of fewer than kBM real rows is the first (the
+    // lightest: with 192-row blocks at T = 1024 the last one would have had 64 real rows and the most key tiles,
+    // one warpgroup busy). Block 0 starts at -q_off, a multiple of 64: the warpgroups of rows before 0 are idle,
+    // and each warpgroup's 64 rows stay within one 128-key tile (no row of it fully masked).
+    const int q_off = (num_qblocks * kBM - T) / 64 * 64;
+    // work item w -> (b, h, q0 = the block's first row, n_tiles)
+    auto item = [&](int w, int& b, int& h, int& q0, int& n_tiles) {
+        int bh, j;
+        cta_order_of(w, num_bh, num_qblocks, group, bh, j);
+        q0 = (num_qblocks - 1 - j) * kBM - q_off;  // heaviest (last) query blocks first
         b = bh / lay.NH;
         h = bh % lay.NH;
-        n_tiles = (qb * kBM + kBM - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1 (kBM == kBN: qb + 1)
+        n_tiles = min(q0 + kBM - 1, T - 1) / kBN + 1;  // key tiles 0 .. n_tiles-1
     };
 
     if (tid == 0) {
-        tma_prefetch_desc(&tm_qkv);
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_kv);
         mbar_init(q_full, 1);
-        mbar_init(q_empty, 256);
+        mbar_init(q_empty, Cfg::kConsumerThreads);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], 256);
+            mbar_init(&empty[s], Cfg::kConsumerThreads);
         }
         mbar_init_fence();
     }
@@ -156,19 +195,22 @@ __global__ void __launch_bounds__(384, 1)
 
     if (wg == 0) {
         // ---------------- producer ----------------
-        setmaxnreg_dec<24>();
+        setmaxnreg_dec<Cfg::kProducerRegs>();
         if (tid == 0) {
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
-            int it = 0;
-            for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
-                int b, h, qb, n_tiles;
-                item(w, b, h, qb, n_tiles);
+            for (int it = 0, w; (w = work_at(it)) < num_work; ++it) {
+                int b, h, q0, n_tiles;
+                item(w, b, h, q0, n_tiles);
                 const int kh = lay.kv_head(h);
                 if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
-                mbar_arrive_expect_tx(q_full, Cfg::kQBytes);
+                // Q in 64-row boxes, those of rows before 0 left out (their warpgroups compute nothing)
+                const int j0 = max(0, -q0) / 64;
+                mbar_arrive_expect_tx(q_full, (kWG - j0) * (Cfg::kQBytes / kWG));
+                for (int j = j0; j < kWG; ++j)
 #pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_qkv, q_full, lay.q(h) + p * kPanelCols, qb * kBM, b);
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sQ + p * Cfg::kQPanelBytes + j * 64 * kPanelRowBytes, &tm_q, q_full,
+                                    lay.q(h) + p * kPanelCols, q0 + 64 * j, b);
                 for (int i = 0; i < n_tiles; ++i, ++kv) {
                     const int n = n_tiles - 1 - i;
                     const int st = kv % kStages;
@@ -176,12 +218,12 @@ __global__ void __launch_bounds__(384, 1)
                     mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
-                        tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &k_full[st],
+                        tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_kv, &k_full[st],
                                     lay.k(kh) + p * kPanelCols, n * kBN, b);
                     mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
-                        tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_qkv, &v_full[st],
+                        tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kKPanelBytes, &tm_kv, &v_full[st],
                                     lay.v(kh) + p * kPanelCols, n * kBN, b);
                 }
             }
@@ -190,12 +232,12 @@ __global__ void __launch_bounds__(384, 1)
     }
 
     // ---------------- consumers ----------------
-    setmaxnreg_inc<240>();
-    const int cw = wg - 1;                    // consumer warpgroup 0/1: query rows 64 cw .. 64 cw + 63
+    setmaxnreg_inc<Cfg::kConsumerRegs>();
+    const int cw = wg - 1;                    // consumer warpgroup 0 .. kWG-1: query rows 64 cw .. 64 cw + 63
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
     const int g = lane >> 2, t = lane & 3;
-    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the 128-row block
+    const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the block
 
     // descriptors (addresses change per stage / k-step; the constant fields are folded in once)
     const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
@@ -216,7 +258,7 @@ __global__ void __launch_bounds__(384, 1)
     uint32_t pa[kBN / 16][4];
     float m0, m1;  // running row maxima (of S * scale * log2 e)
     float l0, l1;  // per-thread partial row sums
-    int b = 0, h = 0, qb = 0, n_tiles = 0;
+    int b = 0, h = 0, q0 = 0, n_tiles = 0;
 
     auto issue_s = [&](int st) {
         wgmma_fence();
@@ -238,7 +280,7 @@ __global__ void __launch_bounds__(384, 1)
     // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
     auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
         if (diag) {
-            const int r0 = qb * kBM + lrow0;
+            const int r0 = q0 + lrow0;
 #pragma unroll
             for (int j = 0; j < kBN / 8; ++j)
 #pragma unroll
@@ -290,31 +332,45 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
 
-    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the other's barrier;
-    // warpgroup 0 goes first; warpgroup 1 does not pass after its very last section, so every arrival is matched
+    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the next one's (round
+    // robin); warpgroup 0 goes first; every warpgroup takes n_tiles + 1 turns an item; the last one does not pass
+    // after its very last turn, so every arrival is matched
     auto turn_wait = [&]() {
         if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
     };
     auto turn_pass = [&](bool last) {
         if constexpr (kVariant == 2) {
-            if (!(last && cw == 1)) named_barrier_arrive(2 - cw, 256);
+            if (!(last && cw == kWG - 1)) named_barrier_arrive(1 + (cw + 1) % kWG, 256);
         }
     };
     if constexpr (kVariant == 2) {
-        if (cw == 1) named_barrier_arrive(1, 256);
+        if (cw == kWG - 1) named_barrier_arrive(1, 256);
     }
 
     int kv = 0;  // K/V tiles consumed so far
-    int it = 0;
-    for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++it) {
-        item(w, b, h, qb, n_tiles);
-        const bool last_item = w + (int)gridDim.x >= num_work;
+    for (int it = 0, w; (w = work_at(it)) < num_work; ++it) {
+        item(w, b, h, q0, n_tiles);
+        const bool last_item = work_at(it + 1) >= num_work;
+        const int row_first = q0 + 64 * cw;  // this warpgroup's tiles: 0 .. n_own-1 (none if its rows are not real)
+        const int n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
         m0 = m1 = -INFINITY;
         l0 = l1 = 0.f;
         mbar_wait(q_full, it & 1);
-        if constexpr (kVariant == 1) {
-            for (int i = 0; i < n_tiles; ++i) {
-                const int n = n_tiles - 1 - i;
+        // the block's tiles past this warpgroup's rows come first (diagonal down): release them in turn. Once
+        // the stage is loaded the producer is past its wait for the previous use, so the arrival counts for
+        // this one.
+        for (int i = n_own; i < n_tiles; ++i, ++kv) {
+            turn_wait();
+            turn_pass(false);
+            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+            mbar_arrive(&empty[kv % kStages]);
+        }
+        if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
+            turn_wait();
+            turn_pass(last_item);
+        } else if constexpr (kVariant == 1) {
+            for (int i = 0; i < n_own; ++i) {
+                const int n = n_own - 1 - i;
                 const int st = (kv + i) % kStages;
                 const uint32_t ph = ((kv + i) / kStages) & 1;
                 mbar_wait(&k_full[st], ph);
@@ -341,11 +397,11 @@ __global__ void __launch_bounds__(384, 1)
                 wgmma_wait<0>();
                 reg_fence(s);
                 float c0, c1;
-                softmax(true, (n_tiles - 1) * kBN, c0, c1);
+                softmax(true, (n_own - 1) * kBN, c0, c1);
                 acc_to_a<kBN>(pa, s);
             }
-            for (int i = 1; i < n_tiles; ++i) {
-                const int n = n_tiles - 1 - i;
+            for (int i = 1; i < n_own; ++i) {
+                const int n = n_own - 1 - i;
                 const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
                 const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
                 turn_wait();
@@ -365,19 +421,20 @@ __global__ void __launch_bounds__(384, 1)
                 rescale_o(c0, c1);
             }
             {
-                const int pst = (kv + n_tiles - 1) % kStages;
-                const uint32_t pph = ((kv + n_tiles - 1) / kStages) & 1;
+                const int pst = (kv + n_own - 1) % kStages;
+                const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
                 turn_wait();
                 mbar_wait(&v_full[pst], pph);
-                issue_pv(pst, n_tiles > 1);
+                issue_pv(pst, n_own > 1);
                 turn_pass(last_item);
                 wgmma_wait<0>();
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
             }
         }
-        kv += n_tiles;
+        kv += n_own;
         mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
+        if (n_own == 0) continue;
 
         // ---------------- epilogue: O / l, lse ----------------
         l0 += __shfl_xor_sync(0xffffffff, l0, 1);
@@ -385,7 +442,7 @@ __global__ void __launch_bounds__(384, 1)
         l1 += __shfl_xor_sync(0xffffffff, l1, 1);
         l1 += __shfl_xor_sync(0xffffffff, l1, 2);
         const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-        const int row0 = qb * kBM + lrow0, row1 = row0 + 8;
+        const int row0 = q0 + lrow0, row1 = row0 + 8;
         bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
         bf16* out1 = out0 + (size_t)8 * C;
 #pragma unroll
@@ -876,15 +933,17 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
-// variant 0, 1, 2: the kernel of that kVariant on a one-shot grid (one CTA per work item); 3: kVariant 2 on a
-// persistent grid (one CTA per multiprocessor)
-template <int HS, int kVariant>
+// the kernel of kWG consumer warpgroups and kVariant on a one-shot grid (one CTA per work item) or a persistent
+// one (one CTA per multiprocessor; snake: the snake order of the rounds)
+template <int HS, int kWG, int kVariant>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, bool persistent,
-                         cudaStream_t stream) {
-    using Cfg = FwdCfg<HS>;
-    auto kernel = attention_forward_sm90_kernel<HS, kVariant>;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    const CUtensorMap map = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
+                         bool snake, cudaStream_t stream) {
+    using Cfg = FwdCfg<HS, kWG>;
+    auto kernel = attention_forward_sm90_kernel<HS, kWG, kVariant>;
+    constexpr int smem = Cfg::kSmemBytes;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const CUtensorMap map_kv = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
+    const CUtensorMap map_q = make_map_3d(qkv, lay.row_stride(), T, B, 64);
     const int num_bh = B * lay.NH;
     const int num_qblocks = ceil_div(T, Cfg::kBM);
     const long long work = (long long)num_bh * num_qblocks;
@@ -893,8 +952,8 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(persistent && work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(map, out, lse, T, lay, num_bh, num_qblocks,
-                                                            head_group(num_qblocks, num_bh), scale_log2);
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
+                                                  head_group(num_qblocks, num_bh), snake ? 1 : 0, scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -944,12 +1003,26 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
 constexpr int kDefaultVariantHs64 = 3;
 constexpr int kDefaultVariantHs128 = 2;
 
+// variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: 2 on the persistent grid; 4: 2 with
+// 3 consumer warpgroups (192-row blocks) on the persistent grid in snake order; 5: 4 on the one-shot grid;
+// 6: 3 in snake order. 4 and 5 are HS 64 only (HS 128 runs 2 instead).
 template <int HS>
 void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
                      cudaStream_t stream) {
-    if (variant == 0) launch_forward_sm90<HS, 0>(out, lse, qkv, B, T, lay, false, stream);
-    if (variant == 1) launch_forward_sm90<HS, 1>(out, lse, qkv, B, T, lay, false, stream);
-    if (variant == 2 || variant == 3) launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, variant == 3, stream);
+    if (HS != 64 && (variant == 4 || variant == 5)) variant = 2;
+    const bool persistent = variant == 3 || variant == 4 || variant == 6, snake = variant == 4 || variant == 6;
+    if constexpr (HS == 64) {
+        if (variant == 4 || variant == 5) {
+            launch_forward_sm90<HS, 3, 2>(out, lse, qkv, B, T, lay, persistent, snake, stream);
+            return;
+        }
+    }
+    if (variant == 0)
+        launch_forward_sm90<HS, 2, 0>(out, lse, qkv, B, T, lay, false, false, stream);
+    else if (variant == 1)
+        launch_forward_sm90<HS, 2, 1>(out, lse, qkv, B, T, lay, false, false, stream);
+    else
+        launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, snake, stream);
 }
 
 }  // namespace
@@ -978,7 +1051,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 3, "attention_forward_sm90: variant 0, 1, 2 or 3");
+    require(variant >= 0 && variant <= 6, "attention_forward_sm90: variant 0 .. 6");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);

@@ -283,6 +283,10 @@ PYBIND11_MODULE(_kernels, m) {
         [](int B, int T, int NH, int HS) { return attention_backend_in_use(B, T, NH, HS); },
         "what attention would run now for this shape: (90 or 80 for the forward) + (9000 or 8000 for the backward)",
         py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"));
+    m.def(
+        "attention_set_sm90_forward_variant", [](int variant) { attention_set_sm90_forward_variant(variant); },
+        "the Hopper forward's variant (0 .. 6, kernels/attention_sm90.h) where attention runs it; -1: the default",
+        py::arg("variant"));
 
     // ---- matmul.cu
     m.def(

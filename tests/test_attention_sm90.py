@@ -82,6 +82,41 @@ def test_sm90_forward(sm90, case, b, nh, nkv, t, hs):
     case.check("lse vs mma.sync", to_host(lse), to_host(lse_old), FP32_REL)
 
 
+# the forward variants (kernels/attention_sm90.h) beside the default one: 2 and 3 (128-query blocks), 4 and 5 (192-query
+# blocks of 3 consumer warpgroups, HS 64; HS 128 runs 2), 6 (3 with 4's order of work). CASES plus lengths where the
+# 192-row blocks, aligned to end at T, start 128 rows (193, 1025, 1000) or 64 rows (385, 2048) before 0, and one
+# with more work items than an H200 has multiprocessors (4 x 12 x 6 = 288 blocks of 192 rows, 384 of 128): the
+# persistent grids' CTAs take several, in both orders, through one K/V ring and the Q reload
+VARIANTS = [2, 3, 4, 5, 6]
+VARIANT_CASES = CASES + [(2, 3, 3, 193, 64), (1, 4, 2, 385, 64), (1, 2, 2, 1025, 64), (1, 4, 2, 2048, 64),
+                         (4, 12, 4, 1000, 64)]
+VARIANT_IDS = [f"B{b}-NH{nh}-NKV{nkv}-T{t}-HS{hs}" for b, nh, nkv, t, hs in VARIANT_CASES]
+
+
+@pytest.fixture
+def sm90_variant(sm90, request):
+    """The backend with attention's Hopper forward set to variant request.param; the default restored after."""
+    sm90.k.attention_set_sm90_forward_variant(request.param)
+    yield sm90, request.param
+    sm90.k.attention_set_sm90_forward_variant(-1)
+
+
+@pytest.mark.parametrize("sm90_variant", VARIANTS, indirect=True, ids=[f"v{v}" for v in VARIANTS])
+@pytest.mark.parametrize("b, nh, nkv, t, hs", VARIANT_CASES, ids=VARIANT_IDS)
+def test_sm90_forward_variant(sm90_variant, case, b, nh, nkv, t, hs):
+    """Each variant against the float64 oracle (tolerances as test_sm90_forward's), NaN-poisoned outputs (rows
+    of the idle warpgroups must still be written by the others), and twice for identical bits."""
+    cuda, _ = sm90_variant
+    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    out, lse = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
+    ref_out, ref_lse = reference(qkv, nh, nkv)
+    case.check("out", to_host(out), ref_out, CHAIN_REL)
+    case.check("lse", to_host(lse), ref_lse, FP32_REL)
+    out2, lse2 = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
+    assert np.array_equal(raw(out), raw(out2)) and np.array_equal(raw(lse), raw(lse2)), \
+        case.where("forward not bitwise repeatable")
+
+
 @pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
 def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
     """As test_cuda_ops.test_attention_backward (out and lse from the float64 forward), and twice: the same
@@ -103,6 +138,16 @@ def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
         case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
     again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
     assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
+
+
+def test_sm90_forward_variant_setter(sm90):
+    """-1 .. 6 are the variants (-1: the default per head size); others are refused."""
+    k = sm90.k
+    with pytest.raises(Exception):
+        k.attention_set_sm90_forward_variant(7)
+    with pytest.raises(Exception):
+        k.attention_set_sm90_forward_variant(-2)
+    k.attention_set_sm90_forward_variant(-1)
 
 
 def test_sm90_dispatch_switch(sm90):

@@ -22,7 +22,9 @@ ap.add_argument("--lib", default="dev/attn_sm90/libattn.so")
 ap.add_argument("--no-time", action="store_true")
 ap.add_argument("--bwd", action="store_true", help="also check/time the backward")
 ap.add_argument("--reps", type=int, default=20)
-ap.add_argument("--kinds", default="sm90v0,sm90v1,sm90v2,sm90v3,fa2", help="forward kernels to check and time")
+ap.add_argument("--kinds", default="sm90v0,sm90v1,sm90v2,sm90v3,sm90v4,sm90v5,sm90v6,fa2",
+                help="forward kernels to check and time (sm90vN: attention_forward_sm90 variant N, fa2: mma.sync, "
+                     "auto: the dispatch)")
 ap.add_argument("--bwd-kinds", default="fa2,auto", help="backward kernels (fa2 = mma.sync, auto = dispatch)")
 ap.add_argument("--profile", action="store_true", help="only run each --kinds forward twice on B=64 T=1024 NH=12")
 args = ap.parse_args()
@@ -109,7 +111,9 @@ def poison(*ts):
 
 fails = []
 rows = []
+# (8, 1000, 12, 64): more work items than multiprocessors (the persistent grids' CTAs take several)
 CASES = [(2, 1024, 3, 64), (2, 1000, 3, 64), (1, 77, 2, 64), (1, 1, 1, 64), (2, 129, 2, 64), (1, 2048, 2, 64),
+         (2, 193, 2, 64), (8, 1000, 12, 64),
          (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128)]
 FWD_KINDS = args.kinds.split(",")
 BWD_KINDS = args.bwd_kinds.split(",")
