@@ -835,7 +835,7 @@ void attention_set_backend(int backend) {
 }
 
 void attention_set_sm90_forward_variant(int variant) {
-    require(variant >= -1 && variant <= 6, "attention_set_sm90_forward_variant: -1 (default) or 0 .. 6");
+    require(variant >= -1 && variant <= 8, "attention_set_sm90_forward_variant: -1 (default) or 0 .. 8");
     g_sm90_forward_variant = variant;
 }
 

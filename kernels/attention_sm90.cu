@@ -33,7 +33,7 @@
 //   head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
 //   softmax under two others' products), consumers at setmaxnreg 160 (S, P and O of the overlapped loop are
 //   128 of them), the persistent rounds in snake order; HS 64 only. 5: variant 4 on the one-shot grid. 6:
-//   variant 3 in snake order.
+//   variant 3 in snake order. 7, 8: variants 4 and 3 with the work items taken dynamically (a global counter).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
 //   block is the first, its warpgroups of rows before 0 idle.
@@ -75,7 +75,8 @@ struct FwdCfg {
     static constexpr int kKPanelBytes = kBN * kPanelRowBytes;
     static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
     static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;  // + slack to align the base to 1024
+    // + the current work item (int), + slack to align the base to 1024
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 16 + 1024;
     static constexpr int kThreads = 128 * (kWG + 1);
     static constexpr int kConsumerThreads = 128 * kWG;
     // setmaxnreg: the producer warpgroup's and the consumers' shares of the 64K-register file (multiples of 8)
@@ -118,12 +119,15 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // warpgroups taking turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
 // passes the turn to the next one, round robin, so one warpgroup's softmax runs while the others' products
 // occupy the tensor cores).
-// Work items (query block, query head, batch) in cta_order's order: the one-shot grid (one CTA per item) takes
-// one each; the persistent grid (kVariant 2 on one CTA per multiprocessor) several: round k of gridDim.x items,
-// CTA c takes item c, or with `snake` item gridDim.x - 1 - c in the odd rounds. The order is heaviest block
-// first within a group of heads, so with the snake a CTA that had a heavy block gets a light one next (with
-// 192-row blocks at T = 1024 a group is exactly one round: the plain stride gives CTA c the same block in
-// every round). The K/V ring and its barrier phases run on across items, and Q has an "empty" barrier (the
+// Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads):
+// the one-shot grid (one CTA per item) takes one each; the persistent grid (kVariant 2 on one CTA per
+// multiprocessor) several, by `sched`: kStride: round k of gridDim.x items, CTA c takes item c; kSnake: the same
+// with item gridDim.x - 1 - c in the odd rounds, so a CTA that had a heavy block gets a light one next (with
+// 192-row blocks at T = 1024 a group is exactly one round: the stride gives CTA c the same block in every
+// round); kDynamic: item c first, then the next untaken one (a global counter), so no CTA idles while another
+// has two left. The producer thread picks the item and passes it to the consumers in shared memory, written
+// before its arrival on q_full (the consumers read it after their wait; it is rewritten only after q_empty);
+// an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an "empty" barrier (the
 // consumers release it after their last product), so the producer loads the next item's Q and first K/V
 // tiles while the consumers still finish the current one and store it: the pipeline fill and the epilogue of
 // one item hide under the other's work (a CTA of the one-shot grid pays them in full: about 1.8 us
@@ -135,11 +139,18 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // releasing their stages in its turns, instead of computing them fully masked (a quarter of the products of
 // the 192-row blocks at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
+enum FwdSched { kStride = 0, kSnake = 1, kDynamic = 2 };
+// kDynamic's counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
+// last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
+// order; two streams must not run the same kernel with kDynamic at once).
+template <int HS, int kWG, int kVariant>
+__device__ int g_fwd_work_counter[2];
+
 template <int HS, int kWG, int kVariant>
 __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                   bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
-                                  int num_qblocks, int group, int snake, float scale_log2) {
+                                  int num_qblocks, int group, int sched, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
@@ -154,15 +165,29 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     uint64_t* v_full = bars + 1 + kStages;
     uint64_t* empty = bars + 1 + 2 * kStages;
     uint64_t* q_empty = bars + 1 + 3 * kStages;
+    volatile int* work_slot = reinterpret_cast<int*>(bars + Cfg::kNumBars);
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
     const int C = lay.NH * HS;
     const int num_work = num_bh * num_qblocks;
-    // this CTA's work item of round k (>= num_work: none; increasing in k)
-    auto work_at = [&](int k) {
-        const int c = (snake && (k & 1)) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
-        return k * (int)gridDim.x + c;
+    // this CTA's work item after its item w of round k (>= num_work: none)
+    auto next_work = [&](int k, int w) {
+        if (sched == kDynamic) {
+            if (w >= num_work) return w;
+            int* counter = g_fwd_work_counter<HS, kWG, kVariant>;
+            const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
+            if (next >= num_work) {
+                __threadfence();  // this CTA's last take comes before its count
+                if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
+                    counter[0] = 0;
+                    counter[1] = 0;
+                }
+            }
+            return next;
+        }
+        const int c = (sched == kSnake && ((k + 1) & 1)) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
+        return (k + 1) * (int)gridDim.x + c;
     };
     // The query blocks end at T (to within 64 rows), so the one of fewer than kBM real rows is the first (the
     // lightest: with 192-row blocks at T = 1024 the last one would have had 64 real rows and the most key tiles,
@@ -198,11 +223,16 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         setmaxnreg_dec<Cfg::kProducerRegs>();
         if (tid == 0) {
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
-            for (int it = 0, w; (w = work_at(it)) < num_work; ++it) {
+            for (int it = 0, w = blockIdx.x;; w = next_work(it, w), ++it) {
+                if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
+                *work_slot = w;
+                if (w >= num_work) {  // the end: the consumers see it after q_full
+                    mbar_arrive(q_full);
+                    break;
+                }
                 int b, h, q0, n_tiles;
                 item(w, b, h, q0, n_tiles);
                 const int kh = lay.kv_head(h);
-                if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
                 // Q in 64-row boxes, those of rows before 0 left out (their warpgroups compute nothing)
                 const int j0 = max(0, -q0) / 64;
                 mbar_arrive_expect_tx(q_full, (kWG - j0) * (Cfg::kQBytes / kWG));
@@ -333,41 +363,40 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
 
     // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the next one's (round
-    // robin); warpgroup 0 goes first; every warpgroup takes n_tiles + 1 turns an item; the last one does not pass
-    // after its very last turn, so every arrival is matched
+    // robin); warpgroup 0 goes first; every warpgroup takes n_tiles + 1 turns an item; warpgroup 0 takes the
+    // last one's final pass after the last item, so every arrival is matched
     auto turn_wait = [&]() {
         if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
     };
-    auto turn_pass = [&](bool last) {
-        if constexpr (kVariant == 2) {
-            if (!(last && cw == kWG - 1)) named_barrier_arrive(1 + (cw + 1) % kWG, 256);
-        }
+    auto turn_pass = [&]() {
+        if constexpr (kVariant == 2) named_barrier_arrive(1 + (cw + 1) % kWG, 256);
     };
     if constexpr (kVariant == 2) {
         if (cw == kWG - 1) named_barrier_arrive(1, 256);
     }
 
     int kv = 0;  // K/V tiles consumed so far
-    for (int it = 0, w; (w = work_at(it)) < num_work; ++it) {
+    for (int it = 0;; ++it) {
+        mbar_wait(q_full, it & 1);
+        const int w = *work_slot;
+        if (w >= num_work) break;
         item(w, b, h, q0, n_tiles);
-        const bool last_item = work_at(it + 1) >= num_work;
         const int row_first = q0 + 64 * cw;  // this warpgroup's tiles: 0 .. n_own-1 (none if its rows are not real)
         const int n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
         m0 = m1 = -INFINITY;
         l0 = l1 = 0.f;
-        mbar_wait(q_full, it & 1);
         // the block's tiles past this warpgroup's rows come first (diagonal down): release them in turn. Once
         // the stage is loaded the producer is past its wait for the previous use, so the arrival counts for
         // this one.
         for (int i = n_own; i < n_tiles; ++i, ++kv) {
             turn_wait();
-            turn_pass(false);
+            turn_pass();
             mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
             mbar_arrive(&empty[kv % kStages]);
         }
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
-            turn_pass(last_item);
+            turn_pass();
         } else if constexpr (kVariant == 1) {
             for (int i = 0; i < n_own; ++i) {
                 const int n = n_own - 1 - i;
@@ -393,7 +422,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_wait();
                 mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
                 issue_s(kv % kStages);
-                turn_pass(false);
+                turn_pass();
                 wgmma_wait<0>();
                 reg_fence(s);
                 float c0, c1;
@@ -409,7 +438,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 issue_s(st);                   // S_i = Q K_i^T
                 mbar_wait(&v_full[pst], pph);
                 issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
-                turn_pass(false);
+                turn_pass();
                 wgmma_wait<1>();               // S_i done (P V may still run)
                 reg_fence(s);
                 float c0, c1;
@@ -426,7 +455,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_wait();
                 mbar_wait(&v_full[pst], pph);
                 issue_pv(pst, n_own > 1);
-                turn_pass(last_item);
+                turn_pass();
                 wgmma_wait<0>();
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
@@ -459,6 +488,9 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
         }
     }  // work items
+    if constexpr (kVariant == 2) {
+        if (cw == 0) turn_wait();  // the last warpgroup's final pass
+    }
 #endif
 }
 
@@ -934,10 +966,10 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
 }
 
 // the kernel of kWG consumer warpgroups and kVariant on a one-shot grid (one CTA per work item) or a persistent
-// one (one CTA per multiprocessor; snake: the snake order of the rounds)
+// one (one CTA per multiprocessor; sched: FwdSched, the order its CTAs take the work items in)
 template <int HS, int kWG, int kVariant>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, bool persistent,
-                         bool snake, cudaStream_t stream) {
+                         FwdSched sched, cudaStream_t stream) {
     using Cfg = FwdCfg<HS, kWG>;
     auto kernel = attention_forward_sm90_kernel<HS, kWG, kVariant>;
     constexpr int smem = Cfg::kSmemBytes;
@@ -953,7 +985,7 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     const int grid = (int)(persistent && work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
     kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
-                                                  head_group(num_qblocks, num_bh), snake ? 1 : 0, scale_log2);
+                                                  head_group(num_qblocks, num_bh), (int)sched, scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1005,24 +1037,27 @@ constexpr int kDefaultVariantHs128 = 2;
 
 // variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: 2 on the persistent grid; 4: 2 with
 // 3 consumer warpgroups (192-row blocks) on the persistent grid in snake order; 5: 4 on the one-shot grid;
-// 6: 3 in snake order. 4 and 5 are HS 64 only (HS 128 runs 2 instead).
+// 6: 3 in snake order; 7: 4 in the dynamic order; 8: 3 in the dynamic order. 4, 5 and 7 are HS 64 only (HS 128
+// runs 2, 2 and 8 instead).
 template <int HS>
 void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
                      cudaStream_t stream) {
     if (HS != 64 && (variant == 4 || variant == 5)) variant = 2;
-    const bool persistent = variant == 3 || variant == 4 || variant == 6, snake = variant == 4 || variant == 6;
+    if (HS != 64 && variant == 7) variant = 8;
+    const bool persistent = variant == 3 || variant == 4 || variant >= 6;
+    const FwdSched sched = variant == 4 || variant == 6 ? kSnake : variant >= 7 ? kDynamic : kStride;
     if constexpr (HS == 64) {
-        if (variant == 4 || variant == 5) {
-            launch_forward_sm90<HS, 3, 2>(out, lse, qkv, B, T, lay, persistent, snake, stream);
+        if (variant == 4 || variant == 5 || variant == 7) {
+            launch_forward_sm90<HS, 3, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
             return;
         }
     }
     if (variant == 0)
-        launch_forward_sm90<HS, 2, 0>(out, lse, qkv, B, T, lay, false, false, stream);
+        launch_forward_sm90<HS, 2, 0>(out, lse, qkv, B, T, lay, false, kStride, stream);
     else if (variant == 1)
-        launch_forward_sm90<HS, 2, 1>(out, lse, qkv, B, T, lay, false, false, stream);
+        launch_forward_sm90<HS, 2, 1>(out, lse, qkv, B, T, lay, false, kStride, stream);
     else
-        launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, snake, stream);
+        launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
 }
 
 }  // namespace
@@ -1051,7 +1086,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 6, "attention_forward_sm90: variant 0 .. 6");
+    require(variant >= 0 && variant <= 8, "attention_forward_sm90: variant 0 .. 8");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);
