@@ -54,16 +54,17 @@ def ck(rc, what):
         raise RuntimeError(what + " failed")
 
 
-def run_fwd(kind, out, lse, qkv, B, T, NH, HS):
+def run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV=None):
+    NKV = NKV or NH
     if kind == "fa2":
         lib.h_set_backend(1)
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd fa2")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, stream()), "fwd fa2")
         lib.h_set_backend(0)
     elif kind == "auto":
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd auto")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, stream()), "fwd auto")
     else:
         v = int(kind[-1])
-        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, v, stream()), kind)
+        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, v, stream()), kind)
 
 
 def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS):
@@ -193,6 +194,34 @@ for (B, T, NH, HS) in CASES:
             if not ok:
                 fails.append(("bwd", kind, (B, T, NH, HS)))
     del qkv
+# grouped-query attention, forward only: (B, T, NH, NKV, HS), the packed qkv of NH + 2 NKV heads
+for (B, T, NH, NKV, HS) in [(4, 1000, 12, 4, 64), (2, 333, 6, 2, 64), (2, 333, 6, 2, 128)]:
+    qkv = torch.randn(B, T, (NH + 2 * NKV) * HS, device=dev).to(torch.bfloat16)
+    q, k, v = qkv.float().split([NH * HS, NKV * HS, NKV * HS], dim=-1)
+    q = heads(q, B, T, NH, HS)
+    k, v = (heads(t, B, T, NKV, HS).repeat_interleave(NH // NKV, dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(HS)
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf"))
+    rl = torch.logsumexp(s, dim=-1)
+    ro = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, NH * HS)
+    for kind in FWD_KINDS:
+        out = torch.empty(B, T, NH * HS, device=dev, dtype=torch.bfloat16)
+        lse = torch.empty(B, NH, T, device=dev)
+        poison(out, lse)
+        try:
+            run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            print(f"FWD {kind} GQA {(B, T, NH, NKV, HS)} EXCEPTION {e}", flush=True)
+            fails.append(("fwd", kind, (B, T, NH, NKV, HS)))
+            continue
+        eo, el = rel(out, ro), (lse - rl).abs().max().item()
+        ok = bool(torch.isfinite(out.float()).all()) and eo < 1e-2 and el < 1e-2
+        print(f"FWD {kind:7s} GQA B={B} T={T} NH={NH} NKV={NKV} HS={HS}: out rel {eo:.2e} lse max {el:.2e} -> "
+              f"{'ok' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            fails.append(("fwd", kind, (B, T, NH, NKV, HS)))
+    del qkv, q, k, v, s
 torch.cuda.empty_cache()
 print("correctness failures:", fails, flush=True)
 
