@@ -101,6 +101,18 @@ __device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& 
     cta_order_of((int)blockIdx.x, num_bh, nblk, group, bh, j);
 }
 
+// wgmma.wait_group 0 after `dep` is computed. ptxas orders instructions by data dependencies and its own latency
+// model: a plain wait was hoisted above the softmax meant to run under the P V product (SASS of every overlapped
+// variant: WARPGROUP.DEPBAR.LE gsb0, 0x0 among the first row-max instructions, every exp2 after it). Here a
+// first wait is guarded by a predicate computed from dep (the row sums: after every exp2), true unless dep's
+// bits are 0xffffffff, which no arithmetic produces (the canonical NaN is 0x7fffffff); the second, plain wait
+// stays after it (waits keep their order) and is the one ptxas relies on before the accumulators are read.
+__device__ __forceinline__ void wgmma_wait0_after(float dep) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, -1;\n@p wgmma.wait_group.sync.aligned 0;\n}\n"
+                 "wgmma.wait_group.sync.aligned 0;\n" ::"r"(__float_as_uint(dep))
+                 : "memory");
+}
+
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
 // P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
@@ -443,7 +455,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 reg_fence(s);
                 float c0, c1;
                 softmax(false, n * kBN, c0, c1);  // overlaps the P V product
-                wgmma_wait<0>();
+                wgmma_wait0_after(l0 + l1);
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
                 acc_to_a<kBN>(pa, s);
