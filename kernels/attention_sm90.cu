@@ -9,7 +9,7 @@
 // ---- Forward --------------------------------------------------------------------------------------------
 // One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised (or 192-query
 // blocks and 4 warpgroups: see the variants):
-//   warpgroup 0, the producer: gives up registers (setmaxnreg 32); one thread issues the TMA loads: the Q
+//   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
 //     block once, then K and V tiles of 128 keys of its key/value head from the diagonal tile down to
 //     tile 0 (the query heads of a group read the same tiles, through L2), into a ring of
 //     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
@@ -37,7 +37,6 @@
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
 //   block is the first, its warpgroups of rows before 0 idle.
-
 #include "kernels.h"
 #include "common.cuh"
 #include "attention_sm90.h"
@@ -146,17 +145,17 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // round); kDynamic: item c first, then the next untaken one (a global counter), so no CTA idles while another
 // has two left. The producer thread picks the item and passes it to the consumers in shared memory, written
 // before its arrival on q_full (the consumers read it after their wait; it is rewritten only after q_empty);
-// an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an "empty" barrier (the
-// consumers release it after their last product), so the producer loads the next item's Q and first K/V
-// tiles while the consumers still finish the current one and store it: the pipeline fill and the epilogue of
-// one item hide under the other's work (a CTA of the one-shot grid pays them in full: about 1.8 us
-// a key tile were measured against ~0.6-1 us of products and softmax).
+// an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an
+// "empty" barrier (the consumers release it after their last product), so the producer loads the next item's
+// Q and first K/V tiles while the consumers still finish the current one and store it: the pipeline fill and
+// the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about
+// 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
 // Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
 // warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
 // warpgroup masks only its first tile and no row is ever fully masked. With 192-row blocks a warpgroup's rows
 // can end one or two tiles before the block's (and rows wholly past T have none): it skips those tiles,
-// releasing their stages in its turns, instead of computing them fully masked (a quarter of the products of
-// the 192-row blocks at T = 1024).
+// releasing their stages in its turns, instead of computing them fully masked (1 in 9 of the 192-row blocks'
+// products at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
 enum FwdSched { kStride = 0, kSnake = 1, kDynamic = 2 };
 // kDynamic's counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
@@ -1055,10 +1054,10 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
 constexpr int kDefaultVariantHs64 = 3;
 constexpr int kDefaultVariantHs128 = 2;
 
-// variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: 2 on the persistent grid; 4: 2 with
-// 3 consumer warpgroups (192-row blocks) on the persistent grid in snake order; 5: 4 on the one-shot grid;
-// 6: 3 in snake order; 7: 4 in the dynamic order; 8: 3 in the dynamic order. 4, 5 and 7 are HS 64 only (HS 128
-// runs 2, 2 and 8 instead).
+// variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: variant 2 on the persistent grid;
+// 4: variant 3 with 3 consumer warpgroups (192-row blocks), snake order; 5: variant 4 on the one-shot grid;
+// 6: variant 3 in snake order; 7: variant 4 in the dynamic order; 8: variant 3 in the dynamic order. 4, 5 and 7
+// are HS 64 only (HS 128 runs 2, 2 and 8 instead).
 template <int HS>
 void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
                      cudaStream_t stream) {

@@ -82,12 +82,13 @@ def test_sm90_forward(sm90, case, b, nh, nkv, t, hs):
     case.check("lse vs mma.sync", to_host(lse), to_host(lse_old), FP32_REL)
 
 
-# the forward variants (kernels/attention_sm90.h) beside the default one: 2 and 3 (128-query blocks), 4 and 5 (192-query
-# blocks of 3 consumer warpgroups, HS 64; HS 128 runs 2), 6 (3 with 4's order of work), 7 and 8 (4 and 3 taking work
-# items dynamically, through a counter each launch leaves zeroed for the next: every case runs each twice). CASES plus lengths where the
-# 192-row blocks, aligned to end at T, start 128 rows (193, 1025, 1000) or 64 rows (385, 2048) before 0, and one
-# with more work items than an H200 has multiprocessors (4 x 12 x 6 = 288 blocks of 192 rows, 384 of 128): the
-# persistent grids' CTAs take several, in both orders, through one K/V ring and the Q reload
+# the forward variants (kernels/attention_sm90.h) beside the default one: 2 and 3 (128-query blocks), 4 and 5
+# (192-query blocks of 3 consumer warpgroups, HS 64; HS 128 runs 2), 6 (3 with 4's order of work), 7 and 8 (4 and 3
+# taking work items dynamically, through a counter each launch leaves zeroed for the next: every case runs each
+# twice). CASES plus lengths where the 192-row blocks, aligned to end at T, start 128 rows (193, 385, 1000) or 64
+# rows (1025, 2048) before 0, and one with more work items than an H200 has multiprocessors (4 x 12 x 6 = 288 blocks
+# of 192 rows, 384 of 128): the persistent grids' CTAs take several, in every order, through one K/V ring and the
+# Q reload
 VARIANTS = [2, 3, 4, 5, 6, 7, 8]
 VARIANT_CASES = CASES + [(2, 3, 3, 193, 64), (1, 4, 2, 385, 64), (1, 2, 2, 1025, 64), (1, 4, 2, 2048, 64),
                          (4, 12, 4, 1000, 64)]
