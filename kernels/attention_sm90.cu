@@ -350,9 +350,14 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 2));
-        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
-        c0 = fast_exp2(mx0 - n0);  // 2^-inf = 0 on the first tile
-        c1 = fast_exp2(mx1 - n1);
+        // A row's running maximum moves only when the tile's exceeds it by more than 8 (so P <= 2^8: exact in
+        // bf16's exponent range, and fp32 sums), so after the first tiles it rarely moves and whole warps skip
+        // the O rescale (rescale_o). out and lse are exact either way: both use the same maximum.
+        float n0 = r0max * scale_log2, n1 = r1max * scale_log2;
+        n0 = n0 > mx0 + 8.f ? n0 : mx0;  // the first tile: mx0 = -inf, so n0 (no row is fully masked)
+        n1 = n1 > mx1 + 8.f ? n1 : mx1;
+        c0 = n0 == mx0 ? 1.f : fast_exp2(mx0 - n0);  // 2^-inf = 0 on the first tile
+        c1 = n1 == mx1 ? 1.f : fast_exp2(mx1 - n1);
         m0 = n0;
         m1 = n1;
         float sum0 = 0.f, sum1 = 0.f;
@@ -369,6 +374,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         l1 = l1 * c1 + sum1;
     };
     auto rescale_o = [&](float c0, float c1) {
+        if (!__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) return;
 #pragma unroll
         for (int j = 0; j < HS / 8; ++j) {
             o[4 * j + 0] *= c0;
