@@ -146,9 +146,9 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // has two left. The producer thread picks the item and passes it to the consumers in shared memory, written
 // before its arrival on q_full (the consumers read it after their wait; it is rewritten only after q_empty);
 // an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an
-// "empty" barrier (the consumers release it after their last product), so the producer loads the next item's
-// Q and first K/V tiles while the consumers still finish the current one and store it: the pipeline fill and
-// the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about
+// "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is done), so the producer
+// loads the next item's Q and first K/V tiles while the consumers still finish the current one and store it:
+// the pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about
 // 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
 // Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
 // warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
@@ -410,6 +410,9 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         const int n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
         m0 = m1 = -INFINITY;
         l0 = l1 = 0.f;
+        // q_empty: this warpgroup's last Q K^T product is done (at once if it has none), so the producer loads the
+        // next item's Q under this one's last softmax, P V and epilogue
+        if (n_own == 0) mbar_arrive(q_empty);
         // the block's tiles past this warpgroup's rows come first (diagonal down): release them in turn. Once
         // the stage is loaded the producer is past its wait for the previous use, so the arrival counts for
         // this one.
@@ -431,6 +434,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 issue_s(st);
                 wgmma_wait<0>();
                 reg_fence(s);
+                if (i == n_own - 1) mbar_arrive(q_empty);
                 float c0, c1;
                 softmax(i == 0, n * kBN, c0, c1);
                 acc_to_a<kBN>(pa, s);
@@ -450,6 +454,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<0>();
                 reg_fence(s);
+                if (n_own == 1) mbar_arrive(q_empty);
                 float c0, c1;
                 softmax(true, (n_own - 1) * kBN, c0, c1);
                 acc_to_a<kBN>(pa, s);
@@ -466,6 +471,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<1>();               // S_i done (P V may still run)
                 reg_fence(s);
+                if (i == n_own - 1) mbar_arrive(q_empty);
                 float c0, c1;
                 softmax(false, n * kBN, c0, c1);  // overlaps the P V product
                 wgmma_wait0_after(l0 + l1);
@@ -487,7 +493,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             }
         }
         kv += n_own;
-        mbar_arrive(q_empty);  // this warpgroup's products of the item are done: Q may be replaced
         if (n_own == 0) continue;
 
         // ---------------- epilogue: O / l, lse ----------------
