@@ -106,8 +106,8 @@ def sm90_variant(sm90, request):
 @pytest.mark.parametrize("sm90_variant", VARIANTS, indirect=True, ids=[f"v{v}" for v in VARIANTS])
 @pytest.mark.parametrize("b, nh, nkv, t, hs", VARIANT_CASES, ids=VARIANT_IDS)
 def test_sm90_forward_variant(sm90_variant, case, b, nh, nkv, t, hs):
-    """Each variant against the float64 oracle (tolerances as test_sm90_forward's), NaN-poisoned outputs (rows
-    of the idle warpgroups must still be written by the others), and twice for identical bits."""
+    """Each variant against the float64 oracle (tolerances as test_sm90_forward's), on NaN-poisoned outputs (every
+    row must be written, whichever block and warpgroup hold it), and twice for identical bits."""
     cuda, _ = sm90_variant
     qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
     out, lse = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
