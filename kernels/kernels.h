@@ -133,6 +133,10 @@ size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // attention_backend_in_use says what would run now: (90 or 80 for the forward) + (9000 or 8000 for the backward).
 void attention_set_backend(int backend);
 int attention_backend_in_use(int B, int T, int NH, int HS);
+// The Hopper backward's kernels (attention_sm90.h): -1 the default, 0 two kernels (dK/dV, then dQ), 1 one kernel
+// with dQ summed in fp32 in the scratch in a fixed order (deterministic), 2 the same in no order (dQ's last bits may
+// differ between runs). Set it before asking attention_backward_scratch_floats (variants 1, 2 need more scratch).
+void attention_set_backward_variant(int variant);
 
 // ---- matmul.cu (cuBLASLt) ---------------------------------------------------------------------
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);
