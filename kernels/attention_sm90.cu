@@ -1096,13 +1096,17 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(&q_full[st], ph);
         mbar_wait(&do_full[st], ph);
         mbar_wait(&aux_full[st], ph);
-        // S^T, dP^T, P^T, dS^T in sub-tiles of 64 queries (HS 64: two), packed into the A fragments of dV += P^T dO
-        // and dK += dS^T Q as they go: at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (240 registers)
+        // both warpgroups' dQ products of the previous tile are done reading dS^T (each waited for its own)
+        named_barrier_sync(1, 256);
+        // Sub-tiles of 64 queries (HS 64: two): S^T, dP^T (wgmma), P^T while dP^T runs, dV += P^T dO issued, dS^T
+        // while it runs, dK += dS^T Q issued, dS^T to shared memory while that runs. At most 64 + 64 accumulators
+        // of S^T, dP^T live besides dK, dV (the consumers' 240 registers); the A fragments of P^T and dS^T stay
+        // untouched until their products complete (the next sub-tile's wait, or the one after dQ).
         uint32_t pa[kBM / 16][4], da[kBM / 16][4];
 #pragma unroll
         for (int hh = 0; hh < kBM / 64; ++hh) {
             const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
-            const float* aux = sAux + st * (2 * kBM) + 64 * hh;
+            const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
             const int q0 = row0 + 64 * hh;
             float s[32], dp[32];
             wgmma_fence();
@@ -1114,12 +1118,12 @@ __global__ void __launch_bounds__(384, 1)
             for (int kk = 0; kk < HS / 16; ++kk)
                 wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
             wgmma_commit();
-            wgmma_wait<1>();
+            wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
             reg_fence(s);
             // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const float2 l2 = *reinterpret_cast<const float2*>(aux + 8 * j + 2 * t);
+                const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int q = q0 + 8 * j + 2 * t + (e & 1);
@@ -1129,43 +1133,39 @@ __global__ void __launch_bounds__(384, 1)
                     s[4 * j + e] = p;
                 }
             }
-            wgmma_wait<0>();
+            uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
+            uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
+            acc_to_a<64>(pah, s);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dP^T (dV may still run)
             reg_fence(dp);
             // dS^T = P^T (dP^T - D[query])
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const float2 dd = *reinterpret_cast<const float2*>(aux + kBM + 8 * j + 2 * t);
+                const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
                     dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
             }
-            uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
-            uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
-            acc_to_a<64>(pah, s);
             acc_to_a<64>(dah, dp);
-        }
-        // dS^T into shared memory, once both warpgroups' dQ products of the previous tile have read it
-        named_barrier_sync(1, 256);
-        {
-            // rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns 8c + 2t of
-            // 16-byte chunk c ^ g. The lane index is re-read here so that the 2 kBM / 8 swizzled addresses are
-            // recomputed per tile rather than hoisted out of the loop into registers (they spilled).
-            const int gs = (lane_index() >> 2) & 7;
-            uint8_t* rowp = sdS + klocal * kPanelRowBytes + 4 * t;
+            wgmma_fence();
 #pragma unroll
-            for (int ch = 0; ch < kBM / 8; ++ch) {
-                uint32_t* p = reinterpret_cast<uint32_t*>(rowp + (ch / 8) * Cfg::kDsPanelBytes + (((ch % 8) ^ gs) << 4));
-                p[0] = da[ch / 2][2 * (ch & 1)];
-                p[256] = da[ch / 2][2 * (ch & 1) + 1];
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), 1);
+            wgmma_commit();
+            // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
+            // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
+            const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
+#pragma unroll
+            for (int ch = 0; ch < 8; ++ch) {
+                const uint32_t p = rowp + ((ch ^ g) << 4);
+                st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
+                st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
             }
         }
-        fence_proxy_async();  // the generic stores, visible to wgmma's reads
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dv, pa[kk], desc_mn_tile(do_addr, st, kk), 1);
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dk, da[kk], desc_mn_tile(q_addr, st, kk), 1);
-        wgmma_commit();
+        fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
         named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
         float dq[32];
         wgmma_fence();
@@ -1182,9 +1182,9 @@ __global__ void __launch_bounds__(384, 1)
         // the tile's dQ part to its staging buffer; warp 1 of the producer adds it to the accumulator
         const int buf = i % kDqBufs;
         if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
-        float4* stage = reinterpret_cast<float4*>(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2));
+        const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) stage[128 * j + ctid] = make_float4(dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+        for (int j = 0; j < 8; ++j) st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
         fence_proxy_async();  // visible to the bulk copy
         mbar_arrive(&dq_full[buf]);
     }

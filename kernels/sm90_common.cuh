@@ -107,14 +107,6 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo_bytes
 // one WARPGROUP.DEPBAR per HGMMA).
 __device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, (int)threadIdx.x / 128, 0); }
 
-// the lane index, read afresh each time (volatile: never hoisted out of a loop, so values derived from it are not
-// kept in registers across iterations)
-__device__ __forceinline__ int lane_index() {
-    int l;
-    asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(l));
-    return l;
-}
-
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
@@ -133,6 +125,20 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
 }
 __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- shared-memory accesses by 32-bit address (the aligned dynamic-shared base is an integer cast, so the compiler
+// would emit generic 64-bit accesses) --------------------------------------------------------------------------
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32x4(uint32_t addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
 }
 
 // ---- bulk copies shared -> global (cp.async.bulk, non-tensor) and the flags that order them across CTAs ----
