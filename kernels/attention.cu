@@ -58,7 +58,8 @@
 // On compute capability 9.x, where the build includes sm_90 (GPT2CU_HAVE_SM90_ATTENTION), attention_forward and
 // attention_backward run the Hopper kernels of attention_sm90.cu (wgmma + TMA; same contract, also
 // deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
-// these, 2 keeps only the backward here (kernels.h).
+// these, 2 keeps only the backward here (kernels.h). attention_set_backward_variant picks the Hopper backward's
+// kernels (two, or one that sums dQ in fp32 in the scratch after D: attention_sm90.cu).
 //
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,

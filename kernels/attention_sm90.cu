@@ -836,10 +836,11 @@ __global__ void __launch_bounds__(384, 1)
 // ---- Backward in one kernel (the "fused" variants 1 and 2 of attention_backward_sm90) ----------------------
 // One CTA per (128-key block, key/value head, batch) as in the dK/dV kernel, which also computes the block's
 // share of dQ: 5 products a tile instead of the two kernels' 7 (S and dP are no longer recomputed by a dQ
-// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64, so s, dp, dk, dv fit the consumers' 240 registers),
-// streamed from the LAST query tile down to the diagonal (see the ordering below), per query head of the group.
-// Per tile, consumer warpgroup cw (keys 64cw..): S^T, dP^T, P^T, dS^T as in the dK/dV kernel; dS^T also goes to
-// shared memory (bf16, 128 keys x kBM queries, swizzled panels of 64 queries); after a barrier of the two
+// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the LAST query tile down to the diagonal
+// (see the ordering below), per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T,
+// dP^T, P^T, dS^T as in the dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the
+// consumers' 240 registers), dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16,
+// 128 keys x kBM queries, swizzled panels of 64 queries); after a barrier of the two
 // warpgroups, dQ_tile = dS K from shared memory (dS as an MN-major A operand, K as an MN-major B): warpgroup cw
 // computes queries 64cw.. (HS 64) or head columns 64cw.. (HS 128), an m64n64 product over the 128 keys.
 // Its fp32 accumulators go to a shared staging buffer (double-buffered), in fragment order (float4 j of thread
@@ -881,7 +882,7 @@ struct FusedBwdCfg {
     static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
     static constexpr int kNumBars = 1 + 4 * kStages + 2 * kDqBufs;
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
-    static_assert(kSmemBytes + 8 * (1 + kStages) <= 227 * 1024, "shared memory");
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
 // floats of the fused backward's work area: the dQ accumulator, then one uint32 counter per dQ tile (+ 4 floats
