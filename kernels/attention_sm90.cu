@@ -836,8 +836,8 @@ __global__ void __launch_bounds__(384, 1)
 // ---- Backward in one kernel (the "fused" variants 1 and 2 of attention_backward_sm90) ----------------------
 // One CTA per (128-key block, key/value head, batch) as in the dK/dV kernel, which also computes the block's
 // share of dQ: 5 products a tile instead of the two kernels' 7 (S and dP are no longer recomputed by a dQ
-// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the LAST query tile down to the diagonal
-// (see the ordering below), per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T,
+// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the diagonal up (see the ordering below),
+// per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T,
 // dP^T, P^T, dS^T as in the dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the
 // consumers' 240 registers), dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16,
 // 128 keys x kBM queries, swizzled panels of 64 queries); after a barrier of the two
@@ -849,15 +849,18 @@ __global__ void __launch_bounds__(384, 1)
 // bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine does the atomics, the consumers only wait when
 // both staging buffers are still in flight. A later kernel (dq_post) scales and converts the accumulator to
 // bf16 into dqkv.
-// Determinism (variant 1): the adds into one dQ tile must happen in a fixed order. A counter per (batch, query
-// head, query tile) in global memory counts the key blocks that have added; key block kb waits (acquire) until
-// it reads kb, adds, waits for its bulk write to complete, then increments it (release). Key block 0 stores
-// instead of adding, so the accumulator needs no zeroing (only the counters do). Key block kb only waits on
-// kb - 1, a CTA of a lower block index (cta_order puts key block 0 of a head first): no deadlock. Every key
-// block walks the query tiles from the last one down, so all blocks of a head reach a tile at about the same
-// step and wait at most a chain of bulk adds, once (walking up from the diagonal, block kb would reach tile
-// qt one step before block kb - 1 and wait a whole step on every tile). Variant 2 adds without the counters
-// (no order: fp32 sums may differ in their last bits between runs) into an accumulator zeroed first.
+// Determinism (variant 1): the adds into one dQ tile must happen in a fixed order: from its diagonal key block
+// (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
+// counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
+// after it that reach the tile (qt kBM / kBN - kb), adds (the first one stores, so the accumulator needs no
+// zeroing, only the counters do), waits for its bulk write to complete, then increments it (release). The
+// order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
+// block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
+// (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
+// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
+// which the CTA order launches before it (the last key block of a head first: lower block indices). Variant 2
+// adds without the counters (no order: fp32 sums may differ in their last bits between runs) into an
+// accumulator zeroed first.
 // dQ accumulator: per (batch, query head, query tile) kBM * HS floats, two halves (consumer warpgroup) of 8
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
@@ -927,15 +930,17 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* dq_empty = dq_full + kDqBufs;  // its bulk add has read it
 
     const int tid = threadIdx.x, wg = warpgroup_index();
-    // the block's coordinates, computed by each role after the register reallocation from a fresh block index
-    // (values kept live across setmaxnreg were spilled)
+    // the block's coordinates, computed by each role after the register reallocation (values kept live across
+    // setmaxnreg were spilled). Within a group of heads, the LAST key block (the fewest tiles) first: a key block
+    // waits on the dQ adds of the key blocks after it (see the ordering above), CTAs of lower block indices.
     struct Coords {
         int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
     };
     auto coords = [&]() {
         Coords c;
-        int bkv;
-        cta_order_of((int)blockIdx.x, num_bkv, num_kblocks, group, bkv, c.kb);  // key block 0 (most tiles) first
+        int bkv, j;
+        cta_order_of((int)blockIdx.x, num_bkv, num_kblocks, group, bkv, j);
+        c.kb = num_kblocks - 1 - j;
         c.b = bkv / lay.NKV;
         c.kh = bkv % lay.NKV;
         c.h0 = c.kh * (lay.NH / lay.NKV);  // the group's first query head
@@ -945,11 +950,11 @@ __global__ void __launch_bounds__(384, 1)
         c.n_tiles = (lay.NH / lay.NKV) * c.n_q;
         return c;
     };
-    // tile i: query head h0 + i / n_q, query tile num_qt - 1 - i % n_q (the last one first)
+    // tile i: query head h0 + i / n_q, query tile q_first + i % n_q (from the diagonal up)
     auto tile_of = [](const Coords& c, int i, int& h, int& qt) {
         const int j = i / c.n_q;
         h = c.h0 + j;
-        qt = c.num_qt - 1 - (i - j * c.n_q);
+        qt = c.q_first + (i - j * c.n_q);
     };
 
     if (tid == 0) {
@@ -1030,10 +1035,12 @@ __global__ void __launch_bounds__(384, 1)
                     const float* src = sdQ + buf * Cfg::kDqFloats;
                     mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
                     if constexpr (kDet) {
-                        while (ld_acquire_u32(dq_count + tile) != (uint32_t)kb) {
+                        // the key blocks after this one (up to the tile's diagonal block) have added
+                        const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
+                        while (ld_acquire_u32(dq_count + tile) != before) {
                         }
                         fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                        if (kb == 0)
+                        if (before == 0)
                             bulk_store(dst, src, Cfg::kDqFloats * 4);
                         else
                             bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
