@@ -837,30 +837,30 @@ __global__ void __launch_bounds__(384, 1)
 // One CTA per (128-key block, key/value head, batch) as in the dK/dV kernel, which also computes the block's
 // share of dQ: 5 products a tile instead of the two kernels' 7 (S and dP are no longer recomputed by a dQ
 // kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the diagonal up (see the ordering below),
-// per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T,
-// dP^T, P^T, dS^T as in the dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the
-// consumers' 240 registers), dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16,
-// 128 keys x kBM queries, swizzled panels of 64 queries); after a barrier of the two
-// warpgroups, dQ_tile = dS K from shared memory (dS as an MN-major A operand, K as an MN-major B): warpgroup cw
-// computes queries 64cw.. (HS 64) or head columns 64cw.. (HS 128), an m64n64 product over the 128 keys.
-// Its fp32 accumulators go to a shared staging buffer (double-buffered), in fragment order (float4 j of thread
-// ctid at index 128 j + ctid: conflict-free stores, and one contiguous 16 KB half per warpgroup), and warp 1 of
-// the producer warpgroup adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with one
-// bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine does the atomics, the consumers only wait when
-// both staging buffers are still in flight. A later kernel (dq_post) scales and converts the accumulator to
-// bf16 into dqkv.
+// per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T, dP^T, P^T, dS^T as in the
+// dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the consumers' 240 registers),
+// the dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16, 128 keys x kBM queries,
+// swizzled panels of 64 queries); after a barrier of the two warpgroups, dQ_tile = dS K from shared memory (dS
+// as an MN-major A operand, K as an MN-major B): warpgroup cw computes queries 64cw.. (HS 64) or head columns
+// 64cw.. (HS 128), an m64n64 product over the 128 keys. Its fp32 accumulators go to a shared staging buffer
+// (double-buffered), in fragment order (float4 j of thread ctid at index 128 j + ctid: conflict-free stores, and
+// one contiguous 16 KB half per warpgroup), and warp 1 of the producer warpgroup adds the whole tile (32 KB) into
+// the fp32 dQ accumulator in global memory with one bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine
+// does the atomics, the consumers only wait when both staging buffers are still in flight.
 // Determinism (variant 1): the adds into one dQ tile must happen in a fixed order: from its diagonal key block
 // (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
 // counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
 // after it that reach the tile (qt kBM / kBN - kb), adds (the first one stores, so the accumulator needs no
-// zeroing, only the counters do), waits for its bulk write to complete, then increments it (release). The
+// zeroing, only the counters do), waits for its bulk write to complete, then increments it (release). Key block
+// 0, the last, adds nothing: its consumers wait for the count themselves, read the sum (L2) into their
+// accumulators and store dQ in bf16 (no conversion kernel, no trip of the fp32 tile to DRAM and back). The
 // order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
 // block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
 // turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
 // which the CTA order launches before it (the last key block of a head first: lower block indices). Variant 2
 // adds without the counters (no order: fp32 sums may differ in their last bits between runs) into an
-// accumulator zeroed first.
+// accumulator zeroed first, which a later kernel (dq_post) scales and converts to bf16 into dqkv.
 // dQ accumulator: per (batch, query head, query tile) kBM * HS floats, two halves (consumer warpgroup) of 8
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
@@ -1026,7 +1026,7 @@ __global__ void __launch_bounds__(384, 1)
                     }
                     mbar_arrive(&aux_full[st]);
                 }
-                if (i > 0 && lane == 0) {
+                if (i > 0 && lane == 0 && !(kDet && kb == 0)) {  // key block 0 writes dQ itself (consumers)
                     const int d = i - 1, buf = d % kDqBufs;
                     int h, qt;
                     tile_of(c, d, h, qt);
@@ -1187,14 +1187,39 @@ __global__ void __launch_bounds__(384, 1)
         reg_fence(dv);
         reg_fence(dq);
         mbar_arrive(&empty[st]);
-        // the tile's dQ part to its staging buffer; warp 1 of the producer adds it to the accumulator
-        const int buf = i % kDqBufs;
-        if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
-        const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+        if (kDet && kb == 0) {
+            // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
+            // read through L2) plus this part, scaled, in bf16 straight into dqkv
+            const int before = qt * kBM / kBN;
+            const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+            if (before > 0) {
+                while (ld_acquire_u32(dq_count + tile) != (uint32_t)before) {
+                }
+                const float4* acc =
+                    reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-        fence_proxy_async();  // visible to the bulk copy
-        mbar_arrive(&dq_full[buf]);
+                for (int j = 0; j < 8; ++j) {
+                    const float4 v = __ldcg(acc + 128 * j);
+                    dq[4 * j] += v.x;
+                    dq[4 * j + 1] += v.y;
+                    dq[4 * j + 2] += v.z;
+                    dq[4 * j + 3] += v.w;
+                }
+            }
+            const size_t row_stride = lay.row_stride();
+            bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
+            store_acc_rows<64>(q0, row_stride, dq, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+        } else {
+            // the tile's dQ part to its staging buffer; warp 1 of the producer adds it to the accumulator
+            const int buf = i % kDqBufs;
+            if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
+            const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+            fence_proxy_async();  // visible to the bulk copy
+            mbar_arrive(&dq_full[buf]);
+        }
     }
 
     // the block's coordinates again (keeping them live through the loop spilled them)
@@ -1387,7 +1412,7 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
                                                       scale_log2);
         CUDA_CHECK_LAUNCH();
     }
-    {
+    if (!deterministic) {  // (variant 1: key block 0, each tile's last contributor, converts it)
         const long long threads = num_tiles * 2048;
         require(threads / 256 <= 0x7fffffffLL, "attention_sm90: grid too large");
         attention_backward_dq_post_sm90_kernel<HS><<<(unsigned)(threads / 256), 256, 0, stream>>>(

@@ -27,7 +27,8 @@ ap.add_argument("--bwd-kinds", default="fa2,auto",
                 help="backward kernels (fa2 = mma.sync, auto = dispatch, sm90bN = the Hopper backward's variant N: "
                      "0 two kernels, 1 one kernel with ordered dQ adds, 2 unordered; bitwise-repeat is not asked of 2)")
 ap.add_argument("--profile", action="store_true",
-                help="only run each --kinds forward (and, with --bwd, each --bwd-kinds backward) twice on B=64 T=1024 NH=12")
+                help="only run each --kinds forward (with --bwd, each --bwd-kinds backward too) twice on "
+                     "B=64 T=1024 NH=12")
 args = ap.parse_args()
 
 lib = ctypes.CDLL(args.lib)
