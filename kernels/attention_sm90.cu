@@ -859,8 +859,8 @@ __global__ void __launch_bounds__(384, 1)
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
 // turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
 // which the CTA order launches before it (the last key block of a head first: lower block indices). Variant 2
-// adds without the counters (no order: fp32 sums may differ in their last bits between runs) into an
-// accumulator zeroed first, which a later kernel (dq_post) scales and converts to bf16 into dqkv.
+// adds in no order (fp32 sums may differ in their last bits between runs) into an accumulator zeroed first; the
+// counters then only tell key block 0 when all adds are complete.
 // dQ accumulator: per (batch, query head, query tile) kBM * HS floats, two halves (consumer warpgroup) of 8
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
@@ -1026,7 +1026,7 @@ __global__ void __launch_bounds__(384, 1)
                     }
                     mbar_arrive(&aux_full[st]);
                 }
-                if (i > 0 && lane == 0 && !(kDet && kb == 0)) {  // key block 0 writes dQ itself (consumers)
+                if (i > 0 && lane == 0 && kb > 0) {  // key block 0 writes dQ itself (its consumers)
                     const int d = i - 1, buf = d % kDqBufs;
                     int h, qt;
                     tile_of(c, d, h, qt);
@@ -1034,30 +1034,25 @@ __global__ void __launch_bounds__(384, 1)
                     float* dst = dq_acc + tile * Cfg::kDqFloats;
                     const float* src = sdQ + buf * Cfg::kDqFloats;
                     mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
+                    // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
+                    const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
                     if constexpr (kDet) {
-                        // the key blocks after this one (up to the tile's diagonal block) have added
-                        const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
                         while (ld_acquire_u32(dq_count + tile) != before) {
                         }
                         fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                        if (before == 0)
-                            bulk_store(dst, src, Cfg::kDqFloats * 4);
-                        else
-                            bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
-                        bulk_commit();
-                        bulk_wait<0>();
-                        fence_proxy_async_global();
-                        red_release_add_u32(dq_count + tile, 1);
-                    } else {
-                        bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
-                        bulk_commit();
-                        bulk_wait_read<0>();
                     }
+                    if (kDet && before == 0)
+                        bulk_store(dst, src, Cfg::kDqFloats * 4);
+                    else
+                        bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
+                    bulk_commit();
+                    bulk_wait<0>();
                     mbar_arrive(&dq_empty[buf]);
+                    fence_proxy_async_global();
+                    red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
                 }
                 __syncwarp();
             }
-            if (lane == 0) bulk_wait<0>();
         }
         return;
     }
@@ -1187,7 +1182,7 @@ __global__ void __launch_bounds__(384, 1)
         reg_fence(dv);
         reg_fence(dq);
         mbar_arrive(&empty[st]);
-        if (kDet && kb == 0) {
+        if (kb == 0) {
             // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
             // read through L2) plus this part, scaled, in bf16 straight into dqkv
             const int before = qt * kBM / kBN;
@@ -1231,32 +1226,6 @@ __global__ void __launch_bounds__(384, 1)
     store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
     store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
 #endif
-}
-
-// dQ accumulator (the fused kernel's layout, above) -> dqkv's q columns, bf16, times scale: thread p of a tile's
-// 2048 converts float4 p (half p / 1024, j = p / 128 % 8, ctid = p % 128): columns 2t, 2t + 1 of n-group j in
-// rows r, r + 8 of that half (coalesced reads; each quad of threads writes 16 contiguous bytes of a row).
-template <int HS>
-__global__ void __launch_bounds__(256)
-    attention_backward_dq_post_sm90_kernel(bf16* __restrict__ dqkv, const float* __restrict__ dq_acc, int T,
-                                           QkvLayout lay, int num_qt, long long num_tiles, float scale) {
-    using Cfg = FusedBwdCfg<HS>;
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long tile = idx / 2048;
-    if (tile >= num_tiles) return;
-    const int p = (int)(idx % 2048);
-    const int qt = (int)(tile % num_qt);
-    const long long bh = tile / num_qt;
-    const int b = (int)(bh / lay.NH), h = (int)(bh % lay.NH);
-    const int half = p / 1024, j = (p / 128) % 8, ctid = p % 128;
-    const int warp = ctid / 32, g = (ctid % 32) / 4, t = ctid % 4;
-    const float4 v = *reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + 4 * p);
-    const int r0 = qt * Cfg::kBM + (HS == 64 ? 64 * half : 0) + 16 * warp + g;
-    const int col = (HS == 64 ? 0 : 64 * half) + 8 * j + 2 * t;
-    const size_t row_stride = lay.row_stride();
-    bf16* out = dqkv + ((size_t)b * T + r0) * row_stride + lay.q(h) + col;
-    if (r0 < T) *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(v.x * scale, v.y * scale);
-    if (r0 + 8 < T) *reinterpret_cast<uint32_t*>(out + 8 * row_stride) = pack_bf16x2(v.z * scale, v.w * scale);
 }
 
 // ---- host side ----------------------------------------------------------------------------------------
@@ -1391,34 +1360,24 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     const long long num_tiles = (long long)B * lay.NH * num_qt;
     float* dq_acc = work;
     uint32_t* dq_count = reinterpret_cast<uint32_t*>(work + (size_t)num_tiles * Cfg::kDqFloats);
-    if (deterministic)
-        CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
-    else
+    CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
+    if (!deterministic)  // unordered adds: no first one to store
         CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, (size_t)num_tiles * Cfg::kDqFloats * sizeof(float), stream));
-    {
-        auto kernel = deterministic ? attention_backward_fused_sm90_kernel<HS, true>
-                                    : attention_backward_fused_sm90_kernel<HS, false>;
-        constexpr int smem = Cfg::kSmemBytes;
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
-        const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
-        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
-        const int num_bkv = B * lay.NKV;
-        const int num_kblocks = ceil_div(T, Cfg::kBN);
-        const long long grid = (long long)num_bkv * num_kblocks;
-        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-        kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
-                                                      num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
-                                                      scale_log2);
-        CUDA_CHECK_LAUNCH();
-    }
-    if (!deterministic) {  // (variant 1: key block 0, each tile's last contributor, converts it)
-        const long long threads = num_tiles * 2048;
-        require(threads / 256 <= 0x7fffffffLL, "attention_sm90: grid too large");
-        attention_backward_dq_post_sm90_kernel<HS><<<(unsigned)(threads / 256), 256, 0, stream>>>(
-            dqkv, dq_acc, T, lay, num_qt, num_tiles, scale);
-        CUDA_CHECK_LAUNCH();
-    }
+    auto kernel = deterministic ? attention_backward_fused_sm90_kernel<HS, true>
+                                : attention_backward_fused_sm90_kernel<HS, false>;
+    constexpr int smem = Cfg::kSmemBytes;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
+    const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
+    const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+    const int num_bkv = B * lay.NKV;
+    const int num_kblocks = ceil_div(T, Cfg::kBN);
+    const long long grid = (long long)num_bkv * num_kblocks;
+    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
+                                                  num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
+                                                  scale_log2);
+    CUDA_CHECK_LAUNCH();
 }
 
 // the backward variant when the caller asks for the default (-1): see attention_sm90.h
