@@ -57,16 +57,17 @@ def ck(rc, what):
         raise RuntimeError(what + " failed")
 
 
-def run_fwd(kind, out, lse, qkv, B, T, NH, HS):
+def run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV=None):
+    NKV = NKV or NH
     if kind == "fa2":
         lib.h_set_backend(1)
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd fa2")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, stream()), "fwd fa2")
         lib.h_set_backend(0)
     elif kind == "auto":
-        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, stream()), "fwd auto")
+        ck(lib.h_fwd(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, stream()), "fwd auto")
     else:
         v = int(kind[-1])
-        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NH, HS, v, stream()), kind)
+        ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, v, stream()), kind)
 
 
 def bwd_variant(kind):
@@ -81,11 +82,11 @@ def bwd_scratch(kind, B, T, NH, HS):
     return torch.empty(n, device=dev)
 
 
-def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS):
+def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV=None):
     lib.h_set_backend(1 if kind == "fa2" else 0)
     lib.h_set_bwd_variant(bwd_variant(kind))
     ck(lib.h_bwd(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                 scratch.data_ptr(), scratch.numel(), B, T, NH, NH, HS, stream()), "bwd " + kind)
+                 scratch.data_ptr(), scratch.numel(), B, T, NH, NKV or NH, HS, stream()), "bwd " + kind)
     lib.h_set_bwd_variant(-1)
     lib.h_set_backend(0)
 
@@ -94,10 +95,13 @@ def heads(x, B, T, NH, HS):
     return x.view(B, T, NH, HS).transpose(1, 2)
 
 
-def reference(qkv, dout, B, T, NH, HS):
+def reference(qkv, dout, B, T, NH, HS, NKV):
+    """out, lse and d(qkv) of causal attention in fp32; NKV < NH: grouped-query (key/value head h // (NH // NKV))"""
     C = NH * HS
     x = qkv.float().requires_grad_()
-    q, k, v = (heads(t, B, T, NH, HS) for t in x.split(C, dim=-1))
+    xq, xk, xv = x.split([C, NKV * HS, NKV * HS], dim=-1)
+    q = heads(xq, B, T, NH, HS)
+    k, v = (heads(t, B, T, NKV, HS).repeat_interleave(NH // NKV, dim=1) for t in (xk, xv))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(HS)
     mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
     s = s.masked_fill(mask, float("-inf"))
@@ -128,8 +132,10 @@ def poison(*ts):
 
 fails = []
 rows = []
+# (B, T, NH, HS[, NKV]); NKV < NH: grouped-query attention (the last ones: more CTAs than multiprocessors)
 CASES = [(2, 1024, 3, 64), (2, 1000, 3, 64), (1, 77, 2, 64), (1, 1, 1, 64), (2, 129, 2, 64), (1, 2048, 2, 64),
-         (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128)]
+         (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128),
+         (2, 1000, 6, 64, 2), (1, 300, 4, 128, 1), (4, 2048, 8, 64, 4), (3, 1900, 8, 128, 2)]
 FWD_KINDS = args.kinds.split(",")
 BWD_KINDS = args.bwd_kinds.split(",")
 if args.profile:
@@ -150,11 +156,13 @@ if args.profile:
     torch.cuda.synchronize()
     sys.exit(0)
 torch.manual_seed(1234)
-for (B, T, NH, HS) in CASES:
+for case in CASES:
+    B, T, NH, HS = case[:4]
+    NKV = case[4] if len(case) > 4 else NH
     C = NH * HS
-    qkv = torch.randn(B, T, 3 * C, device=dev).to(torch.bfloat16)
+    qkv = torch.randn(B, T, (NH + 2 * NKV) * HS, device=dev).to(torch.bfloat16)
     dout = torch.randn(B, T, C, device=dev).to(torch.bfloat16) if args.bwd else None
-    ro, rl, rdq = reference(qkv, dout, B, T, NH, HS)
+    ro, rl, rdq = reference(qkv, dout, B, T, NH, HS, NKV)
     for kind in FWD_KINDS:
         out = torch.empty(B, T, C, device=dev, dtype=torch.bfloat16)
         lse = torch.empty(B, NH, T, device=dev)
@@ -162,22 +170,22 @@ for (B, T, NH, HS) in CASES:
         try:
             for rep in range(2):
                 poison(out, lse)
-                run_fwd(kind, out, lse, qkv, B, T, NH, HS)
+                run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV)
                 torch.cuda.synchronize()
                 res.append((out.clone(), lse.clone()))
         except Exception as e:  # noqa: BLE001
-            print(f"FWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
-            fails.append(("fwd", kind, (B, T, NH, HS)))
+            print(f"FWD {kind} {case} EXCEPTION {e}", flush=True)
+            fails.append(("fwd", kind, case))
             torch.cuda.synchronize()
             continue
         eo, el = rel(out, ro), (lse - rl).abs().max().item()
         finite = bool(torch.isfinite(out.float()).all() and torch.isfinite(lse).all())
         det = bool(torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]))
         ok = finite and eo < 1e-2 and el < 1e-2 and det
-        print(f"FWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: out rel {eo:.2e} lse max {el:.2e} finite {finite} "
+        print(f"FWD {kind:7s} B={B} T={T} NH={NH} NKV={NKV} HS={HS}: out rel {eo:.2e} lse max {el:.2e} finite {finite} "
               f"bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
         if not ok:
-            fails.append(("fwd", kind, (B, T, NH, HS)))
+            fails.append(("fwd", kind, case))
             if finite:
                 err = (out.float() - ro).abs().amax(dim=-1)  # (B, T)
                 bad = (err > 0.05).nonzero()
@@ -185,7 +193,7 @@ for (B, T, NH, HS) in CASES:
     if args.bwd:
         out = ro.to(torch.bfloat16)
         lse = rl.clone()
-        run_fwd("fa2", out, lse, qkv, B, T, NH, HS)
+        run_fwd("fa2", out, lse, qkv, B, T, NH, HS, NKV)
         for kind in BWD_KINDS:
             dqkv = torch.empty_like(qkv)
             scratch = bwd_scratch(kind, B, T, NH, HS)
@@ -193,21 +201,22 @@ for (B, T, NH, HS) in CASES:
             try:
                 for rep in range(2):
                     poison(dqkv)
-                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
+                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV)
                     torch.cuda.synchronize()
                     res.append(dqkv.clone())
             except Exception as e:  # noqa: BLE001
-                print(f"BWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
-                fails.append(("bwd", kind, (B, T, NH, HS)))
+                print(f"BWD {kind} {case} EXCEPTION {e}", flush=True)
+                fails.append(("bwd", kind, case))
                 continue
-            parts = [rel(a, r) for a, r in zip(dqkv.split(C, -1), rdq.split(C, -1))]
+            widths = [C, NKV * HS, NKV * HS]
+            parts = [rel(a, r) for a, r in zip(dqkv.split(widths, -1), rdq.split(widths, -1))]
             finite = bool(torch.isfinite(dqkv.float()).all())
             det = torch.equal(res[0], res[1])
             ok = finite and max(parts) < 2e-2 and (det or kind == "sm90b2")
-            print(f"BWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: dq/dk/dv rel {parts[0]:.2e} {parts[1]:.2e} "
+            print(f"BWD {kind:7s} B={B} T={T} NH={NH} NKV={NKV} HS={HS}: dq/dk/dv rel {parts[0]:.2e} {parts[1]:.2e} "
                   f"{parts[2]:.2e} finite {finite} bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
-                fails.append(("bwd", kind, (B, T, NH, HS)))
+                fails.append(("bwd", kind, case))
     del qkv
 torch.cuda.empty_cache()
 print("correctness failures:", fails, flush=True)
