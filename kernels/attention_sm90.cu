@@ -1037,8 +1037,7 @@ __global__ void __launch_bounds__(384, 1)
                     // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
                     const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
                     if constexpr (kDet) {
-                        while (ld_acquire_u32(dq_count + tile) != before) {
-                        }
+                        wait_count(dq_count + tile, before);
                         fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
                     }
                     if (kDet && before == 0)
@@ -1188,8 +1187,7 @@ __global__ void __launch_bounds__(384, 1)
             const int before = qt * kBM / kBN;
             const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
             if (before > 0) {
-                while (ld_acquire_u32(dq_count + tile) != (uint32_t)before) {
-                }
+                wait_count(dq_count + tile, (uint32_t)before);
                 const float4* acc =
                     reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
 #pragma unroll

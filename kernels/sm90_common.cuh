@@ -174,6 +174,21 @@ __device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
+// spin until *p == v (acquire; with GPT2CU_SM90_WATCHDOG, as mbar_wait: a trap instead of a hang)
+__device__ __forceinline__ void wait_count(const uint32_t* p, uint32_t v) {
+#ifdef GPT2CU_SM90_WATCHDOG
+    const long long t0 = clock64();
+#endif
+    while (ld_acquire_u32(p) != v) {
+#ifdef GPT2CU_SM90_WATCHDOG
+        if (clock64() - t0 > (1ll << 32)) {
+            printf("wait_count timeout: block %d thread %d count %u, waiting for %u\n", blockIdx.x, threadIdx.x,
+                   ld_acquire_u32(p), v);
+            __trap();
+        }
+#endif
+    }
+}
 __device__ __forceinline__ void red_release_add_u32(uint32_t* p, uint32_t v) {
     asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
