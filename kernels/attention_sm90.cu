@@ -844,9 +844,10 @@ __global__ void __launch_bounds__(384, 1)
 // as an MN-major A operand, K as an MN-major B): warpgroup cw computes queries 64cw.. (HS 64) or head columns
 // 64cw.. (HS 128), an m64n64 product over the 128 keys. Its fp32 accumulators go to a shared staging buffer
 // (double-buffered), in fragment order (float4 j of thread ctid at index 128 j + ctid: conflict-free stores, and
-// one contiguous 16 KB half per warpgroup), and warp 1 of the producer warpgroup adds the whole tile (32 KB) into
-// the fp32 dQ accumulator in global memory with one bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine
-// does the atomics, the consumers only wait when both staging buffers are still in flight.
+// one contiguous 16 KB half per warpgroup), and one thread of the producer warpgroup (warp 1; warp 0 loads, warp 2
+// copies lse and D) adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with one bulk
+// reduce (cp.reduce.async.bulk .add.f32): the copy engine does the atomics, the consumers only wait when both
+// staging buffers are still in flight.
 // Determinism (variant 1): the adds into one dQ tile must happen in a fixed order: from its diagonal key block
 // (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
 // counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
@@ -1003,54 +1004,54 @@ __global__ void __launch_bounds__(384, 1)
                     tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
                                 h * HS + p * kPanelCols, qt * kBM, b);
             }
-        } else if (tid >= 32 && tid < 64) {
-            // warp 1: lse and D of tile i, then the dQ add of tile i - 1 (lane 0)
+        } else if (tid == 32) {
+            // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
             const Coords c = coords();
-            const int b = c.b, kb = c.kb, num_qt = c.num_qt, n_tiles = c.n_tiles;
-            const int lane = tid - 32;
-            for (int i = 0; i <= n_tiles; ++i) {
-                if (i < n_tiles) {
-                    const int st = i % kStages;
-                    int h, qt;
-                    tile_of(c, i, h, qt);
-                    const size_t bh = (size_t)b * lay.NH + h;
-                    const float* lse_bh = lse + bh * T;
-                    const float* d_bh = dvec + bh * T;
-                    if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                    float* aux = sAux + st * (2 * kBM);
+            const int b = c.b, kb = c.kb;
+            for (int d = 0; kb > 0 && d < c.n_tiles; ++d) {
+                const int buf = d % kDqBufs;
+                int h, qt;
+                tile_of(c, d, h, qt);
+                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
+                float* dst = dq_acc + tile * Cfg::kDqFloats;
+                const float* src = sdQ + buf * Cfg::kDqFloats;
+                mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
+                // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
+                const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
+                if constexpr (kDet) {
+                    wait_count(dq_count + tile, before);
+                    fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
+                }
+                if (kDet && before == 0)
+                    bulk_store(dst, src, Cfg::kDqFloats * 4);
+                else
+                    bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
+                bulk_commit();
+                bulk_wait<0>();
+                mbar_arrive(&dq_empty[buf]);
+                fence_proxy_async_global();
+                red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
+            }
+        } else if (tid >= 64 && tid < 96) {
+            // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
+            const Coords c = coords();
+            const int lane = tid - 64;
+            for (int i = 0; i < c.n_tiles; ++i) {
+                const int st = i % kStages;
+                int h, qt;
+                tile_of(c, i, h, qt);
+                const size_t bh = (size_t)c.b * lay.NH + h;
+                const float* lse_bh = lse + bh * T;
+                const float* d_bh = dvec + bh * T;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                float* aux = sAux + st * (2 * kBM);
 #pragma unroll
-                    for (int k = 0; k < kBM / 32; ++k) {
-                        const int r = qt * kBM + lane + 32 * k;
-                        aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
-                        aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
-                    }
-                    mbar_arrive(&aux_full[st]);
+                for (int k = 0; k < kBM / 32; ++k) {
+                    const int r = qt * kBM + lane + 32 * k;
+                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
                 }
-                if (i > 0 && lane == 0 && kb > 0) {  // key block 0 writes dQ itself (its consumers)
-                    const int d = i - 1, buf = d % kDqBufs;
-                    int h, qt;
-                    tile_of(c, d, h, qt);
-                    const size_t tile = ((size_t)b * lay.NH + h) * num_qt + qt;
-                    float* dst = dq_acc + tile * Cfg::kDqFloats;
-                    const float* src = sdQ + buf * Cfg::kDqFloats;
-                    mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
-                    // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
-                    const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
-                    if constexpr (kDet) {
-                        wait_count(dq_count + tile, before);
-                        fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                    }
-                    if (kDet && before == 0)
-                        bulk_store(dst, src, Cfg::kDqFloats * 4);
-                    else
-                        bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
-                    bulk_commit();
-                    bulk_wait<0>();
-                    mbar_arrive(&dq_empty[buf]);
-                    fence_proxy_async_global();
-                    red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
-                }
-                __syncwarp();
+                mbar_arrive(&aux_full[st]);
             }
         }
         return;
@@ -1203,7 +1204,7 @@ __global__ void __launch_bounds__(384, 1)
             bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
             store_acc_rows<64>(q0, row_stride, dq, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
         } else {
-            // the tile's dQ part to its staging buffer; warp 1 of the producer adds it to the accumulator
+            // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
             const int buf = i % kDqBufs;
             if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
             const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
