@@ -952,6 +952,400 @@ __global__ void __launch_bounds__(384, 1)
 #endif
 }
 
+// ---- Backward in one kernel (the "fused" variants 1 and 2 of attention_backward_sm90) ----------------------
+// One CTA per (128-key block, key/value head, batch) as in the dK/dV kernel, which also computes the block's
+// share of dQ: 5 products a tile instead of the two kernels' 7 (S and dP are no longer recomputed by a dQ
+// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the diagonal up (see the ordering below),
+// per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T, dP^T, P^T, dS^T as in the
+// dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the consumers' 240 registers),
+// the dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16, 128 keys x kBM queries,
+// swizzled panels of 64 queries); after a barrier of the two warpgroups, dQ_tile = dS K from shared memory (dS
+// as an MN-major A operand, K as an MN-major B): warpgroup cw computes queries 64cw.. (HS 64) or head columns
+// 64cw.. (HS 128), an m64n64 product over the 128 keys. Its fp32 accumulators go to a shared staging buffer
+// (double-buffered), in fragment order (float4 j of thread ctid at index 128 j + ctid: conflict-free stores, and
+// one contiguous 16 KB half per warpgroup), and one thread of the producer warpgroup (warp 1; warp 0 loads, warp 2
+// copies lse and D) adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with one bulk
+// reduce (cp.reduce.async.bulk .add.f32): the copy engine does the atomics, the consumers only wait when both
+// staging buffers are still in flight.
+// Determinism (variant 1): the adds into one dQ tile must happen in a fixed order: from its diagonal key block
+// (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
+// counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
+// after it that reach the tile (qt kBM / kBN - kb), adds (the first one stores, so the accumulator needs no
+// zeroing, only the counters do), waits for its bulk write to complete, then increments it (release). Key block
+// 0, the last, adds nothing: its consumers wait for the count themselves, read the sum (L2) into their
+// accumulators and store dQ in bf16 (no conversion kernel, no trip of the fp32 tile to DRAM and back). The
+// order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
+// block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
+// (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
+// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
+// which the CTA order launches before it (the last key block of a head first: lower block indices). Variant 2
+// adds in no order (fp32 sums may differ in their last bits between runs) into an accumulator zeroed first; the
+// counters then only tell key block 0 when all adds are complete.
+// dQ accumulator: per (batch, query head, query tile) kBM * HS floats, two halves (consumer warpgroup) of 8
+// float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
+// 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
+// part being rows 64 half.. (HS 64) or columns 64 half.. (HS 128).
+template <int HS>
+struct FusedBwdCfg {
+    static constexpr int kBN = 128;                  // keys per CTA
+    static constexpr int kBM = HS == 64 ? 128 : 64;  // queries per streamed tile
+    static constexpr int kStages = 2;
+    static constexpr int kKVBytes = kBN * HS * 2;
+    static constexpr int kKVPanelBytes = kBN * kPanelRowBytes;
+    static constexpr int kTileBytes = kBM * HS * 2;
+    static constexpr int kTilePanelBytes = kBM * kPanelRowBytes;
+    static constexpr int kDsPanelBytes = kBN * kPanelRowBytes;  // dS^T: kBN key rows, panels of 64 queries
+    static constexpr int kDsBytes = kBN * kBM * 2;
+    static constexpr int kDqFloats = kBM * HS;  // one dQ tile
+    static constexpr int kDqBufs = 2;
+    static constexpr int kAuxBytes = 2 * kBM * 4;  // lse2[kBM], D[kBM]
+    static constexpr int kDsOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
+    static constexpr int kDqOffset = kDsOffset + kDsBytes;
+    static constexpr int kAuxOffset = kDqOffset + kDqBufs * kDqFloats * 4;
+    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
+    static constexpr int kNumBars = 1 + 4 * kStages + 2 * kDqBufs;
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
+
+// floats of the fused backward's work area: the dQ accumulator, then one uint32 counter per dQ tile (+ 4 floats
+// to align the start to 16 bytes)
+template <int HS>
+size_t fused_work_floats(int B, int T, int NH) {
+    using Cfg = FusedBwdCfg<HS>;
+    const size_t tiles = (size_t)B * NH * ((T + Cfg::kBM - 1) / Cfg::kBM);
+    return tiles * Cfg::kDqFloats + tiles + 4;
+}
+
+template <int HS, bool kDet>
+__global__ void __launch_bounds__(384, 1)
+    attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
+                                         const __grid_constant__ CUtensorMap tm_q,
+                                         const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
+                                         const float* __restrict__ lse, const float* __restrict__ dvec,
+                                         float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count, int T,
+                                         QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
+                                         float scale_log2) {
+#ifdef GPT2CU_SM90A_DEVICE
+    using Cfg = FusedBwdCfg<HS>;
+    constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
+    constexpr int kDqBufs = Cfg::kDqBufs;
+    constexpr float kLog2e = 1.4426950408889634f;
+    extern __shared__ uint8_t smem_raw[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    uint8_t* sK = smem;
+    uint8_t* sV = smem + Cfg::kKVBytes;
+    uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
+    uint8_t* sdO = sQ + kStages * Cfg::kTileBytes;
+    uint8_t* sdS = smem + Cfg::kDsOffset;
+    float* sdQ = reinterpret_cast<float*>(smem + Cfg::kDqOffset);
+    float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
+    uint64_t* kv_full = bars;
+    uint64_t* q_full = bars + 1;
+    uint64_t* do_full = q_full + kStages;
+    uint64_t* aux_full = do_full + kStages;
+    uint64_t* empty = aux_full + kStages;
+    uint64_t* dq_full = empty + kStages;  // a staging buffer written by the 256 consumers
+    uint64_t* dq_empty = dq_full + kDqBufs;  // its bulk add has read it
+
+    const int tid = threadIdx.x, wg = warpgroup_index();
+    // the block's coordinates, computed by each role after the register reallocation (values kept live across
+    // setmaxnreg were spilled). Within a group of heads, the LAST key block (the fewest tiles) first: a key block
+    // waits on the dQ adds of the key blocks after it (see the ordering above), CTAs of lower block indices.
+    struct Coords {
+        int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
+    };
+    auto coords = [&]() {
+        Coords c;
+        int bkv, j;
+        cta_order_of((int)blockIdx.x, num_bkv, num_kblocks, group, bkv, j);
+        c.kb = num_kblocks - 1 - j;
+        c.b = bkv / lay.NKV;
+        c.kh = bkv % lay.NKV;
+        c.h0 = c.kh * (lay.NH / lay.NKV);  // the group's first query head
+        c.num_qt = (T + kBM - 1) / kBM;
+        c.q_first = c.kb * kBN / kBM;  // the diagonal query tile
+        c.n_q = c.num_qt - c.q_first;  // query tiles per query head
+        c.n_tiles = (lay.NH / lay.NKV) * c.n_q;
+        return c;
+    };
+    // tile i: query head h0 + i / n_q, query tile q_first + i % n_q (from the diagonal up)
+    auto tile_of = [](const Coords& c, int i, int& h, int& qt) {
+        const int j = i / c.n_q;
+        h = c.h0 + j;
+        qt = c.q_first + (i - j * c.n_q);
+    };
+
+    if (tid == 0) {
+        tma_prefetch_desc(&tm_kv);
+        tma_prefetch_desc(&tm_q);
+        tma_prefetch_desc(&tm_do);
+        mbar_init(kv_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(&q_full[s], 1);
+            mbar_init(&do_full[s], 1);
+            mbar_init(&aux_full[s], 32);
+            mbar_init(&empty[s], 256);
+        }
+        for (int s = 0; s < kDqBufs; ++s) {
+            mbar_init(&dq_full[s], 256);
+            mbar_init(&dq_empty[s], 1);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        setmaxnreg_dec<24>();
+        if (tid == 0) {
+            const Coords c = coords();
+            const int b = c.b, kh = c.kh, kb = c.kb, n_tiles = c.n_tiles;
+            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+#pragma unroll
+            for (int p = 0; p < kPanels; ++p) {
+                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(kh) + p * kPanelCols, kb * kBN, b);
+                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(kh) + p * kPanelCols, kb * kBN, b);
+            }
+            for (int i = 0; i < n_tiles; ++i) {
+                const int st = i % kStages;
+                int h, qt;
+                tile_of(c, i, h, qt);
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
+                                lay.q(h) + p * kPanelCols, qt * kBM, b);
+                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
+#pragma unroll
+                for (int p = 0; p < kPanels; ++p)
+                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
+                                h * HS + p * kPanelCols, qt * kBM, b);
+            }
+        } else if (tid == 32) {
+            // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
+            const Coords c = coords();
+            const int b = c.b, kb = c.kb;
+            for (int d = 0; kb > 0 && d < c.n_tiles; ++d) {
+                const int buf = d % kDqBufs;
+                int h, qt;
+                tile_of(c, d, h, qt);
+                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
+                float* dst = dq_acc + tile * Cfg::kDqFloats;
+                const float* src = sdQ + buf * Cfg::kDqFloats;
+                mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
+                // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
+                const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
+                if constexpr (kDet) {
+                    wait_count(dq_count + tile, before);
+                    fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
+                }
+                if (kDet && before == 0)
+                    bulk_store(dst, src, Cfg::kDqFloats * 4);
+                else
+                    bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
+                bulk_commit();
+                bulk_wait<0>();
+                mbar_arrive(&dq_empty[buf]);
+                fence_proxy_async_global();
+                red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
+            }
+        } else if (tid >= 64 && tid < 96) {
+            // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
+            const Coords c = coords();
+            const int lane = tid - 64;
+            for (int i = 0; i < c.n_tiles; ++i) {
+                const int st = i % kStages;
+                int h, qt;
+                tile_of(c, i, h, qt);
+                const size_t bh = (size_t)c.b * lay.NH + h;
+                const float* lse_bh = lse + bh * T;
+                const float* d_bh = dvec + bh * T;
+                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                float* aux = sAux + st * (2 * kBM);
+#pragma unroll
+                for (int k = 0; k < kBM / 32; ++k) {
+                    const int r = qt * kBM + lane + 32 * k;
+                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                }
+                mbar_arrive(&aux_full[st]);
+            }
+        }
+        return;
+    }
+
+    setmaxnreg_inc<240>();
+    const Coords c = coords();
+    const int kb = c.kb, n_tiles = c.n_tiles;
+    const int cw = wg - 1;
+    const int ctid = tid - 128 * wg;
+    const int warp = ctid / 32, lane = ctid % 32;
+    const int g = lane >> 2, t = lane & 3;
+    const int key0 = kb * kBN + 64 * cw;    // first key of this warpgroup
+    const int klocal = 64 * cw + 16 * warp + g;  // this thread's keys klocal, klocal + 8 of the block
+    const int krow = kb * kBN + klocal;
+
+    const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
+    const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
+    const uint32_t q_addr = smem_u32(sQ), do_addr = smem_u32(sdO);
+    // dQ product: A = dS (queries x keys) MN-major, B = K (keys x head columns) MN-major; warpgroup cw's part
+    const uint32_t ds_addr = smem_u32(sdS) + (kBM == 128 ? cw : 0) * Cfg::kDsPanelBytes;
+    const uint32_t kq_addr = smem_u32(sK) + (kBM == 128 ? 0 : cw) * Cfg::kKVPanelBytes;
+    auto desc_kmaj_kv = [&](uint32_t base, int kk) {  // A: 64 keys x HS, K-major
+        return make_desc(base + (kk / 4) * Cfg::kKVPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_kmaj_tile = [&](uint32_t base, int st, int kk) {  // B: kBM queries x HS, K-major
+        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_mn_tile = [&](uint32_t base, int st, int kk) {  // B: k = queries 16kk.., n = HS, MN-major
+        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
+    };
+
+    float dk[HS / 2], dv[HS / 2];
+#pragma unroll
+    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
+
+    mbar_wait(kv_full, 0);
+    for (int i = 0; i < n_tiles; ++i) {
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        int h, qt;
+        tile_of(c, i, h, qt);
+        const int row0 = qt * kBM;
+        const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
+        mbar_wait(&q_full[st], ph);
+        mbar_wait(&do_full[st], ph);
+        mbar_wait(&aux_full[st], ph);
+        // both warpgroups' dQ products of the previous tile are done reading dS^T (each waited for its own)
+        named_barrier_sync(1, 256);
+        // Sub-tiles of 64 queries (HS 64: two): S^T, dP^T (wgmma), P^T while dP^T runs, dV += P^T dO issued, dS^T
+        // while it runs, dK += dS^T Q issued, dS^T to shared memory while that runs. At most 64 + 64 accumulators
+        // of S^T, dP^T live besides dK, dV (the consumers' 240 registers); the A fragments of P^T and dS^T stay
+        // untouched until their products complete (the next sub-tile's wait, or the one after dQ).
+        uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+#pragma unroll
+        for (int hh = 0; hh < kBM / 64; ++hh) {
+            const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
+            const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
+            const int q0 = row0 + 64 * hh;
+            float s[32], dp[32];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < HS / 16; ++kk)
+                wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
+            wgmma_commit();
+#pragma unroll
+            for (int kk = 0; kk < HS / 16; ++kk)
+                wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
+            reg_fence(s);
+            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int q = q0 + 8 * j + 2 * t + (e & 1);
+                    const int k = krow + 8 * (e >> 1);
+                    float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                    if (need_mask && q < k) p = 0.f;
+                    s[4 * j + e] = p;
+                }
+            }
+            uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
+            uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
+            acc_to_a<64>(pah, s);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), 1);
+            wgmma_commit();
+            wgmma_wait<1>();  // dP^T (dV may still run)
+            reg_fence(dp);
+            // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+            }
+            acc_to_a<64>(dah, dp);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), 1);
+            wgmma_commit();
+            // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
+            // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
+            const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
+#pragma unroll
+            for (int ch = 0; ch < 8; ++ch) {
+                const uint32_t p = rowp + ((ch ^ g) << 4);
+                st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
+                st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
+            }
+        }
+        fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
+        named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
+        float dq[32];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+            wgmma_ss_n64<1, 1>(dq, make_desc(ds_addr + kk * 16 * kPanelRowBytes, Cfg::kDsPanelBytes, 1024),
+                               make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence(dk);
+        reg_fence(dv);
+        reg_fence(dq);
+        mbar_arrive(&empty[st]);
+        if (kb == 0) {
+            // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
+            // read through L2) plus this part, scaled, in bf16 straight into dqkv
+            const int before = qt * kBM / kBN;
+            const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+            if (before > 0) {
+                wait_count(dq_count + tile, (uint32_t)before);
+                const float4* acc =
+                    reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float4 v = __ldcg(acc + 128 * j);
+                    dq[4 * j] += v.x;
+                    dq[4 * j + 1] += v.y;
+                    dq[4 * j + 2] += v.z;
+                    dq[4 * j + 3] += v.w;
+                }
+            }
+            const size_t row_stride = lay.row_stride();
+            bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
+            store_acc_rows<64>(q0, row_stride, dq, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+        } else {
+            // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
+            const int buf = i % kDqBufs;
+            if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
+            const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+            fence_proxy_async();  // visible to the bulk copy
+            mbar_arrive(&dq_full[buf]);
+        }
+    }
+
+    // the block's coordinates again (keeping them live through the loop spilled them)
+    const Coords ce = coords();
+    const int b_e = ce.b, kh_e = ce.kh;
+    const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
+    const size_t row_stride = lay.row_stride();
+    bf16* base = dqkv + (size_t)b_e * T * row_stride;
+    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
+    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
+#endif
+}
+
 // ---- host side ----------------------------------------------------------------------------------------
 // heads per CTA group (cta_order): about one wave of CTAs (one CTA per multiprocessor) per group
 int head_group(int nblk, int num_bh) {
@@ -1090,17 +1484,84 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
         launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
 }
 
+// the fused backward (variant 1: ordered dQ adds, 2: unordered); work: fused_work_floats<HS> floats, 16-byte
+// aligned
+template <int HS>
+void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                                float* work, int B, int T, QkvLayout lay, bool deterministic, cudaStream_t stream) {
+    using Cfg = FusedBwdCfg<HS>;
+    const int C = lay.NH * HS, W = lay.row_stride();
+    const double scale_d = 1.0 / std::sqrt((double)HS);
+    const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
+    const int num_qt = ceil_div(T, Cfg::kBM);
+    const long long num_tiles = (long long)B * lay.NH * num_qt;
+    float* dq_acc = work;
+    uint32_t* dq_count = reinterpret_cast<uint32_t*>(work + (size_t)num_tiles * Cfg::kDqFloats);
+    CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
+    if (!deterministic)  // unordered adds: no first one to store
+        CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, (size_t)num_tiles * Cfg::kDqFloats * sizeof(float), stream));
+    auto kernel = deterministic ? attention_backward_fused_sm90_kernel<HS, true>
+                                : attention_backward_fused_sm90_kernel<HS, false>;
+    constexpr int smem = Cfg::kSmemBytes;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
+    const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
+    const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
+    const int num_bkv = B * lay.NKV;
+    const int num_kblocks = ceil_div(T, Cfg::kBN);
+    const long long grid = (long long)num_bkv * num_kblocks;
+    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
+    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
+                                                  num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
+                                                  scale_log2);
+    CUDA_CHECK_LAUNCH();
+}
+
+// the backward variant when the caller asks for the default (-1): see attention_sm90.h
+constexpr int kDefaultBackwardVariant = 0;
+
+template <int HS>
+void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                      float* work, int B, int T, QkvLayout lay, int variant, cudaStream_t stream) {
+    if (variant == 0)
+        launch_backward_sm90<HS>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
+    else
+        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant == 1, stream);
+}
+
 }  // namespace
 
+int attention_sm90_backward_variant(int variant) {
+    if (variant < 0) variant = kDefaultBackwardVariant;
+    require(variant >= 0 && variant <= 2, "attention_backward_sm90: variant 0, 1 or 2");
+    return variant;
+}
+
+size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS, int variant) {
+    if (attention_sm90_backward_variant(variant) == 0) return 0;
+    return HS == 64 ? fused_work_floats<64>(B, T, NH) : fused_work_floats<128>(B, T, NH);
+}
+
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream) {
+                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream, int variant, float* work,
+                             size_t work_floats) {
     require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
     require(NKV > 0 && NH % NKV == 0, "attention_backward_sm90: NKV must divide NH");
+    variant = attention_sm90_backward_variant(variant);
+    if (variant != 0) {
+        // the bulk copies need 16-byte alignment: skip to it (fused_work_floats counts 4 floats of slack)
+        const uintptr_t a = reinterpret_cast<uintptr_t>(work);
+        require(work != nullptr && (a & 3) == 0, "attention_backward_sm90: the fused variants need the work area");
+        const size_t skip = ((16 - (a & 15)) & 15) / 4;
+        require(work_floats >= attention_sm90_backward_work_floats(B, T, NH, HS, variant),
+                "attention_backward_sm90: work area too small");
+        work += skip;
+    }
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        launch_backward_sm90<64>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
+        backward_variant<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant, stream);
     else
-        launch_backward_sm90<128>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
+        backward_variant<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant, stream);
 }
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {

@@ -127,4 +127,70 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// ---- shared-memory accesses by 32-bit address (the aligned dynamic-shared base is an integer cast, so the compiler
+// would emit generic 64-bit accesses) --------------------------------------------------------------------------
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_f32x4(uint32_t addr, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
+}
+__device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+
+// ---- bulk copies shared -> global (cp.async.bulk, non-tensor) and the flags that order them across CTAs ----
+// `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte aligned), in a bulk group of this thread
+__device__ __forceinline__ void bulk_store(void* gdst, const void* ssrc, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst), "r"(smem_u32(ssrc)),
+                 "r"(bytes)
+                 : "memory");
+}
+// gdst[i] += ssrc[i] (fp32), each element atomically (no order among concurrent adders)
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+                 "r"(smem_u32(ssrc)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// all but the newest N bulk groups of this thread complete (their global writes performed)
+template <int N>
+__device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// all but the newest N bulk groups of this thread done reading their shared-memory source
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// order this thread's global accesses across the generic and async proxies (bulk copies)
+__device__ __forceinline__ void fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_u32(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+// spin until *p == v (acquire; with GPT2CU_SM90_WATCHDOG, as mbar_wait: a trap instead of a hang)
+__device__ __forceinline__ void wait_count(const uint32_t* p, uint32_t v) {
+#ifdef GPT2CU_SM90_WATCHDOG
+    const long long t0 = clock64();
+#endif
+    while (ld_acquire_u32(p) != v) {
+#ifdef GPT2CU_SM90_WATCHDOG
+        if (clock64() - t0 > (1ll << 32)) {
+            printf("wait_count timeout: block %d thread %d count %u, waiting for %u\n", blockIdx.x, threadIdx.x,
+                   ld_acquire_u32(p), v);
+            __trap();
+        }
+#endif
+    }
+}
+__device__ __forceinline__ void red_release_add_u32(uint32_t* p, uint32_t v) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
 }  // namespace sm90

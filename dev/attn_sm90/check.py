@@ -25,8 +25,12 @@ ap.add_argument("--reps", type=int, default=20)
 ap.add_argument("--kinds", default="sm90v0,sm90v1,sm90v2,sm90v3,sm90v4,sm90v5,sm90v6,sm90v7,sm90v8,fa2",
                 help="forward kernels to check and time (sm90vN: attention_forward_sm90 variant N, fa2: mma.sync, "
                      "auto: the dispatch)")
-ap.add_argument("--bwd-kinds", default="fa2,auto", help="backward kernels (fa2 = mma.sync, auto = dispatch)")
-ap.add_argument("--profile", action="store_true", help="only run each --kinds forward twice on B=64 T=1024 NH=12")
+ap.add_argument("--bwd-kinds", default="fa2,auto",
+                help="backward kernels (fa2 = mma.sync, auto = dispatch, sm90bN = the Hopper backward's variant N: "
+                     "0 two kernels, 1 one kernel with ordered dQ adds, 2 unordered; bitwise-repeat is not asked of 2)")
+ap.add_argument("--profile", action="store_true",
+                help="only run each --kinds forward (with --bwd, each --bwd-kinds backward too) twice on "
+                     "B=64 T=1024 NH=12")
 args = ap.parse_args()
 
 lib = ctypes.CDLL(args.lib)
@@ -39,6 +43,7 @@ lib.h_bwd.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, I, P]
 lib.h_bwd_scratch.argtypes = [I, I, I, I]
 lib.h_bwd_scratch.restype = ctypes.c_size_t
 lib.h_set_backend.argtypes = [I]
+lib.h_set_bwd_variant.argtypes = [I]
 lib.h_backend_in_use.argtypes = [I, I, I, I]
 dev = torch.device("cuda")
 print(torch.cuda.get_device_name(), "torch", torch.__version__, "dispatch code (B=1,T=64,NH=1,HS=64):",
@@ -67,10 +72,24 @@ def run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV=None):
         ck(lib.h_fwd_sm90(out.data_ptr(), lse.data_ptr(), qkv.data_ptr(), B, T, NH, NKV, HS, v, stream()), kind)
 
 
-def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS):
+def bwd_variant(kind):
+    return int(kind[len("sm90b"):]) if kind.startswith("sm90b") else -1
+
+
+def bwd_scratch(kind, B, T, NH, HS):
+    """the scratch for `kind` (the fused variants need more: attention_backward_scratch_floats asks the variant)"""
+    lib.h_set_bwd_variant(bwd_variant(kind))
+    n = lib.h_bwd_scratch(B, T, NH, HS)
+    lib.h_set_bwd_variant(-1)
+    return torch.empty(n, device=dev)
+
+
+def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV=None):
     lib.h_set_backend(1 if kind == "fa2" else 0)
+    lib.h_set_bwd_variant(bwd_variant(kind))
     ck(lib.h_bwd(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                 scratch.data_ptr(), scratch.numel(), B, T, NH, NH, HS, stream()), "bwd " + kind)
+                 scratch.data_ptr(), scratch.numel(), B, T, NH, NKV or NH, HS, stream()), "bwd " + kind)
+    lib.h_set_bwd_variant(-1)
     lib.h_set_backend(0)
 
 
@@ -78,10 +97,13 @@ def heads(x, B, T, NH, HS):
     return x.view(B, T, NH, HS).transpose(1, 2)
 
 
-def reference(qkv, dout, B, T, NH, HS):
+def reference(qkv, dout, B, T, NH, HS, NKV):
+    """out, lse and d(qkv) of causal attention in fp32; NKV < NH: grouped-query (key/value head h // (NH // NKV))"""
     C = NH * HS
     x = qkv.float().requires_grad_()
-    q, k, v = (heads(t, B, T, NH, HS) for t in x.split(C, dim=-1))
+    xq, xk, xv = x.split([C, NKV * HS, NKV * HS], dim=-1)
+    q = heads(xq, B, T, NH, HS)
+    k, v = (heads(t, B, T, NKV, HS).repeat_interleave(NH // NKV, dim=1) for t in (xk, xv))
     s = (q @ k.transpose(-1, -2)) / math.sqrt(HS)
     mask = torch.ones(T, T, dtype=torch.bool, device=dev).triu(1)
     s = s.masked_fill(mask, float("-inf"))
@@ -112,10 +134,12 @@ def poison(*ts):
 
 fails = []
 rows = []
-# (8, 1000, 12, 64): more work items than multiprocessors (the persistent grids' CTAs take several)
+# (B, T, NH, HS[, NKV]); NKV < NH: grouped-query attention; (8, 1000, 12, 64) and the last ones: more work items
+# than multiprocessors (the persistent grids' CTAs take several)
 CASES = [(2, 1024, 3, 64), (2, 1000, 3, 64), (1, 77, 2, 64), (1, 1, 1, 64), (2, 129, 2, 64), (1, 2048, 2, 64),
          (2, 193, 2, 64), (8, 1000, 12, 64),
-         (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128)]
+         (2, 1024, 2, 128), (3, 1000, 2, 128), (1, 77, 2, 128), (2, 200, 1, 128), (1, 1, 1, 128),
+         (2, 1000, 6, 64, 2), (1, 300, 4, 128, 1), (4, 2048, 8, 64, 4), (3, 1900, 8, 128, 2), (4, 1000, 12, 64, 4)]
 FWD_KINDS = args.kinds.split(",")
 BWD_KINDS = args.bwd_kinds.split(",")
 if args.profile:
@@ -129,17 +153,20 @@ if args.profile:
     if args.bwd:
         dout = torch.randn_like(out)
         dqkv = torch.empty_like(qkv)
-        scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
-        for _ in range(2):
-            run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
+        for kind in BWD_KINDS:
+            scratch = bwd_scratch(kind, B, T, NH, HS)
+            for _ in range(2):
+                run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
     torch.cuda.synchronize()
     sys.exit(0)
 torch.manual_seed(1234)
-for (B, T, NH, HS) in CASES:
+for case in CASES:
+    B, T, NH, HS = case[:4]
+    NKV = case[4] if len(case) > 4 else NH
     C = NH * HS
-    qkv = torch.randn(B, T, 3 * C, device=dev).to(torch.bfloat16)
+    qkv = torch.randn(B, T, (NH + 2 * NKV) * HS, device=dev).to(torch.bfloat16)
     dout = torch.randn(B, T, C, device=dev).to(torch.bfloat16) if args.bwd else None
-    ro, rl, rdq = reference(qkv, dout, B, T, NH, HS)
+    ro, rl, rdq = reference(qkv, dout, B, T, NH, HS, NKV)
     for kind in FWD_KINDS:
         out = torch.empty(B, T, C, device=dev, dtype=torch.bfloat16)
         lse = torch.empty(B, NH, T, device=dev)
@@ -147,22 +174,22 @@ for (B, T, NH, HS) in CASES:
         try:
             for rep in range(2):
                 poison(out, lse)
-                run_fwd(kind, out, lse, qkv, B, T, NH, HS)
+                run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV)
                 torch.cuda.synchronize()
                 res.append((out.clone(), lse.clone()))
         except Exception as e:  # noqa: BLE001
-            print(f"FWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
-            fails.append(("fwd", kind, (B, T, NH, HS)))
+            print(f"FWD {kind} {case} EXCEPTION {e}", flush=True)
+            fails.append(("fwd", kind, case))
             torch.cuda.synchronize()
             continue
         eo, el = rel(out, ro), (lse - rl).abs().max().item()
         finite = bool(torch.isfinite(out.float()).all() and torch.isfinite(lse).all())
         det = bool(torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1]))
         ok = finite and eo < 1e-2 and el < 1e-2 and det
-        print(f"FWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: out rel {eo:.2e} lse max {el:.2e} finite {finite} "
+        print(f"FWD {kind:7s} B={B} T={T} NH={NH} NKV={NKV} HS={HS}: out rel {eo:.2e} lse max {el:.2e} finite {finite} "
               f"bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
         if not ok:
-            fails.append(("fwd", kind, (B, T, NH, HS)))
+            fails.append(("fwd", kind, case))
             if finite:
                 err = (out.float() - ro).abs().amax(dim=-1)  # (B, T)
                 bad = (err > 0.05).nonzero()
@@ -170,58 +197,31 @@ for (B, T, NH, HS) in CASES:
     if args.bwd:
         out = ro.to(torch.bfloat16)
         lse = rl.clone()
-        run_fwd("fa2", out, lse, qkv, B, T, NH, HS)
+        run_fwd("fa2", out, lse, qkv, B, T, NH, HS, NKV)
         for kind in BWD_KINDS:
             dqkv = torch.empty_like(qkv)
-            scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
+            scratch = bwd_scratch(kind, B, T, NH, HS)
             res = []
             try:
                 for rep in range(2):
                     poison(dqkv)
-                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS)
+                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV)
                     torch.cuda.synchronize()
                     res.append(dqkv.clone())
             except Exception as e:  # noqa: BLE001
-                print(f"BWD {kind} {(B, T, NH, HS)} EXCEPTION {e}", flush=True)
-                fails.append(("bwd", kind, (B, T, NH, HS)))
+                print(f"BWD {kind} {case} EXCEPTION {e}", flush=True)
+                fails.append(("bwd", kind, case))
                 continue
-            parts = [rel(a, r) for a, r in zip(dqkv.split(C, -1), rdq.split(C, -1))]
+            widths = [C, NKV * HS, NKV * HS]
+            parts = [rel(a, r) for a, r in zip(dqkv.split(widths, -1), rdq.split(widths, -1))]
             finite = bool(torch.isfinite(dqkv.float()).all())
             det = torch.equal(res[0], res[1])
-            ok = finite and max(parts) < 2e-2 and det
-            print(f"BWD {kind:7s} B={B} T={T} NH={NH} HS={HS}: dq/dk/dv rel {parts[0]:.2e} {parts[1]:.2e} "
+            ok = finite and max(parts) < 2e-2 and (det or kind == "sm90b2")
+            print(f"BWD {kind:7s} B={B} T={T} NH={NH} NKV={NKV} HS={HS}: dq/dk/dv rel {parts[0]:.2e} {parts[1]:.2e} "
                   f"{parts[2]:.2e} finite {finite} bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
-                fails.append(("bwd", kind, (B, T, NH, HS)))
+                fails.append(("bwd", kind, case))
     del qkv
-# grouped-query attention, forward only: (B, T, NH, NKV, HS), the packed qkv of NH + 2 NKV heads
-for (B, T, NH, NKV, HS) in [(4, 1000, 12, 4, 64), (2, 333, 6, 2, 64), (2, 333, 6, 2, 128)]:
-    qkv = torch.randn(B, T, (NH + 2 * NKV) * HS, device=dev).to(torch.bfloat16)
-    q, k, v = qkv.float().split([NH * HS, NKV * HS, NKV * HS], dim=-1)
-    q = heads(q, B, T, NH, HS)
-    k, v = (heads(t, B, T, NKV, HS).repeat_interleave(NH // NKV, dim=1) for t in (k, v))
-    s = (q @ k.transpose(-1, -2)) / math.sqrt(HS)
-    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=dev).triu(1), float("-inf"))
-    rl = torch.logsumexp(s, dim=-1)
-    ro = (torch.softmax(s, dim=-1) @ v).transpose(1, 2).reshape(B, T, NH * HS)
-    for kind in FWD_KINDS:
-        out = torch.empty(B, T, NH * HS, device=dev, dtype=torch.bfloat16)
-        lse = torch.empty(B, NH, T, device=dev)
-        poison(out, lse)
-        try:
-            run_fwd(kind, out, lse, qkv, B, T, NH, HS, NKV)
-            torch.cuda.synchronize()
-        except Exception as e:  # noqa: BLE001
-            print(f"FWD {kind} GQA {(B, T, NH, NKV, HS)} EXCEPTION {e}", flush=True)
-            fails.append(("fwd", kind, (B, T, NH, NKV, HS)))
-            continue
-        eo, el = rel(out, ro), (lse - rl).abs().max().item()
-        ok = bool(torch.isfinite(out.float()).all()) and eo < 1e-2 and el < 1e-2
-        print(f"FWD {kind:7s} GQA B={B} T={T} NH={NH} NKV={NKV} HS={HS}: out rel {eo:.2e} lse max {el:.2e} -> "
-              f"{'ok' if ok else 'FAIL'}", flush=True)
-        if not ok:
-            fails.append(("fwd", kind, (B, T, NH, NKV, HS)))
-    del qkv, q, k, v, s
 torch.cuda.empty_cache()
 print("correctness failures:", fails, flush=True)
 
@@ -276,11 +276,11 @@ if not args.no_time:
         if args.bwd:
             dout = torch.randn(B, T, C, device=dev).to(torch.bfloat16)
             dqkv = torch.empty_like(qkv)
-            scratch = torch.empty(lib.h_bwd_scratch(B, T, NH, HS), device=dev)
             run_fwd("fa2", out, lse, qkv, B, T, NH, HS)
             for kind in BWD_KINDS:
                 if any(f[0] == "bwd" and f[1] == kind for f in fails):
                     continue
+                scratch = bwd_scratch(kind, B, T, NH, HS)
                 res["bwd " + kind] = median_us(
                     lambda: run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS), args.reps)
         for key, us in res.items():
