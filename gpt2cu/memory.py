@@ -31,8 +31,13 @@ def bias_backward_scratch_floats(N: int, OC: int) -> int:
     return -(-N // 256) * OC  # bias.cu: BIAS_ROWS = 256 rows per partial row
 
 
-def attention_backward_scratch_floats(B: int, T: int, n_head: int) -> int:
-    return B * n_head * T  # attention.cu: D = rowsum(dO * O), one float per (b, h, t)
+def attention_backward_scratch_floats(B: int, T: int, n_head: int, head_size: int) -> int:
+    """attention.cu: D = rowsum(dO * O), one float per (b, h, t); then, on Hopper, the one-kernel backward's
+    fp32 dQ tiles (queries per tile: attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack
+    (other GPUs need only D: the plan is Hopper's, the larger)."""
+    rows = 128 if head_size == 64 else 64
+    tiles = B * n_head * -(-T // rows)
+    return B * n_head * T + tiles * rows * head_size + tiles + 4
 
 
 def global_norm_scratch_floats(n: int) -> int:
@@ -45,7 +50,7 @@ def gpt2_scratch_floats(cfg, B: int, T: int, grad_elements: int) -> int:
     N, C = B * T, cfg.n_embd
     return max(layernorm_backward_scratch_floats(N, C),
                max(bias_backward_scratch_floats(N, oc) for oc in (3 * C, C, 4 * C)),
-               attention_backward_scratch_floats(B, T, cfg.n_head),
+               attention_backward_scratch_floats(B, T, cfg.n_head, cfg.n_embd // cfg.n_head),
                global_norm_scratch_floats(grad_elements))
 
 

@@ -26,14 +26,15 @@
 //     interleave with each other.
 //   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
 //   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
-//   products (named barriers), so that one's softmax runs under the other's products (default for HS 128),
-//   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor; default for HS 64). CTAs
+//   products (named barriers), so that one's softmax runs under the other's products,
+//   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor). CTAs
 //   (work items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
 //   4: variant 3 with 3 consumer warpgroups on 192-query blocks (512 threads; FlashAttention-3's shape for
 //   head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
 //   softmax under two others' products), consumers at setmaxnreg 160 (S, P and O of the overlapped loop are
 //   128 of them), the persistent rounds in snake order; HS 64 only. 5: variant 4 on the one-shot grid. 6:
-//   variant 3 in snake order. 7, 8: variants 4 and 3 with the work items taken dynamically (a global counter).
+//   variant 3 in snake order. 7, 8: variants 4 and 3 with the work items taken dynamically (a global counter):
+//   the defaults, 7 for HS 64 and 8 for HS 128 (the fastest on an H200, docs/perf.md).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
 //   block is the first, its warpgroups of rows before 0 idle.
@@ -1456,8 +1457,8 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
 // the fastest correct variant per head size on an H200 (docs/perf.md, third timing run, 2026-12-01):
 // HS 64: persistent ping-pong (3) 368 us at B=64 T=1024 NH=12 (ping-pong 2: 378, 0: 415, 1: 404) and 717 us
 // at B=16 T=2048 NH=32 (2: 809); HS 128: ping-pong (2) 272 us at B=64 T=1024 NH=6 (3: 297, 0: 294, 1: 301)
-constexpr int kDefaultVariantHs64 = 3;
-constexpr int kDefaultVariantHs128 = 2;
+constexpr int kDefaultVariantHs64 = 7;
+constexpr int kDefaultVariantHs128 = 8;
 
 // variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: variant 2 on the persistent grid;
 // 4: variant 3 with 3 consumer warpgroups (192-row blocks), snake order; 5: variant 4 on the one-shot grid;
@@ -1518,7 +1519,7 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
 }
 
 // the backward variant when the caller asks for the default (-1): see attention_sm90.h
-constexpr int kDefaultBackwardVariant = 0;
+constexpr int kDefaultBackwardVariant = 1;
 
 template <int HS>
 void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,

@@ -10,14 +10,14 @@ bool attention_sm90_supported(int B, int T, int NH, int HS);
 // with ping-pong turns between the consumer warpgroups, 3 = variant 2 in a persistent grid, 4 = variant 3 with 3
 // consumer warpgroups on 192-query blocks (HS 64; HS 128 runs 2), 5 = 4 on a one-shot grid, 6 = 3 with the
 // snake order of 4, 7 and 8 = 4 and 3 taking their work items dynamically (HS 128: 7 runs 8) (attention_sm90.cu);
-// -1 = the default for HS
+// -1 = the default for HS: 7 (HS 64), 8 (HS 128)
 void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                             cudaStream_t stream, int variant = -1);
 // the backward after attention.cu's preprocess wrote dvec = rowsum(dO * O) (B, NH, T); same contract as
 // attention_backward otherwise (dqkv overwritten)
 // variant: 0 = two kernels (dK/dV, then dQ; no atomics), 1 = one kernel (dK, dV and dQ; dQ summed in fp32 in the
 // work area with bulk adds in a fixed order, then converted: deterministic), 2 = variant 1 with the adds in no
-// order (fp32 dQ sums may differ in the last bits between runs); -1 = the default (attention_sm90.cu)
+// order (fp32 dQ sums may differ in the last bits between runs); -1 = the default, 1 (attention_sm90.cu)
 // work: attention_sm90_backward_work_floats floats (4-byte aligned; none for variant 0)
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
                              int B, int T, int NH, int NKV, int HS, cudaStream_t stream, int variant = -1,
