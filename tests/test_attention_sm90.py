@@ -190,3 +190,12 @@ def test_sm90_dispatch_switch(sm90):
         k.attention_set_backend(3)
     with pytest.raises(Exception):
         k.attention_set_backward_variant(3)
+
+
+@pytest.mark.parametrize("b, t, nh, hs", [(64, 1024, 12, 64), (3, 1000, 6, 128), (1, 1, 1, 64)])
+def test_planner_mirrors_the_attention_scratch(sm90, b, t, nh, hs):
+    """gpt2cu.memory's copy of the attention backward's scratch size (the planner's workspace) equals the
+    extension's, on Hopper (the one-kernel backward's fp32 dQ tiles included), and the layernorm's."""
+    from gpt2cu import memory
+    assert memory.attention_backward_scratch_floats(b, t, nh, hs) == sm90.k.attention_backward_scratch_floats(b, t, nh, hs)
+    assert memory.layernorm_backward_scratch_floats(b * t, 768) == sm90.k.layernorm_backward_scratch_floats(b * t, 768)
