@@ -197,5 +197,6 @@ def test_planner_mirrors_the_attention_scratch(sm90, b, t, nh, hs):
     """gpt2cu.memory's copy of the attention backward's scratch size (the planner's workspace) equals the
     extension's, on Hopper (the one-kernel backward's fp32 dQ tiles included), and the layernorm's."""
     from gpt2cu import memory
-    assert memory.attention_backward_scratch_floats(b, t, nh, hs) == sm90.k.attention_backward_scratch_floats(b, t, nh, hs)
-    assert memory.layernorm_backward_scratch_floats(b * t, 768) == sm90.k.layernorm_backward_scratch_floats(b * t, 768)
+    k = sm90.k
+    assert memory.attention_backward_scratch_floats(b, t, nh, hs) == k.attention_backward_scratch_floats(b, t, nh, hs)
+    assert memory.layernorm_backward_scratch_floats(b * t, 768) == k.layernorm_backward_scratch_floats(b * t, 768)
