@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(DECODE_THREADS)
     const int groups = blockDim.x / HS, group = threadIdx.x / HS, d = threadIdx.x % HS;
     if (group < groups) {
         float acc = 0.0f;
-#pragma unroll 4
+#pragma unroll 8  // independent loads in flight: a thread walks n / groups value rows
         for (int j = group; j < n; j += groups) acc += p[j] * (float)values[(size_t)j * W + d];
         partial[threadIdx.x] = acc;
     }
