@@ -179,6 +179,30 @@ def test_batched_decoder_logits_match_the_full_forward(cuda, family_name):
         decoder.step(seqs[:, pos])
 
 
+@pytest.mark.parametrize("family_name", ["gpt2", "llama"])
+def test_batched_decoder_graph_replays_equal_the_eager_steps(cuda, family_name):
+    """A position's step runs eagerly, then is captured as a CUDA graph, then replayed (backend.graphed): the
+    three passes over the same positions give the same logits to the bit, also after the cache was filled
+    with other sequences in between (a replay reads the cache, it does not carry stale values)."""
+    from gpt2cu.rl.rollout import BatchedDecoder
+    cfg, make = decoder_models(cuda, family_name)
+    decoder = BatchedDecoder(make(3))
+    rng = np.random.default_rng(1)
+    seqs = rng.integers(0, cfg.vocab_size, (3, 64)).astype(np.int32)
+    other = rng.integers(0, cfg.vocab_size, (3, 64)).astype(np.int32)
+
+    def run(tokens):
+        decoder.prefill(tokens, 6)
+        logits = []
+        for pos in range(6, 20):
+            decoder.step(tokens[:, pos])
+            logits.append(raw(decoder.top["logits"]))
+        return np.stack(logits)
+
+    eager, captured, _, replayed = run(seqs), run(seqs), run(other), run(seqs)
+    assert (captured == eager).all() and (replayed == eager).all()
+
+
 def test_rollouts_on_cuda(cuda):
     """generate() over the device sampler: greedy completions are the full forward's argmax wherever the
     top-2 gap is clear; sampled rollouts with per-row generators repeat exactly, and their kept
@@ -223,9 +247,10 @@ def test_rollouts_on_cuda(cuda):
 
 
 def test_decode_step_speed(cuda_backend):
-    """d12, B=16, positions 480..511 (bench_rl.py's rollout): ms per decode step with the device sampler
-    against the same step with the logits copied to the host and sampled there (sample_tokens), the
-    previous rollout's sampling. Printed; asserted only that the device sampler is not slower."""
+    """d12, B=16, positions 480..511 (bench_rl.py's rollout): ms per decode step with the device sampler and
+    replayed step graphs, against the same steps eager (their first run) and against host sampling (the
+    logits copied to the host and sampled by sample_tokens, the previous rollout's way). Printed; asserted
+    only that the device sampler with replays is not slower."""
     from gpt2cu.models.gpt2 import GPT, GPTConfig, init_params
     from gpt2cu.rl.rollout import BatchedDecoder, sample_tokens
     cfg = GPTConfig.from_descriptor("d12")
@@ -235,19 +260,19 @@ def test_decode_step_speed(cuda_backend):
     inputs = np.random.default_rng(0).integers(0, cfg.vocab_size, (16, 512)).astype(np.int32)
     gens = [np.random.default_rng(s) for s in range(16)]
     result = {}
-    for name in ("device", "host", "device"):  # the first pass warms up
+    # eager (first run of each position), captured (second), then replays
+    for name in ("device, eager", "capture", "device, graphs", "host sampling, graphs"):
         decoder.prefill(inputs, 480)
         backend.synchronize()
         t0 = time.perf_counter()
-        tokens = inputs[:, 480]
         for _ in range(31):
-            if name == "device":
-                tokens, _ = decoder.sample(np.array([g.random() for g in gens]), 1.0, None)
-            else:
+            if name.startswith("host"):
                 tokens, _ = sample_tokens(decoder.logits(), gens, 1.0, None)
+            else:
+                tokens, _ = decoder.sample(np.array([g.random() for g in gens]), 1.0, None)
             decoder.step(tokens)
         backend.synchronize()
         result[name] = (time.perf_counter() - t0) / 31 * 1e3
-    print(f"\nd12 B=16 decode step at n~500: device sampling {result['device']:.2f} ms, host sampling "
-          f"{result['host']:.2f} ms ({16 / result['device'] * 1e3:,.0f} vs {16 / result['host'] * 1e3:,.0f} tok/s)")
-    assert result["device"] <= result["host"]
+    print("\nd12 B=16 decode step (sampling included) at n ~500: " + ", ".join(
+        f"{name} {ms:.2f} ms ({16 / ms * 1e3:,.0f} tok/s)" for name, ms in result.items()))
+    assert result["device, graphs"] <= result["host sampling, graphs"]

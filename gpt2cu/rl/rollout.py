@@ -10,7 +10,9 @@ backend's ops, with attention the backend's decode_attention op (each row's one 
 own cached keys and values: one launch per layer on CUDA). The next tokens are drawn by the backend's
 sample_logits op from the LM head's logits where they are (on the GPU for CUDA): the host draws one
 uniform number per sampling row from that row's generator and gets back B tokens and their
-log-probabilities, never the (B, V) logits.
+log-probabilities, never the (B, V) logits. On CUDA the step at a position is a CUDA graph from its
+second run on (backend.graphed; one per position: the cache rows and the position's table rows are fixed
+addresses), so a step costs one graph launch instead of ~100 kernel launches from Python.
 
 Rows of different prompt lengths advance in lockstep at one shared position, so positions stay
 absolute: the prefill covers the shortest prompt, and a row whose prompt is longer is fed its own prompt
@@ -19,6 +21,7 @@ action the policy takes) or after max_new_tokens; the others go on.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +46,11 @@ class BatchedDecoder:
         self.tokens = ops.from_numpy(np.zeros((B, 1), np.int32))
         self.sampled = ops.from_numpy(np.zeros(B, np.int32))  # sample_logits' outputs
         self.sampled_logprobs = ops.zeros((B,), fp32=True)
+        # position -> its step (the forward and the LM head), backend.graphed: run eagerly once, captured as a
+        # CUDA graph the second time, replayed after that. Everything a step reads is at fixed addresses for
+        # a given position (its cache rows, its wpe or RoPE rows, the one-position buffers), and rollouts
+        # revisit the same positions (the next chunk of prompts, the next RL step)
+        self._steps = {}
         self.pos = 0
 
     def prefill(self, inputs: np.ndarray, length: int):
@@ -64,10 +72,17 @@ class BatchedDecoder:
         """Appends one token per row at the next position and computes the logits after it."""
         if self.pos >= self.capacity:
             raise ValueError(f"the KV cache is full ({self.capacity} positions)")
-        ops, m, pos = self.ops, self.model, self.pos
+        ops, pos = self.ops, self.pos
         ops.from_numpy(np.asarray(tokens, np.int32).reshape(-1, 1), out=self.tokens)
-        m.forward_schedule(self._acts, self._attend, self.tokens, m.position_rows(pos, pos + 1))
+        if pos not in self._steps:
+            self._steps[pos] = ops.graphed(functools.partial(self._step_at, pos))
+        self._steps[pos]()
         self.pos = pos + 1
+
+    def _step_at(self, pos: int):
+        m = self.model
+        m.forward_schedule(self._acts, functools.partial(self._attend, pos), self.tokens,
+                           m.position_rows(pos, pos + 1))
         m.lm_head(self.top["logits"], self.top["lnf"])
 
     def logits(self) -> np.ndarray:
@@ -85,11 +100,11 @@ class BatchedDecoder:
     def _acts(self, l):
         return self.top if l is None else self.block
 
-    def _attend(self, l: int, block):
+    def _attend(self, pos: int, l: int, block):
         """block["atty"] = every row's new position attending over its cached positions 0..pos of layer l."""
-        ops, n = self.ops, self.pos + 1
+        ops, n = self.ops, pos + 1
         with ops.on_stream():
-            self.qkv[l][:, self.pos:n] = block["qkv"]
+            self.qkv[l][:, pos:n] = block["qkv"]
         ops.decode_attention(block["atty"], self.qkv[l][:, :n], self.cfg.n_head, self.cfg.n_kv_head)
 
 
