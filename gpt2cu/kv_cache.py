@@ -13,27 +13,23 @@ buffers, through the same backend ops (the qkv matmul writes its row straight in
 tensor goes through the same kernels, in the same dtype, as in the full forward, and the block schedule
 is written only in the family's module. Only attention differs, in one of two ways:
 
-  "query"  (numpy's default): the one new query against the cached keys and values, plain float32
-           array math in the backend's array module (activation_to_fp32 widens the cache exactly,
-           store_fp32 rounds the output back): scale 1/sqrt(hs), softmax over positions 0..pos.
-           O(pos * C) per layer, but ~15 small array operations.
+  "query"  (numpy's default): the backend's decode_attention op, the one new query against the cached
+           keys and values (fp32 softmax; on CUDA kernels/decode_attention.cu, one launch per layer):
+           scale 1/sqrt(hs), softmax over positions 0..pos. O(pos * C) per layer.
   "kernel" (CUDA's default): the model's own attention (model.attend) over the cached rows 0..pos,
            keeping the last row. It recomputes the earlier rows' attention (O(pos^2 * C) per layer,
            microseconds on a GPU for GPT-2 lengths), but it is one launch, and the very computation the
            full forward does (its logits equal the full forward's bitwise in tests/test_gpu_sample.py).
-           No new CUDA kernels either way.
 
-Measured on an H100 (d12, B=1, greedy, prefill included): the cache with "kernel" attention 472 tok/s at
-T=128 and 385 at T=1024, the full recompute 415 and 322, "query" attention ~120 (CuPy's per-operation
-overhead). At this size a step is bound by host-side launches (~90 per token), not by the GPU; capturing
-the step as a CUDA graph would be the next gain.
+Measured on an H100 (d12, B=1, greedy, prefill included), before decode_attention had a kernel: the cache
+with "kernel" attention 472 tok/s at T=128 and 385 at T=1024, the full recompute 415 and 322, "query"
+attention (then ~15 CuPy array operations per layer) ~120. At this size a step is bound by host-side
+launches (~90 per token), not by the GPU; capturing the step as a CUDA graph would be the next gain.
 
 Positions are absolute and the cache never slides: a decoder holds `capacity` <= model.T positions, and
 step() refuses to go past it. sample.generate switches to the windowed recompute at that point.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -57,21 +53,6 @@ def forward_caching_qkv(model, batch, store):
     model.forward_schedule(model.block_acts, attend, batch.tokens, model.position_rows(0, model.T))
 
 
-def cached_attention(xp, qkv, cfg, scale: float):
-    """The last position's attention over positions 0..n-1 of R sequences' cached rows at once: qkv
-    (R, n, qkv_width) float32 -> (R, n_head * head_size) float32. The query heads are grouped by the
-    key/value head they read (query head h reads key/value head h // (n_head / n_kv_head))."""
-    R, n, _ = qkv.shape
-    hs, H, KV = cfg.head_size, cfg.n_head, cfg.n_kv_head
-    q_width, kv_width = H * hs, KV * hs
-    q = qkv[:, n - 1, :q_width].reshape(R, KV, H // KV, hs)
-    keys = qkv[:, :, q_width:q_width + kv_width].reshape(R, n, KV, hs).transpose(0, 2, 3, 1)  # (R, KV, hs, n)
-    values = qkv[:, :, q_width + kv_width:].reshape(R, n, KV, hs).transpose(0, 2, 1, 3)  # (R, KV, n, hs)
-    s = (q @ keys) * scale  # (R, KV, H/KV, n)
-    e = xp.exp(s - s.max(axis=-1, keepdims=True))
-    return ((e / e.sum(axis=-1, keepdims=True)) @ values).reshape(R, q_width)
-
-
 class KVCacheDecoder:
     """Decoding of one sequence over `model`'s parameters with cached keys and values."""
 
@@ -82,12 +63,11 @@ class KVCacheDecoder:
         capacity = model.T if capacity is None else capacity
         if not 1 <= capacity <= model.T:
             raise ValueError(f"KV cache capacity {capacity} must be in [1, {model.T}] (the model's T)")
-        attention = attention or ops.decode_attention
+        attention = attention or ops.kv_cache_attention
         if attention not in self.ATTENTION:
             raise ValueError(f"attention must be one of {self.ATTENTION}, got {attention!r}")
         self.model, self.ops, self.cfg, self.capacity, self.attention = model, ops, cfg, capacity, attention
         L, H, C = cfg.n_layer, cfg.n_head, cfg.n_embd
-        self.scale = 1.0 / math.sqrt(cfg.head_size)
         # the cache: acts["qkv"]'s rows 0..capacity-1 of row 0, per layer, in the activation dtype; a row holds
         # the query heads and the n_kv_head key and value heads (RoPE applied, for the LLaMA family)
         self.qkv = ops.zeros((L, 1, capacity, cfg.qkv_width))
@@ -145,6 +125,4 @@ class KVCacheDecoder:
                                   "qkv": self.qkv[l][:, :n]})
             block["atty"] = out[:, n - 1:]  # the last row, read in place by the projection that follows
             return
-        with self.ops.on_stream():
-            qkv = self.ops.activation_to_fp32(self.qkv[l][:, :n])  # (1, n, qkv_width)
-            self.ops.store_fp32(block["atty"], cached_attention(self.ops.xp, qkv, cfg, self.scale))
+        self.ops.decode_attention(block["atty"], self.qkv[l][:, :n], cfg.n_head, cfg.n_kv_head)

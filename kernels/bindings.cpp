@@ -372,6 +372,32 @@ PYBIND11_MODULE(_kernels, m) {
         "global_norm_scratch_floats", [](size_t n) { return global_norm_scratch_floats(n); },
         "floats of scratch global_norm_squared needs for n elements", py::arg("n"));
 
+    // ---- decode_attention.cu
+    m.def(
+        "decode_attention",
+        [](uintptr_t out, uintptr_t qkv, long long seq_stride, int B, int n, int NH, int NKV, int HS,
+           uintptr_t stream) {
+            decode_attention(ptr<bf16>(out), ptr<const bf16>(qkv), seq_stride, B, n, NH, NKV, HS, strm(stream));
+        },
+        "each sequence's last query (row n-1) against its cached keys and values of rows 0..n-1 in the packed "
+        "qkv layout, sequences seq_stride elements apart; out (B, NH HS) bf16, scale 1/sqrt(HS), fp32 softmax",
+        py::arg("out"), py::arg("qkv"), py::arg("seq_stride"), py::arg("B"), py::arg("n"), py::arg("NH"),
+        py::arg("NKV"), py::arg("HS"), py::arg("stream"));
+
+    // ---- sample.cu
+    m.def(
+        "sample_logits",
+        [](uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t uniforms, int B, int V, int Vp,
+           float temperature, int top_k, uintptr_t stream) {
+            sample_logits(ptr<int>(tokens), ptr<float>(logprobs), ptr<const bf16>(logits), ptr<const float>(uniforms),
+                          B, V, Vp, temperature, top_k, strm(stream));
+        },
+        "one token per row of logits (B, Vp) bf16 (first V columns) and its log-probability: greedy at temperature "
+        "0, else the inverse CDF at uniforms[b] of softmax(logits / temperature) over the values >= the top_k-th "
+        "largest (top_k 0: all)",
+        py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("uniforms"), py::arg("B"), py::arg("V"),
+        py::arg("Vp"), py::arg("temperature"), py::arg("top_k"), py::arg("stream"));
+
     // ---- convert.cu
     m.def(
         "bf16_to_float",

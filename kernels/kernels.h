@@ -141,6 +141,23 @@ void attention_set_sm90_forward_variant(int variant);
 // differ between runs). Set it before asking attention_backward_scratch_floats (variants 1, 2 need more scratch).
 void attention_set_backward_variant(int variant);
 
+// ---- decode_attention.cu ----------------------------------------------------------------------
+// The KV-cache decoders' attention: for each of B sequences, the query heads of its last cached position
+// n-1 against its keys and values of positions 0..n-1, in the packed layout of attention_forward (rows
+// of (NH + 2 NKV) HS: [q | k | v], query head h reading key/value head h / (NH / NKV)); sequence b's rows
+// start at qkv + b * seq_stride (elements, >= n rows). out (B, NH HS) bf16: softmax(q k^T / sqrt(HS)) v
+// in fp32. HS in 1..256; n at most ~12K (48 KB of shared memory) without opting in, ~50K with.
+void decode_attention(bf16* out, const bf16* qkv, long long seq_stride, int B, int n, int NH, int NKV, int HS,
+                      cudaStream_t stream);
+
+// ---- sample.cu ----------------------------------------------------------------------------------
+// One token per row of logits (B, Vp) bf16 (the first V columns): greedy (temperature 0: the first argmax,
+// logprob 0) or drawn by inverse CDF with the host's uniform draw uniforms[b] in [0, 1) from
+// softmax(logits / temperature), restricted to the values >= the top_k-th largest when 0 < top_k < V
+// (top_k 0: no restriction); logprobs[b] = the token's log-probability under that distribution (fp32).
+void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float* uniforms, int B, int V, int Vp,
+                   float temperature, int top_k, cudaStream_t stream);
+
 // ---- matmul.cu (cuBLASLt) ---------------------------------------------------------------------
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);
 // gelu_pre != null: gelu_pre = that, out = gelu(gelu_pre)   (GELU_AUX epilogue)

@@ -54,7 +54,7 @@ class Backend(ABC):
     name: str               # "numpy" | "cuda"
     checkpoint_dtype: str   # the model-file dtype its parameters round-trip exactly: "fp32" | "bf16"
     xp: object              # the array module of its arrays: numpy or cupy
-    decode_attention: str   # the KV-cache decoder's default attention ("query" | "kernel", kv_cache.py)
+    kv_cache_attention: str  # KVCacheDecoder's default attention ("query" | "kernel", kv_cache.py)
     stream = None           # the device queue the ops run on, which collectives must join (None: host)
 
     # ---- buffers ----------------------------------------------------------------------------------
@@ -221,6 +221,13 @@ class Backend(ABC):
 
     @abstractmethod
     def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head): ...
+
+    # ---- the KV-cache decoders' ---------------------------------------------------------------------
+    @abstractmethod
+    def decode_attention(self, out, qkv, n_head, n_kv_head): ...
+
+    @abstractmethod
+    def sample_logits(self, tokens, logprobs, logits, uniforms, vocab_size, temperature, top_k=None): ...
 
     @abstractmethod
     def global_norm_squared(self, grads): ...

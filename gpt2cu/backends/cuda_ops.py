@@ -100,7 +100,7 @@ class CudaBackend(Backend):
     checkpoint_dtype = "bf16"  # llm.c's train_gpt2cu writes bf16 model files (version 5)
     xp = cp
     # the causal attention kernel over the cached rows: one launch, the very computation of the full forward
-    decode_attention = "kernel"
+    kv_cache_attention = "kernel"
 
     def __init__(self, device: int = 0):
         self.k = load_kernels()
@@ -118,6 +118,7 @@ class CudaBackend(Backend):
         self._adamw_scalars = cp.zeros(8, dtype=np.uint32)  # struct AdamWScalars: 4 floats + seed + pad
         self._peak_pool = 0
         self._grown = {}  # name -> bf16 buffers grown to the largest size asked for (_grown_of)
+        self._uniforms = cp.zeros(0, dtype=np.float32)  # sample_logits' draws, uploaded
 
     # ---- memory API -------------------------------------------------------------------------
     # allocations and copies run on self.stream too, so the kernels that follow see them done
@@ -405,6 +406,32 @@ class CudaBackend(Backend):
         scratch, floats = self._scratch_of(self.k.attention_backward_scratch_floats(B, T, n_head, HS))
         self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
                                   n_head, HS, self.stream.ptr, NKV=n_kv_head)
+
+    # ---- the KV-cache decoders' -----------------------------------------------------------------------
+    def decode_attention(self, out, qkv, n_head, n_kv_head):
+        """qkv (B, n, width): rows contiguous, sequences any whole number of rows apart (a view of a cache)."""
+        B, n, width = qkv.shape
+        if qkv.strides[1:] != (width * qkv.itemsize, qkv.itemsize) or qkv.strides[0] % qkv.itemsize:
+            raise ValueError(f"decode_attention: qkv's rows must be contiguous (strides {qkv.strides})")
+        if not out.flags.c_contiguous or out.size != B * n_head * (width // (n_head + 2 * n_kv_head)):
+            raise ValueError(f"decode_attention: out of shape {out.shape} for qkv {qkv.shape}")
+        self.k.decode_attention(ptr(out), ptr(qkv), qkv.strides[0] // qkv.itemsize, B, n, n_head, n_kv_head,
+                                width // (n_head + 2 * n_kv_head), self.stream.ptr)
+
+    def sample_logits(self, tokens, logprobs, logits, uniforms, vocab_size, temperature, top_k=None):
+        """uniforms: the host's draws (B,), uploaded as float32 (a draw rounded up to 1 takes the last token
+        of positive probability)."""
+        B, Vp = tokens.size, logits.shape[-1]
+        if tokens.dtype != np.int32 or logprobs.dtype != np.float32 or logprobs.size != B:
+            raise ValueError("sample_logits: tokens int32 (B,), logprobs float32 (B,)")
+        if not logits.flags.c_contiguous or logits.size != B * Vp:
+            raise ValueError(f"sample_logits: logits of shape {logits.shape} for {B} rows")
+        if self._uniforms.size < B:
+            with self.stream:
+                self._uniforms = cp.zeros(B, dtype=np.float32)
+        self._uniforms[:B].set(np.asarray(uniforms, dtype=np.float32), stream=self.stream)
+        self.k.sample_logits(ptr(tokens), ptr(logprobs), ptr(logits), ptr(self._uniforms), B, vocab_size, Vp,
+                             float(temperature), int(top_k or 0), self.stream.ptr)
 
     def global_norm_squared(self, grads):
         scratch, floats = self._scratch_of(self.k.global_norm_scratch_floats(grads.size))

@@ -178,6 +178,48 @@ def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
     dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
 
 
+def decode_attention(out, qkv, n_head, n_kv_head):
+    """The KV-cache decoders' attention: out (R, 1, n_head * hs) = each of R sequences' last position's query
+    heads against its cached rows 0..n-1, qkv (R, n, (NH + 2 NKV) hs) = [q | k | v]; query head h reads
+    key/value head h // (NH / NKV); scale 1/sqrt(hs), softmax over the n positions."""
+    R, n, width = qkv.shape
+    hs = width // (n_head + 2 * n_kv_head)
+    q_width, kv_width = n_head * hs, n_kv_head * hs
+    q = qkv[:, n - 1, :q_width].reshape(R, n_kv_head, n_head // n_kv_head, hs)
+    keys = qkv[:, :, q_width:q_width + kv_width].reshape(R, n, n_kv_head, hs).transpose(0, 2, 3, 1)  # (R, KV, hs, n)
+    values = qkv[:, :, q_width + kv_width:].reshape(R, n, n_kv_head, hs).transpose(0, 2, 1, 3)  # (R, KV, n, hs)
+    s = (q @ keys) * (1.0 / math.sqrt(hs))  # (R, KV, NH/KV, n)
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    out[...] = ((e / e.sum(axis=-1, keepdims=True)) @ values).reshape(out.shape)
+
+
+def sample_logits(tokens, logprobs, logits, uniforms, vocab_size, temperature, top_k=None):
+    """One token per row of logits (R, ..., Vp) (its first vocab_size columns) and its log-probability under
+    the sampling distribution, into tokens (R,) and logprobs (R,). temperature 0: the argmax (log-probability
+    0); else inverse-CDF sampling at the host's draw uniforms[r] in [0, 1) from softmax(logits / temperature),
+    restricted by top_k (None: all) to the values >= the row's top_k-th largest: the first token whose
+    cumulative (unnormalized) mass exceeds uniforms[r] times the total, never one of probability 0. float64."""
+    x = logits.reshape(len(tokens), -1)[:, :vocab_size]
+    if temperature == 0:
+        tokens[...] = x.argmax(axis=-1)
+        logprobs[...] = 0.0
+        return
+    # the host's per-token cost in a numpy rollout (R x V doubles): as few passes over them as possible
+    z = x.astype(np.float64)
+    z /= temperature
+    if top_k is not None and top_k < z.shape[1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k:].min(axis=-1, keepdims=True)
+        z[z < kth] = -np.inf
+    z -= z.max(axis=-1, keepdims=True)
+    cdf = np.exp(z)
+    np.cumsum(cdf, axis=-1, out=cdf)
+    total = cdf[:, -1]
+    picked = np.array([np.searchsorted(row, u * t, side="right") for row, u, t in zip(cdf, uniforms, total)])
+    picked = np.minimum(picked, z.shape[1] - 1)
+    tokens[...] = picked
+    logprobs[...] = z[np.arange(len(z)), picked] - np.log(total)
+
+
 def policy_weights(logp, terms, clip):
     """(weights, clipped) per row of a policy-gradient loss on log p = logp (fused_classifier's policy):
     terms (..., 4) rows [old log p, advantage A, reference log p, KL coefficient k] and the loss
@@ -288,7 +330,7 @@ class NumpyBackend(Backend):
     name = "numpy"
     checkpoint_dtype = "fp32"
     xp = np
-    decode_attention = "query"  # one query against the cached keys: a few array operations per layer
+    kv_cache_attention = "query"  # decode_attention: one query against the cached keys
 
     # ---- buffers ----------------------------------------------------------------------------------
     def zeros(self, shape, fp32=False, param=False):
@@ -389,6 +431,10 @@ class NumpyBackend(Backend):
     swiglu_backward = staticmethod(numpy_llama_ops.swiglu_backward)
     attention_forward_gqa = staticmethod(attention_forward_gqa)
     attention_backward_gqa = staticmethod(attention_backward_gqa)
+
+    # the KV-cache decoders'
+    decode_attention = staticmethod(decode_attention)
+    sample_logits = staticmethod(sample_logits)
 
     global_norm_squared = staticmethod(global_norm_squared)
     adamw_update = staticmethod(adamw_update)
