@@ -150,21 +150,25 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32); every thread gets the result. Fixed order.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float warp_sums[32];
-    __shared__ float total;
+// Sum (or max) over the block (blockDim.x a multiple of 32); every thread gets the result. Fixed order.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v) {
+    __shared__ float partials[32];
+    __shared__ float result;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_sum(v);
-    if (lane == 0) warp_sums[warp] = v;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    if (lane == 0) partials[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float s = warp_sum(lane < warps ? warp_sums[lane] : 0.0f);
-        if (lane == 0) total = s;
+        const float r = lane < warps ? partials[lane] : (MAX ? -INFINITY : 0.0f);
+        const float total = MAX ? warp_max(r) : warp_sum(r);
+        if (lane == 0) result = total;
     }
     __syncthreads();
-    return total;
+    return result;
 }
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
 // ---- one warp per row --------------------------------------------------------------------------
 // The normalization kernels (layernorm.cu, rmsnorm.cu) give each row of C channels to one warp and keep it

@@ -17,21 +17,6 @@
 
 constexpr int DECODE_THREADS = 256;
 
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float warp_maxes[32];
-    __shared__ float result;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    v = warp_max(v);
-    if (lane == 0) warp_maxes[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float m = warp_max(lane < warps ? warp_maxes[lane] : -INFINITY);
-        if (lane == 0) result = m;
-    }
-    __syncthreads();
-    return result;
-}
-
 // VEC: bf16 elements per load of a key row: 8 (HS % 8 == 0 and 16-byte aligned rows) or 1
 template <int VEC>
 __global__ void __launch_bounds__(DECODE_THREADS)
