@@ -7,34 +7,29 @@
 // among the architectures); attention.cu dispatches here on compute capability 9.x.
 //
 // ---- Forward --------------------------------------------------------------------------------------------
-// One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised (or 192-query
-// blocks and 4 warpgroups: see the variants):
+// A persistent grid (one CTA per multiprocessor) takes work items (a 128- or 192-query block of one query head
+// and batch) dynamically; each CTA has kWG + 1 warpgroups, warp-specialised:
 //   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
 //     block once, then K and V tiles of 128 keys of its key/value head from the diagonal tile down to
 //     tile 0 (the query heads of a group read the same tiles, through L2), into a ring of
 //     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
-//     copy engine's byte count) and an "empty" mbarrier (the 256 consumer threads arrive when done with
+//     copy engine's byte count) and an "empty" mbarrier (the consumer threads arrive when done with
 //     the stage).
-//   warpgroups 1, 2, the consumers (setmaxnreg 240): each owns 64 of the 128 query rows. Per key tile:
+//   warpgroups 1 .. kWG, the consumers: each owns 64 of the query rows. Per key tile:
 //     S = Q K^T by wgmma m64n128k16 from shared memory (Q and K both K-major), online softmax on the
 //     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
-//     diagonal tile only (the first one processed). In the overlapped variants the product
-//     S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the tensor
-//     cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups also
-//     interleave with each other.
-//   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
-//   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
-//   products (named barriers), so that one's softmax runs under the other's products,
-//   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor). CTAs
-//   (work items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
-//   4: variant 3 with 3 consumer warpgroups on 192-query blocks (512 threads; FlashAttention-3's shape for
-//   head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
+//     diagonal tile only (the first one processed). The product S_{i+1} = Q K_{i+1}^T is issued before
+//     O += P_i V_i, and the softmax of S_{i+1} runs while the tensor cores do P_i V_i (FlashAttention-3's
+//     intra-warpgroup overlap); the consumer warpgroups also take turns to issue their products (named
+//     barriers), so that one's softmax runs under the others' products.
+//   Variants (attention_forward_sm90's `variant`): 0: 2 consumer warpgroups on 128-query blocks (384 threads,
+//   setmaxnreg 240), the default for HS 128; 1: 3 on 192-query blocks (512 threads; FlashAttention-3's shape
+//   for head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
 //   softmax under two others' products), consumers at setmaxnreg 160 (S, P and O of the overlapped loop are
-//   128 of them), the persistent rounds in snake order; HS 64 only. 5: variant 4 on the one-shot grid. 6:
-//   variant 3 in snake order. 7, 8: variants 4 and 3 with the work items taken dynamically (a global counter):
-//   the defaults, 7 for HS 64 and 8 for HS 128 (the fastest on an H200, docs/perf.md).
+//   128 of them); HS 64 only, its default. Work items are ordered so the blocks of about one wave's worth of
+//   heads run together (cta_order).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
 //   block is the first, its warpgroups of rows before 0 idle.
@@ -120,6 +115,20 @@ __device__ __forceinline__ void wgmma_wait0_after(float dep) {
                  : "memory");
 }
 
+#ifdef FWD_AB_POLY
+// 2^x on the FMA pipe, for a quarter of the softmax's exponentials (the MUFU pipe does one a cycle per 4 lanes,
+// as slow as the tensor cores' whole tile at HS 64): j = round(x) by the 1.5 * 2^23 shift, 2^(x - j) by a cubic on
+// [-1/2, 1/2] (relative error 7.5e-5, below bf16's 3.9e-3), j added to the exponent bits. x is clamped at -125
+// (masked keys then weigh 2^-125 instead of 0: nothing beside a row sum >= 1)
+__device__ __forceinline__ float exp2_fma(float x) {
+    x = fmaxf(x, -125.f);
+    const float t = x + 12582912.f;
+    const float f = x - (t - 12582912.f);
+    const float p = fmaf(fmaf(fmaf(0.05517167f, f, 0.24261115f), f, 0.69326097f), f, 0.99992806f);
+    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
+}
+#endif
+
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
 // P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
@@ -134,23 +143,18 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
     }
 }
 
-// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the consumer
-// warpgroups taking turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
-// passes the turn to the next one, round robin, so one warpgroup's softmax runs while the others' products
-// occupy the tensor cores).
-// Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads):
-// the one-shot grid (one CTA per item) takes one each; the persistent grid (kVariant 2 on one CTA per
-// multiprocessor) several, by `sched`: kStride: round k of gridDim.x items, CTA c takes item c; kSnake: the same
-// with item gridDim.x - 1 - c in the odd rounds, so a CTA that had a heavy block gets a light one next (with
-// 192-row blocks at T = 1024 a group is exactly one round: the stride gives CTA c the same block in every
-// round); kDynamic: item c first, then the next untaken one (a global counter), so no CTA idles while another
-// has two left. The producer thread picks the item and passes it to the consumers in shared memory, written
-// before its arrival on q_full (the consumers read it after their wait; it is rewritten only after q_empty);
-// an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an
-// "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is done), so the producer
-// loads the next item's Q and first K/V tiles while the consumers still finish the current one and store it:
-// the pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about
-// 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
+// Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads),
+// on a persistent grid (one CTA per multiprocessor): CTA c takes item c first, then the next untaken one (a global
+// counter), so no CTA idles while another has two left. The producer thread takes the item and passes it to the
+// consumers in shared memory, written before its arrival on q_full (the consumers read it after their wait; it is
+// rewritten only after q_empty); an item >= num_work ends the CTA. The K/V ring and its barrier phases run on
+// across items, and Q has an "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is
+// done), so the producer loads the next item's Q and first K/V tiles while the consumers still finish the current
+// one and store it: the pipeline fill and the epilogue of one item hide under the other's work.
+// Consumer loop: S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the
+// tensor cores do P_i V_i (intra-warpgroup overlap); the consumer warpgroups also take turns to issue their
+// products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and passes the turn to the next one, round
+// robin), so one warpgroup's softmax runs while the others' products occupy the tensor cores.
 // Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
 // warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
 // warpgroup masks only its first tile and no row is ever fully masked. With 192-row blocks a warpgroup's rows
@@ -158,18 +162,17 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // releasing their stages in its turns, instead of computing them fully masked (1 in 9 of the 192-row blocks'
 // products at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
-enum FwdSched { kStride = 0, kSnake = 1, kDynamic = 2 };
-// kDynamic's counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
+// The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
 // last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
-// order; two streams must not run the same kernel with kDynamic at once).
-template <int HS, int kWG, int kVariant>
+// order; two streams must not run the same kernel at once).
+template <int HS, int kWG>
 __device__ int g_fwd_work_counter[2];
 
-template <int HS, int kWG, int kVariant>
+template <int HS, int kWG>
 __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                   bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
-                                  int num_qblocks, int group, int sched, float scale_log2) {
+                                  int num_qblocks, int group, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
@@ -189,32 +192,13 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
     const int C = lay.NH * HS;
-    const int num_work = num_bh * num_qblocks;
-    // this CTA's work item after its item w of round k (>= num_work: none)
-    auto next_work = [&](int k, int w) {
-        if (sched == kDynamic) {
-            if (w >= num_work) return w;
-            int* counter = g_fwd_work_counter<HS, kWG, kVariant>;
-            const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
-            if (next >= num_work) {
-                __threadfence();  // this CTA's last take comes before its count
-                if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
-                    counter[0] = 0;
-                    counter[1] = 0;
-                }
-            }
-            return next;
-        }
-        const int c = (sched == kSnake && ((k + 1) & 1)) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
-        return (k + 1) * (int)gridDim.x + c;
-    };
     // The query blocks end at T (to within 64 rows), so the one of fewer than kBM real rows is the first (the
     // lightest: with 192-row blocks at T = 1024 the last one would have had 64 real rows and the most key tiles,
     // one warpgroup busy). Block 0 starts at -q_off, a multiple of 64: the warpgroups of rows before 0 are idle,
     // and each warpgroup's 64 rows stay within one 128-key tile (no row of it fully masked).
-    const int q_off = (num_qblocks * kBM - T) / 64 * 64;
-    // work item w -> (b, h, q0 = the block's first row, n_tiles)
+    // Work item w -> (b, h, q0 = the block's first row, n_tiles).
     auto item = [&](int w, int& b, int& h, int& q0, int& n_tiles) {
+        const int q_off = (num_qblocks * kBM - T) / 64 * 64;  // here: live across setmaxnreg, it spilled
         int bh, j;
         cta_order_of(w, num_bh, num_qblocks, group, bh, j);
         q0 = (num_qblocks - 1 - j) * kBM - q_off;  // heaviest (last) query blocks first
@@ -241,8 +225,24 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         // ---------------- producer ----------------
         setmaxnreg_dec<Cfg::kProducerRegs>();
         if (tid == 0) {
+            // the counts are computed in each branch: live across setmaxnreg, they spilled
+            const int num_work = num_bh * num_qblocks;
+            // the work item after w (>= num_work: none)
+            auto next_work = [&](int w) {
+                if (w >= num_work) return w;
+                int* counter = g_fwd_work_counter<HS, kWG>;
+                const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
+                if (next >= num_work) {
+                    __threadfence();  // this CTA's last take comes before its count
+                    if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
+                        counter[0] = 0;
+                        counter[1] = 0;
+                    }
+                }
+                return next;
+            };
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
-            for (int it = 0, w = blockIdx.x;; w = next_work(it, w), ++it) {
+            for (int it = 0, w = blockIdx.x;; w = next_work(w), ++it) {
                 if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
                 *work_slot = w;
                 if (w >= num_work) {  // the end: the consumers see it after q_full
@@ -293,6 +293,23 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const uint64_t dq0 = make_desc(smem_u32(sQ) + cw * 64 * kPanelRowBytes, 16, 1024);
     const uint64_t dk0 = make_desc(smem_u32(sK), 16, 1024);
     const uint64_t dv0 = make_desc(smem_u32(sV), Cfg::kKPanelBytes, 1024);
+#ifdef FWD_AB_REBUILD_DESC
+    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
+    const uint32_t k_addr = smem_u32(sK);
+    const uint32_t v_addr = smem_u32(sV);
+    (void)dq0;
+    (void)dk0;
+    (void)dv0;
+    auto desc_q = [&](int kk) {
+        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_k = [&](int st, int kk) {
+        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
+    };
+    auto desc_v = [&](int st, int kk) {
+        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
+    };
+#else
     auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
         return desc_at(dq0, (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32);
     };
@@ -302,6 +319,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
         return desc_at(dv0, st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes);
     };
+#endif
 
     float o[HS / 2];
     float s[kBN / 2];
@@ -341,12 +359,22 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 }
         }
         const float mx0 = m0, mx1 = m1;
+#ifdef FWD_AB_ILP
+        float r0p[2] = {-INFINITY, -INFINITY}, r1p[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            r0p[j & 1] = fmaxf(r0p[j & 1], fmaxf(s[4 * j], s[4 * j + 1]));
+            r1p[j & 1] = fmaxf(r1p[j & 1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        float r0max = fmaxf(r0p[0], r0p[1]), r1max = fmaxf(r1p[0], r1p[1]);
+#else
         float r0max = -INFINITY, r1max = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
             r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
             r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
         }
+#endif
         r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
         r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
@@ -354,28 +382,55 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         // A row's running maximum moves only when the tile's exceeds it by more than 8 (so P <= 2^8: exact in
         // bf16's exponent range, and fp32 sums), so after the first tiles it rarely moves and whole warps skip
         // the O rescale (rescale_o). out and lse are exact either way: both use the same maximum.
+#ifdef FWD_AB_EAGER_RESCALE
+        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
+        c0 = fast_exp2(mx0 - n0);
+        c1 = fast_exp2(mx1 - n1);
+#else
         float n0 = r0max * scale_log2, n1 = r1max * scale_log2;
         n0 = n0 > mx0 + 8.f ? n0 : mx0;  // the first tile: mx0 = -inf, so n0 (no row is fully masked)
         n1 = n1 > mx1 + 8.f ? n1 : mx1;
         c0 = n0 == mx0 ? 1.f : fast_exp2(mx0 - n0);  // 2^-inf = 0 on the first tile
         c1 = n1 == mx1 ? 1.f : fast_exp2(mx1 - n1);
+#endif
         m0 = n0;
         m1 = n1;
+#ifdef FWD_AB_POLY
+        auto ex2 = [](float x, int j) { return (j & 3) == 3 ? exp2_fma(x) : fast_exp2(x); };
+#else
+        auto ex2 = [](float x, int) { return fast_exp2(x); };
+#endif
+#ifdef FWD_AB_ILP
+        float sp0[2] = {0.f, 0.f}, sp1[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j) {
+            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0), j);
+            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0), j);
+            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1), j);
+            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1), j);
+            sp0[j & 1] += s[4 * j] + s[4 * j + 1];
+            sp1[j & 1] += s[4 * j + 2] + s[4 * j + 3];
+        }
+        const float sum0 = sp0[0] + sp0[1], sum1 = sp1[0] + sp1[1];
+#else
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
-            s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -n0));
-            s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -n0));
-            s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -n1));
-            s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -n1));
+            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0), j);
+            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0), j);
+            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1), j);
+            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1), j);
             sum0 += s[4 * j] + s[4 * j + 1];
             sum1 += s[4 * j + 2] + s[4 * j + 3];
         }
+#endif
         l0 = l0 * c0 + sum0;
         l1 = l1 * c1 + sum1;
     };
     auto rescale_o = [&](float c0, float c1) {
+#ifndef FWD_AB_EAGER_RESCALE
         if (!__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) return;
+#endif
 #pragma unroll
         for (int j = 0; j < HS / 8; ++j) {
             o[4 * j + 0] *= c0;
@@ -388,19 +443,15 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
 
-    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the next one's (round
-    // robin); warpgroup 0 goes first; every warpgroup takes n_tiles + 1 turns an item; warpgroup 0 takes the
-    // last one's final pass after the last item, so every arrival is matched
-    auto turn_wait = [&]() {
-        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
-    };
-    auto turn_pass = [&]() {
-        if constexpr (kVariant == 2) named_barrier_arrive(1 + (cw + 1) % kWG, 256);
-    };
-    if constexpr (kVariant == 2) {
-        if (cw == kWG - 1) named_barrier_arrive(1, 256);
-    }
+    // ping-pong turns: warpgroup cw waits on barrier 1 + cw, passes on the next one's (round robin); warpgroup 0
+    // goes first; every warpgroup takes n_tiles + 1 turns an item; warpgroup 0 takes the last one's final pass
+    // after the last item, so every arrival is matched
+    // (each barrier joins two warpgroups: the waiter and the one passing)
+    auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
+    auto turn_pass = [&]() { named_barrier_arrive(1 + (cw + 1) % kWG, 256); };
+    if (cw == kWG - 1) named_barrier_arrive(1, 256);
 
+    const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
     for (int it = 0;; ++it) {
         mbar_wait(q_full, it & 1);
@@ -426,26 +477,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
-        } else if constexpr (kVariant == 1) {
-            for (int i = 0; i < n_own; ++i) {
-                const int n = n_own - 1 - i;
-                const int st = (kv + i) % kStages;
-                const uint32_t ph = ((kv + i) / kStages) & 1;
-                mbar_wait(&k_full[st], ph);
-                issue_s(st);
-                wgmma_wait<0>();
-                reg_fence(s);
-                if (i == n_own - 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(i == 0, n * kBN, c0, c1);
-                acc_to_a<kBN>(pa, s);
-                if (i > 0) rescale_o(c0, c1);
-                mbar_wait(&v_full[st], ph);
-                issue_pv(st, i > 0);
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[st]);
-            }
         } else {
             // tile 0 (the diagonal): S, softmax, P
             {
@@ -455,7 +486,9 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<0>();
                 reg_fence(s);
+#ifndef FWD_AB_LATE_Q
                 if (n_own == 1) mbar_arrive(q_empty);
+#endif
                 float c0, c1;
                 softmax(true, (n_own - 1) * kBN, c0, c1);
                 acc_to_a<kBN>(pa, s);
@@ -472,10 +505,16 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<1>();               // S_i done (P V may still run)
                 reg_fence(s);
+#ifndef FWD_AB_LATE_Q
                 if (i == n_own - 1) mbar_arrive(q_empty);
+#endif
                 float c0, c1;
                 softmax(false, n * kBN, c0, c1);  // overlaps the P V product
+#ifdef FWD_AB_PLAIN_WAIT
+                wgmma_wait<0>();
+#else
                 wgmma_wait0_after(l0 + l1);
+#endif
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
                 acc_to_a<kBN>(pa, s);
@@ -491,6 +530,9 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 wgmma_wait<0>();
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
+#ifdef FWD_AB_LATE_Q
+                mbar_arrive(q_empty);
+#endif
             }
         }
         kv += n_own;
@@ -519,9 +561,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
         }
     }  // work items
-    if constexpr (kVariant == 2) {
-        if (cw == 0) turn_wait();  // the last warpgroup's final pass
-    }
+    if (cw == 0) turn_wait();  // the last warpgroup's final pass
 #endif
 }
 
@@ -1390,13 +1430,11 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
-// the kernel of kWG consumer warpgroups and kVariant on a one-shot grid (one CTA per work item) or a persistent
-// one (one CTA per multiprocessor; sched: FwdSched, the order its CTAs take the work items in)
-template <int HS, int kWG, int kVariant>
-void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, bool persistent,
-                         FwdSched sched, cudaStream_t stream) {
+// the kernel of kWG consumer warpgroups on the persistent grid (one CTA per multiprocessor, fewer if fewer items)
+template <int HS, int kWG>
+void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FwdCfg<HS, kWG>;
-    auto kernel = attention_forward_sm90_kernel<HS, kWG, kVariant>;
+    auto kernel = attention_forward_sm90_kernel<HS, kWG>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap map_kv = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
@@ -1407,10 +1445,10 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     require(work <= 0x7fffffffLL, "attention_sm90: too many work items");
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(persistent && work > sms ? sms : work);
+    const int grid = (int)(work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
     kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
-                                                  head_group(num_qblocks, num_bh), (int)sched, scale_log2);
+                                                  head_group(num_qblocks, num_bh), scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1454,35 +1492,22 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
     }
 }
 
-// the fastest correct variant per head size on an H200 (docs/perf.md, third timing run, 2026-12-01):
-// HS 64: persistent ping-pong (3) 368 us at B=64 T=1024 NH=12 (ping-pong 2: 378, 0: 415, 1: 404) and 717 us
-// at B=16 T=2048 NH=32 (2: 809); HS 128: ping-pong (2) 272 us at B=64 T=1024 NH=6 (3: 297, 0: 294, 1: 301)
-constexpr int kDefaultVariantHs64 = 7;
-constexpr int kDefaultVariantHs128 = 8;
+// forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
+// runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest measured on an H200 (harness,
+// B=64 T=1024, 2026-12-02): 1 for HS 64 (319.6 us against 0's 363.8), 0 for HS 128 (265.0)
+constexpr int kDefaultVariantHs64 = 1;
+constexpr int kDefaultVariantHs128 = 0;
 
-// variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: variant 2 on the persistent grid;
-// 4: variant 3 with 3 consumer warpgroups (192-row blocks), snake order; 5: variant 4 on the one-shot grid;
-// 6: variant 3 in snake order; 7: variant 4 in the dynamic order; 8: variant 3 in the dynamic order. 4, 5 and 7
-// are HS 64 only (HS 128 runs 2, 2 and 8 instead).
 template <int HS>
 void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
                      cudaStream_t stream) {
-    if (HS != 64 && (variant == 4 || variant == 5)) variant = 2;
-    if (HS != 64 && variant == 7) variant = 8;
-    const bool persistent = variant == 3 || variant == 4 || variant >= 6;
-    const FwdSched sched = variant == 4 || variant == 6 ? kSnake : variant >= 7 ? kDynamic : kStride;
     if constexpr (HS == 64) {
-        if (variant == 4 || variant == 5 || variant == 7) {
-            launch_forward_sm90<HS, 3, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
+        if (variant == 1) {
+            launch_forward_sm90<HS, 3>(out, lse, qkv, B, T, lay, stream);
             return;
         }
     }
-    if (variant == 0)
-        launch_forward_sm90<HS, 2, 0>(out, lse, qkv, B, T, lay, false, kStride, stream);
-    else if (variant == 1)
-        launch_forward_sm90<HS, 2, 1>(out, lse, qkv, B, T, lay, false, kStride, stream);
-    else
-        launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
+    launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
 }
 
 // the fused backward (variant 1: ordered dQ adds, 2: unordered); work: fused_work_floats<HS> floats, 16-byte
@@ -1578,7 +1603,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 8, "attention_forward_sm90: variant 0 .. 8");
+    require(variant == 0 || variant == 1, "attention_forward_sm90: variant 0 or 1");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);
