@@ -21,9 +21,9 @@
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
 //     diagonal tile only (the first one processed). The product S_{i+1} = Q K_{i+1}^T is issued before
-//     O += P_i V_i, and the softmax of S_{i+1} runs while the tensor cores do P_i V_i (FlashAttention-3's
-//     intra-warpgroup overlap); the consumer warpgroups also take turns to issue their products (named
-//     barriers), so that one's softmax runs under the others' products.
+//     O += P_i V_i (FlashAttention-3's intra-warpgroup overlap; how much of the softmax of S_{i+1} runs under
+//     P_i V_i is left to ptxas: see the wait in the loop), and the consumer warpgroups take turns to issue their
+//     products (named barriers), so that one's softmax runs under the others' products.
 //   Variants (attention_forward_sm90's `variant`): 0: 2 consumer warpgroups on 128-query blocks (384 threads,
 //   setmaxnreg 240), the default for HS 128; 1: 3 on 192-query blocks (512 threads; FlashAttention-3's shape
 //   for head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
@@ -103,32 +103,6 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
     return (desc & 0xffffffff00000000ull) | lo;
 }
 
-// wgmma.wait_group 0 after `dep` is computed. ptxas orders instructions by data dependencies and its own latency
-// model: a plain wait was hoisted above the softmax meant to run under the P V product (SASS of every overlapped
-// variant: WARPGROUP.DEPBAR.LE gsb0, 0x0 among the first row-max instructions, every exp2 after it). Here a
-// first wait is guarded by a predicate computed from dep (the row sums: after every exp2), true unless dep's
-// bits are 0xffffffff, which no arithmetic produces (the canonical NaN is 0x7fffffff); the second, plain wait
-// stays after it (waits keep their order) and is the one ptxas relies on before the accumulators are read.
-__device__ __forceinline__ void wgmma_wait0_after(float dep) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, -1;\n@p wgmma.wait_group.sync.aligned 0;\n}\n"
-                 "wgmma.wait_group.sync.aligned 0;\n" ::"r"(__float_as_uint(dep))
-                 : "memory");
-}
-
-#ifdef FWD_AB_POLY
-// 2^x on the FMA pipe, for a quarter of the softmax's exponentials (the MUFU pipe does one a cycle per 4 lanes,
-// as slow as the tensor cores' whole tile at HS 64): j = round(x) by the 1.5 * 2^23 shift, 2^(x - j) by a cubic on
-// [-1/2, 1/2] (relative error 7.5e-5, below bf16's 3.9e-3), j added to the exponent bits. x is clamped at -125
-// (masked keys then weigh 2^-125 instead of 0: nothing beside a row sum >= 1)
-__device__ __forceinline__ float exp2_fma(float x) {
-    x = fmaxf(x, -125.f);
-    const float t = x + 12582912.f;
-    const float f = x - (t - 12582912.f);
-    const float p = fmaf(fmaf(fmaf(0.05517167f, f, 0.24261115f), f, 0.69326097f), f, 0.99992806f);
-    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-#endif
-
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
 // P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
@@ -151,10 +125,10 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // across items, and Q has an "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is
 // done), so the producer loads the next item's Q and first K/V tiles while the consumers still finish the current
 // one and store it: the pipeline fill and the epilogue of one item hide under the other's work.
-// Consumer loop: S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the
-// tensor cores do P_i V_i (intra-warpgroup overlap); the consumer warpgroups also take turns to issue their
-// products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and passes the turn to the next one, round
-// robin), so one warpgroup's softmax runs while the others' products occupy the tensor cores.
+// Consumer loop: S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i (intra-warpgroup overlap); the consumer
+// warpgroups also take turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
+// passes the turn to the next one, round robin), so one warpgroup's softmax runs while the others' products occupy
+// the tensor cores.
 // Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
 // warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
 // warpgroup masks only its first tile and no row is ever fully masked. With 192-row blocks a warpgroup's rows
@@ -293,23 +267,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const uint64_t dq0 = make_desc(smem_u32(sQ) + cw * 64 * kPanelRowBytes, 16, 1024);
     const uint64_t dk0 = make_desc(smem_u32(sK), 16, 1024);
     const uint64_t dv0 = make_desc(smem_u32(sV), Cfg::kKPanelBytes, 1024);
-#ifdef FWD_AB_REBUILD_DESC
-    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
-    const uint32_t k_addr = smem_u32(sK);
-    const uint32_t v_addr = smem_u32(sV);
-    (void)dq0;
-    (void)dk0;
-    (void)dv0;
-    auto desc_q = [&](int kk) {
-        return make_desc(q_addr + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_k = [&](int st, int kk) {
-        return make_desc(k_addr + st * Cfg::kTileBytes + (kk / 4) * Cfg::kKPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_v = [&](int st, int kk) {
-        return make_desc(v_addr + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kKPanelBytes, 1024);
-    };
-#else
     auto desc_q = [&](int kk) {  // A: rows 64cw.., k 16kk..
         return desc_at(dq0, (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32);
     };
@@ -319,7 +276,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     auto desc_v = [&](int st, int kk) {  // B (MN-major): keys 16kk.., all HS columns (panels LBO apart)
         return desc_at(dv0, st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes);
     };
-#endif
 
     float o[HS / 2];
     float s[kBN / 2];
@@ -359,22 +315,12 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 }
         }
         const float mx0 = m0, mx1 = m1;
-#ifdef FWD_AB_ILP
-        float r0p[2] = {-INFINITY, -INFINITY}, r1p[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-            r0p[j & 1] = fmaxf(r0p[j & 1], fmaxf(s[4 * j], s[4 * j + 1]));
-            r1p[j & 1] = fmaxf(r1p[j & 1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        float r0max = fmaxf(r0p[0], r0p[1]), r1max = fmaxf(r1p[0], r1p[1]);
-#else
         float r0max = -INFINITY, r1max = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
             r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
             r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
         }
-#endif
         r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 1));
         r0max = fmaxf(r0max, __shfl_xor_sync(0xffffffff, r0max, 2));
         r1max = fmaxf(r1max, __shfl_xor_sync(0xffffffff, r1max, 1));
@@ -382,55 +328,28 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         // A row's running maximum moves only when the tile's exceeds it by more than 8 (so P <= 2^8: exact in
         // bf16's exponent range, and fp32 sums), so after the first tiles it rarely moves and whole warps skip
         // the O rescale (rescale_o). out and lse are exact either way: both use the same maximum.
-#ifdef FWD_AB_EAGER_RESCALE
-        const float n0 = fmaxf(mx0, r0max * scale_log2), n1 = fmaxf(mx1, r1max * scale_log2);
-        c0 = fast_exp2(mx0 - n0);
-        c1 = fast_exp2(mx1 - n1);
-#else
         float n0 = r0max * scale_log2, n1 = r1max * scale_log2;
         n0 = n0 > mx0 + 8.f ? n0 : mx0;  // the first tile: mx0 = -inf, so n0 (no row is fully masked)
         n1 = n1 > mx1 + 8.f ? n1 : mx1;
         c0 = n0 == mx0 ? 1.f : fast_exp2(mx0 - n0);  // 2^-inf = 0 on the first tile
         c1 = n1 == mx1 ? 1.f : fast_exp2(mx1 - n1);
-#endif
         m0 = n0;
         m1 = n1;
-#ifdef FWD_AB_POLY
-        auto ex2 = [](float x, int j) { return (j & 3) == 3 ? exp2_fma(x) : fast_exp2(x); };
-#else
-        auto ex2 = [](float x, int) { return fast_exp2(x); };
-#endif
-#ifdef FWD_AB_ILP
-        float sp0[2] = {0.f, 0.f}, sp1[2] = {0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0), j);
-            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0), j);
-            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1), j);
-            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1), j);
-            sp0[j & 1] += s[4 * j] + s[4 * j + 1];
-            sp1[j & 1] += s[4 * j + 2] + s[4 * j + 3];
-        }
-        const float sum0 = sp0[0] + sp0[1], sum1 = sp1[0] + sp1[1];
-#else
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
         for (int j = 0; j < kBN / 8; ++j) {
-            s[4 * j + 0] = ex2(fmaf(s[4 * j + 0], scale_log2, -n0), j);
-            s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], scale_log2, -n0), j);
-            s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], scale_log2, -n1), j);
-            s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], scale_log2, -n1), j);
+            s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -n0));
+            s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -n0));
+            s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -n1));
+            s[4 * j + 3] = fast_exp2(fmaf(s[4 * j + 3], scale_log2, -n1));
             sum0 += s[4 * j] + s[4 * j + 1];
             sum1 += s[4 * j + 2] + s[4 * j + 3];
         }
-#endif
         l0 = l0 * c0 + sum0;
         l1 = l1 * c1 + sum1;
     };
     auto rescale_o = [&](float c0, float c1) {
-#ifndef FWD_AB_EAGER_RESCALE
         if (!__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) return;
-#endif
 #pragma unroll
         for (int j = 0; j < HS / 8; ++j) {
             o[4 * j + 0] *= c0;
@@ -486,9 +405,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<0>();
                 reg_fence(s);
-#ifndef FWD_AB_LATE_Q
                 if (n_own == 1) mbar_arrive(q_empty);
-#endif
                 float c0, c1;
                 softmax(true, (n_own - 1) * kBN, c0, c1);
                 acc_to_a<kBN>(pa, s);
@@ -505,16 +422,14 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 turn_pass();
                 wgmma_wait<1>();               // S_i done (P V may still run)
                 reg_fence(s);
-#ifndef FWD_AB_LATE_Q
                 if (i == n_own - 1) mbar_arrive(q_empty);
-#endif
                 float c0, c1;
-                softmax(false, n * kBN, c0, c1);  // overlaps the P V product
-#ifdef FWD_AB_PLAIN_WAIT
+                softmax(false, n * kBN, c0, c1);
+                // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
+                // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
+                // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
+                // warpgroups' products cover the softmax anyway
                 wgmma_wait<0>();
-#else
-                wgmma_wait0_after(l0 + l1);
-#endif
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
                 acc_to_a<kBN>(pa, s);
@@ -530,9 +445,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 wgmma_wait<0>();
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
-#ifdef FWD_AB_LATE_Q
-                mbar_arrive(q_empty);
-#endif
             }
         }
         kv += n_own;
@@ -1493,8 +1405,9 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
 }
 
 // forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
-// runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest measured on an H200 (harness,
-// B=64 T=1024, 2026-12-02): 1 for HS 64 (319.6 us against 0's 363.8), 0 for HS 128 (265.0)
+// runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest on an H200 (harness, one
+// process, 2026-12-02 run 4): HS 64 (B=64 T=1024 NH=12): 1, 313.9 us (0: 357.1, cuDNN 294.4); HS 128 (NH=6): 0,
+// 261.4 us (cuDNN 221.3); B=16 T=2048 NH=32 HS 64: 1, 664.9 us (cuDNN 682.2)
 constexpr int kDefaultVariantHs64 = 1;
 constexpr int kDefaultVariantHs128 = 0;
 
