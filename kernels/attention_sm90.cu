@@ -69,7 +69,7 @@ struct FwdCfg {
     static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
     static constexpr int kKPanelBytes = kBN * kPanelRowBytes;
     static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
+    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty
     // + the current work item (int), + slack to align the base to 1024
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 16 + 1024;
     static constexpr int kThreads = 128 * (kWG + 1);
