@@ -837,7 +837,7 @@ void attention_set_backend(int backend) {
 }
 
 void attention_set_sm90_forward_variant(int variant) {
-    require(variant >= -1 && variant <= 8, "attention_set_sm90_forward_variant: -1 (default) or 0 .. 8");
+    require(variant >= -1 && variant <= 1, "attention_set_sm90_forward_variant: -1 (default), 0 or 1");
     g_sm90_forward_variant = variant;
 }
 

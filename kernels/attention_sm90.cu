@@ -7,34 +7,29 @@
 // among the architectures); attention.cu dispatches here on compute capability 9.x.
 //
 // ---- Forward --------------------------------------------------------------------------------------------
-// One CTA per (128-query block, query head, batch), 3 warpgroups (384 threads), warp-specialised (or 192-query
-// blocks and 4 warpgroups: see the variants):
+// A persistent grid (one CTA per multiprocessor) takes work items (a 128- or 192-query block of one query head
+// and batch) dynamically; each CTA has kWG + 1 warpgroups, warp-specialised:
 //   warpgroup 0, the producer: gives up registers (setmaxnreg 24); one thread issues the TMA loads: the Q
 //     block once, then K and V tiles of 128 keys of its key/value head from the diagonal tile down to
 //     tile 0 (the query heads of a group read the same tiles, through L2), into a ring of
 //     kStages shared-memory stages. Each stage has a "full" mbarrier per tensor (K, V; completed by the
-//     copy engine's byte count) and an "empty" mbarrier (the 256 consumer threads arrive when done with
+//     copy engine's byte count) and an "empty" mbarrier (the consumer threads arrive when done with
 //     the stage).
-//   warpgroups 1, 2, the consumers (setmaxnreg 240): each owns 64 of the 128 query rows. Per key tile:
+//   warpgroups 1 .. kWG, the consumers: each owns 64 of the query rows. Per key tile:
 //     S = Q K^T by wgmma m64n128k16 from shared memory (Q and K both K-major), online softmax on the
 //     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
-//     diagonal tile only (the first one processed). In the overlapped variants the product
-//     S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i, and the softmax of S_{i+1} runs while the tensor
-//     cores do P_i V_i (FlashAttention-3's intra-warpgroup overlap); the two consumer warpgroups also
-//     interleave with each other.
-//   Variants (attention_forward_sm90's `variant`): 0 the overlapped loop above, 1 a plain loop (S, softmax,
-//   P V in sequence), 2 the overlapped loop with the two consumer warpgroups taking turns to issue their
-//   products (named barriers), so that one's softmax runs under the other's products,
-//   3 variant 2 in a persistent grid (the same kernel on one CTA per multiprocessor). CTAs
-//   (work items) are ordered so the blocks of about one wave's worth of heads run together (cta_order).
-//   4: variant 3 with 3 consumer warpgroups on 192-query blocks (512 threads; FlashAttention-3's shape for
-//   head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
+//     diagonal tile only (the first one processed). The product S_{i+1} = Q K_{i+1}^T is issued before
+//     O += P_i V_i (FlashAttention-3's intra-warpgroup overlap; how much of the softmax of S_{i+1} runs under
+//     P_i V_i is left to ptxas: see the wait in the loop), and the consumer warpgroups take turns to issue their
+//     products (named barriers), so that one's softmax runs under the others' products.
+//   Variants (attention_forward_sm90's `variant`): 0: 2 consumer warpgroups on 128-query blocks (384 threads,
+//   setmaxnreg 240), the default for HS 128; 1: 3 on 192-query blocks (512 threads; FlashAttention-3's shape
+//   for head size 64: K/V tiles read from shared memory once per 192 queries instead of 128, one warpgroup's
 //   softmax under two others' products), consumers at setmaxnreg 160 (S, P and O of the overlapped loop are
-//   128 of them), the persistent rounds in snake order; HS 64 only. 5: variant 4 on the one-shot grid. 6:
-//   variant 3 in snake order. 7, 8: variants 4 and 3 with the work items taken dynamically (a global counter):
-//   the defaults, 7 for HS 64 and 8 for HS 128 (the fastest on an H200, docs/perf.md).
+//   128 of them); HS 64 only, its default. Work items are ordered so the blocks of about one wave's worth of
+//   heads run together (cta_order).
 //   Rows past T: TMA zero-fills them on load; their outputs are never stored; the causal mask removes
 //   keys >= T from every real row. The query blocks are aligned to end at T (to within 64 rows): the short
 //   block is the first, its warpgroups of rows before 0 idle.
@@ -74,7 +69,7 @@ struct FwdCfg {
     static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
     static constexpr int kKPanelBytes = kBN * kPanelRowBytes;
     static constexpr int kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty (persistent)
+    static constexpr int kNumBars = 2 + 3 * kStages;  // q_full, k_full[], v_full[], empty[], q_empty
     // + the current work item (int), + slack to align the base to 1024
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 16 + 1024;
     static constexpr int kThreads = 128 * (kWG + 1);
@@ -108,18 +103,6 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
     return (desc & 0xffffffff00000000ull) | lo;
 }
 
-// wgmma.wait_group 0 after `dep` is computed. ptxas orders instructions by data dependencies and its own latency
-// model: a plain wait was hoisted above the softmax meant to run under the P V product (SASS of every overlapped
-// variant: WARPGROUP.DEPBAR.LE gsb0, 0x0 among the first row-max instructions, every exp2 after it). Here a
-// first wait is guarded by a predicate computed from dep (the row sums: after every exp2), true unless dep's
-// bits are 0xffffffff, which no arithmetic produces (the canonical NaN is 0x7fffffff); the second, plain wait
-// stays after it (waits keep their order) and is the one ptxas relies on before the accumulators are read.
-__device__ __forceinline__ void wgmma_wait0_after(float dep) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, -1;\n@p wgmma.wait_group.sync.aligned 0;\n}\n"
-                 "wgmma.wait_group.sync.aligned 0;\n" ::"r"(__float_as_uint(dep))
-                 : "memory");
-}
-
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
 // P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
@@ -134,23 +117,18 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
     }
 }
 
-// kVariant: 0 = overlapped (S_{i+1} issued before P_i V_i), 1 = plain loop, 2 = overlapped with the consumer
-// warpgroups taking turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
-// passes the turn to the next one, round robin, so one warpgroup's softmax runs while the others' products
-// occupy the tensor cores).
-// Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads):
-// the one-shot grid (one CTA per item) takes one each; the persistent grid (kVariant 2 on one CTA per
-// multiprocessor) several, by `sched`: kStride: round k of gridDim.x items, CTA c takes item c; kSnake: the same
-// with item gridDim.x - 1 - c in the odd rounds, so a CTA that had a heavy block gets a light one next (with
-// 192-row blocks at T = 1024 a group is exactly one round: the stride gives CTA c the same block in every
-// round); kDynamic: item c first, then the next untaken one (a global counter), so no CTA idles while another
-// has two left. The producer thread picks the item and passes it to the consumers in shared memory, written
-// before its arrival on q_full (the consumers read it after their wait; it is rewritten only after q_empty);
-// an item >= num_work ends the CTA. The K/V ring and its barrier phases run on across items, and Q has an
-// "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is done), so the producer
-// loads the next item's Q and first K/V tiles while the consumers still finish the current one and store it:
-// the pipeline fill and the epilogue of one item hide under the other's work (a CTA of the one-shot grid pays them in full: about
-// 1.8 us a key tile were measured against ~0.6-1 us of products and softmax).
+// Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads),
+// on a persistent grid (one CTA per multiprocessor): CTA c takes item c first, then the next untaken one (a global
+// counter), so no CTA idles while another has two left. The producer thread takes the item and passes it to the
+// consumers in shared memory, written before its arrival on q_full (the consumers read it after their wait; it is
+// rewritten only after q_empty); an item >= num_work ends the CTA. The K/V ring and its barrier phases run on
+// across items, and Q has an "empty" barrier (each consumer warpgroup releases it once its last Q K^T product is
+// done), so the producer loads the next item's Q and first K/V tiles while the consumers still finish the current
+// one and store it: the pipeline fill and the epilogue of one item hide under the other's work.
+// Consumer loop: S_{i+1} = Q K_{i+1}^T is issued before O += P_i V_i (intra-warpgroup overlap); the consumer
+// warpgroups also take turns to issue their products ("ping-pong": warpgroup cw waits on named barrier 1 + cw and
+// passes the turn to the next one, round robin), so one warpgroup's softmax runs while the others' products occupy
+// the tensor cores.
 // Causal extent: the block's key tiles are 0 .. n_tiles - 1 (through its last row before T); a consumer
 // warpgroup's own are 0 .. n_own - 1 (through its own last row). Its 64 rows lie in one 128-key tile, so each
 // warpgroup masks only its first tile and no row is ever fully masked. With 192-row blocks a warpgroup's rows
@@ -158,18 +136,17 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // releasing their stages in its turns, instead of computing them fully masked (1 in 9 of the 192-row blocks'
 // products at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
-enum FwdSched { kStride = 0, kSnake = 1, kDynamic = 2 };
-// kDynamic's counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
+// The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
 // last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
-// order; two streams must not run the same kernel with kDynamic at once).
-template <int HS, int kWG, int kVariant>
+// order; two streams must not run the same kernel at once).
+template <int HS, int kWG>
 __device__ int g_fwd_work_counter[2];
 
-template <int HS, int kWG, int kVariant>
+template <int HS, int kWG>
 __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                   bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
-                                  int num_qblocks, int group, int sched, float scale_log2) {
+                                  int num_qblocks, int group, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
@@ -189,32 +166,13 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
     const int C = lay.NH * HS;
-    const int num_work = num_bh * num_qblocks;
-    // this CTA's work item after its item w of round k (>= num_work: none)
-    auto next_work = [&](int k, int w) {
-        if (sched == kDynamic) {
-            if (w >= num_work) return w;
-            int* counter = g_fwd_work_counter<HS, kWG, kVariant>;
-            const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
-            if (next >= num_work) {
-                __threadfence();  // this CTA's last take comes before its count
-                if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
-                    counter[0] = 0;
-                    counter[1] = 0;
-                }
-            }
-            return next;
-        }
-        const int c = (sched == kSnake && ((k + 1) & 1)) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x;
-        return (k + 1) * (int)gridDim.x + c;
-    };
     // The query blocks end at T (to within 64 rows), so the one of fewer than kBM real rows is the first (the
     // lightest: with 192-row blocks at T = 1024 the last one would have had 64 real rows and the most key tiles,
     // one warpgroup busy). Block 0 starts at -q_off, a multiple of 64: the warpgroups of rows before 0 are idle,
     // and each warpgroup's 64 rows stay within one 128-key tile (no row of it fully masked).
-    const int q_off = (num_qblocks * kBM - T) / 64 * 64;
-    // work item w -> (b, h, q0 = the block's first row, n_tiles)
+    // Work item w -> (b, h, q0 = the block's first row, n_tiles).
     auto item = [&](int w, int& b, int& h, int& q0, int& n_tiles) {
+        const int q_off = (num_qblocks * kBM - T) / 64 * 64;  // here: live across setmaxnreg, it spilled
         int bh, j;
         cta_order_of(w, num_bh, num_qblocks, group, bh, j);
         q0 = (num_qblocks - 1 - j) * kBM - q_off;  // heaviest (last) query blocks first
@@ -241,8 +199,24 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         // ---------------- producer ----------------
         setmaxnreg_dec<Cfg::kProducerRegs>();
         if (tid == 0) {
+            // the counts are computed in each branch: live across setmaxnreg, they spilled
+            const int num_work = num_bh * num_qblocks;
+            // the work item after w (>= num_work: none)
+            auto next_work = [&](int w) {
+                if (w >= num_work) return w;
+                int* counter = g_fwd_work_counter<HS, kWG>;
+                const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
+                if (next >= num_work) {
+                    __threadfence();  // this CTA's last take comes before its count
+                    if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
+                        counter[0] = 0;
+                        counter[1] = 0;
+                    }
+                }
+                return next;
+            };
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
-            for (int it = 0, w = blockIdx.x;; w = next_work(it, w), ++it) {
+            for (int it = 0, w = blockIdx.x;; w = next_work(w), ++it) {
                 if (it > 0) mbar_wait(q_empty, (it - 1) & 1);
                 *work_slot = w;
                 if (w >= num_work) {  // the end: the consumers see it after q_full
@@ -388,19 +362,15 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < HS / 2; ++i) o[i] = 0.f;
 
-    // ping-pong turns (kVariant 2): warpgroup cw waits on barrier 1 + cw, passes on the next one's (round
-    // robin); warpgroup 0 goes first; every warpgroup takes n_tiles + 1 turns an item; warpgroup 0 takes the
-    // last one's final pass after the last item, so every arrival is matched
-    auto turn_wait = [&]() {
-        if constexpr (kVariant == 2) named_barrier_sync(1 + cw, 256);
-    };
-    auto turn_pass = [&]() {
-        if constexpr (kVariant == 2) named_barrier_arrive(1 + (cw + 1) % kWG, 256);
-    };
-    if constexpr (kVariant == 2) {
-        if (cw == kWG - 1) named_barrier_arrive(1, 256);
-    }
+    // ping-pong turns: warpgroup cw waits on barrier 1 + cw, passes on the next one's (round robin); warpgroup 0
+    // goes first; every warpgroup takes n_tiles + 1 turns an item; warpgroup 0 takes the last one's final pass
+    // after the last item, so every arrival is matched
+    // (each barrier joins two warpgroups: the waiter and the one passing)
+    auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
+    auto turn_pass = [&]() { named_barrier_arrive(1 + (cw + 1) % kWG, 256); };
+    if (cw == kWG - 1) named_barrier_arrive(1, 256);
 
+    const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
     for (int it = 0;; ++it) {
         mbar_wait(q_full, it & 1);
@@ -426,26 +396,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
-        } else if constexpr (kVariant == 1) {
-            for (int i = 0; i < n_own; ++i) {
-                const int n = n_own - 1 - i;
-                const int st = (kv + i) % kStages;
-                const uint32_t ph = ((kv + i) / kStages) & 1;
-                mbar_wait(&k_full[st], ph);
-                issue_s(st);
-                wgmma_wait<0>();
-                reg_fence(s);
-                if (i == n_own - 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(i == 0, n * kBN, c0, c1);
-                acc_to_a<kBN>(pa, s);
-                if (i > 0) rescale_o(c0, c1);
-                mbar_wait(&v_full[st], ph);
-                issue_pv(st, i > 0);
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[st]);
-            }
         } else {
             // tile 0 (the diagonal): S, softmax, P
             {
@@ -474,8 +424,12 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
                 reg_fence(s);
                 if (i == n_own - 1) mbar_arrive(q_empty);
                 float c0, c1;
-                softmax(false, n * kBN, c0, c1);  // overlaps the P V product
-                wgmma_wait0_after(l0 + l1);
+                softmax(false, n * kBN, c0, c1);
+                // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
+                // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
+                // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
+                // warpgroups' products cover the softmax anyway
+                wgmma_wait<0>();
                 reg_fence(o);
                 mbar_arrive(&empty[pst]);
                 acc_to_a<kBN>(pa, s);
@@ -519,9 +473,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
         }
     }  // work items
-    if constexpr (kVariant == 2) {
-        if (cw == 0) turn_wait();  // the last warpgroup's final pass
-    }
+    if (cw == 0) turn_wait();  // the last warpgroup's final pass
 #endif
 }
 
@@ -1390,13 +1342,11 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
     return map;
 }
 
-// the kernel of kWG consumer warpgroups and kVariant on a one-shot grid (one CTA per work item) or a persistent
-// one (one CTA per multiprocessor; sched: FwdSched, the order its CTAs take the work items in)
-template <int HS, int kWG, int kVariant>
-void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, bool persistent,
-                         FwdSched sched, cudaStream_t stream) {
+// the kernel of kWG consumer warpgroups on the persistent grid (one CTA per multiprocessor, fewer if fewer items)
+template <int HS, int kWG>
+void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FwdCfg<HS, kWG>;
-    auto kernel = attention_forward_sm90_kernel<HS, kWG, kVariant>;
+    auto kernel = attention_forward_sm90_kernel<HS, kWG>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap map_kv = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
@@ -1407,10 +1357,10 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     require(work <= 0x7fffffffLL, "attention_sm90: too many work items");
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(persistent && work > sms ? sms : work);
+    const int grid = (int)(work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
     kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
-                                                  head_group(num_qblocks, num_bh), (int)sched, scale_log2);
+                                                  head_group(num_qblocks, num_bh), scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1454,35 +1404,23 @@ void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const f
     }
 }
 
-// the fastest correct variant per head size on an H200 (docs/perf.md, third timing run, 2026-12-01):
-// HS 64: persistent ping-pong (3) 368 us at B=64 T=1024 NH=12 (ping-pong 2: 378, 0: 415, 1: 404) and 717 us
-// at B=16 T=2048 NH=32 (2: 809); HS 128: ping-pong (2) 272 us at B=64 T=1024 NH=6 (3: 297, 0: 294, 1: 301)
-constexpr int kDefaultVariantHs64 = 7;
-constexpr int kDefaultVariantHs128 = 8;
+// forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
+// runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest on an H200 (harness, one
+// process, 2026-12-02 run 4): HS 64 (B=64 T=1024 NH=12): 1, 313.9 us (0: 357.1, cuDNN 294.4); HS 128 (NH=6): 0,
+// 261.4 us (cuDNN 221.3); B=16 T=2048 NH=32 HS 64: 1, 664.9 us (cuDNN 682.2)
+constexpr int kDefaultVariantHs64 = 1;
+constexpr int kDefaultVariantHs128 = 0;
 
-// variants: 0, 1, 2: that kVariant, 2 consumer warpgroups, one-shot grid; 3: variant 2 on the persistent grid;
-// 4: variant 3 with 3 consumer warpgroups (192-row blocks), snake order; 5: variant 4 on the one-shot grid;
-// 6: variant 3 in snake order; 7: variant 4 in the dynamic order; 8: variant 3 in the dynamic order. 4, 5 and 7
-// are HS 64 only (HS 128 runs 2, 2 and 8 instead).
 template <int HS>
 void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, int variant,
                      cudaStream_t stream) {
-    if (HS != 64 && (variant == 4 || variant == 5)) variant = 2;
-    if (HS != 64 && variant == 7) variant = 8;
-    const bool persistent = variant == 3 || variant == 4 || variant >= 6;
-    const FwdSched sched = variant == 4 || variant == 6 ? kSnake : variant >= 7 ? kDynamic : kStride;
     if constexpr (HS == 64) {
-        if (variant == 4 || variant == 5 || variant == 7) {
-            launch_forward_sm90<HS, 3, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
+        if (variant == 1) {
+            launch_forward_sm90<HS, 3>(out, lse, qkv, B, T, lay, stream);
             return;
         }
     }
-    if (variant == 0)
-        launch_forward_sm90<HS, 2, 0>(out, lse, qkv, B, T, lay, false, kStride, stream);
-    else if (variant == 1)
-        launch_forward_sm90<HS, 2, 1>(out, lse, qkv, B, T, lay, false, kStride, stream);
-    else
-        launch_forward_sm90<HS, 2, 2>(out, lse, qkv, B, T, lay, persistent, sched, stream);
+    launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
 }
 
 // the fused backward (variant 1: ordered dQ adds, 2: unordered); work: fused_work_floats<HS> floats, 16-byte
@@ -1578,7 +1516,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 8, "attention_forward_sm90: variant 0 .. 8");
+    require(variant == 0 || variant == 1, "attention_forward_sm90: variant 0 or 1");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);

@@ -6,11 +6,9 @@
 
 // shapes the sm_90 kernels handle (head sizes 64 and 128, any B, T, NH; any NKV dividing NH)
 bool attention_sm90_supported(int B, int T, int NH, int HS);
-// same contract as attention_forward; variant 0 = overlapped softmax, 1 = the plain loop, 2 = overlapped
-// with ping-pong turns between the consumer warpgroups, 3 = variant 2 in a persistent grid, 4 = variant 3 with 3
-// consumer warpgroups on 192-query blocks (HS 64; HS 128 runs 2), 5 = 4 on a one-shot grid, 6 = 3 with the
-// snake order of 4, 7 and 8 = 4 and 3 taking their work items dynamically (HS 128: 7 runs 8) (attention_sm90.cu);
-// -1 = the default for HS: 7 (HS 64), 8 (HS 128)
+// same contract as attention_forward; variant 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 consumer
+// warpgroups on 192-query blocks (HS 64; HS 128 runs 0) (attention_sm90.cu); -1 = the default for HS: 1 (HS 64),
+// 0 (HS 128)
 void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                             cudaStream_t stream, int variant = -1);
 // the backward after attention.cu's preprocess wrote dvec = rowsum(dO * O) (B, NH, T); same contract as

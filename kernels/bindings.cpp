@@ -290,7 +290,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"));
     m.def(
         "attention_set_sm90_forward_variant", [](int variant) { attention_set_sm90_forward_variant(variant); },
-        "the Hopper forward's variant (0 .. 8, kernels/attention_sm90.h) where attention runs it; -1: the default",
+        "the Hopper forward's variant (0 or 1, kernels/attention_sm90.h) where attention runs it; -1: the default",
         py::arg("variant"));
 
     // ---- matmul.cu

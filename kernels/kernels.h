@@ -133,7 +133,7 @@ size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // attention_backend_in_use says what would run now: (90 or 80 for the forward) + (9000 or 8000 for the backward).
 void attention_set_backend(int backend);
 int attention_backend_in_use(int B, int T, int NH, int HS);
-// the variant of the Hopper forward (attention_sm90.h: 0 .. 8) attention_forward runs when it runs that kernel;
+// the variant of the Hopper forward (attention_sm90.h: 0 or 1) attention_forward runs when it runs that kernel;
 // -1 (the default): the fastest measured per head size. For tests and benchmarks of the variants.
 void attention_set_sm90_forward_variant(int variant);
 // The Hopper backward's kernels (attention_sm90.h): -1 the default, 0 two kernels (dK/dV, then dQ), 1 one kernel

@@ -22,8 +22,9 @@ ap.add_argument("--lib", default="dev/attn_sm90/libattn.so")
 ap.add_argument("--no-time", action="store_true")
 ap.add_argument("--bwd", action="store_true", help="also check/time the backward")
 ap.add_argument("--reps", type=int, default=20)
-ap.add_argument("--kinds", default="sm90v0,sm90v1,sm90v2,sm90v3,sm90v4,sm90v5,sm90v6,sm90v7,sm90v8,fa2",
-                help="forward kernels to check and time (sm90vN: attention_forward_sm90 variant N, fa2: mma.sync, "
+ap.add_argument("--kinds", default="sm90v0,sm90v1,auto,fa2",
+                help="forward kernels to check and time (sm90vN: attention_forward_sm90 variant N: 0 two consumer "
+                     "warpgroups, 1 three (HS 64); fa2: mma.sync, "
                      "auto: the dispatch)")
 ap.add_argument("--bwd-kinds", default="fa2,auto",
                 help="backward kernels (fa2 = mma.sync, auto = dispatch, sm90bN = the Hopper backward's variant N: "
