@@ -1018,7 +1018,7 @@ size_t fused_work_floats(int B, int T, int NH) {
     return tiles * Cfg::kDqFloats + tiles + 4;
 }
 
-template <int HS, bool kDet>
+template <int HS, bool kDet, bool kPipe>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
                                          const __grid_constant__ CUtensorMap tm_q,
@@ -1138,7 +1138,7 @@ __global__ void __launch_bounds__(384, 1)
                 mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
                 // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
                 const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
-                if constexpr (kDet) {
+                if (kDet && before > 0) {
                     wait_count(dq_count + tile, before);
                     fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
                 }
@@ -1147,8 +1147,9 @@ __global__ void __launch_bounds__(384, 1)
                 else
                     bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
                 bulk_commit();
+                bulk_wait_read<0>();
+                mbar_arrive(&dq_empty[buf]);  // the staging buffer is free once read, before the add completes
                 bulk_wait<0>();
-                mbar_arrive(&dq_empty[buf]);
                 fence_proxy_async_global();
                 red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
             }
@@ -1208,39 +1209,53 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
 
+    // S^T and dP^T of sub-tile hh (queries 64 hh..) of the tile in stage st: two commit groups
+    auto issue_s_dp = [&](float(&s)[32], float(&dp)[32], int st, int hh) {
+        const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
+        wgmma_commit();
+    };
+    auto wait_tile = [&](int i) {
+        const int st = i % kStages;
+        const uint32_t ph = (i / kStages) & 1;
+        mbar_wait(&q_full[st], ph);
+        mbar_wait(&do_full[st], ph);
+        mbar_wait(&aux_full[st], ph);
+    };
+
     mbar_wait(kv_full, 0);
     for (int i = 0; i < n_tiles; ++i) {
         const int st = i % kStages;
-        const uint32_t ph = (i / kStages) & 1;
         int h, qt;
         tile_of(c, i, h, qt);
         const int row0 = qt * kBM;
         const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
-        mbar_wait(&q_full[st], ph);
-        mbar_wait(&do_full[st], ph);
-        mbar_wait(&aux_full[st], ph);
+        wait_tile(i);
         // both warpgroups' dQ products of the previous tile are done reading dS^T (each waited for its own)
-        named_barrier_sync(1, 256);
+        if constexpr (!kPipe) named_barrier_sync(1, 256);
         // Sub-tiles of 64 queries (HS 64: two): S^T, dP^T (wgmma), P^T while dP^T runs, dV += P^T dO issued, dS^T
         // while it runs, dK += dS^T Q issued, dS^T to shared memory while that runs. At most 64 + 64 accumulators
         // of S^T, dP^T live besides dK, dV (the consumers' 240 registers); the A fragments of P^T and dS^T stay
         // untouched until their products complete (the next sub-tile's wait, or the one after dQ).
         uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+        // one S^T, dP^T pair per sub-tile (the pipelined loop issues the next pair before the last one is consumed;
+        // separate arrays keep each first product's accumulator input undefined, not the previous P^T, dS^T)
+        float s_[kBM / 64][32], dp_[kBM / 64][32];
+        if constexpr (kPipe) issue_s_dp(s_[0], dp_[0], st, 0);
 #pragma unroll
         for (int hh = 0; hh < kBM / 64; ++hh) {
-            const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
             const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
             const int q0 = row0 + 64 * hh;
-            float s[32], dp[32];
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; ++kk)
-                wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
-            wgmma_commit();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; ++kk)
-                wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
-            wgmma_commit();
+            float(&s)[32] = s_[hh];
+            float(&dp)[32] = dp_[hh];
+            if constexpr (!kPipe) issue_s_dp(s, dp, st, hh);
             wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
             reg_fence(s);
             // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
@@ -1278,6 +1293,13 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), 1);
             wgmma_commit();
+            if constexpr (kPipe) {
+                // the next sub-tile's S^T, dP^T queue behind dK (s and dp are free: dS^T is in dah); then, before
+                // the first store of dS^T, both warpgroups' dQ products of the previous tile are done reading it
+                // (each waited for its own before its dQ store)
+                if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
+                if (hh == 0) named_barrier_sync(1, 256);
+            }
             // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
             // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
             const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
@@ -1489,7 +1511,8 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
 // aligned
 template <int HS>
 void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                                float* work, int B, int T, QkvLayout lay, bool deterministic, cudaStream_t stream) {
+                                float* work, int B, int T, QkvLayout lay, bool deterministic, bool pipe,
+                                cudaStream_t stream) {
     using Cfg = FusedBwdCfg<HS>;
     const int C = lay.NH * HS, W = lay.row_stride();
     const double scale_d = 1.0 / std::sqrt((double)HS);
@@ -1501,8 +1524,10 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
     if (!deterministic)  // unordered adds: no first one to store
         CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, (size_t)num_tiles * Cfg::kDqFloats * sizeof(float), stream));
-    auto kernel = deterministic ? attention_backward_fused_sm90_kernel<HS, true>
-                                : attention_backward_fused_sm90_kernel<HS, false>;
+    auto kernel = deterministic ? (pipe ? attention_backward_fused_sm90_kernel<HS, true, true>
+                                        : attention_backward_fused_sm90_kernel<HS, true, false>)
+                                : (pipe ? attention_backward_fused_sm90_kernel<HS, false, true>
+                                        : attention_backward_fused_sm90_kernel<HS, false, false>);
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
@@ -1527,14 +1552,15 @@ void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float
     if (variant == 0)
         launch_backward_sm90<HS>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
     else
-        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant == 1, stream);
+        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant % 2 == 1, variant >= 3,
+                                       stream);
 }
 
 }  // namespace
 
 int attention_sm90_backward_variant(int variant) {
     if (variant < 0) variant = kDefaultBackwardVariant;
-    require(variant >= 0 && variant <= 2, "attention_backward_sm90: variant 0, 1 or 2");
+    require(variant >= 0 && variant <= 4, "attention_backward_sm90: variant 0 .. 4");
     return variant;
 }
 
