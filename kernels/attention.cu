@@ -842,7 +842,7 @@ void attention_set_sm90_forward_variant(int variant) {
 }
 
 void attention_set_backward_variant(int variant) {
-    require(variant >= -1 && variant <= 4, "attention_set_backward_variant: -1 (default), 0 .. 4");
+    require(variant >= -1 && variant <= 6, "attention_set_backward_variant: -1 (default), 0 .. 6");
     g_backward_variant = variant;
 }
 

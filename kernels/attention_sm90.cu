@@ -1018,7 +1018,7 @@ size_t fused_work_floats(int B, int T, int NH) {
     return tiles * Cfg::kDqFloats + tiles + 4;
 }
 
-template <int HS, bool kDet, bool kPipe>
+template <int HS, bool kDet, int kPipe>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
                                          const __grid_constant__ CUtensorMap tm_q,
@@ -1205,21 +1205,31 @@ __global__ void __launch_bounds__(384, 1)
         return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
     };
 
+    // dK, dV: the first tile's first products overwrite them (scale_d 0: no zeroing, which ptxas could sink among
+    // the first products in flight)
     float dk[HS / 2], dv[HS / 2];
-#pragma unroll
-    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
 
     // S^T and dP^T of sub-tile hh (queries 64 hh..) of the tile in stage st: two commit groups
+    // (kPipe 2: the first products with the accumulators as outputs only, so the previous values are dead after
+    // their last read and never carried around the loop)
     auto issue_s_dp = [&](float(&s)[32], float(&dp)[32], int st, int hh) {
         const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk)
-            wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
+        for (int kk = 0; kk < HS / 16; ++kk) {
+            if (kPipe == 2 && kk == 0)
+                wgmma_ss_n64_first<0, 0>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk));
+            else
+                wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
+        }
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk)
-            wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
+        for (int kk = 0; kk < HS / 16; ++kk) {
+            if (kPipe == 2 && kk == 0)
+                wgmma_ss_n64_first<0, 0>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk));
+            else
+                wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
+        }
         wgmma_commit();
     };
     auto wait_tile = [&](int i) {
@@ -1230,16 +1240,22 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(&aux_full[st], ph);
     };
 
+    // kPipe 2: the first sub-tile's S^T, dP^T of each tile, issued at the end of the previous one
+    float s_next[32], dp_next[32];
     mbar_wait(kv_full, 0);
-    for (int i = 0; i < n_tiles; ++i) {
+    if constexpr (kPipe == 2) {
+        wait_tile(0);
+        issue_s_dp(s_next, dp_next, 0, 0);
+    }
+    for (int i = 0;; ++i) {  // n_tiles >= 1
         const int st = i % kStages;
         int h, qt;
         tile_of(c, i, h, qt);
         const int row0 = qt * kBM;
         const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
-        wait_tile(i);
+        if constexpr (kPipe < 2) wait_tile(i);
         // both warpgroups' dQ products of the previous tile are done reading dS^T (each waited for its own)
-        if constexpr (!kPipe) named_barrier_sync(1, 256);
+        if constexpr (kPipe == 0) named_barrier_sync(1, 256);
         // Sub-tiles of 64 queries (HS 64: two): S^T, dP^T (wgmma), P^T while dP^T runs, dV += P^T dO issued, dS^T
         // while it runs, dK += dS^T Q issued, dS^T to shared memory while that runs. At most 64 + 64 accumulators
         // of S^T, dP^T live besides dK, dV (the consumers' 240 registers); the A fragments of P^T and dS^T stay
@@ -1248,17 +1264,20 @@ __global__ void __launch_bounds__(384, 1)
         // one S^T, dP^T pair per sub-tile (the pipelined loop issues the next pair before the last one is consumed;
         // separate arrays keep each first product's accumulator input undefined, not the previous P^T, dS^T)
         float s_[kBM / 64][32], dp_[kBM / 64][32];
-        if constexpr (kPipe) issue_s_dp(s_[0], dp_[0], st, 0);
+        if constexpr (kPipe == 1) issue_s_dp(s_[0], dp_[0], st, 0);
 #pragma unroll
         for (int hh = 0; hh < kBM / 64; ++hh) {
             const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
             const int q0 = row0 + 64 * hh;
-            float(&s)[32] = s_[hh];
-            float(&dp)[32] = dp_[hh];
-            if constexpr (!kPipe) issue_s_dp(s, dp, st, hh);
+            float(&s)[32] = kPipe == 2 && hh == 0 ? s_next : s_[hh];
+            float(&dp)[32] = kPipe == 2 && hh == 0 ? dp_next : dp_[hh];
+            if constexpr (kPipe == 0) issue_s_dp(s, dp, st, hh);
             wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
             reg_fence(s);
-            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
+            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key (P^T and dS^T in arrays of
+            // their own: written into a wgmma's accumulators, with another product in flight, they made ptxas
+            // serialize all products, C7515)
+            float pt[32], dst[32];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
@@ -1268,15 +1287,16 @@ __global__ void __launch_bounds__(384, 1)
                     const int k = krow + 8 * (e >> 1);
                     float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
                     if (need_mask && q < k) p = 0.f;
-                    s[4 * j + e] = p;
+                    pt[4 * j + e] = p;
                 }
             }
             uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
             uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
-            acc_to_a<64>(pah, s);
+            acc_to_a<64>(pah, pt);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), 1);
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
             wgmma_commit();
             wgmma_wait<1>();  // dP^T (dV may still run)
             reg_fence(dp);
@@ -1286,12 +1306,13 @@ __global__ void __launch_bounds__(384, 1)
                 const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+                    dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
             }
-            acc_to_a<64>(dah, dp);
+            acc_to_a<64>(dah, dst);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), 1);
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
             wgmma_commit();
             if constexpr (kPipe) {
                 // the next sub-tile's S^T, dP^T queue behind dK (s and dp are free: dS^T is in dah); then, before
@@ -1320,52 +1341,73 @@ __global__ void __launch_bounds__(384, 1)
                                make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
-        reg_fence(dk);
-        reg_fence(dv);
-        reg_fence(dq);
-        mbar_arrive(&empty[st]);
-        if (kb == 0) {
-            // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
-            // read through L2) plus this part, scaled, in bf16 straight into dqkv
-            const int before = qt * kBM / kBN;
-            const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
-            if (before > 0) {
-                wait_count(dq_count + tile, (uint32_t)before);
-                const float4* acc =
-                    reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
+        float dqv[32];  // dQ's values after the wait
+        reg_copy(dqv, dq);
+        // the tile's dQ part: to the staging buffer, or (key block 0) summed and stored
+        auto finish = [&]() {
+            mbar_arrive(&empty[st]);
+            if (kb == 0) {
+                // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
+                // read through L2) plus this part, scaled, in bf16 straight into dqkv
+                const int before = qt * kBM / kBN;
+                const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+                if (before > 0) {
+                    wait_count(dq_count + tile, (uint32_t)before);
+                    const float4* acc =
+                        reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    const float4 v = __ldcg(acc + 128 * j);
-                    dq[4 * j] += v.x;
-                    dq[4 * j + 1] += v.y;
-                    dq[4 * j + 2] += v.z;
-                    dq[4 * j + 3] += v.w;
+                    for (int j = 0; j < 8; ++j) {
+                        const float4 v = __ldcg(acc + 128 * j);
+                        dqv[4 * j] += v.x;
+                        dqv[4 * j + 1] += v.y;
+                        dqv[4 * j + 2] += v.z;
+                        dqv[4 * j + 3] += v.w;
+                    }
                 }
-            }
-            const size_t row_stride = lay.row_stride();
-            bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-            store_acc_rows<64>(q0, row_stride, dq, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
-        } else {
-            // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
-            const int buf = i % kDqBufs;
-            if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
-            const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+                const size_t row_stride = lay.row_stride();
+                bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
+                store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+            } else {
+                // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
+                const int buf = i % kDqBufs;
+                if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
+                const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
-            fence_proxy_async();  // visible to the bulk copy
-            mbar_arrive(&dq_full[buf]);
+                for (int j = 0; j < 8; ++j)
+                    st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
+                fence_proxy_async();  // visible to the bulk copy
+                mbar_arrive(&dq_full[buf]);
+            }
+        };
+        if constexpr (kPipe == 2) {
+            // the next tile's first S^T, dP^T issued before the dQ store, which runs under them. (The last tile
+            // leaves the loop on its own path: with a back edge also from there, ptxas saw S^T maybe in flight when
+            // P^T reads it and serialized all products, C7514.)
+            if (i + 1 < n_tiles) {
+                wait_tile(i + 1);
+                issue_s_dp(s_next, dp_next, (i + 1) % kStages, 0);
+                finish();
+                continue;
+            }
+            finish();
+            break;
+        } else {
+            finish();
+            if (i + 1 >= n_tiles) break;
         }
     }
 
+    float dkv[HS / 2], dvv[HS / 2];  // dK's, dV's values after the last wait
+    reg_copy(dkv, dk);
+    reg_copy(dvv, dv);
     // the block's coordinates again (keeping them live through the loop spilled them)
     const Coords ce = coords();
     const int b_e = ce.b, kh_e = ce.kh;
     const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
     const size_t row_stride = lay.row_stride();
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
+    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
+    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
 #endif
 }
 
@@ -1511,7 +1553,7 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
 // aligned
 template <int HS>
 void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                                float* work, int B, int T, QkvLayout lay, bool deterministic, bool pipe,
+                                float* work, int B, int T, QkvLayout lay, bool deterministic, int pipe,
                                 cudaStream_t stream) {
     using Cfg = FusedBwdCfg<HS>;
     const int C = lay.NH * HS, W = lay.row_stride();
@@ -1524,10 +1566,14 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
     if (!deterministic)  // unordered adds: no first one to store
         CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, (size_t)num_tiles * Cfg::kDqFloats * sizeof(float), stream));
-    auto kernel = deterministic ? (pipe ? attention_backward_fused_sm90_kernel<HS, true, true>
-                                        : attention_backward_fused_sm90_kernel<HS, true, false>)
-                                : (pipe ? attention_backward_fused_sm90_kernel<HS, false, true>
-                                        : attention_backward_fused_sm90_kernel<HS, false, false>);
+    // pipe 2 (the next tile's first products issued before the dQ store): HS 64 only (HS 128 spills), HS 128 runs 1
+    constexpr int kP2 = HS == 64 ? 2 : 1;
+    auto kernel = deterministic ? (pipe == 2   ? attention_backward_fused_sm90_kernel<HS, true, kP2>
+                                   : pipe == 1 ? attention_backward_fused_sm90_kernel<HS, true, 1>
+                                               : attention_backward_fused_sm90_kernel<HS, true, 0>)
+                                : (pipe == 2   ? attention_backward_fused_sm90_kernel<HS, false, kP2>
+                                   : pipe == 1 ? attention_backward_fused_sm90_kernel<HS, false, 1>
+                                               : attention_backward_fused_sm90_kernel<HS, false, 0>);
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
@@ -1552,7 +1598,8 @@ void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float
     if (variant == 0)
         launch_backward_sm90<HS>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
     else
-        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant % 2 == 1, variant >= 3,
+        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant != 2 && variant != 4 && variant != 6,
+                                       variant <= 2 ? 0 : variant <= 4 ? 1 : 2,
                                        stream);
 }
 
@@ -1560,7 +1607,7 @@ void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float
 
 int attention_sm90_backward_variant(int variant) {
     if (variant < 0) variant = kDefaultBackwardVariant;
-    require(variant >= 0 && variant <= 4, "attention_backward_sm90: variant 0 .. 4");
+    require(variant >= 0 && variant <= 6, "attention_backward_sm90: variant 0 .. 6");
     return variant;
 }
 
