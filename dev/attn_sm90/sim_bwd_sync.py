@@ -1,10 +1,10 @@
 """CPU model of one CTA of attention_sm90.cu's fused backward: its synchronization only (mbarriers, named barriers,
-wgmma waits), under random interleavings, for the loop orders kPipe 0, 1, 2.
+wgmma waits), under random interleavings.
 
     python3 dev/attn_sm90/sim_bwd_sync.py [--seeds 3000]
 
 Agents: the TMA producer (Q/dO tile i into stage i % 2 once stage i - 2 is released), the lse/D warp (same waits),
-the two consumer warpgroups (steps in the kernel's order per kPipe), the dQ adder thread (reads a staging buffer
+the two consumer warpgroups (steps in the kernel's order), the dQ adder thread (reads a staging buffer
 once both warpgroups filled it, frees it once read). A product reads its shared-memory operands at some time
 between its issue and the wait that retires it: each read is an open interval, and every write checks that no
 other agent's interval on that buffer is open. A step that waits blocks until its condition holds; no runnable
@@ -17,8 +17,8 @@ STAGES, DQBUFS = 2, 2
 
 
 class Cta:
-    def __init__(self, n_tiles, subtiles, pipe, rng):
-        self.n, self.sub, self.pipe, self.rng = n_tiles, subtiles, pipe, rng
+    def __init__(self, n_tiles, subtiles, rng):
+        self.n, self.sub, self.rng = n_tiles, subtiles, rng
         self.stage = [None] * STAGES          # tile held by each Q/dO/aux stage
         self.full = [0] * STAGES              # completed phases of q_full (= do_full = aux_full)
         self.empty = [0] * STAGES             # arrivals on empty (both warpgroups: 2 a phase)
@@ -73,40 +73,27 @@ class Cta:
             st = i % STAGES
             issue(f"S,dP {i}.{hh}", [("stage", st)], lambda: self.stage[st] == i)
 
-        if self.pipe == 2:
-            yield from wait_tile(0)
-            s_dp(0, 0)
         for i in range(self.n):
             st = i % STAGES
-            if self.pipe < 2:
-                yield from wait_tile(i)
-            if self.pipe == 0:
-                yield from barrier(1)
-            if self.pipe == 1:
-                s_dp(i, 0)
+            yield from wait_tile(i)
+            s_dp(i, 0)
             for hh in range(self.sub):
-                if self.pipe == 0:
-                    s_dp(i, hh)
                 wait(1)  # S^T
                 yield None
                 issue(f"dV {i}.{hh}", [("stage", st)], lambda: self.stage[st] == i)
                 wait(1)  # dP^T
                 yield None
                 issue(f"dK {i}.{hh}", [("stage", st)], lambda: self.stage[st] == i)
-                if self.pipe > 0:
-                    if hh + 1 < self.sub:
-                        s_dp(i, hh + 1)
-                    if hh == 0:
-                        yield from barrier(1)
+                if hh + 1 < self.sub:
+                    s_dp(i, hh + 1)
+                if hh == 0:
+                    yield from barrier(1)
                 self.write(me, ("ds", w))
                 self.ds[w] = i
                 yield None
             yield from barrier(2)
             issue(f"dQ {i}", [("ds", 0), ("ds", 1)], lambda: self.ds == [i, i])
             wait(0)
-            if self.pipe == 2 and i + 1 < self.n:
-                yield from wait_tile(i + 1)
-                s_dp(i + 1, 0)
             self.empty[st] += 1
             buf = i % DQBUFS
             if i >= DQBUFS:
@@ -149,10 +136,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--seeds", type=int, default=3000)
 args = ap.parse_args()
 runs = 0
-for pipe in (0, 1, 2):
-    for sub in (1, 2):  # sub-tiles per tile: HS 128 (1), HS 64 (2)
-        for n in (1, 2, 3, 5, 8):
-            for seed in range(args.seeds // 10):
-                Cta(n, sub, pipe, random.Random(seed * 131 + n)).run()
-                runs += 1
-print(f"ok: {runs} random interleavings, kPipe 0, 1, 2, 1 or 2 sub-tiles, 1 .. 8 tiles")
+for sub in (1, 2):  # sub-tiles per tile: HS 128 (1), HS 64 (2)
+    for n in (1, 2, 3, 5, 8):
+        for seed in range(args.seeds // 10):
+            Cta(n, sub, random.Random(seed * 131 + n)).run()
+            runs += 1
+print(f"ok: {runs} random interleavings, 1 or 2 sub-tiles, 1 .. 8 tiles")
