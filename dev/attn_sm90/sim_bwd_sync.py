@@ -3,7 +3,7 @@ wgmma waits), under random interleavings.
 
     python3 dev/attn_sm90/sim_bwd_sync.py [--seeds 3000]
 
-Agents: the TMA producer (Q/dO tile i into stage i % 2 once stage i - 2 is released), the lse/D warp (same waits),
+Agents: the TMA producer (Q/dO tile i into stage i % 2 once stage i - 2 is released; the lse/D warp waits alike),
 the two consumer warpgroups (steps in the kernel's order), the dQ adder thread (reads a staging buffer
 once both warpgroups filled it, frees it once read). A product reads its shared-memory operands at some time
 between its issue and the wait that retires it: each read is an open interval, and every write checks that no
