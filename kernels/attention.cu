@@ -58,8 +58,8 @@
 // On compute capability 9.x, where the build includes sm_90 (GPT2CU_HAVE_SM90_ATTENTION), attention_forward and
 // attention_backward run the Hopper kernels of attention_sm90.cu (wgmma + TMA; same contract, also
 // deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
-// these, 2 keeps only the backward here (kernels.h). attention_set_backward_variant picks the Hopper backward's
-// kernels (two, or one that sums dQ in fp32 in the scratch after D: attention_sm90.cu).
+// these, 2 keeps only the backward here (kernels.h). The Hopper backward sums dQ in fp32 in the scratch after D
+// (attention_sm90.cu).
 //
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,
@@ -734,7 +734,6 @@ __global__ void __launch_bounds__(kThreads)
 // ---- host side ----------------------------------------------------------------------------------------
 int g_attention_backend = 0;  // attention_set_backend: 0 automatic, 1 always the mma.sync kernels above
 int g_sm90_forward_variant = -1;  // attention_set_sm90_forward_variant
-int g_backward_variant = -1;  // attention_set_backward_variant: the Hopper backward's variant (-1: its default)
 
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
 // compute capability major of the current device (cached per device ordinal)
@@ -841,11 +840,6 @@ void attention_set_sm90_forward_variant(int variant) {
     g_sm90_forward_variant = variant;
 }
 
-void attention_set_backward_variant(int variant) {
-    require(variant >= -1 && variant <= 2, "attention_set_backward_variant: -1 (default), 0, 1 or 2");
-    g_backward_variant = variant;
-}
-
 int attention_backend_in_use(int B, int T, int NH, int HS) {
     return (attention_sm90_forward_selected(B, T, NH, HS) ? 90 : 80) +
            (attention_sm90_backward_selected(B, T, NH, HS) ? 9000 : 8000);
@@ -873,9 +867,8 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
     size_t n = (size_t)B * NH * T;  // D = rowsum(dO * O), one float per (b, h, t)
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-    // then the Hopper backward's work area (its fused variants' fp32 dQ accumulator)
-    if (attention_sm90_backward_selected(B, T, NH, HS))
-        n += attention_sm90_backward_work_floats(B, T, NH, HS, g_backward_variant);
+    // then the Hopper backward's work area (its fp32 dQ accumulator)
+    if (attention_sm90_backward_selected(B, T, NH, HS)) n += attention_sm90_backward_work_floats(B, T, NH, HS);
 #endif
     return n;
 }
@@ -903,8 +896,8 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
     if (attention_sm90_backward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
         const size_t d_floats = (size_t)B * NH * T;
-        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, NKV, HS, stream, g_backward_variant,
-                                scratch + d_floats, scratch_floats - d_floats);
+        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, NKV, HS, scratch + d_floats,
+                                scratch_floats - d_floats, stream);
         return;
 #endif
     }

@@ -92,9 +92,6 @@ __device__ __forceinline__ void cta_order_of(int id, int num_bh, int nblk, int g
     j = r / gsize;
     bh = first + r % gsize;
 }
-__device__ __forceinline__ void cta_order(int num_bh, int nblk, int group, int& bh, int& j) {
-    cta_order_of((int)blockIdx.x, num_bh, nblk, group, bh, j);
-}
 
 // a shared-memory descriptor moved by `bytes`: the start address field (bits 0-13, address / 16) cannot carry
 // into the next field (shared addresses are below 2^18), so only the low word changes
@@ -478,56 +475,27 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 }
 
 // ---- Backward -------------------------------------------------------------------------------------------
-// Deterministic like attention.cu's: D = rowsum(dO * O) first (attention.cu's preprocess kernel), then two
-// kernels that each write their outputs exactly once (no atomics), recomputing P from lse:
-//   dK/dV: one CTA per (128-key block, key/value head, batch); consumer warpgroup cw owns keys 64cw..64cw+63;
-//     the producer streams 64-query tiles of Q and dO (TMA) from the diagonal to the end, for each query head
-//     of the group in turn (one sequence of tiles through the ring: K/V loaded once, dK/dV summed over the
-//     group in registers in that fixed order), and its warp 1 copies the tile's lse (times log2 e; +inf past
-//     T, so those queries get P = 0) and D into shared memory.
-//     Per tile: S^T = K Q^T and dP^T = V dO^T (wgmma, A = this warpgroup's 64 keys, both K-major), P^T,
-//     dV += P^T dO (A = P^T from registers, dO as MN-major B), dS^T = P^T (dP^T - D), dK += dS^T Q (A from
-//     registers, Q as MN-major B). A warpgroup skips the compute of a tile whose queries all precede its keys.
-//   dQ: one CTA per (128-query block, query head, batch), consumer warpgroup cw owns rows 64cw..; Q and dO loaded
-//     once, K/V tiles of kBN keys streamed from the diagonal down: S = Q K^T, dP = dO V^T, P, dS = P (dP - D),
-//     dQ += dS K (K as MN-major B).
-template <int HS>
-struct DkdvCfg {
-    static constexpr int kBN = 128;  // keys per CTA
-    static constexpr int kBM = 64;   // queries per streamed tile
-    static constexpr int kStages = 3;
-    static constexpr int kKVBytes = kBN * HS * 2;
-    static constexpr int kKVPanelBytes = kBN * kPanelRowBytes;
-    static constexpr int kTileBytes = kBM * HS * 2;
-    static constexpr int kTilePanelBytes = kBM * kPanelRowBytes;
-    static constexpr int kAuxBytes = 2 * kBM * 4;  // lse2[kBM], D[kBM]
-    static constexpr int kAuxOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
-    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
-    static constexpr int kNumBars = 1 + 4 * kStages;
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
-};
-
-template <int HS>
-struct DqCfg {
-    static constexpr int kBM = 128;
-    static constexpr int kBN = HS == 64 ? 128 : 64;
-    static constexpr int kStages = 3;
-    static constexpr int kQBytes = kBM * HS * 2;
-    static constexpr int kQPanelBytes = kBM * kPanelRowBytes;
-    static constexpr int kTileBytes = kBN * HS * 2;
-    static constexpr int kTilePanelBytes = kBN * kPanelRowBytes;
-    static constexpr int kBarOffset = 2 * kQBytes + 2 * kStages * kTileBytes;
-    static constexpr int kNumBars = 1 + 3 * kStages;
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
-};
-
-template <int N>
-__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
-    if constexpr (N == 64)
-        wgmma_ss_n64<0, 0>(d, da, db, scale_d);
-    else
-        wgmma_ss_n128<0, 0>(d, da, db, scale_d);
-}
+// After attention.cu's preprocess (D = rowsum(dO * O)), one kernel recomputes P from lse and writes dK, dV and dQ:
+// one CTA per (128-key block, key/value head, batch), 3 warpgroups (384 threads).
+//   Warpgroup 0 (setmaxnreg 24): warp 0, one thread, loads the block's K and V once, then streams query tiles of
+//     kBM rows (HS 64: 128, HS 128: 64) of Q and dO by TMA into a ring of kStages, from the diagonal tile up, for
+//     each query head of the group in turn (K/V loaded once, dK/dV summed over the group in registers in that
+//     fixed order); warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D
+//     into shared memory; one thread of warp 1 adds the block's dQ parts into global memory (below).
+//   Warpgroups 1, 2, the consumers (setmaxnreg 240): warpgroup cw owns keys 64cw..64cw+63. Per tile, in sub-tiles
+//     of 64 queries (their accumulators and dK, dV fit the 240 registers): S^T = K Q^T and dP^T = V dO^T (wgmma,
+//     A = this warpgroup's 64 keys, both K-major), P^T while dP^T runs, dV += P^T dO issued (A = P^T from
+//     registers, dO as an MN-major B: no transpose anywhere), dS^T = P^T (dP^T - D) while it runs, dK += dS^T Q
+//     issued, the next sub-tile's S^T and dP^T issued behind it, and dS^T stored to shared memory (bf16, 128 keys
+//     x kBM queries, swizzled panels of 64 queries) while they run. After a barrier of the two warpgroups,
+//     dQ_tile = dS K from shared memory (dS as an MN-major A, K as an MN-major B): warpgroup cw computes queries
+//     64cw.. (HS 64) or head columns 64cw.. (HS 128), an m64n64 product over the 128 keys. 5 products a tile (a
+//     dK/dV kernel and a separate dQ kernel need 7: S and dP twice).
+// The dQ sums: a consumer warpgroup's fp32 dQ part goes to a shared staging buffer (double-buffered), in fragment
+// order (float4 j of thread ctid at index 128 j + ctid: conflict-free stores, and one contiguous 16 KB half per
+// warpgroup), and warp 1's thread adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with
+// one bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine does the adds, the consumers wait only when
+// both staging buffers are still being read.
 // B MN-major (transposed)
 template <int N>
 __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
@@ -552,388 +520,22 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
     }
 }
 
-template <int HS>
-__global__ void __launch_bounds__(384, 1)
-    attention_backward_dkdv_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv, const __grid_constant__ CUtensorMap tm_q,
-                                        const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
-                                        const float* __restrict__ lse, const float* __restrict__ dvec, int T,
-                                        QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
-                                        float scale_log2) {
-#ifdef GPT2CU_SM90A_DEVICE
-    using Cfg = DkdvCfg<HS>;
-    constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
-    constexpr float kLog2e = 1.4426950408889634f;
-    extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    uint8_t* sK = smem;
-    uint8_t* sV = smem + Cfg::kKVBytes;
-    uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
-    uint8_t* sdO = sQ + kStages * Cfg::kTileBytes;
-    float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
-    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
-    uint64_t* kv_full = bars;
-    uint64_t* q_full = bars + 1;
-    uint64_t* do_full = bars + 1 + kStages;
-    uint64_t* aux_full = bars + 1 + 2 * kStages;
-    uint64_t* empty = bars + 1 + 3 * kStages;
-
-    const int tid = threadIdx.x, wg = warpgroup_index();
-    int bkv, kb;
-    cta_order(num_bkv, num_kblocks, group, bkv, kb);  // key block 0 (the most query tiles) first
-    const int b = bkv / lay.NKV, kh = bkv % lay.NKV;
-    const int h0 = kh * (lay.NH / lay.NKV);  // the group's first query head
-    const int q_first = kb * kBN / kBM;
-    const int n_q = (T + kBM - 1) / kBM - q_first;      // query tiles per query head
-    const int n_tiles = (lay.NH / lay.NKV) * n_q;       // tile i: query head h0 + i / n_q, query tile i % n_q
-
-    if (tid == 0) {
-        tma_prefetch_desc(&tm_kv);
-        tma_prefetch_desc(&tm_q);
-        tma_prefetch_desc(&tm_do);
-        mbar_init(kv_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&q_full[s], 1);
-            mbar_init(&do_full[s], 1);
-            mbar_init(&aux_full[s], 32);
-            mbar_init(&empty[s], 256);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
-
-    if (wg == 0) {
-        setmaxnreg_dec<24>();
-        if (tid == 0) {
-            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
-#pragma unroll
-            for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(kh) + p * kPanelCols, kb * kBN, b);
-                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(kh) + p * kPanelCols, kb * kBN, b);
-            }
-            for (int i = 0; i < n_tiles; ++i) {
-                const int st = i % kStages;
-                const int j = i / n_q, row0 = (q_first + i - j * n_q) * kBM;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
-                                lay.q(h0 + j) + p * kPanelCols, row0, b);
-                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
-                                (h0 + j) * HS + p * kPanelCols, row0, b);
-            }
-        } else if (tid >= 32 && tid < 64) {
-            const int lane = tid - 32;
-            for (int i = 0; i < n_tiles; ++i) {
-                const int st = i % kStages;
-                const int j = i / n_q, row0 = (q_first + i - j * n_q) * kBM;
-                const size_t bh = (size_t)b * lay.NH + h0 + j;
-                const float* lse_bh = lse + bh * T;
-                const float* d_bh = dvec + bh * T;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                float* aux = sAux + st * (2 * kBM);
-#pragma unroll
-                for (int k = 0; k < kBM / 32; ++k) {
-                    const int r = row0 + lane + 32 * k;
-                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
-                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
-                }
-                mbar_arrive(&aux_full[st]);
-            }
-        }
-        return;
-    }
-
-    setmaxnreg_inc<240>();
-    const int cw = wg - 1;
-    const int ctid = tid - 128 * wg;
-    const int warp = ctid / 32, lane = ctid % 32;
-    const int g = lane >> 2, t = lane & 3;
-    const int key0 = kb * kBN + 64 * cw;         // first key of this warpgroup
-    const int krow = key0 + 16 * warp + g;       // this thread's keys krow, krow + 8
-
-    const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
-    const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
-    const uint32_t q_addr = smem_u32(sQ), do_addr = smem_u32(sdO);
-    auto desc_kmaj_kv = [&](uint32_t base, int kk) {  // A: 64 keys x HS, K-major
-        return make_desc(base + (kk / 4) * Cfg::kKVPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_kmaj_tile = [&](uint32_t base, int st, int kk) {  // B: kBM queries x HS, K-major
-        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_mn_tile = [&](uint32_t base, int st, int kk) {  // B: k = queries 16kk.., n = HS, MN-major
-        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
-    };
-
-    float dk[HS / 2], dv[HS / 2];
-#pragma unroll
-    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
-
-    mbar_wait(kv_full, 0);
-    for (int i = 0; i < n_tiles; ++i) {
-        const int st = i % kStages;
-        const uint32_t ph = (i / kStages) & 1;
-        const int row0 = (q_first + i % n_q) * kBM;
-        if (row0 + kBM - 1 < key0) {  // every query of the tile precedes every key of this warpgroup
-            mbar_arrive(&empty[st]);
-            continue;
-        }
-        const bool need_mask = row0 < key0 + 63;
-        float s[kBM / 2], dp[kBM / 2];
-        mbar_wait(&q_full[st], ph);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk)
-            wgmma_ss<kBM>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr, st, kk), kk > 0);
-        wgmma_commit();
-        mbar_wait(&do_full[st], ph);
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk)
-            wgmma_ss<kBM>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr, st, kk), kk > 0);
-        wgmma_commit();
-        mbar_wait(&aux_full[st], ph);
-        const float* aux = sAux + st * (2 * kBM);
-        wgmma_wait<1>();
-        reg_fence(s);
-        // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
-#pragma unroll
-        for (int j = 0; j < kBM / 8; ++j) {
-            const float2 l2 = *reinterpret_cast<const float2*>(aux + 8 * j + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int q = row0 + 8 * j + 2 * t + (e & 1);
-                const int k = krow + 8 * (e >> 1);
-                float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
-                if (need_mask && q < k) p = 0.f;
-                s[4 * j + e] = p;
-            }
-        }
-        uint32_t pa[kBM / 16][4];
-        acc_to_a<kBM>(pa, s);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dv, pa[kk], desc_mn_tile(do_addr, st, kk), 1);
-        wgmma_commit();
-        if constexpr (HS == 128)
-            wgmma_wait<0>();
-        else
-            wgmma_wait<1>();
-        reg_fence(dp);
-        // dS^T = P^T (dP^T - D[query])
-#pragma unroll
-        for (int j = 0; j < kBM / 8; ++j) {
-            const float2 dd = *reinterpret_cast<const float2*>(aux + kBM + 8 * j + 2 * t);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
-        }
-        uint32_t da[kBM / 16][4];
-        acc_to_a<kBM>(da, dp);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBM / 16; ++kk) wgmma_rs_t<HS>(dk, da[kk], desc_mn_tile(q_addr, st, kk), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence(dk);
-        reg_fence(dv);
-        mbar_arrive(&empty[st]);
-    }
-
-    const size_t row_stride = lay.row_stride();
-    bf16* base = dqkv + (size_t)b * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh), row_stride, dk, krow, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh), row_stride, dv, krow, T, t, 1.f);
-#endif
-}
-
-template <int HS>
-__global__ void __launch_bounds__(384, 1)
-    attention_backward_dq_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
-                                      const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
-                                      const float* __restrict__ lse, const float* __restrict__ dvec, int T,
-                                      QkvLayout lay, int num_bh, int num_qblocks, int group, float scale,
-                                      float scale_log2) {
-#ifdef GPT2CU_SM90A_DEVICE
-    using Cfg = DqCfg<HS>;
-    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
-    constexpr float kLog2e = 1.4426950408889634f;
-    extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    uint8_t* sQ = smem;
-    uint8_t* sdO = smem + Cfg::kQBytes;
-    uint8_t* sK = smem + 2 * Cfg::kQBytes;
-    uint8_t* sV = sK + kStages * Cfg::kTileBytes;
-    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
-    uint64_t* qdo_full = bars;
-    uint64_t* k_full = bars + 1;
-    uint64_t* v_full = bars + 1 + kStages;
-    uint64_t* empty = bars + 1 + 2 * kStages;
-
-    const int tid = threadIdx.x, wg = warpgroup_index();
-    int bh, qb;
-    cta_order(num_bh, num_qblocks, group, bh, qb);
-    qb = num_qblocks - 1 - qb;
-    const int b = bh / lay.NH, h = bh % lay.NH, kh = lay.kv_head(h);
-    const int n_tiles = min((qb * kBM + kBM - 1) / kBN + 1, (T + kBN - 1) / kBN);
-
-    if (tid == 0) {
-        tma_prefetch_desc(&tm_q);
-        tma_prefetch_desc(&tm_kv);
-        tma_prefetch_desc(&tm_do);
-        mbar_init(qdo_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&k_full[s], 1);
-            mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], 256);
-        }
-        mbar_init_fence();
-    }
-    __syncthreads();
-
-    if (wg == 0) {
-        setmaxnreg_dec<24>();
-        if (tid == 0) {
-            mbar_arrive_expect_tx(qdo_full, 2 * Cfg::kQBytes);
-#pragma unroll
-            for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sQ + p * Cfg::kQPanelBytes, &tm_q, qdo_full, lay.q(h) + p * kPanelCols, qb * kBM, b);
-                tma_load_3d(sdO + p * Cfg::kQPanelBytes, &tm_do, qdo_full, h * HS + p * kPanelCols, qb * kBM, b);
-            }
-            for (int i = 0; i < n_tiles; ++i) {
-                const int n = n_tiles - 1 - i;
-                const int st = i % kStages;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                mbar_arrive_expect_tx(&k_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sK + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &k_full[st],
-                                lay.k(kh) + p * kPanelCols, n * kBN, b);
-                mbar_arrive_expect_tx(&v_full[st], Cfg::kTileBytes);
-#pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sV + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_kv, &v_full[st],
-                                lay.v(kh) + p * kPanelCols, n * kBN, b);
-            }
-        }
-        return;
-    }
-
-    setmaxnreg_inc<240>();
-    const int cw = wg - 1;
-    const int ctid = tid - 128 * wg;
-    const int warp = ctid / 32, lane = ctid % 32;
-    const int g = lane >> 2, t = lane & 3;
-    const int wrow0 = qb * kBM + 64 * cw;  // first row of this warpgroup
-    const int row = wrow0 + 16 * warp + g;  // this thread's rows row, row + 8
-    const float* lse_bh = lse + (size_t)bh * T;
-    const float* d_bh = dvec + (size_t)bh * T;
-    const float lse2_0 = row < T ? lse_bh[row] * kLog2e : 0.f;
-    const float lse2_1 = row + 8 < T ? lse_bh[row + 8] * kLog2e : 0.f;
-    const float d0 = row < T ? d_bh[row] : 0.f;
-    const float d1 = row + 8 < T ? d_bh[row + 8] : 0.f;
-
-    const uint32_t q_addr = smem_u32(sQ) + cw * 64 * kPanelRowBytes;
-    const uint32_t do_addr = smem_u32(sdO) + cw * 64 * kPanelRowBytes;
-    const uint32_t k_addr = smem_u32(sK), v_addr = smem_u32(sV);
-    auto desc_a = [&](uint32_t base, int kk) {  // 64 rows x HS, K-major
-        return make_desc(base + (kk / 4) * Cfg::kQPanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_b = [&](uint32_t base, int st, int kk) {  // kBN keys x HS, K-major
-        return make_desc(base + st * Cfg::kTileBytes + (kk / 4) * Cfg::kTilePanelBytes + (kk % 4) * 32, 16, 1024);
-    };
-    auto desc_b_mn = [&](uint32_t base, int st, int kk) {  // k = keys 16kk.., n = HS, MN-major
-        return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
-    };
-
-    float dq[HS / 2];
-#pragma unroll
-    for (int i = 0; i < HS / 2; ++i) dq[i] = 0.f;
-
-    mbar_wait(qdo_full, 0);
-    for (int i = 0; i < n_tiles; ++i) {
-        const int n = n_tiles - 1 - i;
-        const int st = i % kStages;
-        const uint32_t ph = (i / kStages) & 1;
-        const int key0 = n * kBN;
-        if (key0 > wrow0 + 63) {  // every key of the tile follows every row of this warpgroup
-            mbar_arrive(&empty[st]);
-            continue;
-        }
-        const bool need_mask = key0 + kBN - 1 > wrow0;
-        float s[kBN / 2], dp[kBN / 2];
-        mbar_wait(&k_full[st], ph);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(s, desc_a(q_addr, kk), desc_b(k_addr, st, kk), kk > 0);
-        wgmma_commit();
-        mbar_wait(&v_full[st], ph);
-#pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss<kBN>(dp, desc_a(do_addr, kk), desc_b(v_addr, st, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<1>();
-        reg_fence(s);
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + 8 * j + 2 * t + (e & 1);
-                const int r = row + 8 * (e >> 1);
-                float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e >> 1) ? lse2_1 : lse2_0)));
-                if (need_mask && key > r) p = 0.f;
-                s[4 * j + e] = p;
-            }
-        wgmma_wait<0>();
-        reg_fence(dp);
-#pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e >> 1) ? d1 : d0));
-        uint32_t da[kBN / 16][4];
-        acc_to_a<kBN>(da, dp);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) wgmma_rs_t<HS>(dq, da[kk], desc_b_mn(k_addr, st, kk), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence(dq);
-        mbar_arrive(&empty[st]);
-    }
-    const size_t row_stride = lay.row_stride();
-    store_acc_rows<HS>(dqkv + (size_t)b * T * row_stride + lay.q(h), row_stride, dq, row, T, t, scale);
-#endif
-}
-
-// ---- Backward in one kernel (the "fused" variants 1 and 2 of attention_backward_sm90) ----------------------
-// One CTA per (128-key block, key/value head, batch) as in the dK/dV kernel, which also computes the block's
-// share of dQ: 5 products a tile instead of the two kernels' 7 (S and dP are no longer recomputed by a dQ
-// kernel). Query tiles of kBM (HS 64: 128, HS 128: 64) streamed from the diagonal up (see the ordering below),
-// per query head of the group. Per tile, consumer warpgroup cw (keys 64cw..): S^T, dP^T, P^T, dS^T as in the
-// dK/dV kernel, in sub-tiles of 64 queries (their accumulators and dK, dV fit the consumers' 240 registers),
-// the dV and dK products issued per sub-tile; dS^T also goes to shared memory (bf16, 128 keys x kBM queries,
-// swizzled panels of 64 queries); after a barrier of the two warpgroups, dQ_tile = dS K from shared memory (dS
-// as an MN-major A operand, K as an MN-major B): warpgroup cw computes queries 64cw.. (HS 64) or head columns
-// 64cw.. (HS 128), an m64n64 product over the 128 keys. Its fp32 accumulators go to a shared staging buffer
-// (double-buffered), in fragment order (float4 j of thread ctid at index 128 j + ctid: conflict-free stores, and
-// one contiguous 16 KB half per warpgroup), and one thread of the producer warpgroup (warp 1; warp 0 loads, warp 2
-// copies lse and D) adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with one bulk
-// reduce (cp.reduce.async.bulk .add.f32): the copy engine does the atomics, the consumers only wait when both
-// staging buffers are still in flight.
-// Determinism (variant 1): the adds into one dQ tile must happen in a fixed order: from its diagonal key block
+// Determinism: the adds into one dQ tile must happen in a fixed order: from its diagonal key block
 // (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
 // counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
 // after it that reach the tile (qt kBM / kBN - kb), adds (the first one stores, so the accumulator needs no
-// zeroing, only the counters do), waits for its bulk write to complete, then increments it (release). Key block
-// 0, the last, adds nothing: its consumers wait for the count themselves, read the sum (L2) into their
-// accumulators and store dQ in bf16 (no conversion kernel, no trip of the fp32 tile to DRAM and back). The
+// zeroing, only the counters do), frees the staging buffer once the copy engine has read it, waits for the write
+// to complete, then increments the count (release). Key block 0, the last, adds nothing: its consumers wait for the
+// count themselves, read the sum (L2) into their accumulators and store dQ in bf16 (no conversion kernel, no trip
+// of the fp32 tile to DRAM and back). The
 // order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
 // block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
 // turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
-// which the CTA order launches before it (the last key block of a head first: lower block indices). Variant 2
-// adds in no order (fp32 sums may differ in their last bits between runs) into an accumulator zeroed first; the
-// counters then only tell key block 0 when all adds are complete.
+// which the CTA order launches before it (the last key block of a head first: lower block indices). Unordered
+// adds (fp32 sums differing in their last bits between runs) need the accumulator zeroed first and measured slower
+// on an H200 (2026-12-02): 866.5 against 819.5 us at B=64 T=1024 NH=6 HS 128, 1135.9 against 1103.1 at NH=12
+// HS 64 (on a loop order since dropped); the order costs nothing measurable.
 // dQ accumulator: per (batch, query head, query tile) kBM * HS floats, two halves (consumer warpgroup) of 8
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
@@ -970,7 +572,7 @@ size_t fused_work_floats(int B, int T, int NH) {
     return tiles * Cfg::kDqFloats + tiles + 4;
 }
 
-template <int HS, bool kDet>
+template <int HS>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
                                          const __grid_constant__ CUtensorMap tm_q,
@@ -1088,19 +690,19 @@ __global__ void __launch_bounds__(384, 1)
                 float* dst = dq_acc + tile * Cfg::kDqFloats;
                 const float* src = sdQ + buf * Cfg::kDqFloats;
                 mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
-                // variant 1: the key blocks after this one (up to the tile's diagonal block) have added
+                // the key blocks after this one (up to the tile's diagonal block) have added; the first stores
                 const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
-                if constexpr (kDet) {
+                if (before > 0) {
                     wait_count(dq_count + tile, before);
                     fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                }
-                if (kDet && before == 0)
-                    bulk_store(dst, src, Cfg::kDqFloats * 4);
-                else
                     bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
+                } else {
+                    bulk_store(dst, src, Cfg::kDqFloats * 4);
+                }
                 bulk_commit();
+                bulk_wait_read<0>();
+                mbar_arrive(&dq_empty[buf]);  // the staging buffer is free once read, before the add completes
                 bulk_wait<0>();
-                mbar_arrive(&dq_empty[buf]);
                 fence_proxy_async_global();
                 red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
             }
@@ -1156,9 +758,22 @@ __global__ void __launch_bounds__(384, 1)
         return make_desc(base + st * Cfg::kTileBytes + kk * 16 * kPanelRowBytes, Cfg::kTilePanelBytes, 1024);
     };
 
+    // dK, dV: the first tile's first products overwrite them (scale_d 0 instead of zeroing)
     float dk[HS / 2], dv[HS / 2];
+
+    // S^T and dP^T of sub-tile hh (queries 64 hh..) of the tile in stage st: two commit groups
+    auto issue_s_dp = [&](float(&s)[32], float(&dp)[32], int st, int hh) {
+        const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
+        wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < HS / 2; ++i) dk[i] = dv[i] = 0.f;
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss_n64<0, 0>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; ++kk)
+            wgmma_ss_n64<0, 0>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
+        wgmma_commit();
+    };
 
     mbar_wait(kv_full, 0);
     for (int i = 0; i < n_tiles; ++i) {
@@ -1171,31 +786,25 @@ __global__ void __launch_bounds__(384, 1)
         mbar_wait(&q_full[st], ph);
         mbar_wait(&do_full[st], ph);
         mbar_wait(&aux_full[st], ph);
-        // both warpgroups' dQ products of the previous tile are done reading dS^T (each waited for its own)
-        named_barrier_sync(1, 256);
-        // Sub-tiles of 64 queries (HS 64: two): S^T, dP^T (wgmma), P^T while dP^T runs, dV += P^T dO issued, dS^T
-        // while it runs, dK += dS^T Q issued, dS^T to shared memory while that runs. At most 64 + 64 accumulators
-        // of S^T, dP^T live besides dK, dV (the consumers' 240 registers); the A fragments of P^T and dS^T stay
-        // untouched until their products complete (the next sub-tile's wait, or the one after dQ).
+        // Sub-tiles of 64 queries (HS 64: two): at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (the
+        // consumers' 240 registers), one pair per sub-tile (the next pair is issued before the last is stored);
+        // the A fragments of P^T and dS^T stay untouched until their products complete (the next sub-tile's
+        // wait, or the one after dQ).
         uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+        float s_[kBM / 64][32], dp_[kBM / 64][32];
+        issue_s_dp(s_[0], dp_[0], st, 0);
 #pragma unroll
         for (int hh = 0; hh < kBM / 64; ++hh) {
-            const uint32_t qo = hh * 64 * kPanelRowBytes;  // rows 64 hh.. of the Q and dO tiles
             const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
             const int q0 = row0 + 64 * hh;
-            float s[32], dp[32];
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; ++kk)
-                wgmma_ss<64>(s, desc_kmaj_kv(k_addr, kk), desc_kmaj_tile(q_addr + qo, st, kk), kk > 0);
-            wgmma_commit();
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; ++kk)
-                wgmma_ss<64>(dp, desc_kmaj_kv(v_addr, kk), desc_kmaj_tile(do_addr + qo, st, kk), kk > 0);
-            wgmma_commit();
+            float(&s)[32] = s_[hh];
+            float(&dp)[32] = dp_[hh];
             wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
             reg_fence(s);
-            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key
+            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key. (P^T and dS^T in arrays
+            // of their own, not over S^T and dP^T: ptxas serialized every product when a wgmma's accumulators were
+            // redefined with another product in flight, C7515.)
+            float pt[32], dst[32];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
@@ -1205,15 +814,16 @@ __global__ void __launch_bounds__(384, 1)
                     const int k = krow + 8 * (e >> 1);
                     float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
                     if (need_mask && q < k) p = 0.f;
-                    s[4 * j + e] = p;
+                    pt[4 * j + e] = p;
                 }
             }
             uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
             uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
-            acc_to_a<64>(pah, s);
+            acc_to_a<64>(pah, pt);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), 1);
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
             wgmma_commit();
             wgmma_wait<1>();  // dP^T (dV may still run)
             reg_fence(dp);
@@ -1223,13 +833,18 @@ __global__ void __launch_bounds__(384, 1)
                 const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+                    dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
             }
-            acc_to_a<64>(dah, dp);
+            acc_to_a<64>(dah, dst);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), 1);
+            for (int kk = 0; kk < 4; ++kk)
+                wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
             wgmma_commit();
+            // the next sub-tile's S^T, dP^T queue behind dK; then, before the first store of dS^T, both
+            // warpgroups' dQ products of the previous tile are done reading it (each waited for its own)
+            if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
+            if (hh == 0) named_barrier_sync(1, 256);
             // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
             // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
             const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
@@ -1250,9 +865,8 @@ __global__ void __launch_bounds__(384, 1)
                                make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
-        reg_fence(dk);
-        reg_fence(dv);
-        reg_fence(dq);
+        float dqv[32];  // dQ's values after the wait
+        reg_copy(dqv, dq);
         mbar_arrive(&empty[st]);
         if (kb == 0) {
             // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
@@ -1266,15 +880,15 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
                     const float4 v = __ldcg(acc + 128 * j);
-                    dq[4 * j] += v.x;
-                    dq[4 * j + 1] += v.y;
-                    dq[4 * j + 2] += v.z;
-                    dq[4 * j + 3] += v.w;
+                    dqv[4 * j] += v.x;
+                    dqv[4 * j + 1] += v.y;
+                    dqv[4 * j + 2] += v.z;
+                    dqv[4 * j + 3] += v.w;
                 }
             }
             const size_t row_stride = lay.row_stride();
             bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-            store_acc_rows<64>(q0, row_stride, dq, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+            store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
         } else {
             // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
             const int buf = i % kDqBufs;
@@ -1282,20 +896,23 @@ __global__ void __launch_bounds__(384, 1)
             const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
-                st_shared_f32x4(stage + 16 * 128 * j, dq[4 * j], dq[4 * j + 1], dq[4 * j + 2], dq[4 * j + 3]);
+                st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
             fence_proxy_async();  // visible to the bulk copy
             mbar_arrive(&dq_full[buf]);
         }
     }
 
+    float dkv[HS / 2], dvv[HS / 2];  // dK's, dV's values after the last wait
+    reg_copy(dkv, dk);
+    reg_copy(dvv, dv);
     // the block's coordinates again (keeping them live through the loop spilled them)
     const Coords ce = coords();
     const int b_e = ce.b, kh_e = ce.kh;
     const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
     const size_t row_stride = lay.row_stride();
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
+    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
+    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
 #endif
 }
 
@@ -1364,46 +981,6 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     CUDA_CHECK_LAUNCH();
 }
 
-template <int HS>
-void launch_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec, int B,
-                          int T, QkvLayout lay, cudaStream_t stream) {
-    const int C = lay.NH * HS, W = lay.row_stride();
-    const double scale_d = 1.0 / std::sqrt((double)HS);
-    const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
-    {
-        using Cfg = DkdvCfg<HS>;
-        auto kernel = attention_backward_dkdv_sm90_kernel<HS>;
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-        const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
-        const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
-        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
-        const int num_bkv = B * lay.NKV;
-        const int num_kblocks = ceil_div(T, Cfg::kBN);
-        const long long grid = (long long)num_bkv * num_kblocks;
-        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, T, lay, num_bkv,
-                                                                 num_kblocks, head_group(num_kblocks, num_bkv), scale,
-                                                                 scale_log2);
-        CUDA_CHECK_LAUNCH();
-    }
-    {
-        using Cfg = DqCfg<HS>;
-        auto kernel = attention_backward_dq_sm90_kernel<HS>;
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-        const CUtensorMap tm_q = make_map_3d(qkv, W, T, B, Cfg::kBM);
-        const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
-        const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
-        const int num_bh = B * lay.NH;
-        const int num_qblocks = ceil_div(T, Cfg::kBM);
-        const long long grid = (long long)num_bh * num_qblocks;
-        require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-        kernel<<<(unsigned)grid, 384, Cfg::kSmemBytes, stream>>>(tm_q, tm_kv, tm_do, dqkv, lse, dvec, T, lay, num_bh,
-                                                                 num_qblocks, head_group(num_qblocks, num_bh), scale,
-                                                                 scale_log2);
-        CUDA_CHECK_LAUNCH();
-    }
-}
-
 // forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
 // runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest on an H200 (harness, one
 // process, 2026-12-02 run 4): HS 64 (B=64 T=1024 NH=12): 1, 313.9 us (0: 357.1, cuDNN 294.4); HS 128 (NH=6): 0,
@@ -1423,11 +1000,10 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
     launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
 }
 
-// the fused backward (variant 1: ordered dQ adds, 2: unordered); work: fused_work_floats<HS> floats, 16-byte
-// aligned
+// the backward; work: fused_work_floats<HS> floats, 16-byte aligned
 template <int HS>
 void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                                float* work, int B, int T, QkvLayout lay, bool deterministic, cudaStream_t stream) {
+                                float* work, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FusedBwdCfg<HS>;
     const int C = lay.NH * HS, W = lay.row_stride();
     const double scale_d = 1.0 / std::sqrt((double)HS);
@@ -1437,10 +1013,7 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     float* dq_acc = work;
     uint32_t* dq_count = reinterpret_cast<uint32_t*>(work + (size_t)num_tiles * Cfg::kDqFloats);
     CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
-    if (!deterministic)  // unordered adds: no first one to store
-        CUDA_CHECK(cudaMemsetAsync(dq_acc, 0, (size_t)num_tiles * Cfg::kDqFloats * sizeof(float), stream));
-    auto kernel = deterministic ? attention_backward_fused_sm90_kernel<HS, true>
-                                : attention_backward_fused_sm90_kernel<HS, false>;
+    auto kernel = attention_backward_fused_sm90_kernel<HS>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
@@ -1456,51 +1029,28 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     CUDA_CHECK_LAUNCH();
 }
 
-// the backward variant when the caller asks for the default (-1): see attention_sm90.h
-constexpr int kDefaultBackwardVariant = 1;
-
-template <int HS>
-void backward_variant(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                      float* work, int B, int T, QkvLayout lay, int variant, cudaStream_t stream) {
-    if (variant == 0)
-        launch_backward_sm90<HS>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
-    else
-        launch_backward_fused_sm90<HS>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant == 1, stream);
-}
-
 }  // namespace
 
-int attention_sm90_backward_variant(int variant) {
-    if (variant < 0) variant = kDefaultBackwardVariant;
-    require(variant >= 0 && variant <= 2, "attention_backward_sm90: variant 0, 1 or 2");
-    return variant;
-}
-
-size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS, int variant) {
-    if (attention_sm90_backward_variant(variant) == 0) return 0;
+size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS) {
     return HS == 64 ? fused_work_floats<64>(B, T, NH) : fused_work_floats<128>(B, T, NH);
 }
 
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream, int variant, float* work,
-                             size_t work_floats) {
+                             int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
+                             cudaStream_t stream) {
     require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
     require(NKV > 0 && NH % NKV == 0, "attention_backward_sm90: NKV must divide NH");
-    variant = attention_sm90_backward_variant(variant);
-    if (variant != 0) {
-        // the bulk copies need 16-byte alignment: skip to it (fused_work_floats counts 4 floats of slack)
-        const uintptr_t a = reinterpret_cast<uintptr_t>(work);
-        require(work != nullptr && (a & 3) == 0, "attention_backward_sm90: the fused variants need the work area");
-        const size_t skip = ((16 - (a & 15)) & 15) / 4;
-        require(work_floats >= attention_sm90_backward_work_floats(B, T, NH, HS, variant),
-                "attention_backward_sm90: work area too small");
-        work += skip;
-    }
+    // the bulk copies need 16-byte alignment: skip to it (fused_work_floats counts 4 floats of slack)
+    const uintptr_t a = reinterpret_cast<uintptr_t>(work);
+    require(work != nullptr && (a & 3) == 0, "attention_backward_sm90: the work area is missing or unaligned");
+    require(work_floats >= attention_sm90_backward_work_floats(B, T, NH, HS),
+            "attention_backward_sm90: work area too small");
+    work += ((16 - (a & 15)) & 15) / 4;
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        backward_variant<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant, stream);
+        launch_backward_fused_sm90<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
     else
-        backward_variant<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, variant, stream);
+        launch_backward_fused_sm90<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
 }
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {

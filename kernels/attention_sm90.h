@@ -12,14 +12,10 @@ bool attention_sm90_supported(int B, int T, int NH, int HS);
 void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                             cudaStream_t stream, int variant = -1);
 // the backward after attention.cu's preprocess wrote dvec = rowsum(dO * O) (B, NH, T); same contract as
-// attention_backward otherwise (dqkv overwritten)
-// variant: 0 = two kernels (dK/dV, then dQ; no atomics), 1 = one kernel (dK, dV and dQ; dQ summed in fp32 in the
-// work area with bulk adds in a fixed order, then converted: deterministic), 2 = variant 1 with the adds in no
-// order (fp32 dQ sums may differ in the last bits between runs); -1 = the default, 1 (attention_sm90.cu)
-// work: attention_sm90_backward_work_floats floats (4-byte aligned; none for variant 0)
+// attention_backward otherwise (dqkv overwritten): one kernel for dK, dV and dQ, dQ summed in fp32 in the work area
+// by bulk adds in a fixed order (deterministic; attention_sm90.cu)
+// work: attention_sm90_backward_work_floats floats (4-byte aligned)
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                             int B, int T, int NH, int NKV, int HS, cudaStream_t stream, int variant = -1,
-                             float* work = nullptr, size_t work_floats = 0);
-// the variant that `variant` (-1: the default) stands for; throws on an unknown one
-int attention_sm90_backward_variant(int variant);
-size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS, int variant);
+                             int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
+                             cudaStream_t stream);
+size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS);

@@ -279,11 +279,6 @@ PYBIND11_MODULE(_kernels, m) {
         "only, 2: the Hopper forward with the mma.sync backward",
         py::arg("backend"));
     m.def(
-        "attention_set_backward_variant", [](int variant) { attention_set_backward_variant(variant); },
-        "the Hopper backward: -1 its default, 0 two kernels, 1 one kernel with ordered fp32 dQ adds "
-        "(deterministic), 2 the same unordered; set before attention_backward_scratch_floats",
-        py::arg("variant"));
-    m.def(
         "attention_backend_in_use",
         [](int B, int T, int NH, int HS) { return attention_backend_in_use(B, T, NH, HS); },
         "what attention would run now for this shape: (90 or 80 for the forward) + (9000 or 8000 for the backward)",

@@ -136,10 +136,6 @@ int attention_backend_in_use(int B, int T, int NH, int HS);
 // the variant of the Hopper forward (attention_sm90.h: 0 or 1) attention_forward runs when it runs that kernel;
 // -1 (the default): the fastest measured per head size. For tests and benchmarks of the variants.
 void attention_set_sm90_forward_variant(int variant);
-// The Hopper backward's kernels (attention_sm90.h): -1 the default, 0 two kernels (dK/dV, then dQ), 1 one kernel
-// with dQ summed in fp32 in the scratch in a fixed order (deterministic), 2 the same in no order (dQ's last bits may
-// differ between runs). Set it before asking attention_backward_scratch_floats (variants 1, 2 need more scratch).
-void attention_set_backward_variant(int variant);
 
 // ---- decode_attention.cu ----------------------------------------------------------------------
 // The KV-cache decoders' attention: for each of B sequences, the query heads of its last cached position

@@ -89,6 +89,13 @@ __device__ __forceinline__ void reg_fence(float (&r)[N]) {
 #pragma unroll
     for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+// the same for a copy: `to` holds r's values as read here, r itself is not redefined (a redefinition of a wgmma
+// accumulator while other wgmma products are in flight makes ptxas serialize them all: C7515)
+template <int N>
+__device__ __forceinline__ void reg_copy(float (&to)[N], const float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("mov.b32 %0, %1;" : "=f"(to[i]) : "f"(r[i]) : "memory");
+}
 
 // shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63)
 __device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo_bytes, uint32_t sbo_bytes) {

@@ -7,9 +7,8 @@ Same method as test_cuda_ops.py (fresh random inputs with the seed quoted, NaN-p
 ||out - ref|| / ||ref|| against the float64 numpy op on the same bf16 numbers), on sequence lengths that
 divide no tile (the kernels tile by 64 and 128), both head sizes, multi-head and grouped key/value heads
 (the packed qkv of NH + 2 NKV heads; numpy's GQA ops as the reference), and each launch repeated to ask
-for identical bits. The backward runs in each of its variants (attention_set_backward_variant): 0 the two
-kernels (no atomics), 1 one kernel whose fp32 dQ adds are ordered (deterministic: asked for identical bits too),
-2 the same adds unordered (checked for accuracy only).
+for identical bits. The backward is one kernel whose fp32 dQ adds across CTAs are ordered by counters
+(deterministic: asked for identical bits too, also with more CTAs than multiprocessors).
 """
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ def sm90(cuda):
                     "without 90 in GPT2CU_CUDA_ARCHS)")
     yield cuda
     k.attention_set_backend(0)
-    k.attention_set_backward_variant(-1)
 
 
 def reference(qkv, nh, nkv):
@@ -61,12 +59,10 @@ def run_forward(cuda, qkv_d, b, t, nh, nkv, hs, backend):
     return out, lse
 
 
-def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, backend, variant=-1):
+def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, backend):
     cuda.k.attention_set_backend(backend)
-    cuda.k.attention_set_backward_variant(variant)
     dqkv = poisoned(qkv_d.shape)
     cuda.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv)
-    cuda.k.attention_set_backward_variant(-1)
     cuda.k.attention_set_backend(0)
     return dqkv
 
@@ -123,19 +119,18 @@ def test_sm90_forward_variant(sm90_variant, case, b, nh, nkv, t, hs):
         case.where("forward not bitwise repeatable")
 
 
-@pytest.mark.parametrize("variant", [0, 1, 2])
 @pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
-def test_sm90_backward(sm90, case, b, nh, nkv, t, hs, variant):
+def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
     """As test_cuda_ops.test_attention_backward (out and lse from the float64 forward), and twice: the same
-    bits (variants 0, 1: deterministic, dK/dV summed over each group in a fixed order, dQ's fp32 adds in key
-    block order). At T = 1, dq = dk = 0 exactly, so the whole dqkv is checked there."""
+    bits (deterministic: dK/dV summed over each group in a fixed order, dQ's fp32 adds in key block order). At
+    T = 1, dq = dk = 0 exactly, so the whole dqkv is checked there."""
     q_end, k_end = nh * hs, (nh + nkv) * hs
     qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
     dout, dout_d = case.bf16((b, t, nh * hs))
     out, lse = reference(qkv, nh, nkv)
     out, lse = decode(bits_of(out)), lse.astype(np.float32)
     out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse)
-    dqkv = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0, variant)
+    dqkv = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
     ref = np.empty(qkv.shape)
     ref_ops.attention_backward_gqa(ref, dout, qkv, out, lse, nh, nkv)
     got = to_host(dqkv)
@@ -143,27 +138,26 @@ def test_sm90_backward(sm90, case, b, nh, nkv, t, hs, variant):
              else {"dqkv": slice(None)})
     for name, cols in parts.items():
         case.check(name, got[..., cols], ref[..., cols], CHAIN_REL)
-    if variant != 2:
-        again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0, variant)
-        assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
+    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
+    assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
 
 
 @pytest.mark.parametrize("hs", [64, 128])
-def test_sm90_backward_one_kernel_many_blocks(sm90, case, hs):
-    """The one-kernel backward (variant 1) on more CTAs than a GPU has multiprocessors, so key blocks of a head
-    run in different waves and wait on each other's dQ adds (ordered by counters: a wrong order would hang or
-    change bits; a key block waiting on a later-launched one would deadlock): against the two-kernel backward
-    (two fp32-accumulating computations of one function, CHAIN_REL apart), and twice to the same bits. GQA
-    groups of 2, T dividing no tile."""
+def test_sm90_backward_many_blocks(sm90, case, hs):
+    """The backward on more CTAs than a GPU has multiprocessors, so key blocks of a head run in different waves
+    and wait on each other's dQ adds (ordered by counters: a wrong order would hang or change bits; a key block
+    waiting on a later-launched one would deadlock): against the mma.sync backward (two fp32-accumulating
+    computations of one function, CHAIN_REL apart), and twice to the same bits. GQA groups of 2, T dividing no
+    tile."""
     b, nh, nkv, t = 3, 8, 4, 1900
     _, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
     _, dout_d = case.bf16((b, t, nh * hs))
     out_d, lse_d = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)  # the inputs the backward gets in training
-    two = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0, 0)
-    one = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0, 1)
-    case.check("dqkv one kernel vs two", to_host(one), to_host(two), CHAIN_REL)
-    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0, 1)
-    assert np.array_equal(raw(one), raw(again)), case.where("one-kernel backward not bitwise repeatable")
+    mma = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 2)
+    one = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
+    case.check("dqkv Hopper vs mma.sync backward", to_host(one), to_host(mma), CHAIN_REL)
+    again = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
+    assert np.array_equal(raw(one), raw(again)), case.where("Hopper backward not bitwise repeatable")
 
 
 def test_sm90_forward_variant_setter(sm90):
@@ -187,8 +181,6 @@ def test_sm90_dispatch_switch(sm90):
     assert k.attention_backend_in_use(2, 1000, 3, 128) == 9090
     with pytest.raises(Exception):
         k.attention_set_backend(3)
-    with pytest.raises(Exception):
-        k.attention_set_backward_variant(3)
 
 
 @pytest.mark.parametrize("b, t, nh, hs", [(64, 1024, 12, 64), (3, 1000, 6, 128), (1, 1, 1, 64)])

@@ -31,9 +31,6 @@ int h_bwd(void* dqkv, const void* dout, const void* qkv, const void* out, const 
         return 0;
     } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
 }
-int h_set_bwd_variant(int variant) {
-    try { attention_set_backward_variant(variant); return 0; } catch (const std::exception& e) { fprintf(stderr, "%s\n", e.what()); return -1; }
-}
 size_t h_bwd_scratch(int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); }
 int h_backend_in_use(int B, int T, int NH, int HS) { return attention_backend_in_use(B, T, NH, HS); }
 }
