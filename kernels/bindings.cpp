@@ -87,7 +87,7 @@ PYBIND11_MODULE(_kernels, m) {
             layernorm_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                                ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const float>(mean),
                                ptr<const float>(rstd), ptr<float>(scratch), scratch_floats, N, C, strm(stream),
-                               ptr<bf16>(dinp_sum));
+                               ptr<float>(dinp_sum));
         },
         "dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout); dinp_sum (0: none) += "
         "sum_rows(dinp) after the update",

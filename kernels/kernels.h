@@ -41,7 +41,7 @@ void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, fl
 // += sum_rows(dinp) after the update (the bias gradient of the projection feeding the residual stream)
 void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
                         const bf16* weight, const float* mean, const float* rstd, float* scratch,
-                        size_t scratch_floats, int N, int C, cudaStream_t stream, bf16* dinp_sum = nullptr);
+                        size_t scratch_floats, int N, int C, cudaStream_t stream, float* dinp_sum = nullptr);
 // floats of scratch layernorm_backward needs for (N, C)
 size_t layernorm_backward_scratch_floats(int N, int C);
 

@@ -23,7 +23,7 @@
 // keeps fp32 per-channel sums of its rows in its own slice of shared memory (registers would cost 48
 // more per thread at C = 768 and halve the warps in flight); at the end the block adds its 4 warps'
 // sums in warp order and writes one fp32 partial row [dweight | dbias] (2C floats) to scratch;
-// column_sum_add then adds the partial rows in block order into the bf16 dweight/dbias (and dinp_sum: a
+// column_sum_add then adds the partial rows in block order into the bf16 dweight/dbias (and the fp32 dinp_sum: a
 // third per-warp slice and partial block of rows, when asked for). A block owns
 // LN_ROWS_PER_BLOCK consecutive rows, so the partials, and the result, depend only on N.
 #include "common.cuh"
@@ -241,7 +241,7 @@ static void layernorm_backward_launch(bf16* dinp, const bf16* dout, const bf16* 
 
 void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
                         const bf16* weight, const float* mean, const float* rstd, float* scratch,
-                        size_t scratch_floats, int N, int C, cudaStream_t stream, bf16* dinp_sum) {
+                        size_t scratch_floats, int N, int C, cudaStream_t stream, float* dinp_sum) {
     const int vpl = check_rows(N, C, "layernorm_backward", {dinp, dout, inp, weight});
     if (N == 0) return;
     require(scratch_floats >= layernorm_backward_scratch_floats(N, C), "layernorm_backward: scratch too small");
