@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ float inclusive[SAMPLE_THREADS];
     __shared__ float best_value[32];
     __shared__ int best_index[32];
-    __shared__ int chosen;
+    __shared__ int chosen, chosen_chunk;
     const bf16* x = logits + (size_t)blockIdx.x * Vp;
     const int per = ceil_div(V, (int)blockDim.x);
     const int begin = min(V, (int)threadIdx.x * per), end = min(V, begin + per);
@@ -134,13 +134,19 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     for (int j = begin; j < end; j++) chunk += weight(j);
     const float incl = block_inclusive_scan(chunk);
     inclusive[threadIdx.x] = incl;
-    if (threadIdx.x == 0) chosen = -1;
+    if (threadIdx.x == 0) chosen = -1, chosen_chunk = -1;
     __syncthreads();
     const float total = inclusive[blockDim.x - 1];
-    // below total, so one chunk's [exclusive, inclusive) holds it (u * total may round up to total)
+    // below total (u * total may round up to total). The chunk drawn: the last chunk of positive weight that
+    // starts at or before the target. The scan's entries are rounded in different association orders, so
+    // consecutive ones may step back by an ulp; "the chunk whose [exclusive, inclusive) holds the target" could
+    // then be none, or one of zero weight, where this choice always exists (chunk 0's exclusive is 0) and is
+    // that chunk whenever the entries do not decrease.
     const float target = fminf(uniforms[blockIdx.x] * total, nextafterf(total, 0.0f));
     const float excl = threadIdx.x > 0 ? inclusive[threadIdx.x - 1] : 0.0f;
-    if (excl <= target && target < incl) {
+    if (chunk > 0.0f && excl <= target) atomicMax(&chosen_chunk, (int)threadIdx.x);
+    __syncthreads();
+    if ((int)threadIdx.x == chosen_chunk) {
         // the sum within the chunk restarts from 0, as `chunk` was summed; past its end (rounding of
         // target - excl) the chunk's last token of positive weight
         const float local = target - excl;
