@@ -66,13 +66,18 @@ def random_bf16(shape, std=1.0):
     return out
 
 
-def median_us(fn, stream, reps, warmup=3):
-    """Median over `reps` calls of the GPU time between events recorded on `stream` around fn()."""
+def median_us(fn, stream, reps, warmup=3, setup=None):
+    """Median over `reps` calls of the GPU time between events recorded on `stream` around fn(); setup(), when
+    given, runs before each call, outside the events (an op that overwrites its own input gets it back)."""
     cp.cuda.Device().synchronize()  # nothing of an earlier row (on any stream) overlaps this one
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
     pairs = []
     for _ in range(reps):
+        if setup:
+            setup()
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record(stream)
         fn()
@@ -92,8 +97,8 @@ class Bench:
         self.rows = []
         self.bandwidth = self.gemm_rate = self.gemm_source = None
 
-    def ours(self, fn):
-        return median_us(fn, self.be.stream, self.reps)
+    def ours(self, fn, setup=None):
+        return median_us(fn, self.be.stream, self.reps, setup=setup)
 
     def theirs(self, make):
         """Time the torch callable make() builds; its tensors are freed afterwards."""
@@ -132,10 +137,12 @@ class Bench:
     def wanted(self, name):
         return not self.only or any(part in name for part in self.only)
 
-    def row(self, name, fn, nbytes, flops, torch_make=None):
+    def row(self, name, fn, nbytes, flops, torch_make=None, setup=None):
         if not self.wanted(name):
             return
-        us = self.ours(fn)
+        us = self.ours(fn, setup)
+        if setup:
+            setup()  # torch's op reads the same inputs
         memory_us, compute_us = 1e6 * nbytes / self.bandwidth, 1e6 * flops / self.gemm_rate
         floor_us = max(memory_us, compute_us)
         self.rows.append({"name": name, "time_us": us, "floor_us": floor_us, "pct_of_floor": 100 * floor_us / us,
@@ -239,10 +246,14 @@ def run(args) -> dict:
                                                 be.attention_backward(dqkv, x, qkv, atty, lse, NH)),
                   fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, lambda: torch_attention(qkv, x, B, T, backward=True))
 
-        # ---- classifier, on the logits the lm head wrote: reads and rewrites them, reads targets, writes losses
+        # ---- classifier, on the logits the lm head wrote: reads and rewrites them (restored before each call:
+        # on its own dlogits it would time other data), reads targets, writes losses
         losses = stat(B, T)
+        saved_logits = logits.copy()
         bench.row("fused classifier", lambda: be.fused_classifier(losses, logits, tgt, 1.0 / N, V),
-                  2 * N * VP * BF16 + N * I32 + N * F32, 0, lambda: torch_classifier(logits, tgt))
+                  2 * N * VP * BF16 + N * I32 + N * F32, 0, lambda: torch_classifier(logits, tgt),
+                  setup=lambda: cp.copyto(logits, saved_logits))
+        del saved_logits
 
         # ---- optimizer over all of GPT-2 124M's parameters
         P = GPTConfig.from_descriptor("d12").num_parameters()
