@@ -102,7 +102,8 @@ __device__ __forceinline__ float group_max(const Vec<bf16, VW> (&v)[N]) {
 #pragma unroll
         for (int j = 0; j < N; j++)
 #pragma unroll
-            for (int k = j == 0 ? 1 : 0; k < VW / 2; k++) m = __hmax2(m, reinterpret_cast<const __nv_bfloat162*>(&v[j])[k]);
+            for (int k = j == 0 ? 1 : 0; k < VW / 2; k++)
+                m = __hmax2(m, reinterpret_cast<const __nv_bfloat162*>(&v[j])[k]);
         return fmaxf(__low2float(m), __high2float(m));
     } else {
         float m = -INFINITY;
@@ -153,7 +154,8 @@ __device__ __forceinline__ Vec<bf16, VW> gradient(const Vec<bf16, VW>& v, float 
     if constexpr (VW % 2 == 0) {
         const uint32_t sign = negative ? 0x80008000u : 0u;
 #pragma unroll
-        for (int j = 0; j < VW / 2; j++) reinterpret_cast<uint32_t*>(&d)[j] = pack_bf16x2(f[2 * j], f[2 * j + 1]) ^ sign;
+        for (int j = 0; j < VW / 2; j++)
+            reinterpret_cast<uint32_t*>(&d)[j] = pack_bf16x2(f[2 * j], f[2 * j + 1]) ^ sign;
     } else {
 #pragma unroll
         for (int k = 0; k < VW; k++) d[k] = __float2bfloat16_rn(negative ? -f[k] : f[k]);

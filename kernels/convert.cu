@@ -63,7 +63,8 @@ static void accumulate(bf16* out, const From* x, size_t n, cudaStream_t stream) 
     if (n == 0) return;
     const long long head = vector_head(n, out, x);
     if (head >= 0)
-        accumulate_kernel<8><<<elementwise_blocks(n, 8, CONVERT_THREADS), CONVERT_THREADS, 0, stream>>>(out, x, n, head);
+        accumulate_kernel<8>
+            <<<elementwise_blocks(n, 8, CONVERT_THREADS), CONVERT_THREADS, 0, stream>>>(out, x, n, head);
     else
         accumulate_kernel<1><<<elementwise_blocks(n, 1, CONVERT_THREADS), CONVERT_THREADS, 0, stream>>>(out, x, n, 0);
     CUDA_CHECK_LAUNCH();

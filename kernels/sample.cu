@@ -96,7 +96,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS)
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)blockDim.x / 32; w++)
-            if (best_value[w] > mx || (best_value[w] == mx && best_index[w] < arg)) mx = best_value[w], arg = best_index[w];
+            if (best_value[w] > mx || (best_value[w] == mx && best_index[w] < arg))
+                mx = best_value[w], arg = best_index[w];
         best_value[0] = mx, best_index[0] = min(arg, V - 1);
     }
     __syncthreads();
