@@ -49,6 +49,20 @@ class FlatModel:
         self.acts = allocate("activations", lambda: {
             t.name: backend.zeros(t.shape, fp32=t.name in fp32_activations) for t in activations.tensors})
 
+    # the per-layer activations of the family's table that a block reads and writes
+    BLOCK_ACTIVATIONS: tuple = ()
+
+    def block_acts(self, l):
+        """Block l's activation buffers (None: the whole table). A buffer the backward recomputes has a single
+        slot shared by every layer (the table gives it a leading dimension of 1, by recompute level), so
+        layer l's is slot min(l, slots - 1)."""
+        a = self.acts
+        if l is None:
+            return a
+        acts = {name: a[name][min(l, a[name].shape[0] - 1)] for name in self.BLOCK_ACTIVATIONS}
+        acts["scratch"] = a["btc_scratch"]
+        return acts
+
     # ---- the LM head, in row chunks (the activation table's "logits" holds one chunk) ------------
     head = "wte"  # the LM head's weight: tied to the token embedding (LLaMA's may be its own lm_head)
 

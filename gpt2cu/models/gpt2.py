@@ -202,6 +202,8 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> np.ndarray:
 
 class GPT(FlatModel):
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend."""
+    BLOCK_ACTIVATIONS = ("ln1", "ln1_mean", "ln1_rstd", "qkv", "atty", "att_lse", "residual2", "ln2", "ln2_mean",
+                         "ln2_rstd", "fch", "fch_gelu", "residual3")
 
     def __init__(self, cfg: GPTConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
                  storage=None):
@@ -258,21 +260,6 @@ class GPT(FlatModel):
         ops.fused_residual_layernorm_forward(a["residual2"], a["ln2"], a["ln2_mean"], a["ln2_rstd"],
                                              residual_in, a["scratch"], p["ln2w"][l], p["ln2b"][l])
         ops.matmul_forward(a["fch_gelu"], a["ln2"], p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"])
-
-    def block_acts(self, l):
-        """Block l's activation buffers (or, for None, those outside the blocks) in this model's tables;
-        the GeLU / layernorm outputs live in one shared slot when they are recomputed in the backward."""
-        a = self.acts
-        if l is None:
-            return a
-        ln = 0 if self.recompute >= 2 else l
-        blk = 0 if self.recompute >= 3 else l
-        return {"ln1": a["ln1"][ln], "ln1_mean": a["ln1_mean"][blk], "ln1_rstd": a["ln1_rstd"][blk],
-                "qkv": a["qkv"][blk], "atty": a["atty"][blk], "att_lse": a["att_lse"][blk],
-                "residual2": a["residual2"][blk], "ln2": a["ln2"][ln], "ln2_mean": a["ln2_mean"][blk],
-                "ln2_rstd": a["ln2_rstd"][blk], "fch": a["fch"][blk],
-                "fch_gelu": a["fch_gelu"][0 if self.recompute >= 1 else l],
-                "residual3": a["residual3"][l], "scratch": a["btc_scratch"]}
 
     def attend(self, l, a):
         self.ops.attention_forward(a["atty"], a["att_lse"], a["qkv"], self.cfg.n_head)

@@ -188,6 +188,8 @@ def init_params(cfg: LlamaConfig, seed: int = 0) -> np.ndarray:
 class Llama(FlatModel):
     """Parameters, gradients and activations of one model for a fixed (B, T), on one backend; the RoPE
     tables (fp32, max_seq_len rows) live on the backend beside them, computed once."""
+    BLOCK_ACTIVATIONS = ("ln1", "ln1_rstd", "qkv", "atty", "att_lse", "residual2", "ln2", "ln2_rstd", "fch",
+                         "swiglu", "residual3")
 
     def __init__(self, cfg: LlamaConfig, backend, B: int, T: int, params: np.ndarray, recompute: int = 0,
                  storage=None):
@@ -249,19 +251,6 @@ class Llama(FlatModel):
                                            p["ln2w"][l], cfg.norm_eps)
         ops.matmul_forward(a["fch"], a["ln2"], p["fcw"][l])
         ops.swiglu_forward(a["swiglu"], a["fch"])
-
-    def block_acts(self, l):
-        """Block l's activation buffers (None: those outside the blocks); recomputed outputs share one slot."""
-        a = self.acts
-        if l is None:
-            return a
-        norm = 0 if self.recompute >= 2 else l
-        blk = 0 if self.recompute >= 3 else l
-        return {"ln1": a["ln1"][norm], "ln1_rstd": a["ln1_rstd"][blk], "qkv": a["qkv"][blk],
-                "atty": a["atty"][blk], "att_lse": a["att_lse"][blk], "residual2": a["residual2"][blk],
-                "ln2": a["ln2"][norm], "ln2_rstd": a["ln2_rstd"][blk], "fch": a["fch"][blk],
-                "swiglu": a["swiglu"][0 if self.recompute >= 1 else l], "residual3": a["residual3"][l],
-                "scratch": a["btc_scratch"]}
 
     def decode_buffers(self, rows: int = 1):
         """Buffers for a decoding step of `rows` sequences at one position (B = rows, T = 1): (outside the
