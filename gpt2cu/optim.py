@@ -125,7 +125,9 @@ class AdamW:
         """Update number t (from 1) with learning rate lr, the gradients clipped from their global norm
         `norm` to cfg.grad_clip; then every rank's parameters gathered as its ZeRO stage needs."""
         c = self.cfg
-        self._update(self.backend.adamw_scalars(lr, t, clip_scale(norm, c.grad_clip), seed, c.beta1, c.beta2))
+        # kept: a tensor updated beside the model (RL's value head) takes the same step's values
+        self.scalars = self.backend.adamw_scalars(lr, t, clip_scale(norm, c.grad_clip), seed, c.beta1, c.beta2)
+        self._update(self.scalars)
         self.gather_params()
 
     def _update_segments(self, scalars):

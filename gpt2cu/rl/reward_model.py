@@ -18,7 +18,7 @@ from ..formats import HEADER_BYTES, REWARD_MODEL_FILE, atomic_write, check_file_
 from ..dist import SingleProcess
 from ..models import family_of
 from ..models.gpt2 import GPTConfig, param_layout
-from ..optim import AdamW, clip_scale
+from ..optim import AdamW
 from ..zero import make_storage
 from .text import InputError, document_tokens
 
@@ -126,11 +126,10 @@ class ModelOptimizer:
         norm = math.sqrt(norm_squared)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
-            if head:  # the trunk's update below writes the same scalars again
-                scalars = self.ops.adamw_scalars(lr, self.t, clip_scale(norm, c.grad_clip), self.t, c.beta1, c.beta2)
-                self.ops.adamw_update(head.params, None, head.grad, self.head_m, self.head_v, scalars, c.beta1,
-                                      c.beta2, c.eps, 0.0)
             self.adamw.step(lr, self.t, norm, seed=self.t)
+            if head:  # with the trunk's step scalars, already on the device
+                self.ops.adamw_update(head.params, None, head.grad, self.head_m, self.head_v, self.adamw.scalars,
+                                      c.beta1, c.beta2, c.eps, 0.0)
         self.model.zero_grad()
         if head:
             self.ops.zero_(head.grad)
