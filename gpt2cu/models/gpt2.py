@@ -135,6 +135,14 @@ FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "l
 RECOMPUTE_LEVELS = (0, 1, 2, 3)
 
 
+def recompute_slots(n_layer: int, recompute: int) -> tuple[int, int, int]:
+    """Layers of buffers the activation table keeps, by recompute level: (the MLP activation's, the norms'
+    outputs', every other block buffer's); 1 where the backward recomputes them into one shared slot."""
+    if recompute not in RECOMPUTE_LEVELS:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute}")
+    return tuple(1 if recompute >= level else n_layer for level in (1, 2, 3))
+
+
 def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Layout:
     """Forward activations kept for the backward pass, plus the backward's scratch buffers.
 
@@ -143,12 +151,8 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
     residual stream and the saved mean/rstd); 3: every block keeps only its input (the residual
     stream), and the backward runs the block's forward again into one block's buffers.
     """
-    if recompute not in RECOMPUTE_LEVELS:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute}")
     L, C, H, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.padded_vocab_size
-    gelu_layers = 1 if recompute >= 1 else L
-    ln_layers = 1 if recompute >= 2 else L
-    block_layers = 1 if recompute >= 3 else L
+    gelu_layers, ln_layers, block_layers = recompute_slots(L, recompute)
     return build_layout([
         ("encoded", (B, T, C)),
         ("ln1", (ln_layers, B, T, C)),

@@ -24,7 +24,7 @@ from ..formats import (HEADER_BYTES, HEADER_INTS, HeaderFormat, atomic_write, bf
                        f32_to_bf16_bits, new_header, read_header)
 from ..layout import Layout, build_layout
 from .base import FlatModel, TransformerShape
-from .gpt2 import GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, RECOMPUTE_LEVELS, depth_shape
+from .gpt2 import GPT2_PADDED_VOCAB, GPT2_VOCAB, LM_HEAD_CHUNK_ROWS, depth_shape, recompute_slots
 
 VOCAB_ALIGN = 128  # the padded vocabulary is the next multiple of this (the LM-head GEMM stays well tiled)
 
@@ -132,12 +132,8 @@ FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "lo
 def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> Layout:
     """As GPT-2's: recompute 1 keeps one shared SwiGLU output buffer, 2 also one per RMSNorm output, 3 one
     block's buffers in all (every block keeps only its input, the residual stream)."""
-    if recompute not in RECOMPUTE_LEVELS:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_LEVELS}, got {recompute}")
     L, C, NH, H, Vp = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.ffn_hidden, cfg.padded_vocab_size
-    swiglu_layers = 1 if recompute >= 1 else L
-    norm_layers = 1 if recompute >= 2 else L
-    block_layers = 1 if recompute >= 3 else L
+    swiglu_layers, norm_layers, block_layers = recompute_slots(L, recompute)
     return build_layout([
         ("encoded", (B, T, C)),
         ("ln1", (norm_layers, B, T, C)),
