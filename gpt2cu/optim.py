@@ -111,15 +111,20 @@ class AdamW:
         a layer's gradients as soon as they are complete, overlapping the rest of the backward."""
         self.storage.layer_done(layer)
 
-    def reduce_gradients(self) -> float:
+    def reduce_gradients(self, extra=()) -> float:
         """Averages the gradients over ranks (what the backward has not reduced yet) and returns the
-        global gradient norm."""
-        storage = self.storage
+        global gradient norm. extra: small float32 gradients updated beside the model (RL's value head),
+        whole and already averaged on every rank: their squares join the norm on the device, so the host
+        still reads one number."""
+        storage, backend = self.storage, self.backend
         storage.reduce_gradients()
-        norm_squared = self.backend.global_norm_squared(storage.grad_shard)
+        norm_squared = backend.global_norm_squared(storage.grad_shard)
         if storage.sharded:
             self.comm.all_reduce(norm_squared, op="sum")
-        return float(np.sqrt(self.backend.to_numpy(norm_squared)[0]))
+        with backend.on_stream():
+            for grad in extra:
+                norm_squared += (grad * grad).sum()
+        return float(np.sqrt(backend.to_numpy(norm_squared)[0]))
 
     def step(self, lr: float, t: int, norm: float, seed: int):
         """Update number t (from 1) with learning rate lr, the gradients clipped from their global norm

@@ -401,8 +401,11 @@ class PPO:
                                                     & r.mask[mb[share]]).sum()) for k, mb in enumerate(minibatches)))
         if head is None:
             return clipped, 0.0
-        # each rank's sum over its rows is world_size times its share of the minibatches' value losses
-        total = comm.all_reduce_scalar(float(ops.to_numpy(value_losses).astype(np.float64).sum()))
+        # each rank's sum over its rows is world_size times its share of the minibatches' value losses;
+        # summed on the device: one number read
+        with ops.on_stream():
+            local = value_losses.sum(dtype=np.float64)
+        total = comm.all_reduce_scalar(float(ops.to_numpy(local)))
         return clipped, total / (comm.world_size * len(minibatches))
 
     def _policy_forward(self, batch):

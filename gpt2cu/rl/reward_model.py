@@ -1,9 +1,9 @@
 """A scalar head on a GPT-2 trunk: the reward model (trained on preference pairs with the Bradley-Terry
 loss) and PPO's value head (on the policy's own trunk, rl/ppo.py). The head is n_embd weights and a bias
 on the final layernorm's output, value[b, t] = lnf[b, t] . w + bias; a sequence's reward is the value at
-its last token (the EOT that ends a completion). The head is C + 1 float32 numbers: applied by the
-backend's scalar_head ops and updated on the host with the float32 reference AdamW; the trunk is an
-ordinary model of its family, trained by optim.AdamW through the same ops as pretraining.
+its last token (the EOT that ends a completion). The head is C + 1 float32 numbers on the device: applied by
+the backend's scalar_head ops and updated by its AdamW op with the trunk's step; the trunk is an ordinary
+model of its family, trained by optim.AdamW through the same ops as pretraining.
 
 The reward model file (formats.REWARD_MODEL_FILE) is one file: the trunk as a model file's parameters
 plus the head.
@@ -118,12 +118,9 @@ class ModelOptimizer:
     def step(self, lr: float) -> float:
         """One update from the accumulated gradients, which it then zeroes; returns their global norm."""
         c, head = self.cfg, self.head
-        norm_squared = self.adamw.reduce_gradients() ** 2
         if head:
             self.adamw.comm.all_reduce(head.grad, op="avg")  # SingleProcess: the identity
-            head_grad = self.ops.to_numpy(head.grad)  # C + 1 numbers, read while the device is idle anyway
-            norm_squared += float(head_grad.astype(np.float64) @ head_grad)
-        norm = math.sqrt(norm_squared)
+        norm = self.adamw.reduce_gradients(extra=(head.grad,) if head else ())
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
             self.adamw.step(lr, self.t, norm, seed=self.t)
