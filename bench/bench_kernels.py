@@ -242,11 +242,6 @@ def run(args) -> dict:
                   lambda: torch_attention(qkv, x, B, T, backward=False))
         # (the fwd row leaves the out and lse the backward reads)
         bench.row("attention bwd", lambda: be.attention_backward(dqkv, x, qkv, atty, lse, NH), bwd_bytes, bwd_flops)
-        # as the model runs it: the qkv bias gradient summed from the dqkv rows the kernel writes (+= 3C bf16)
-        dqkvb = random_bf16((3 * C,), 1.0)
-        bench.row("attention bwd + qkv bias grad", lambda: be.attention_backward(dqkv, x, qkv, atty, lse, NH,
-                                                                                  dbias=dqkvb),
-                  bwd_bytes + 2 * 3 * C * BF16, bwd_flops)
         bench.row("attention fwd+bwd", lambda: (be.attention_forward(atty, lse, qkv, NH),
                                                 be.attention_backward(dqkv, x, qkv, atty, lse, NH)),
                   fwd_bytes + bwd_bytes, fwd_flops + bwd_flops, lambda: torch_attention(qkv, x, B, T, backward=True))
