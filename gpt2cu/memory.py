@@ -34,13 +34,10 @@ def bias_backward_scratch_floats(N: int, OC: int) -> int:
 def attention_backward_scratch_floats(B: int, T: int, n_head: int, head_size: int) -> int:
     """attention.cu: D = rowsum(dO * O), one float per (b, h, t); then, on Hopper, the one-kernel backward's
     fp32 dQ tiles (queries per tile: attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack
-    (other GPUs need only D: the plan is Hopper's, the larger); then the qkv bias sums (a partial row of 3C per
-    128-key block, or bias.cu's scratch, the larger)."""
+    (other GPUs need only D: the plan is Hopper's, the larger)."""
     rows = 128 if head_size == 64 else 64
     tiles = B * n_head * -(-T // rows)
-    width = 3 * n_head * head_size
-    bias_sums = max(B * -(-T // 128) * width, bias_backward_scratch_floats(B * T, width))
-    return B * n_head * T + tiles * rows * head_size + tiles + 4 + bias_sums
+    return B * n_head * T + tiles * rows * head_size + tiles + 4
 
 
 def global_norm_scratch_floats(n: int) -> int:

@@ -60,10 +60,6 @@
 // deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
 // these, 2 keeps only the backward here (kernels.h). The Hopper backward sums dQ in fp32 in the scratch after D
 // (attention_sm90.cu).
-// The qkv layer's bias gradient (attention_backward's dbias, optional): the Hopper backward sums the rows of dqkv it
-// writes into one fp32 partial row per key block (the scratch's last region), which column_sum_add adds in order:
-// the separate pass over dqkv (bias.cu, ~70 us of a B=64 T=1024 C=768 layer's backward) is saved. The mma.sync
-// path runs bias.cu's pass on dqkv, with the same region as its scratch.
 //
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,
@@ -78,7 +74,6 @@
 #include "attention_sm90.h"
 #endif
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -869,26 +864,19 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
         launch_forward<128>(out, lse, qkv, B, T, lay, stream);
 }
 
-// the bias sums' region: the Hopper kernel's partial rows (B, ceil(T / 128), 3C) or bias.cu's scratch, the larger
-size_t bias_sums_floats(int B, int T, int NH, int HS) {
-    const int W = 3 * NH * HS;
-    return std::max((size_t)B * ceil_div(T, 128) * W, bias_backward_scratch_floats(B * T, W));
-}
-
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
     size_t n = (size_t)B * NH * T;  // D = rowsum(dO * O), one float per (b, h, t)
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
     // then the Hopper backward's work area (its fp32 dQ accumulator)
     if (attention_sm90_backward_selected(B, T, NH, HS)) n += attention_sm90_backward_work_floats(B, T, NH, HS);
 #endif
-    return n + bias_sums_floats(B, T, NH, HS);  // then the bias sums
+    return n;
 }
 
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream, bf16* dbias) {
+                        cudaStream_t stream) {
     check_shapes(B, T, NH, NKV, HS);
-    require(dbias == nullptr || NKV == NH, "attention_backward: dbias needs NKV == NH (a qkv layer with a bias)");
     require(scratch_floats >= attention_backward_scratch_floats(B, T, NH, HS),
             "attention_backward: scratch too small");
     require(aligned16(qkv) && aligned16(dout) && aligned16(out),
@@ -905,15 +893,11 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
         launch_preprocess<64>(scratch, dout, out, B, T, NH, stream);
     else
         launch_preprocess<128>(scratch, dout, out, B, T, NH, stream);
-    const int W = lay.row_stride();
-    const size_t sums_floats = bias_sums_floats(B, T, NH, HS);
-    float* sums = scratch + attention_backward_scratch_floats(B, T, NH, HS) - sums_floats;
     if (attention_sm90_backward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
         const size_t d_floats = (size_t)B * NH * T;
         attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, NKV, HS, scratch + d_floats,
-                                sums - (scratch + d_floats), dbias ? sums : nullptr, stream);
-        if (dbias) column_sum_add(dbias, dbias, W, sums, B * ceil_div(T, 128), W, stream);
+                                scratch_floats - d_floats, stream);
         return;
 #endif
     }
@@ -921,5 +905,4 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
         launch_backward<64>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
     else
         launch_backward<128>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
-    if (dbias) bias_backward(dbias, dqkv, sums, sums_floats, B * T, W, stream);
 }

@@ -520,25 +520,6 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
     }
 }
 
-// The column sums of the 16 rows r0 + g, r0 + g + 8 (rows >= T count 0) of an m64nN fragment that this warp holds,
-// times mult: every lane gets them (a butterfly over the 8 row groups g); lane (g, t) keeps columns 8j + 2t, +1.
-template <int N>
-__device__ __forceinline__ void warp_column_sums(float (&sums)[N / 4], const float (&acc)[N / 2], int r0, int T,
-                                                 float mult) {
-    const float w0 = r0 < T ? mult : 0.f, w1 = r0 + 8 < T ? mult : 0.f;
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-        float a = acc[4 * j] * w0 + acc[4 * j + 2] * w1, b = acc[4 * j + 1] * w0 + acc[4 * j + 3] * w1;
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            a += __shfl_xor_sync(0xffffffffu, a, o);
-            b += __shfl_xor_sync(0xffffffffu, b, o);
-        }
-        sums[2 * j] = a;
-        sums[2 * j + 1] = b;
-    }
-}
-
 // Determinism: the adds into one dQ tile must happen in a fixed order: from its diagonal key block
 // (the tile's last keys) down to key block 0. A counter per (batch, query head, query tile) in global memory
 // counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
@@ -573,14 +554,10 @@ struct FusedBwdCfg {
     static constexpr int kDqFloats = kBM * HS;  // one dQ tile
     static constexpr int kDqBufs = 2;
     static constexpr int kAuxBytes = 2 * kBM * 4;  // lse2[kBM], D[kBM]
-    // the qkv bias gradient's sums (optional): per consumer warp, dK's and dV's column sums, and (key block 0) dQ's
-    // summed over the query tiles; each warp's m64n64 or m64nHS fragment columns
-    static constexpr int kBiasFloats = 2 * 8 * HS + 8 * 64;
     static constexpr int kDsOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
     static constexpr int kDqOffset = kDsOffset + kDsBytes;
     static constexpr int kAuxOffset = kDqOffset + kDqBufs * kDqFloats * 4;
-    static constexpr int kBiasOffset = kAuxOffset + kStages * kAuxBytes;
-    static constexpr int kBarOffset = kBiasOffset + kBiasFloats * 4;
+    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
     static constexpr int kNumBars = 1 + 4 * kStages + 2 * kDqBufs;
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
@@ -601,9 +578,9 @@ __global__ void __launch_bounds__(384, 1)
                                          const __grid_constant__ CUtensorMap tm_q,
                                          const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                          const float* __restrict__ lse, const float* __restrict__ dvec,
-                                         float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count,
-                                         float* __restrict__ bias_part, int T, QkvLayout lay, int num_bkv,
-                                         int num_kblocks, int group, float scale, float scale_log2) {
+                                         float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count, int T,
+                                         QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
+                                         float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FusedBwdCfg<HS>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -618,7 +595,6 @@ __global__ void __launch_bounds__(384, 1)
     uint8_t* sdS = smem + Cfg::kDsOffset;
     float* sdQ = reinterpret_cast<float*>(smem + Cfg::kDqOffset);
     float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
-    float* sBias = reinterpret_cast<float*>(smem + Cfg::kBiasOffset);  // [dK, dV][warp][HS], then dQ's [warp][64]
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
     uint64_t* kv_full = bars;
     uint64_t* q_full = bars + 1;
@@ -799,13 +775,6 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_commit();
     };
 
-    // this warp's dQ column sums (key block 0), lanes g == 0 each owning columns 8j + 2t, +1
-    float* q_sums = sBias + 2 * 8 * HS + (4 * cw + warp) * 64;
-    if (bias_part != nullptr && kb == 0 && g == 0) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) q_sums[8 * j + 2 * t] = q_sums[8 * j + 2 * t + 1] = 0.f;
-    }
-
     mbar_wait(kv_full, 0);
     for (int i = 0; i < n_tiles; ++i) {
         const int st = i % kStages;
@@ -919,19 +888,7 @@ __global__ void __launch_bounds__(384, 1)
             }
             const size_t row_stride = lay.row_stride();
             bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-            const int qrow = row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g;
-            store_acc_rows<64>(q0, row_stride, dqv, qrow, T, t, scale);
-            if (bias_part != nullptr) {
-                float sums[16];
-                warp_column_sums<64>(sums, dqv, qrow, T, scale);
-                if (g == 0) {
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        q_sums[8 * j + 2 * t] += sums[2 * j];
-                        q_sums[8 * j + 2 * t + 1] += sums[2 * j + 1];
-                    }
-                }
-            }
+            store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
         } else {
             // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
             const int buf = i % kDqBufs;
@@ -956,46 +913,6 @@ __global__ void __launch_bounds__(384, 1)
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
     store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
     store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
-    if (bias_part == nullptr) return;
-    // The qkv bias gradient's partial row of this block (b, kb): the column sums of the rows it wrote, summed over
-    // the 8 consumer warps in order (column_sum_add then adds the blocks' rows in order: deterministic). Its dK and
-    // dV columns; its query head's dQ columns from key block 0, which wrote every dQ row of the head (group 1), and
-    // zeros from the other blocks, so that every entry of the partials is written once.
-    float sums[HS / 4];
-    float* warp_sums = sBias + (4 * cw + warp) * HS;
-    warp_column_sums<HS>(sums, dkv, krow_e, T, scale);
-    if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            warp_sums[8 * j + 2 * t] = sums[2 * j];
-            warp_sums[8 * j + 2 * t + 1] = sums[2 * j + 1];
-        }
-    }
-    warp_column_sums<HS>(sums, dvv, krow_e, T, 1.f);
-    if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            warp_sums[8 * HS + 8 * j + 2 * t] = sums[2 * j];
-            warp_sums[8 * HS + 8 * j + 2 * t + 1] = sums[2 * j + 1];
-        }
-    }
-    named_barrier_sync(3, 256);
-    float* part = bias_part + ((size_t)b_e * num_kblocks + ce.kb) * row_stride;
-    for (int col = ctid + 128 * cw; col < 3 * HS; col += 256) {
-        float total = 0.f;
-        if (col < 2 * HS) {  // dK (col < HS), dV columns
-            const float* s = sBias + (col / HS) * 8 * HS + col % HS;
-#pragma unroll
-            for (int w = 0; w < 8; ++w) total += s[w * HS];
-        } else if (ce.kb == 0) {  // dQ column qc: HS 64, all 8 warps' rows; HS 128, warpgroup qc / 64's 4 warps'
-            const int qc = col - 2 * HS;
-            const float* s = sBias + 2 * 8 * HS + (HS == 64 ? 0 : 4 * (qc / 64) * 64) + qc % 64;
-#pragma unroll
-            for (int w = 0; w < (HS == 64 ? 8 : 4); ++w) total += s[w * 64];
-        }
-        const int dst = col < HS ? lay.k(kh_e) + col : col < 2 * HS ? lay.v(kh_e) + col - HS : lay.q(ce.h0) + col - 2 * HS;
-        part[dst] = total;
-    }
 #endif
 }
 
@@ -1086,7 +1003,7 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
 // the backward; work: fused_work_floats<HS> floats, 16-byte aligned
 template <int HS>
 void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                                float* work, float* bias_part, int B, int T, QkvLayout lay, cudaStream_t stream) {
+                                float* work, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FusedBwdCfg<HS>;
     const int C = lay.NH * HS, W = lay.row_stride();
     const double scale_d = 1.0 / std::sqrt((double)HS);
@@ -1106,9 +1023,9 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     const int num_kblocks = ceil_div(T, Cfg::kBN);
     const long long grid = (long long)num_bkv * num_kblocks;
     require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, bias_part,
-                                                  T, lay, num_bkv, num_kblocks, head_group(num_kblocks, num_bkv),
-                                                  scale, scale_log2);
+    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
+                                                  num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
+                                                  scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1120,10 +1037,9 @@ size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS) {
 
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
                              int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
-                             float* bias_part, cudaStream_t stream) {
+                             cudaStream_t stream) {
     require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
     require(NKV > 0 && NH % NKV == 0, "attention_backward_sm90: NKV must divide NH");
-    require(bias_part == nullptr || NKV == NH, "attention_backward_sm90: the bias sums need NKV == NH");
     // the bulk copies need 16-byte alignment: skip to it (fused_work_floats counts 4 floats of slack)
     const uintptr_t a = reinterpret_cast<uintptr_t>(work);
     require(work != nullptr && (a & 3) == 0, "attention_backward_sm90: the work area is missing or unaligned");
@@ -1132,9 +1048,9 @@ void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
     work += ((16 - (a & 15)) & 15) / 4;
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        launch_backward_fused_sm90<64>(dqkv, dout, qkv, lse, dvec, work, bias_part, B, T, lay, stream);
+        launch_backward_fused_sm90<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
     else
-        launch_backward_fused_sm90<128>(dqkv, dout, qkv, lse, dvec, work, bias_part, B, T, lay, stream);
+        launch_backward_fused_sm90<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
 }
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {

@@ -14,9 +14,8 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
 // the backward after attention.cu's preprocess wrote dvec = rowsum(dO * O) (B, NH, T); same contract as
 // attention_backward otherwise (dqkv overwritten): one kernel for dK, dV and dQ, dQ summed in fp32 in the work area
 // by bulk adds in a fixed order (deterministic; attention_sm90.cu)
-// work: attention_sm90_backward_work_floats floats (4-byte aligned). bias_part (optional, NKV == NH): the column
-// sums of dqkv, one fp32 row (B, ceil(T / 128), (NH + 2 NKV) HS) per key block, for the qkv bias gradient
+// work: attention_sm90_backward_work_floats floats (4-byte aligned)
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
                              int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
-                             float* bias_part, cudaStream_t stream);
+                             cudaStream_t stream);
 size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS);

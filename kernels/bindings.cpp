@@ -257,16 +257,16 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "attention_backward",
         [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
-           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV, uintptr_t dbias) {
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV) {
             attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
                                ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, NKV ? NKV : NH,
-                               HS, strm(stream), ptr<bf16>(dbias));
+                               HS, strm(stream));
         },
         "dqkv (qkv's layout) overwritten with [dq | dk | dv], dk and dv summed over each group of query heads "
-        "(deterministic); NKV = 0 means NH; dbias (3C bf16, optional, NKV = NH): += the column sums of dqkv",
+        "(deterministic); NKV = 0 means NH",
         py::arg("dqkv"), py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"),
-        py::arg("NKV") = 0, py::arg("dbias") = 0);
+        py::arg("NKV") = 0);
     m.def(
         "attention_backward_scratch_floats",
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },

@@ -122,11 +122,10 @@ size_t scalar_head_backward_scratch_floats(int N, int C);
 void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                        cudaStream_t stream);
 // dqkv (qkv's layout) overwritten with [dq | dk | dv]; dk, dv of a key/value head are the sums over the
-// query heads of its group, in a fixed order (deterministic: no atomics). dbias (3C, optional, NKV == NH): the
-// qkv layer's bias gradient, += the column sums of dqkv (fused into the Hopper kernel)
+// query heads of its group, in a fixed order (deterministic: no atomics)
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream, bf16* dbias = nullptr);
+                        cudaStream_t stream);
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // Which kernels run: 0 (default) picks the Hopper wgmma/TMA kernels (attention_sm90.cu) on compute
 // capability 9.x where they were built and support the shape, else the mma.sync kernels; 1 forces the

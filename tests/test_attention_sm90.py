@@ -160,39 +160,6 @@ def test_sm90_backward_many_blocks(sm90, case, hs):
     assert np.array_equal(raw(one), raw(again)), case.where("Hopper backward not bitwise repeatable")
 
 
-BIAS_CASES = [(b, nh, t, hs) for b, nh, nkv, t, hs in CASES if nkv == nh] + [(3, 4, 1900, 64), (3, 2, 1900, 128)]
-
-
-@pytest.mark.parametrize("backend", [0, 2], ids=["hopper", "mma-sync"])
-@pytest.mark.parametrize("b, nh, t, hs", BIAS_CASES, ids=[f"B{b}-NH{nh}-T{t}-HS{hs}" for b, nh, t, hs in BIAS_CASES])
-def test_backward_qkv_bias_sums(sm90, case, backend, b, nh, t, hs):
-    """attention_backward's dbias: += the column sums of the dqkv it writes (the Hopper kernel sums its rows per key
-    block, column_sum_add adds the blocks; the mma.sync path runs bias.cu on dqkv), against the initial dbias plus
-    numpy's sums of numpy's dqkv (CHAIN_REL: dqkv's own bound; the sums carry no larger relative error), twice to
-    the same bits; and dqkv itself unchanged by asking for the sums. T dividing no tile, more key blocks than
-    multiprocessors in the last cases (B = 3, T = 1900)."""
-    c = nh * hs
-    qkv, qkv_d = case.bf16((b, t, 3 * c))
-    dout, dout_d = case.bf16((b, t, c))
-    out, lse = reference(qkv, nh, nh)
-    out, lse = decode(bits_of(out)), lse.astype(np.float32)
-    out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse)
-    ref, sums = np.empty(qkv.shape), np.zeros(3 * c)
-    ref_ops.attention_backward(ref, dout, qkv, out, lse, nh, dbias=sums)
-    bias0, bias0_d = case.accumulator(sums)
-    runs = []
-    for _ in range(2):
-        sm90.k.attention_set_backend(backend)
-        dqkv, dbias = poisoned(qkv.shape), bias0_d.copy()
-        sm90.attention_backward(dqkv, dout_d, qkv_d, out_d, lse_d, nh, dbias=dbias)
-        sm90.k.attention_set_backend(0)
-        runs.append((raw(dqkv), raw(dbias)))
-    case.check("dbias", to_host(dbias), bias0 + sums, CHAIN_REL)
-    assert all(np.array_equal(x, y) for x, y in zip(*runs)), case.where("not bitwise repeatable")
-    plain = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nh, hs, backend)
-    assert np.array_equal(raw(plain), runs[0][0]), case.where("dqkv differs when dbias is asked for")
-
-
 def test_sm90_forward_variant_setter(sm90):
     """-1, 0 and 1 are the variants (-1: the default per head size); others are refused."""
     k = sm90.k

@@ -177,9 +177,7 @@ class Backend(ABC):
     def attention_forward(self, out, lse, qkv, n_head): ...
 
     @abstractmethod
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dbias=None):
-        """dqkv overwritten; dbias (3C, optional): += the column sums of dqkv (the qkv layer's bias gradient,
-        which the CUDA kernel sums from the rows it writes)."""
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head): ...
 
     @abstractmethod
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...

@@ -324,8 +324,8 @@ class CudaBackend(Backend):
     def attention_forward(self, out, lse, qkv, n_head):
         self.attention_forward_gqa(out, lse, qkv, n_head, n_head)
 
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dbias=None):
-        self._attention_backward(dqkv, dout, qkv, out, lse, n_head, n_head, dbias)
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head):
+        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head)
 
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
         Vp = logits.shape[-1]
@@ -401,14 +401,11 @@ class CudaBackend(Backend):
                                  self.stream.ptr, NKV=n_kv_head)
 
     def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head):
-        self._attention_backward(dqkv, dout, qkv, out, lse, n_head, n_kv_head, None)
-
-    def _attention_backward(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dbias):
         B, T, width = qkv.shape
         HS = width // (n_head + 2 * n_kv_head)
         scratch, floats = self._scratch_of(self.k.attention_backward_scratch_floats(B, T, n_head, HS))
         self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
-                                  n_head, HS, self.stream.ptr, NKV=n_kv_head, dbias=ptr(dbias))
+                                  n_head, HS, self.stream.ptr, NKV=n_kv_head)
 
     # ---- the KV-cache decoders' -----------------------------------------------------------------------
     def decode_attention(self, out, qkv, n_head, n_kv_head):

@@ -149,7 +149,7 @@ def attention_forward(out, lse, qkv, n_head):
     lse[...] = (m + np.log(total))[..., 0]
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head, dbias=None):
+def attention_backward(dqkv, dout, qkv, out, lse, n_head):
     q, k, v, s, scale = _causal_scores(qkv, n_head)
     do, o = _to_heads(dout, n_head), _to_heads(out, n_head)
     # P from the saved lse, as the flash kernel recomputes it; masked entries are exp(-inf) = 0
@@ -161,8 +161,6 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, dbias=None):
     dq = (ds @ k) * scale
     dk = (ds.swapaxes(-1, -2) @ q) * scale
     dqkv[...] = np.concatenate([_from_heads(dq), _from_heads(dk), _from_heads(dv)], axis=-1)
-    if dbias is not None:  # the qkv layer's bias gradient
-        dbias += dqkv.reshape(-1, dqkv.shape[-1]).sum(axis=0)
 
 
 # ---- classifier ---------------------------------------------------------------------------------

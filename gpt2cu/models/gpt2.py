@@ -326,9 +326,8 @@ class GPT(FlatModel):
             # attention: dresidual -> attproj -> attention -> qkv -> ln1
             ops.accumulate(g["attprojb"][l], dres_sum)
             ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l])
-            # the qkv bias gradient is summed by the attention backward, from the dqkv rows it writes
-            ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H, dbias=g["qkvb"][l])
-            ops.matmul_backward(a["dbtc"], g["qkvw"][l], None, a["dqkv"], b["ln1"], p["qkvw"][l])
+            ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H)
+            ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], b["ln1"], p["qkvw"][l])
             if l > 0:
                 ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], a["dbtc"], residual_in, p["ln1w"][l],
