@@ -41,6 +41,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPT2CU_SM90A_DEVICE 1
@@ -102,11 +103,12 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
 
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
-// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
-template <int N>
+// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns;
+// the first NC of them)
+template <int N, int NC = N>
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
+    for (int kk = 0; kk < NC / 16; ++kk) {
         a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
         a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
         a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
@@ -147,6 +149,11 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
+#ifdef FWD_AB_WARP_ARRIVE
+    constexpr int kConsumerArrivals = Cfg::kConsumerThreads / 32;
+#else
+    constexpr int kConsumerArrivals = Cfg::kConsumerThreads;
+#endif
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint8_t* sQ = smem;
@@ -182,11 +189,11 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         tma_prefetch_desc(&tm_q);
         tma_prefetch_desc(&tm_kv);
         mbar_init(q_full, 1);
-        mbar_init(q_empty, Cfg::kConsumerThreads);
+        mbar_init(q_empty, kConsumerArrivals);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], Cfg::kConsumerThreads);
+            mbar_init(&empty[s], kConsumerArrivals);
         }
         mbar_init_fence();
     }
@@ -258,6 +265,13 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const int warp = ctid / 32, lane = ctid % 32;
     const int g = lane >> 2, t = lane & 3;
     const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the block
+#ifdef FWD_AB_WARP_ARRIVE
+    auto release = [&](uint64_t* bar) {
+        if (lane == 0) mbar_arrive(bar);
+    };
+#else
+    auto release = [&](uint64_t* bar) { mbar_arrive(bar); };
+#endif
 
     // descriptors: built once per operand, then moved by byte offsets (desc_at: one add per product instead of
     // the fields rebuilt, ~40 instructions a tile)
@@ -280,17 +294,26 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     float m0, m1;  // running row maxima (of S * scale * log2 e)
     float l0, l1;  // per-thread partial row sums
     int b = 0, h = 0, q0 = 0, n_tiles = 0;
+    int n_own = 0;  // this warpgroup's key tiles of the item: 0 .. n_own-1
 
-    auto issue_s = [&](int st) {
+    // S = Q K^T (half: keys 0..63 of the tile only, into s's first kBN / 4 values, columns 0..63)
+    auto issue_s = [&](int st, auto half_c) {
         wgmma_fence();
+        if constexpr (decltype(half_c)::value) {
+            float(&sh)[kBN / 4] = *reinterpret_cast<float(*)[kBN / 4]>(&s[0]);
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+            for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n64<0, 0>(sh, desc_q(kk), desc_k(st, kk), kk > 0);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+        }
         wgmma_commit();
     };
-    auto issue_pv = [&](int st, bool accumulate) {
+    // O += P V (half: keys 0..63 of the tile, the rest of P being 0)
+    auto issue_pv = [&](int st, bool accumulate, auto half_c) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
+        for (int kk = 0; kk < (decltype(half_c)::value ? kBN / 32 : kBN / 16); ++kk) {
             if constexpr (HS == 64)
                 wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
             else
@@ -298,12 +321,14 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         }
         wgmma_commit();
     };
-    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
-    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
+    // softmax of s's first N columns in place (they become P in fp32); returns the rescale factors of the old
+    // accumulators
+    auto softmax = [&](auto ncols, bool diag, int key0, float& c0, float& c1) {
+        constexpr int N = decltype(ncols)::value;
         if (diag) {
             const int r0 = q0 + lrow0;
 #pragma unroll
-            for (int j = 0; j < kBN / 8; ++j)
+            for (int j = 0; j < N / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = key0 + 8 * j + 2 * t + (e & 1);
@@ -314,7 +339,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         const float mx0 = m0, mx1 = m1;
         float r0max = -INFINITY, r1max = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
+        for (int j = 0; j < N / 8; ++j) {
             r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
             r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
         }
@@ -334,7 +359,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         m1 = n1;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
+        for (int j = 0; j < N / 8; ++j) {
             s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -n0));
             s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -n0));
             s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -n1));
@@ -369,18 +394,87 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 
     const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
+    // this warpgroup's tiles of the item: tile 0 (the diagonal; S, softmax, P), then S_i issued before
+    // O += P_{i-1} V_{i-1}, then the last P V. kHalf: this warpgroup's rows are the first 64 of the diagonal tile's
+    // range (row_first a multiple of kBN), so keys 64..127 of that tile are all masked: its S, softmax and P V run
+    // on keys 0..63 only (at T = 1024 1/18 of the products' work saved; the same bits: those P are 0). Each
+    // branch on kHalf waits for its own products: a wgmma accumulator in flight across the join of two paths makes
+    // ptxas serialise the products (C7520).
+    auto own_tiles = [&](auto half_c) {
+        constexpr bool kHalf = decltype(half_c)::value;
+        constexpr int kDiagCols = kHalf ? kBN / 2 : kBN;
+        {
+            turn_wait();
+            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+            issue_s(kv % kStages, half_c);
+            turn_pass();
+            wgmma_wait<0>();
+            reg_fence(s);
+            if (n_own == 1) release(q_empty);
+            float c0, c1;
+            softmax(std::integral_constant<int, kDiagCols>{}, true, (n_own - 1) * kBN, c0, c1);
+            acc_to_a<kBN, kDiagCols>(pa, s);
+        }
+        // S_i, O += P_{i-1} V_{i-1} (P_0 on kDiagCols keys)
+        auto step = [&](int i, auto pv_half) {
+            const int n = n_own - 1 - i;
+            const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+            const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&k_full[st], ph);
+            issue_s(st, std::false_type{});  // S_i = Q K_i^T
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, i > 1, pv_half);   // O += P_{i-1} V_{i-1}
+            turn_pass();
+            wgmma_wait<1>();                 // S_i done (P V may still run)
+            reg_fence(s);
+            if (i == n_own - 1) release(q_empty);
+            float c0, c1;
+            softmax(std::integral_constant<int, kBN>{}, false, n * kBN, c0, c1);
+            // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
+            // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
+            // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
+            // warpgroups' products cover the softmax anyway
+            wgmma_wait<0>();
+            reg_fence(o);
+            release(&empty[pst]);
+            acc_to_a<kBN>(pa, s);
+            rescale_o(c0, c1);
+        };
+        auto last_pv = [&](auto pv_half) {
+            const int pst = (kv + n_own - 1) % kStages;
+            const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
+            turn_wait();
+            mbar_wait(&v_full[pst], pph);
+            issue_pv(pst, n_own > 1, pv_half);
+            turn_pass();
+            wgmma_wait<0>();
+            reg_fence(o);
+            release(&empty[pst]);
+        };
+        if (n_own == 1) {
+            last_pv(half_c);
+            return;
+        }
+        step(1, half_c);
+        for (int i = 2; i < n_own; ++i) step(i, std::false_type{});
+        last_pv(std::false_type{});
+    };
+
     for (int it = 0;; ++it) {
         mbar_wait(q_full, it & 1);
         const int w = *work_slot;
         if (w >= num_work) break;
         item(w, b, h, q0, n_tiles);
         const int row_first = q0 + 64 * cw;  // this warpgroup's tiles: 0 .. n_own-1 (none if its rows are not real)
-        const int n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
+        n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
+        // warp-uniform by a shuffle (a branch around wgmma on a value ptxas thinks divergent serialises them)
+        const bool half = __shfl_sync(0xffffffffu, row_first % kBN == 0, 0);
         m0 = m1 = -INFINITY;
         l0 = l1 = 0.f;
         // q_empty: this warpgroup's last Q K^T product is done (at once if it has none), so the producer loads the
         // next item's Q under this one's last softmax, P V and epilogue
-        if (n_own == 0) mbar_arrive(q_empty);
+        if (n_own == 0) release(q_empty);
         // the block's tiles past this warpgroup's rows come first (diagonal down): release them in turn. Once
         // the stage is loaded the producer is past its wait for the previous use, so the arrival counts for
         // this one.
@@ -388,61 +482,16 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             turn_wait();
             turn_pass();
             mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-            mbar_arrive(&empty[kv % kStages]);
+            release(&empty[kv % kStages]);
         }
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
         } else {
-            // tile 0 (the diagonal): S, softmax, P
-            {
-                turn_wait();
-                mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-                issue_s(kv % kStages);
-                turn_pass();
-                wgmma_wait<0>();
-                reg_fence(s);
-                if (n_own == 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(true, (n_own - 1) * kBN, c0, c1);
-                acc_to_a<kBN>(pa, s);
-            }
-            for (int i = 1; i < n_own; ++i) {
-                const int n = n_own - 1 - i;
-                const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
-                const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
-                turn_wait();
-                mbar_wait(&k_full[st], ph);
-                issue_s(st);                   // S_i = Q K_i^T
-                mbar_wait(&v_full[pst], pph);
-                issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
-                turn_pass();
-                wgmma_wait<1>();               // S_i done (P V may still run)
-                reg_fence(s);
-                if (i == n_own - 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(false, n * kBN, c0, c1);
-                // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
-                // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
-                // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
-                // warpgroups' products cover the softmax anyway
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[pst]);
-                acc_to_a<kBN>(pa, s);
-                rescale_o(c0, c1);
-            }
-            {
-                const int pst = (kv + n_own - 1) % kStages;
-                const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
-                turn_wait();
-                mbar_wait(&v_full[pst], pph);
-                issue_pv(pst, n_own > 1);
-                turn_pass();
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[pst]);
-            }
+            if (half)
+                own_tiles(std::true_type{});
+            else
+                own_tiles(std::false_type{});
         }
         kv += n_own;
         if (n_own == 0) continue;
@@ -976,8 +1025,13 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
-                                                  head_group(num_qblocks, num_bh), scale_log2);
+#ifdef FWD_AB_GROUP_MUL
+    const int group = max(1, min(num_bh, head_group(num_qblocks, num_bh) * FWD_AB_GROUP_MUL / 2));
+#else
+    const int group = head_group(num_qblocks, num_bh);
+#endif
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks, group,
+                                                  scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
