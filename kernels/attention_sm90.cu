@@ -138,10 +138,10 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
 // last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
 // order; two streams must not run the same kernel at once).
-template <int HS, int kWG>
+template <int HS, int kWG, bool kEpiOverlap>
 __device__ int g_fwd_work_counter[2];
 
-template <int HS, int kWG>
+template <int HS, int kWG, bool kEpiOverlap>
 __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                   bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
@@ -149,11 +149,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FwdCfg<HS, kWG>;
     constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, kPanels = Cfg::kPanels;
-#ifdef FWD_AB_WARP_ARRIVE
-    constexpr int kConsumerArrivals = Cfg::kConsumerThreads / 32;
-#else
-    constexpr int kConsumerArrivals = Cfg::kConsumerThreads;
-#endif
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint8_t* sQ = smem;
@@ -189,11 +184,11 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         tma_prefetch_desc(&tm_q);
         tma_prefetch_desc(&tm_kv);
         mbar_init(q_full, 1);
-        mbar_init(q_empty, kConsumerArrivals);
+        mbar_init(q_empty, Cfg::kConsumerThreads);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&k_full[s], 1);
             mbar_init(&v_full[s], 1);
-            mbar_init(&empty[s], kConsumerArrivals);
+            mbar_init(&empty[s], Cfg::kConsumerThreads);
         }
         mbar_init_fence();
     }
@@ -208,7 +203,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             // the work item after w (>= num_work: none)
             auto next_work = [&](int w) {
                 if (w >= num_work) return w;
-                int* counter = g_fwd_work_counter<HS, kWG>;
+                int* counter = g_fwd_work_counter<HS, kWG, kEpiOverlap>;
                 const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
                 if (next >= num_work) {
                     __threadfence();  // this CTA's last take comes before its count
@@ -265,13 +260,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     const int warp = ctid / 32, lane = ctid % 32;
     const int g = lane >> 2, t = lane & 3;
     const int lrow0 = 64 * cw + 16 * warp + g;  // local rows lrow0 and lrow0 + 8 of the block
-#ifdef FWD_AB_WARP_ARRIVE
-    auto release = [&](uint64_t* bar) {
-        if (lane == 0) mbar_arrive(bar);
-    };
-#else
-    auto release = [&](uint64_t* bar) { mbar_arrive(bar); };
-#endif
 
     // descriptors: built once per operand, then moved by byte offsets (desc_at: one add per product instead of
     // the fields rebuilt, ~40 instructions a tile)
@@ -394,71 +382,108 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 
     const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
-    // this warpgroup's tiles of the item: tile 0 (the diagonal; S, softmax, P), then S_i issued before
-    // O += P_{i-1} V_{i-1}, then the last P V. kHalf: this warpgroup's rows are the first 64 of the diagonal tile's
-    // range (row_first a multiple of kBN), so keys 64..127 of that tile are all masked: its S, softmax and P V run
-    // on keys 0..63 only (at T = 1024 1/18 of the products' work saved; the same bits: those P are 0). Each
-    // branch on kHalf waits for its own products: a wgmma accumulator in flight across the join of two paths makes
-    // ptxas serialise the products (C7520).
-    auto own_tiles = [&](auto half_c) {
-        constexpr bool kHalf = decltype(half_c)::value;
-        constexpr int kDiagCols = kHalf ? kBN / 2 : kBN;
-        {
-            turn_wait();
-            mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-            issue_s(kv % kStages, half_c);
-            turn_pass();
-            wgmma_wait<0>();
-            reg_fence(s);
-            if (n_own == 1) release(q_empty);
-            float c0, c1;
-            softmax(std::integral_constant<int, kDiagCols>{}, true, (n_own - 1) * kBN, c0, c1);
-            acc_to_a<kBN, kDiagCols>(pa, s);
+    // the epilogue in two parts: finish (O / l to bf16 pairs, lse) once the item's last P V is done, then store
+    // (rows of the item (bb, hh, qq0) below T). kEpiOverlap: the stores are issued under the next item's first
+    // S product (their registers are not wgmma accumulators, so ptxas lets them run before that product is done)
+    uint32_t op[HS / 4];  // op[2j] row lrow0, op[2j + 1] row lrow0 + 8, columns 8j + 2t, 8j + 2t + 1
+    float lse0 = 0.f, lse1 = 0.f;
+    auto finish = [&]() {
+        l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            op[2 * j] = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+            op[2 * j + 1] = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
         }
-        // S_i, O += P_{i-1} V_{i-1} (P_0 on kDiagCols keys)
-        auto step = [&](int i, auto pv_half) {
-            const int n = n_own - 1 - i;
-            const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
-            const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&k_full[st], ph);
-            issue_s(st, std::false_type{});  // S_i = Q K_i^T
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, i > 1, pv_half);   // O += P_{i-1} V_{i-1}
-            turn_pass();
-            wgmma_wait<1>();                 // S_i done (P V may still run)
-            reg_fence(s);
-            if (i == n_own - 1) release(q_empty);
-            float c0, c1;
-            softmax(std::integral_constant<int, kBN>{}, false, n * kBN, c0, c1);
-            // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
-            // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
-            // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
-            // warpgroups' products cover the softmax anyway
-            wgmma_wait<0>();
-            reg_fence(o);
-            release(&empty[pst]);
-            acc_to_a<kBN>(pa, s);
-            rescale_o(c0, c1);
-        };
-        auto last_pv = [&](auto pv_half) {
-            const int pst = (kv + n_own - 1) % kStages;
-            const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
-            turn_wait();
-            mbar_wait(&v_full[pst], pph);
-            issue_pv(pst, n_own > 1, pv_half);
-            turn_pass();
-            wgmma_wait<0>();
-            reg_fence(o);
-            release(&empty[pst]);
-        };
-        if (n_own == 1) {
+        lse0 = m0 * kLn2 + logf(l0);
+        lse1 = m1 * kLn2 + logf(l1);
+    };
+    auto store = [&](int bb, int hh, int qq0) {
+        const int row0 = qq0 + lrow0, row1 = row0 + 8;
+        bf16* out0 = out + ((size_t)bb * T + row0) * C + hh * HS;
+        bf16* out1 = out0 + (size_t)8 * C;
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            const int col = 8 * j + 2 * t;
+            if (row0 < T) *reinterpret_cast<uint32_t*>(out0 + col) = op[2 * j];
+            if (row1 < T) *reinterpret_cast<uint32_t*>(out1 + col) = op[2 * j + 1];
+        }
+        if (t == 0) {
+            float* lse_bh = lse + ((size_t)bb * lay.NH + hh) * T;
+            if (row0 < T) lse_bh[row0] = lse0;
+            if (row1 < T) lse_bh[row1] = lse1;
+        }
+    };
+    // the finished item whose stores are not issued yet (kEpiOverlap); eq0 = T: none (rows past T are not stored,
+    // so that store writes nothing: no branch around it)
+    int eb = 0, eh = 0, eq0 = T;
+
+    // S_i, O += P_{i-1} V_{i-1} (pv_half: P_{i-1} on keys 0..63 only)
+    auto step = [&](int i, auto pv_half) {
+        const int n = n_own - 1 - i;
+        const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+        const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+        turn_wait();
+        mbar_wait(&k_full[st], ph);
+        issue_s(st, std::false_type{});  // S_i = Q K_i^T
+        mbar_wait(&v_full[pst], pph);
+        issue_pv(pst, i > 1, pv_half);   // O += P_{i-1} V_{i-1}
+        turn_pass();
+        wgmma_wait<1>();                 // S_i done (P V may still run)
+        reg_fence(s);
+        if (i == n_own - 1) mbar_arrive(q_empty);
+        float c0, c1;
+        softmax(std::integral_constant<int, kBN>{}, false, n * kBN, c0, c1);
+        // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
+        // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
+        // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
+        // warpgroups' products cover the softmax anyway
+        wgmma_wait<0>();
+        reg_fence(o);
+        mbar_arrive(&empty[pst]);
+        acc_to_a<kBN>(pa, s);
+        rescale_o(c0, c1);
+    };
+    auto last_pv = [&](auto pv_half) {
+        const int pst = (kv + n_own - 1) % kStages;
+        const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
+        turn_wait();
+        mbar_wait(&v_full[pst], pph);
+        issue_pv(pst, n_own > 1, pv_half);
+        turn_pass();
+        wgmma_wait<0>();
+        reg_fence(o);
+        mbar_arrive(&empty[pst]);
+    };
+    // tile 0 (the diagonal; S, softmax, P) and the P V of it. kHalf: this warpgroup's rows are the first 64 of the
+    // diagonal tile's range (row_first a multiple of kBN), so keys 64..127 of that tile are all masked: its S,
+    // softmax and P V run on keys 0..63 only (at T = 1024 1/18 of the products' work saved; the same bits: those P
+    // are 0). Each branch on kHalf waits for its own products (a wgmma accumulator in flight across the join of two
+    // paths makes ptxas serialise the products: C7520), and the tiles after the first step run in one loop outside
+    // (two copies of the loop measured 6% slower at T = 2048: instruction cache).
+    // kEpiOverlap: the previous item's output stores are issued while this S is computed.
+    auto first_tiles = [&](auto half_c) {
+        constexpr int kDiagCols = decltype(half_c)::value ? kBN / 2 : kBN;
+        turn_wait();
+        mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+        issue_s(kv % kStages, half_c);
+        turn_pass();
+        if constexpr (kEpiOverlap) store(eb, eh, eq0);
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.f;
+        wgmma_wait<0>();
+        reg_fence(s);
+        if (n_own == 1) mbar_arrive(q_empty);
+        float c0, c1;
+        softmax(std::integral_constant<int, kDiagCols>{}, true, (n_own - 1) * kBN, c0, c1);
+        acc_to_a<kBN, kDiagCols>(pa, s);
+        if (n_own == 1)
             last_pv(half_c);
-            return;
-        }
-        step(1, half_c);
-        for (int i = 2; i < n_own; ++i) step(i, std::false_type{});
-        last_pv(std::false_type{});
+        else
+            step(1, half_c);
     };
 
     for (int it = 0;; ++it) {
@@ -470,11 +495,9 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
         // warp-uniform by a shuffle (a branch around wgmma on a value ptxas thinks divergent serialises them)
         const bool half = __shfl_sync(0xffffffffu, row_first % kBN == 0, 0);
-        m0 = m1 = -INFINITY;
-        l0 = l1 = 0.f;
         // q_empty: this warpgroup's last Q K^T product is done (at once if it has none), so the producer loads the
         // next item's Q under this one's last softmax, P V and epilogue
-        if (n_own == 0) release(q_empty);
+        if (n_own == 0) mbar_arrive(q_empty);
         // the block's tiles past this warpgroup's rows come first (diagonal down): release them in turn. Once
         // the stage is loaded the producer is past its wait for the previous use, so the arrival counts for
         // this one.
@@ -482,43 +505,32 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             turn_wait();
             turn_pass();
             mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-            release(&empty[kv % kStages]);
+            mbar_arrive(&empty[kv % kStages]);
         }
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
-        } else {
-            if (half)
-                own_tiles(std::true_type{});
-            else
-                own_tiles(std::false_type{});
+            if constexpr (kEpiOverlap) store(eb, eh, eq0);
+            eq0 = T;
+            continue;
         }
+        if (half)
+            first_tiles(std::true_type{});
+        else
+            first_tiles(std::false_type{});
+        for (int i = 2; i < n_own; ++i) step(i, std::false_type{});
+        if (n_own > 1) last_pv(std::false_type{});
         kv += n_own;
-        if (n_own == 0) continue;
-
-        // ---------------- epilogue: O / l, lse ----------------
-        l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-        l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-        l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-        l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-        const int row0 = q0 + lrow0, row1 = row0 + 8;
-        bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
-        bf16* out1 = out0 + (size_t)8 * C;
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            const int col = 8 * j + 2 * t;
-            if (row0 < T)
-                *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-            if (row1 < T)
-                *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        }
-        if (t == 0) {
-            float* lse_bh = lse + ((size_t)b * lay.NH + h) * T;
-            if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
-            if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
+        finish();
+        if constexpr (kEpiOverlap) {
+            eb = b;
+            eh = h;
+            eq0 = q0;
+        } else {
+            store(b, h, q0);
         }
     }  // work items
+    if constexpr (kEpiOverlap) store(eb, eh, eq0);
     if (cw == 0) turn_wait();  // the last warpgroup's final pass
 #endif
 }
@@ -1009,10 +1021,10 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
 }
 
 // the kernel of kWG consumer warpgroups on the persistent grid (one CTA per multiprocessor, fewer if fewer items)
-template <int HS, int kWG>
+template <int HS, int kWG, bool kEpiOverlap>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FwdCfg<HS, kWG>;
-    auto kernel = attention_forward_sm90_kernel<HS, kWG>;
+    auto kernel = attention_forward_sm90_kernel<HS, kWG, kEpiOverlap>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap map_kv = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
@@ -1025,13 +1037,8 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(work > sms ? sms : work);
     const float scale_log2 = (float)(1.0 / std::sqrt((double)HS) * 1.4426950408889634);
-#ifdef FWD_AB_GROUP_MUL
-    const int group = max(1, min(num_bh, head_group(num_qblocks, num_bh) * FWD_AB_GROUP_MUL / 2));
-#else
-    const int group = head_group(num_qblocks, num_bh);
-#endif
-    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks, group,
-                                                  scale_log2);
+    kernel<<<grid, Cfg::kThreads, smem, stream>>>(map_q, map_kv, out, lse, T, lay, num_bh, num_qblocks,
+                                                  head_group(num_qblocks, num_bh), scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1047,11 +1054,14 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
                      cudaStream_t stream) {
     if constexpr (HS == 64) {
         if (variant == 1) {
-            launch_forward_sm90<HS, 3>(out, lse, qkv, B, T, lay, stream);
+            launch_forward_sm90<HS, 3, false>(out, lse, qkv, B, T, lay, stream);
             return;
         }
     }
-    launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
+    if (variant == 2)
+        launch_forward_sm90<HS, 2, false>(out, lse, qkv, B, T, lay, stream);
+    else
+        launch_forward_sm90<HS, 2, true>(out, lse, qkv, B, T, lay, stream);
 }
 
 // the backward; work: fused_work_floats<HS> floats, 16-byte aligned
@@ -1120,7 +1130,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant == 0 || variant == 1, "attention_forward_sm90: variant 0 or 1");
+    require(variant >= 0 && variant <= 2, "attention_forward_sm90: variant 0 .. 2");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);
