@@ -20,7 +20,8 @@
 //     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
-//     diagonal tile only (the first one processed). The product S_{i+1} = Q K_{i+1}^T is issued before
+//     diagonal tile only (the first one processed); a warpgroup whose 64 rows are the first half of that tile's
+//     128 computes it on its first 64 keys only (m64n64 S, half the softmax and P V). The product S_{i+1} = Q K_{i+1}^T is issued before
 //     O += P_i V_i (FlashAttention-3's intra-warpgroup overlap; how much of the softmax of S_{i+1} runs under
 //     P_i V_i is left to ptxas: see the wait in the loop), and the consumer warpgroups take turns to issue their
 //     products (named barriers), so that one's softmax runs under the others' products.
@@ -138,10 +139,10 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
 // last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
 // order; two streams must not run the same kernel at once).
-template <int HS, int kWG, bool kEpiOverlap>
+template <int HS, int kWG>
 __device__ int g_fwd_work_counter[2];
 
-template <int HS, int kWG, bool kEpiOverlap>
+template <int HS, int kWG>
 __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     attention_forward_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_kv,
                                   bf16* __restrict__ out, float* __restrict__ lse, int T, QkvLayout lay, int num_bh,
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             // the work item after w (>= num_work: none)
             auto next_work = [&](int w) {
                 if (w >= num_work) return w;
-                int* counter = g_fwd_work_counter<HS, kWG, kEpiOverlap>;
+                int* counter = g_fwd_work_counter<HS, kWG>;
                 const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
                 if (next >= num_work) {
                     __threadfence();  // this CTA's last take comes before its count
@@ -382,45 +383,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 
     const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
-    // the epilogue in two parts: finish (O / l to bf16 pairs, lse) once the item's last P V is done, then store
-    // (rows of the item (bb, hh, qq0) below T). kEpiOverlap: the stores are issued under the next item's first
-    // S product (their registers are not wgmma accumulators, so ptxas lets them run before that product is done)
-    uint32_t op[HS / 4];  // op[2j] row lrow0, op[2j + 1] row lrow0 + 8, columns 8j + 2t, 8j + 2t + 1
-    float lse0 = 0.f, lse1 = 0.f;
-    auto finish = [&]() {
-        l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-        l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-        l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-        l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            op[2 * j] = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-            op[2 * j + 1] = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        }
-        lse0 = m0 * kLn2 + logf(l0);
-        lse1 = m1 * kLn2 + logf(l1);
-    };
-    auto store = [&](int bb, int hh, int qq0) {
-        const int row0 = qq0 + lrow0, row1 = row0 + 8;
-        bf16* out0 = out + ((size_t)bb * T + row0) * C + hh * HS;
-        bf16* out1 = out0 + (size_t)8 * C;
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            const int col = 8 * j + 2 * t;
-            if (row0 < T) *reinterpret_cast<uint32_t*>(out0 + col) = op[2 * j];
-            if (row1 < T) *reinterpret_cast<uint32_t*>(out1 + col) = op[2 * j + 1];
-        }
-        if (t == 0) {
-            float* lse_bh = lse + ((size_t)bb * lay.NH + hh) * T;
-            if (row0 < T) lse_bh[row0] = lse0;
-            if (row1 < T) lse_bh[row1] = lse1;
-        }
-    };
-    // the finished item whose stores are not issued yet (kEpiOverlap); eq0 = T: none (rows past T are not stored,
-    // so that store writes nothing: no branch around it)
-    int eb = 0, eh = 0, eq0 = T;
-
     // S_i, O += P_{i-1} V_{i-1} (pv_half: P_{i-1} on keys 0..63 only)
     auto step = [&](int i, auto pv_half) {
         const int n = n_own - 1 - i;
@@ -464,14 +426,12 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     // are 0). Each branch on kHalf waits for its own products (a wgmma accumulator in flight across the join of two
     // paths makes ptxas serialise the products: C7520), and the tiles after the first step run in one loop outside
     // (two copies of the loop measured 6% slower at T = 2048: instruction cache).
-    // kEpiOverlap: the previous item's output stores are issued while this S is computed.
     auto first_tiles = [&](auto half_c) {
         constexpr int kDiagCols = decltype(half_c)::value ? kBN / 2 : kBN;
         turn_wait();
         mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
         issue_s(kv % kStages, half_c);
         turn_pass();
-        if constexpr (kEpiOverlap) store(eb, eh, eq0);
         m0 = m1 = -INFINITY;
         l0 = l1 = 0.f;
         wgmma_wait<0>();
@@ -510,8 +470,6 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
-            if constexpr (kEpiOverlap) store(eb, eh, eq0);
-            eq0 = T;
             continue;
         }
         if (half)
@@ -521,16 +479,30 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         for (int i = 2; i < n_own; ++i) step(i, std::false_type{});
         if (n_own > 1) last_pv(std::false_type{});
         kv += n_own;
-        finish();
-        if constexpr (kEpiOverlap) {
-            eb = b;
-            eh = h;
-            eq0 = q0;
-        } else {
-            store(b, h, q0);
+
+        // ---------------- epilogue: O / l, lse ----------------
+        l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+        const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+        const int row0 = q0 + lrow0, row1 = row0 + 8;
+        bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
+        bf16* out1 = out0 + (size_t)8 * C;
+#pragma unroll
+        for (int j = 0; j < HS / 8; ++j) {
+            const int col = 8 * j + 2 * t;
+            if (row0 < T)
+                *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
+            if (row1 < T)
+                *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+        }
+        if (t == 0) {
+            float* lse_bh = lse + ((size_t)b * lay.NH + h) * T;
+            if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
+            if (row1 < T) lse_bh[row1] = m1 * kLn2 + logf(l1);
         }
     }  // work items
-    if constexpr (kEpiOverlap) store(eb, eh, eq0);
     if (cw == 0) turn_wait();  // the last warpgroup's final pass
 #endif
 }
@@ -1021,10 +993,10 @@ CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) 
 }
 
 // the kernel of kWG consumer warpgroups on the persistent grid (one CTA per multiprocessor, fewer if fewer items)
-template <int HS, int kWG, bool kEpiOverlap>
+template <int HS, int kWG>
 void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLayout lay, cudaStream_t stream) {
     using Cfg = FwdCfg<HS, kWG>;
-    auto kernel = attention_forward_sm90_kernel<HS, kWG, kEpiOverlap>;
+    auto kernel = attention_forward_sm90_kernel<HS, kWG>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap map_kv = make_map_3d(qkv, lay.row_stride(), T, B, Cfg::kBN);
@@ -1044,8 +1016,8 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
 
 // forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
 // runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest on an H200 (harness, one
-// process, 2026-12-02 run 4): HS 64 (B=64 T=1024 NH=12): 1, 313.9 us (0: 357.1, cuDNN 294.4); HS 128 (NH=6): 0,
-// 261.4 us (cuDNN 221.3); B=16 T=2048 NH=32 HS 64: 1, 664.9 us (cuDNN 682.2)
+// process, 2026-12-02, branch attn-fwd3, best of 3 rounds): HS 64 (B=64 T=1024 NH=12): 1, 303.3 us (0: 334.0,
+// cuDNN 295.9); HS 128 (NH=6): 0, 249.1 us (cuDNN 230.1); B=16 T=2048 NH=32 HS 64: 1, 679.2 us (cuDNN 671.7)
 constexpr int kDefaultVariantHs64 = 1;
 constexpr int kDefaultVariantHs128 = 0;
 
@@ -1054,14 +1026,11 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
                      cudaStream_t stream) {
     if constexpr (HS == 64) {
         if (variant == 1) {
-            launch_forward_sm90<HS, 3, false>(out, lse, qkv, B, T, lay, stream);
+            launch_forward_sm90<HS, 3>(out, lse, qkv, B, T, lay, stream);
             return;
         }
     }
-    if (variant == 2)
-        launch_forward_sm90<HS, 2, false>(out, lse, qkv, B, T, lay, stream);
-    else
-        launch_forward_sm90<HS, 2, true>(out, lse, qkv, B, T, lay, stream);
+    launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
 }
 
 // the backward; work: fused_work_floats<HS> floats, 16-byte aligned
@@ -1130,7 +1099,7 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
     require(NKV > 0 && NH % NKV == 0, "attention_forward_sm90: NKV must divide NH");
     // the default variant per head size: the fastest one measured on an H200 (docs/perf.md)
     if (variant < 0) variant = HS == 64 ? kDefaultVariantHs64 : kDefaultVariantHs128;
-    require(variant >= 0 && variant <= 2, "attention_forward_sm90: variant 0 .. 2");
+    require(variant == 0 || variant == 1, "attention_forward_sm90: variant 0 or 1");
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
         forward_variant<64>(out, lse, qkv, B, T, lay, variant, stream);
