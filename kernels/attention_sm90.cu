@@ -420,10 +420,10 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         reg_fence(o);
         mbar_arrive(&empty[pst]);
     };
-    // tile 0 (the diagonal; S, softmax, P) and the P V of it. kHalf: this warpgroup's rows are the first 64 of the
+    // tile 0 (the diagonal; S, softmax, P) and the P V of it. half_c: this warpgroup's rows are the first 64 of the
     // diagonal tile's range (row_first a multiple of kBN), so keys 64..127 of that tile are all masked: its S,
     // softmax and P V run on keys 0..63 only (at T = 1024 1/18 of the products' work saved; the same bits: those P
-    // are 0). Each branch on kHalf waits for its own products (a wgmma accumulator in flight across the join of two
+    // are 0). Each branch on half_c waits for its own products (a wgmma accumulator in flight across the join of two
     // paths makes ptxas serialise the products: C7520), and the tiles after the first step run in one loop outside
     // (two copies of the loop measured 6% slower at T = 2048: instruction cache).
     auto first_tiles = [&](auto half_c) {
