@@ -20,7 +20,8 @@
 //     accumulators in registers (exp2 with the scale folded in, row max over the 4 lanes of a quad),
 //     P converted in registers to the A fragments of the second product O += P V (wgmma with A from
 //     registers, V as an MN-major B operand: no transpose needed anywhere). The mask is evaluated on the
-//     diagonal tile only (the first one processed). The product S_{i+1} = Q K_{i+1}^T is issued before
+//     diagonal tile only (the first one processed); a warpgroup whose 64 rows are the first half of that tile's
+//     128 computes it on its first 64 keys only (m64n64 S, half the softmax and P V). The product S_{i+1} = Q K_{i+1}^T is issued before
 //     O += P_i V_i (FlashAttention-3's intra-warpgroup overlap; how much of the softmax of S_{i+1} runs under
 //     P_i V_i is left to ptxas: see the wait in the loop), and the consumer warpgroups take turns to issue their
 //     products (named barriers), so that one's softmax runs under the others' products.
@@ -41,6 +42,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPT2CU_SM90A_DEVICE 1
@@ -102,11 +104,12 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
 
 // the m64nN accumulator: float d[N/2]; d[4j + e]: row (16 warp + g + 8 (e >> 1)), column 8j + 2t + (e & 1)
 
-// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns)
-template <int N>
+// P fragments (fp32 accumulator s of an m64nN product) -> A fragments of the next product (k = the N columns;
+// the first NC of them)
+template <int N, int NC = N>
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (&s)[N / 2]) {
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
+    for (int kk = 0; kk < NC / 16; ++kk) {
         a[kk][0] = pack_bf16x2(s[8 * kk + 0], s[8 * kk + 1]);
         a[kk][1] = pack_bf16x2(s[8 * kk + 2], s[8 * kk + 3]);
         a[kk][2] = pack_bf16x2(s[8 * kk + 4], s[8 * kk + 5]);
@@ -280,17 +283,26 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
     float m0, m1;  // running row maxima (of S * scale * log2 e)
     float l0, l1;  // per-thread partial row sums
     int b = 0, h = 0, q0 = 0, n_tiles = 0;
+    int n_own = 0;  // this warpgroup's key tiles of the item: 0 .. n_own-1
 
-    auto issue_s = [&](int st) {
+    // S = Q K^T (half: keys 0..63 of the tile only, into s's first kBN / 4 values, columns 0..63)
+    auto issue_s = [&](int st, auto half_c) {
         wgmma_fence();
+        if constexpr (decltype(half_c)::value) {
+            float(&sh)[kBN / 4] = *reinterpret_cast<float(*)[kBN / 4]>(&s[0]);
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+            for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n64<0, 0>(sh, desc_q(kk), desc_k(st, kk), kk > 0);
+        } else {
+#pragma unroll
+            for (int kk = 0; kk < HS / 16; ++kk) wgmma_ss_n128<0, 0>(s, desc_q(kk), desc_k(st, kk), kk > 0);
+        }
         wgmma_commit();
     };
-    auto issue_pv = [&](int st, bool accumulate) {
+    // O += P V (half: keys 0..63 of the tile, the rest of P being 0)
+    auto issue_pv = [&](int st, bool accumulate, auto half_c) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
+        for (int kk = 0; kk < (decltype(half_c)::value ? kBN / 32 : kBN / 16); ++kk) {
             if constexpr (HS == 64)
                 wgmma_rs_n64<1>(o, pa[kk], desc_v(st, kk), accumulate || kk > 0);
             else
@@ -298,12 +310,14 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         }
         wgmma_commit();
     };
-    // softmax of s in place (s becomes P in fp32); returns the rescale factors of the old accumulators
-    auto softmax = [&](bool diag, int key0, float& c0, float& c1) {
+    // softmax of s's first N columns in place (they become P in fp32); returns the rescale factors of the old
+    // accumulators
+    auto softmax = [&](auto ncols, bool diag, int key0, float& c0, float& c1) {
+        constexpr int N = decltype(ncols)::value;
         if (diag) {
             const int r0 = q0 + lrow0;
 #pragma unroll
-            for (int j = 0; j < kBN / 8; ++j)
+            for (int j = 0; j < N / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int key = key0 + 8 * j + 2 * t + (e & 1);
@@ -314,7 +328,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         const float mx0 = m0, mx1 = m1;
         float r0max = -INFINITY, r1max = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
+        for (int j = 0; j < N / 8; ++j) {
             r0max = fmaxf(r0max, fmaxf(s[4 * j], s[4 * j + 1]));
             r1max = fmaxf(r1max, fmaxf(s[4 * j + 2], s[4 * j + 3]));
         }
@@ -334,7 +348,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         m1 = n1;
         float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
+        for (int j = 0; j < N / 8; ++j) {
             s[4 * j + 0] = fast_exp2(fmaf(s[4 * j + 0], scale_log2, -n0));
             s[4 * j + 1] = fast_exp2(fmaf(s[4 * j + 1], scale_log2, -n0));
             s[4 * j + 2] = fast_exp2(fmaf(s[4 * j + 2], scale_log2, -n1));
@@ -369,15 +383,78 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 
     const int num_work = num_bh * num_qblocks;
     int kv = 0;  // K/V tiles consumed so far
+    // S_i, O += P_{i-1} V_{i-1} (pv_half: P_{i-1} on keys 0..63 only)
+    auto step = [&](int i, auto pv_half) {
+        const int n = n_own - 1 - i;
+        const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
+        const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
+        turn_wait();
+        mbar_wait(&k_full[st], ph);
+        issue_s(st, std::false_type{});  // S_i = Q K_i^T
+        mbar_wait(&v_full[pst], pph);
+        issue_pv(pst, i > 1, pv_half);   // O += P_{i-1} V_{i-1}
+        turn_pass();
+        wgmma_wait<1>();                 // S_i done (P V may still run)
+        reg_fence(s);
+        if (i == n_own - 1) mbar_arrive(q_empty);
+        float c0, c1;
+        softmax(std::integral_constant<int, kBN>{}, false, n * kBN, c0, c1);
+        // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
+        // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
+        // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
+        // warpgroups' products cover the softmax anyway
+        wgmma_wait<0>();
+        reg_fence(o);
+        mbar_arrive(&empty[pst]);
+        acc_to_a<kBN>(pa, s);
+        rescale_o(c0, c1);
+    };
+    auto last_pv = [&](auto pv_half) {
+        const int pst = (kv + n_own - 1) % kStages;
+        const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
+        turn_wait();
+        mbar_wait(&v_full[pst], pph);
+        issue_pv(pst, n_own > 1, pv_half);
+        turn_pass();
+        wgmma_wait<0>();
+        reg_fence(o);
+        mbar_arrive(&empty[pst]);
+    };
+    // tile 0 (the diagonal; S, softmax, P) and the P V of it. half_c: this warpgroup's rows are the first 64 of the
+    // diagonal tile's range (row_first a multiple of kBN), so keys 64..127 of that tile are all masked: its S,
+    // softmax and P V run on keys 0..63 only (at T = 1024 1/18 of the products' work saved; the same bits: those P
+    // are 0). Each branch on half_c waits for its own products (a wgmma accumulator in flight across the join of two
+    // paths makes ptxas serialise the products: C7520), and the tiles after the first step run in one loop outside
+    // (two copies of the loop measured 6% slower at T = 2048: instruction cache).
+    auto first_tiles = [&](auto half_c) {
+        constexpr int kDiagCols = decltype(half_c)::value ? kBN / 2 : kBN;
+        turn_wait();
+        mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
+        issue_s(kv % kStages, half_c);
+        turn_pass();
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.f;
+        wgmma_wait<0>();
+        reg_fence(s);
+        if (n_own == 1) mbar_arrive(q_empty);
+        float c0, c1;
+        softmax(std::integral_constant<int, kDiagCols>{}, true, (n_own - 1) * kBN, c0, c1);
+        acc_to_a<kBN, kDiagCols>(pa, s);
+        if (n_own == 1)
+            last_pv(half_c);
+        else
+            step(1, half_c);
+    };
+
     for (int it = 0;; ++it) {
         mbar_wait(q_full, it & 1);
         const int w = *work_slot;
         if (w >= num_work) break;
         item(w, b, h, q0, n_tiles);
         const int row_first = q0 + 64 * cw;  // this warpgroup's tiles: 0 .. n_own-1 (none if its rows are not real)
-        const int n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
-        m0 = m1 = -INFINITY;
-        l0 = l1 = 0.f;
+        n_own = row_first >= 0 && row_first < T ? min(row_first + 63, T - 1) / kBN + 1 : 0;
+        // warp-uniform by a shuffle (a branch around wgmma on a value ptxas thinks divergent serialises them)
+        const bool half = __shfl_sync(0xffffffffu, row_first % kBN == 0, 0);
         // q_empty: this warpgroup's last Q K^T product is done (at once if it has none), so the producer loads the
         // next item's Q under this one's last softmax, P V and epilogue
         if (n_own == 0) mbar_arrive(q_empty);
@@ -393,59 +470,15 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         if (n_own == 0) {  // no real rows (before 0 or past T): the turn of the last product
             turn_wait();
             turn_pass();
-        } else {
-            // tile 0 (the diagonal): S, softmax, P
-            {
-                turn_wait();
-                mbar_wait(&k_full[kv % kStages], (kv / kStages) & 1);
-                issue_s(kv % kStages);
-                turn_pass();
-                wgmma_wait<0>();
-                reg_fence(s);
-                if (n_own == 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(true, (n_own - 1) * kBN, c0, c1);
-                acc_to_a<kBN>(pa, s);
-            }
-            for (int i = 1; i < n_own; ++i) {
-                const int n = n_own - 1 - i;
-                const int st = (kv + i) % kStages, pst = (kv + i - 1) % kStages;
-                const uint32_t ph = ((kv + i) / kStages) & 1, pph = ((kv + i - 1) / kStages) & 1;
-                turn_wait();
-                mbar_wait(&k_full[st], ph);
-                issue_s(st);                   // S_i = Q K_i^T
-                mbar_wait(&v_full[pst], pph);
-                issue_pv(pst, i > 1);          // O += P_{i-1} V_{i-1}
-                turn_pass();
-                wgmma_wait<1>();               // S_i done (P V may still run)
-                reg_fence(s);
-                if (i == n_own - 1) mbar_arrive(q_empty);
-                float c0, c1;
-                softmax(false, n * kBN, c0, c1);
-                // a plain wait: ptxas moves it up into the softmax, so little of it runs under this warpgroup's own
-                // P V. Forcing the wait below every exp2 (a first wait predicated on the row sums) measured 4-6 us
-                // slower on an H200 in both variants, HS 64 and 128 (dev/attn_sm90/results/run4_ab.log): the other
-                // warpgroups' products cover the softmax anyway
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[pst]);
-                acc_to_a<kBN>(pa, s);
-                rescale_o(c0, c1);
-            }
-            {
-                const int pst = (kv + n_own - 1) % kStages;
-                const uint32_t pph = ((kv + n_own - 1) / kStages) & 1;
-                turn_wait();
-                mbar_wait(&v_full[pst], pph);
-                issue_pv(pst, n_own > 1);
-                turn_pass();
-                wgmma_wait<0>();
-                reg_fence(o);
-                mbar_arrive(&empty[pst]);
-            }
+            continue;
         }
+        if (half)
+            first_tiles(std::true_type{});
+        else
+            first_tiles(std::false_type{});
+        for (int i = 2; i < n_own; ++i) step(i, std::false_type{});
+        if (n_own > 1) last_pv(std::false_type{});
         kv += n_own;
-        if (n_own == 0) continue;
 
         // ---------------- epilogue: O / l, lse ----------------
         l0 += __shfl_xor_sync(0xffffffff, l0, 1);
@@ -983,8 +1016,8 @@ void launch_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T, Q
 
 // forward variants: 0 = 2 consumer warpgroups on 128-query blocks, 1 = 3 on 192-query blocks (HS 64 only; HS 128
 // runs 0); both persistent, ping-pong, dynamic order. The defaults are the fastest on an H200 (harness, one
-// process, 2026-12-02 run 4): HS 64 (B=64 T=1024 NH=12): 1, 313.9 us (0: 357.1, cuDNN 294.4); HS 128 (NH=6): 0,
-// 261.4 us (cuDNN 221.3); B=16 T=2048 NH=32 HS 64: 1, 664.9 us (cuDNN 682.2)
+// process, 2026-12-02, branch attn-fwd3, best of 3 rounds): HS 64 (B=64 T=1024 NH=12): 1, 303.3 us (0: 334.0,
+// cuDNN 295.9); HS 128 (NH=6): 0, 249.1 us (cuDNN 230.1); B=16 T=2048 NH=32 HS 64: 1, 679.2 us (cuDNN 671.7)
 constexpr int kDefaultVariantHs64 = 1;
 constexpr int kDefaultVariantHs128 = 0;
 

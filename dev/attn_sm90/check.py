@@ -31,7 +31,8 @@ ap.add_argument("--bwd-kinds", default="fa2,auto", help="backward kernels (fa2 =
 ap.add_argument("--refs", default="cudnn,flash2", help="torch SDPA backends timed beside ours")
 ap.add_argument("--profile", action="store_true",
                 help="only run each --kinds forward (with --bwd, each --bwd-kinds backward too) twice on "
-                     "B=64 T=1024 NH=12")
+                     "--profile-shape")
+ap.add_argument("--profile-shape", default="64,1024,12,64", help="B,T,NH,HS of --profile")
 args = ap.parse_args()
 
 lib = ctypes.CDLL(args.lib)
@@ -137,7 +138,7 @@ CASES = [(2, 1024, 3, 64), (2, 1000, 3, 64), (1, 77, 2, 64), (1, 1, 1, 64), (2, 
 FWD_KINDS = args.kinds.split(",")
 BWD_KINDS = args.bwd_kinds.split(",")
 if args.profile:
-    B, T, NH, HS = 64, 1024, 12, 64
+    B, T, NH, HS = (int(x) for x in args.profile_shape.split(","))
     qkv = torch.randn(B, T, 3 * NH * HS, device=dev).to(torch.bfloat16)
     out = torch.empty(B, T, NH * HS, device=dev, dtype=torch.bfloat16)
     lse = torch.empty(B, NH, T, device=dev)
