@@ -28,13 +28,12 @@
 // 232, with two warpgroups' tiles live at once, which the overlap needs: 128 x 256 per warpgroup is out). Measured
 // on an H200 at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of torch.matmul's rate,
 // 64 x 256 (one m64n256k16, 40 KB stages) at 80% (dev/gemm_sm90/bench.py, 2026-12-02).
-// Epilogue (done straight from the fragments, with 4-byte stores and the bias / pre loaded where used, the kernel
-// took 3.2x as long as without an epilogue: stalled on those loads and on stores covering half sectors): each warp
-// moves its accumulators through shared memory, 16 rows x 32 columns at a time (fp32, rows 44 words apart: the
-// fragment writes and the row reads are free of bank conflicts), so each lane then holds 8 consecutive columns of
-// a row: the GeLU math there, 16-byte streaming (evict-first) stores covering whole 32-byte sectors. The bias
-// (forward) and pre (backward) values a lane needs are loaded before the tile's k loop, in registers, their
-// latency hidden under the products. Shared memory: 6 x 32 KB stages + 8 x 2.75 KB staging = 215 KB.
+// Epilogue (measured: done from the fragments with 4-byte stores and per-column loads it took 3x the products'
+// time): each warp moves its accumulators through shared memory, 16 rows x 32 columns at a time (fp32, rows 44
+// words apart: the fragment writes and the row reads are free of bank conflicts), so each lane then holds 8
+// consecutive columns of a row: the GeLU math there, 16-byte streaming (evict-first) stores covering whole 32-byte
+// sectors. The bias (forward) and pre (backward) values a lane needs are loaded before the tile's k loop, in
+// registers, their latency hidden under the products.
 #include "kernels.h"
 #include "common.cuh"
 #include "gelu.cuh"
