@@ -321,7 +321,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mode"));
     m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
-        "Hopper: 1 (the default) runs the GeLU-epilogue GEMMs on gemm_sm90.cu's kernel where it fits, 0 on cuBLASLt; "
+        "Hopper: 0 runs the GeLU-epilogue GEMMs on cuBLASLt, 1 or 2 on gemm_sm90.cu's tile variants where they fit; "
         "-1 only asks; returns the mode before",
         py::arg("mode"));
     m.def(

@@ -171,8 +171,9 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 int matmul_set_tuning(int mode);
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
-// Hopper: 1 (the default): the GeLU-epilogue GEMMs run gemm_sm90.cu's kernel where it fits (matmul.cu's
-// header), 0: cuBLASLt; -1 only asks. Returns the mode before. For benchmarks and tests.
+// Hopper: which path the GeLU-epilogue GEMMs take where gemm_sm90.cu's kernel fits (matmul.cu's header):
+// 0 cuBLASLt, 1 or 2 the kernel's tile variants (1 the default; a build without sm_90 accepts only 0);
+// -1 only asks. Returns the mode before. For benchmarks and tests.
 int matmul_set_sm90(int mode);
 
 // ---- adamw.cu ---------------------------------------------------------------------------------

@@ -31,12 +31,12 @@
 //
 // Hopper (compute capability 9.x, in a build with sm_90: GPT2CU_HAVE_SM90_GEMM): the forward with gelu_pre and
 // dinp with dinp_gelu_pre run gemm_sm90.cu's kernel (its GeLU epilogue overlapped with another tile's products;
-// cuBLASLt's GELU_AUX_BIAS / DGELU ran at 78% of torch.matmul's rate for GPT-2's fc layers on an H200) when its
+// cuBLASLt's GELU_AUX_BIAS / DGELU measured at ~72% of its plain GEMM rate for GPT-2's fc layers) when its
 // shapes fit: the GEMM's n (forward OC, dinp C) a multiple of 128, its k (forward C, dinp OC) a multiple of 64,
 // every pointer 16-byte aligned; any N rows. Other shapes, other epilogues and dweight stay on cuBLASLt.
 // Same rounding as cuBLASLt's epilogues (pre = round(acc + bias), out = round(gelu(acc + bias)) from fp32;
 // dinp = round(acc * gelu'(pre))), deterministic, no workspace, nothing allocated (capture safe).
-// matmul_set_sm90(0) sends them to cuBLASLt (comparisons: dev/gemm_sm90/bench.py, bench/bench_kernels.py).
+// matmul_set_sm90 chooses the path (0: cuBLASLt always, for comparisons; 1, 2: the kernel's tile variants).
 //
 // Types: A, B, C, D, bias and aux are bf16 (CUDA_R_16BF); compute CUBLAS_COMPUTE_32F, scale type fp32.
 //
@@ -686,18 +686,20 @@ void mm_require(bool ok, const char* who, const std::string& what) {
 }
 
 // ---- the Hopper path ---------------------------------------------------------------------------
-std::atomic<int> g_sm90_on{1};  // matmul_set_sm90 (a build without sm_90 ignores it)
+// 0: cuBLASLt always; 1, 2: gemm_sm90.cu's variants (1: 128 x 128 warpgroup tiles, 2: 64 x 256)
+constexpr int kSm90DefaultMode = 1;
+std::atomic<int> g_sm90_mode{kSm90DefaultMode};
 
+// the variant to run on the current device, 0 where there is none (cached per device: compute capability 9.x)
+int mm_sm90_variant(const char* who) {
 #ifdef GPT2CU_HAVE_SM90_GEMM
-// whether the GeLU-epilogue GEMMs may take gemm_sm90.cu's kernel on the current device (compute capability 9.x,
-// cached per device)
-bool mm_sm90(const char* who) {
-    if (!g_sm90_on.load(std::memory_order_relaxed)) return false;
+    const int mode = g_sm90_mode.load(std::memory_order_relaxed);
+    if (mode == 0) return 0;
     constexpr int kMaxDevices = 64;
     static std::atomic<int> is_sm90[kMaxDevices];  // 0 unknown, 1 yes, 2 no
     int device = 0;
     mm_check_cuda(cudaGetDevice(&device), "cudaGetDevice", who);
-    if (device >= kMaxDevices) return false;
+    if (device >= kMaxDevices) return 0;
     int known = is_sm90[device].load(std::memory_order_relaxed);
     if (known == 0) {
         int major = 0;
@@ -706,9 +708,12 @@ bool mm_sm90(const char* who) {
         known = major == 9 ? 1 : 2;
         is_sm90[device].store(known, std::memory_order_relaxed);
     }
-    return known == 1;
-}
+    return known == 1 ? mode : 0;
+#else
+    (void)who;
+    return 0;
 #endif
+}
 
 }  // namespace
 
@@ -724,8 +729,9 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
         mm_require(gelu_pre != out, who, "gelu_pre must not alias out");
         epi = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
 #ifdef GPT2CU_HAVE_SM90_GEMM
-        if (mm_sm90(who) && gemm_sm90_supported(N, OC, C, {out, gelu_pre, inp, weight, bias})) {
-            gemm_gelu_forward_sm90(out, gelu_pre, inp, weight, bias, N, OC, C, stream);
+        const int variant = mm_sm90_variant(who);
+        if (variant && gemm_sm90_supported(variant, N, OC, C, {out, gelu_pre, inp, weight, bias})) {
+            gemm_gelu_forward_sm90(out, gelu_pre, inp, weight, bias, N, OC, C, variant, stream);
             return;
         }
 #endif
@@ -787,8 +793,9 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
         }
         bool done = false;
 #ifdef GPT2CU_HAVE_SM90_GEMM
-        if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, weight, dinp_gelu_pre})) {
-            gemm_dgelu_sm90(dinp, dout, weight, dinp_gelu_pre, N, C, OC, stream);
+        const int variant = dinp_gelu_pre ? mm_sm90_variant(who) : 0;
+        if (variant && gemm_sm90_supported(variant, N, C, OC, {dinp, dout, weight, dinp_gelu_pre})) {
+            gemm_dgelu_sm90(dinp, dout, weight, dinp_gelu_pre, N, C, OC, variant, stream);
             done = true;
         }
 #endif
@@ -828,8 +835,14 @@ int matmul_set_tuning(int mode) {
 }
 
 int matmul_set_sm90(int mode) {
-    const int previous = g_sm90_on.load();
-    if (mode >= 0) g_sm90_on.store(mode ? 1 : 0);
+    const int previous = g_sm90_mode.load();
+#ifdef GPT2CU_HAVE_SM90_GEMM
+    constexpr int kModes = kGemmSm90Variants;
+#else
+    constexpr int kModes = 0;
+#endif
+    if (mode >= 0) mm_require(mode <= kModes, "matmul_set_sm90", "mode 0 .. " + std::to_string(kModes));
+    if (mode >= 0) g_sm90_mode.store(mode);
     return previous;
 }
 

@@ -1,33 +1,33 @@
 """Timing and check of the GeLU-epilogue GEMMs (kernels/gemm_sm90.cu) against cuBLASLt's epilogues and torch.
 
-    python3 dev/gemm_sm90/bench.py [--M 65536] [--N 3072] [--K 768] [--reps 20] [--modes 0,1] [--no-check]
+    python3 dev/gemm_sm90/bench.py [--M 65536] [--N 3072] [--K 768] [--reps 20] [--modes 0,1,2] [--no-check]
 
 In one process, at fc's shapes (M = B*T rows, N = 4C, K = C): the forward (pre = a @ w^T + bias, out = gelu(pre))
 and the dinp of the projection after it (out = (a @ w) * gelu'(pre), w (K, N)), through matmul_forward /
-matmul_backward with matmul_set_sm90(mode): 0 cuBLASLt's GELU_AUX_BIAS / DGELU, 1 the Hopper kernel; and
-torch.matmul, plain bf16, of the same shape (the GEMM rate each row is compared with). CUDA events on
+matmul_backward with matmul_set_sm90(mode): 0 cuBLASLt's GELU_AUX_BIAS / DGELU, 1 and 2 the Hopper kernel's tile
+variants; and torch.matmul, plain bf16, of the same shape (the GEMM rate each row is compared with). CUDA events on
 torch's stream, 3 warm-ups, median of --reps. Check: each mode's outputs against an fp32 torch reference on the
-same bf16 inputs (max |x - ref| / max |ref|, and ||x - ref|| / ||ref||), and the kernel's bits against cuBLASLt's
-(the fraction of elements that differ: rounding-level differences of the fp32 sums' order).
+same bf16 inputs (max |x - ref| / max |ref|, and ||x - ref|| / ||ref||), and each sm90 mode's bits against
+cuBLASLt's (the fraction of elements that differ).
 """
 import argparse
 import statistics
 
-from gpt2cu._native import load_kernels
+import torch
 
-k = load_kernels()  # before torch: gpt2cu's extension (and the cuBLASLt it links) loads first (bench_kernels.py)
-import torch  # noqa: E402
+from gpt2cu._native import load_kernels
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--M", type=int, default=65536)
 ap.add_argument("--N", type=int, default=3072)
 ap.add_argument("--K", type=int, default=768)
 ap.add_argument("--reps", type=int, default=20)
-ap.add_argument("--modes", default="0,1")
+ap.add_argument("--modes", default="0,1,2")
 ap.add_argument("--no-check", action="store_true")
 args = ap.parse_args()
 M, N, K = args.M, args.N, args.K
 modes = [int(m) for m in args.modes.split(",")]
+k = load_kernels()
 dev = "cuda"
 stream = torch.cuda.current_stream().cuda_stream
 
@@ -89,7 +89,7 @@ checks, bits = [], {}
 prev = k.matmul_set_sm90(-1)
 for mode in modes:
     k.matmul_set_sm90(mode)
-    name = "cuBLASLt" if mode == 0 else "gemm_sm90"
+    name = "cuBLASLt" if mode == 0 else f"sm90 v{mode} ({'128x128' if mode == 1 else '64x256'})"
     for what, fn, outs in (("fwd gelu", fwd, (out, pre)), ("bwd dgelu", bwd, (dinp,))):
         for o in outs:
             o.fill_(float("nan"))
