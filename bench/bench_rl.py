@@ -1,6 +1,7 @@
 """RL fine-tuning's speed against pretraining's, per token, for the same model and (B, T), in one process.
 
     python bench/bench_rl.py [--model d12 | model.bin] [--B 16] [--T 512] [--new-tokens 32] [--algos ppo,grpo]
+                             [--rounds 5]
 
 The pretraining step is trainer.Trainer.step (the step `python -m gpt2cu.train` runs, -r 0 as the RL
 models, CUDA graphs, AdamW with clipping) on random tokens; its tokens/s counts the B * T positions of a
@@ -8,14 +9,16 @@ step. The RL side is gpt2cu.rl.ppo.PPO.step() on random prompts of T - new_token
 reward, 2B sequences per step (GRPO: groups of 4), 2 epochs of minibatches of B: StepStats' rollout
 tok/s (completion tokens sampled per second), score tok/s (positions through the policy's and the
 reference's forwards) and update tok/s (positions per second over the epochs of updates, counted as
-pretraining counts them, host work included). Each is the median over the timed steps, after warm-up
-steps (the first update captures the CUDA graphs). The last table's `update / pretrain` column is the
-update's time per token over the pretraining step's: at most 1 is what issue 18 asks.
+pretraining counts them, host work included). The sides run in interleaved rounds (3 pretraining steps, then
+one step of each algorithm), after warm-up steps (the first update captures the CUDA graphs), so that the
+GPU's clock drift under sustained load weighs on all alike (run one after the other, pretraining first, the
+ratio moved by up to 3% between calls); each number is the median over the rounds. The last table's
+`update / pretrain` column is the update's time per token over the pretraining step's: at most 1 is what
+issue 18 asks.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 
@@ -53,29 +56,29 @@ def load_model(spec: str):
     return cfg, family_of(cfg).init_params(cfg, seed=0)
 
 
-def bench_pretrain(backend, cfg, params, B, T, steps, warmup) -> float:
-    """Median tokens/s of the trainer's step."""
+def pretrain_stepper(backend, cfg, params, B, T, steps):
+    """A function timing `steps` trainer steps, returning their median tokens/s."""
     from gpt2cu.dist import SingleProcess
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, size=(4, B, T + 1), dtype=np.int32)
-    config = TrainConfig(batch_size=B, seq_len=T, max_steps=warmup + steps, recompute=0,
+    config = TrainConfig(batch_size=B, seq_len=T, max_steps=10**6, recompute=0,
                          adamw=AdamWConfig(lr=1e-5, grad_clip=1.0), lr_schedule="constant", seed=0)
     trainer = Trainer(cfg, params, backend, SingleProcess(), config,
                       InMemoryBatches([(t[:, :-1].copy(), t[:, 1:].copy()) for t in toks]))
-    seconds = []
-    for i in range(warmup + steps):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        trainer.step()  # ends with a device synchronize
-        if i >= warmup:
+
+    def run():
+        seconds = []
+        for _ in range(steps):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            trainer.step()  # ends with a device synchronize
             seconds.append(time.perf_counter() - t0)
-    del trainer
-    gc.collect()
-    return B * T / float(np.median(seconds))
+        return B * T / float(np.median(seconds))
+    return run
 
 
-def bench_rl(backend, cfg, params, algo, B, T, new_tokens, steps, warmup) -> dict:
-    """Median rollout / score / update tokens/s of PPO.step()."""
+def rl_stepper(backend, cfg, params, algo, B, T, new_tokens):
+    """A function running one PPO.step(), returning its rollout / score / update tokens/s."""
     from gpt2cu.rl.ppo import PPO, PPOConfig
     rng = np.random.default_rng(1)
     prompt_len = T - new_tokens  # + the leading EOT, + new_tokens - 1 positions: T
@@ -85,11 +88,11 @@ def bench_rl(backend, cfg, params, algo, B, T, new_tokens, steps, warmup) -> dic
                        epochs=2, max_new_tokens=new_tokens, lr=1e-5)
     ppo = PPO(cfg, params, backend, config, prompts, random_reward, NumberCodec(cfg.vocab_size))
     assert ppo.T == T, (ppo.T, T)
-    stats = [ppo.step() for _ in range(warmup + steps)][warmup:]
-    del ppo
-    gc.collect()
-    return {name: float(np.median([getattr(s, f"{name}_tokens_per_s") for s in stats]))
-            for name in ("rollout", "score", "update")}
+
+    def run():
+        stats = ppo.step()
+        return {name: getattr(stats, f"{name}_tokens_per_s") for name in ("rollout", "score", "update")}
+    return run
 
 
 def main():
@@ -99,19 +102,36 @@ def main():
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32, help="completion tokens sampled per sequence")
     ap.add_argument("--algos", default="ppo,grpo")
-    ap.add_argument("--steps", type=int, default=10, help="timed pretraining steps (RL: a third as many)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed rounds: 3 pretraining steps, then one step of each algorithm")
     ap.add_argument("--backend", default="cuda", choices=("cuda", "numpy"))
     args = ap.parse_args()
     from gpt2cu.backends import get_backend
     backend = get_backend(args.backend)
     cfg, params = load_model(args.model)
     B, T = args.B, args.T
-    pretrain = bench_pretrain(backend, cfg, params, B, T, args.steps, 3)
-    print(f"pretraining step: {pretrain:,.0f} tok/s", flush=True)
+    algos = args.algos.split(",")
+    # interleaved rounds (a few pretraining steps, then one step of each algorithm), so that the GPU's clock
+    # drift under sustained load (power and heat) weighs on every side alike; medians over the rounds
+    pretrain = pretrain_stepper(backend, cfg, params, B, T, 3)
+    steppers = {algo: rl_stepper(backend, cfg, params, algo, B, T, args.new_tokens) for algo in algos}
+    pretrain()  # warm-up: graph captures, GEMM tuning
+    for _ in range(2):
+        for step in steppers.values():
+            step()
+    pretrain_rates, rl_rates = [], {algo: [] for algo in algos}
+    for _ in range(args.rounds):
+        pretrain_rates.append(pretrain())
+        for algo, step in steppers.items():
+            rl_rates[algo].append(step())
+    pretrain = float(np.median(pretrain_rates))
+    print(f"pretraining step: {pretrain:,.0f} tok/s (rounds: {', '.join(f'{r:,.0f}' for r in pretrain_rates)})")
     rows = {}
-    for algo in args.algos.split(","):
-        rows[algo] = bench_rl(backend, cfg, params, algo, B, T, args.new_tokens, max(args.steps // 3, 2), 2)
-        print(f"{algo}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in rows[algo].items()), flush=True)
+    for algo in algos:
+        rows[algo] = {k: float(np.median([r[k] for r in rl_rates[algo]])) for k in ("rollout", "score", "update")}
+        updates = ", ".join(f"{r['update']:,.0f}" for r in rl_rates[algo])
+        print(f"{algo}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in rows[algo].items())
+              + f" (update rounds: {updates})", flush=True)
     name = backend.device_name() if args.backend == "cuda" else "numpy"
     print(f"\n{args.model}: {cfg.n_layer} layers, C={cfg.n_embd}, V={cfg.vocab_size}, B={B}, T={T}, "
           f"{args.new_tokens} new tokens, {name}")
