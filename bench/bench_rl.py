@@ -113,15 +113,15 @@ def main():
     algos = args.algos.split(",")
     # interleaved rounds (a few pretraining steps, then one step of each algorithm), so that the GPU's clock
     # drift under sustained load (power and heat) weighs on every side alike; medians over the rounds
-    pretrain = pretrain_stepper(backend, cfg, params, B, T, 3)
+    pretrain_step = pretrain_stepper(backend, cfg, params, B, T, 3)
     steppers = {algo: rl_stepper(backend, cfg, params, algo, B, T, args.new_tokens) for algo in algos}
-    pretrain()  # warm-up: graph captures, GEMM tuning
+    pretrain_step()  # warm-up: graph captures, GEMM tuning
     for _ in range(2):
         for step in steppers.values():
             step()
     pretrain_rates, rl_rates = [], {algo: [] for algo in algos}
     for _ in range(args.rounds):
-        pretrain_rates.append(pretrain())
+        pretrain_rates.append(pretrain_step())
         for algo, step in steppers.items():
             rl_rates[algo].append(step())
     pretrain = float(np.median(pretrain_rates))

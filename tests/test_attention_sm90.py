@@ -67,16 +67,23 @@ def run_backward(cuda, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, backend):
     return dqkv
 
 
-@pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
-def test_sm90_forward(sm90, case, b, nh, nkv, t, hs):
+def check_forward(cuda, case, b, nh, nkv, t, hs):
+    """The Hopper forward on fresh inputs against the float64 oracle, and run twice for identical bits;
+    returns (qkv on the device, out, lse)."""
     qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
-    out, lse = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)
+    out, lse = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
     ref_out, ref_lse = reference(qkv, nh, nkv)
     case.check("out", to_host(out), ref_out, CHAIN_REL)
     case.check("lse", to_host(lse), ref_lse, FP32_REL)
-    out2, lse2 = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)
+    out2, lse2 = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
     assert np.array_equal(raw(out), raw(out2)) and np.array_equal(raw(lse), raw(lse2)), \
         case.where("forward not bitwise repeatable")
+    return qkv_d, out, lse
+
+
+@pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
+def test_sm90_forward(sm90, case, b, nh, nkv, t, hs):
+    qkv_d, out, lse = check_forward(sm90, case, b, nh, nkv, t, hs)
     # the mma.sync forward on the same inputs: two fp32-accumulating computations of one function
     out_old, lse_old = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 1)
     case.check("out vs mma.sync", to_host(out), to_host(out_old), CHAIN_REL)
@@ -109,14 +116,7 @@ def test_sm90_forward_variant(sm90_variant, case, b, nh, nkv, t, hs):
     """Each variant against the float64 oracle (tolerances as test_sm90_forward's), on NaN-poisoned outputs (every
     row must be written, whichever block and warpgroup hold it), and twice for identical bits."""
     cuda, _ = sm90_variant
-    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
-    out, lse = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
-    ref_out, ref_lse = reference(qkv, nh, nkv)
-    case.check("out", to_host(out), ref_out, CHAIN_REL)
-    case.check("lse", to_host(lse), ref_lse, FP32_REL)
-    out2, lse2 = run_forward(cuda, qkv_d, b, t, nh, nkv, hs, 0)
-    assert np.array_equal(raw(out), raw(out2)) and np.array_equal(raw(lse), raw(lse2)), \
-        case.where("forward not bitwise repeatable")
+    check_forward(cuda, case, b, nh, nkv, t, hs)
 
 
 @pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
