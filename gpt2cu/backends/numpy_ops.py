@@ -220,18 +220,19 @@ def sample_logits(tokens, logprobs, logits, uniforms, vocab_size, temperature, t
     logprobs[...] = z[np.arange(len(z)), picked] - np.log(total)
 
 
-def policy_weights(logp, terms, clip):
-    """(weights, clipped) per row of a policy-gradient loss on log p = logp (fused_classifier's policy):
+def policy_weights(logp, terms, clip, xp=np):
+    """(weights, clipped) per row of a policy-gradient loss on log p = logp (fused_classifier's policy),
+    arrays of the array module xp (numpy, or CuPy where PPO counts the clipped rows on the device):
     terms (..., 4) rows [old log p, advantage A, reference log p, KL coefficient k] and the loss
         -min(r A, clip(r, 1 - clip, 1 + clip) A) + k (q - log q - 1),  r = exp(log p - old), q = exp(ref - log p)
     (PPO's clipped surrogate; GRPO's KL estimator, k = 0 for PPO). The weight is -d loss / d log p: r A where
     the unclipped term is the smaller (`clipped` marks the others, weight 0 there), minus k (1 - q)."""
     old, adv, ref, kl = (terms[..., i] for i in range(POLICY_TERMS))
-    ratio = np.exp(logp - old)
+    ratio = xp.exp(logp - old)
     clipped = ((adv > 0) & (ratio > 1.0 + clip)) | ((adv < 0) & (ratio < 1.0 - clip))
-    with np.errstate(over="ignore"):  # q of a row with k = 0 is never used
-        kl_grad = np.where(kl != 0, kl * (1.0 - np.exp(ref - logp)), 0.0)
-    return np.where(clipped, 0.0, ratio * adv) - kl_grad, clipped
+    with np.errstate(over="ignore"):  # q of a row with k = 0 is never used (CuPy does not warn)
+        kl_grad = xp.where(kl != 0, kl * (1.0 - xp.exp(ref - logp)), 0.0)
+    return xp.where(clipped, 0.0, ratio * adv) - kl_grad, clipped
 
 
 def fused_classifier(losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):

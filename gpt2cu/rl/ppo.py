@@ -368,15 +368,16 @@ class PPO:
         """`epochs` passes of shuffled minibatches over scored rollouts, one update each; returns (the
         number of clipped token updates, the mean value loss over the minibatches (PPO; else 0)).
         As the trainer's steps: the next minibatch's tokens are prepared on the host while the device
-        works, and per minibatch the host waits only for the gradient norm (ModelOptimizer.step); what
-        the statistics need stays on the device until the end."""
-        c, ops, comm, B, T = self.config, self.ops, self.comm, self.policy.B, self.T
+        works, and per minibatch the host waits only for the gradient norm (ModelOptimizer.step); the
+        statistics are summed on the device as each minibatch's forward leaves them, and read once at the
+        end (the device would otherwise idle while the host counts)."""
+        c, ops, comm = self.config, self.ops, self.comm
         share = rank_share(c.minibatch, comm)  # this rank's rows of every (global) minibatch
         minibatches = [mb for _ in range(c.epochs)
                        for mb in self.rng.permutation(len(r.inputs)).reshape(-1, c.minibatch)]
-        losses = ops.zeros((len(minibatches), B, T), fp32=True)  # each update's -log pi(target)
         head = self.value_head
-        value_losses = None if head is None else ops.zeros((len(minibatches), B, T), fp32=True)  # weighted, per token
+        with ops.on_stream():  # per minibatch: its clipped token updates, its weighted value loss (PPO)
+            stats = ops.xp.zeros((len(minibatches), 2))
         # every minibatch's loss terms computed and uploaded at once: a copy from host memory waits for the
         # stream, so one per minibatch would stall the host behind each AdamW update
         terms = [self.loss_terms(r.mask[mb[share]], r.old_logp[mb[share]], r.ref_logp[mb[share]],
@@ -389,23 +390,22 @@ class PPO:
         for k in range(len(minibatches)):
             self._accumulate(staged, policy_terms[k], None if head is None else value_terms[k])
             with ops.on_stream():
-                losses[k] = self.policy.acts["losses"]
+                # the update's log pi(target) is -losses; outside the completions the advantage is 0, so
+                # no row there counts as clipped
+                logp = -self.policy.acts["losses"].astype(np.float64)
+                stats[k, 0] = policy_weights(logp, policy_terms[k], c.clip, xp=ops.xp)[1].sum()
                 if head is not None:
-                    value_losses[k] = head.losses
+                    stats[k, 1] = head.losses.sum(dtype=np.float64)
             if k + 1 < len(minibatches):
                 nxt = minibatches[k + 1][share]
                 staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
             self.policy_opt.step(c.lr)
-        losses = ops.to_numpy(losses).astype(np.float64)
-        clipped = comm.all_reduce_scalar(sum(float((policy_weights(-losses[k], terms[k][0], c.clip)[1]
-                                                    & r.mask[mb[share]]).sum()) for k, mb in enumerate(minibatches)))
+        clipped, value_loss = ops.to_numpy(stats).sum(axis=0)
+        clipped = comm.all_reduce_scalar(float(clipped))
         if head is None:
             return clipped, 0.0
-        # each rank's sum over its rows is world_size times its share of the minibatches' value losses;
-        # summed on the device: one number read
-        with ops.on_stream():
-            local = value_losses.sum(dtype=np.float64)
-        total = comm.all_reduce_scalar(float(ops.to_numpy(local)))
+        # each rank's sum over its rows is world_size times its share of the minibatches' value losses
+        total = comm.all_reduce_scalar(float(value_loss))
         return clipped, total / (comm.world_size * len(minibatches))
 
     def _policy_forward(self, batch):
