@@ -393,6 +393,22 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("tokens"), py::arg("logprobs"), py::arg("logits"), py::arg("uniforms"), py::arg("B"), py::arg("V"),
         py::arg("Vp"), py::arg("temperature"), py::arg("top_k"), py::arg("stream"));
 
+    // ---- rows.cu
+    m.def(
+        "gather_rows",
+        [](uintptr_t out, uintptr_t src, uintptr_t index, int K, int C, uintptr_t stream) {
+            gather_rows(ptr<bf16>(out), ptr<const bf16>(src), ptr<const int>(index), K, C, strm(stream));
+        },
+        "out[k, :] = src[index[k], :] for k < K, rows of C bf16", py::arg("out"), py::arg("src"), py::arg("index"),
+        py::arg("K"), py::arg("C"), py::arg("stream"));
+    m.def(
+        "scatter_rows",
+        [](uintptr_t out, uintptr_t src, uintptr_t index, int K, int C, uintptr_t stream) {
+            scatter_rows(ptr<bf16>(out), ptr<const bf16>(src), ptr<const int>(index), K, C, strm(stream));
+        },
+        "out[index[k], :] = src[k, :] for k < K (distinct indices), rows of C bf16", py::arg("out"), py::arg("src"),
+        py::arg("index"), py::arg("K"), py::arg("C"), py::arg("stream"));
+
     // ---- convert.cu
     m.def(
         "bf16_to_float",

@@ -200,6 +200,11 @@ void global_norm_squared(float* out, const bf16* grads, size_t n, float* scratch
                          cudaStream_t stream);
 size_t global_norm_scratch_floats(size_t n);
 
+// ---- rows.cu ----------------------------------------------------------------------------------
+// rows of C bf16 by a list of K distinct row indices: out[k] = src[index[k]] / out[index[k]] = src[k]
+void gather_rows(bf16* out, const bf16* src, const int* index, int K, int C, cudaStream_t stream);
+void scatter_rows(bf16* out, const bf16* src, const int* index, int K, int C, cudaStream_t stream);
+
 // ---- convert.cu -------------------------------------------------------------------------------
 void bf16_to_float(float* out, const bf16* inp, size_t n, cudaStream_t stream);
 void float_to_bf16(bf16* out, const float* inp, size_t n, cudaStream_t stream);  // round to nearest even

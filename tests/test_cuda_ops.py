@@ -199,6 +199,25 @@ def test_encoder_backward(cuda, case, C, n_ids):
     assert_repeatable(case, run, first)
 
 
+# ---- rows by an index list (kernels/rows.cu) ----------------------------------------------------------
+# C 768: 16-byte rows; C 36: 2-byte accesses (C % 8 != 0); offset 1: a buffer off its 16-byte alignment.
+@pytest.mark.parametrize("N, K, C, offset", [(1000, 37, 768, 0), (301, 301, 36, 0), (500, 129, 768, 1)])
+def test_gather_and_scatter_rows(cuda, case, N, K, C, offset):
+    """gather_rows and scatter_rows against numpy's fancy indexing on a random permutation's first K rows:
+    copies, so the bits must match; a scatter leaves every row it does not list as it was."""
+    src, src_d = case.bf16((N * C + offset,))
+    index = case.rng.permutation(N)[:K].astype(np.int32)
+    index_d = cp.asarray(index)
+    rows = cp.asarray(np.full(K * C + offset, bits_of(np.array(7.0))[()]))
+    cuda.gather_rows(rows[offset:].reshape(K, C), src_d[offset:].reshape(N, C), index_d)
+    case.same_bits("gathered rows", raw(rows[offset:]).reshape(K, C), bits_of(src[offset:].reshape(N, C)[index]))
+    before, out_d = case.bf16((N * C + offset,))
+    cuda.scatter_rows(out_d[offset:].reshape(N, C), rows[offset:].reshape(K, C), index_d)
+    expected = before[offset:].reshape(N, C).copy()
+    expected[index] = src[offset:].reshape(N, C)[index]
+    case.same_bits("scattered rows", raw(out_d[offset:]).reshape(N, C), bits_of(expected))
+
+
 def test_batches_prepared_ahead_reach_the_device_intact(cuda, case):
     """prepare_batch's host half runs ahead of the GPU (train.py prepares the next micro-batch while the
     current one runs): batches prepared ahead and kept across a set_batch of another batch (an evaluation

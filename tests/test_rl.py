@@ -174,6 +174,36 @@ def test_reward_model_file_round_trip_and_truncation(tmp_path):
         read_reward_model(path)
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_LLAMA], ids=["gpt2", "llama"])
+def test_lm_head_on_listed_positions_matches_the_whole_head(cfg):
+    """lm_head_loss_at on the positions whose target is not -1 (and two filling ones) gives what
+    lm_head_loss over every position gives: the listed losses, d(lnf) (0 off the list) and the head's
+    gradient, within float32 rounding (the numpy backend's; the sums run in another order)."""
+    from gpt2cu.rl.ppo import listed_positions
+    backend, rng = NumpyBackend(), np.random.default_rng(5)
+    B, T = 3, 11
+    model = family_of(cfg).Model(cfg, backend, B, T, family_of(cfg).init_params(cfg, seed=3))
+    inputs = rng.integers(0, CHAR_VOCAB, (B, T)).astype(np.int32)
+    mask = rng.random((B, T)) < 0.3
+    targets = np.where(mask, rng.integers(0, CHAR_VOCAB, (B, T)), -1).astype(np.int32)
+    batch = backend.set_batch(inputs)
+    model.forward_schedule(model.block_acts, model.attend, batch.tokens, model.position_rows(0, T))
+    model.lm_head_loss(targets, 0.5)
+    whole = (model.acts["losses"].copy(), model.acts["dbtc"].copy(), backend.to_numpy(model.g[model.head]).copy())
+    model.zero_grad()
+    at = model.listed_positions(int(mask.sum()) + 2)
+    index = listed_positions(mask, len(at.index))
+    at.index[...], at.targets[...] = index, targets.reshape(-1)[index]
+    model.acts["dbtc"][...] = np.nan  # every position must be written
+    model.lm_head_loss_at(at, 0.5)
+    np.testing.assert_allclose(at.losses, whole[0].reshape(-1)[index], rtol=1e-5)
+    np.testing.assert_allclose(model.acts["dbtc"], whole[1], rtol=1e-5, atol=1e-8)
+    assert not model.acts["dbtc"].reshape(-1, cfg.n_embd)[~mask.reshape(-1)].any()
+    np.testing.assert_allclose(backend.to_numpy(model.g[model.head]), whole[2], rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="listed positions"):
+        model.listed_positions(B * T + 1)
+
+
 def update_minibatch(backend, algo, cfg=TINY):
     """A PPO over TINY with a random value head (one epoch of one minibatch per update), and a scored
     minibatch of rollouts, advantages and returns for its update: the old log-probabilities put each
@@ -211,7 +241,7 @@ def test_update_gradients_match_finite_differences(backend, algo):
     c, n, C = ppo.config, mask.sum(), TINY.n_embd
     kl = c.kl_coef if algo == "grpo" else 0.0
     head = ppo.value_head.host_params() if ppo.value_head is not None else None
-    ppo.gradients(backend.prepare_batch(inputs, targets), mask, old_logp, ref_logp, advantages, old_values, returns)
+    ppo.gradients(backend.prepare_batch(inputs), mask, targets, old_logp, ref_logp, advantages, old_values, returns)
 
     def objective(trunk_params, head_params):
         model = GPT(TINY, backend, *inputs.shape, trunk_params)
@@ -253,7 +283,7 @@ class CountingBackend(NumpyBackend):
 for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
             "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
             "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update",
-            "scalar_head_forward", "scalar_head_backward"):
+            "scalar_head_forward", "scalar_head_backward", "gather_rows", "scatter_rows"):
     def _counted(self, *args, _name=_op, **kwargs):
         self.calls[_name] = self.calls.get(_name, 0) + 1
         return getattr(super(CountingBackend, self), _name)(*args, **kwargs)
@@ -263,9 +293,10 @@ for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_r
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_update_runs_the_ops_of_a_pretraining_step(algo):
     """One update minibatch calls exactly the ops a pretraining step of the same model and (B, T) calls:
-    one LM-head pass (matmul, classifier, matmul backward per chunk), one trunk forward and backward, the
-    norm and the AdamW update; PPO's value head adds its two ops (value with loss, its backward) and its own
-    AdamW update on the device, once each."""
+    one LM-head pass (matmul, classifier, matmul backward per chunk; the update's over the completion
+    positions, gathered before and their gradient scattered after, once each), one trunk forward and
+    backward, the norm and the AdamW update; PPO's value head adds its two ops (value with loss, its
+    backward) and its own AdamW update on the device, once each."""
     from gpt2cu.data import InMemoryBatches
     from gpt2cu.dist import SingleProcess
     from gpt2cu.optim import AdamWConfig
@@ -284,6 +315,8 @@ def test_update_runs_the_ops_of_a_pretraining_step(algo):
     trainer.step()
     head_ops = ("scalar_head_forward", "scalar_head_backward")
     head_calls = {op: update_calls.pop(op) for op in head_ops if op in update_calls}
+    assert {op: update_calls.pop(op, 0) for op in ("gather_rows", "scatter_rows")} == {"gather_rows": 1,
+                                                                                         "scatter_rows": 1}
     if algo == "ppo":
         update_calls["adamw_update"] -= 1  # the value head's
     assert update_calls == backend.calls and backend.calls["fused_classifier"] >= 1
@@ -456,16 +489,20 @@ def test_ppo_value_head_on_cuda_matches_numpy(cuda_backend):
         for _ in range(3 if name == "cuda" else 1):  # eager, captured, replayed
             ppo.policy.zero_grad()
             backend.zero_(ppo.value_head.grad)
-            ppo.gradients(backend.prepare_batch(r.inputs, r.targets), r.mask, r.old_logp, r.ref_logp, advantages,
+            ppo.gradients(backend.prepare_batch(r.inputs), r.mask, r.targets, r.old_logp, r.ref_logp, advantages,
                           r.values, returns)
             runs.append((backend.to_numpy(ppo.value_head.grad).astype(np.float64),
-                         float(backend.to_numpy(ppo.value_head.losses).astype(np.float64).sum())))
+                         float(backend.to_numpy(ppo.value_head.losses).astype(np.float64).sum()),
+                         backend.to_numpy(ppo.policy.grads).astype(np.float64)))
         results[name] = runs
-    (ref_grad, ref_loss), = results["numpy"]
-    for grad, loss in results["cuda"]:
+    (ref_grad, ref_loss, ref_trunk), = results["numpy"]
+    for grad, loss, trunk in results["cuda"]:
         assert np.linalg.norm(grad - ref_grad) / np.linalg.norm(ref_grad) < 5e-2
         assert loss == pytest.approx(ref_loss, rel=5e-2)
+        # the trunk's: the LM head on the gathered completion rows, its d(lnf) scattered back (kernels/rows.cu)
+        assert np.linalg.norm(trunk[:ref_trunk.size] - ref_trunk) / np.linalg.norm(ref_trunk) < 5e-2
     assert np.array_equal(results["cuda"][1][0], results["cuda"][2][0])
+    assert np.array_equal(results["cuda"][1][2], results["cuda"][2][2])
 
 
 @pytest.mark.gpu

@@ -268,6 +268,14 @@ class CudaBackend(Backend):
     def zero_(self, a):
         cp.cuda.runtime.memsetAsync(ptr(a), 0, a.nbytes, self.stream.ptr)
 
+    def gather_rows(self, out, src, index):
+        K, C = out.shape
+        self.k.gather_rows(ptr(out), ptr(src), ptr(index), K, C, self.stream.ptr)
+
+    def scatter_rows(self, out, src, index):
+        K, C = src.shape
+        self.k.scatter_rows(ptr(out), ptr(src), ptr(index), K, C, self.stream.ptr)
+
     def accumulate(self, out, x):
         if out.shape != x.shape:
             raise ValueError(f"accumulate: shapes {out.shape} and {x.shape} differ")

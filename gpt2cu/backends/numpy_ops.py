@@ -36,6 +36,16 @@ def accumulate(out, x):
     out += x
 
 
+def gather_rows(out, src, index):
+    """out[k] = src[index[k]]: rows of the last dimension, (K, C) from (N, C) (an LM head on listed positions)."""
+    out[...] = _rows(src)[index]
+
+
+def scatter_rows(out, src, index):
+    """out[index[k]] = src[k], the indices distinct: gather_rows' inverse on the listed rows."""
+    out.reshape(-1, out.shape[-1])[index] = src
+
+
 # ---- encoder ------------------------------------------------------------------------------------
 def encoder_forward(out, tokens, wte, wpe):
     out[...] = wte[tokens] + wpe
@@ -399,6 +409,8 @@ class NumpyBackend(Backend):
     # ---- ops ---------------------------------------------------------------------------------------------
     zero_ = staticmethod(zero_)
     accumulate = staticmethod(accumulate)
+    gather_rows = staticmethod(gather_rows)
+    scatter_rows = staticmethod(scatter_rows)
     encoder_forward = staticmethod(encoder_forward)
 
     def encoder_backward(self, dwte, dwpe, dout, batch):

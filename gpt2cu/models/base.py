@@ -5,6 +5,8 @@ family's Model subclasses FlatModel and adds its schedule, calling the storage's
 (gather_top, gather_layer, layer_grads_done, top_grads_done: no-ops for whole buffers)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..dist import SingleProcess
@@ -29,6 +31,19 @@ class TransformerShape:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.padded_vocab_size < self.vocab_size:
             raise ValueError("padded_vocab_size must be >= vocab_size")
+
+
+@dataclass
+class ListedPositions:
+    """What FlatModel.lm_head_loss_at reads and writes for K listed positions: index (K,) int32, distinct
+    flattened positions b * T + t; targets (K,) int32 (-1: the position's loss is 0); losses (K,) fp32, written;
+    hidden, dhidden (K, C) activation dtype: the gathered lnf rows and their gradient. The caller writes index
+    and targets (in place: a captured graph reads these addresses)."""
+    index: object
+    targets: object
+    losses: object
+    hidden: object
+    dhidden: object
 
 
 class FlatModel:
@@ -70,9 +85,9 @@ class FlatModel:
         """logits = hidden @ W.T, W = p[self.head]: the LM head."""
         self.ops.matmul_forward(out, hidden, self.p[self.head])
 
-    def _lm_head_chunks(self):
-        """(rows of lnf, the logits buffer's rows) of each chunk of the LM head."""
-        N, chunk = self.B * self.T, self.acts["logits"].shape[0]
+    def _lm_head_chunks(self, N: int):
+        """(rows of the N hidden rows, the logits buffer's rows) of each chunk of the LM head."""
+        chunk = self.acts["logits"].shape[0]
         for start in range(0, N, chunk):
             rows = slice(start, min(start + chunk, N))
             yield rows, self.acts["logits"][:rows.stop - rows.start]
@@ -84,17 +99,41 @@ class FlatModel:
         final norm's output, acts["lnf"], whatever the family's norm. policy (backends.base.PolicyLoss,
         optional): RL's policy-gradient loss, each position's dlogits weighted from its own log p in the
         same pass; entropy (B, T) fp32, optional: filled with each position's softmax entropy."""
-        ops, a, p, g, C = self.ops, self.acts, self.p, self.g, self.cfg.n_embd
-        lnf, dlnf = a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C)
-        losses, targets = a["losses"].reshape(-1), targets.reshape(-1)
-        row_entropy = None if entropy is None else entropy.reshape(-1)
-        for rows, logits in self._lm_head_chunks():
-            self.lm_head(logits, lnf[rows])
+        a, C = self.acts, self.cfg.n_embd
+        self._lm_head_rows(a["lnf"].reshape(-1, C), a["dbtc"].reshape(-1, C), a["losses"].reshape(-1),
+                           targets.reshape(-1), dloss, policy, None if entropy is None else entropy.reshape(-1))
+
+    def lm_head_loss_at(self, at: "ListedPositions", dloss: float, policy=None, entropy=None):
+        """lm_head_loss on the listed positions only (RL: the completions, whose loss is all there is): their
+        lnf rows gathered, the LM head run on those, d(lnf) scattered back and zero at every other position.
+        at.targets, at.losses, entropy (K,) and policy's terms (K, 4) are per listed position."""
+        a, C, ops = self.acts, self.cfg.n_embd, self.ops
+        ops.gather_rows(at.hidden, a["lnf"].reshape(-1, C), at.index)
+        self._lm_head_rows(at.hidden, at.dhidden, at.losses, at.targets, dloss, policy, entropy)
+        if dloss:
+            dlnf = a["dbtc"].reshape(-1, C)
+            ops.zero_(dlnf)
+            ops.scatter_rows(dlnf, at.dhidden, at.index)
+
+    def listed_positions(self, K: int) -> "ListedPositions":
+        """Buffers for lm_head_loss_at on K positions (K <= B * T)."""
+        if not 1 <= K <= self.B * self.T:
+            raise ValueError(f"{K} listed positions: must be in [1, B * T = {self.B * self.T}]")
+        ops, C = self.ops, self.cfg.n_embd
+        index = ops.from_numpy(np.arange(K, dtype=np.int32))
+        return ListedPositions(index, ops.from_numpy(np.full(K, -1, np.int32)), ops.zeros((K,), fp32=True),
+                               ops.zeros((K, C)), ops.zeros((K, C)))
+
+    def _lm_head_rows(self, hidden, dhidden, losses, targets, dloss, policy, entropy):
+        """The LM head and loss over rows of hidden (N, C) -> losses (N,); d(hidden) into dhidden when dloss."""
+        ops, p, g = self.ops, self.p, self.g
+        for rows, logits in self._lm_head_chunks(hidden.shape[0]):
+            self.lm_head(logits, hidden[rows])
             ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size,
                                  None if policy is None else policy.rows(rows),
-                                 None if row_entropy is None else row_entropy[rows])
+                                 None if entropy is None else entropy[rows])
             if dloss:
-                ops.matmul_backward(dlnf[rows], g[self.head], None, logits, lnf[rows], p[self.head])
+                ops.matmul_backward(dhidden[rows], g[self.head], None, logits, hidden[rows], p[self.head])
 
     def logits(self, row: int | None = None, position: int | None = None) -> np.ndarray:
         """Host float32 logits (all Vp columns) after an inference forward: of every position, (B, T, Vp),
@@ -107,7 +146,7 @@ class FlatModel:
             self.lm_head(out, lnf[at:at + 1])
             return ops.to_numpy(out)[0]
         host = np.empty((self.B * self.T, Vp), np.float32)
-        for rows, logits in self._lm_head_chunks():
+        for rows, logits in self._lm_head_chunks(self.B * self.T):
             self.lm_head(logits, lnf[rows])
             host[rows] = ops.to_numpy(logits)
         return host.reshape(self.B, self.T, Vp)

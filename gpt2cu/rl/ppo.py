@@ -171,6 +171,16 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages, advantages + values
 
 
+def listed_positions(mask: np.ndarray, K: int) -> np.ndarray:
+    """K distinct flattened positions of mask's (B, T): its True ones in order, then False ones to fill K (their
+    targets are -1: they add nothing), int32 for FlatModel.lm_head_loss_at."""
+    flat = mask.reshape(-1)
+    scored = np.flatnonzero(flat)
+    if len(scored) > K:
+        raise ValueError(f"{len(scored)} completion positions in a minibatch of room for {K}")
+    return np.concatenate([scored, np.flatnonzero(~flat)[:K - len(scored)]]).astype(np.int32)
+
+
 def row_generators(seed: int, rows, *key) -> list:
     """One generator per row index, seeded by (seed, *key, row): a row samples the same whatever the
     rank and the other rows it is decoded with."""
@@ -210,9 +220,13 @@ class PPO:
                                          AdamWConfig(lr=config.lr, grad_clip=config.grad_clip), head=self.value_head)
         self.reference = family_of(model_cfg).Model(model_cfg, backend, B, self.T, init_params)
         self.decoder = BatchedDecoder(self.policy)
-        self._entropy = backend.zeros((B, self.T), fp32=True)
-        # the update's inputs besides the tokens, at fixed addresses (the captured graphs read them)
-        self._policy_loss = PolicyLoss(backend.zeros((B, self.T, POLICY_TERMS), fp32=True), config.clip)
+        # the LM head runs on the completion positions only (at most max_new_tokens a row): the loss is 0
+        # everywhere else. Its inputs besides the tokens, at fixed addresses (the captured graphs read them):
+        # the positions and their targets, the policy loss's terms; the value loss's are per position.
+        self._scored = self.policy.listed_positions(B * config.max_new_tokens)
+        self._entropy = backend.zeros((B * config.max_new_tokens,), fp32=True)
+        self._policy_loss = PolicyLoss(backend.zeros((B * config.max_new_tokens, POLICY_TERMS), fp32=True),
+                                       config.clip)
         self._value_loss = ValueLoss(backend.zeros((B, self.T, VALUE_TERMS), fp32=True), config.value_clip,
                                      config.vf_coef)
         self._update_forward = backend.graphed(self._policy_forward)
@@ -266,15 +280,27 @@ class PPO:
 
     # ---- the score phase: forwards over whole sequences -------------------------------------------------
     def _forward(self, model, batch, dloss: float, policy=None, entropy=None):
+        """The trunk over every position, the LM head over the listed ones (self._scored)."""
         model.forward_schedule(model.block_acts, model.attend, batch.tokens, model.position_rows(0, model.T))
-        model.lm_head_loss(batch.targets, dloss, policy=policy, entropy=entropy)
+        model.lm_head_loss_at(self._scored, dloss, policy=policy, entropy=entropy)
 
-    def _logprobs(self, model, batch, entropy: bool = False):
+    def _list_positions(self, mask: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Writes the scored positions of B rows (listed_positions(mask)) and their targets into self._scored;
+        returns the positions."""
+        index = listed_positions(mask, len(self._scored.index))
+        self.ops.from_numpy(index, out=self._scored.index)
+        self.ops.from_numpy(targets.reshape(-1)[index], out=self._scored.targets)
+        return index
+
+    def _logprobs(self, model, batch, index, entropy: bool = False):
         """Host log pi(target) (B, T) under `model` (0 where the target is masked), and each position's
-        entropy when asked."""
+        entropy when asked (0 outside the completions), from the LM head on the listed positions `index`."""
+        def spread(listed):
+            out = np.zeros(model.B * model.T)
+            out[index] = self.ops.to_numpy(listed)
+            return out.reshape(model.B, model.T)
         self._forward(model, batch, 0.0, entropy=self._entropy if entropy else None)
-        logp = -self.ops.to_numpy(model.acts["losses"]).astype(np.float64)
-        return logp, (self.ops.to_numpy(self._entropy).astype(np.float64) if entropy else None)
+        return -spread(self._scored.losses), (spread(self._entropy) if entropy else None)
 
     def score(self, rollouts: Rollouts) -> Rollouts:
         """Fills in the old and reference log-probabilities, the entropy and (PPO) the values."""
@@ -283,11 +309,12 @@ class PPO:
         r.old_logp, r.ref_logp, r.entropy, r.values = (np.zeros(shape) for _ in range(4))
         for start in range(0, shape[0], B):
             rows = slice(start, start + B)
-            batch = self.ops.set_batch(r.inputs[rows], r.targets[rows])
-            r.old_logp[rows], r.entropy[rows] = self._logprobs(self.policy, batch, entropy=True)
+            batch = self.ops.set_batch(r.inputs[rows])
+            index = self._list_positions(r.mask[rows], r.targets[rows])
+            r.old_logp[rows], r.entropy[rows] = self._logprobs(self.policy, batch, index, entropy=True)
             if self.value_head is not None:
                 r.values[rows] = self.ops.to_numpy(self.value_head.forward())
-            r.ref_logp[rows], _ = self._logprobs(self.reference, batch)
+            r.ref_logp[rows], _ = self._logprobs(self.reference, batch, index)
         r.values = np.where(r.mask, r.values, 0.0)
         return r
 
@@ -378,27 +405,26 @@ class PPO:
         head = self.value_head
         with ops.on_stream():  # per minibatch: its clipped token updates, its weighted value loss (PPO)
             stats = ops.xp.zeros((len(minibatches), 2))
-        # every minibatch's loss terms computed and uploaded at once: a copy from host memory waits for the
-        # stream, so one per minibatch would stall the host behind each AdamW update
-        terms = [self.loss_terms(r.mask[mb[share]], r.old_logp[mb[share]], r.ref_logp[mb[share]],
-                                 advantages[mb[share]], r.values[mb[share]], returns[mb[share]],
-                                 r.mask[mb].sum() / comm.world_size)  # the ranks' average sums their shares
-                 for mb in minibatches]
-        policy_terms = ops.from_numpy(np.stack([p for p, _ in terms]))
-        value_terms = None if head is None else ops.from_numpy(np.stack([v for _, v in terms]))
-        staged = ops.prepare_batch(r.inputs[minibatches[0][share]], r.targets[minibatches[0][share]])
+        # every minibatch's scored positions and loss terms computed and uploaded at once: a copy from host
+        # memory waits for the stream, so one per minibatch would stall the host behind each AdamW update
+        inputs = [self.loss_inputs(r.mask[mb[share]], r.targets[mb[share]], r.old_logp[mb[share]],
+                                   r.ref_logp[mb[share]], advantages[mb[share]], r.values[mb[share]],
+                                   returns[mb[share]], r.mask[mb].sum() / comm.world_size)  # the ranks' average
+                  for mb in minibatches]                                                # sums their shares
+        index, targets, policy_terms = (ops.from_numpy(np.stack([x[i] for x in inputs])) for i in range(3))
+        value_terms = None if head is None else ops.from_numpy(np.stack([x[3] for x in inputs]))
+        staged = ops.prepare_batch(r.inputs[minibatches[0][share]])
         for k in range(len(minibatches)):
-            self._accumulate(staged, policy_terms[k], None if head is None else value_terms[k])
+            self._accumulate(staged, index[k], targets[k], policy_terms[k], None if head is None else value_terms[k])
             with ops.on_stream():
-                # the update's log pi(target) is -losses; outside the completions the advantage is 0, so
-                # no row there counts as clipped
-                logp = -self.policy.acts["losses"].astype(np.float64)
+                # the update's log pi(target) is -losses; the filling positions have advantage 0, so none
+                # of them counts as clipped
+                logp = -self._scored.losses.astype(np.float64)
                 stats[k, 0] = policy_weights(logp, policy_terms[k], c.clip, xp=ops.xp)[1].sum()
                 if head is not None:
                     stats[k, 1] = head.losses.sum(dtype=np.float64)
             if k + 1 < len(minibatches):
-                nxt = minibatches[k + 1][share]
-                staged = ops.prepare_batch(r.inputs[nxt], r.targets[nxt])
+                staged = ops.prepare_batch(r.inputs[minibatches[k + 1][share]])
             self.policy_opt.step(c.lr)
         clipped, value_loss = ops.to_numpy(stats).sum(axis=0)
         clipped = comm.all_reduce_scalar(float(clipped))
@@ -415,31 +441,40 @@ class PPO:
         if self.value_head is not None:
             self.value_head.value_loss(self._value_loss)
 
-    def loss_terms(self, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
-        """A minibatch's loss terms on the host, fp32: the policy loss's (B, T, 4) (the clipped surrogate,
-        GRPO's KL term) and for PPO the value loss's (B, T, 3) (else None), each weighting its tokens for a
-        mean over the completion tokens. tokens: the count the means divide by (default: mask's; on several
-        ranks the whole minibatch's over the world size)."""
+    def loss_inputs(self, mask, targets, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
+        """What a minibatch's loss reads besides its tokens, on the host: the scored positions (listed_positions
+        of mask) and their targets (K,) int32, the policy loss's terms at those (K, 4) fp32 (the clipped
+        surrogate, GRPO's KL term) and for PPO the value loss's at every position (B, T, 3) fp32 (else None),
+        each weighting its tokens for a mean over the completion tokens. tokens: the count the means divide
+        by (default: mask's; on several ranks the whole minibatch's over the world size)."""
         c, n = self.config, mask.sum() if tokens is None else tokens
         kl = c.kl_coef if c.algo == "grpo" else 0.0
+        index = listed_positions(mask, len(self._scored.index))
         policy = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
         value = None if self.value_head is None else np.stack([old_values, returns, mask / n], axis=-1)
-        return policy.astype(np.float32), None if value is None else value.astype(np.float32)
+        return (index, targets.reshape(-1)[index].astype(np.int32),
+                policy.reshape(-1, POLICY_TERMS)[index].astype(np.float32),
+                None if value is None else value.astype(np.float32))
 
-    def gradients(self, staged, mask, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
-        """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss (loss_terms):
-        staged: the minibatch's tokens and targets from backend.prepare_batch. Returns the host policy terms;
-        the value head's weighted value loss per position (PPO) is in value_head.losses."""
-        policy, value = self.loss_terms(mask, old_logp, ref_logp, advantages, old_values, returns, tokens)
-        self._accumulate(staged, self.ops.from_numpy(policy), None if value is None else self.ops.from_numpy(value))
-        return policy
+    def gradients(self, staged, mask, targets, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
+        """Accumulates into the policy's (and value head's) gradients those of a minibatch's loss (loss_inputs):
+        staged: the minibatch's tokens from backend.prepare_batch. Returns the scored positions and the host
+        policy terms at those; the value head's weighted value loss per position (PPO) is in value_head.losses."""
+        index, targets, policy, value = self.loss_inputs(mask, targets, old_logp, ref_logp, advantages, old_values,
+                                                         returns, tokens)
+        ops = self.ops
+        self._accumulate(staged, ops.from_numpy(index), ops.from_numpy(targets), ops.from_numpy(policy),
+                         None if value is None else ops.from_numpy(value))
+        return index, policy
 
-    def _accumulate(self, staged, policy_terms, value_terms):
+    def _accumulate(self, staged, index, targets, policy_terms, value_terms):
         """The policy loss (and PPO's value loss) in one forward and one backward of the policy's trunk, from
-        loss terms already on the device: copied on the stream into the buffers the captured graphs read,
-        so the host does not wait."""
+        the scored positions, their targets and the loss terms already on the device: copied on the stream
+        into the buffers the captured graphs read, so the host does not wait."""
         ops = self.ops
         with ops.on_stream():
+            self._scored.index[...] = index
+            self._scored.targets[...] = targets
             self._policy_loss.terms[...] = policy_terms
             if value_terms is not None:
                 self._value_loss.terms[...] = value_terms
