@@ -19,7 +19,12 @@ them into advantages; `update` runs `epochs` passes of shuffled minibatches, one
         group's mean and standard deviation, for all its tokens; no value head; the KL to the reference
         is a loss term kl_coef * (r - log r - 1), r = pi_ref / pi (DeepSeekMath's estimator).
 
-What an update costs per token is what a pretraining step costs (bench/bench_rl.py measures both):
+What an update costs per token is at most what a pretraining step costs (bench/bench_rl.py measures both):
+  - The loss is 0 outside the completions, so the LM head (a quarter of a d12 step: three GEMMs over the
+    vocabulary and the classifier) runs on the completion positions only, at most max_new_tokens a row:
+    FlatModel.lm_head_loss_at gathers their final-norm rows, and scatters their gradient back into a d(lnf)
+    that is 0 elsewhere. The trunk still runs over every position (the completions attend to the prompt).
+    The score phase's forwards do the same.
   - The policy loss is a sum over completion tokens of f(log pi(token)), whose gradient is
     f'(log pi) * d log pi / d logits; the fused classifier's gradient of -log pi is (softmax - onehot),
     so it only needs each row's weight -f'(log pi) -- which depends on log pi under the current
