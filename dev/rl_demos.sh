@@ -38,7 +38,7 @@ RL=(--policy "$POLICY" --prompts "$D/prompts_train.jsonl" --eval-prompts "$D/pro
 run ppo python3 -m gpt2cu.ppo "${RL[@]}" --reward gpt2cu.rl.rewards:arithmetic_exact_match --prompts-per-step 64 \
     --kl-coef 0.02 -o "$OUT/ppo"
 run grpo python3 -m gpt2cu.ppo "${RL[@]}" --reward gpt2cu.rl.rewards:arithmetic_exact_match --algo grpo \
-    --prompts-per-step 16 --group-size 4 --kl-coef 0.02 -o "$OUT/grpo"
+    --prompts-per-step 32 --group-size 4 --kl-coef 0.02 -o "$OUT/grpo"
 # 2. human-feedback style: pairs whose chosen answer ends with an even digit (the hidden rule)
 run reward python3 -m gpt2cu.reward --init "$POLICY" --pairs "$D/pairs_train.jsonl" \
     --val-pairs "$D/pairs_heldout.jsonl" -o "$OUT/rm.bin" --steps 60 --lr "$RL_LR" --backend "$BACKEND"
