@@ -960,36 +960,13 @@ int head_group(int nblk, int num_bh) {
     return g;
 }
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiledFn get_encode_fn() {
-    static EncodeTiledFn fn = nullptr;
-    if (!fn) {
-        void* p = nullptr;
-        cudaDriverEntryPointQueryResult q;
-        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
-        require(q == cudaDriverEntryPointSuccess && p != nullptr, "attention_sm90: cuTensorMapEncodeTiled not found");
-        fn = reinterpret_cast<EncodeTiledFn>(p);
-    }
-    return fn;
-}
-
 // A (B, T, cols) bf16 tensor (row stride cols) seen as 3-D {cols, T, B}; box {64, box_rows, 1}, 128-byte
 // swizzle; rows past T read as zeros.
 CUtensorMap make_map_3d(const bf16* base, int cols, int T, int B, int box_rows) {
-    CUtensorMap map;
     const cuuint64_t dims[3] = {(cuuint64_t)cols, (cuuint64_t)T, (cuuint64_t)B};
     const cuuint64_t strides[2] = {(cuuint64_t)cols * 2, (cuuint64_t)cols * 2 * (cuuint64_t)T};
     const cuuint32_t box[3] = {(cuuint32_t)kPanelCols, (cuuint32_t)box_rows, 1};
-    const cuuint32_t estr[3] = {1, 1, 1};
-    const CUresult r = get_encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(base), dims,
-                                       strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                       CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-    require(r == CUDA_SUCCESS, "attention_sm90: cuTensorMapEncodeTiled failed");
-    return map;
+    return tensor_map_bf16(base, 3, dims, strides, box);
 }
 
 // the kernel of kWG consumer warpgroups on the persistent grid (one CTA per multiprocessor, fewer if fewer items)

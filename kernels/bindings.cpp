@@ -320,6 +320,11 @@ PYBIND11_MODULE(_kernels, m) {
         "asks; returns the mode before",
         py::arg("mode"));
     m.def(
+        "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
+        "Hopper: 0 runs the GeLU-epilogue GEMMs on cuBLASLt, 1 or 2 on gemm_sm90.cu's tile variants where they fit; "
+        "-1 only asks; returns the mode before",
+        py::arg("mode"));
+    m.def(
         "matmul_tuning_report", []() { return matmul_tuning_report(); },
         "the GEMM algorithm choices made in this process, one line each: cache key, tab, how it was chosen");
 

@@ -1,6 +1,7 @@
-// sm90_common.cuh: the Hopper (sm_90a) primitives the attention kernels of attention_sm90.cu are built from:
-// mbarriers, the tensor memory accelerator (TMA, cp.async.bulk.tensor), wgmma fences/commits/waits,
-// shared-memory matrix descriptors, register reallocation (setmaxnreg), named barriers.
+// sm90_common.cuh: the Hopper (sm_90a) primitives the kernels of attention_sm90.cu and gemm_sm90.cu are built
+// from: mbarriers, the tensor memory accelerator (TMA, cp.async.bulk.tensor), wgmma fences/commits/waits,
+// shared-memory matrix descriptors, register reallocation (setmaxnreg), named barriers; and, on the host, the
+// tensor maps (tensor_map_bf16).
 //
 // Shared tiles: every tile is stored as "panels" of 64 bf16 columns (128 bytes a row, the TMA box's inner
 // extent), rows consecutive at 128 bytes, with the 128-byte swizzle (16-byte chunk c of row r sits at
@@ -15,6 +16,7 @@
 #include <cuda.h>  // CUtensorMap and its enums (types only: the driver entry point is fetched at run time)
 #include <cuda_runtime.h>
 #include <cstdio>
+#include "common.cuh"
 
 namespace sm90 {
 
@@ -63,6 +65,14 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // ---- TMA ----------------------------------------------------------------------------------------------
+// 2-D tile load (coordinates innermost first, in elements) completing on `bar` (complete_tx::bytes)
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::
+            "r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+        : "memory");
+}
 // 3-D tile load (coordinates innermost first, in elements) completing on `bar` (complete_tx::bytes)
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
                                             int c2) {
@@ -198,6 +208,39 @@ __device__ __forceinline__ void wait_count(const uint32_t* p, uint32_t v) {
 }
 __device__ __forceinline__ void red_release_add_u32(uint32_t* p, uint32_t v) {
     asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// ---- host: tensor maps -------------------------------------------------------------------------------------
+// cuTensorMapEncodeTiled, fetched from the driver at run time (no link against libcuda)
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+inline EncodeTiledFn encode_tiled_fn() {
+    static EncodeTiledFn fn = nullptr;
+    if (!fn) {
+        void* p = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+        require(q == cudaDriverEntryPointSuccess && p != nullptr, "sm90: cuTensorMapEncodeTiled not found");
+        fn = reinterpret_cast<EncodeTiledFn>(p);
+    }
+    return fn;
+}
+
+// A bf16 tensor of `rank` dimensions (dims innermost first; strides in bytes of dimensions 1..rank-1) read in
+// boxes of box[] elements with the 128-byte swizzle (box[0] = 64: one panel row); elements past the dims read
+// as zeros.
+inline CUtensorMap tensor_map_bf16(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                                   const cuuint32_t* box) {
+    CUtensorMap map;
+    const cuuint32_t estr[3] = {1, 1, 1};
+    const CUresult r = encode_tiled_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, (cuuint32_t)rank,
+                                         const_cast<void*>(base), dims, strides, box, estr,
+                                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    require(r == CUDA_SUCCESS, "sm90: cuTensorMapEncodeTiled failed");
+    return map;
 }
 
 }  // namespace sm90

@@ -394,6 +394,58 @@ def test_matmul_backward(cuda, case, C, OC, with_dbias, gelu):
     assert_repeatable(case, run, first)
 
 
+# The GeLU-epilogue GEMMs on Hopper (kernels/gemm_sm90.cu, which matmul.cu runs on compute capability 9.x where
+# the GEMM's n is a multiple of the tile width, 128 (variant 1) or 256 (variant 2), and its k of 64): rows that
+# divide no tile; (C, OC) where both GEMMs take the kernel, where only variant 1 does (384), and where neither
+# does (k = 96 forward, n = 200 forward / k = 200 dinp): cuBLASLt. Mode 0 runs cuBLASLt on all of them.
+SM90_GELU_SHAPES = [(1000, 256, 768), (4097, 512, 256), (77, 768, 512), (1000, 384, 384), (1000, 96, 256),
+                    (1000, 256, 200)]  # (rows, C, OC)
+
+
+@contextlib.contextmanager
+def sm90_mode(cuda, mode):
+    k = cuda.k
+    if not hasattr(k, "matmul_set_sm90"):
+        pytest.skip("an extension without matmul_set_sm90")
+    try:
+        previous = k.matmul_set_sm90(mode)
+    except RuntimeError as e:  # a build without sm_90 accepts only 0
+        pytest.skip(str(e))
+    try:
+        yield
+    finally:
+        k.matmul_set_sm90(previous)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["cublaslt", "sm90-128x128", "sm90-64x256"])
+@pytest.mark.parametrize("rows, C, OC", SM90_GELU_SHAPES)
+def test_matmul_gelu_sm90(cuda, case, rows, C, OC, mode):
+    """fc's forward (bias, GeLU, pre-activation stored) and the dinp of the projection after it (DGELU) at sizes
+    the Hopper kernel takes and sizes it leaves to cuBLASLt; both epilogues deterministic (second run, same bits)."""
+    x, x_d = case.bf16((rows, C))
+    w, w_d = case.bf16((OC, C), std=C ** -0.5)
+    bias, bias_d = case.bf16((OC,), std=0.5)
+    dout, dout_d = case.bf16((rows, OC))
+    wp, wp_d = case.bf16((OC, C), std=OC ** -0.5)  # the backward's weight (OC, C): dinp (rows, C)
+    pre_in, pre_in_d = case.bf16((rows, C))
+    ref_out, ref_pre, ref_dinp = np.empty((rows, OC)), np.empty((rows, OC)), np.empty((rows, C))
+    ref_ops.matmul_forward(ref_out, x, w, bias, gelu_pre=ref_pre)
+    ref_ops.matmul_backward(ref_dinp, np.zeros((OC, C)), None, dout, x, wp, dinp_gelu_pre=pre_in)
+
+    def run():
+        out, pre, dinp = poisoned((rows, OC)), poisoned((rows, OC)), poisoned((rows, C))
+        cuda.matmul_forward(out, x_d, w_d, bias_d, gelu_pre=pre)
+        cuda.matmul_backward(dinp, None, None, dout_d, x_d, wp_d, dinp_gelu_pre=pre_in_d)
+        return {"out": raw(out), "pre": raw(pre), "dinp": raw(dinp)}
+
+    with sm90_mode(cuda, mode):
+        first = run()
+        case.check("out", decode(first["out"]), ref_out, CHAIN_REL)
+        case.check("gelu_pre", decode(first["pre"]), ref_pre, BF16_REL)
+        case.check("dinp", decode(first["dinp"]), ref_dinp, CHAIN_REL)
+        assert_repeatable(case, run, first)
+
+
 # One process's GEMMs: every epilogue and beta of a training step, on inputs from a fixed seed; prints the
 # outputs' hash, then the tuner's log (matmul_tuning_report).
 TUNING_SCRIPT = """
@@ -401,6 +453,8 @@ import hashlib, sys
 import numpy as np, cupy as cp
 from gpt2cu.backends.cuda_ops import CudaBackend
 be = CudaBackend(0)
+if hasattr(be.k, "matmul_set_sm90"):  # the GeLU GEMMs on cuBLASLt (the Hopper kernel has no algorithm choice)
+    be.k.matmul_set_sm90(0)
 rng = np.random.default_rng(1234)
 def bf16(*shape):
     return cp.asarray((rng.standard_normal(shape, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16))
