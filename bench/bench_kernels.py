@@ -18,10 +18,10 @@ Then an attention table: our attention (as dispatched: the Hopper wgmma/TMA kern
 and forced onto the mma.sync kernels) against torch SDPA's cuDNN and FlashAttention-2 backends on three shapes,
 forward and backward, in us and TFLOP/s (causal FLOPs). Then a GEMM table: every cuBLASLt product of a
 training step (each layer's forward, dinp and dweight GEMMs, the LM head's per 8192-row chunk), each with
-the algorithm cuBLASLt's heuristic ranks first and with the one matmul.cu's tuning chose (the GeLU-epilogue GEMMs
-also as matmul.cu runs them on Hopper: gemm_sm90.cu), the TFLOP/s of the path used against the measured GEMM
-rate, and the GEMM time of a whole step; the tuner's own log (its
-timing of the heuristic's first and of its pick) prints with it. The tables print last; --out writes
+the algorithm cuBLASLt's heuristic ranks first and with the one matmul.cu's tuning chose (fc's forward, the
+GeLU epilogue, also as matmul.cu runs it on Hopper: gemm_sm90.cu), the TFLOP/s of the path used against the
+measured GEMM rate, and the GEMM time of a whole step; the tuner's own log (its timing of the heuristic's
+first and of its pick) prints with it. The tables print last; --out writes
 them, with the ceilings, as JSON. --rows keeps only the rows (and GEMM-table rows) whose name holds one of
 the substrings; --no-torch skips PyTorch's timings, --no-attention the attention table.
 """
@@ -299,6 +299,7 @@ def gemm_table(bench, B, T):
     if not hasattr(k, "matmul_set_tuning"):  # an extension from before the tuning
         return []
     rows = []
+    hopper = cp.cuda.Device().compute_capability.startswith("9")
     for name, n, cin, cout, per_step in gemm_products(B, T):
         inp, w, dout = random_bf16((n, cin)), random_bf16((cout, cin), cin ** -0.5), random_bf16((n, cout))
         bias = random_bf16((cout,), 0.1) if cout != VP else None
@@ -314,13 +315,13 @@ def gemm_table(bench, B, T):
             if not bench.wanted(label) and not bench.wanted("gemm"):
                 continue
             times = {}
-            sm90 = k.matmul_set_sm90(0) if hasattr(k, "matmul_set_sm90") else 0  # cuBLASLt's times first
+            sm90 = k.matmul_set_sm90(0) if hopper and hasattr(k, "matmul_set_sm90") else 0  # cuBLASLt's first
             for mode in (0, 1):
                 k.matmul_set_tuning(mode)
                 times[mode] = bench.ours(fn)
             k.matmul_set_tuning(1)
-            # the GeLU-epilogue GEMMs as matmul.cu runs them on Hopper (gemm_sm90.cu where the shapes fit)
-            gelu_gemm = (name == "fc" and call == "fwd") or (name == "fcproj" and call == "bwd dinp")
+            # fc's forward as matmul.cu runs it on Hopper (gemm_sm90.cu where the shapes fit)
+            gelu_gemm = name == "fc" and call == "fwd"
             if sm90:
                 k.matmul_set_sm90(sm90)
             sm90_us = bench.ours(fn) if sm90 and gelu_gemm else None
@@ -531,8 +532,8 @@ def print_table(result):
         print(f"{r['name']:<36} {r['time_us']:>10.1f} {r['floor_us']:>10.1f} {r['pct_of_floor']:>7.1f}% "
               f"{r['bound']:>8} {r['bytes'] / 1e6:>9.1f} {r['flops'] / 1e9:>9.1f} {torch_us:>10}")
     if result.get("gemm"):
-        print(f"\nGEMMs of a training step: cuBLASLt heuristic's first vs the tuned choice, and the Hopper GeLU "
-              f"GEMMs (gemm_sm90.cu) where matmul.cu runs them; TFLOP/s and % of the "
+        print(f"\nGEMMs of a training step: cuBLASLt heuristic's first vs the tuned choice, and fc's forward on "
+              f"Hopper (gemm_sm90.cu) where matmul.cu runs it; TFLOP/s and % of the "
               f"{result['gemm_TFLOPs']:.0f} TFLOP/s GEMM rate of the path used")
         header = (f"{'GEMM':<44} {'per step':>8} {'heur. us':>9} {'tuned us':>9} {'sm90 us':>9} {'TFLOP/s':>8} "
                   f"{'% rate':>7}")
@@ -547,7 +548,7 @@ def print_table(result):
         used = sum(r["per_step"] * (r["sm90_us"] if r.get("sm90_us") is not None else r["tuned_us"])
                    for r in result["gemm"]) / 1e3
         print(f"GEMM time of one step: {before:.2f} ms with the heuristic's first, {after:.2f} ms tuned "
-              f"({after - before:+.2f} ms), {used:.2f} ms as run (Hopper GeLU GEMMs where they apply)")
+              f"({after - before:+.2f} ms), {used:.2f} ms as run (the Hopper GeLU GEMM where it applies)")
         print("tuner log (cache key, how chosen):")
         for line in result.get("gemm_tuning_log", []):
             print("  " + line)

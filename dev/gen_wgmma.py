@@ -1,4 +1,4 @@
-# generates kernels/wgmma_sm90.cuh: python3 dev/gen_wgmma.py > kernels/wgmma_sm90.cuh
+# generates wgmma wrappers
 def ss(n):
     nr = n // 2
     regs = ", ".join(f"%{i}" for i in range(nr))
@@ -33,8 +33,5 @@ print("// d: the m64nN fp32 accumulator fragment of this thread (N/2 floats); da
 print("// descriptors; a: the A fragment in registers (4 x bf16x2); scale_d == 0 makes d = A*B (no accumulate);")
 print("// TA/TB: 1 = the operand is MN-major (transposed), 0 = K-major.")
 print("#pragma once\n#include <cstdint>\n")
-# shared-memory A for every N used (256: gemm_sm90.cu's m64n256 tile), A from registers for the attention ones
-for n in (64, 128, 256):
-    print(ss(n))
-    if n <= 128:
-        print(rs(n))
+for n in (64, 128):
+    print(ss(n)); print(rs(n))

@@ -321,8 +321,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mode"));
     m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
-        "Hopper: 0 runs the GeLU-epilogue GEMMs on cuBLASLt, 1 or 2 on gemm_sm90.cu's tile variants where they fit; "
-        "-1 only asks; returns the mode before",
+        "Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM on gemm_sm90.cu's kernel where it fits (the default "
+        "unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; returns the setting before",
         py::arg("mode"));
     m.def(
         "matmul_tuning_report", []() { return matmul_tuning_report(); },

@@ -1,40 +1,49 @@
-// gemm_sm90.cu: C (M, N) = A (M, K) @ B with a GeLU epilogue, for Hopper (sm_90a): TMA loads, wgmma products,
-// the epilogue of one tile overlapped with the products of another. Two epilogues (template kEpi):
-//   kEpiGelu:  pre = round(acc + bias), out = round(gelu(acc + bias)) from the fp32 value; B = w (N, K) row-major
-//              (K-major), the fc layer's forward (cuBLASLt's GELU_AUX_BIAS; bias may be null)
-//   kEpiDGelu: out = round(acc * gelu'(pre)), pre read; B = w (K, N) row-major (N-major, an MN-major wgmma operand),
-//              the backward of the projection after the GeLU (cuBLASLt's DGELU)
-// gelu and gelu' are gelu.cuh's (tanh form, one exp2 and one fast divide). Deterministic: each output element is
-// one warpgroup's sum over k in a fixed order (no split-K, no atomics).
-// Shapes (gemm_sm90_supported): N a multiple of the tile width (128 or 256 by variant), K of 64, pointers 16-byte
-// aligned; any M (TMA zero-fills the rows past M, the stores skip them). matmul.cu uses this file on compute
-// capability 9.x for those shapes and cuBLASLt for the others (and for every GEMM without a GeLU epilogue).
+// gemm_sm90.cu: fc's forward GEMM with its GeLU epilogue, for Hopper (sm_90a): TMA loads, wgmma products, the
+// epilogue of one tile overlapped with the products of another.
+//   pre (M, N) = round(a (M, K) @ w (N, K)^T + bias),  out = round(gelu(a @ w^T + bias)) from the fp32 value
+// (cuBLASLt's GELU_AUX_BIAS; bias may be null); w row-major (N, K), so both operands are K-major. gelu is
+// gelu.cuh's (tanh form, one exp2 and one fast reciprocal). Deterministic: each output element is one
+// warpgroup's sum over k in a fixed order (no split-K, no atomics).
+// Shapes (gemm_sm90_supported): N a multiple of 128, K of 64, pointers 16-byte aligned; any M (TMA zero-fills the
+// rows past M on loads and leaves them out on stores). matmul.cu runs this kernel on compute capability 9.x for
+// those shapes and cuBLASLt for the others (and for every other GEMM, the backward's DGELU included).
 //
-// Why: GPT-2's fc GEMMs (M = B*T = 65536, N = 3072, K = 768) are short in K: a 128 x 256 tile's products take
-// ~12k cycles of the tensor cores (4096 flop/cycle/SM), and its epilogue (two special-function ops per element
-// for the GeLU at 16 per cycle per SM: ~4k cycles, plus ~10 fp32 ops and two bf16 stores per element) is a third
-// of that. A kernel that runs the epilogue between tiles (cuBLASLt's, measured at 72% of the GEMM rate) loses
-// it; here the epilogue of one tile runs while the tensor cores work on another.
+// Why: GPT-2's fc GEMM (M = B*T = 65536, N = 3072, K = 768) is short in K: a 128 x 128 tile's products take
+// ~6k cycles of the tensor cores at their peak (4096 flop/cycle/SM; ~8k at torch.matmul's measured rate), and its
+// epilogue (16k elements: two special-function ops each, at 16 per cycle per SM = 2k cycles, ~6 fp32 ops, 64 KB
+// out) a good part of that. cuBLASLt's GELU_AUX_BIAS runs at 78% of torch.matmul's rate on this shape.
 //
 // Schedule: "ping-pong". A persistent grid (one CTA per multiprocessor, 384 threads); tile i of a CTA (tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ..., in row-major tile order: the CTAs of a wave share their A rows and
 // all of B through L2) belongs to consumer warpgroup i % 2.
 //   warpgroup 0, the producer (setmaxnreg 40): one thread loads the k-blocks of 64 of each tile's A and B rows by
-//     TMA (128-byte swizzle) into a ring of kStages stages (a "full" mbarrier per stage completed by the byte
+//     TMA (128-byte swizzle) into a ring of 5 stages of 32 KB (a "full" mbarrier per stage completed by the byte
 //     count, an "empty" one the consuming warpgroup's 128 threads arrive on).
-//   warpgroups 1, 2, the consumers (setmaxnreg 232): each runs its tile's whole k loop (wgmma from shared
-//     memory, fp32 accumulators in registers), then passes the turn to the other (named barriers 1, 2) and runs
-//     the epilogue from registers straight to global memory while the other's products run.
-// Tiles per warpgroup, 128 accumulator registers a thread either way (a 128-register accumulator is the most that
-// leaves room for the epilogue in 232; two warpgroups' tiles at once is what the overlap needs, so a 128 x 256
-// accumulator per warpgroup is out):
-//   variant 1: 128 x 128 (two m64n128k16 per k step): stage 32 KB (A 16 + B 16), 6 stages (192 KB); L2 -> SM
-//     traffic 16 KB per MFLOP.
-//   variant 2: 64 x 256 (one m64n256k16): stage 40 KB (A 8 + B 32), 5 stages (200 KB); 20 KB per MFLOP, but the
-//     fewest shared-memory bytes per product (B read once per 64 rows instead of per 64 x 128).
-// (A cooperative 128 x 256 tile shared by both warpgroups needs 12 KB per MFLOP but leaves the epilogue exposed.)
-// Stores: the accumulator fragment's bf16 pairs, 4 bytes a thread (8 rows x 16 bytes a warp instruction), streaming
-// (evict-first) so the outputs do not push A and B out of L2; the DGELU's pre is read the same way.
+//   warpgroups 1, 2, the consumers (setmaxnreg 232): each runs its tile's whole k loop (two m64n128k16 wgmma per
+//     k step from shared memory, fp32 accumulators in registers), then passes the turn to the other (named barriers
+//     1, 2) and runs the epilogue while the other's products run.
+// Tile: 128 x 128 per warpgroup, 128 accumulator registers a thread (the most that leaves room for the epilogue in
+// 232, with two warpgroups' tiles live at once, which the overlap needs: 128 x 256 per warpgroup is out). Measured
+// on an H200 at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of torch.matmul's rate,
+// 64 x 256 (one m64n256k16, 40 KB stages) at 80%.
+// Epilogue: each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16, with
+// stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8 rows
+// of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
+// (cp.async.bulk.tensor) with an L2 evict-first policy (out and pre are streamed once), which leaves the
+// warpgroup free at once and takes the address math, the coalescing and the row bound off it. Per consumer
+// warpgroup one 32 KB buffer: four passes of 64 x 64 out + pre alternating between its halves. Shared memory:
+// 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
+// cuBLASLt GELU_AUX_BIAS ~545 us):
+//   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
+//   - through fp32 shared-memory staging and 16-byte st.global: 680 us (the epilogue's ~3.8k cycles a tile added
+//     to the products rather than hidden under them);
+//   - this version (bf16 panels by stmatrix, TMA stores, gelu.cuh's folded constants: ~1.35k instructions,
+//     ~3.1k cycles of epilogue a tile, most of it the special-function ops): 466.8 us against cuBLASLt's
+//     544.8 us, 14% faster, at 91% of torch.matmul plain's rate (425.6 us).
+// The same kernel with a DGELU epilogue for the backward's dinp (pre read by TMA, an MN-major B) measured
+// 633.8 us against cuBLASLt's DGELU 545.4 us, so the backward stays on cuBLASLt; that variant is on branch
+// gemm-sm90.
 #include "kernels.h"
 #include "common.cuh"
 #include "gelu.cuh"
@@ -52,69 +61,56 @@ namespace {
 
 using namespace sm90;
 
-constexpr int kEpiGelu = 0, kEpiDGelu = 1;
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
-
-// a warpgroup's tile: MI x 64 rows by BN columns; BMN: B is MN-major (w stored K x N)
-template <int MI, int BN, bool BMN>
-struct GemmCfg {
-    static constexpr int kBM = 64 * MI;
-    static constexpr int kBN = BN;
-    static constexpr int kBK = 64;  // one 128-byte swizzled panel of k
-    static constexpr int kABytes = kBM * 128;
-    static constexpr int kBBytes = BN * 128;  // K-major: BN rows of 128 bytes; MN-major: BN/64 panels of 64 k rows
-    static constexpr int kStageBytes = kABytes + kBBytes;
-    static constexpr int kStages = (200 * 1024) / kStageBytes;
-    static constexpr int kSmemBytes = kStages * kStageBytes + 16 * kStages + 1024;  // + barriers, + alignment slack
-    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
-    static_assert(BN == 128 || BN == 256, "tile width");
-};
+constexpr int kBM = 128, kBN = 128, kBK = 64;  // a warpgroup's tile; k per stage (one 128-byte swizzled panel)
+constexpr int kABytes = kBM * 128;              // 128 rows of 64 k
+constexpr int kBBytes = kBN * 128;              // 128 rows of 64 k
+constexpr int kStageBytes = kABytes + kBBytes;
+constexpr int kStages = 5;
+constexpr int kPanelBytes = 64 * 128;           // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
+constexpr int kEpiBytes = 4 * kPanelBytes;      // per consumer warpgroup: 64 rows of out + pre, twice
+constexpr int kEpiOffset = kStages * kStageBytes;
+constexpr int kBarOffset = kEpiOffset + 2 * kEpiBytes;
+constexpr int kSmemBytes = kBarOffset + 8 * 2 * kStages + 1024;  // + barriers, + alignment slack
+static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 
 // a shared-memory descriptor moved by `bytes` (the address field cannot carry: shared addresses are < 2^18)
 __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
     return (desc & 0xffffffff00000000ull) | ((uint32_t)desc + (bytes >> 4));
 }
 
-template <int BN, int TB>
-__device__ __forceinline__ void wgmma_tile(float (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
-    if constexpr (BN == 128)
-        wgmma_ss_n128<0, TB>(d, da, db, scale_d);
-    else
-        wgmma_ss_n256<0, TB>(d, da, db, scale_d);
-}
-
 __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-// The accumulator of m64 sub-tile mi: acc[mi][4j + e] is row 64 mi + 16 warp + g + 8 (e >> 1), column 8j + 2t + (e & 1)
-// of the tile (g = lane / 4, t = lane % 4).
-template <class Cfg, int kEpi>
+// The accumulator of m64 sub-tile mi: acc[mi][4j + 2h + e] is row 64 mi + 16 warp + g + 8h, column 8j + 2t + e of
+// the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
+// rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
+// 2jp + 1) of one stmatrix x4, in the mma fragment layout.
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
-                     bf16* __restrict__ out, bf16* __restrict__ pre, const bf16* __restrict__ bias, int M, int N,
-                     int K) {
+    gemm_gelu_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
+                          const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
+                          const bf16* __restrict__ bias, int M, int N, int K) {
 #ifdef GPT2CU_SM90A_DEVICE
-    constexpr int kBM = Cfg::kBM, kBN = Cfg::kBN, kStages = Cfg::kStages, MI = kBM / 64;
-    constexpr bool BMN = kEpi == kEpiDGelu;
+    constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * Cfg::kStageBytes);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
-    auto stage_a = [&](int st) { return smem + st * Cfg::kStageBytes; };
-    auto stage_b = [&](int st) { return smem + st * Cfg::kStageBytes + Cfg::kABytes; };
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
     const int tiles_n = N / kBN;
     const int num_tiles = ceil_div(M, kBM) * tiles_n;
-    const int num_kb = K / Cfg::kBK;
+    const int num_kb = K / kBK;
 
     if (tid == 0) {
         tma_prefetch_desc(&tm_a);
         tma_prefetch_desc(&tm_b);
+        tma_prefetch_desc(&tm_out);
+        tma_prefetch_desc(&tm_pre);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 128);
@@ -132,16 +128,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                 const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
                 for (int kb = 0; kb < num_kb; ++kb, ++pos) {
                     const int st = pos % kStages;
+                    uint8_t* sa = smem + st * kStageBytes;
                     if (pos >= kStages) mbar_wait(&empty[st], ((pos / kStages) - 1) & 1);
-                    mbar_arrive_expect_tx(&full[st], Cfg::kStageBytes);
-                    tma_load_2d(stage_a(st), &tm_a, &full[st], kb * 64, m0);
-                    if constexpr (BMN) {
-#pragma unroll
-                        for (int p = 0; p < kBN / 64; ++p)
-                            tma_load_2d(stage_b(st) + p * 64 * 128, &tm_b, &full[st], n0 + 64 * p, kb * 64);
-                    } else {
-                        tma_load_2d(stage_b(st), &tm_b, &full[st], kb * 64, n0);
-                    }
+                    mbar_arrive_expect_tx(&full[st], kStageBytes);
+                    tma_load_2d(sa, &tm_a, &full[st], kb * kBK, m0);
+                    tma_load_2d(sa + kABytes, &tm_b, &full[st], kb * kBK, n0);
                 }
             }
         }
@@ -153,22 +144,39 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int cw = wg - 1;  // tiles cw, cw + 2, ... of this CTA
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
-    const int g = lane >> 2, t = lane & 3;
+    const int t = lane & 3;
+    uint8_t* ebuf = smem + kEpiOffset + cw * kEpiBytes;  // panels of 64 rows x 64 columns, 128-byte swizzle
+    const uint64_t stream_policy = l2_evict_first_policy();  // out, pre: written once (A and B stay in L2)
+    // the lane's row address for stmatrix x4 number jp in a panel: matrix q = lane / 8, its row
+    // 8 (q & 1) + lane % 8 of the warp's 16, column chunk 2 jp + q / 2 (of 8 columns), which the swizzle puts at
+    // chunk (2 jp + q / 2) % 8 ^ row % 8 of the row (row % 8 = lane % 8): 8 rows in 8 different bank groups
+    const int q = lane >> 3, r8 = lane & 7;
+    const uint32_t lane_addr = smem_u32(ebuf) + (16 * warp + 8 * (q & 1) + r8) * 128 + (((q >> 1) ^ r8) << 4);
+    auto mat_addr = [&](int panel, int jp) {
+        return (lane_addr + panel * kPanelBytes) ^ (uint32_t)(((2 * jp) & 7) << 4);
+    };
 
-    // A: K-major, m64 sub-tile mi 64 rows (8 KB) further, k16 step +32 bytes. B: K-major, the same; MN-major:
-    // 64-column panels of 64 k rows (8 KB, the LBO), k16 step +16 rows (2048 bytes).
+    // A and B K-major: A's m64 sub-tile mi 64 rows (8 KB) further, a k16 step +32 bytes
     const uint64_t da0 = make_desc(smem_u32(smem), 16, 1024);
-    const uint64_t db0 = BMN ? make_desc(smem_u32(smem + Cfg::kABytes), 64 * 128, 1024)
-                             : make_desc(smem_u32(smem + Cfg::kABytes), 16, 1024);
+    const uint64_t db0 = make_desc(smem_u32(smem + kABytes), 16, 1024);
 
-    // turns: warpgroup cw waits on barrier 1 + cw and passes to the other's; warpgroup 0 goes first
+    // turns: warpgroup cw waits on barrier 1 + cw and passes to the other's; warpgroup 0 goes first. The
+    // epilogue's own barrier (its 128 threads): 3 + cw.
     auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
     auto turn_pass = [&]() { named_barrier_arrive(2 - cw, 256); };
+    auto epi_sync = [&]() { named_barrier_sync(3 + cw, 128); };
     if (cw == 1) named_barrier_arrive(1, 256);
 
     float acc[MI][kBN / 2];
     int i = cw;  // this CTA's tile index
     for (int tile = blockIdx.x + cw * gridDim.x; tile < num_tiles; tile += 2 * gridDim.x, i += 2) {
+        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+        // the bias of the lane's column pairs (the same for every row), loaded under the products
+        uint32_t bias2[kBN / 8];
+#pragma unroll
+        for (int j = 0; j < kBN / 8; ++j)
+            bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
+
         const int pos0 = i * num_kb;
         turn_wait();
         for (int kb = 0; kb < num_kb; ++kb) {
@@ -179,9 +187,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi)
-                    wgmma_tile<kBN, BMN ? 1 : 0>(
-                        acc[mi], desc_at(da0, st * Cfg::kStageBytes + mi * 64 * 128 + kk * 32),
-                        desc_at(db0, st * Cfg::kStageBytes + (BMN ? kk * 2048 : kk * 32)), kb > 0 || kk > 0);
+                    wgmma_ss_n128<0, 0>(acc[mi], desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
+                                        desc_at(db0, st * kStageBytes + kk * 32), kb > 0 || kk > 0);
             wgmma_commit();
             if (kb > 0) {  // the previous k-block's products are done: release its stage
                 wgmma_wait<1>();
@@ -194,35 +201,39 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int mi = 0; mi < MI; ++mi) reg_fence(acc[mi]);
         mbar_arrive(&empty[(pos0 + num_kb - 1) % kStages]);
 
-        // ---------------- epilogue ----------------
-        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
-        const int row0 = m0 + 16 * warp + g;
+        // ---------------- epilogue: registers -> swizzled shared panels (stmatrix) -> TMA stores ----------------
+        // (the stores clip the rows past M; one thread issues them and waits for their reads of the buffer).
+        // Four passes (mi, hc): out and pre of 64 rows x 64 columns (two panels), alternating between the buffer's
+        // halves, so a pass waits only for the stores of the one before the last.
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j) {
-            const int col = n0 + 8 * j + 2 * t;
-            float2 b = make_float2(0.f, 0.f);
-            if (kEpi == kEpiGelu && bias != nullptr) b = bf16x2_to_float2(*reinterpret_cast<const uint32_t*>(bias + col));
+        for (int pass = 0; pass < 4; ++pass) {
+            const int mi = pass >> 1, hc = pass & 1;
+            if (ctid == 0) bulk_wait_read<1>();
+            epi_sync();
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
+            for (int jq = 0; jq < 4; ++jq) {
+                const int jp = 4 * hc + jq;
+                uint32_t o[4], pr[4];
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int row = row0 + 64 * mi + 8 * h;
-                    if (row >= M) continue;
-                    const size_t off = (size_t)row * N + col;
-                    const float v0 = acc[mi][4 * j + 2 * h], v1 = acc[mi][4 * j + 2 * h + 1];
-                    uint32_t* o = reinterpret_cast<uint32_t*>(out + off);
-                    uint32_t* p = reinterpret_cast<uint32_t*>(pre + off);
-                    if constexpr (kEpi == kEpiGelu) {
-                        const float x0 = v0 + b.x, x1 = v1 + b.y;
-                        __stcs(p, pack_bf16x2(x0, x1));
-                        __stcs(o, pack_bf16x2(x0 * gelu_sigmoid(x0), x1 * gelu_sigmoid(x1)));
-                    } else {
-                        const float2 x = bf16x2_to_float2(__ldcs(p));
-                        __stcs(o, pack_bf16x2(v0 * gelu_grad(x.x), v1 * gelu_grad(x.y)));
-                    }
+                for (int e = 0; e < 4; ++e) {  // pair 4jp + e: columns 16jp + 8(e >> 1) + 2t, +1
+                    const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
+                    const float x0 = acc[mi][8 * jp + 2 * e] + b.x, x1 = acc[mi][8 * jp + 2 * e + 1] + b.y;
+                    o[e] = pack_bf16x2(x0 * gelu_sigmoid(x0), x1 * gelu_sigmoid(x1));
+                    pr[e] = pack_bf16x2(x0, x1);
                 }
+                stmatrix_x4(mat_addr(2 * hc, jp), o[0], o[1], o[2], o[3]);
+                stmatrix_x4(mat_addr(2 * hc + 1, jp), pr[0], pr[1], pr[2], pr[3]);
+            }
+            fence_proxy_async();
+            epi_sync();
+            if (ctid == 0) {
+                tma_store_2d(&tm_out, ebuf + 2 * hc * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
+                tma_store_2d(&tm_pre, ebuf + (2 * hc + 1) * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
+                bulk_commit();
+            }
         }
     }
+    if (ctid == 0) bulk_wait<0>();  // the stores done before the CTA (and its shared memory) goes
     // the turn passed after this CTA's last tile goes to warpgroup (tile count) % 2: it takes it, so every
     // arrival is matched
     const int my_tiles = (num_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
@@ -230,65 +241,42 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <int MI, int BN, int kEpi>
-void launch(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
-            cudaStream_t stream) {
-    using Cfg = GemmCfg<MI, BN, kEpi == kEpiDGelu>;
-    auto kernel = gemm_sm90_kernel<Cfg, kEpi>;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes));
-    const cuuint64_t a_dims[2] = {(cuuint64_t)K, (cuuint64_t)M};
-    const cuuint64_t a_strides[1] = {(cuuint64_t)K * 2};
-    const cuuint32_t a_box[2] = {64, (cuuint32_t)Cfg::kBM};
-    const CUtensorMap tm_a = tensor_map_bf16(a, 2, a_dims, a_strides, a_box);
-    CUtensorMap tm_b;
-    if (kEpi == kEpiDGelu) {  // w (K, N): boxes of 64 columns x 64 k rows
-        const cuuint64_t dims[2] = {(cuuint64_t)N, (cuuint64_t)K};
-        const cuuint64_t strides[1] = {(cuuint64_t)N * 2};
-        const cuuint32_t box[2] = {64, 64};
-        tm_b = tensor_map_bf16(w, 2, dims, strides, box);
-    } else {  // w (N, K): boxes of 64 k x BN rows
-        const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)N};
-        const cuuint64_t strides[1] = {(cuuint64_t)K * 2};
-        const cuuint32_t box[2] = {64, (cuuint32_t)BN};
-        tm_b = tensor_map_bf16(w, 2, dims, strides, box);
-    }
-    const long long tiles = (long long)ceil_div(M, Cfg::kBM) * (N / BN);
-    require(tiles <= 0x7fffffffLL, "gemm_sm90: too many tiles");
-    static int sms = 0;
-    if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(tiles < sms ? tiles : sms);
-    kernel<<<grid, kThreads, Cfg::kSmemBytes, stream>>>(tm_a, tm_b, out, pre, bias, M, N, K);
-    CUDA_CHECK_LAUNCH();
+// (M, N) row-major bf16 in boxes of 64 columns x 64 rows: the epilogue's stores
+CUtensorMap tile_map(const bf16* p, int M, int N) {
+    const cuuint64_t dims[2] = {(cuuint64_t)N, (cuuint64_t)M};
+    const cuuint64_t strides[1] = {(cuuint64_t)N * 2};
+    const cuuint32_t box[2] = {64, 64};
+    return tensor_map_bf16(p, 2, dims, strides, box);
 }
 
-template <int kEpi>
-void dispatch(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K, int variant,
-              cudaStream_t stream) {
-    if (variant == 2)
-        launch<1, 256, kEpi>(out, pre, a, w, bias, M, N, K, stream);
-    else
-        launch<2, 128, kEpi>(out, pre, a, w, bias, M, N, K, stream);
+// (rows, K) row-major bf16 (a, w) in boxes of 64 k x `box_rows` rows: the k-blocks of the producer's loads
+CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
+    const cuuint64_t dims[2] = {(cuuint64_t)K, (cuuint64_t)rows};
+    const cuuint64_t strides[1] = {(cuuint64_t)K * 2};
+    const cuuint32_t box[2] = {kBK, (cuuint32_t)box_rows};
+    return tensor_map_bf16(p, 2, dims, strides, box);
 }
 
 }  // namespace
 
-bool gemm_sm90_supported(int variant, int M, int N, int K, std::initializer_list<const void*> ptrs) {
-    if (variant < 1 || variant > kGemmSm90Variants || M < 1 || N < 1 || K < 1) return false;
-    const int bn = variant == 2 ? 256 : 128;
-    if (N % bn != 0 || K % 64 != 0) return false;
+bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs) {
+    if (M < 1 || N < 1 || K < 1 || N % kBN != 0 || K % kBK != 0) return false;
     for (const void* p : ptrs)
         if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
     return true;
 }
 
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
-                            int variant, cudaStream_t stream) {
-    require(gemm_sm90_supported(variant, M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    dispatch<kEpiGelu>(out, pre, a, w, bias, M, N, K, variant, stream);
-}
-
-void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K, int variant,
-                     cudaStream_t stream) {
-    require(gemm_sm90_supported(variant, M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    dispatch<kEpiDGelu>(out, const_cast<bf16*>(pre), a, w, nullptr, M, N, K, variant, stream);
+                            cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
+    CUDA_CHECK(cudaFuncSetAttribute(gemm_gelu_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
+    const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
+    const long long tiles = (long long)ceil_div(M, kBM) * (N / kBN);
+    require(tiles <= 0x7fffffffLL, "gemm_gelu_forward_sm90: too many tiles");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(tiles < sms ? tiles : sms);
+    gemm_gelu_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, M, N, K);
+    CUDA_CHECK_LAUNCH();
 }

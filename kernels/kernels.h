@@ -154,7 +154,7 @@ void decode_attention(bf16* out, const bf16* qkv, long long seq_stride, int B, i
 void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float* uniforms, int B, int V, int Vp,
                    float temperature, int top_k, cudaStream_t stream);
 
-// ---- matmul.cu (cuBLASLt; gemm_sm90.cu on Hopper) ---------------------------------------------------------------------
+// ---- matmul.cu (cuBLASLt; gemm_sm90.cu on Hopper) ---------------------------------------------
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);
 // gelu_pre != null: gelu_pre = that, out = gelu(gelu_pre)   (GELU_AUX epilogue)
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
@@ -171,9 +171,9 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 int matmul_set_tuning(int mode);
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
-// Hopper: which path the GeLU-epilogue GEMMs take where gemm_sm90.cu's kernel fits (matmul.cu's header):
-// 0 cuBLASLt, 1 or 2 the kernel's tile variants (1 the default; a build without sm_90 accepts only 0);
-// -1 only asks. Returns the mode before. For benchmarks and tests.
+// Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM on gemm_sm90.cu's kernel where it fits (matmul.cu's header),
+// 0 on cuBLASLt; -1 only asks. The default is 1 unless GPT2CU_SM90_GEMM=0; a build without sm_90 runs cuBLASLt
+// either way. Returns the setting before. For benchmarks and tests.
 int matmul_set_sm90(int mode);
 
 // ---- adamw.cu ---------------------------------------------------------------------------------
