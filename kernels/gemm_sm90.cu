@@ -1,12 +1,16 @@
-// gemm_sm90.cu: fc's forward GEMM with its GeLU epilogue, for Hopper (sm_90a): TMA loads, wgmma products, the
-// epilogue of one tile overlapped with the products of another.
-//   pre (M, N) = round(a (M, K) @ w (N, K)^T + bias),  out = round(gelu(a @ w^T + bias)) from the fp32 value
-// (cuBLASLt's GELU_AUX_BIAS; bias may be null); w row-major (N, K), so both operands are K-major. gelu is
-// gelu.cuh's (tanh form, one exp2 and one fast reciprocal). Deterministic: each output element is one
-// warpgroup's sum over k in a fixed order (no split-K, no atomics).
+// gemm_sm90.cu: the GEMMs with a GeLU epilogue of GPT-2's MLP, for Hopper (sm_90a): TMA loads, wgmma products, the
+// epilogue of one tile overlapped with the products of another. One kernel, templated on its epilogue (Epi):
+//   Gelu  (fc's forward):  pre (M, N) = round(a (M, K) @ w (N, K)^T + bias), out = round(gelu(a @ w^T + bias))
+//                          from the fp32 value (cuBLASLt's GELU_AUX_BIAS; bias may be null)
+//   DGelu (the backward of the projection after the GeLU): out (M, N) = round((a @ w^T) * gelu'(pre)), pre (M, N)
+//                          read (cuBLASLt's DGELU)
+// w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
+// (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
+// form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
+// fixed order (no split-K, no atomics).
 // Shapes (gemm_sm90_supported): N a multiple of 128, K of 64, pointers 16-byte aligned; any M (TMA zero-fills the
 // rows past M on loads and leaves them out on stores). matmul.cu runs this kernel on compute capability 9.x for
-// those shapes and cuBLASLt for the others (and for every other GEMM, the backward's DGELU included).
+// those shapes and cuBLASLt for the others (and for every GEMM without a GeLU epilogue).
 //
 // Why: GPT-2's fc GEMM (M = B*T = 65536, N = 3072, K = 768) is short in K: a 128 x 128 tile's products take
 // ~6k cycles of the tensor cores at their peak (4096 flop/cycle/SM; ~8k at torch.matmul's measured rate), and its
@@ -26,13 +30,15 @@
 // 232, with two warpgroups' tiles live at once, which the overlap needs: 128 x 256 per warpgroup is out). Measured
 // on an H200 at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of torch.matmul's rate,
 // 64 x 256 (one m64n256k16, 40 KB stages) at 80%.
-// Epilogue: each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16, with
-// stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8 rows
-// of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
+// Epilogue: forward, each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16,
+// with stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8
+// rows of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
 // (cp.async.bulk.tensor) with an L2 evict-first policy (out and pre are streamed once), which leaves the
-// warpgroup free at once and takes the address math, the coalescing and the row bound off it. Per consumer
-// warpgroup one 32 KB buffer: four passes of 64 x 64 out + pre alternating between its halves. Shared memory:
-// 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// warpgroup free at once and takes the address math, the coalescing and the row bound off it. Backward: the
+// tile's pre comes into the same panels by TMA (evict-first), requested before the k loop so its latency hides
+// under the products, read with ldmatrix, and out is written in its place. Per consumer warpgroup one 32 KB
+// buffer: in the forward four passes of 64 x 64 out + pre alternating between its halves, in the backward the
+// whole tile. Shared memory: 5 x 32 KB stages + 2 x 32 KB = 224 KB.
 // History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
 // cuBLASLt GELU_AUX_BIAS ~545 us):
 //   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
@@ -41,9 +47,11 @@
 //   - this version (bf16 panels by stmatrix, TMA stores, gelu.cuh's folded constants: ~1.35k instructions,
 //     ~3.1k cycles of epilogue a tile, most of it the special-function ops): 466.8 us against cuBLASLt's
 //     544.8 us, 14% faster, at 91% of torch.matmul plain's rate (425.6 us).
-// The same kernel with a DGELU epilogue for the backward's dinp (pre read by TMA, an MN-major B) measured
-// 633.8 us against cuBLASLt's DGELU 545.4 us, so the backward stays on cuBLASLt; that variant is on branch
-// gemm-sm90.
+// The backward (DGELU epilogue), first with the weight as an MN-major B operand (a transposed shared-memory
+// descriptor, branch gemm-sm90): 633.8 us against cuBLASLt's DGELU 545.4 us; its schedule trace (CTA 0, SM
+// cycles a tile, medians) showed the products slower than the forward's (7887 against 7106; epilogue 6210 against
+// 5787). Hence the K-major weight, transposed first (the forward's mainloop; the transpose of fc's 768 x 3072
+// weight is 4.7 MB read and written).
 #include "kernels.h"
 #include "common.cuh"
 #include "gelu.cuh"
