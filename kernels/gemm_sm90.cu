@@ -127,8 +127,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 128);
         }
-        mbar_init(&pre_full[0], 1);
-        mbar_init(&pre_full[1], 1);
+        if constexpr (kEpi == Epi::DGelu) {
+            mbar_init(&pre_full[0], 1);
+            mbar_init(&pre_full[1], 1);
+        }
         mbar_init_fence();
     }
     __syncthreads();
