@@ -31,6 +31,12 @@ def bias_backward_scratch_floats(N: int, OC: int) -> int:
     return -(-N // 256) * OC  # bias.cu: BIAS_ROWS = 256 rows per partial row
 
 
+def matmul_backward_scratch_floats(N: int, C: int, OC: int, dbias: bool, dgelu: bool) -> int:
+    """matmul.cu: dbias's partial sums, or with the DGELU epilogue the weight (OC, C) transposed in bf16 (Hopper's
+    kernel reads it K-major; asked for on every GPU): the larger, used one after the other."""
+    return max(bias_backward_scratch_floats(N, OC) if dbias else 0, -(-C * OC // 2) if dgelu else 0)
+
+
 def attention_backward_scratch_floats(B: int, T: int, n_head: int, head_size: int) -> int:
     """attention.cu: D = rowsum(dO * O), one float per (b, h, t); then, on Hopper, the one-kernel backward's
     fp32 dQ tiles (queries per tile: attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack
@@ -50,6 +56,7 @@ def gpt2_scratch_floats(cfg, B: int, T: int, grad_elements: int) -> int:
     N, C = B * T, cfg.n_embd
     return max(layernorm_backward_scratch_floats(N, C),
                max(bias_backward_scratch_floats(N, oc) for oc in (3 * C, C, 4 * C)),
+               matmul_backward_scratch_floats(N, 4 * C, C, False, True),  # fc's projection, after the GeLU
                attention_backward_scratch_floats(B, T, cfg.n_head, cfg.n_embd // cfg.n_head),
                global_norm_scratch_floats(grad_elements))
 

@@ -315,14 +315,22 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
         py::arg("OC"), py::arg("stream"));
     m.def(
+        "matmul_backward_scratch_floats",
+        [](int N, int C, int OC, bool dbias, bool dgelu) {
+            return matmul_backward_scratch_floats(N, C, OC, dbias, dgelu);
+        },
+        "floats of scratch matmul_backward needs for (N, C, OC), with dbias, with the DGELU epilogue", py::arg("N"),
+        py::arg("C"), py::arg("OC"), py::arg("dbias"), py::arg("dgelu"));
+    m.def(
         "matmul_set_tuning", [](int mode) { return matmul_set_tuning(mode); },
         "1: time the cuBLASLt heuristic's candidates at a shape's first call (the default), 0: its first; -1 only "
         "asks; returns the mode before",
         py::arg("mode"));
     m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
-        "Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM on gemm_sm90.cu's kernel where it fits (the default "
-        "unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; returns the setting before",
+        "Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU one on gemm_sm90.cu's kernel "
+        "where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; returns the setting "
+        "before",
         py::arg("mode"));
     m.def(
         "matmul_tuning_report", []() { return matmul_tuning_report(); },
@@ -442,4 +450,13 @@ PYBIND11_MODULE(_kernels, m) {
         },
         "out (bf16) += x (fp32), added in fp32 and rounded to nearest even, n elements", py::arg("out"),
         py::arg("x"), py::arg("n"), py::arg("stream"));
+
+    // ---- transpose.cu
+    m.def(
+        "bf16_transpose",
+        [](uintptr_t out, uintptr_t inp, int rows, int cols, uintptr_t stream) {
+            bf16_transpose(ptr<bf16>(out), ptr<const bf16>(inp), rows, cols, strm(stream));
+        },
+        "out (cols, rows) = inp (rows, cols)^T, bf16, exact", py::arg("out"), py::arg("inp"), py::arg("rows"),
+        py::arg("cols"), py::arg("stream"));
 }

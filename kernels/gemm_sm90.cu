@@ -1,12 +1,16 @@
-// gemm_sm90.cu: fc's forward GEMM with its GeLU epilogue, for Hopper (sm_90a): TMA loads, wgmma products, the
-// epilogue of one tile overlapped with the products of another.
-//   pre (M, N) = round(a (M, K) @ w (N, K)^T + bias),  out = round(gelu(a @ w^T + bias)) from the fp32 value
-// (cuBLASLt's GELU_AUX_BIAS; bias may be null); w row-major (N, K), so both operands are K-major. gelu is
-// gelu.cuh's (tanh form, one exp2 and one fast reciprocal). Deterministic: each output element is one
-// warpgroup's sum over k in a fixed order (no split-K, no atomics).
+// gemm_sm90.cu: the GEMMs with a GeLU epilogue of GPT-2's MLP, for Hopper (sm_90a): TMA loads, wgmma products, the
+// epilogue of one tile overlapped with the products of another. One kernel, templated on its epilogue (Epi):
+//   Gelu  (fc's forward):  pre (M, N) = round(a (M, K) @ w (N, K)^T + bias), out = round(gelu(a @ w^T + bias))
+//                          from the fp32 value (cuBLASLt's GELU_AUX_BIAS; bias may be null)
+//   DGelu (the backward of the projection after the GeLU): out (M, N) = round((a @ w^T) * gelu'(pre)), pre (M, N)
+//                          read (cuBLASLt's DGELU)
+// w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
+// (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
+// form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
+// fixed order (no split-K, no atomics).
 // Shapes (gemm_sm90_supported): N a multiple of 128, K of 64, pointers 16-byte aligned; any M (TMA zero-fills the
 // rows past M on loads and leaves them out on stores). matmul.cu runs this kernel on compute capability 9.x for
-// those shapes and cuBLASLt for the others (and for every other GEMM, the backward's DGELU included).
+// those shapes and cuBLASLt for the others (and for every GEMM without a GeLU epilogue).
 //
 // Why: GPT-2's fc GEMM (M = B*T = 65536, N = 3072, K = 768) is short in K: a 128 x 128 tile's products take
 // ~6k cycles of the tensor cores at their peak (4096 flop/cycle/SM; ~8k at torch.matmul's measured rate), and its
@@ -26,13 +30,15 @@
 // 232, with two warpgroups' tiles live at once, which the overlap needs: 128 x 256 per warpgroup is out). Measured
 // on an H200 at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of torch.matmul's rate,
 // 64 x 256 (one m64n256k16, 40 KB stages) at 80%.
-// Epilogue: each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16, with
-// stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8 rows
-// of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
+// Epilogue: forward, each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16,
+// with stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8
+// rows of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
 // (cp.async.bulk.tensor) with an L2 evict-first policy (out and pre are streamed once), which leaves the
-// warpgroup free at once and takes the address math, the coalescing and the row bound off it. Per consumer
-// warpgroup one 32 KB buffer: four passes of 64 x 64 out + pre alternating between its halves. Shared memory:
-// 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// warpgroup free at once and takes the address math, the coalescing and the row bound off it. Backward: the
+// tile's pre comes into the same panels by TMA (evict-first), requested before the k loop so its latency hides
+// under the products, read with ldmatrix, and out is written in its place. Per consumer warpgroup one 32 KB
+// buffer: in the forward four passes of 64 x 64 out + pre alternating between its halves, in the backward the
+// whole tile. Shared memory: 5 x 32 KB stages + 2 x 32 KB = 224 KB.
 // History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
 // cuBLASLt GELU_AUX_BIAS ~545 us):
 //   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
@@ -41,9 +47,11 @@
 //   - this version (bf16 panels by stmatrix, TMA stores, gelu.cuh's folded constants: ~1.35k instructions,
 //     ~3.1k cycles of epilogue a tile, most of it the special-function ops): 466.8 us against cuBLASLt's
 //     544.8 us, 14% faster, at 91% of torch.matmul plain's rate (425.6 us).
-// The same kernel with a DGELU epilogue for the backward's dinp (pre read by TMA, an MN-major B) measured
-// 633.8 us against cuBLASLt's DGELU 545.4 us, so the backward stays on cuBLASLt; that variant is on branch
-// gemm-sm90.
+// The backward (DGELU epilogue), first with the weight as an MN-major B operand (a transposed shared-memory
+// descriptor, branch gemm-sm90): 633.8 us against cuBLASLt's DGELU 545.4 us; its schedule trace (CTA 0, SM
+// cycles a tile, medians) showed the products slower than the forward's (7887 against 7106; epilogue 6210 against
+// 5787). Hence the K-major weight, transposed first (the forward's mainloop; the transpose of fc's 768 x 3072
+// weight is 4.7 MB read and written).
 #include "kernels.h"
 #include "common.cuh"
 #include "gelu.cuh"
@@ -61,6 +69,7 @@ namespace {
 
 using namespace sm90;
 
+enum class Epi { Gelu, DGelu };  // the forward's GeLU epilogue; the backward's, with gelu'(pre)
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
@@ -70,10 +79,10 @@ constexpr int kBBytes = kBN * 128;              // 128 rows of 64 k
 constexpr int kStageBytes = kABytes + kBBytes;
 constexpr int kStages = 5;
 constexpr int kPanelBytes = 64 * 128;           // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
-constexpr int kEpiBytes = 4 * kPanelBytes;      // per consumer warpgroup: 64 rows of out + pre, twice
+constexpr int kEpiBytes = 4 * kPanelBytes;      // per consumer warpgroup: half a tile of out + pre, or a whole tile
 constexpr int kEpiOffset = kStages * kStageBytes;
 constexpr int kBarOffset = kEpiOffset + 2 * kEpiBytes;
-constexpr int kSmemBytes = kBarOffset + 8 * 2 * kStages + 1024;  // + barriers, + alignment slack
+constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
 static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 
 // a shared-memory descriptor moved by `bytes` (the address field cannot carry: shared addresses are < 2^18)
@@ -88,17 +97,20 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // The accumulator of m64 sub-tile mi: acc[mi][4j + 2h + e] is row 64 mi + 16 warp + g + 8h, column 8j + 2t + e of
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
-// 2jp + 1) of one stmatrix x4, in the mma fragment layout.
+// 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null).
+template <Epi kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_gelu_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
-                          const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                          const bf16* __restrict__ bias, int M, int N, int K) {
+    gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
+                     const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
+                     const bf16* __restrict__ bias, int M, int N, int K) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
+    uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
@@ -114,6 +126,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 128);
+        }
+        if constexpr (kEpi == Epi::DGelu) {
+            mbar_init(&pre_full[0], 1);
+            mbar_init(&pre_full[1], 1);
         }
         mbar_init_fence();
     }
@@ -146,8 +162,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = ctid / 32, lane = ctid % 32;
     const int t = lane & 3;
     uint8_t* ebuf = smem + kEpiOffset + cw * kEpiBytes;  // panels of 64 rows x 64 columns, 128-byte swizzle
-    const uint64_t stream_policy = l2_evict_first_policy();  // out, pre: written once (A and B stay in L2)
-    // the lane's row address for stmatrix x4 number jp in a panel: matrix q = lane / 8, its row
+    const uint64_t stream_policy = l2_evict_first_policy();  // out, pre: written or read once (A, B stay in L2)
+    // the lane's row address for stmatrix / ldmatrix x4 number jp in a panel: matrix q = lane / 8, its row
     // 8 (q & 1) + lane % 8 of the warp's 16, column chunk 2 jp + q / 2 (of 8 columns), which the swizzle puts at
     // chunk (2 jp + q / 2) % 8 ^ row % 8 of the row (row % 8 = lane % 8): 8 rows in 8 different bank groups
     const int q = lane >> 3, r8 = lane & 7;
@@ -169,13 +185,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     float acc[MI][kBN / 2];
     int i = cw;  // this CTA's tile index
-    for (int tile = blockIdx.x + cw * gridDim.x; tile < num_tiles; tile += 2 * gridDim.x, i += 2) {
+    for (int tile = blockIdx.x + cw * gridDim.x, it = 0; tile < num_tiles; tile += 2 * gridDim.x, i += 2, ++it) {
         const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
-        // the bias of the lane's column pairs (the same for every row), loaded under the products
-        uint32_t bias2[kBN / 8];
+        // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
+        // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
+        // previous tile's stores have read the buffer
+        uint32_t bias2[kEpi == Epi::Gelu ? kBN / 8 : 1];
+        if constexpr (kEpi == Epi::Gelu) {
 #pragma unroll
-        for (int j = 0; j < kBN / 8; ++j)
-            bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
+            for (int j = 0; j < kBN / 8; ++j)
+                bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
+        } else if (ctid == 0) {
+            bulk_wait_read<0>();
+            mbar_arrive_expect_tx(&pre_full[cw], kEpiBytes);
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                tma_load_2d(ebuf + p * kPanelBytes, &tm_pre, &pre_full[cw], n0 + 64 * (p & 1), m0 + 64 * (p >> 1),
+                            stream_policy);
+        }
 
         const int pos0 = i * num_kb;
         turn_wait();
@@ -202,33 +229,66 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_arrive(&empty[(pos0 + num_kb - 1) % kStages]);
 
         // ---------------- epilogue: registers -> swizzled shared panels (stmatrix) -> TMA stores ----------------
-        // (the stores clip the rows past M; one thread issues them and waits for their reads of the buffer).
-        // Four passes (mi, hc): out and pre of 64 rows x 64 columns (two panels), alternating between the buffer's
-        // halves, so a pass waits only for the stores of the one before the last.
+        // (the stores clip the rows past M; one thread issues them and waits for their reads of the buffer)
+        if constexpr (kEpi == Epi::Gelu) {
+            // four passes (mi, hc): out and pre of 64 rows x 64 columns (two panels), alternating between the
+            // buffer's halves, so a pass waits only for the stores of the one before the last
 #pragma unroll
-        for (int pass = 0; pass < 4; ++pass) {
-            const int mi = pass >> 1, hc = pass & 1;
-            if (ctid == 0) bulk_wait_read<1>();
-            epi_sync();
+            for (int pass = 0; pass < 4; ++pass) {
+                const int mi = pass >> 1, hc = pass & 1;
+                if (ctid == 0) bulk_wait_read<1>();
+                epi_sync();
 #pragma unroll
-            for (int jq = 0; jq < 4; ++jq) {
-                const int jp = 4 * hc + jq;
-                uint32_t o[4], pr[4];
+                for (int jq = 0; jq < 4; ++jq) {
+                    const int jp = 4 * hc + jq;
+                    uint32_t o[4], pr[4];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {  // pair 4jp + e: columns 16jp + 8(e >> 1) + 2t, +1
-                    const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
-                    const float x0 = acc[mi][8 * jp + 2 * e] + b.x, x1 = acc[mi][8 * jp + 2 * e + 1] + b.y;
-                    o[e] = pack_bf16x2(x0 * gelu_sigmoid(x0), x1 * gelu_sigmoid(x1));
-                    pr[e] = pack_bf16x2(x0, x1);
+                    for (int e = 0; e < 4; ++e) {  // pair 4jp + e: columns 16jp + 8(e >> 1) + 2t, +1
+                        const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
+                        const float x0 = acc[mi][8 * jp + 2 * e] + b.x, x1 = acc[mi][8 * jp + 2 * e + 1] + b.y;
+                        o[e] = pack_bf16x2(x0 * gelu_sigmoid(x0), x1 * gelu_sigmoid(x1));
+                        pr[e] = pack_bf16x2(x0, x1);
+                    }
+                    stmatrix_x4(mat_addr(2 * hc, jp), o[0], o[1], o[2], o[3]);
+                    stmatrix_x4(mat_addr(2 * hc + 1, jp), pr[0], pr[1], pr[2], pr[3]);
                 }
-                stmatrix_x4(mat_addr(2 * hc, jp), o[0], o[1], o[2], o[3]);
-                stmatrix_x4(mat_addr(2 * hc + 1, jp), pr[0], pr[1], pr[2], pr[3]);
+                fence_proxy_async();
+                epi_sync();
+                if (ctid == 0) {
+                    tma_store_2d(&tm_out, ebuf + 2 * hc * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
+                    tma_store_2d(&tm_pre, ebuf + (2 * hc + 1) * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi,
+                                 stream_policy);
+                    bulk_commit();
+                }
+            }
+        } else {
+            // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
+            // and registers left for the math to interleave), out = acc * gelu'(pre) written in its place
+            mbar_wait(&pre_full[cw], it & 1);
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int mi = p >> 1;
+                uint32_t v[4][4];
+#pragma unroll
+                for (int jq = 0; jq < 4; ++jq) ldmatrix_x4(mat_addr(p, 4 * (p & 1) + jq), v[jq]);
+#pragma unroll
+                for (int jq = 0; jq < 4; ++jq) {
+                    const int jp = 4 * (p & 1) + jq;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float2 x = bf16x2_to_float2(v[jq][e]);
+                        v[jq][e] = pack_bf16x2(acc[mi][8 * jp + 2 * e] * gelu_grad(x.x),
+                                               acc[mi][8 * jp + 2 * e + 1] * gelu_grad(x.y));
+                    }
+                    stmatrix_x4(mat_addr(p, jp), v[jq][0], v[jq][1], v[jq][2], v[jq][3]);
+                }
             }
             fence_proxy_async();
             epi_sync();
             if (ctid == 0) {
-                tma_store_2d(&tm_out, ebuf + 2 * hc * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
-                tma_store_2d(&tm_pre, ebuf + (2 * hc + 1) * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
+#pragma unroll
+                for (int p = 0; p < 4; ++p)
+                    tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
                 bulk_commit();
             }
         }
@@ -241,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// (M, N) row-major bf16 in boxes of 64 columns x 64 rows: the epilogue's stores
+// (M, N) row-major bf16 in boxes of 64 columns x 64 rows: the epilogue's stores, and the backward's pre loads
 CUtensorMap tile_map(const bf16* p, int M, int N) {
     const cuuint64_t dims[2] = {(cuuint64_t)N, (cuuint64_t)M};
     const cuuint64_t strides[1] = {(cuuint64_t)N * 2};
@@ -257,6 +317,21 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
     return tensor_map_bf16(p, 2, dims, strides, box);
 }
 
+template <Epi kEpi>
+void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
+            cudaStream_t stream) {
+    CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
+    const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
+    const long long tiles = (long long)ceil_div(M, kBM) * (N / kBN);
+    require(tiles <= 0x7fffffffLL, "gemm_sm90: too many tiles");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(tiles < sms ? tiles : sms);
+    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, M, N, K);
+    CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs) {
@@ -269,14 +344,11 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    CUDA_CHECK(cudaFuncSetAttribute(gemm_gelu_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
-    const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
-    const long long tiles = (long long)ceil_div(M, kBM) * (N / kBN);
-    require(tiles <= 0x7fffffffLL, "gemm_gelu_forward_sm90: too many tiles");
-    static int sms = 0;
-    if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(tiles < sms ? tiles : sms);
-    gemm_gelu_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, M, N, K);
-    CUDA_CHECK_LAUNCH();
+    launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
+}
+
+void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
+                     cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
+    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream);  // pre only read
 }

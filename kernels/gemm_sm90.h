@@ -1,6 +1,7 @@
-// gemm_sm90.h: the Hopper (sm_90a) GEMM with a GeLU epilogue of gemm_sm90.cu, for matmul.cu's dispatch.
+// gemm_sm90.h: the Hopper (sm_90a) GEMMs with a GeLU / GeLU-gradient epilogue of gemm_sm90.cu, for matmul.cu's
+// dispatch.
 // Compiled only when 90 is among GPT2CU_CUDA_ARCHS (then GPT2CU_HAVE_SM90_GEMM is defined for matmul.cu);
-// call it only on a device of compute capability 9.x. Row-major bf16 everywhere, fp32 accumulation.
+// call them only on a device of compute capability 9.x. Row-major bf16 everywhere, fp32 accumulation.
 #pragma once
 #include <initializer_list>
 #include "kernels.h"
@@ -13,3 +14,8 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 // fp32 value (cuBLASLt's GELU_AUX_BIAS)
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream);
+
+// out (M, N) = round((a (M, K) @ w (N, K)^T) * gelu'(pre (M, N))) from the fp32 product (cuBLASLt's DGELU); w is
+// K-major: the backward's weight (K, N) transposed first (matmul.cu)
+void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
+                     cudaStream_t stream);

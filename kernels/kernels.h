@@ -160,10 +160,15 @@ void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
                     int C, int OC, cudaStream_t stream);
 // dinp = dout @ weight, times gelu'(dinp_gelu_pre) when that is non-null (DGELU epilogue);
-// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null.
+// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null. scratch: at least
+// matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and dinp_gelu_pre != null) floats.
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
                      const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
                      cudaStream_t stream);
+// floats of scratch matmul_backward needs: the bias gradient's partial sums (with dbias), the weight transposed
+// (with the DGELU epilogue: Hopper's kernel takes it K-major; asked for on every GPU, so the size depends on the
+// shapes alone); the larger of the two, which are used one after the other
+size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu);
 // The algorithm of each GEMM shape is chosen at its first call (matmul.cu's header: timed among the
 // heuristic's candidates, recorded in the GPT2CU_GEMM_CACHE file). mode 1: tuned (the default;
 // GPT2CU_GEMM_TUNE=0 starts at 0), 0: the heuristic's first, -1: only asks. Returns the mode before.
@@ -171,9 +176,9 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 int matmul_set_tuning(int mode);
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
-// Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM on gemm_sm90.cu's kernel where it fits (matmul.cu's header),
-// 0 on cuBLASLt; -1 only asks. The default is 1 unless GPT2CU_SM90_GEMM=0; a build without sm_90 runs cuBLASLt
-// either way. Returns the setting before. For benchmarks and tests.
+// Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU one on gemm_sm90.cu's kernel
+// where they fit (matmul.cu's header), 0 on cuBLASLt; -1 only asks. The default is 1 unless GPT2CU_SM90_GEMM=0; a
+// build without sm_90 runs cuBLASLt either way. Returns the setting before. For benchmarks and tests.
 int matmul_set_sm90(int mode);
 
 // ---- adamw.cu ---------------------------------------------------------------------------------
@@ -214,3 +219,7 @@ void bf16_to_float(float* out, const bf16* inp, size_t n, cudaStream_t stream);
 void float_to_bf16(bf16* out, const float* inp, size_t n, cudaStream_t stream);  // round to nearest even
 void bf16_accumulate(bf16* out, const bf16* x, size_t n, cudaStream_t stream);  // out += x in fp32, rounded
 void bf16_accumulate(bf16* out, const float* x, size_t n, cudaStream_t stream);  // the same, x fp32
+
+// ---- transpose.cu -----------------------------------------------------------------------------
+// out (cols, rows) = inp (rows, cols)^T, exact (16-bit elements moved); out must not alias inp
+void bf16_transpose(bf16* out, const bf16* inp, int rows, int cols, cudaStream_t stream);

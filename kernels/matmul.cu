@@ -1,5 +1,5 @@
-// matmul.cu: the linear layers (y = x @ W^T + b) and their backward, through cuBLASLt; on Hopper the forward
-// GEMM with a GeLU epilogue runs gemm_sm90.cu's kernel instead (below).
+// matmul.cu: the linear layers (y = x @ W^T + b) and their backward, through cuBLASLt; on Hopper the GEMMs with a
+// GeLU epilogue (the forward's, the backward's DGELU) run gemm_sm90.cu's kernel instead (below).
 //
 // The math (row-major, as every tensor in gpt2cu; N = B*T rows):
 //   forward   out (N, OC)      = inp (N, C) @ W (OC, C)^T + bias (OC)
@@ -32,11 +32,15 @@
 // Hopper (compute capability 9.x, in a build with sm_90: GPT2CU_HAVE_SM90_GEMM): the forward with gelu_pre runs
 // gemm_sm90.cu's kernel (its GeLU epilogue overlapped with another tile's products; on an H200 at GPT-2's fc
 // shape 14% faster than cuBLASLt's GELU_AUX_BIAS, which runs at 78% of torch.matmul's plain rate) when its shapes
-// fit: OC a multiple of 128, C a multiple of 64, every pointer 16-byte aligned; any N rows. Other shapes, the
-// other GEMMs (the backward's DGELU too: that kernel variant lost to cuBLASLt, gemm_sm90.cu's header) stay on
-// cuBLASLt. Same rounding as cuBLASLt's epilogue (pre = round(acc + bias), out = round(gelu(acc + bias)) from
-// fp32), deterministic, no workspace, nothing allocated (capture safe). GPT2CU_SM90_GEMM=0 in the environment
-// (read once) or matmul_set_sm90(0) send it to cuBLASLt too: whole-step and per-GEMM comparisons.
+// fit: OC a multiple of 128, C a multiple of 64, every pointer 16-byte aligned; any N rows. The backward's dinp
+// with dinp_gelu_pre runs the same kernel with the DGELU epilogue where C is a multiple of 128 and OC of 64 (the
+// product's n and k) and dinp, dout, dinp_gelu_pre are 16-byte aligned: the weight (OC, C) is first transposed
+// into the scratch (bf16_transpose, transpose.cu: a few microseconds at fc's 768 x 3072), so that the kernel reads
+// it K-major like the forward's weight (the MN-major variant of gemm-sm90 lost to cuBLASLt: gemm_sm90.cu's
+// header). Other shapes and the other GEMMs stay on cuBLASLt. Same rounding as cuBLASLt's epilogues (pre =
+// round(acc + bias), out = round(gelu(acc + bias)), dinp = round(acc * gelu'(pre)) from fp32), deterministic, no
+// workspace, nothing allocated (capture safe). GPT2CU_SM90_GEMM=0 in the environment (read once) or
+// matmul_set_sm90(0) send both to cuBLASLt too: whole-step and per-GEMM comparisons.
 //
 // Types: A, B, C, D, bias and aux are bf16 (CUDA_R_16BF); compute CUBLAS_COMPUTE_32F, scale type fp32.
 //
@@ -49,7 +53,8 @@
 //     the cache key and is passed to the heuristic, so a misaligned view gets a (slower) algorithm that
 //     supports it instead of a failure. 16-byte-aligned pointers and C, OC multiples of 8 are fast.
 //   - matmul_backward: dinp or dweight may be null (that product is skipped); dbias null skips the
-//     bias gradient; the scratch is used only for dbias (bias_backward_scratch_floats(N, OC) floats).
+//     bias gradient; the scratch holds dbias's partial sums (bias_backward_scratch_floats(N, OC) floats) and,
+//     with dinp_gelu_pre, the transposed weight (OC * C bf16): matmul_backward_scratch_floats, on every GPU.
 //
 // State (per device): one cuBLASLt handle, and one 32 MiB workspace per stream that calls a matmul,
 // both created on that stream's first call. cudaMalloc is not allowed during CUDA-graph capture, so the
@@ -699,7 +704,7 @@ int mm_sm90_mode() {
 }
 
 #ifdef GPT2CU_HAVE_SM90_GEMM
-// whether the forward's GeLU GEMM may take gemm_sm90.cu's kernel on the current device (the switch on, compute
+// whether the GeLU-epilogue GEMMs may take gemm_sm90.cu's kernel on the current device (the switch on, compute
 // capability 9.x: cached per device)
 bool mm_sm90(const char* who) {
     if (!mm_sm90_mode()) return false;
@@ -720,7 +725,15 @@ bool mm_sm90(const char* who) {
 }
 #endif
 
+// floats of scratch holding the weight (OC, C) transposed, bf16
+size_t mm_transposed_weight_floats(int C, int OC) { return ((size_t)C * OC + 1) / 2; }
+
 }  // namespace
+
+size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu) {
+    return std::max(dbias ? bias_backward_scratch_floats(N, OC) : size_t(0),
+                    dgelu ? mm_transposed_weight_floats(C, OC) : size_t(0));
+}
 
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N, int C,
                     int OC, cudaStream_t stream) {
@@ -768,34 +781,45 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
     mm_require(dout != nullptr, who, "dout must be non-null");
     if (dinp) {
         mm_require(weight != nullptr, who, "weight must be non-null when dinp is computed");
-        Gemm g{};
-        g.transa = CUBLAS_OP_N;
-        g.transb = CUBLAS_OP_N;
-        g.m = C;
-        g.n = N;
-        g.k = OC;
-        g.lda = C;   // W (OC, C) row-major = (C x OC) col-major
-        g.ldb = OC;  // dout (N, OC) row-major = (OC x N) col-major
-        g.ldd = C;   // dinp (N, C) row-major = (C x N) col-major
-        g.A = weight;
-        g.B = dout;
-        g.D = dinp;
-        g.accumulate = false;
-        g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-        g.bias = nullptr;
-        g.aux = nullptr;
-        g.aux_ld = 0;
         if (dinp_gelu_pre) {
             mm_require(C % 8 == 0, who,
                        "with dinp_gelu_pre, C must be a multiple of 8 (cuBLASLt DGELU aux ld), got C=" +
                            std::to_string(C));
             mm_require(static_cast<const void*>(dinp_gelu_pre) != static_cast<const void*>(dinp), who,
                        "dinp_gelu_pre must not alias dinp");
-            g.epilogue = CUBLASLT_EPILOGUE_DGELU;
-            g.aux = const_cast<bf16*>(dinp_gelu_pre);  // read only (DGELU input)
-            g.aux_ld = C;
+            mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
+                       "scratch too small: matmul_backward_scratch_floats with the DGELU epilogue");
         }
-        mm_gemm(g, stream, who);
+        bool done = false;
+#ifdef GPT2CU_HAVE_SM90_GEMM
+        // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major
+        if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch})) {
+            bf16* wt = reinterpret_cast<bf16*>(scratch);
+            bf16_transpose(wt, weight, OC, C, stream);
+            gemm_dgelu_sm90(dinp, dout, wt, dinp_gelu_pre, N, C, OC, stream);
+            done = true;
+        }
+#endif
+        if (!done) {
+            Gemm g{};
+            g.transa = CUBLAS_OP_N;
+            g.transb = CUBLAS_OP_N;
+            g.m = C;
+            g.n = N;
+            g.k = OC;
+            g.lda = C;   // W (OC, C) row-major = (C x OC) col-major
+            g.ldb = OC;  // dout (N, OC) row-major = (OC x N) col-major
+            g.ldd = C;   // dinp (N, C) row-major = (C x N) col-major
+            g.A = weight;
+            g.B = dout;
+            g.D = dinp;
+            g.accumulate = false;
+            g.epilogue = dinp_gelu_pre ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT;
+            g.bias = nullptr;
+            g.aux = const_cast<bf16*>(dinp_gelu_pre);  // read only (DGELU input)
+            g.aux_ld = dinp_gelu_pre ? C : 0;
+            mm_gemm(g, stream, who);
+        }
     }
     if (dweight) {
         mm_require(inp != nullptr, who, "inp must be non-null when dweight is computed");

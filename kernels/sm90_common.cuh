@@ -73,8 +73,17 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
         "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
         : "memory");
 }
+// the same with an L2 cache policy (l2_evict_first_policy: data read once)
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1,
+                                            uint64_t policy) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, "
+        "%4}], [%2], %5;\n" ::"r"(smem_u32(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "l"(policy)
+        : "memory");
+}
 // an L2 policy that evicts the lines it touches first (streamed data: kept from pushing out what is reused;
-// tma_store_2d)
+// tma_store_2d, tma_load_2d)
 __device__ __forceinline__ uint64_t l2_evict_first_policy() {
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
@@ -177,11 +186,17 @@ __device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
 }
 
 // four 8x8 bf16 matrices in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1 in one 32-bit
-// register) into shared memory; lanes 8i..8i+7 give the addresses of the 8 rows (16 bytes each) of matrix i,
-// register i is matrix i's
+// register) into shared memory (stmatrix) or out of it (ldmatrix); lanes 8i..8i+7 give the addresses of the 8
+// rows (16 bytes each) of matrix i, register i is matrix i's
 __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
     asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
                  "r"(r2), "r"(r3)
+                 : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
                  : "memory");
 }
 

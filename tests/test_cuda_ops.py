@@ -437,6 +437,49 @@ def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
         assert_repeatable(case, run, first)
 
 
+# The backward's DGELU GEMM on Hopper (matmul.cu: the weight transposed into the scratch, then gemm_sm90.cu's kernel
+# with its DGELU epilogue where C is a multiple of 128 and OC of 64, the product's n and k): the forward's shapes
+# with C and OC swapped (rows that divide no tile; a CTA's one tile; 480 tiles with a single k-block), two it
+# leaves to cuBLASLt (C = 96, OC = 200), and pre one element off 16-byte alignment (cuBLASLt too). With dbias the
+# scratch holds the transposed weight, then the bias's partial sums.
+SM90_DGELU_SHAPES = [(1000, 768, 256, 0), (4097, 256, 512, 0), (77, 512, 768, 0), (5000, 1536, 64, 0),
+                     (1000, 96, 256, 0), (1000, 256, 200, 0), (1000, 768, 256, 1)]  # (rows, C, OC, pre offset)
+
+
+@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("with_dbias", [False, True], ids=["nodbias", "dbias"])
+@pytest.mark.parametrize("rows, C, OC, pre_offset", SM90_DGELU_SHAPES)
+def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, pre_offset, with_dbias, on):
+    """The projection after fc's GeLU, backward (dinp = (dout @ w) * gelu'(pre), dweight +=, dbias +=) at sizes the
+    Hopper kernel takes and sizes it leaves to cuBLASLt: tolerances of test_matmul_backward; deterministic (a
+    second run gives the same bits)."""
+    from gpt2cu import memory
+    dout, dout_d = case.bf16((rows, OC))
+    x, x_d = case.bf16((rows, C))
+    w, w_d = case.bf16((OC, C), std=OC ** -0.5)  # dout @ w of unit variance, as pre: gelu' sees both regimes
+    pre = case.normal((rows, C))
+    pre_d = cp.asarray(bits_of(np.concatenate([np.zeros(pre_offset), pre.ravel()])))[pre_offset:].reshape(rows, C)
+    inc = {"dweight": np.zeros((OC, C)), **({"dbias": np.zeros(OC)} if with_dbias else {})}
+    ref_dinp = np.empty((rows, C))
+    ref_ops.matmul_backward(ref_dinp, inc["dweight"], inc.get("dbias"), dout, x, w, dinp_gelu_pre=pre)
+    start = {name: case.accumulator(v) for name, v in inc.items()}
+    assert cuda.k.matmul_backward_scratch_floats(rows, C, OC, with_dbias, True) == \
+        memory.matmul_backward_scratch_floats(rows, C, OC, with_dbias, True)
+
+    def run():
+        acc = {name: dev.copy() for name, (_, dev) in start.items()}
+        dinp = poisoned((rows, C))
+        cuda.matmul_backward(dinp, acc["dweight"], acc.get("dbias"), dout_d, x_d, w_d, dinp_gelu_pre=pre_d)
+        return {"dinp": raw(dinp), **{name: raw(a) for name, a in acc.items()}}
+
+    with sm90_setting(cuda, on):
+        first = run()
+        case.check("dinp", decode(first["dinp"]), ref_dinp, CHAIN_REL)
+        for name, (host, _) in start.items():
+            case.check(name, decode(first[name]), host + inc[name], BF16_REL)
+        assert_repeatable(case, run, first)
+
+
 # One process's GEMMs: every epilogue and beta of a training step, on inputs from a fixed seed; prints the
 # outputs' hash, then the tuner's log (matmul_tuning_report).
 TUNING_SCRIPT = """
@@ -510,6 +553,27 @@ def test_bias_backward(cuda, case, OC):
 
     first = run()
     case.check("dbias", decode(first["dbias"]), host + dout.sum(axis=0), BF16_REL)
+    assert_repeatable(case, run, first)
+
+
+# ---- transpose ----------------------------------------------------------------------------------------
+# (rows, cols, offset): fc's projection weight (16-byte path, whole tiles), partial tiles on the 16-byte path, sizes
+# no vector divides, one row, and 16-byte sizes at a 2-byte offset (the element path)
+@pytest.mark.parametrize("rows, cols, offset", [(768, 3072, 0), (200, 72, 0), (37, 1001, 0), (1, 5, 0),
+                                                (72, 200, 1)])
+def test_bf16_transpose(cuda, case, rows, cols, offset):
+    """transpose.cu: out (cols, rows) = inp^T, every bit (the elements are moved, not computed)."""
+    from gpt2cu.backends.cuda_ops import ptr
+    x = bits_of(case.normal(rows * cols + offset))
+    x_d = cp.asarray(x)[offset:]
+    out = cp.full(rows * cols + offset, BF16_NAN, dtype=np.uint16)[offset:]
+
+    def run():
+        cuda.k.bf16_transpose(ptr(out), ptr(x_d), rows, cols, cuda.stream.ptr)
+        return {"out": raw(out)}
+
+    first = run()
+    case.same_bits("out", first["out"].reshape(cols, rows), x[offset:].reshape(rows, cols).T)
     assert_repeatable(case, run, first)
 
 

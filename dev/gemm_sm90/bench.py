@@ -1,14 +1,18 @@
-"""Timing and check of fc's forward GEMM with its GeLU epilogue (kernels/gemm_sm90.cu) against cuBLASLt's and torch.
+"""Timing and check of the GeLU-epilogue GEMMs (kernels/gemm_sm90.cu) against cuBLASLt's and torch.
 
     python3 dev/gemm_sm90/bench.py [--M 65536] [--N 3072] [--K 768] [--reps 20] [--no-check] [--sustain SECONDS]
 
-In one process, at fc's shape (M = B*T rows, N = 4C, K = C): pre = a @ w^T + bias, out = gelu(pre), through
-matmul_forward with matmul_set_sm90(0) (cuBLASLt's GELU_AUX_BIAS) and matmul_set_sm90(1) (the Hopper kernel);
-and torch.matmul, plain bf16, of the same shape (the GEMM rate each row is compared with). CUDA events on
+In one process, at fc's shape (M = B*T rows, N = 4C, K = C), with matmul_set_sm90(0) (cuBLASLt's epilogues) and
+matmul_set_sm90(1) (the Hopper kernel):
+  fwd gelu:  pre = a @ w^T + bias, out = gelu(pre) (matmul_forward; cuBLASLt's GELU_AUX_BIAS), w (N, K);
+  bwd dgelu: dinp = (dout @ wp) * gelu'(pre) (matmul_backward, dinp only; cuBLASLt's DGELU), the projection after
+             the GeLU, wp (K, N); the Hopper path's time includes the transpose of wp into the scratch;
+the transpose alone (bf16_transpose of wp); and torch.matmul, plain bf16, of the same shape (the GEMM rate each
+row is compared with). CUDA events on
 torch's stream, 3 warm-ups, median of --reps. Check: each path's outputs against an fp32 torch reference on the
 same bf16 inputs (max |x - ref| / max |ref|, and ||x - ref|| / ||ref||), and the kernel's bits against cuBLASLt's
 (the fraction of elements that differ: rounding-level differences of the fp32 sums' order).
---reps 0: no timing, one launch of each GEMM (ncu -k regex:gemm_gelu_sm90 -c 1 then profiles the kernel once).
+--reps 0: no timing, one launch of each GEMM (ncu -k regex:gemm_sm90 -c 2 then profiles the kernel once each).
 --sustain S: each row also run back to back for S seconds while nvidia-smi samples the SM clock and the power
 (mean of the samples): whether a GEMM runs at a power-capped clock, and what the epilogue costs in clock.
 """
@@ -82,16 +86,35 @@ def gelu(x):
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))
 
 
+def gelu_grad(x):
+    th = torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))
+    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+
+
 g = torch.Generator(device=dev).manual_seed(0)
 a = torch.randn(M, K, device=dev, generator=g).bfloat16()
 w = (torch.randn(N, K, device=dev, generator=g) * K ** -0.5).bfloat16()       # fc weight (N, K)
 bias = (torch.randn(N, device=dev, generator=g) * 0.5).bfloat16()
-out, pre = (torch.empty(M, N, device=dev, dtype=torch.bfloat16) for _ in range(2))
+dout = torch.randn(M, K, device=dev, generator=g).bfloat16()                  # the projection's output grad
+wp = (torch.randn(K, N, device=dev, generator=g) * K ** -0.5).bfloat16()      # projection weight (K, N)
+pre_in = torch.randn(M, N, device=dev, generator=g).bfloat16()
+out, pre, dinp = (torch.empty(M, N, device=dev, dtype=torch.bfloat16) for _ in range(3))
+scratch_floats = k.matmul_backward_scratch_floats(M, N, K, False, True)
+scratch = torch.empty(scratch_floats, device=dev, dtype=torch.float32)
+wt = torch.empty(N, K, device=dev, dtype=torch.bfloat16)
 P = lambda t: t.data_ptr()  # noqa: E731
 
 
 def fwd():  # matmul_forward(out, gelu_pre, inp, weight, bias, N rows, C = K, OC = N)
     k.matmul_forward(P(out), P(pre), P(a), P(w), P(bias), M, K, N, stream)
+
+
+def bwd():  # matmul_backward: dinp (rows, C = N) = dout (rows, OC = K) @ weight (OC, C) * gelu'(pre_in)
+    k.matmul_backward(P(dinp), 0, 0, P(dout), 0, P(wp), P(pre_in), P(scratch), scratch_floats, M, N, K, stream)
+
+
+def transpose():  # wt (N, K) = wp (K, N)^T: the Hopper backward's first step
+    k.bf16_transpose(P(wt), P(wp), K, N, stream)
 
 
 flops = 2 * M * N * K
@@ -100,30 +123,38 @@ torch_us = median_us(lambda: torch.matmul(plain_a, plain_b))
 rate = flops / torch_us / 1e6
 rows = [("torch.matmul bf16 (plain)", torch_us, sustained(lambda: torch.matmul(plain_a, plain_b)))]
 
-ref = None
+refs = {}
 if not args.no_check:
     ref_pre = a.float() @ w.float().t() + bias.float()
-    ref = (gelu(ref_pre), ref_pre)
+    refs["fwd gelu"] = (gelu(ref_pre), ref_pre)
     del ref_pre
+    refs["bwd dgelu"] = ((dout.float() @ wp.float()) * gelu_grad(pre_in.float()),)
 checks, bits = [], {}
 prev = k.matmul_set_sm90(-1)
 for on, name in ((0, "cuBLASLt"), (1, "gemm_sm90")):
     k.matmul_set_sm90(on)
-    out.fill_(float("nan"))
-    pre.fill_(float("nan"))
-    fwd()
-    torch.cuda.synchronize()
-    if ref is not None:
-        for label, got, r in zip(("out", "pre"), (out, pre), ref):
+    for what, fn, outs, labels in (("fwd gelu", fwd, (out, pre), ("out", "pre")),
+                                   ("bwd dgelu", bwd, (dinp,), ("dinp",))):
+        for o in outs:
+            o.fill_(float("nan"))
+        fn()
+        torch.cuda.synchronize()
+        for label, got, r in zip(labels, outs, refs.get(what, ())):
             d = (got.float() - r).abs()
-            checks.append([f"{name} fwd gelu {label}", float(d.max() / r.abs().max()), float(d.norm() / r.norm()),
+            checks.append([f"{name} {what} {label}", float(d.max() / r.abs().max()), float(d.norm() / r.norm()),
                            bool(torch.isfinite(got.float()).all())])
             if on == 0:
-                bits[label] = got.clone()
+                bits[(what, label)] = got.clone()
             else:
-                checks[-1].append(float((got.view(torch.int16) != bits[label].view(torch.int16)).float().mean()))
-    rows.append((f"{name} fwd gelu", median_us(fwd), sustained(fwd)))
+                checks[-1].append(float((got.view(torch.int16) != bits[(what, label)].view(torch.int16))
+                                        .float().mean()))
+        label = f"{name} {what}" + (" (transpose included)" if on == 1 and what == "bwd dgelu" else "")
+        rows.append((label, median_us(fn), sustained(fn)))
 k.matmul_set_sm90(prev)
+transpose()
+torch.cuda.synchronize()
+transpose_exact = bool(torch.equal(wt, wp.t()))
+transpose_us = median_us(transpose)
 
 print("\ncheck (fp32 torch reference): max|x-ref|/max|ref|, ||x-ref||/||ref||, all finite, bits != cuBLASLt")
 for c in checks:
@@ -133,3 +164,5 @@ print(f"{'GEMM':<44} {'us':>8} {'TFLOP/s':>8} {'% torch':>8}" + ("  sustained: S
 for label, us, clk in rows:
     print(f"{label:<44} {us:>8.1f} {flops / us / 1e6:>8.1f} {100 * torch_us / us:>7.1f}%"
           + (f"  {clk[0]:6.0f} {clk[1]:6.0f}" if clk else ""))
+print(f"{'bf16_transpose (' + str(K) + ', ' + str(N) + ') alone':<44} {transpose_us:>8.1f}   "
+      f"{2 * 2 * K * N / transpose_us / 1e3:.0f} GB/s (read + written), exact: {transpose_exact}")

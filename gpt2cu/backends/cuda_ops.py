@@ -319,7 +319,8 @@ class CudaBackend(Backend):
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
         C, OC = inp.shape[-1], weight.shape[0]
         N = inp.size // C
-        scratch, floats = self._scratch_of(self.k.bias_backward_scratch_floats(N, OC) if dbias is not None else 0)
+        scratch, floats = self._scratch_of(self.k.matmul_backward_scratch_floats(
+            N, C, OC, dbias is not None, dinp is not None and dinp_gelu_pre is not None))
         self.k.matmul_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
                                ptr(dinp_gelu_pre), scratch, floats, N, C, OC, self.stream.ptr)
 
