@@ -49,7 +49,9 @@
 //   - forward with gelu_pre: OC % 8 == 0 (cuBLASLt: the GELU aux ld must be divisible by 8);
 //     gelu_pre must not alias out.
 //   - backward with dinp_gelu_pre: C % 8 == 0 (the DGELU aux ld); dinp_gelu_pre must not alias dinp.
-//   - pointers need only bf16 (2-byte) alignment: each pointer's alignment (up to 256 bytes) is part of
+//   - gelu_pre and dinp_gelu_pre 16-byte aligned (cuBLASLt's aux takes no alignment hint: a view 2 bytes off
+//     failed with a misaligned-address fault on an H200).
+//   - the other pointers need only bf16 (2-byte) alignment: each pointer's alignment (up to 256 bytes) is part of
 //     the cache key and is passed to the heuristic, so a misaligned view gets a (slower) algorithm that
 //     supports it instead of a failure. 16-byte-aligned pointers and C, OC multiples of 8 are fast.
 //   - matmul_backward: dinp or dweight may be null (that product is skipped); dbias null skips the
@@ -745,6 +747,7 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
         mm_require(OC % 8 == 0, who,
                    "with gelu_pre, OC must be a multiple of 8 (cuBLASLt GELU aux ld), got OC=" + std::to_string(OC));
         mm_require(gelu_pre != out, who, "gelu_pre must not alias out");
+        mm_require(reinterpret_cast<uintptr_t>(gelu_pre) % 16 == 0, who, "gelu_pre must be 16-byte aligned");
         epi = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
 #ifdef GPT2CU_HAVE_SM90_GEMM
         if (mm_sm90(who) && gemm_sm90_supported(N, OC, C, {out, gelu_pre, inp, weight, bias})) {
@@ -787,6 +790,8 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
                            std::to_string(C));
             mm_require(static_cast<const void*>(dinp_gelu_pre) != static_cast<const void*>(dinp), who,
                        "dinp_gelu_pre must not alias dinp");
+            mm_require(reinterpret_cast<uintptr_t>(dinp_gelu_pre) % 16 == 0, who,
+                       "dinp_gelu_pre must be 16-byte aligned");
             mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
                        "scratch too small: matmul_backward_scratch_floats with the DGELU epilogue");
         }

@@ -439,17 +439,17 @@ def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
 
 # The backward's DGELU GEMM on Hopper (matmul.cu: the weight transposed into the scratch, then gemm_sm90.cu's kernel
 # with its DGELU epilogue where C is a multiple of 128 and OC of 64, the product's n and k): the forward's shapes
-# with C and OC swapped (rows that divide no tile; a CTA's one tile; 480 tiles with a single k-block), two it
-# leaves to cuBLASLt (C = 96, OC = 200), and pre one element off 16-byte alignment (cuBLASLt too). With dbias the
-# scratch holds the transposed weight, then the bias's partial sums.
-SM90_DGELU_SHAPES = [(1000, 768, 256, 0), (4097, 256, 512, 0), (77, 512, 768, 0), (5000, 1536, 64, 0),
-                     (1000, 96, 256, 0), (1000, 256, 200, 0), (1000, 768, 256, 1)]  # (rows, C, OC, pre offset)
+# with C and OC swapped (rows that divide no tile; a CTA's one tile; 480 tiles with a single k-block), and two it
+# leaves to cuBLASLt (C = 96, OC = 200). With dbias the scratch holds the transposed weight, then the bias's
+# partial sums. A pre one element off 16-byte alignment is refused (test_matmul_refuses_misaligned_gelu_pre).
+SM90_DGELU_SHAPES = [(1000, 768, 256), (4097, 256, 512), (77, 512, 768), (5000, 1536, 64), (1000, 96, 256),
+                     (1000, 256, 200)]  # (rows, C, OC)
 
 
 @pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
 @pytest.mark.parametrize("with_dbias", [False, True], ids=["nodbias", "dbias"])
-@pytest.mark.parametrize("rows, C, OC, pre_offset", SM90_DGELU_SHAPES)
-def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, pre_offset, with_dbias, on):
+@pytest.mark.parametrize("rows, C, OC", SM90_DGELU_SHAPES)
+def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, with_dbias, on):
     """The projection after fc's GeLU, backward (dinp = (dout @ w) * gelu'(pre), dweight +=, dbias +=) at sizes the
     Hopper kernel takes and sizes it leaves to cuBLASLt: tolerances of test_matmul_backward; deterministic (a
     second run gives the same bits)."""
@@ -458,7 +458,7 @@ def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, pre_offset, with_dbias, on):
     x, x_d = case.bf16((rows, C))
     w, w_d = case.bf16((OC, C), std=OC ** -0.5)  # dout @ w of unit variance, as pre: gelu' sees both regimes
     pre = case.normal((rows, C))
-    pre_d = cp.asarray(bits_of(np.concatenate([np.zeros(pre_offset), pre.ravel()])))[pre_offset:].reshape(rows, C)
+    pre_d = cp.asarray(bits_of(pre))
     inc = {"dweight": np.zeros((OC, C)), **({"dbias": np.zeros(OC)} if with_dbias else {})}
     ref_dinp = np.empty((rows, C))
     ref_ops.matmul_backward(ref_dinp, inc["dweight"], inc.get("dbias"), dout, x, w, dinp_gelu_pre=pre)
@@ -478,6 +478,19 @@ def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, pre_offset, with_dbias, on):
         for name, (host, _) in start.items():
             case.check(name, decode(first[name]), host + inc[name], BF16_REL)
         assert_repeatable(case, run, first)
+
+
+def test_matmul_refuses_misaligned_gelu_pre(cuda):
+    """A GeLU pre-activation 2 bytes off 16-byte alignment: one clear error (cuBLASLt's aux faults on it, leaving the
+    context unusable), forward and backward, whichever GEMM would run."""
+    rows, C, OC = 64, 256, 256
+    x, w, dout = cp.zeros((rows, C), cp.uint16), cp.zeros((OC, C), cp.uint16), cp.zeros((rows, OC), cp.uint16)
+    off_by_one = cp.zeros(rows * max(C, OC) + 1, cp.uint16)[1:]
+    with pytest.raises(RuntimeError, match="gelu_pre must be 16-byte aligned"):
+        cuda.matmul_forward(cp.zeros((rows, OC), cp.uint16), x, w, gelu_pre=off_by_one[:rows * OC].reshape(rows, OC))
+    with pytest.raises(RuntimeError, match="dinp_gelu_pre must be 16-byte aligned"):
+        cuda.matmul_backward(cp.zeros((rows, C), cp.uint16), cp.zeros((OC, C), cp.uint16), None, dout, x, w,
+                             dinp_gelu_pre=off_by_one[:rows * C].reshape(rows, C))
 
 
 # One process's GEMMs: every epilogue and beta of a training step, on inputs from a fixed seed; prints the
