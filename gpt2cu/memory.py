@@ -24,7 +24,7 @@ CUBLASLT_WORKSPACE_BYTES = 32 << 20
 
 # ---- the CUDA launchers' scratch sizes (kernels/*.cu, *_scratch_floats), mirrored -----------------------
 def layernorm_backward_scratch_floats(N: int, C: int) -> int:
-    return -(-N // 64) * 3 * C  # layernorm.cu: LN_ROWS_PER_BLOCK = 4 warps x 16 rows; dweight, dbias, dinp rows
+    return -(-N // 64) * 3 * C  # norm_backward.cuh: a partial row each of dweight, dbias, dinp_sum per 64 rows
 
 
 def bias_backward_scratch_floats(N: int, OC: int) -> int:
