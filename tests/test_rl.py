@@ -192,8 +192,8 @@ def test_lm_head_on_listed_positions_matches_the_whole_head(cfg):
     whole = (model.acts["losses"].copy(), model.acts["dbtc"].copy(), backend.to_numpy(model.g[model.head]).copy())
     model.zero_grad()
     at = model.listed_positions(int(mask.sum()) + 2)
-    index = listed_positions(mask, len(at.index))
-    at.index[...], at.targets[...] = index, targets.reshape(-1)[index]
+    index, listed_targets = listed_positions(mask, targets, len(at.index))
+    at.index[...], at.targets[...] = index, listed_targets
     model.acts["dbtc"][...] = np.nan  # every position must be written
     model.lm_head_loss_at(at, 0.5)
     np.testing.assert_allclose(at.losses, whole[0].reshape(-1)[index], rtol=1e-5)

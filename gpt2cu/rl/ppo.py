@@ -176,14 +176,15 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages, advantages + values
 
 
-def listed_positions(mask: np.ndarray, K: int) -> np.ndarray:
-    """K distinct flattened positions of mask's (B, T): its True ones in order, then False ones to fill K (their
-    targets are -1: they add nothing), int32 for FlatModel.lm_head_loss_at."""
+def listed_positions(mask: np.ndarray, targets: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, their targets), int32, for FlatModel.lm_head_loss_at: K distinct flattened positions of mask's
+    (B, T), its True ones in order, then False ones to fill K (their targets are -1: they add nothing)."""
     flat = mask.reshape(-1)
     scored = np.flatnonzero(flat)
     if len(scored) > K:
         raise ValueError(f"{len(scored)} completion positions in a minibatch of room for {K}")
-    return np.concatenate([scored, np.flatnonzero(~flat)[:K - len(scored)]]).astype(np.int32)
+    index = np.concatenate([scored, np.flatnonzero(~flat)[:K - len(scored)]]).astype(np.int32)
+    return index, targets.reshape(-1)[index].astype(np.int32)
 
 
 def row_generators(seed: int, rows, *key) -> list:
@@ -292,9 +293,9 @@ class PPO:
     def _list_positions(self, mask: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """Writes the scored positions of B rows (listed_positions(mask)) and their targets into self._scored;
         returns the positions."""
-        index = listed_positions(mask, len(self._scored.index))
+        index, listed_targets = listed_positions(mask, targets, len(self._scored.index))
         self.ops.from_numpy(index, out=self._scored.index)
-        self.ops.from_numpy(targets.reshape(-1)[index], out=self._scored.targets)
+        self.ops.from_numpy(listed_targets, out=self._scored.targets)
         return index
 
     def _logprobs(self, model, batch, index, entropy: bool = False):
@@ -454,11 +455,10 @@ class PPO:
         by (default: mask's; on several ranks the whole minibatch's over the world size)."""
         c, n = self.config, mask.sum() if tokens is None else tokens
         kl = c.kl_coef if c.algo == "grpo" else 0.0
-        index = listed_positions(mask, len(self._scored.index))
+        index, listed_targets = listed_positions(mask, targets, len(self._scored.index))
         policy = np.stack([old_logp, advantages / n, ref_logp, np.where(mask, kl / n, 0.0)], axis=-1)
         value = None if self.value_head is None else np.stack([old_values, returns, mask / n], axis=-1)
-        return (index, targets.reshape(-1)[index].astype(np.int32),
-                policy.reshape(-1, POLICY_TERMS)[index].astype(np.float32),
+        return (index, listed_targets, policy.reshape(-1, POLICY_TERMS)[index].astype(np.float32),
                 None if value is None else value.astype(np.float32))
 
     def gradients(self, staged, mask, targets, old_logp, ref_logp, advantages, old_values, returns, tokens=None):
