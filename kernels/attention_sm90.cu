@@ -514,7 +514,8 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 //     kBM rows (HS 64: 128, HS 128: 64) of Q and dO by TMA into a ring of kStages, from the diagonal tile up, for
 //     each query head of the group in turn (K/V loaded once, dK/dV summed over the group in registers in that
 //     fixed order); warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D
-//     into shared memory; one thread of warp 1 adds the block's dQ parts into global memory (below).
+//     into shared memory; one thread of warp 1 adds the block's dQ parts into global memory (key block 0: copies
+//     the other blocks' sums into shared memory for the consumers; below).
 //   Warpgroups 1, 2, the consumers (setmaxnreg 240): warpgroup cw owns keys 64cw..64cw+63. Per tile, in sub-tiles
 //     of 64 queries (their accumulators and dK, dV fit the 240 registers): S^T = K Q^T and dP^T = V dO^T (wgmma,
 //     A = this warpgroup's 64 keys, both K-major), P^T while dP^T runs, dV += P^T dO issued (A = P^T from
@@ -558,9 +559,13 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
 // counts the key blocks that have added; key block kb waits (acquire) until it reads the number of key blocks
 // after it that reach the tile (qt kBM / kBN - kb), adds (the first one stores, so the accumulator needs no
 // zeroing, only the counters do), frees the staging buffer once the copy engine has read it, waits for the write
-// to complete, then increments the count (release). Key block 0, the last, adds nothing: its consumers wait for the
-// count themselves, read the sum (L2) into their accumulators and store dQ in bf16 (no conversion kernel, no trip
-// of the fp32 tile to DRAM and back). The
+// to complete, then increments the count (release). Key block 0, the last, adds nothing: its consumers add the
+// sum to their dQ parts and store dQ in bf16 (no conversion kernel, no trip of the fp32 tile to DRAM and back).
+// They do not wait for the count: warp 1's thread, idle otherwise in key block 0, walks the tiles with a sum up to
+// two ahead of them, waits for the count (acquire), and bulk-copies the sum (L2) into the staging buffer (the ring
+// runs the other way round: filled by the thread, read by the consumers), so the poll and the L2 latency leave the
+// consumers' chain (where they sat between the dQ product and the next tile's S^T, the tensor pipe idle). The
+// copy is bit for bit and each element still gets one fp32 add (dQ part + sum): the results do not change. The
 // order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
 // block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
@@ -634,8 +639,11 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* do_full = q_full + kStages;
     uint64_t* aux_full = do_full + kStages;
     uint64_t* empty = aux_full + kStages;
-    uint64_t* dq_full = empty + kStages;  // a staging buffer written by the 256 consumers
-    uint64_t* dq_empty = dq_full + kDqBufs;  // its bulk add has read it
+    // the dQ staging ring, per use of a buffer one phase of each: dq_full, the 256 consumers are done with it
+    // (wrote their parts; key block 0: read the sum), dq_empty, warp 1's thread is (its bulk add has read it; key
+    // block 0: the sum has landed in it)
+    uint64_t* dq_full = empty + kStages;
+    uint64_t* dq_empty = dq_full + kDqBufs;
 
     const int tid = threadIdx.x, wg = warpgroup_index();
     // the block's coordinates, computed by each role after the register reallocation (values kept live across
@@ -712,9 +720,26 @@ __global__ void __launch_bounds__(384, 1)
                                 h * HS + p * kPanelCols, qt * kBM, b);
             }
         } else if (tid == 32) {
-            // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
+            // warp 1, one thread: the dQ adds; in key block 0, the sums' copies into shared memory instead
             const Coords c = coords();
             const int b = c.b, kb = c.kb;
+            for (int d = 0, e = 0; kb == 0 && d < c.n_tiles; ++d) {
+                int h, qt;
+                tile_of(c, d, h, qt);
+                const uint32_t before = (uint32_t)(qt * kBM / kBN);  // the key blocks that add into the tile
+                if (before == 0) continue;
+                // use e of the ring (the tiles that have a sum): its buffer read by the consumers (use e - 2),
+                // all adds complete, then the 32 KB sum into the buffer, landing on dq_empty
+                const int buf = e % kDqBufs;
+                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
+                if (e >= kDqBufs) mbar_wait(&dq_full[buf], ((e / kDqBufs) - 1) & 1);
+                wait_count(dq_count + tile, before);
+                fence_proxy_async_global();  // the acquire, ordered before the bulk copy (async proxy)
+                mbar_arrive_expect_tx(&dq_empty[buf], Cfg::kDqFloats * 4);
+                bulk_load(sdQ + buf * Cfg::kDqFloats, dq_acc + tile * Cfg::kDqFloats, Cfg::kDqFloats * 4,
+                          &dq_empty[buf]);
+                ++e;
+            }
             for (int d = 0; kb > 0 && d < c.n_tiles; ++d) {
                 const int buf = d % kDqBufs;
                 int h, qt;
@@ -809,6 +834,7 @@ __global__ void __launch_bounds__(384, 1)
     };
 
     mbar_wait(kv_full, 0);
+    int e_dq = 0;  // key block 0: the tiles with a sum so far (uses of the dQ staging ring)
     for (int i = 0; i < n_tiles; ++i) {
         const int st = i % kStages;
         const uint32_t ph = (i / kStages) & 1;
@@ -902,22 +928,22 @@ __global__ void __launch_bounds__(384, 1)
         reg_copy(dqv, dq);
         mbar_arrive(&empty[st]);
         if (kb == 0) {
-            // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
-            // read through L2) plus this part, scaled, in bf16 straight into dqkv
-            const int before = qt * kBM / kBN;
-            const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
-            if (before > 0) {
-                wait_count(dq_count + tile, (uint32_t)before);
-                const float4* acc =
-                    reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
+            // the tile's last contributor: the others' sum (this warpgroup's half, copied into staging buffer
+            // e_dq % 2 by warp 1's thread, normally already there) plus this part, scaled, in bf16 straight into dqkv
+            if (qt * kBM / kBN > 0) {
+                const int buf = e_dq % kDqBufs;
+                mbar_wait(&dq_empty[buf], (e_dq / kDqBufs) & 1);
+                const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const float4 v = __ldcg(acc + 128 * j);
+                    const float4 v = ld_shared_f32x4(stage + 16 * 128 * j);
                     dqv[4 * j] += v.x;
                     dqv[4 * j + 1] += v.y;
                     dqv[4 * j + 2] += v.z;
                     dqv[4 * j + 3] += v.w;
                 }
+                mbar_arrive(&dq_full[buf]);  // read: warp 1's thread may fill the buffer again
+                ++e_dq;
             }
             const size_t row_stride = lay.row_stride();
             bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);

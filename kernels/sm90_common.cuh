@@ -184,6 +184,14 @@ __device__ __forceinline__ float2 ld_shared_f32x2(uint32_t addr) {
     asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
     return v;
 }
+__device__ __forceinline__ float4 ld_shared_f32x4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr)
+                 : "memory");
+    return v;
+}
 
 // four 8x8 bf16 matrices in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4), +1 in one 32-bit
 // register) into shared memory (stmatrix) or out of it (ldmatrix); lanes 8i..8i+7 give the addresses of the 8
@@ -200,11 +208,19 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
                  : "memory");
 }
 
-// ---- bulk copies shared -> global (cp.async.bulk, non-tensor) and the flags that order them across CTAs ----
+// ---- bulk copies shared <-> global (cp.async.bulk, non-tensor) and the flags that order them across CTAs ----
 // `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte aligned), in a bulk group of this thread
 __device__ __forceinline__ void bulk_store(void* gdst, const void* ssrc, uint32_t bytes) {
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gdst), "r"(smem_u32(ssrc)),
                  "r"(bytes)
+                 : "memory");
+}
+// and global -> shared, completing on `bar` (complete_tx::bytes, as the TMA loads); a global source written by
+// another CTA's bulk copies needs that CTA's release, this thread's acquire and fence_proxy_async_global first
+__device__ __forceinline__ void bulk_load(void* sdst, const void* gsrc, uint32_t bytes, uint64_t* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_u32(sdst)),
+                 "l"(gsrc), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");
 }
 // gdst[i] += ssrc[i] (fp32), each element atomically (no order among concurrent adders)
