@@ -218,9 +218,8 @@ __device__ __forceinline__ void bulk_store(void* gdst, const void* ssrc, uint32_
 // and global -> shared, completing on `bar` (complete_tx::bytes, as the TMA loads); a global source written by
 // another CTA's bulk copies needs that CTA's release, this thread's acquire and fence_proxy_async_global first
 __device__ __forceinline__ void bulk_load(void* sdst, const void* gsrc, uint32_t bytes, uint64_t* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                     smem_u32(sdst)),
-                 "l"(gsrc), "r"(bytes), "r"(smem_u32(bar))
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(smem_u32(sdst)), "l"(gsrc), "r"(bytes), "r"(smem_u32(bar))
                  : "memory");
 }
 // gdst[i] += ssrc[i] (fp32), each element atomically (no order among concurrent adders)
