@@ -135,9 +135,9 @@ __device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4], int t) {
 // rows r0 (and r0 + 8) of an m64nN accumulator, times mult -> bf16 columns 0..N-1 at base (row stride row_stride
 // elements, 16-byte aligned), rows < T only. The accumulator gives lane t of a quad 4 bytes of each 16-byte chunk
 // of its rows; quad_transpose gives it whole chunks, so each store is 16 bytes and a warp's store covers 64
-// contiguous bytes of each of 8 rows (not 16): a quarter of the store instructions (ncu: the 4-byte stores of dK,
-// dV held 12-16% of the backward's warp samples, stalled on the memory instruction queue). The shuffles run in all
-// lanes; a quad's lanes share their rows, so the guard is the same within each exchange.
+// contiguous bytes of each of 8 rows (not 16): a quarter of the store instructions, whole 32-byte sectors (ncu:
+// the backward's 4-byte stores here held 12-16% of its warp samples, stalled on the memory instruction queue). The
+// shuffles run in all lanes; a quad's lanes share their rows, so the guard is the same within each exchange.
 template <int N>
 __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
                                                int T, int t, float mult) {
