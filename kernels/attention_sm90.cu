@@ -117,6 +117,46 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
     }
 }
 
+// Within a quad of lanes: lane t holds word t of four 16-byte chunks (w[k]: chunk k); returns chunk t, its words
+// in order. Two exchanges of two words (lane t ^ 1, then t ^ 2), so every lane sends and receives 4 words.
+__device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4], int t) {
+    const bool odd = t & 1, high = t & 2;
+    // keep the chunks of parity t & 1: a = chunk (t & 1), b = chunk (t & 1) + 2, words t & 2 and (t & 2) + 1
+    const uint32_t ra = __shfl_xor_sync(0xffffffffu, odd ? w[0] : w[1], 1);
+    const uint32_t rb = __shfl_xor_sync(0xffffffffu, odd ? w[2] : w[3], 1);
+    const uint32_t a0 = odd ? ra : w[0], a1 = odd ? w[1] : ra;
+    const uint32_t b0 = odd ? rb : w[2], b1 = odd ? w[3] : rb;
+    // keep chunk t (a if t < 2, else b); the partner sends its other half
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, high ? a0 : b0, 2);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, high ? a1 : b1, 2);
+    return high ? make_uint4(r0, r1, b0, b1) : make_uint4(a0, a1, r0, r1);
+}
+
+// rows r0 (and r0 + 8) of an m64nN accumulator, times mult -> bf16 columns 0..N-1 at base (row stride row_stride
+// elements, 16-byte aligned), rows < T only. The accumulator gives lane t of a quad 4 bytes of each 16-byte chunk
+// of its rows; quad_transpose gives it whole chunks, so each store is 16 bytes and a warp's store covers 64
+// contiguous bytes of each of 8 rows (not 16): a quarter of the store instructions, whole 32-byte sectors (ncu:
+// the backward's 4-byte stores here held 12-16% of its warp samples, stalled on the memory instruction queue). The
+// shuffles run in all lanes; a quad's lanes share their rows, so the guard is the same within each exchange.
+template <int N>
+__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
+                                               int T, int t, float mult) {
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int r = r0 + 8 * hr;
+        bf16* p = base + (size_t)r * row_stride + 8 * t;
+#pragma unroll
+        for (int m = 0; m < N / 32; ++m) {  // chunks 4m .. 4m + 3 (columns 32m ..)
+            uint32_t w[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k)
+                w[k] = pack_bf16x2(acc[4 * (4 * m + k) + 2 * hr] * mult, acc[4 * (4 * m + k) + 2 * hr + 1] * mult);
+            const uint4 v = quad_transpose(w, t);
+            if (r < T) *reinterpret_cast<uint4*>(p + 32 * m) = v;
+        }
+    }
+}
+
 // Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads),
 // on a persistent grid (one CTA per multiprocessor): CTA c takes item c first, then the next untaken one (a global
 // counter), so no CTA idles while another has two left. The producer thread takes the item and passes it to the
@@ -487,16 +527,8 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
         l1 += __shfl_xor_sync(0xffffffff, l1, 2);
         const float inv0 = 1.f / l0, inv1 = 1.f / l1;
         const int row0 = q0 + lrow0, row1 = row0 + 8;
-        bf16* out0 = out + ((size_t)b * T + row0) * C + h * HS;
-        bf16* out1 = out0 + (size_t)8 * C;
-#pragma unroll
-        for (int j = 0; j < HS / 8; ++j) {
-            const int col = 8 * j + 2 * t;
-            if (row0 < T)
-                *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16x2(o[4 * j] * inv0, o[4 * j + 1] * inv0);
-            if (row1 < T)
-                *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16x2(o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
-        }
+        rescale_o(inv0, inv1);  // o is rewritten by the next item's first P V
+        store_acc_rows<HS>(out + (size_t)b * T * C + h * HS, C, o, row0, T, t, 1.f);
         if (t == 0) {
             float* lse_bh = lse + ((size_t)b * lay.NH + h) * T;
             if (row0 < T) lse_bh[row0] = m0 * kLn2 + logf(l0);
@@ -537,21 +569,6 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a
         wgmma_rs_n64<1>(d, a, db, scale_d);
     else
         wgmma_rs_n128<1>(d, a, db, scale_d);
-}
-
-// rows r0 (and r0 + 8) of an m64nHS accumulator -> bf16 columns col0.. of a packed qkv row, rows < T only
-template <int HS>
-__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[HS / 2], int r0,
-                                               int T, int t, float mult) {
-    bf16* p0 = base + (size_t)r0 * row_stride;
-    bf16* p1 = p0 + 8 * row_stride;
-#pragma unroll
-    for (int j = 0; j < HS / 8; ++j) {
-        const int col = 8 * j + 2 * t;
-        if (r0 < T) *reinterpret_cast<uint32_t*>(p0 + col) = pack_bf16x2(acc[4 * j] * mult, acc[4 * j + 1] * mult);
-        if (r0 + 8 < T)
-            *reinterpret_cast<uint32_t*>(p1 + col) = pack_bf16x2(acc[4 * j + 2] * mult, acc[4 * j + 3] * mult);
-    }
 }
 
 // Determinism: the adds into one dQ tile must happen in a fixed order: from its diagonal key block
