@@ -199,6 +199,13 @@ PYBIND11_MODULE(_kernels, m) {
         "dbias[OC] += sum over N rows of dout[N, OC]", py::arg("dbias"), py::arg("dout"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("N"), py::arg("OC"), py::arg("stream"));
     m.def(
+        "bias_backward_finish",
+        [](uintptr_t dbias, uintptr_t partials, int rows, int OC, uintptr_t stream) {
+            bias_backward_finish(ptr<bf16>(dbias), ptr<const float>(partials), rows, OC, strm(stream));
+        },
+        "dbias[OC] += the column sums of partials[rows, OC] (fp32), added in row order", py::arg("dbias"),
+        py::arg("partials"), py::arg("rows"), py::arg("OC"), py::arg("stream"));
+    m.def(
         "bias_backward_scratch_floats", [](int N, int OC) { return bias_backward_scratch_floats(N, OC); },
         "floats of scratch bias_backward needs for (N, OC)", py::arg("N"), py::arg("OC"));
 
