@@ -623,6 +623,26 @@ def test_bias_backward(cuda, case, OC):
     assert_repeatable(case, run, first)
 
 
+@pytest.mark.parametrize("rows, OC", [(1, 200), (513, 3072), (77, 1001)])
+def test_bias_backward_finish(cuda, case, rows, OC):
+    """bias.cu's second phase on its own (the Hopper DGELU GEMM's column sums go through it): dbias += the column
+    sums of fp32 partials (rows, OC), one rounding to bf16 of the fp32 sum; deterministic."""
+    from gpt2cu.backends.cuda_ops import ptr
+    partials = case.rng.normal(size=(rows, OC)).astype(np.float32)
+    partials_d = cp.asarray(partials)
+    total = partials.astype(np.float64).sum(axis=0)
+    host, dev = case.accumulator(total)
+
+    def run():
+        acc = dev.copy()
+        cuda.k.bias_backward_finish(ptr(acc), ptr(partials_d), rows, OC, cuda.stream.ptr)
+        return {"dbias": raw(acc)}
+
+    first = run()
+    case.check("dbias", decode(first["dbias"]), host + total, BF16_REL)
+    assert_repeatable(case, run, first)
+
+
 # ---- transpose ----------------------------------------------------------------------------------------
 # (rows, cols, offset): fc's projection weight (16-byte path, whole tiles), partial tiles on the 16-byte path, sizes
 # no vector divides, one row, and 16-byte sizes at a 2-byte offset (the element path)
