@@ -817,7 +817,6 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             bf16_transpose(wt, weight, OC, C, stream);
             gemm_dgelu_sm90(dinp, colsums, dout, wt, dinp_gelu_pre, N, C, OC, stream);
             if (dinp_gelu_dbias) bias_backward_finish(dinp_gelu_dbias, colsums, gemm_sm90_row_tiles(N), C, stream);
-            dinp_gelu_dbias = nullptr;  // done
             done = true;
         }
 #endif
@@ -840,8 +839,8 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.aux = const_cast<bf16*>(dinp_gelu_pre);  // read only (DGELU input)
             g.aux_ld = dinp_gelu_pre ? C : 0;
             mm_gemm(g, stream, who);
+            if (dinp_gelu_dbias) bias_backward(dinp_gelu_dbias, dinp, scratch, scratch_floats, N, C, stream);
         }
-        if (dinp_gelu_dbias) bias_backward(dinp_gelu_dbias, dinp, scratch, scratch_floats, N, C, stream);
     }
     if (dweight) {
         mm_require(inp != nullptr, who, "inp must be non-null when dweight is computed");
