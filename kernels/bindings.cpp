@@ -199,6 +199,13 @@ PYBIND11_MODULE(_kernels, m) {
         "dbias[OC] += sum over N rows of dout[N, OC]", py::arg("dbias"), py::arg("dout"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("N"), py::arg("OC"), py::arg("stream"));
     m.def(
+        "bias_backward_finish",
+        [](uintptr_t dbias, uintptr_t partials, int rows, int OC, uintptr_t stream) {
+            bias_backward_finish(ptr<bf16>(dbias), ptr<const float>(partials), rows, OC, strm(stream));
+        },
+        "dbias[OC] += the column sums of partials[rows, OC] (fp32), added in row order", py::arg("dbias"),
+        py::arg("partials"), py::arg("rows"), py::arg("OC"), py::arg("stream"));
+    m.def(
         "bias_backward_scratch_floats", [](int N, int OC) { return bias_backward_scratch_floats(N, OC); },
         "floats of scratch bias_backward needs for (N, OC)", py::arg("N"), py::arg("OC"));
 
@@ -303,24 +310,25 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "matmul_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
-           uintptr_t dinp_gelu_pre, uintptr_t scratch, size_t scratch_floats, int N, int C, int OC,
-           uintptr_t stream) {
+           uintptr_t dinp_gelu_pre, uintptr_t dinp_gelu_dbias, uintptr_t scratch, size_t scratch_floats, int N, int C,
+           int OC, uintptr_t stream) {
             matmul_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                             ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const bf16>(dinp_gelu_pre),
-                            ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream));
+                            ptr<bf16>(dinp_gelu_dbias), ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream));
         },
         "dinp = dout @ weight (times gelu'(dinp_gelu_pre) when non-0); dweight += dout^T @ inp; dbias += "
-        "colsum(dout) when non-0",
+        "colsum(dout) when non-0; dinp_gelu_dbias += colsum(dinp) when non-0 (with dinp_gelu_pre)",
         py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
-        py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
-        py::arg("OC"), py::arg("stream"));
+        py::arg("dinp_gelu_pre"), py::arg("dinp_gelu_dbias"), py::arg("scratch"), py::arg("scratch_floats"),
+        py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("stream"));
     m.def(
         "matmul_backward_scratch_floats",
-        [](int N, int C, int OC, bool dbias, bool dgelu) {
-            return matmul_backward_scratch_floats(N, C, OC, dbias, dgelu);
+        [](int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias) {
+            return matmul_backward_scratch_floats(N, C, OC, dbias, dgelu, dgelu_dbias);
         },
-        "floats of scratch matmul_backward needs for (N, C, OC), with dbias, with the DGELU epilogue", py::arg("N"),
-        py::arg("C"), py::arg("OC"), py::arg("dbias"), py::arg("dgelu"));
+        "floats of scratch matmul_backward needs for (N, C, OC), with dbias, with the DGELU epilogue, with "
+        "dinp_gelu_dbias",
+        py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("dbias"), py::arg("dgelu"), py::arg("dgelu_dbias") = false);
     m.def(
         "matmul_set_tuning", [](int mode) { return matmul_set_tuning(mode); },
         "1: time the cuBLASLt heuristic's candidates at a shape's first call (the default), 0: its first; -1 only "

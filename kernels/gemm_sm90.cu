@@ -3,7 +3,8 @@
 //   Gelu  (fc's forward):  pre (M, N) = round(a (M, K) @ w (N, K)^T + bias), out = round(gelu(a @ w^T + bias))
 //                          from the fp32 value (cuBLASLt's GELU_AUX_BIAS; bias may be null)
 //   DGelu (the backward of the projection after the GeLU): out (M, N) = round((a @ w^T) * gelu'(pre)), pre (M, N)
-//                          read (cuBLASLt's DGELU)
+//                          read (cuBLASLt's DGELU); optionally also the column sums of out per 128-row tile (the
+//                          bias gradient of the GEMM whose output pre was: fc's, below)
 // w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
 // (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
 // form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
@@ -39,6 +40,19 @@
 // under the products, read with ldmatrix, and out is written in its place. Per consumer warpgroup one 32 KB
 // buffer: in the forward four passes of 64 x 64 out + pre alternating between its halves, in the backward the
 // whole tile. Shared memory: 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
+// read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
+// epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums 32 of its 128 columns
+// over the 128 rows from shared memory: lane (c, rg) reads 16-byte chunk 4 (warp & 1) + c of rows 16 rg .. 16 rg +
+// 15 (16 ld.shared.v4, the rows of the two rg of a quarter-warp 4 apart in the swizzle: conflict-free), adds them
+// in fp32, and the 8 row groups are folded by shuffles (7, each lane left with one column). The warpgroup writes
+// one fp32 row of 128 partial sums a tile, deterministically (each element once, no atomics); column_sum_add
+// finishes. Why from the panels and not from the accumulators: those hold one column pair in 4 rows per thread
+// and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full (5 stages + 2
+// epilogue buffers + barriers leave under 2 KB); the panels already hold the rounded values (what bias.cu would
+// sum), with all 128 rows of a column in one warpgroup and no registers added to the epilogue. Cost per tile and
+// thread: ~16 loads, ~130 unpacks, ~130 adds, one barrier more (the next tile's pre may not overwrite the panels
+// before every warp has read them); rows past M are zeros (TMA zero-fills a's rows past M: acc = 0, out = 0).
 // History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
 // cuBLASLt GELU_AUX_BIAS ~545 us):
 //   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
@@ -84,6 +98,7 @@ constexpr int kEpiOffset = kStages * kStageBytes;
 constexpr int kBarOffset = kEpiOffset + 2 * kEpiBytes;
 constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
 static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+static_assert(kBM == 128, "gemm_sm90_row_tiles (gemm_sm90.h) counts row tiles of 128");
 
 // a shared-memory descriptor moved by `bytes` (the address field cannot carry: shared addresses are < 2^18)
 __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
@@ -98,12 +113,13 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
-// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null).
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: the
+// backward's column sums per row tile, (ceil(M / kBM), N) fp32 (may be null).
 template <Epi kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                     const bf16* __restrict__ bias, int M, int N, int K) {
+                     const bf16* __restrict__ bias, float* __restrict__ colsum, int M, int N, int K) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
@@ -291,6 +307,40 @@ __global__ void __launch_bounds__(kThreads, 1)
                     tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
                 bulk_commit();
             }
+            if (colsum) {
+                // the warp's columns 32 warp .. 32 warp + 31 (panels warp / 2 and 2 + warp / 2); lane (c, rg) =
+                // (lane % 4, lane / 4): chunk 4 (warp & 1) + c of rows 16 rg + i', i' = i ^ 4 (rg & 1), stored at
+                // chunk ^ (i' & 7) of the row: within the lane's 16 rows, offset i' * 128 + 16 (chunk ^ (i' & 7)) is
+                // the lane's offset at i = 0 xor a constant
+                const int c = lane & 3, rg = lane >> 2, x4 = 4 * (rg & 1);
+                const uint32_t rows_addr = smem_u32(ebuf) + (2 * (rg >> 2) + (warp >> 1)) * kPanelBytes +
+                                           16 * (rg & 3) * 128;
+                const uint32_t off0 = (x4 << 7) | (((4 * (warp & 1) + c) ^ x4) << 4);
+                float s[8] = {};
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const uint4 v = ld_shared_u32x4(rows_addr + (off0 ^ (uint32_t)((i << 7) | ((i & 7) << 4))));
+                    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // bf16 pair e: columns 2e (low half), 2e + 1 of the chunk
+                        s[2 * e] += __uint_as_float(w[e] << 16);
+                        s[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+                    }
+                }
+                // the 8 row groups (lane bits 2-4): each step keeps the half of the columns that its lane bit
+                // selects and adds the partner's; lane (c, rg) ends with column rg of the chunk
+#pragma unroll
+                for (int h = 4; h >= 1; h /= 2) {  // row-group bit h: lane bit 4, 3, 2
+                    const bool up = (rg & h) != 0;
+#pragma unroll
+                    for (int k = 0; k < h; ++k) {
+                        const float keep = up ? s[k + h] : s[k], give = up ? s[k] : s[k + h];
+                        s[k] = keep + __shfl_xor_sync(FULL_MASK, give, 4 * h);
+                    }
+                }
+                colsum[(size_t)(m0 / kBM) * N + n0 + 32 * warp + 8 * c + rg] = s[0];
+                epi_sync();  // every warp's reads done before the next tile's pre lands in the panels
+            }
         }
     }
     if (ctid == 0) bulk_wait<0>();  // the stores done before the CTA (and its shared memory) goes
@@ -318,7 +368,7 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
 }
 
 template <Epi kEpi>
-void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
+void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, float* colsum, int M, int N, int K,
             cudaStream_t stream) {
     CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
@@ -328,7 +378,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(tiles < sms ? tiles : sms);
-    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, M, N, K);
+    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, M, N,
+                                                                         K);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -344,11 +395,11 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
+    launch<Epi::Gelu>(out, a, w, pre, bias, nullptr, M, N, K, stream);
 }
 
-void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
-                     cudaStream_t stream) {
+void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
+                     int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream);  // pre only read
+    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, colsum_partials, M, N, K, stream);  // pre read
 }

@@ -86,6 +86,8 @@ void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, size_t n, cuda
 void bias_backward(bf16* dbias, const bf16* dout, float* scratch, size_t scratch_floats, int N, int OC,
                    cudaStream_t stream);
 size_t bias_backward_scratch_floats(int N, int OC);
+// dbias (OC) += the column sums of partials (rows, OC) fp32, added in row order (bias_backward's second phase)
+void bias_backward_finish(bf16* dbias, const float* partials, int rows, int OC, cudaStream_t stream);
 
 // ---- classifier.cu ----------------------------------------------------------------------------
 // Softmax cross-entropy over the first V of Vp columns, in one pass over the logits:
@@ -160,15 +162,19 @@ void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
                     int C, int OC, cudaStream_t stream);
 // dinp = dout @ weight, times gelu'(dinp_gelu_pre) when that is non-null (DGELU epilogue);
-// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null. scratch: at least
-// matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and dinp_gelu_pre != null) floats.
+// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null; dinp_gelu_dbias += colsum(dinp) when
+// non-null (with dinp_gelu_pre: the gradient of the bias inside dinp_gelu_pre, e.g. GPT-2's fc bias; on Hopper
+// from the GEMM's epilogue, elsewhere by bias_backward on dinp). scratch: at least
+// matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and dinp_gelu_pre != null, dinp_gelu_dbias != null)
+// floats.
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
-                     cudaStream_t stream);
+                     const bf16* dinp_gelu_pre, bf16* dinp_gelu_dbias, float* scratch, size_t scratch_floats, int N,
+                     int C, int OC, cudaStream_t stream);
 // floats of scratch matmul_backward needs: the bias gradient's partial sums (with dbias), the weight transposed
-// (with the DGELU epilogue: Hopper's kernel takes it K-major; asked for on every GPU, so the size depends on the
-// shapes alone); the larger of the two, which are used one after the other
-size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu);
+// (with the DGELU epilogue: Hopper's kernel takes it K-major) followed by dinp's column sums per row tile (with
+// dgelu_dbias), or dinp's bias_backward partials (dgelu_dbias off Hopper); the largest, as they are used one after
+// the other. Asked for on every GPU, so the size depends on the shapes alone.
+size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias);
 // The algorithm of each GEMM shape is chosen at its first call (matmul.cu's header: timed among the
 // heuristic's candidates, recorded in the GPT2CU_GEMM_CACHE file). mode 1: tuned (the default;
 // GPT2CU_GEMM_TUNE=0 starts at 0), 0: the heuristic's first, -1: only asks. Returns the mode before.

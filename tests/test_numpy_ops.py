@@ -159,6 +159,29 @@ def test_matmul_backward(rng, with_bias, with_gelu):
         np.testing.assert_array_equal(db, db0)
 
 
+def test_matmul_backward_dgelu_dbias(rng):
+    """dinp_gelu_dbias is the gradient of a bias inside the GeLU's input (fc's bias in the model's MLP: pre = x +
+    b), added onto what it held; with it the other outputs are unchanged."""
+    x, b, w = rng.normal(size=(B, T, C)), rng.normal(size=C), rng.normal(size=(OC, C))
+    dout = rng.normal(size=(B, T, OC))
+    out = np.empty((B, T, OC))
+
+    def loss():
+        ops.matmul_forward(out, gelu_reference(x + b), w)
+        return np.sum(dout * out)
+
+    dx, dx_plain = nans(B, T, C), nans(B, T, C)
+    dw, dw_plain = np.zeros_like(w), np.zeros_like(w)
+    db0 = rng.normal(size=C)
+    db = db0.copy()
+    ops.matmul_backward(dx, dw, None, dout, gelu_reference(x + b), w, x + b, dinp_gelu_dbias=db)
+    ops.matmul_backward(dx_plain, dw_plain, None, dout, gelu_reference(x + b), w, x + b)
+    assert_close(db - db0, numeric_grad(loss, b), FD_REL)
+    np.testing.assert_array_equal(db, db0 + dx.reshape(-1, C).sum(axis=0))
+    np.testing.assert_array_equal(dx, dx_plain)
+    np.testing.assert_array_equal(dw, dw_plain)
+
+
 # ---- GeLU ---------------------------------------------------------------------------------------
 def test_gelu_forward(rng):
     x = rng.normal(0.0, 3.0, size=(B, T, C))

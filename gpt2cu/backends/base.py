@@ -171,7 +171,9 @@ class Backend(ABC):
     def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None): ...
 
     @abstractmethod
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None): ...
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None):
+        """dinp = dout @ weight (times gelu'(dinp_gelu_pre)), dweight += dout^T @ inp, dbias += colsum(dout);
+        dinp_gelu_dbias (with dinp_gelu_pre) += colsum(dinp): the gradient of the bias inside dinp_gelu_pre."""
 
     @abstractmethod
     def gelu_forward(self, out, inp): ...

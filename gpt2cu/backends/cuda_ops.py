@@ -316,13 +316,13 @@ class CudaBackend(Backend):
         self.k.matmul_forward(ptr(out), ptr(gelu_pre), ptr(inp), ptr(weight), ptr(bias), inp.size // C, C, OC,
                               self.stream.ptr)
 
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None):
         C, OC = inp.shape[-1], weight.shape[0]
         N = inp.size // C
         scratch, floats = self._scratch_of(self.k.matmul_backward_scratch_floats(
-            N, C, OC, dbias is not None, dinp is not None and dinp_gelu_pre is not None))
+            N, C, OC, dbias is not None, dinp is not None and dinp_gelu_pre is not None, dinp_gelu_dbias is not None))
         self.k.matmul_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
-                               ptr(dinp_gelu_pre), scratch, floats, N, C, OC, self.stream.ptr)
+                               ptr(dinp_gelu_pre), ptr(dinp_gelu_dbias), scratch, floats, N, C, OC, self.stream.ptr)
 
     def gelu_forward(self, out, inp):
         self.k.gelu_forward(ptr(out), ptr(inp), inp.size, self.stream.ptr)

@@ -116,7 +116,7 @@ def matmul_forward(out, inp, weight, bias=None, gelu_pre=None):
         out[...] = _gelu(y)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None):
     d2 = _rows(dout)
     dweight += d2.T @ _rows(inp)
     if dbias is not None:
@@ -125,6 +125,8 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None)
     if dinp_gelu_pre is not None:
         dx *= _gelu_grad(dinp_gelu_pre)
     dinp[...] = dx
+    if dinp_gelu_dbias is not None:  # the sum of the stored dinp, as the next layer's dbias would take it
+        dinp_gelu_dbias += _rows(dinp).sum(axis=0)
 
 
 # ---- attention ----------------------------------------------------------------------------------

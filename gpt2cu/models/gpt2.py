@@ -317,9 +317,10 @@ class GPT(FlatModel):
                 ops.gelu_forward(b["fch_gelu"], b["fch"])
             # MLP: dresidual -> fcproj -> (GeLU') -> fc -> ln2
             ops.accumulate(g["fcprojb"][l], dres_sum)
+            # fc's bias gradient, colsum(dbt4c), comes with fcproj's dinp (on Hopper from the GEMM's epilogue)
             ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], None, dresidual, b["fch_gelu"],
-                                p["fcprojw"][l], dinp_gelu_pre=b["fch"])
-            ops.matmul_backward(a["dbtc"], g["fcw"][l], g["fcb"][l], a["dbt4c"], b["ln2"], p["fcw"][l])
+                                p["fcprojw"][l], dinp_gelu_pre=b["fch"], dinp_gelu_dbias=g["fcb"][l])
+            ops.matmul_backward(a["dbtc"], g["fcw"][l], None, a["dbt4c"], b["ln2"], p["fcw"][l])
             ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], a["dbtc"], b["residual2"], p["ln2w"][l],
                                    b["ln2_mean"], b["ln2_rstd"], dinp_sum=dres_sum)
