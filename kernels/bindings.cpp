@@ -257,16 +257,16 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "attention_backward",
         [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
-           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV) {
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV, uintptr_t dout_head_dot) {
             attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
                                ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, NKV ? NKV : NH,
-                               HS, strm(stream));
+                               HS, strm(stream), ptr<const float>(dout_head_dot));
         },
         "dqkv (qkv's layout) overwritten with [dq | dk | dv], dk and dv summed over each group of query heads "
-        "(deterministic); NKV = 0 means NH",
+        "(deterministic); NKV = 0 means NH; dout_head_dot != 0: D (B, NH, T) = rowsum(dout * out) given",
         py::arg("dqkv"), py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"),
-        py::arg("NKV") = 0);
+        py::arg("NKV") = 0, py::arg("dout_head_dot") = 0);
     m.def(
         "attention_backward_scratch_floats",
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },
@@ -304,16 +304,19 @@ PYBIND11_MODULE(_kernels, m) {
         "matmul_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
            uintptr_t dinp_gelu_pre, uintptr_t scratch, size_t scratch_floats, int N, int C, int OC,
-           uintptr_t stream) {
+           uintptr_t stream, uintptr_t dinp_head_dot, uintptr_t head_dot_with, int head_size, int T) {
             matmul_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                             ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const bf16>(dinp_gelu_pre),
-                            ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream));
+                            ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream), ptr<float>(dinp_head_dot),
+                            ptr<const bf16>(head_dot_with), head_size, T);
         },
         "dinp = dout @ weight (times gelu'(dinp_gelu_pre) when non-0); dweight += dout^T @ inp; dbias += "
-        "colsum(dout) when non-0",
+        "colsum(dout) when non-0; dinp_head_dot != 0: also (N / T, C / head_size, T) fp32 = rowsum(dinp * "
+        "head_dot_with) per head (the attention backward's D)",
         py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
         py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
-        py::arg("OC"), py::arg("stream"));
+        py::arg("OC"), py::arg("stream"), py::arg("dinp_head_dot") = 0, py::arg("head_dot_with") = 0,
+        py::arg("head_size") = 0, py::arg("T") = 0);
     m.def(
         "matmul_backward_scratch_floats",
         [](int N, int C, int OC, bool dbias, bool dgelu) {

@@ -19,3 +19,9 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
 // K-major: the backward's weight (K, N) transposed first (matmul.cu)
 void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
                      cudaStream_t stream);
+
+// out (M, N) = round(a (M, K) @ w (N, K)^T) (w K-major, as gemm_dgelu_sm90's), and dot (B, N / head_size, T) fp32,
+// B = M / T: dot[(b NH + h) T + t] = sum over head h's head_size columns c of out[m, c] * other[m, c], m = b T + t,
+// from the rounded out (the attention backward's D = rowsum(dO * O)); head_size 64 or 128, M a multiple of T
+void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
+                        int T, int head_size, cudaStream_t stream);
