@@ -272,6 +272,14 @@ PYBIND11_MODULE(_kernels, m) {
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },
         "floats of scratch attention_backward needs for (B, T, NH, HS)", py::arg("B"), py::arg("T"), py::arg("NH"),
         py::arg("HS"));
+    m.def(
+        "attention_backward_preprocess",
+        [](uintptr_t D, uintptr_t dout, uintptr_t out, int B, int T, int NH, int HS, uintptr_t stream) {
+            attention_backward_preprocess(ptr<float>(D), ptr<const bf16>(dout), ptr<const bf16>(out), B, T, NH, HS,
+                                          strm(stream));
+        },
+        "D (B, NH, T) fp32 = rowsum(dout * out) per head of HS columns (both (B, T, NH HS) bf16)", py::arg("D"),
+        py::arg("dout"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"));
 
     m.def(
         "attention_set_backend", [](int backend) { attention_set_backend(backend); },
