@@ -794,8 +794,9 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
     if (dinp_head_dot) {
         mm_require(dinp && head_dot_with && !dinp_gelu_pre, who,
                    "dinp_head_dot needs dinp and head_dot_with, and no dinp_gelu_pre");
-        mm_require((head_size == 64 || head_size == 128) && C % head_size == 0 && T > 0 && N % T == 0, who,
-                   "dinp_head_dot: head_size 64 or 128 dividing C, T dividing N");
+        mm_require((head_size == 64 || head_size == 128) && C % head_size == 0 && T > 0 && N % T == 0 &&
+                       reinterpret_cast<uintptr_t>(dinp_head_dot) % 4 == 0,
+                   who, "dinp_head_dot: head_size 64 or 128 dividing C, T dividing N, 4-byte aligned");
         mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
                    "scratch too small: matmul_backward_scratch_floats with the head-dot epilogue");
     }
@@ -812,7 +813,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
                        "scratch too small: matmul_backward_scratch_floats with the DGELU epilogue");
         }
-        bool done = false;
+        bool done = false, dot_done = false;
 #ifdef GPT2CU_HAVE_SM90_GEMM
         // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major
         if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch})) {
@@ -821,13 +822,11 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             gemm_dgelu_sm90(dinp, dout, wt, dinp_gelu_pre, N, C, OC, stream);
             done = true;
         }
-        if (dinp_head_dot && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, head_dot_with, scratch}) &&
-            reinterpret_cast<uintptr_t>(dinp_head_dot) % 4 == 0) {
+        if (dinp_head_dot && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, head_dot_with, scratch})) {
             bf16* wt = reinterpret_cast<bf16*>(scratch);
             bf16_transpose(wt, weight, OC, C, stream);
             gemm_head_dot_sm90(dinp, dinp_head_dot, dout, wt, head_dot_with, N, C, OC, T, head_size, stream);
-            dinp_head_dot = nullptr;  // done
-            done = true;
+            done = dot_done = true;
         }
 #endif
         if (!done) {
@@ -850,7 +849,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.aux_ld = dinp_gelu_pre ? C : 0;
             mm_gemm(g, stream, who);
         }
-        if (dinp_head_dot)
+        if (dinp_head_dot && !dot_done)
             attention_backward_preprocess(dinp_head_dot, dinp, head_dot_with, N / T, T, C / head_size, head_size,
                                           stream);
     }
