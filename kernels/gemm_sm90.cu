@@ -5,6 +5,10 @@
 //   DGelu (the backward of the projection after the GeLU): out (M, N) = round((a @ w^T) * gelu'(pre)), pre (M, N)
 //                          read (cuBLASLt's DGELU); optionally also the column sums of out per 128-row tile (the
 //                          bias gradient of the GEMM whose output pre was: fc's, below)
+//   HeadDot (the backward of attention's output projection): out (M, N) = round(a @ w^T), and with pre (M, N) read
+//                          (attention's output O) dot[(b NH + h) T + t] = sum over head h's hs columns c of
+//                          out[m, c] * pre[m, c], m = b T + t, NH = N / hs: the attention backward's
+//                          D = rowsum(dO * O) from the rounded dO it will read, so it skips its pass over both
 // w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
 // (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
 // form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
@@ -53,6 +57,10 @@
 // sum), with all 128 rows of a column in one warpgroup and no registers added to the epilogue. Cost per tile and
 // thread: ~16 loads, ~130 unpacks, ~130 adds, one barrier more (the next tile's pre may not overwrite the panels
 // before every warp has read them); rows past M are zeros (TMA zero-fills a's rows past M: acc = 0, out = 0).
+// HeadDot: the backward's, with out = round(acc) and the dot products of the rounded values with pre (fp32 fma over
+// the lane's 16 columns of a 64-column panel, a second panel's added for hs 128, then the quad's 4 lanes summed by
+// shuffles: a fixed order, as the attention preprocess's, whose sum of the same products it matches to fp32
+// rounding).
 // History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
 // cuBLASLt GELU_AUX_BIAS ~545 us):
 //   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
@@ -83,7 +91,8 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu };  // the forward's GeLU epilogue; the backward's, with gelu'(pre)
+enum class Epi { Gelu, DGelu, HeadDot };  // the forward's GeLU epilogue; the backward's, with gelu'(pre); with
+                                          // the per-head dot products with pre
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
@@ -113,13 +122,14 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
-// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: the
-// backward's column sums per row tile, (ceil(M / kBM), N) fp32 (may be null).
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
+// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's.
 template <Epi kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                     const bf16* __restrict__ bias, float* __restrict__ colsum, int M, int N, int K) {
+                     const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
+                     int K, int T, int hs) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
@@ -127,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
+    constexpr bool kLoadsPre = kEpi != Epi::Gelu;
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
@@ -143,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 128);
         }
-        if constexpr (kEpi == Epi::DGelu) {
+        if constexpr (kLoadsPre) {
             mbar_init(&pre_full[0], 1);
             mbar_init(&pre_full[1], 1);
         }
@@ -279,8 +290,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
-            // and registers left for the math to interleave), out = acc * gelu'(pre) written in its place
+            // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu) or acc (HeadDot)
+            // written in its place
             mbar_wait(&pre_full[cw], it & 1);
+            float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
                 const int mi = p >> 1;
@@ -291,12 +304,33 @@ __global__ void __launch_bounds__(kThreads, 1)
                 for (int jq = 0; jq < 4; ++jq) {
                     const int jp = 4 * (p & 1) + jq;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
+                    for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
                         const float2 x = bf16x2_to_float2(v[jq][e]);
-                        v[jq][e] = pack_bf16x2(acc[mi][8 * jp + 2 * e] * gelu_grad(x.x),
-                                               acc[mi][8 * jp + 2 * e + 1] * gelu_grad(x.y));
+                        const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
+                        if constexpr (kEpi == Epi::DGelu) {
+                            v[jq][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                        } else {
+                            v[jq][e] = pack_bf16x2(a0, a1);
+                            const float2 r = bf16x2_to_float2(v[jq][e]);
+                            rowdot[e & 1] = fmaf(r.y, x.y, fmaf(r.x, x.x, rowdot[e & 1]));
+                        }
                     }
                     stmatrix_x4(mat_addr(p, jp), v[jq][0], v[jq][1], v[jq][2], v[jq][3]);
+                }
+                if constexpr (kEpi == Epi::HeadDot) {
+                    if (hs == 64 || (p & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 1);
+                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 2);
+                        }
+                        const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * (t & 1);
+                        if (t < 2 && m < M) {
+                            const int head = (n0 + 64 * (p & 1)) / hs, b = m / T;
+                            dot[((size_t)b * (N / hs) + head) * T + (m - b * T)] = t ? rowdot[1] : rowdot[0];
+                        }
+                        rowdot[0] = rowdot[1] = 0.f;
+                    }
                 }
             }
             fence_proxy_async();
@@ -307,7 +341,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
                 bulk_commit();
             }
-            if (colsum) {
+            if (kEpi == Epi::DGelu && colsum) {
                 // the warp's columns 32 warp .. 32 warp + 31 (panels warp / 2 and 2 + warp / 2); lane (c, rg) =
                 // (lane % 4, lane / 4): chunk 4 (warp & 1) + c of rows 16 rg + i', i' = i ^ 4 (rg & 1), stored at
                 // chunk ^ (i' & 7) of the row: within the lane's 16 rows, offset i' * 128 + 16 (chunk ^ (i' & 7)) is
@@ -368,8 +402,8 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
 }
 
 template <Epi kEpi>
-void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, float* colsum, int M, int N, int K,
-            cudaStream_t stream) {
+void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
+            cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0) {
     CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
@@ -378,8 +412,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(tiles < sms ? tiles : sms);
-    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, M, N,
-                                                                         K);
+    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N,
+                                                                   K, T, hs);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -395,11 +429,20 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    launch<Epi::Gelu>(out, a, w, pre, bias, nullptr, M, N, K, stream);
+    launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
 }
 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
                      int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, colsum_partials, M, N, K, stream);  // pre read
+    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);  // pre read
+}
+
+void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
+                        int T, int head_size, cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, other}) && (head_size == 64 || head_size == 128) &&
+                T > 0 && M % T == 0 && dot != nullptr && reinterpret_cast<uintptr_t>(dot) % 4 == 0,
+            "gemm_head_dot_sm90: unsupported shape");
+    launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
+                         head_size);  // read
 }

@@ -24,3 +24,9 @@ void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf1
                      int K, cudaStream_t stream);
 // the kernel's row tiles for M rows (of 128): the rows of gemm_dgelu_sm90's colsum_partials
 inline int gemm_sm90_row_tiles(int M) { return (M + 127) / 128; }
+
+// out (M, N) = round(a (M, K) @ w (N, K)^T) (w K-major, as gemm_dgelu_sm90's), and dot (B, N / head_size, T) fp32,
+// B = M / T: dot[(b NH + h) T + t] = sum over head h's head_size columns c of out[m, c] * other[m, c], m = b T + t,
+// from the rounded out (the attention backward's D = rowsum(dO * O)); head_size 64 or 128, M a multiple of T
+void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
+                        int T, int head_size, cudaStream_t stream);

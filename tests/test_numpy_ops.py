@@ -269,6 +269,26 @@ def test_attention_backward(rng):
     assert_close(dqkv, numeric_grad(loss, qkv), FD_REL)
 
 
+def test_head_dot_from_the_projection_backward(rng):
+    """matmul_backward's dinp_head_dot: D[b, h, t] = dinp[b, t, head h] . O[b, t, head h] (explicit loops); the
+    attention backward given it equals the one computing D itself."""
+    seq = 7
+    dout, w, o = rng.normal(size=(B, seq, C)), rng.normal(size=(C, C)), rng.normal(size=(B, seq, C))
+    dinp, dot = nans(B, seq, C), nans(B, H, seq)
+    ops.matmul_backward(dinp, np.zeros((C, C)), None, dout, o, w, dinp_head_dot=dot, head_dot_with=o)
+    hs = C // H
+    expected = [[[np.dot(dinp[b, t, h * hs:(h + 1) * hs], o[b, t, h * hs:(h + 1) * hs]) for t in range(seq)]
+                 for h in range(H)] for b in range(B)]
+    assert_close(dot, np.array(expected), FP32_REL)
+    qkv = rng.normal(size=(B, seq, 3 * C))
+    out, lse = np.empty((B, seq, C)), np.empty((B, H, seq))
+    ops.attention_forward(out, lse, qkv, H)
+    own, given = nans(B, seq, 3 * C), nans(B, seq, 3 * C)
+    ops.attention_backward(own, dinp, qkv, out, lse, H)
+    ops.attention_backward(given, dinp, qkv, out, lse, H, dout_head_dot=ops.head_dot(dinp, out, H))
+    np.testing.assert_array_equal(given, own)
+
+
 # ---- classifier ---------------------------------------------------------------------------------
 V, VP = 11, 16
 

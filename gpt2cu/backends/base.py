@@ -171,9 +171,12 @@ class Backend(ABC):
     def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None): ...
 
     @abstractmethod
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None):
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
+                        dinp_head_dot=None, head_dot_with=None):
         """dinp = dout @ weight (times gelu'(dinp_gelu_pre)), dweight += dout^T @ inp, dbias += colsum(dout);
-        dinp_gelu_dbias (with dinp_gelu_pre) += colsum(dinp): the gradient of the bias inside dinp_gelu_pre."""
+        dinp_gelu_dbias (with dinp_gelu_pre) += colsum(dinp): the gradient of the bias inside dinp_gelu_pre;
+        dinp_head_dot (B, NH, T) = per head, the row dot products of dinp (as stored) and head_dot_with (the
+        attention backward's D when dinp is the gradient of the attention output head_dot_with)."""
 
     @abstractmethod
     def gelu_forward(self, out, inp): ...
@@ -185,7 +188,7 @@ class Backend(ABC):
     def attention_forward(self, out, lse, qkv, n_head): ...
 
     @abstractmethod
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head): ...
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None): ...
 
     @abstractmethod
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...
@@ -228,7 +231,7 @@ class Backend(ABC):
     def attention_forward_gqa(self, out, lse, qkv, n_head, n_kv_head): ...
 
     @abstractmethod
-    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head): ...
+    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None): ...
 
     # ---- the KV-cache decoders' ---------------------------------------------------------------------
     @abstractmethod
