@@ -10,12 +10,11 @@ Hopper kernel leaves to the fallback (C not a multiple of 128, OC not of 64), ea
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
-from test_cuda_ops import BF16_REL, FP32_REL, bits_of, case, cuda, decode, poisoned, raw, to_host  # noqa: F401
+from test_cuda_ops import (BF16_REL, FP32_REL, bits_of, case, cuda, decode, poisoned, raw, sm90_setting,  # noqa: F401
+                           to_host)
 from gpt2cu.backends import numpy_ops as ref_ops
 
 try:
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.gpu
 SHAPES = [(3, 37, 768, 768, 64), (1, 1000, 256, 512, 128), (5, 201, 384, 192, 64), (2, 129, 256, 64, 128),
           (2, 100, 192, 256, 64), (1, 300, 256, 200, 128)]
 IDS = [f"B{b}-T{t}-C{c}-OC{oc}-HS{hs}" for b, t, c, oc, hs in SHAPES]
-
-
-@contextlib.contextmanager
-def sm90_setting(cuda, on):
-    previous = cuda.k.matmul_set_sm90(on)
-    try:
-        yield
-    finally:
-        cuda.k.matmul_set_sm90(previous)
 
 
 def projection_inputs(case, b, t, c, oc, out=None):
