@@ -117,6 +117,23 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
     }
 }
 
+// Work counters of a persistent kernel (one pair per kernel): [0] items taken from it, [1] CTAs that have taken
+// their last. take_work returns base + the next count (items below base are taken without the counter: the
+// forward's first round, blockIdx.x); a CTA takes until it gets an item >= num_work, so each takes exactly one such
+// item, and the last CTA to do so zeroes both counters for the next launch (launches of one kernel on one stream
+// run in order; two streams must not run the same kernel at once).
+__device__ __forceinline__ int take_work(int* counter, int base, int num_work) {
+    const int next = base + atomicAdd(&counter[0], 1);
+    if (next >= num_work) {
+        __threadfence();  // this CTA's last take comes before its count
+        if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
+            counter[0] = 0;
+            counter[1] = 0;
+        }
+    }
+    return next;
+}
+
 // Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads),
 // on a persistent grid (one CTA per multiprocessor): CTA c takes item c first, then the next untaken one (a global
 // counter), so no CTA idles while another has two left. The producer thread takes the item and passes it to the
@@ -136,9 +153,6 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[N / 16][4], const float (
 // releasing their stages in its turns, instead of computing them fully masked (1 in 9 of the 192-row blocks'
 // products at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
-// The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
-// last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
-// order; two streams must not run the same kernel at once).
 template <int HS, int kWG>
 __device__ int g_fwd_work_counter[2];
 
@@ -203,17 +217,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             const int num_work = num_bh * num_qblocks;
             // the work item after w (>= num_work: none)
             auto next_work = [&](int w) {
-                if (w >= num_work) return w;
-                int* counter = g_fwd_work_counter<HS, kWG>;
-                const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
-                if (next >= num_work) {
-                    __threadfence();  // this CTA's last take comes before its count
-                    if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
-                        counter[0] = 0;
-                        counter[1] = 0;
-                    }
-                }
-                return next;
+                return w >= num_work ? w : take_work(g_fwd_work_counter<HS, kWG>, (int)gridDim.x, num_work);
             };
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
             for (int it = 0, w = blockIdx.x;; w = next_work(w), ++it) {
@@ -590,9 +594,12 @@ struct FusedBwdCfg {
     static constexpr int kDsOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
     static constexpr int kDqOffset = kDsOffset + kDsBytes;
     static constexpr int kAuxOffset = kDqOffset + kDqBufs * kDqFloats * 4;
+    static constexpr int kItemSlots = 2;  // work items published by the producer thread, read by the other roles
+    static constexpr int kItemReaders = 1 + 32 + 256;  // the dQ writer, warp 2, the consumers
     static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
-    static constexpr int kNumBars = 1 + 4 * kStages + 2 * kDqBufs;
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+    static constexpr int kNumBars = 2 + 4 * kStages + 2 * kDqBufs + 2 * kItemSlots;
+    // + the item slots (ints), + slack to align the base to 1024
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 4 * kItemSlots + 1024;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
@@ -604,6 +611,9 @@ size_t fused_work_floats(int B, int T, int NH) {
     const size_t tiles = (size_t)B * NH * ((T + Cfg::kBM - 1) / Cfg::kBM);
     return tiles * Cfg::kDqFloats + tiles + 4;
 }
+
+template <int HS>
+__device__ int g_bwd_work_counter[2];
 
 template <int HS>
 __global__ void __launch_bounds__(384, 1)
@@ -636,18 +646,22 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* empty = aux_full + kStages;
     uint64_t* dq_full = empty + kStages;  // a staging buffer written by the 256 consumers
     uint64_t* dq_empty = dq_full + kDqBufs;  // its bulk add has read it
+    uint64_t* kv_empty = dq_empty + kDqBufs;  // the consumers' last products of an item that read K and V are done
+    uint64_t* item_full = kv_empty + 1;
+    uint64_t* item_empty = item_full + Cfg::kItemSlots;
+    volatile int* work_slot = reinterpret_cast<int*>(bars + Cfg::kNumBars);
 
     const int tid = threadIdx.x, wg = warpgroup_index();
-    // the block's coordinates, computed by each role after the register reallocation (values kept live across
+    // work item w's coordinates, computed by each role after the register reallocation (values kept live across
     // setmaxnreg were spilled). Within a group of heads, the LAST key block (the fewest tiles) first: a key block
-    // waits on the dQ adds of the key blocks after it (see the ordering above), CTAs of lower block indices.
+    // waits on the dQ adds of the key blocks after it (see the ordering above), items of lower indices.
     struct Coords {
         int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
     };
-    auto coords = [&]() {
+    auto coords = [&](int w) {
         Coords c;
         int bkv, j;
-        cta_order_of((int)blockIdx.x, num_bkv, num_kblocks, group, bkv, j);
+        cta_order_of(w, num_bkv, num_kblocks, group, bkv, j);
         c.kb = num_kblocks - 1 - j;
         c.b = bkv / lay.NKV;
         c.kh = bkv % lay.NKV;
@@ -664,12 +678,25 @@ __global__ void __launch_bounds__(384, 1)
         h = c.h0 + j;
         qt = c.q_first + (i - j * c.n_q);
     };
+    // the it-th work item of this CTA (-1: the end), as published by the producer thread
+    auto read_item = [&](int it) {
+        const int slot = it % Cfg::kItemSlots;
+        mbar_wait(&item_full[slot], (it / Cfg::kItemSlots) & 1);
+        const int w = work_slot[slot];
+        mbar_arrive(&item_empty[slot]);
+        return w;
+    };
 
     if (tid == 0) {
         tma_prefetch_desc(&tm_kv);
         tma_prefetch_desc(&tm_q);
         tma_prefetch_desc(&tm_do);
         mbar_init(kv_full, 1);
+        mbar_init(kv_empty, 256);
+        for (int s = 0; s < Cfg::kItemSlots; ++s) {
+            mbar_init(&item_full[s], 1);
+            mbar_init(&item_empty[s], Cfg::kItemReaders);
+        }
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&q_full[s], 1);
             mbar_init(&do_full[s], 1);
@@ -687,38 +714,60 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (tid == 0) {
-            const Coords c = coords();
-            const int b = c.b, kh = c.kh, kb = c.kb, n_tiles = c.n_tiles;
-            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+            const int num_work = num_bkv * num_kblocks;
+            int r = 0;  // Q/dO tiles loaded so far (ring position across items)
+            for (int it = 0;; ++it) {
+                // every item from the counter (none by blockIdx): an item is only ever taken by a running CTA
+                const int w = take_work(g_bwd_work_counter<HS>, 0, num_work);
+                const int slot = it % Cfg::kItemSlots;
+                if (it >= Cfg::kItemSlots) mbar_wait(&item_empty[slot], ((it / Cfg::kItemSlots) - 1) & 1);
+                work_slot[slot] = w < num_work ? w : -1;
+                mbar_arrive(&item_full[slot]);
+                if (w >= num_work) break;
+                const Coords c = coords(w);
+                const int b = c.b;
+                for (int i = 0; i < c.n_tiles; ++i, ++r) {
+                    const int st = r % kStages;
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    if (r >= kStages) mbar_wait(&empty[st], ((r / kStages) - 1) & 1);
+                    mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
 #pragma unroll
-            for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(kh) + p * kPanelCols, kb * kBN, b);
-                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(kh) + p * kPanelCols, kb * kBN, b);
-            }
-            for (int i = 0; i < n_tiles; ++i) {
-                const int st = i % kStages;
-                int h, qt;
-                tile_of(c, i, h, qt);
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
+                                    lay.q(h) + p * kPanelCols, qt * kBM, b);
+                    mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
 #pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
-                                lay.q(h) + p * kPanelCols, qt * kBM, b);
-                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
+                                    h * HS + p * kPanelCols, qt * kBM, b);
+                    if (i == 0) {
+                        // K and V, after the first Q/dO tile (its stage frees during the previous item's last
+                        // tile), once the previous item's last products have read them
+                        if (it > 0) mbar_wait(kv_empty, (it - 1) & 1);
+                        mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
 #pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
-                                h * HS + p * kPanelCols, qt * kBM, b);
+                        for (int p = 0; p < kPanels; ++p) {
+                            tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(c.kh) + p * kPanelCols,
+                                        c.kb * kBN, b);
+                            tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(c.kh) + p * kPanelCols,
+                                        c.kb * kBN, b);
+                        }
+                    }
+                }
             }
         } else if (tid == 32) {
             // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
-            const Coords c = coords();
-            const int b = c.b, kb = c.kb;
-            for (int d = 0; kb > 0 && d < c.n_tiles; ++d) {
+            int d = 0;  // dQ tiles staged so far (ring position across items)
+            for (int it = 0;; ++it) {
+              const int w = read_item(it);
+              if (w < 0) break;
+              const Coords c = coords(w);
+              const int b = c.b, kb = c.kb;
+              for (int i = 0; kb > 0 && i < c.n_tiles; ++i, ++d) {
                 const int buf = d % kDqBufs;
                 int h, qt;
-                tile_of(c, d, h, qt);
+                tile_of(c, i, h, qt);
                 const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
                 float* dst = dq_acc + tile * Cfg::kDqFloats;
                 const float* src = sdQ + buf * Cfg::kDqFloats;
@@ -738,19 +787,24 @@ __global__ void __launch_bounds__(384, 1)
                 bulk_wait<0>();
                 fence_proxy_async_global();
                 red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
+              }
             }
         } else if (tid >= 64 && tid < 96) {
             // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
-            const Coords c = coords();
             const int lane = tid - 64;
-            for (int i = 0; i < c.n_tiles; ++i) {
-                const int st = i % kStages;
+            int r = 0;  // tiles so far (the Q/dO ring's position)
+            for (int it = 0;; ++it) {
+              const int w = read_item(it);
+              if (w < 0) break;
+              const Coords c = coords(w);
+              for (int i = 0; i < c.n_tiles; ++i, ++r) {
+                const int st = r % kStages;
                 int h, qt;
                 tile_of(c, i, h, qt);
                 const size_t bh = (size_t)c.b * lay.NH + h;
                 const float* lse_bh = lse + bh * T;
                 const float* d_bh = dvec + bh * T;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
+                if (r >= kStages) mbar_wait(&empty[st], ((r / kStages) - 1) & 1);
                 float* aux = sAux + st * (2 * kBM);
 #pragma unroll
                 for (int k = 0; k < kBM / 32; ++k) {
@@ -759,21 +813,18 @@ __global__ void __launch_bounds__(384, 1)
                     aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
                 }
                 mbar_arrive(&aux_full[st]);
+              }
             }
         }
         return;
     }
 
     setmaxnreg_inc<240>();
-    const Coords c = coords();
-    const int kb = c.kb, n_tiles = c.n_tiles;
     const int cw = wg - 1;
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
     const int g = lane >> 2, t = lane & 3;
-    const int key0 = kb * kBN + 64 * cw;    // first key of this warpgroup
     const int klocal = 64 * cw + 16 * warp + g;  // this thread's keys klocal, klocal + 8 of the block
-    const int krow = kb * kBN + klocal;
 
     const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
     const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
@@ -808,10 +859,19 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_commit();
     };
 
-    mbar_wait(kv_full, 0);
-    for (int i = 0; i < n_tiles; ++i) {
-        const int st = i % kStages;
-        const uint32_t ph = (i / kStages) & 1;
+    int r = 0;  // tiles so far (the Q/dO ring's position)
+    int d = 0;  // dQ tiles staged so far (the staging ring's)
+    for (int it = 0;; ++it) {
+    const int w = read_item(it);
+    if (w < 0) break;
+    const Coords c = coords(w);
+    const int kb = c.kb, n_tiles = c.n_tiles;
+    const int key0 = kb * kBN + 64 * cw;  // first key of this warpgroup
+    const int krow = kb * kBN + klocal;
+    mbar_wait(kv_full, it & 1);
+    for (int i = 0; i < n_tiles; ++i, ++r) {
+        const int st = r % kStages;
+        const uint32_t ph = (r / kStages) & 1;
         int h, qt;
         tile_of(c, i, h, qt);
         const int row0 = qt * kBM;
@@ -901,6 +961,7 @@ __global__ void __launch_bounds__(384, 1)
         float dqv[32];  // dQ's values after the wait
         reg_copy(dqv, dq);
         mbar_arrive(&empty[st]);
+        if (i == n_tiles - 1) mbar_arrive(kv_empty);  // the producer loads the next item's K and V
         if (kb == 0) {
             // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
             // read through L2) plus this part, scaled, in bf16 straight into dqkv
@@ -924,28 +985,31 @@ __global__ void __launch_bounds__(384, 1)
             store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
         } else {
             // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
-            const int buf = i % kDqBufs;
-            if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
+            const int buf = d % kDqBufs;
+            if (d >= kDqBufs) mbar_wait(&dq_empty[buf], ((d / kDqBufs) - 1) & 1);
             const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
                 st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
             fence_proxy_async();  // visible to the bulk copy
             mbar_arrive(&dq_full[buf]);
+            ++d;
         }
     }
 
     float dkv[HS / 2], dvv[HS / 2];  // dK's, dV's values after the last wait
     reg_copy(dkv, dk);
     reg_copy(dvv, dv);
-    // the block's coordinates again (keeping them live through the loop spilled them)
-    const Coords ce = coords();
+    // the block's coordinates again (keeping them live through the loop spilled them), from the item's slot: it is
+    // rewritten only after every role has read the next item, this one included
+    const Coords ce = coords(work_slot[it % Cfg::kItemSlots]);
     const int b_e = ce.b, kh_e = ce.kh;
     const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
     const size_t row_stride = lay.row_stride();
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
     store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
     store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
+    }  // work items
 #endif
 }
 
@@ -1031,11 +1095,13 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
     const int num_bkv = B * lay.NKV;
     const int num_kblocks = ceil_div(T, Cfg::kBN);
-    const long long grid = (long long)num_bkv * num_kblocks;
-    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
-                                                  num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
-                                                  scale_log2);
+    const long long items = (long long)num_bkv * num_kblocks;
+    require(items <= 0x7fffffffLL, "attention_sm90: too many work items");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(items > sms ? sms : items);
+    kernel<<<grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay, num_bkv,
+                                        num_kblocks, head_group(num_kblocks, num_bkv), scale, scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
