@@ -997,9 +997,10 @@ __global__ void __launch_bounds__(384, 1)
         }
     }
 
-    float dkv[HS / 2], dvv[HS / 2];  // dK's, dV's values after the last wait
-    reg_copy(dkv, dk);
-    reg_copy(dvv, dv);
+    // dK, dV after the last wait, stored in place (copies would be live beside them: the next item's first
+    // products read dk, dv with a run-time scale_d)
+    reg_fence(dk);
+    reg_fence(dv);
     // the block's coordinates again (keeping them live through the loop spilled them), from the item's slot: it is
     // rewritten only after every role has read the next item, this one included
     const Coords ce = coords(work_slot[it % Cfg::kItemSlots]);
@@ -1007,8 +1008,8 @@ __global__ void __launch_bounds__(384, 1)
     const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
     const size_t row_stride = lay.row_stride();
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
+    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
+    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
     }  // work items
 #endif
 }
