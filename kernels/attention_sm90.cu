@@ -577,6 +577,12 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
 // part being rows 64 half.. (HS 64) or columns 64 half.. (HS 128).
+// a work item of the backward (key block, key/value head, batch) as the producer thread publishes it in shared
+// memory; n_tiles 0: the end
+struct BwdItem {
+    int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
+};
+
 template <int HS>
 struct FusedBwdCfg {
     static constexpr int kBN = 128;                  // keys per CTA
@@ -598,8 +604,8 @@ struct FusedBwdCfg {
     static constexpr int kItemReaders = 1 + 32 + 256;  // the dQ writer, warp 2, the consumers
     static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
     static constexpr int kNumBars = 2 + 4 * kStages + 2 * kDqBufs + 2 * kItemSlots;
-    // + the item slots (ints), + slack to align the base to 1024
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 4 * kItemSlots + 1024;
+    // + the item slots, + slack to align the base to 1024
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + (int)sizeof(BwdItem) * kItemSlots + 1024;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
@@ -649,17 +655,13 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* kv_empty = dq_empty + kDqBufs;  // the consumers' last products of an item that read K and V are done
     uint64_t* item_full = kv_empty + 1;
     uint64_t* item_empty = item_full + Cfg::kItemSlots;
-    volatile int* work_slot = reinterpret_cast<int*>(bars + Cfg::kNumBars);
+    BwdItem* items = reinterpret_cast<BwdItem*>(bars + Cfg::kNumBars);
 
     const int tid = threadIdx.x, wg = warpgroup_index();
-    // work item w's coordinates, computed by each role after the register reallocation (values kept live across
-    // setmaxnreg were spilled). Within a group of heads, the LAST key block (the fewest tiles) first: a key block
+    // work item w's coordinates. Within a group of heads, the LAST key block (the fewest tiles) first: a key block
     // waits on the dQ adds of the key blocks after it (see the ordering above), items of lower indices.
-    struct Coords {
-        int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
-    };
     auto coords = [&](int w) {
-        Coords c;
+        BwdItem c;
         int bkv, j;
         cta_order_of(w, num_bkv, num_kblocks, group, bkv, j);
         c.kb = num_kblocks - 1 - j;
@@ -673,19 +675,20 @@ __global__ void __launch_bounds__(384, 1)
         return c;
     };
     // tile i: query head h0 + i / n_q, query tile q_first + i % n_q (from the diagonal up)
-    auto tile_of = [](const Coords& c, int i, int& h, int& qt) {
+    auto tile_of = [](const BwdItem& c, int i, int& h, int& qt) {
         const int j = i / c.n_q;
         h = c.h0 + j;
         qt = c.q_first + (i - j * c.n_q);
     };
-    // the it-th work item of this CTA (-1: the end), as published by the producer thread
-    auto read_item = [&](int it) {
+    // the it-th work item of this CTA, as the producer thread published it: read in place (the roles reread its
+    // fields after their waits rather than keeping them in registers: the producer warpgroup's 24 did not hold
+    // them), until the role is done with the item (done_item)
+    auto wait_item = [&](int it) -> const BwdItem& {
         const int slot = it % Cfg::kItemSlots;
         mbar_wait(&item_full[slot], (it / Cfg::kItemSlots) & 1);
-        const int w = work_slot[slot];
-        mbar_arrive(&item_empty[slot]);
-        return w;
+        return items[slot];
     };
+    auto done_item = [&](int it) { mbar_arrive(&item_empty[it % Cfg::kItemSlots]); };
 
     if (tid == 0) {
         tma_prefetch_desc(&tm_kv);
@@ -720,12 +723,15 @@ __global__ void __launch_bounds__(384, 1)
                 // every item from the counter (none by blockIdx): an item is only ever taken by a running CTA
                 const int w = take_work(g_bwd_work_counter<HS>, 0, num_work);
                 const int slot = it % Cfg::kItemSlots;
+                // the slot's previous item (it - 2): every role is done with it
                 if (it >= Cfg::kItemSlots) mbar_wait(&item_empty[slot], ((it / Cfg::kItemSlots) - 1) & 1);
-                work_slot[slot] = w < num_work ? w : -1;
-                mbar_arrive(&item_full[slot]);
+                BwdItem& c = items[slot];
+                if (w < num_work)
+                    c = coords(w);
+                else
+                    c.n_tiles = 0;
+                mbar_arrive(&item_full[slot]);  // a release: the slot's contents, before the readers' waits
                 if (w >= num_work) break;
-                const Coords c = coords(w);
-                const int b = c.b;
                 for (int i = 0; i < c.n_tiles; ++i, ++r) {
                     const int st = r % kStages;
                     int h, qt;
@@ -735,12 +741,12 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
                         tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
-                                    lay.q(h) + p * kPanelCols, qt * kBM, b);
+                                    lay.q(h) + p * kPanelCols, qt * kBM, c.b);
                     mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
 #pragma unroll
                     for (int p = 0; p < kPanels; ++p)
                         tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
-                                    h * HS + p * kPanelCols, qt * kBM, b);
+                                    h * HS + p * kPanelCols, qt * kBM, c.b);
                     if (i == 0) {
                         // K and V, after the first Q/dO tile (its stage frees during the previous item's last
                         // tile), once the previous item's last products have read them
@@ -749,9 +755,9 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
                         for (int p = 0; p < kPanels; ++p) {
                             tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(c.kh) + p * kPanelCols,
-                                        c.kb * kBN, b);
+                                        c.kb * kBN, c.b);
                             tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(c.kh) + p * kPanelCols,
-                                        c.kb * kBN, b);
+                                        c.kb * kBN, c.b);
                         }
                     }
                 }
@@ -760,20 +766,18 @@ __global__ void __launch_bounds__(384, 1)
             // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
             int d = 0;  // dQ tiles staged so far (ring position across items)
             for (int it = 0;; ++it) {
-              const int w = read_item(it);
-              if (w < 0) break;
-              const Coords c = coords(w);
-              const int b = c.b, kb = c.kb;
-              for (int i = 0; kb > 0 && i < c.n_tiles; ++i, ++d) {
+              const BwdItem& c = wait_item(it);
+              if (c.n_tiles == 0) break;
+              for (int i = 0; c.kb > 0 && i < c.n_tiles; ++i, ++d) {
                 const int buf = d % kDqBufs;
                 int h, qt;
                 tile_of(c, i, h, qt);
-                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
+                const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
                 float* dst = dq_acc + tile * Cfg::kDqFloats;
                 const float* src = sdQ + buf * Cfg::kDqFloats;
                 mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
                 // the key blocks after this one (up to the tile's diagonal block) have added; the first stores
-                const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
+                const uint32_t before = (uint32_t)(qt * kBM / kBN - c.kb);
                 if (before > 0) {
                     wait_count(dq_count + tile, before);
                     fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
@@ -788,15 +792,15 @@ __global__ void __launch_bounds__(384, 1)
                 fence_proxy_async_global();
                 red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
               }
+              done_item(it);
             }
         } else if (tid >= 64 && tid < 96) {
             // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
             const int lane = tid - 64;
             int r = 0;  // tiles so far (the Q/dO ring's position)
             for (int it = 0;; ++it) {
-              const int w = read_item(it);
-              if (w < 0) break;
-              const Coords c = coords(w);
+              const BwdItem& c = wait_item(it);
+              if (c.n_tiles == 0) break;
               for (int i = 0; i < c.n_tiles; ++i, ++r) {
                 const int st = r % kStages;
                 int h, qt;
@@ -814,6 +818,7 @@ __global__ void __launch_bounds__(384, 1)
                 }
                 mbar_arrive(&aux_full[st]);
               }
+              done_item(it);
             }
         }
         return;
@@ -862,9 +867,8 @@ __global__ void __launch_bounds__(384, 1)
     int r = 0;  // tiles so far (the Q/dO ring's position)
     int d = 0;  // dQ tiles staged so far (the staging ring's)
     for (int it = 0;; ++it) {
-    const int w = read_item(it);
-    if (w < 0) break;
-    const Coords c = coords(w);
+    const BwdItem& c = wait_item(it);
+    if (c.n_tiles == 0) break;
     const int kb = c.kb, n_tiles = c.n_tiles;
     const int key0 = kb * kBN + 64 * cw;  // first key of this warpgroup
     const int krow = kb * kBN + klocal;
@@ -1001,15 +1005,15 @@ __global__ void __launch_bounds__(384, 1)
     // products read dk, dv with a run-time scale_d)
     reg_fence(dk);
     reg_fence(dv);
-    // the block's coordinates again (keeping them live through the loop spilled them), from the item's slot: it is
-    // rewritten only after every role has read the next item, this one included
-    const Coords ce = coords(work_slot[it % Cfg::kItemSlots]);
+    // the block's coordinates again (keeping them live through the loop spilled them)
+    const BwdItem& ce = c;
     const int b_e = ce.b, kh_e = ce.kh;
     const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
     const size_t row_stride = lay.row_stride();
     bf16* base = dqkv + (size_t)b_e * T * row_stride;
     store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
     store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
+    done_item(it);
     }  // work items
 #endif
 }
