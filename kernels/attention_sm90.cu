@@ -628,8 +628,8 @@ __global__ void __launch_bounds__(384, 1)
                                          const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                          const float* __restrict__ lse, const float* __restrict__ dvec,
                                          float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count, int T,
-                                         QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
-                                         float scale_log2) {
+                                         QkvLayout lay, int num_bkv, int num_kblocks, int num_work, int group,
+                                         float scale, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FusedBwdCfg<HS>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
@@ -717,7 +717,6 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (tid == 0) {
-            const int num_work = num_bkv * num_kblocks;
             int r = 0;  // Q/dO tiles loaded so far (ring position across items)
             for (int it = 0;; ++it) {
                 // every item from the counter (none by blockIdx): an item is only ever taken by a running CTA
@@ -797,18 +796,18 @@ __global__ void __launch_bounds__(384, 1)
         } else if (tid >= 64 && tid < 96) {
             // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
             const int lane = tid - 64;
-            int r = 0;  // tiles so far (the Q/dO ring's position)
+            int n = 0;  // tiles so far (the Q/dO ring's position)
             for (int it = 0;; ++it) {
               const BwdItem& c = wait_item(it);
               if (c.n_tiles == 0) break;
-              for (int i = 0; i < c.n_tiles; ++i, ++r) {
-                const int st = r % kStages;
+              for (int i = 0; i < c.n_tiles; ++i, ++n) {
+                const int st = n % kStages;
                 int h, qt;
                 tile_of(c, i, h, qt);
                 const size_t bh = (size_t)c.b * lay.NH + h;
                 const float* lse_bh = lse + bh * T;
                 const float* d_bh = dvec + bh * T;
-                if (r >= kStages) mbar_wait(&empty[st], ((r / kStages) - 1) & 1);
+                if (n >= kStages) mbar_wait(&empty[st], ((n / kStages) - 1) & 1);
                 float* aux = sAux + st * (2 * kBM);
 #pragma unroll
                 for (int k = 0; k < kBM / 32; ++k) {
@@ -1106,7 +1105,7 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(items > sms ? sms : items);
     kernel<<<grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay, num_bkv,
-                                        num_kblocks, head_group(num_kblocks, num_bkv), scale, scale_log2);
+                                        num_kblocks, (int)items, head_group(num_kblocks, num_bkv), scale, scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
