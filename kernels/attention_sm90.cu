@@ -636,7 +636,9 @@ __global__ void __launch_bounds__(384, 1)
     constexpr int kDqBufs = Cfg::kDqBufs;
     constexpr float kLog2e = 1.4426950408889634f;
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    // aligned by an offset on smem_raw (not an integer cast): the compiler then knows every pointer below is shared
+    // and accesses it with 32-bit shared addresses (generic 64-bit pointers were live in the 24-register roles)
+    uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     uint8_t* sK = smem;
     uint8_t* sV = smem + Cfg::kKVBytes;
     uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
