@@ -806,9 +806,10 @@ __global__ void __launch_bounds__(384, 1)
                 const int st = n % kStages;
                 int h, qt;
                 tile_of(c, i, h, qt);
-                const size_t bh = (size_t)c.b * lay.NH + h;
-                const float* lse_bh = lse + bh * T;
-                const float* d_bh = dvec + bh * T;
+                // (unsigned: no sign extensions kept in this warp's 24 registers)
+                const size_t bh = (unsigned)(c.b * lay.NH + h);
+                const float* lse_bh = lse + bh * (unsigned)T;
+                const float* d_bh = dvec + bh * (unsigned)T;
                 if (n >= kStages) mbar_wait(&empty[st], ((n / kStages) - 1) & 1);
                 float* aux = sAux + st * (2 * kBM);
 #pragma unroll
