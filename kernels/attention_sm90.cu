@@ -126,7 +126,10 @@ __device__ __forceinline__ int take_work(int* counter, int base, int num_work) {
     const int next = base + atomicAdd(&counter[0], 1);
     if (next >= num_work) {
         __threadfence();  // this CTA's last take comes before its count
-        if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
+        // the grid size read here (asm volatile): hoisted out of the caller's loop, it was spilled
+        uint32_t ctas;
+        asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(ctas));
+        if (atomicAdd(&counter[1], 1) == (int)ctas - 1) {
             counter[0] = 0;
             counter[1] = 0;
         }
