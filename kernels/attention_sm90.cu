@@ -770,60 +770,60 @@ __global__ void __launch_bounds__(384, 1)
             // warp 1, one thread: the dQ adds (key block 0's consumers write dQ themselves)
             int d = 0;  // dQ tiles staged so far (ring position across items)
             for (int it = 0;; ++it) {
-              const BwdItem& c = wait_item(it);
-              if (c.n_tiles == 0) break;
-              for (int i = 0; c.kb > 0 && i < c.n_tiles; ++i, ++d) {
-                const int buf = d % kDqBufs;
-                int h, qt;
-                tile_of(c, i, h, qt);
-                const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
-                float* dst = dq_acc + tile * Cfg::kDqFloats;
-                const float* src = sdQ + buf * Cfg::kDqFloats;
-                mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
-                // the key blocks after this one (up to the tile's diagonal block) have added; the first stores
-                const uint32_t before = (uint32_t)(qt * kBM / kBN - c.kb);
-                if (before > 0) {
-                    wait_count(dq_count + tile, before);
-                    fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                    bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
-                } else {
-                    bulk_store(dst, src, Cfg::kDqFloats * 4);
+                const BwdItem& c = wait_item(it);
+                if (c.n_tiles == 0) break;
+                for (int i = 0; c.kb > 0 && i < c.n_tiles; ++i, ++d) {
+                    const int buf = d % kDqBufs;
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+                    float* dst = dq_acc + tile * Cfg::kDqFloats;
+                    const float* src = sdQ + buf * Cfg::kDqFloats;
+                    mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
+                    // the key blocks after this one (up to the tile's diagonal block) have added; the first stores
+                    const uint32_t before = (uint32_t)(qt * kBM / kBN - c.kb);
+                    if (before > 0) {
+                        wait_count(dq_count + tile, before);
+                        fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
+                        bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
+                    } else {
+                        bulk_store(dst, src, Cfg::kDqFloats * 4);
+                    }
+                    bulk_commit();
+                    bulk_wait_read<0>();
+                    mbar_arrive(&dq_empty[buf]);  // the staging buffer is free once read, before the add completes
+                    bulk_wait<0>();
+                    fence_proxy_async_global();
+                    red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
                 }
-                bulk_commit();
-                bulk_wait_read<0>();
-                mbar_arrive(&dq_empty[buf]);  // the staging buffer is free once read, before the add completes
-                bulk_wait<0>();
-                fence_proxy_async_global();
-                red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
-              }
-              done_item(it);
+                done_item(it);
             }
         } else if (tid >= 64 && tid < 96) {
             // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
             const int lane = tid - 64;
             int n = 0;  // tiles so far (the Q/dO ring's position)
             for (int it = 0;; ++it) {
-              const BwdItem& c = wait_item(it);
-              if (c.n_tiles == 0) break;
-              for (int i = 0; i < c.n_tiles; ++i, ++n) {
-                const int st = n % kStages;
-                int h, qt;
-                tile_of(c, i, h, qt);
-                // (unsigned: no sign extensions kept in this warp's 24 registers)
-                const size_t bh = (unsigned)(c.b * lay.NH + h);
-                const float* lse_bh = lse + bh * (unsigned)T;
-                const float* d_bh = dvec + bh * (unsigned)T;
-                if (n >= kStages) mbar_wait(&empty[st], ((n / kStages) - 1) & 1);
-                float* aux = sAux + st * (2 * kBM);
+                const BwdItem& c = wait_item(it);
+                if (c.n_tiles == 0) break;
+                for (int i = 0; i < c.n_tiles; ++i, ++n) {
+                    const int st = n % kStages;
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    // (unsigned: no sign extensions kept in this warp's 24 registers)
+                    const size_t bh = (unsigned)(c.b * lay.NH + h);
+                    const float* lse_bh = lse + bh * (unsigned)T;
+                    const float* d_bh = dvec + bh * (unsigned)T;
+                    if (n >= kStages) mbar_wait(&empty[st], ((n / kStages) - 1) & 1);
+                    float* aux = sAux + st * (2 * kBM);
 #pragma unroll
-                for (int k = 0; k < kBM / 32; ++k) {
-                    const int r = qt * kBM + lane + 32 * k;
-                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
-                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                    for (int k = 0; k < kBM / 32; ++k) {
+                        const int r = qt * kBM + lane + 32 * k;
+                        aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                        aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                    }
+                    mbar_arrive(&aux_full[st]);
                 }
-                mbar_arrive(&aux_full[st]);
-              }
-              done_item(it);
+                done_item(it);
             }
         }
         return;
@@ -872,153 +872,151 @@ __global__ void __launch_bounds__(384, 1)
     int r = 0;  // tiles so far (the Q/dO ring's position)
     int d = 0;  // dQ tiles staged so far (the staging ring's)
     for (int it = 0;; ++it) {
-    const BwdItem& c = wait_item(it);
-    if (c.n_tiles == 0) break;
-    const int kb = c.kb, n_tiles = c.n_tiles;
-    const int key0 = kb * kBN + 64 * cw;  // first key of this warpgroup
-    const int krow = kb * kBN + klocal;
-    mbar_wait(kv_full, it & 1);
-    for (int i = 0; i < n_tiles; ++i, ++r) {
-        const int st = r % kStages;
-        const uint32_t ph = (r / kStages) & 1;
-        int h, qt;
-        tile_of(c, i, h, qt);
-        const int row0 = qt * kBM;
-        const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
-        mbar_wait(&q_full[st], ph);
-        mbar_wait(&do_full[st], ph);
-        mbar_wait(&aux_full[st], ph);
-        // Sub-tiles of 64 queries (HS 64: two): at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (the
-        // consumers' 240 registers), one pair per sub-tile (the next pair is issued before the last is stored);
-        // the A fragments of P^T and dS^T stay untouched until their products complete (the next sub-tile's
-        // wait, or the one after dQ).
-        uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-        float s_[kBM / 64][32], dp_[kBM / 64][32];
-        issue_s_dp(s_[0], dp_[0], st, 0);
+        const BwdItem& c = wait_item(it);
+        if (c.n_tiles == 0) break;
+        const int kb = c.kb, n_tiles = c.n_tiles;
+        const int key0 = kb * kBN + 64 * cw;  // first key of this warpgroup
+        const int krow = kb * kBN + klocal;
+        mbar_wait(kv_full, it & 1);
+        for (int i = 0; i < n_tiles; ++i, ++r) {
+            const int st = r % kStages;
+            const uint32_t ph = (r / kStages) & 1;
+            int h, qt;
+            tile_of(c, i, h, qt);
+            const int row0 = qt * kBM;
+            const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
+            mbar_wait(&q_full[st], ph);
+            mbar_wait(&do_full[st], ph);
+            mbar_wait(&aux_full[st], ph);
+            // Sub-tiles of 64 queries (HS 64: two): at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (the
+            // consumers' 240 registers), one pair per sub-tile (the next pair is issued before the last is stored);
+            // the A fragments of P^T and dS^T stay untouched until their products complete (the next sub-tile's
+            // wait, or the one after dQ).
+            uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+            float s_[kBM / 64][32], dp_[kBM / 64][32];
+            issue_s_dp(s_[0], dp_[0], st, 0);
 #pragma unroll
-        for (int hh = 0; hh < kBM / 64; ++hh) {
-            const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
-            const int q0 = row0 + 64 * hh;
-            float(&s)[32] = s_[hh];
-            float(&dp)[32] = dp_[hh];
-            wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
-            reg_fence(s);
-            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key. (P^T and dS^T in arrays
-            // of their own, not over S^T and dP^T: ptxas serialized every product when a wgmma's accumulators were
-            // redefined with another product in flight, C7515.)
-            float pt[32], dst[32];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int q = q0 + 8 * j + 2 * t + (e & 1);
-                    const int k = krow + 8 * (e >> 1);
-                    float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
-                    if (need_mask && q < k) p = 0.f;
-                    pt[4 * j + e] = p;
-                }
-            }
-            uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
-            uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
-            acc_to_a<64>(pah, pt);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
-            wgmma_commit();
-            wgmma_wait<1>();  // dP^T (dV may still run)
-            reg_fence(dp);
-            // dS^T = P^T (dP^T - D[query])
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
-            }
-            acc_to_a<64>(dah, dst);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
-            wgmma_commit();
-            // the next sub-tile's S^T, dP^T queue behind dK; then, before the first store of dS^T, both
-            // warpgroups' dQ products of the previous tile are done reading it (each waited for its own)
-            if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
-            if (hh == 0) named_barrier_sync(1, 256);
-            // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
-            // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
-            const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
-#pragma unroll
-            for (int ch = 0; ch < 8; ++ch) {
-                const uint32_t p = rowp + ((ch ^ g) << 4);
-                st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
-                st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
-            }
-        }
-        fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
-        named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
-        float dq[32];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            wgmma_ss_n64<1, 1>(dq, make_desc(ds_addr + kk * 16 * kPanelRowBytes, Cfg::kDsPanelBytes, 1024),
-                               make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        float dqv[32];  // dQ's values after the wait
-        reg_copy(dqv, dq);
-        mbar_arrive(&empty[st]);
-        if (i == n_tiles - 1) mbar_arrive(kv_empty);  // the producer loads the next item's K and V
-        if (kb == 0) {
-            // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
-            // read through L2) plus this part, scaled, in bf16 straight into dqkv
-            const int before = qt * kBM / kBN;
-            const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
-            if (before > 0) {
-                wait_count(dq_count + tile, (uint32_t)before);
-                const float4* acc =
-                    reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + ctid;
+            for (int hh = 0; hh < kBM / 64; ++hh) {
+                const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
+                const int q0 = row0 + 64 * hh;
+                float(&s)[32] = s_[hh];
+                float(&dp)[32] = dp_[hh];
+                wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
+                reg_fence(s);
+                // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key. (P^T and dS^T in arrays
+                // of their own, not over S^T and dP^T: ptxas serialized every product when a wgmma's accumulators were
+                // redefined with another product in flight, C7515.)
+                float pt[32], dst[32];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const float4 v = __ldcg(acc + 128 * j);
-                    dqv[4 * j] += v.x;
-                    dqv[4 * j + 1] += v.y;
-                    dqv[4 * j + 2] += v.z;
-                    dqv[4 * j + 3] += v.w;
+                    const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int q = q0 + 8 * j + 2 * t + (e & 1);
+                        const int k = krow + 8 * (e >> 1);
+                        float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                        if (need_mask && q < k) p = 0.f;
+                        pt[4 * j + e] = p;
+                    }
+                }
+                uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
+                uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
+                acc_to_a<64>(pah, pt);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
+                wgmma_commit();
+                wgmma_wait<1>();  // dP^T (dV may still run)
+                reg_fence(dp);
+                // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+                }
+                acc_to_a<64>(dah, dst);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
+                wgmma_commit();
+                // the next sub-tile's S^T, dP^T queue behind dK; then, before the first store of dS^T, both
+                // warpgroups' dQ products of the previous tile are done reading it (each waited for its own)
+                if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
+                if (hh == 0) named_barrier_sync(1, 256);
+                // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
+                // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
+                const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
+#pragma unroll
+                for (int ch = 0; ch < 8; ++ch) {
+                    const uint32_t p = rowp + ((ch ^ g) << 4);
+                    st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
+                    st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
                 }
             }
-            const size_t row_stride = lay.row_stride();
-            bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-            store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
-        } else {
-            // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
-            const int buf = d % kDqBufs;
-            if (d >= kDqBufs) mbar_wait(&dq_empty[buf], ((d / kDqBufs) - 1) & 1);
-            const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+            fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
+            named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
+            float dq[32];
+            wgmma_fence();
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
-            fence_proxy_async();  // visible to the bulk copy
-            mbar_arrive(&dq_full[buf]);
-            ++d;
+            for (int kk = 0; kk < kBN / 16; ++kk)
+                wgmma_ss_n64<1, 1>(dq, make_desc(ds_addr + kk * 16 * kPanelRowBytes, Cfg::kDsPanelBytes, 1024),
+                                   make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            float dqv[32];  // dQ's values after the wait
+            reg_copy(dqv, dq);
+            mbar_arrive(&empty[st]);
+            if (i == n_tiles - 1) mbar_arrive(kv_empty);  // the producer loads the next item's K and V
+            if (kb == 0) {
+                // the tile's last contributor: once the others' adds are complete, their sum (this warpgroup's half,
+                // read through L2) plus this part, scaled, in bf16 straight into dqkv
+                const int before = qt * kBM / kBN;
+                const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+                if (before > 0) {
+                    wait_count(dq_count + tile, (uint32_t)before);
+                    const float4* acc = reinterpret_cast<const float4*>(dq_acc + tile * Cfg::kDqFloats +
+                                                                        cw * (Cfg::kDqFloats / 2)) + ctid;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const float4 v = __ldcg(acc + 128 * j);
+                        dqv[4 * j] += v.x;
+                        dqv[4 * j + 1] += v.y;
+                        dqv[4 * j + 2] += v.z;
+                        dqv[4 * j + 3] += v.w;
+                    }
+                }
+                const size_t row_stride = lay.row_stride();
+                bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
+                store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+            } else {
+                // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
+                const int buf = d % kDqBufs;
+                if (d >= kDqBufs) mbar_wait(&dq_empty[buf], ((d / kDqBufs) - 1) & 1);
+                const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
+                fence_proxy_async();  // visible to the bulk copy
+                mbar_arrive(&dq_full[buf]);
+                ++d;
+            }
         }
-    }
 
-    // dK, dV after the last wait, stored in place (copies would be live beside them: the next item's first
-    // products read dk, dv with a run-time scale_d)
-    reg_fence(dk);
-    reg_fence(dv);
-    // the block's coordinates again (keeping them live through the loop spilled them)
-    const BwdItem& ce = c;
-    const int b_e = ce.b, kh_e = ce.kh;
-    const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
-    const size_t row_stride = lay.row_stride();
-    bf16* base = dqkv + (size_t)b_e * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dk, krow_e, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dv, krow_e, T, t, 1.f);
-    done_item(it);
+        // dK, dV after the last wait, stored in place (copies would be live beside them: the next item's first
+        // products read dk, dv with a run-time scale_d)
+        reg_fence(dk);
+        reg_fence(dv);
+        // the item's coordinates reread from its slot (keeping them live through the loop spilled them)
+        const int krow_e = c.kb * kBN + 64 * cw + 16 * warp + g;
+        const size_t row_stride = lay.row_stride();
+        bf16* base = dqkv + (size_t)c.b * T * row_stride;
+        store_acc_rows<HS>(base + lay.k(c.kh), row_stride, dk, krow_e, T, t, scale);
+        store_acc_rows<HS>(base + lay.v(c.kh), row_stride, dv, krow_e, T, t, 1.f);
+        done_item(it);
     }  // work items
 #endif
 }
