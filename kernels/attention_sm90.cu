@@ -515,13 +515,20 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 }
 
 // ---- Backward -------------------------------------------------------------------------------------------
-// After attention.cu's preprocess (D = rowsum(dO * O)), one kernel recomputes P from lse and writes dK, dV and dQ:
-// one CTA per (128-key block, key/value head, batch), 3 warpgroups (384 threads).
-//   Warpgroup 0 (setmaxnreg 24): warp 0, one thread, loads the block's K and V once, then streams query tiles of
-//     kBM rows (HS 64: 128, HS 128: 64) of Q and dO by TMA into a ring of kStages, from the diagonal tile up, for
-//     each query head of the group in turn (K/V loaded once, dK/dV summed over the group in registers in that
-//     fixed order); warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D
-//     into shared memory; one thread of warp 1 adds the block's dQ parts into global memory (below).
+// After attention.cu's preprocess (D = rowsum(dO * O)), one kernel recomputes P from lse and writes dK, dV and dQ.
+// Work items: (128-key block, key/value head, batch), on a persistent grid (one CTA of 3 warpgroups, 384 threads, per
+// multiprocessor, fewer if fewer items) taking them in cta_order's order from a global counter (take_work).
+//   Warpgroup 0 (setmaxnreg 24): warp 0, one thread, takes the items and publishes each (its coordinates) in a
+//     ring of kItemSlots shared-memory slots (item_full; item_empty: every other role is done with it, so none can
+//     find its slot rewritten); per item it streams query tiles of kBM rows (HS 64: 128, HS 128: 64) of Q and dO by
+//     TMA into a ring of kStages, from the diagonal tile up, for each query head of the group in turn, and loads the
+//     block's K and V once (dK/dV summed over the group in registers in that fixed order): after the item's first
+//     Q/dO tile, once the consumers are done with the previous item's K and V (kv_empty, arrived after their last dQ
+//     product), so that the loads run under the previous item's epilogue (its dK/dV stores, the last dQ adds). The
+//     Q/dO/lse/D ring and the dQ staging ring run on across items (running counters, so phases never restart).
+//     Warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D into shared
+//     memory; one thread of warp 1 adds the block's dQ parts into global memory (below), its last adds of an item
+//     completing under the next item's first tiles.
 //   Warpgroups 1, 2, the consumers (setmaxnreg 240): warpgroup cw owns keys 64cw..64cw+63. Per tile, in sub-tiles
 //     of 64 queries (their accumulators and dK, dV fit the 240 registers): S^T = K Q^T and dP^T = V dO^T (wgmma,
 //     A = this warpgroup's 64 keys, both K-major), P^T while dP^T runs, dV += P^T dO issued (A = P^T from
@@ -571,8 +578,11 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
 // order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
 // block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
-// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
-// which the CTA order launches before it (the last key block of a head first: lower block indices). Unordered
+// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1.. of
+// the same head, items of lower indices (cta_order: the last key block of a head first); items are taken in
+// increasing order, every one from the counter (none by blockIdx), so all of them were taken before, by CTAs that
+// are running; inside a CTA each role walks the items in order and waits only on its own item's earlier stages or
+// on older items (the slot ring: the item two back), so the lowest unfinished item can always proceed. Unordered
 // adds (fp32 sums differing in their last bits between runs) need the accumulator zeroed first and measured slower
 // on an H200 (2026-12-02): 866.5 against 819.5 us at B=64 T=1024 NH=6 HS 128, 1135.9 against 1103.1 at NH=12
 // HS 64 (on a loop order since dropped); the order costs nothing measurable.
