@@ -31,16 +31,23 @@ def bias_backward_scratch_floats(N: int, OC: int) -> int:
     return -(-N // 256) * OC  # bias.cu: BIAS_ROWS = 256 rows per partial row
 
 
-def matmul_backward_scratch_floats(N: int, C: int, OC: int, dbias: bool, dgelu: bool) -> int:
+def matmul_backward_scratch_floats(N: int, C: int, OC: int, dbias: bool, dgelu: bool,
+                                   dgelu_dbias: bool = False) -> int:
     """matmul.cu: dbias's partial sums, or with the DGELU epilogue the weight (OC, C) transposed in bf16 (Hopper's
-    kernel reads it K-major; asked for on every GPU): the larger, used one after the other."""
-    return max(bias_backward_scratch_floats(N, OC) if dbias else 0, -(-C * OC // 2) if dgelu else 0)
+    kernel reads it K-major), then with dgelu_dbias dinp's column sums per 128-row tile (gemm_sm90.h's
+    gemm_sm90_row_tiles; off Hopper bias_backward's partials of dinp): the largest, used one after the other
+    (asked for on every GPU)."""
+    dgelu = dgelu or dgelu_dbias
+    return max(bias_backward_scratch_floats(N, OC) if dbias else 0,
+               -(-C * OC // 2) + (-(-N // 128) * C if dgelu_dbias else 0) if dgelu else 0,
+               bias_backward_scratch_floats(N, C) if dgelu_dbias else 0)
 
 
 def attention_backward_scratch_floats(B: int, T: int, n_head: int, head_size: int) -> int:
-    """attention.cu: D = rowsum(dO * O), one float per (b, h, t); then, on Hopper, the one-kernel backward's
-    fp32 dQ tiles (queries per tile: attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack
-    (other GPUs need only D: the plan is Hopper's, the larger)."""
+    """attention.cu: D = rowsum(dO * O), one float per (b, h, t) (not when the caller gives D, as the models do:
+    their activation datt_dot); then, on Hopper, the one-kernel backward's fp32 dQ tiles (queries per tile:
+    attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack (other GPUs need only D: the plan is
+    Hopper's, the larger)."""
     rows = 128 if head_size == 64 else 64
     tiles = B * n_head * -(-T // rows)
     return B * n_head * T + tiles * rows * head_size + tiles + 4
@@ -53,11 +60,12 @@ def global_norm_scratch_floats(n: int) -> int:
 
 def gpt2_scratch_floats(cfg, B: int, T: int, grad_elements: int) -> int:
     """The CUDA backend's one scratch buffer grows to the largest request of a GPT-2 step."""
-    N, C = B * T, cfg.n_embd
+    N, C, HS = B * T, cfg.n_embd, cfg.n_embd // cfg.n_head
     return max(layernorm_backward_scratch_floats(N, C),
                max(bias_backward_scratch_floats(N, oc) for oc in (3 * C, C, 4 * C)),
-               matmul_backward_scratch_floats(N, 4 * C, C, False, True),  # fc's projection, after the GeLU
-               attention_backward_scratch_floats(B, T, cfg.n_head, cfg.n_embd // cfg.n_head),
+               matmul_backward_scratch_floats(N, 4 * C, C, False, True, True),  # fc's projection (+ fc's dbias)
+               # less D: the models give it (their activation datt_dot, from attproj's backward)
+               attention_backward_scratch_floats(B, T, cfg.n_head, HS) - B * cfg.n_head * T,
                global_norm_scratch_floats(grad_elements))
 
 

@@ -39,7 +39,9 @@
 //            exceed its rows; only blocks that straddle the diagonal evaluate the mask. Query blocks are
 //            launched in decreasing order (the last ones have the most keys) so long CTAs start first.
 //   backward, deterministic (no atomics: every output element is written by exactly one thread once):
-//     1. preprocess: D[b,h,i] = dO[i,:] . O[i,:] into the scratch (fp32, B*NH*T floats).
+//     1. preprocess: D[b,h,i] = dO[i,:] . O[i,:] into the scratch (fp32, B*NH*T floats), or given by the caller:
+//        matmul_backward computes it with dO (the output projection's dinp) on Hopper, in its GEMM's epilogue
+//        (gemm_sm90.cu's HeadDot), and through attention_backward_preprocess elsewhere.
 //     2. dK/dV: one CTA per (key block, key/value head, batch); each warp owns 16*MT keys (HS 64: MT = 2,
 //        128-key blocks; HS 128: MT = 1, 64-key blocks); loops over the G query heads of the group and, for
 //        each, over the 64-query blocks from the diagonal to the end, as one pipelined sequence of tiles
@@ -59,7 +61,7 @@
 // attention_backward run the Hopper kernels of attention_sm90.cu (wgmma + TMA; same contract, also
 // deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
 // these, 2 keeps only the backward here (kernels.h). The Hopper backward sums dQ in fp32 in the scratch after D
-// (attention_sm90.cu).
+// (from its start when the caller gives D) (attention_sm90.cu).
 //
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,
@@ -864,6 +866,18 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
         launch_forward<128>(out, lse, qkv, B, T, lay, stream);
 }
 
+void attention_backward_preprocess(float* D, const bf16* dout, const bf16* out, int B, int T, int NH, int HS,
+                                   cudaStream_t stream) {
+    require(B > 0 && T > 0 && NH > 0 && (HS == 64 || HS == 128),
+            "attention_backward_preprocess: B, T, NH positive, head size 64 or 128");
+    require(aligned16(dout) && aligned16(out) && (reinterpret_cast<uintptr_t>(D) & 3) == 0,
+            "attention_backward_preprocess: dout and out 16-byte aligned, D 4-byte aligned");
+    if (HS == 64)
+        launch_preprocess<64>(D, dout, out, B, T, NH, stream);
+    else
+        launch_preprocess<128>(D, dout, out, B, T, NH, stream);
+}
+
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
     size_t n = (size_t)B * NH * T;  // D = rowsum(dO * O), one float per (b, h, t)
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
@@ -875,34 +889,37 @@ size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
 
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const float* dout_head_dot) {
     check_shapes(B, T, NH, NKV, HS);
-    require(scratch_floats >= attention_backward_scratch_floats(B, T, NH, HS),
+    const size_t d_floats = (size_t)B * NH * T;  // D's part of the scratch, left out when the caller gives D
+    require(scratch_floats + (dout_head_dot ? d_floats : 0) >= attention_backward_scratch_floats(B, T, NH, HS),
             "attention_backward: scratch too small");
     require(aligned16(qkv) && aligned16(dout) && aligned16(out),
             "attention_backward: qkv, dout and out must be 16-byte aligned");
     require((reinterpret_cast<uintptr_t>(dqkv) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0 &&
-                (reinterpret_cast<uintptr_t>(scratch) & 3) == 0,
-            "attention_backward: dqkv, lse and scratch must be 4-byte aligned");
+                (reinterpret_cast<uintptr_t>(scratch) & 3) == 0 &&
+                (reinterpret_cast<uintptr_t>(dout_head_dot) & 3) == 0,
+            "attention_backward: dqkv, lse, scratch and dout_head_dot must be 4-byte aligned");
     const QkvLayout lay{NH, NKV, HS};
     // the dK/dV and dQ kernels read qkv while other CTAs write dqkv: they must not overlap
     const size_t qkv_bytes = (size_t)B * T * lay.row_stride() * sizeof(bf16);
     const uintptr_t a = reinterpret_cast<uintptr_t>(dqkv), q = reinterpret_cast<uintptr_t>(qkv);
     require(a + qkv_bytes <= q || q + qkv_bytes <= a, "attention_backward: dqkv must not overlap qkv");
-    if (HS == 64)
-        launch_preprocess<64>(scratch, dout, out, B, T, NH, stream);
-    else
-        launch_preprocess<128>(scratch, dout, out, B, T, NH, stream);
+    const float* dvec = dout_head_dot;
+    if (!dvec) {
+        attention_backward_preprocess(scratch, dout, out, B, T, NH, HS, stream);
+        dvec = scratch;
+        scratch += d_floats;
+        scratch_floats -= d_floats;
+    }
     if (attention_sm90_backward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-        const size_t d_floats = (size_t)B * NH * T;
-        attention_backward_sm90(dqkv, dout, qkv, lse, scratch, B, T, NH, NKV, HS, scratch + d_floats,
-                                scratch_floats - d_floats, stream);
+        attention_backward_sm90(dqkv, dout, qkv, lse, dvec, B, T, NH, NKV, HS, scratch, scratch_floats, stream);
         return;
 #endif
     }
     if (HS == 64)
-        launch_backward<64>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
+        launch_backward<64>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
     else
-        launch_backward<128>(dqkv, dout, qkv, lse, scratch, B, T, lay, stream);
+        launch_backward<128>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
 }

@@ -5,7 +5,8 @@
 //   the 8 row-group sums go through shared memory and are added in y order, and the block writes its
 //   fp32 partial row: scratch[tile_row][OC]. N = 65536 gives 256 tiles of rows x OC/256 column tiles
 //   (768 to 3072 blocks for OC = 768 ... 3072).
-// phase 2: column_sum_add adds the ceil(N / BIAS_ROWS) partial rows in order into the bf16 dbias.
+// phase 2: column_sum_add adds the ceil(N / BIAS_ROWS) partial rows in order into the bf16 dbias
+//   (bias_backward_finish, which also finishes the column sums the Hopper DGELU GEMM writes: matmul.cu).
 // OC not a multiple of 8 (or an unaligned dout) runs the same code with 1-column vectors.
 #include "common.cuh"
 
@@ -60,5 +61,9 @@ void bias_backward(bf16* dbias, const bf16* dout, float* scratch, size_t scratch
         bias_backward_partial_kernel<1><<<dim3(ceil_div(OC, BIAS_TX), row_tiles), block, 0, stream>>>(
             scratch, dout, N, OC);
     CUDA_CHECK_LAUNCH();
-    column_sum_add(dbias, dbias, OC, scratch, row_tiles, OC, stream);
+    bias_backward_finish(dbias, scratch, row_tiles, OC, stream);
+}
+
+void bias_backward_finish(bf16* dbias, const float* partials, int rows, int OC, cudaStream_t stream) {
+    column_sum_add(dbias, dbias, OC, partials, rows, OC, stream);
 }

@@ -199,6 +199,13 @@ PYBIND11_MODULE(_kernels, m) {
         "dbias[OC] += sum over N rows of dout[N, OC]", py::arg("dbias"), py::arg("dout"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("N"), py::arg("OC"), py::arg("stream"));
     m.def(
+        "bias_backward_finish",
+        [](uintptr_t dbias, uintptr_t partials, int rows, int OC, uintptr_t stream) {
+            bias_backward_finish(ptr<bf16>(dbias), ptr<const float>(partials), rows, OC, strm(stream));
+        },
+        "dbias[OC] += the column sums of partials[rows, OC] (fp32), added in row order", py::arg("dbias"),
+        py::arg("partials"), py::arg("rows"), py::arg("OC"), py::arg("stream"));
+    m.def(
         "bias_backward_scratch_floats", [](int N, int OC) { return bias_backward_scratch_floats(N, OC); },
         "floats of scratch bias_backward needs for (N, OC)", py::arg("N"), py::arg("OC"));
 
@@ -257,21 +264,29 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "attention_backward",
         [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
-           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV) {
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV, uintptr_t dout_head_dot) {
             attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
                                ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, NKV ? NKV : NH,
-                               HS, strm(stream));
+                               HS, strm(stream), ptr<const float>(dout_head_dot));
         },
         "dqkv (qkv's layout) overwritten with [dq | dk | dv], dk and dv summed over each group of query heads "
-        "(deterministic); NKV = 0 means NH",
+        "(deterministic); NKV = 0 means NH; dout_head_dot != 0: D (B, NH, T) = rowsum(dout * out) given",
         py::arg("dqkv"), py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"),
-        py::arg("NKV") = 0);
+        py::arg("NKV") = 0, py::arg("dout_head_dot") = 0);
     m.def(
         "attention_backward_scratch_floats",
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },
         "floats of scratch attention_backward needs for (B, T, NH, HS)", py::arg("B"), py::arg("T"), py::arg("NH"),
         py::arg("HS"));
+    m.def(
+        "attention_backward_preprocess",
+        [](uintptr_t D, uintptr_t dout, uintptr_t out, int B, int T, int NH, int HS, uintptr_t stream) {
+            attention_backward_preprocess(ptr<float>(D), ptr<const bf16>(dout), ptr<const bf16>(out), B, T, NH, HS,
+                                          strm(stream));
+        },
+        "D (B, NH, T) fp32 = rowsum(dout * out) per head of HS columns (both (B, T, NH HS) bf16)", py::arg("D"),
+        py::arg("dout"), py::arg("out"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"));
 
     m.def(
         "attention_set_backend", [](int backend) { attention_set_backend(backend); },
@@ -303,24 +318,29 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "matmul_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
-           uintptr_t dinp_gelu_pre, uintptr_t scratch, size_t scratch_floats, int N, int C, int OC,
-           uintptr_t stream) {
+           uintptr_t dinp_gelu_pre, uintptr_t dinp_gelu_dbias, uintptr_t scratch, size_t scratch_floats, int N, int C,
+           int OC, uintptr_t stream, uintptr_t dinp_head_dot, uintptr_t head_dot_with, int head_size, int T) {
             matmul_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                             ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const bf16>(dinp_gelu_pre),
-                            ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream));
+                            ptr<bf16>(dinp_gelu_dbias), ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream),
+                            ptr<float>(dinp_head_dot), ptr<const bf16>(head_dot_with), head_size, T);
         },
         "dinp = dout @ weight (times gelu'(dinp_gelu_pre) when non-0); dweight += dout^T @ inp; dbias += "
-        "colsum(dout) when non-0",
+        "colsum(dout) when non-0; dinp_gelu_dbias += colsum(dinp) when non-0 (with dinp_gelu_pre); dinp_head_dot "
+        "!= 0: also (N / T, C / head_size, T) fp32 = rowsum(dinp * head_dot_with) per head (the attention "
+        "backward's D)",
         py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
-        py::arg("dinp_gelu_pre"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("N"), py::arg("C"),
-        py::arg("OC"), py::arg("stream"));
+        py::arg("dinp_gelu_pre"), py::arg("dinp_gelu_dbias"), py::arg("scratch"), py::arg("scratch_floats"),
+        py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("stream"), py::arg("dinp_head_dot") = 0,
+        py::arg("head_dot_with") = 0, py::arg("head_size") = 0, py::arg("T") = 0);
     m.def(
         "matmul_backward_scratch_floats",
-        [](int N, int C, int OC, bool dbias, bool dgelu) {
-            return matmul_backward_scratch_floats(N, C, OC, dbias, dgelu);
+        [](int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias) {
+            return matmul_backward_scratch_floats(N, C, OC, dbias, dgelu, dgelu_dbias);
         },
-        "floats of scratch matmul_backward needs for (N, C, OC), with dbias, with the DGELU epilogue", py::arg("N"),
-        py::arg("C"), py::arg("OC"), py::arg("dbias"), py::arg("dgelu"));
+        "floats of scratch matmul_backward needs for (N, C, OC), with dbias, with the DGELU epilogue, with "
+        "dinp_gelu_dbias",
+        py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("dbias"), py::arg("dgelu"), py::arg("dgelu_dbias") = false);
     m.def(
         "matmul_set_tuning", [](int mode) { return matmul_set_tuning(mode); },
         "1: time the cuBLASLt heuristic's candidates at a shape's first call (the default), 0: its first; -1 only "
@@ -328,9 +348,9 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mode"));
     m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
-        "Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU one on gemm_sm90.cu's kernel "
-        "where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; returns the setting "
-        "before",
+        "Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU and head-dot ones on "
+        "gemm_sm90.cu's kernel where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; "
+        "returns the setting before",
         py::arg("mode"));
     m.def(
         "matmul_tuning_report", []() { return matmul_tuning_report(); },

@@ -3,7 +3,12 @@
 //   Gelu  (fc's forward):  pre (M, N) = round(a (M, K) @ w (N, K)^T + bias), out = round(gelu(a @ w^T + bias))
 //                          from the fp32 value (cuBLASLt's GELU_AUX_BIAS; bias may be null)
 //   DGelu (the backward of the projection after the GeLU): out (M, N) = round((a @ w^T) * gelu'(pre)), pre (M, N)
-//                          read (cuBLASLt's DGELU)
+//                          read (cuBLASLt's DGELU); optionally also the column sums of out per 128-row tile (the
+//                          bias gradient of the GEMM whose output pre was: fc's, below)
+//   HeadDot (the backward of attention's output projection): out (M, N) = round(a @ w^T), and with pre (M, N) read
+//                          (attention's output O) dot[(b NH + h) T + t] = sum over head h's hs columns c of
+//                          out[m, c] * pre[m, c], m = b T + t, NH = N / hs: the attention backward's
+//                          D = rowsum(dO * O) from the rounded dO it will read, so it skips its pass over both
 // w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
 // (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
 // form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
@@ -39,6 +44,23 @@
 // under the products, read with ldmatrix, and out is written in its place. Per consumer warpgroup one 32 KB
 // buffer: in the forward four passes of 64 x 64 out + pre alternating between its halves, in the backward the
 // whole tile. Shared memory: 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
+// read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
+// epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums 32 of its 128 columns
+// over the 128 rows from shared memory: lane (c, rg) reads 16-byte chunk 4 (warp & 1) + c of rows 16 rg .. 16 rg +
+// 15 (16 ld.shared.v4, the rows of the two rg of a quarter-warp 4 apart in the swizzle: conflict-free), adds them
+// in fp32, and the 8 row groups are folded by shuffles (7, each lane left with one column). The warpgroup writes
+// one fp32 row of 128 partial sums a tile, deterministically (each element once, no atomics); column_sum_add
+// finishes. Why from the panels and not from the accumulators: those hold one column pair in 4 rows per thread
+// and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full (5 stages + 2
+// epilogue buffers + barriers leave under 2 KB); the panels already hold the rounded values (what bias.cu would
+// sum), with all 128 rows of a column in one warpgroup and no registers added to the epilogue. Cost per tile and
+// thread: ~16 loads, ~130 unpacks, ~130 adds, one barrier more (the next tile's pre may not overwrite the panels
+// before every warp has read them); rows past M are zeros (TMA zero-fills a's rows past M: acc = 0, out = 0).
+// HeadDot: the backward's, with out = round(acc) and the dot products of the rounded values with pre (fp32 fma over
+// the lane's 16 columns of a 64-column panel, a second panel's added for hs 128, then the quad's 4 lanes summed by
+// shuffles: a fixed order, as the attention preprocess's, whose sum of the same products it matches to fp32
+// rounding).
 // History (H200, M=65536 N=3072 K=768, dev/gemm_sm90/bench.py, one process; torch.matmul plain ~425 us,
 // cuBLASLt GELU_AUX_BIAS ~545 us):
 //   - the epilogue straight from the fragments (4-byte stores, bias loaded where used): 1383 us;
@@ -69,7 +91,8 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu };  // the forward's GeLU epilogue; the backward's, with gelu'(pre)
+enum class Epi { Gelu, DGelu, HeadDot };  // the forward's GeLU epilogue; the backward's, with gelu'(pre); with
+                                          // the per-head dot products with pre
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
@@ -84,6 +107,7 @@ constexpr int kEpiOffset = kStages * kStageBytes;
 constexpr int kBarOffset = kEpiOffset + 2 * kEpiBytes;
 constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
 static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+static_assert(kBM == 128, "gemm_sm90_row_tiles (gemm_sm90.h) counts row tiles of 128");
 
 // a shared-memory descriptor moved by `bytes` (the address field cannot carry: shared addresses are < 2^18)
 __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
@@ -98,12 +122,14 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
-// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null).
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
+// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's.
 template <Epi kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                     const bf16* __restrict__ bias, int M, int N, int K) {
+                     const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
+                     int K, int T, int hs) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
@@ -111,6 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
+    constexpr bool kLoadsPre = kEpi != Epi::Gelu;
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
@@ -127,7 +154,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 128);
         }
-        if constexpr (kEpi == Epi::DGelu) {
+        if constexpr (kLoadsPre) {
             mbar_init(&pre_full[0], 1);
             mbar_init(&pre_full[1], 1);
         }
@@ -263,8 +290,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
-            // and registers left for the math to interleave), out = acc * gelu'(pre) written in its place
+            // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu) or acc (HeadDot)
+            // written in its place
             mbar_wait(&pre_full[cw], it & 1);
+            float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
                 const int mi = p >> 1;
@@ -275,12 +304,33 @@ __global__ void __launch_bounds__(kThreads, 1)
                 for (int jq = 0; jq < 4; ++jq) {
                     const int jp = 4 * (p & 1) + jq;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
+                    for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
                         const float2 x = bf16x2_to_float2(v[jq][e]);
-                        v[jq][e] = pack_bf16x2(acc[mi][8 * jp + 2 * e] * gelu_grad(x.x),
-                                               acc[mi][8 * jp + 2 * e + 1] * gelu_grad(x.y));
+                        const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
+                        if constexpr (kEpi == Epi::DGelu) {
+                            v[jq][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                        } else {
+                            v[jq][e] = pack_bf16x2(a0, a1);
+                            const float2 r = bf16x2_to_float2(v[jq][e]);
+                            rowdot[e & 1] = fmaf(r.y, x.y, fmaf(r.x, x.x, rowdot[e & 1]));
+                        }
                     }
                     stmatrix_x4(mat_addr(p, jp), v[jq][0], v[jq][1], v[jq][2], v[jq][3]);
+                }
+                if constexpr (kEpi == Epi::HeadDot) {
+                    if (hs == 64 || (p & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 1);
+                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 2);
+                        }
+                        const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * (t & 1);
+                        if (t < 2 && m < M) {
+                            const int head = (n0 + 64 * (p & 1)) / hs, b = m / T;
+                            dot[((size_t)b * (N / hs) + head) * T + (m - b * T)] = t ? rowdot[1] : rowdot[0];
+                        }
+                        rowdot[0] = rowdot[1] = 0.f;
+                    }
                 }
             }
             fence_proxy_async();
@@ -290,6 +340,40 @@ __global__ void __launch_bounds__(kThreads, 1)
                 for (int p = 0; p < 4; ++p)
                     tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
                 bulk_commit();
+            }
+            if (kEpi == Epi::DGelu && colsum) {
+                // the warp's columns 32 warp .. 32 warp + 31 (panels warp / 2 and 2 + warp / 2); lane (c, rg) =
+                // (lane % 4, lane / 4): chunk 4 (warp & 1) + c of rows 16 rg + i', i' = i ^ 4 (rg & 1), stored at
+                // chunk ^ (i' & 7) of the row: within the lane's 16 rows, offset i' * 128 + 16 (chunk ^ (i' & 7)) is
+                // the lane's offset at i = 0 xor a constant
+                const int c = lane & 3, rg = lane >> 2, x4 = 4 * (rg & 1);
+                const uint32_t rows_addr = smem_u32(ebuf) + (2 * (rg >> 2) + (warp >> 1)) * kPanelBytes +
+                                           16 * (rg & 3) * 128;
+                const uint32_t off0 = (x4 << 7) | (((4 * (warp & 1) + c) ^ x4) << 4);
+                float s[8] = {};
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const uint4 v = ld_shared_u32x4(rows_addr + (off0 ^ (uint32_t)((i << 7) | ((i & 7) << 4))));
+                    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // bf16 pair e: columns 2e (low half), 2e + 1 of the chunk
+                        s[2 * e] += __uint_as_float(w[e] << 16);
+                        s[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+                    }
+                }
+                // the 8 row groups (lane bits 2-4): each step keeps the half of the columns that its lane bit
+                // selects and adds the partner's; lane (c, rg) ends with column rg of the chunk
+#pragma unroll
+                for (int h = 4; h >= 1; h /= 2) {  // row-group bit h: lane bit 4, 3, 2
+                    const bool up = (rg & h) != 0;
+#pragma unroll
+                    for (int k = 0; k < h; ++k) {
+                        const float keep = up ? s[k + h] : s[k], give = up ? s[k] : s[k + h];
+                        s[k] = keep + __shfl_xor_sync(FULL_MASK, give, 4 * h);
+                    }
+                }
+                colsum[(size_t)(m0 / kBM) * N + n0 + 32 * warp + 8 * c + rg] = s[0];
+                epi_sync();  // every warp's reads done before the next tile's pre lands in the panels
             }
         }
     }
@@ -319,7 +403,7 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
 
 template <Epi kEpi>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
-            cudaStream_t stream) {
+            cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0) {
     CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
@@ -328,7 +412,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(tiles < sms ? tiles : sms);
-    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, M, N, K);
+    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N,
+                                                                   K, T, hs);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -347,8 +432,17 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
     launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
 }
 
-void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
-                     cudaStream_t stream) {
+void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
+                     int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream);  // pre only read
+    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);  // pre read
+}
+
+void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
+                        int T, int head_size, cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, other}) && (head_size == 64 || head_size == 128) &&
+                T > 0 && M % T == 0 && dot != nullptr && reinterpret_cast<uintptr_t>(dot) % 4 == 0,
+            "gemm_head_dot_sm90: unsupported shape");
+    launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
+                         head_size);  // read
 }

@@ -1,7 +1,8 @@
 // gemm_sm90.h: the Hopper (sm_90a) GEMMs with a GeLU / GeLU-gradient epilogue of gemm_sm90.cu, for matmul.cu's
 // dispatch.
 // Compiled only when 90 is among GPT2CU_CUDA_ARCHS (then GPT2CU_HAVE_SM90_GEMM is defined for matmul.cu);
-// call them only on a device of compute capability 9.x. Row-major bf16 everywhere, fp32 accumulation.
+// call them only on a device of compute capability 9.x (the header itself is included by every build: the scratch
+// sizes use gemm_sm90_row_tiles). Row-major bf16 everywhere, fp32 accumulation.
 #pragma once
 #include <initializer_list>
 #include "kernels.h"
@@ -16,6 +17,16 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
                             cudaStream_t stream);
 
 // out (M, N) = round((a (M, K) @ w (N, K)^T) * gelu'(pre (M, N))) from the fp32 product (cuBLASLt's DGELU); w is
-// K-major: the backward's weight (K, N) transposed first (matmul.cu)
-void gemm_dgelu_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* pre, int M, int N, int K,
-                     cudaStream_t stream);
+// K-major: the backward's weight (K, N) transposed first (matmul.cu). colsum_partials (may be null): fp32
+// (gemm_sm90_row_tiles(M), N); row i = the column sums of out's rows 128 i .. 128 i + 127, of the bf16 values
+// stored, in fp32, each element written once (column_sum_add finishes the column sums of out)
+void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
+                     int K, cudaStream_t stream);
+// the kernel's row tiles for M rows (of 128): the rows of gemm_dgelu_sm90's colsum_partials
+inline int gemm_sm90_row_tiles(int M) { return (M + 127) / 128; }
+
+// out (M, N) = round(a (M, K) @ w (N, K)^T) (w K-major, as gemm_dgelu_sm90's), and dot (B, N / head_size, T) fp32,
+// B = M / T: dot[(b NH + h) T + t] = sum over head h's head_size columns c of out[m, c] * other[m, c], m = b T + t,
+// from the rounded out (the attention backward's D = rowsum(dO * O)); head_size 64 or 128, M a multiple of T
+void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
+                        int T, int head_size, cudaStream_t stream);

@@ -86,6 +86,8 @@ void gelu_backward(bf16* dinp, const bf16* dout, const bf16* inp, size_t n, cuda
 void bias_backward(bf16* dbias, const bf16* dout, float* scratch, size_t scratch_floats, int N, int OC,
                    cudaStream_t stream);
 size_t bias_backward_scratch_floats(int N, int OC);
+// dbias (OC) += the column sums of partials (rows, OC) fp32, added in row order (bias_backward's second phase)
+void bias_backward_finish(bf16* dbias, const float* partials, int rows, int OC, cudaStream_t stream);
 
 // ---- classifier.cu ----------------------------------------------------------------------------
 // Softmax cross-entropy over the first V of Vp columns, in one pass over the logits:
@@ -122,11 +124,17 @@ size_t scalar_head_backward_scratch_floats(int N, int C);
 void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int NH, int NKV, int HS,
                        cudaStream_t stream);
 // dqkv (qkv's layout) overwritten with [dq | dk | dv]; dk, dv of a key/value head are the sums over the
-// query heads of its group, in a fixed order (deterministic: no atomics)
+// query heads of its group, in a fixed order (deterministic: no atomics). dout_head_dot: D (B, NH, T) fp32 =
+// rowsum(dout * out) per head, precomputed (matmul_backward's dinp_head_dot); null: computed here into the scratch
+// (attention_backward_preprocess), which then needs B * NH * T floats more
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream);
+                        cudaStream_t stream, const float* dout_head_dot = nullptr);
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
+// D[b, h, t] = sum over head h's HS columns of dout[b, t] * out[b, t] (both (B, T, NH HS) bf16, 16-byte aligned),
+// fp32 (B, NH, T): the attention backward's first step
+void attention_backward_preprocess(float* D, const bf16* dout, const bf16* out, int B, int T, int NH, int HS,
+                                   cudaStream_t stream);
 // Which kernels run: 0 (default) picks the Hopper wgmma/TMA kernels (attention_sm90.cu) on compute
 // capability 9.x where they were built and support the shape, else the mma.sync kernels; 1 forces the
 // mma.sync kernels (for comparisons); 2 the Hopper forward with the mma.sync backward.
@@ -160,15 +168,23 @@ void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
                     int C, int OC, cudaStream_t stream);
 // dinp = dout @ weight, times gelu'(dinp_gelu_pre) when that is non-null (DGELU epilogue);
-// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null. scratch: at least
-// matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and dinp_gelu_pre != null) floats.
+// dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null; dinp_gelu_dbias += colsum(dinp) when
+// non-null (with dinp_gelu_pre: the gradient of the bias inside dinp_gelu_pre, e.g. GPT-2's fc bias; on Hopper
+// from the GEMM's epilogue, elsewhere by bias_backward on dinp). dinp_head_dot (with dinp, not with
+// dinp_gelu_pre): also D (N / T, C / head_size, T) fp32 = the attention backward's rowsum(dinp * head_dot_with) per
+// head of head_size (64 or 128) columns, from dinp as stored (bf16), head_dot_with (N, C) bf16 (attention's
+// output), N = B * T rows: in the GEMM's epilogue on Hopper, else by attention_backward_preprocess after it.
+// scratch: at least matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and (dinp_gelu_pre or
+// dinp_head_dot) != null, dinp_gelu_dbias != null) floats.
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
-                     cudaStream_t stream);
+                     const bf16* dinp_gelu_pre, bf16* dinp_gelu_dbias, float* scratch, size_t scratch_floats, int N,
+                     int C, int OC, cudaStream_t stream, float* dinp_head_dot = nullptr,
+                     const bf16* head_dot_with = nullptr, int head_size = 0, int T = 0);
 // floats of scratch matmul_backward needs: the bias gradient's partial sums (with dbias), the weight transposed
-// (with the DGELU epilogue: Hopper's kernel takes it K-major; asked for on every GPU, so the size depends on the
-// shapes alone); the larger of the two, which are used one after the other
-size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu);
+// (with the DGELU or head-dot epilogue, dgelu true: Hopper's kernel takes it K-major) followed by dinp's column
+// sums per row tile (with dgelu_dbias), or dinp's bias_backward partials (dgelu_dbias off Hopper); the largest, as
+// they are used one after the other. Asked for on every GPU, so the size depends on the shapes alone.
+size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias);
 // The algorithm of each GEMM shape is chosen at its first call (matmul.cu's header: timed among the
 // heuristic's candidates, recorded in the GPT2CU_GEMM_CACHE file). mode 1: tuned (the default;
 // GPT2CU_GEMM_TUNE=0 starts at 0), 0: the heuristic's first, -1: only asks. Returns the mode before.
@@ -176,9 +192,10 @@ size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dge
 int matmul_set_tuning(int mode);
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
-// Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU one on gemm_sm90.cu's kernel
-// where they fit (matmul.cu's header), 0 on cuBLASLt; -1 only asks. The default is 1 unless GPT2CU_SM90_GEMM=0; a
-// build without sm_90 runs cuBLASLt either way. Returns the setting before. For benchmarks and tests.
+// Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU and head-dot ones on gemm_sm90.cu's
+// kernel where they fit (matmul.cu's header), 0 on cuBLASLt (the head dot by the attention preprocess); -1 only asks.
+// The default is 1 unless GPT2CU_SM90_GEMM=0; a build without sm_90 runs cuBLASLt either way. Returns the setting
+// before. For benchmarks and tests.
 int matmul_set_sm90(int mode);
 
 // ---- adamw.cu ---------------------------------------------------------------------------------

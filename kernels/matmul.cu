@@ -5,8 +5,11 @@
 //   forward   out (N, OC)      = inp (N, C) @ W (OC, C)^T + bias (OC)
 //             with gelu_pre:   gelu_pre = that, out = gelu(gelu_pre)          (tanh GeLU)
 //   backward  dinp (N, C)      = dout (N, OC) @ W (OC, C)      [* gelu'(dinp_gelu_pre)]
+//             [dinp_head_dot (B, C / hs, T) = per head of hs columns, rowsum(dinp * head_dot_with), dinp as stored]
 //             dweight (OC, C) += dout (N, OC)^T @ inp (N, C)
 //             dbias (OC)      += colsum(dout)                 (bias_backward, bias.cu)
+//             with dinp_gelu_dbias: dinp_gelu_dbias (C) += colsum(dinp), the bias gradient of the layer whose
+//             output dinp_gelu_pre was (GPT-2's fc: its bias's gradient is the column sum of this dinp)
 //
 // The mapping onto cuBLASLt, which is column-major: a row-major (R, Cc) matrix with row stride Cc is,
 // byte for byte, the column-major (Cc, R) matrix with ld = Cc, i.e. its transpose. So every row-major
@@ -39,8 +42,17 @@
 // it K-major like the forward's weight (the MN-major variant of gemm-sm90 lost to cuBLASLt: gemm_sm90.cu's
 // header). Other shapes and the other GEMMs stay on cuBLASLt. Same rounding as cuBLASLt's epilogues (pre =
 // round(acc + bias), out = round(gelu(acc + bias)), dinp = round(acc * gelu'(pre)) from fp32), deterministic, no
-// workspace, nothing allocated (capture safe). GPT2CU_SM90_GEMM=0 in the environment (read once) or
-// matmul_set_sm90(0) send both to cuBLASLt too: whole-step and per-GEMM comparisons.
+// workspace, nothing allocated (capture safe). With dinp_head_dot (the output projection of attention, whose dinp is
+// the attention backward's dO) the same kernel's HeadDot epilogue computes the attention backward's D = rowsum(dO *
+// O) per head from the rounded dinp, where C is a multiple of 128 and OC of 64 (the weight transposed as above): the
+// preprocess's pass over dO and O is left out (GPT-2 d12, B = 64, T = 1024: 300 MB of DRAM traffic, dout and O in,
+// dinp out, against 400 MB for the plain GEMM and the preprocess). Elsewhere cuBLASLt's dinp, then that preprocess
+// (attention_backward_preprocess): the caller never branches. GPT2CU_SM90_GEMM=0 in the environment (read once) or
+// matmul_set_sm90(0) send all three to cuBLASLt too: whole-step and per-GEMM comparisons.
+// dinp_gelu_dbias on the Hopper path: the DGELU epilogue writes the column sums of each 128-row tile of dinp (its
+// bf16 values, summed in fp32) to the scratch after the transposed weight, and bias.cu's finishing reduction adds
+// them into dinp_gelu_dbias: no second pass over dinp (gemm_sm90.cu's header). Elsewhere (cuBLASLt's DGELU) it is
+// bias_backward on dinp after the GEMM: the same sums to within fp32 order, and the caller does not branch.
 //
 // Types: A, B, C, D, bias and aux are bf16 (CUDA_R_16BF); compute CUBLAS_COMPUTE_32F, scale type fp32.
 //
@@ -55,8 +67,12 @@
 //     the cache key and is passed to the heuristic, so a misaligned view gets a (slower) algorithm that
 //     supports it instead of a failure. 16-byte-aligned pointers and C, OC multiples of 8 are fast.
 //   - matmul_backward: dinp or dweight may be null (that product is skipped); dbias null skips the
-//     bias gradient; the scratch holds dbias's partial sums (bias_backward_scratch_floats(N, OC) floats) and,
-//     with dinp_gelu_pre, the transposed weight (OC * C bf16): matmul_backward_scratch_floats, on every GPU.
+//     bias gradient; dinp_gelu_dbias needs dinp and dinp_gelu_pre. The scratch holds dbias's partial sums
+//     (bias_backward_scratch_floats(N, OC) floats) and, with dinp_gelu_pre or dinp_head_dot, the transposed weight
+//     (OC * C bf16), then with dinp_gelu_dbias the column sums per row tile (gemm_sm90_row_tiles(N) x C floats):
+//     matmul_backward_scratch_floats, the same on every GPU.
+//   - dinp_head_dot: with dinp and without dinp_gelu_pre; head_size 64 or 128 dividing C, T dividing N, dinp and
+//     head_dot_with 16-byte aligned (attention_backward_preprocess's), dinp_head_dot 4-byte aligned.
 //
 // State (per device): one cuBLASLt handle, and one 32 MiB workspace per stream that calls a matmul,
 // both created on that stream's first call. cudaMalloc is not allowed during CUDA-graph capture, so the
@@ -81,9 +97,7 @@
 // call is under graph capture (the trainer's eager first step makes every plan before capture), the
 // heuristic's first is used (under capture it is also recorded, so later processes agree).
 #include "kernels.h"
-#ifdef GPT2CU_HAVE_SM90_GEMM
-#include "gemm_sm90.h"
-#endif
+#include "gemm_sm90.h"  // declarations only; the kernel is called only in a build with it (GPT2CU_HAVE_SM90_GEMM)
 
 #include <cublasLt.h>
 
@@ -729,12 +743,17 @@ bool mm_sm90(const char* who) {
 
 // floats of scratch holding the weight (OC, C) transposed, bf16
 size_t mm_transposed_weight_floats(int C, int OC) { return ((size_t)C * OC + 1) / 2; }
+// floats of scratch the DGELU kernel's column sums of dinp (N, C) take, one row per row tile, after the weight
+size_t mm_dgelu_colsum_floats(int N, int C) { return (size_t)gemm_sm90_row_tiles(N) * C; }
 
 }  // namespace
 
-size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu) {
-    return std::max(dbias ? bias_backward_scratch_floats(N, OC) : size_t(0),
-                    dgelu ? mm_transposed_weight_floats(C, OC) : size_t(0));
+size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias) {
+    dgelu = dgelu || dgelu_dbias;
+    return std::max({dbias ? bias_backward_scratch_floats(N, OC) : size_t(0),
+                     dgelu ? mm_transposed_weight_floats(C, OC) + (dgelu_dbias ? mm_dgelu_colsum_floats(N, C) : 0)
+                           : size_t(0),
+                     dgelu_dbias ? bias_backward_scratch_floats(N, C) : size_t(0)});  // cuBLASLt's path
 }
 
 void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N, int C,
@@ -777,11 +796,22 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
 }
 
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
-                     const bf16* dinp_gelu_pre, float* scratch, size_t scratch_floats, int N, int C, int OC,
-                     cudaStream_t stream) {
+                     const bf16* dinp_gelu_pre, bf16* dinp_gelu_dbias, float* scratch, size_t scratch_floats, int N,
+                     int C, int OC, cudaStream_t stream, float* dinp_head_dot, const bf16* head_dot_with,
+                     int head_size, int T) {
     const char* who = "matmul_backward";
     mm_check_dims(N, C, OC, who);
     mm_require(dout != nullptr, who, "dout must be non-null");
+    mm_require(!dinp_gelu_dbias || (dinp && dinp_gelu_pre), who, "dinp_gelu_dbias needs dinp and dinp_gelu_pre");
+    if (dinp_head_dot) {
+        mm_require(dinp && head_dot_with && !dinp_gelu_pre, who,
+                   "dinp_head_dot needs dinp and head_dot_with, and no dinp_gelu_pre");
+        mm_require((head_size == 64 || head_size == 128) && C % head_size == 0 && T > 0 && N % T == 0 &&
+                       reinterpret_cast<uintptr_t>(dinp_head_dot) % 4 == 0,
+                   who, "dinp_head_dot: head_size 64 or 128 dividing C, T dividing N, 4-byte aligned");
+        mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
+                   "scratch too small: matmul_backward_scratch_floats with the head-dot epilogue");
+    }
     if (dinp) {
         mm_require(weight != nullptr, who, "weight must be non-null when dinp is computed");
         if (dinp_gelu_pre) {
@@ -792,17 +822,26 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
                        "dinp_gelu_pre must not alias dinp");
             mm_require(reinterpret_cast<uintptr_t>(dinp_gelu_pre) % 16 == 0, who,
                        "dinp_gelu_pre must be 16-byte aligned");
-            mm_require(scratch_floats >= mm_transposed_weight_floats(C, OC), who,
+            mm_require(scratch_floats >= matmul_backward_scratch_floats(N, C, OC, false, true, dinp_gelu_dbias), who,
                        "scratch too small: matmul_backward_scratch_floats with the DGELU epilogue");
         }
-        bool done = false;
+        bool done = false, dot_done = false;
 #ifdef GPT2CU_HAVE_SM90_GEMM
-        // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major
+        // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major; dinp's column sums
+        // per row tile after the weight in the scratch
         if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch})) {
             bf16* wt = reinterpret_cast<bf16*>(scratch);
+            float* colsums = dinp_gelu_dbias ? scratch + mm_transposed_weight_floats(C, OC) : nullptr;
             bf16_transpose(wt, weight, OC, C, stream);
-            gemm_dgelu_sm90(dinp, dout, wt, dinp_gelu_pre, N, C, OC, stream);
+            gemm_dgelu_sm90(dinp, colsums, dout, wt, dinp_gelu_pre, N, C, OC, stream);
+            if (dinp_gelu_dbias) bias_backward_finish(dinp_gelu_dbias, colsums, gemm_sm90_row_tiles(N), C, stream);
             done = true;
+        }
+        if (dinp_head_dot && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, head_dot_with, scratch})) {
+            bf16* wt = reinterpret_cast<bf16*>(scratch);
+            bf16_transpose(wt, weight, OC, C, stream);
+            gemm_head_dot_sm90(dinp, dinp_head_dot, dout, wt, head_dot_with, N, C, OC, T, head_size, stream);
+            done = dot_done = true;
         }
 #endif
         if (!done) {
@@ -824,7 +863,11 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.aux = const_cast<bf16*>(dinp_gelu_pre);  // read only (DGELU input)
             g.aux_ld = dinp_gelu_pre ? C : 0;
             mm_gemm(g, stream, who);
+            if (dinp_gelu_dbias) bias_backward(dinp_gelu_dbias, dinp, scratch, scratch_floats, N, C, stream);
         }
+        if (dinp_head_dot && !dot_done)
+            attention_backward_preprocess(dinp_head_dot, dinp, head_dot_with, N / T, T, C / head_size, head_size,
+                                          stream);
     }
     if (dweight) {
         mm_require(inp != nullptr, who, "inp must be non-null when dweight is computed");

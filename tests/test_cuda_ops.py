@@ -480,6 +480,60 @@ def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, with_dbias, on):
         assert_repeatable(case, run, first)
 
 
+# dinp_gelu_dbias (matmul.cu): the bias gradient of the layer whose output dinp_gelu_pre was (GPT-2's fc), colsum(dinp)
+# added into a bf16 accumulator. On Hopper the DGELU epilogue writes each 128-row tile's column sums and bias.cu's
+# finishing pass adds them; with setting 0, and at the shapes the kernel leaves to cuBLASLt, bias_backward on dinp.
+# Both sum the stored bf16 dinp in fp32 and round once, so each lands within one bf16 ulp of the float64 sum of its
+# own run's dinp (plus an fp32-order slack of 2^-17 of the column's absolute sum, for sums that cancel); the two
+# settings agree within BF16_REL (their dinp differ by the products' summation order). Rows that divide no tile
+# (the shapes above), a single partial tile (77 rows), and fc's width (C = 3072, OC = 768).
+@pytest.mark.parametrize("with_dbias", [False, True], ids=["nodbias", "dbias"])
+@pytest.mark.parametrize("rows, C, OC", SM90_DGELU_SHAPES + [(300, 3072, 768)])
+def test_matmul_dgelu_dbias(cuda, case, rows, C, OC, with_dbias):
+    """fcproj's backward with fc's bias gradient (dinp_gelu_dbias +=) and, with dbias, fcproj's own (bias.cu after
+    the fused sums, in the same scratch): the Hopper kernel's column sums and the fallback's; deterministic."""
+    from gpt2cu import memory
+    dout, dout_d = case.bf16((rows, OC))
+    x, x_d = case.bf16((rows, C))
+    w, w_d = case.bf16((OC, C), std=OC ** -0.5)
+    pre = case.normal((rows, C))
+    pre_d = cp.asarray(bits_of(pre))
+    inc = {"dweight": np.zeros((OC, C)), **({"dbias": np.zeros(OC)} if with_dbias else {}), "dgelu_dbias": np.zeros(C)}
+    ref_dinp = np.empty((rows, C))
+    ref_ops.matmul_backward(ref_dinp, inc["dweight"], inc.get("dbias"), dout, x, w, dinp_gelu_pre=pre,
+                            dinp_gelu_dbias=inc["dgelu_dbias"])
+    start = {name: case.accumulator(v) for name, v in inc.items()}
+    assert cuda.k.matmul_backward_scratch_floats(rows, C, OC, with_dbias, True, True) == \
+        memory.matmul_backward_scratch_floats(rows, C, OC, with_dbias, True, True)
+
+    def run():
+        acc = {name: dev.copy() for name, (_, dev) in start.items()}
+        dinp = poisoned((rows, C))
+        cuda.matmul_backward(dinp, acc["dweight"], acc.get("dbias"), dout_d, x_d, w_d, dinp_gelu_pre=pre_d,
+                             dinp_gelu_dbias=acc["dgelu_dbias"])
+        return {"dinp": raw(dinp), **{name: raw(a) for name, a in acc.items()}}
+
+    sums = {}
+    for on in (0, 1):
+        with sm90_setting(cuda, on):
+            first = run()
+            dinp = decode(first["dinp"])
+            case.check("dinp", dinp, ref_dinp, CHAIN_REL)
+            for name, (host, _) in start.items():
+                bound = CHAIN_REL if name == "dgelu_dbias" else BF16_REL  # a sum of dinp, which has CHAIN_REL
+                case.check(name, decode(first[name]), host + inc[name], bound)
+            host = start["dgelu_dbias"][0]
+            own = host + dinp.sum(axis=0)  # exact: this run's stored dinp, onto the starting values
+            got = decode(first["dgelu_dbias"])
+            slack = bf16_ulp(own) + 2.0 ** -17 * (np.abs(host) + np.abs(dinp).sum(axis=0))
+            off = np.abs(got - own) > slack
+            assert not off.any(), case.where(f"setting {on}: dinp_gelu_dbias off its own dinp's column sums by more "
+                                             f"than one bf16 ulp at {np.argwhere(off).ravel()[:8]}")
+            assert_repeatable(case, run, first)
+            sums[on] = got
+    case.check("dgelu_dbias, Hopper's against the fallback's", sums[1], sums[0], BF16_REL)
+
+
 def test_matmul_refuses_misaligned_gelu_pre(cuda):
     """A GeLU pre-activation 2 bytes off 16-byte alignment: one clear error (cuBLASLt's aux faults on it, leaving the
     context unusable), forward and backward, whichever GEMM would run."""
@@ -566,6 +620,26 @@ def test_bias_backward(cuda, case, OC):
 
     first = run()
     case.check("dbias", decode(first["dbias"]), host + dout.sum(axis=0), BF16_REL)
+    assert_repeatable(case, run, first)
+
+
+@pytest.mark.parametrize("rows, OC", [(1, 200), (513, 3072), (77, 1001)])
+def test_bias_backward_finish(cuda, case, rows, OC):
+    """bias.cu's second phase on its own (the Hopper DGELU GEMM's column sums go through it): dbias += the column
+    sums of fp32 partials (rows, OC), one rounding to bf16 of the fp32 sum; deterministic."""
+    from gpt2cu.backends.cuda_ops import ptr
+    partials = case.rng.normal(size=(rows, OC)).astype(np.float32)
+    partials_d = cp.asarray(partials)
+    total = partials.astype(np.float64).sum(axis=0)
+    host, dev = case.accumulator(total)
+
+    def run():
+        acc = dev.copy()
+        cuda.k.bias_backward_finish(ptr(acc), ptr(partials_d), rows, OC, cuda.stream.ptr)
+        return {"dbias": raw(acc)}
+
+    first = run()
+    case.check("dbias", decode(first["dbias"]), host + total, BF16_REL)
     assert_repeatable(case, run, first)
 
 

@@ -159,6 +159,29 @@ def test_matmul_backward(rng, with_bias, with_gelu):
         np.testing.assert_array_equal(db, db0)
 
 
+def test_matmul_backward_dgelu_dbias(rng):
+    """dinp_gelu_dbias is the gradient of a bias inside the GeLU's input (fc's bias in the model's MLP: pre = x +
+    b), added onto what it held; with it the other outputs are unchanged."""
+    x, b, w = rng.normal(size=(B, T, C)), rng.normal(size=C), rng.normal(size=(OC, C))
+    dout = rng.normal(size=(B, T, OC))
+    out = np.empty((B, T, OC))
+
+    def loss():
+        ops.matmul_forward(out, gelu_reference(x + b), w)
+        return np.sum(dout * out)
+
+    dx, dx_plain = nans(B, T, C), nans(B, T, C)
+    dw, dw_plain = np.zeros_like(w), np.zeros_like(w)
+    db0 = rng.normal(size=C)
+    db = db0.copy()
+    ops.matmul_backward(dx, dw, None, dout, gelu_reference(x + b), w, x + b, dinp_gelu_dbias=db)
+    ops.matmul_backward(dx_plain, dw_plain, None, dout, gelu_reference(x + b), w, x + b)
+    assert_close(db - db0, numeric_grad(loss, b), FD_REL)
+    np.testing.assert_array_equal(db, db0 + dx.reshape(-1, C).sum(axis=0))
+    np.testing.assert_array_equal(dx, dx_plain)
+    np.testing.assert_array_equal(dw, dw_plain)
+
+
 # ---- GeLU ---------------------------------------------------------------------------------------
 def test_gelu_forward(rng):
     x = rng.normal(0.0, 3.0, size=(B, T, C))
@@ -244,6 +267,26 @@ def test_attention_backward(rng):
     dqkv = nans(B, seq, 3 * C)
     ops.attention_backward(dqkv, dout, qkv, out.copy(), lse.copy(), H)
     assert_close(dqkv, numeric_grad(loss, qkv), FD_REL)
+
+
+def test_head_dot_from_the_projection_backward(rng):
+    """matmul_backward's dinp_head_dot: D[b, h, t] = dinp[b, t, head h] . O[b, t, head h] (explicit loops); the
+    attention backward given it equals the one computing D itself."""
+    seq = 7
+    dout, w, o = rng.normal(size=(B, seq, C)), rng.normal(size=(C, C)), rng.normal(size=(B, seq, C))
+    dinp, dot = nans(B, seq, C), nans(B, H, seq)
+    ops.matmul_backward(dinp, np.zeros((C, C)), None, dout, o, w, dinp_head_dot=dot, head_dot_with=o)
+    hs = C // H
+    expected = [[[np.dot(dinp[b, t, h * hs:(h + 1) * hs], o[b, t, h * hs:(h + 1) * hs]) for t in range(seq)]
+                 for h in range(H)] for b in range(B)]
+    assert_close(dot, np.array(expected), FP32_REL)
+    qkv = rng.normal(size=(B, seq, 3 * C))
+    out, lse = np.empty((B, seq, C)), np.empty((B, H, seq))
+    ops.attention_forward(out, lse, qkv, H)
+    own, given = nans(B, seq, 3 * C), nans(B, seq, 3 * C)
+    ops.attention_backward(own, dinp, qkv, out, lse, H)
+    ops.attention_backward(given, dinp, qkv, out, lse, H, dout_head_dot=ops.head_dot(dinp, out, H))
+    np.testing.assert_array_equal(given, own)
 
 
 # ---- classifier ---------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ matmul_set_sm90(1) (the Hopper kernel):
   fwd gelu:  pre = a @ w^T + bias, out = gelu(pre) (matmul_forward; cuBLASLt's GELU_AUX_BIAS), w (N, K);
   bwd dgelu: dinp = (dout @ wp) * gelu'(pre) (matmul_backward, dinp only; cuBLASLt's DGELU), the projection after
              the GeLU, wp (K, N); the Hopper path's time includes the transpose of wp into the scratch;
-the transpose alone (bf16_transpose of wp); and torch.matmul, plain bf16, of the same shape (the GEMM rate each
-row is compared with). CUDA events on
+  bwd dgelu + dbias: the same with dinp_gelu_dbias (fc's bias gradient, += colsum(dinp)): on Hopper from the
+             epilogue's column sums plus the finishing reduction, with cuBLASLt bias_backward on dinp after it;
+the transpose alone (bf16_transpose of wp); bias_backward alone on dinp (M, N), the pass the fused sums replace;
+and torch.matmul, plain bf16, of the same shape (the GEMM rate each row is compared with). The last line: what the
+fused sums add to the Hopper GEMM against what bias_backward takes. CUDA events on
 torch's stream, 3 warm-ups, median of --reps. Check: each path's outputs against an fp32 torch reference on the
 same bf16 inputs (max |x - ref| / max |ref|, and ||x - ref|| / ||ref||), and the kernel's bits against cuBLASLt's
 (the fraction of elements that differ: rounding-level differences of the fp32 sums' order).
@@ -102,7 +105,8 @@ dout = torch.randn(M, K, device=dev, generator=g).bfloat16()                  # 
 wp = (torch.randn(K, N, device=dev, generator=g) * K ** -0.5).bfloat16()      # projection weight (K, N)
 pre_in = torch.randn(M, N, device=dev, generator=g).bfloat16()
 out, pre, dinp = (torch.empty(M, N, device=dev, dtype=torch.bfloat16) for _ in range(3))
-scratch_floats = k.matmul_backward_scratch_floats(M, N, K, False, True)
+dbias = torch.zeros(N, device=dev, dtype=torch.bfloat16)  # fc's bias gradient (+= every call: timing only)
+scratch_floats = k.matmul_backward_scratch_floats(M, N, K, False, True, True)
 scratch = torch.empty(scratch_floats, device=dev, dtype=torch.float32)
 wt = torch.empty(N, K, device=dev, dtype=torch.bfloat16)
 P = lambda t: t.data_ptr()  # noqa: E731
@@ -113,7 +117,16 @@ def fwd():  # matmul_forward(out, gelu_pre, inp, weight, bias, N rows, C = K, OC
 
 
 def bwd():  # matmul_backward: dinp (rows, C = N) = dout (rows, OC = K) @ weight (OC, C) * gelu'(pre_in)
-    k.matmul_backward(P(dinp), 0, 0, P(dout), 0, P(wp), P(pre_in), P(scratch), scratch_floats, M, N, K, stream)
+    k.matmul_backward(P(dinp), 0, 0, P(dout), 0, P(wp), P(pre_in), 0, P(scratch), scratch_floats, M, N, K, stream)
+
+
+def bwd_dbias():  # the same, and dbias (N) += colsum(dinp)
+    k.matmul_backward(P(dinp), 0, 0, P(dout), 0, P(wp), P(pre_in), P(dbias), P(scratch), scratch_floats, M, N, K,
+                      stream)
+
+
+def bias_pass():  # bias.cu alone on dinp: the pass bwd_dbias's fused sums replace
+    k.bias_backward(P(dbias), P(dinp), P(scratch), scratch_floats, M, N, stream)
 
 
 def transpose():  # wt (N, K) = wp (K, N)^T: the Hopper backward's first step
@@ -132,16 +145,25 @@ if not args.no_check:
     refs["fwd gelu"] = (gelu(ref_pre), ref_pre)
     del ref_pre
     refs["bwd dgelu"] = ((dout.float() @ wp.float()) * gelu_grad(pre_in.float()),)
+    refs["bwd dgelu + dbias"] = refs["bwd dgelu"]
 checks, bits = [], {}
+times = {}
 prev = k.matmul_set_sm90(-1)
 for on, name in ((0, "cuBLASLt"), (1, "gemm_sm90")):
     k.matmul_set_sm90(on)
     for what, fn, outs, labels in (("fwd gelu", fwd, (out, pre), ("out", "pre")),
-                                   ("bwd dgelu", bwd, (dinp,), ("dinp",))):
+                                   ("bwd dgelu", bwd, (dinp,), ("dinp",)),
+                                   ("bwd dgelu + dbias", bwd_dbias, (dinp,), ("dinp",))):
+        dbias.zero_()
         for o in outs:
             o.fill_(float("nan"))
         fn()
         torch.cuda.synchronize()
+        if what == "bwd dgelu + dbias":  # dbias against the exact column sums of the dinp just stored
+            ref_db = dinp.double().sum(0)
+            d = dbias.double() - ref_db
+            checks.append([f"{name} {what} dbias (vs colsum of dinp)", float(d.abs().max() / ref_db.abs().max()),
+                           float(d.norm() / ref_db.norm()), bool(torch.isfinite(dbias.float()).all())])
         for label, got, r in zip(labels, outs, refs.get(what, ())):
             d = (got.float() - r).abs()
             checks.append([f"{name} {what} {label}", float(d.max() / r.abs().max()), float(d.norm() / r.norm()),
@@ -151,13 +173,21 @@ for on, name in ((0, "cuBLASLt"), (1, "gemm_sm90")):
             else:
                 checks[-1].append(float((got.view(torch.int16) != bits[(what, label)].view(torch.int16))
                                         .float().mean()))
-        label = f"{name} {what}" + (" (transpose included)" if on == 1 and what == "bwd dgelu" else "")
+        label = f"{name} {what}" + (" (transpose included)" if on == 1 and what.startswith("bwd") else "")
         rows.append((label, median_us(fn), sustained(fn)))
+        times[(on, what)] = rows[-1][1]
+# the fused sums' cost, A/B: the Hopper GEMM without and with them, alternating, 7 rounds (clock drift cancels)
+k.matmul_set_sm90(1)
+ab = {"plain": [], "dbias": []}
+for r in range(7 if args.reps > 0 else 0):
+    for key, fn in ((("plain", bwd), ("dbias", bwd_dbias)) if r % 2 == 0 else (("dbias", bwd_dbias), ("plain", bwd))):
+        ab[key].append(median_us(fn))
 k.matmul_set_sm90(prev)
 transpose()
 torch.cuda.synchronize()
 transpose_exact = bool(torch.equal(wt, wp.t()))
 transpose_us = median_us(transpose, per_event=50)
+bias_us = median_us(bias_pass)
 
 print("\ncheck (fp32 torch reference): max|x-ref|/max|ref|, ||x-ref||/||ref||, all finite, bits != cuBLASLt")
 for c in checks:
@@ -169,3 +199,11 @@ for label, us, clk in rows:
           + (f"  {clk[0]:6.0f} {clk[1]:6.0f}" if clk else ""))
 print(f"{'bf16_transpose (' + str(K) + ', ' + str(N) + ') alone':<44} {transpose_us:>8.1f}   "
       f"{2 * 2 * K * N / transpose_us / 1e3:.0f} GB/s (read + written), exact: {transpose_exact}")
+print(f"{'bias_backward (' + str(M) + ', ' + str(N) + ') alone':<44} {bias_us:>8.1f}   "
+      f"{2 * M * N / bias_us / 1e3:.0f} GB/s (dinp read)")
+if ab["plain"]:
+    plain_us, dbias_us = statistics.median(ab["plain"]), statistics.median(ab["dbias"])
+    added = dbias_us - plain_us
+    print(f"\nA/B, 7 alternating rounds (median of medians): gemm_sm90 DGELU {plain_us:.1f} us, with the fused dbias "
+          f"{dbias_us:.1f} us: +{added:.1f} us (epilogue sums + finish) against bias_backward's {bias_us:.1f} us: "
+          f"{bias_us - added:+.1f} us saved per call, x12 layers = {12 * (bias_us - added) / 1e3:+.3f} ms per d12 step")

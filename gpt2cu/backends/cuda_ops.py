@@ -316,13 +316,24 @@ class CudaBackend(Backend):
         self.k.matmul_forward(ptr(out), ptr(gelu_pre), ptr(inp), ptr(weight), ptr(bias), inp.size // C, C, OC,
                               self.stream.ptr)
 
-    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
+    def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
+                        dinp_head_dot=None, head_dot_with=None):
         C, OC = inp.shape[-1], weight.shape[0]
         N = inp.size // C
+        head_size, T = 0, 0
+        if dinp_head_dot is not None:  # (B, NH, T) fp32, the head size C / NH
+            B, n_head, T = dinp_head_dot.shape
+            if dinp_head_dot.dtype != np.float32 or B * T != N or C % n_head or head_dot_with is None or \
+                    head_dot_with.size != N * C:
+                raise ValueError(f"matmul_backward: dinp_head_dot must be (B, NH, T) fp32 with B * T = {N} rows, "
+                                 f"NH dividing {C}, and head_dot_with of dinp's size")
+            head_size = C // n_head
         scratch, floats = self._scratch_of(self.k.matmul_backward_scratch_floats(
-            N, C, OC, dbias is not None, dinp is not None and dinp_gelu_pre is not None))
+            N, C, OC, dbias is not None,
+            dinp is not None and (dinp_gelu_pre is not None or dinp_head_dot is not None), dinp_gelu_dbias is not None))
         self.k.matmul_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
-                               ptr(dinp_gelu_pre), scratch, floats, N, C, OC, self.stream.ptr)
+                               ptr(dinp_gelu_pre), ptr(dinp_gelu_dbias), scratch, floats, N, C, OC, self.stream.ptr,
+                               ptr(dinp_head_dot), ptr(head_dot_with), head_size, T)
 
     def gelu_forward(self, out, inp):
         self.k.gelu_forward(ptr(out), ptr(inp), inp.size, self.stream.ptr)
@@ -333,8 +344,8 @@ class CudaBackend(Backend):
     def attention_forward(self, out, lse, qkv, n_head):
         self.attention_forward_gqa(out, lse, qkv, n_head, n_head)
 
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head):
-        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head)
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None):
+        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head, dout_head_dot)
 
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
         Vp = logits.shape[-1]
@@ -409,12 +420,17 @@ class CudaBackend(Backend):
         self.k.attention_forward(ptr(out), ptr(lse), ptr(qkv), B, T, n_head, width // (n_head + 2 * n_kv_head),
                                  self.stream.ptr, NKV=n_kv_head)
 
-    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head):
+    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None):
         B, T, width = qkv.shape
         HS = width // (n_head + 2 * n_kv_head)
-        scratch, floats = self._scratch_of(self.k.attention_backward_scratch_floats(B, T, n_head, HS))
+        floats = self.k.attention_backward_scratch_floats(B, T, n_head, HS)
+        if dout_head_dot is not None:  # D given: the scratch's first B * NH * T floats not needed
+            if dout_head_dot.dtype != np.float32 or dout_head_dot.shape != (B, n_head, T):
+                raise ValueError(f"attention_backward: dout_head_dot must be ({B}, {n_head}, {T}) fp32")
+            floats -= B * n_head * T
+        scratch, floats = self._scratch_of(floats)
         self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
-                                  n_head, HS, self.stream.ptr, NKV=n_kv_head)
+                                  n_head, HS, self.stream.ptr, NKV=n_kv_head, dout_head_dot=ptr(dout_head_dot))
 
     # ---- the KV-cache decoders' -----------------------------------------------------------------------
     def decode_attention(self, out, qkv, n_head, n_kv_head):

@@ -116,7 +116,8 @@ def matmul_forward(out, inp, weight, bias=None, gelu_pre=None):
         out[...] = _gelu(y)
 
 
-def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None):
+def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
+                    dinp_head_dot=None, head_dot_with=None):
     d2 = _rows(dout)
     dweight += d2.T @ _rows(inp)
     if dbias is not None:
@@ -125,6 +126,11 @@ def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None)
     if dinp_gelu_pre is not None:
         dx *= _gelu_grad(dinp_gelu_pre)
     dinp[...] = dx
+    if dinp_gelu_dbias is not None:  # the sum of the stored dinp, as the next layer's dbias would take it
+        dinp_gelu_dbias += _rows(dinp).sum(axis=0)
+    if dinp_head_dot is not None:  # (B, NH, T): the attention backward's D, from dinp as stored
+        B, n_head, T = dinp_head_dot.shape
+        dinp_head_dot[...] = head_dot(dinp.reshape(B, T, -1), head_dot_with.reshape(B, T, -1), n_head)
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -159,15 +165,23 @@ def attention_forward(out, lse, qkv, n_head):
     lse[...] = (m + np.log(total))[..., 0]
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head):
+def head_dot(x, y, n_head):
+    """(B, H, T): the dot products of x's and y's (B, T, C) rows head by head (the attention backward's D from dO
+    and O)."""
+    return (_to_heads(x, n_head) * _to_heads(y, n_head)).sum(axis=-1)
+
+
+def attention_backward(dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None):
+    """dout_head_dot: head_dot(dout, out) already computed (matmul_backward's dinp_head_dot), or None."""
     q, k, v, s, scale = _causal_scores(qkv, n_head)
-    do, o = _to_heads(dout, n_head), _to_heads(out, n_head)
+    do = _to_heads(dout, n_head)
+    d = head_dot(dout, out, n_head) if dout_head_dot is None else dout_head_dot
     # P from the saved lse, as the flash kernel recomputes it; masked entries are exp(-inf) = 0
     p = np.exp(s - lse[..., None].astype(s.dtype))
     dv = p.swapaxes(-1, -2) @ do
     dp = do @ v.swapaxes(-1, -2)
-    # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O)
-    ds = p * (dp - (do * o).sum(axis=-1, keepdims=True))
+    # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O) = D
+    ds = p * (dp - d[..., None])
     dq = (ds @ k) * scale
     dk = (ds.swapaxes(-1, -2) @ q) * scale
     dqkv[...] = np.concatenate([_from_heads(dq), _from_heads(dk), _from_heads(dv)], axis=-1)
@@ -180,11 +194,11 @@ def attention_forward_gqa(out, lse, qkv, n_head, n_kv_head):
     attention_forward(out, lse, numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head), n_head)
 
 
-def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head):
+def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None):
     """dqkv (B, T, (NH + 2 NKV) HS) overwritten; dK and dV of a key/value head summed over its group."""
     repeated = numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head)
     drepeated = np.empty_like(repeated)
-    attention_backward(drepeated, dout, repeated, out, lse, n_head)
+    attention_backward(drepeated, dout, repeated, out, lse, n_head, dout_head_dot)
     dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
 
 

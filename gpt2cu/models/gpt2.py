@@ -129,7 +129,7 @@ LM_HEAD_CHUNK_ROWS = 8192
 # activation tensors whose elements are float32 on every backend (statistics and losses);
 # everything else is in the backend's activation dtype (fp32 for numpy, bf16 for CUDA)
 FP32_ACTIVATIONS = frozenset({"ln1_mean", "ln1_rstd", "ln2_mean", "ln2_rstd", "lnf_mean", "lnf_rstd",
-                              "att_lse", "losses", "dresidual_sum"})
+                              "att_lse", "losses", "dresidual_sum", "datt_dot"})
 
 
 RECOMPUTE_LEVELS = (0, 1, 2, 3)
@@ -177,6 +177,7 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
         # backward scratch
         ("dresidual", (B, T, C)),
         ("dresidual_sum", (C,)),  # dresidual summed over rows by the layernorm backward: a projection's dbias
+        ("datt_dot", (B, H, T)),  # the attention backward's D = rowsum(dO * O) per head, from attproj's backward
         ("dbtc", (B, T, C)),
         ("dbt4c", (B, T, 4 * C)),
         ("dqkv", (B, T, 3 * C)),
@@ -317,16 +318,19 @@ class GPT(FlatModel):
                 ops.gelu_forward(b["fch_gelu"], b["fch"])
             # MLP: dresidual -> fcproj -> (GeLU') -> fc -> ln2
             ops.accumulate(g["fcprojb"][l], dres_sum)
+            # fc's bias gradient, colsum(dbt4c), comes with fcproj's dinp (on Hopper from the GEMM's epilogue)
             ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], None, dresidual, b["fch_gelu"],
-                                p["fcprojw"][l], dinp_gelu_pre=b["fch"])
-            ops.matmul_backward(a["dbtc"], g["fcw"][l], g["fcb"][l], a["dbt4c"], b["ln2"], p["fcw"][l])
+                                p["fcprojw"][l], dinp_gelu_pre=b["fch"], dinp_gelu_dbias=g["fcb"][l])
+            ops.matmul_backward(a["dbtc"], g["fcw"][l], None, a["dbt4c"], b["ln2"], p["fcw"][l])
             ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], a["dbtc"], b["residual2"], p["ln2w"][l],
                                    b["ln2_mean"], b["ln2_rstd"], dinp_sum=dres_sum)
             # attention: dresidual -> attproj -> attention -> qkv -> ln1
             ops.accumulate(g["attprojb"][l], dres_sum)
-            ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l])
-            ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H)
+            ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l],
+                                dinp_head_dot=a["datt_dot"], head_dot_with=b["atty"])
+            ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H,
+                                   dout_head_dot=a["datt_dot"])
             ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], b["ln1"], p["qkvw"][l])
             if l > 0:
                 ops.zero_(dres_sum)

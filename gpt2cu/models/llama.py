@@ -126,7 +126,7 @@ def param_layout(cfg: LlamaConfig) -> Layout:
     return build_layout(entries)
 
 
-FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "losses"})
+FP32_ACTIVATIONS = frozenset({"ln1_rstd", "ln2_rstd", "lnf_rstd", "att_lse", "losses", "datt_dot"})
 
 
 def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> Layout:
@@ -154,6 +154,7 @@ def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> L
         ("logits", (min(B * T, LM_HEAD_CHUNK_ROWS), Vp)),
         # backward scratch
         ("dresidual", (B, T, C)),
+        ("datt_dot", (B, NH, T)),  # the attention backward's D = rowsum(dO * O) per head, from attproj's backward
         ("dbtc", (B, T, C)),
         ("dbth", (B, T, H)),
         ("dbt2h", (B, T, 2 * H)),
@@ -292,8 +293,10 @@ class Llama(FlatModel):
             ops.matmul_backward(a["dbtc"], g["fcw"][l], None, a["dbt2h"], b["ln2"], p["fcw"][l])
             ops.rmsnorm_backward(dresidual, g["ln2w"][l], a["dbtc"], b["residual2"], p["ln2w"][l], b["ln2_rstd"])
             # attention: dresidual -> attproj -> attention -> RoPE -> qkv -> ln1
-            ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l])
-            ops.attention_backward_gqa(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], NH, NKV)
+            ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l],
+                                dinp_head_dot=a["datt_dot"], head_dot_with=b["atty"])
+            ops.attention_backward_gqa(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], NH, NKV,
+                                       dout_head_dot=a["datt_dot"])
             ops.rope_backward(a["dqkv"], a["dqkv"], cos, sin, NH, NKV)
             ops.matmul_backward(a["dbtc"], g["qkvw"][l], None, a["dqkv"], b["ln1"], p["qkvw"][l])
             ops.rmsnorm_backward(dresidual, g["ln1w"][l], a["dbtc"], residual_in, p["ln1w"][l], b["ln1_rstd"])
