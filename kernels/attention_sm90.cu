@@ -157,6 +157,26 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
     }
 }
 
+// Work counters of a persistent kernel (one pair per kernel): [0] items taken from it, [1] CTAs that have taken
+// their last. take_work returns base + the next count (items below base are taken without the counter: the
+// forward's first round, blockIdx.x); a CTA takes until it gets an item >= num_work, so each takes exactly one such
+// item, and the last CTA to do so zeroes both counters for the next launch (launches of one kernel on one stream
+// run in order; two streams must not run the same kernel at once).
+__device__ __forceinline__ int take_work(int* counter, int base, int num_work) {
+    const int next = base + atomicAdd(&counter[0], 1);
+    if (next >= num_work) {
+        __threadfence();  // this CTA's last take comes before its count
+        // the grid size read here (asm volatile): hoisted out of the caller's loop, it was spilled
+        uint32_t ctas;
+        asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(ctas));
+        if (atomicAdd(&counter[1], 1) == (int)ctas - 1) {
+            counter[0] = 0;
+            counter[1] = 0;
+        }
+    }
+    return next;
+}
+
 // Work items (query block, query head, batch) in cta_order's order (heaviest block first within a group of heads),
 // on a persistent grid (one CTA per multiprocessor): CTA c takes item c first, then the next untaken one (a global
 // counter), so no CTA idles while another has two left. The producer thread takes the item and passes it to the
@@ -176,9 +196,6 @@ __device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, co
 // releasing their stages in its turns, instead of computing them fully masked (1 in 9 of the 192-row blocks'
 // products at T = 1024).
 // tm_q: boxes of 64 rows (a warpgroup's part of the Q block), tm_kv: of kBN rows (one K or V tile).
-// The work counters per kernel: [0] items taken after the first round, [1] CTAs that have taken their last. The
-// last CTA to finish taking zeroes both for the next launch (launches of one kernel on one stream run in
-// order; two streams must not run the same kernel at once).
 template <int HS, int kWG>
 __device__ int g_fwd_work_counter[2];
 
@@ -243,17 +260,7 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
             const int num_work = num_bh * num_qblocks;
             // the work item after w (>= num_work: none)
             auto next_work = [&](int w) {
-                if (w >= num_work) return w;
-                int* counter = g_fwd_work_counter<HS, kWG>;
-                const int next = (int)gridDim.x + atomicAdd(&counter[0], 1);
-                if (next >= num_work) {
-                    __threadfence();  // this CTA's last take comes before its count
-                    if (atomicAdd(&counter[1], 1) == (int)gridDim.x - 1) {
-                        counter[0] = 0;
-                        counter[1] = 0;
-                    }
-                }
-                return next;
+                return w >= num_work ? w : take_work(g_fwd_work_counter<HS, kWG>, (int)gridDim.x, num_work);
             };
             int kv = 0;  // K/V tiles loaded so far (ring position across work items)
             for (int it = 0, w = blockIdx.x;; w = next_work(w), ++it) {
@@ -540,14 +547,21 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 }
 
 // ---- Backward -------------------------------------------------------------------------------------------
-// After attention.cu's preprocess (D = rowsum(dO * O)), one kernel recomputes P from lse and writes dK, dV and dQ:
-// one CTA per (128-key block, key/value head, batch), 3 warpgroups (384 threads).
-//   Warpgroup 0 (setmaxnreg 24): warp 0, one thread, loads the block's K and V once, then streams query tiles of
-//     kBM rows (HS 64: 128, HS 128: 64) of Q and dO by TMA into a ring of kStages, from the diagonal tile up, for
-//     each query head of the group in turn (K/V loaded once, dK/dV summed over the group in registers in that
-//     fixed order); warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D
-//     into shared memory; one thread of warp 1 adds the block's dQ parts into global memory (key block 0: copies
-//     the other blocks' sums into shared memory for the consumers; below).
+// After attention.cu's preprocess (D = rowsum(dO * O)), one kernel recomputes P from lse and writes dK, dV and dQ.
+// Work items: (128-key block, key/value head, batch), on a persistent grid (one CTA of 3 warpgroups, 384 threads, per
+// multiprocessor, fewer if fewer items) taking them in cta_order's order from a global counter (take_work).
+//   Warpgroup 0 (setmaxnreg 24): warp 0, one thread, takes the items and publishes each (its coordinates) in a
+//     ring of kItemSlots shared-memory slots (item_full; item_empty: every other role is done with it, so none can
+//     find its slot rewritten); per item it streams query tiles of kBM rows (HS 64: 128, HS 128: 64) of Q and dO by
+//     TMA into a ring of kStages, from the diagonal tile up, for each query head of the group in turn, and loads the
+//     block's K and V once (dK/dV summed over the group in registers in that fixed order): after the item's first
+//     Q/dO tile, once the consumers are done with the previous item's K and V (kv_empty, arrived after their last dQ
+//     product), so that the loads run under the previous item's epilogue (its dK/dV stores, the last dQ adds). The
+//     Q/dO/lse/D ring and the dQ staging ring run on across items (running counters, so phases never restart).
+//     Warp 2 copies each tile's lse (times log2 e; +inf past T, so those queries get P = 0) and D into shared
+//     memory; one thread of warp 1 adds the block's dQ parts into global memory, its last adds of an item completing
+//     under the next item's first tiles (key block 0: copies the other blocks' sums into shared memory for the
+//     consumers; below).
 //   Warpgroups 1, 2, the consumers (setmaxnreg 240): warpgroup cw owns keys 64cw..64cw+63. Per tile, in sub-tiles
 //     of 64 queries (their accumulators and dK, dV fit the 240 registers): S^T = K Q^T and dP^T = V dO^T (wgmma,
 //     A = this warpgroup's 64 keys, both K-major), P^T while dP^T runs, dV += P^T dO issued (A = P^T from
@@ -582,12 +596,23 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a
 // two ahead of them, waits for the count (acquire), and bulk-copies the sum (L2) into the staging buffer (the ring
 // runs the other way round: filled by the thread, read by the consumers), so the poll and the L2 latency leave the
 // consumers' chain (where they sat between the dQ product and the next tile's S^T, the tensor pipe idle). The
-// copy is bit for bit and each element still gets one fp32 add (dQ part + sum): the results do not change. The
+// copy is bit for bit and each element still gets one fp32 add (dQ part + sum): the results do not change. Each
+// direction has its own barrier pair per buffer (parts: dq_full/dq_empty; sums: sum_full/sum_empty); the buffer is
+// n % 2 for a running count n of the uses of both kinds, across items. One pair for both would break where the
+// kinds alternate in a CTA: the consumers wait on its "thread done" barrier for use n - 2 before writing parts but
+// for use n itself before reading a sum, so after two uses for parts they would skip a phase, and a parity wait
+// cannot tell the phase before the awaited one from it (warp 1's thread likewise after two sums). With a pair per
+// direction each role waits every phase of the barriers it waits on, in order (a parity bit per barrier and
+// buffer, flipped per wait), and a buffer changes direction safely: parts are written there by the threads that
+// read the sum before (program order), a sum is copied in by the thread whose bulk add read the parts before. The
 // order matches the one the key blocks reach the tile in: each walks its query tiles from its diagonal up, so
 // block kb reaches tile qt a step (HS 128: two) after block kb + 1, whose add is then done: no chain of waits
 // (walking down from the last tile, all blocks would reach a tile together and wait for each other's adds in
-// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1..,
-// which the CTA order launches before it (the last key block of a head first: lower block indices). Unordered
+// turn, a CTA sitting idle for up to all of them at its end). Deadlock: block kb only waits on blocks kb + 1.. of
+// the same head, items of lower indices (cta_order: the last key block of a head first); items are taken in
+// increasing order, every one from the counter (none by blockIdx), so all of them were taken before, by CTAs that
+// are running; inside a CTA each role walks the items in order and waits only on its own item's earlier stages or
+// on older items (the slot ring: the item two back), so the lowest unfinished item can always proceed. Unordered
 // adds (fp32 sums differing in their last bits between runs) need the accumulator zeroed first and measured slower
 // on an H200 (2026-12-02): 866.5 against 819.5 us at B=64 T=1024 NH=6 HS 128, 1135.9 against 1103.1 at NH=12
 // HS 64 (on a loop order since dropped); the order costs nothing measurable.
@@ -595,6 +620,12 @@ __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a
 // float4 x 128 threads; element (half, j, ctid, e) is query row 16 warp + g + 8 (e >> 1) and head column
 // 8 j + 2 t + (e & 1) of the warpgroup's 64 x 64 part (warp = ctid / 32, g = ctid % 32 / 4, t = ctid % 4), the
 // part being rows 64 half.. (HS 64) or columns 64 half.. (HS 128).
+// a work item of the backward (key block, key/value head, batch) as the producer thread publishes it in shared
+// memory; n_tiles 0: the end
+struct BwdItem {
+    int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
+};
+
 template <int HS>
 struct FusedBwdCfg {
     static constexpr int kBN = 128;                  // keys per CTA
@@ -612,9 +643,12 @@ struct FusedBwdCfg {
     static constexpr int kDsOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
     static constexpr int kDqOffset = kDsOffset + kDsBytes;
     static constexpr int kAuxOffset = kDqOffset + kDqBufs * kDqFloats * 4;
+    static constexpr int kItemSlots = 2;  // work items published by the producer thread, read by the other roles
+    static constexpr int kItemReaders = 1 + 32 + 256;  // the dQ writer, warp 2, the consumers
     static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
-    static constexpr int kNumBars = 1 + 4 * kStages + 2 * kDqBufs;
-    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + 1024;
+    static constexpr int kNumBars = 2 + 4 * kStages + 4 * kDqBufs + 2 * kItemSlots;
+    // + the item slots, + slack to align the base to 1024
+    static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + (int)sizeof(BwdItem) * kItemSlots + 1024;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
@@ -628,21 +662,26 @@ size_t fused_work_floats(int B, int T, int NH) {
 }
 
 template <int HS>
+__device__ int g_bwd_work_counter[2];
+
+template <int HS>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
                                          const __grid_constant__ CUtensorMap tm_q,
                                          const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                          const float* __restrict__ lse, const float* __restrict__ dvec,
                                          float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count, int T,
-                                         QkvLayout lay, int num_bkv, int num_kblocks, int group, float scale,
-                                         float scale_log2) {
+                                         QkvLayout lay, int num_bkv, int num_kblocks, int num_work, int group,
+                                         float scale, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
     using Cfg = FusedBwdCfg<HS>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
     constexpr int kDqBufs = Cfg::kDqBufs;
     constexpr float kLog2e = 1.4426950408889634f;
     extern __shared__ uint8_t smem_raw[];
-    uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+    // aligned by an offset on smem_raw (not an integer cast): the compiler then knows every pointer below is shared
+    // and accesses it with 32-bit shared addresses (generic 64-bit pointers were live in the 24-register roles)
+    uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     uint8_t* sK = smem;
     uint8_t* sV = smem + Cfg::kKVBytes;
     uint8_t* sQ = smem + 2 * Cfg::kKVBytes;
@@ -656,23 +695,26 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* do_full = q_full + kStages;
     uint64_t* aux_full = do_full + kStages;
     uint64_t* empty = aux_full + kStages;
-    // the dQ staging ring, per use of a buffer one phase of each: dq_full, the 256 consumers are done with it
-    // (wrote their parts; key block 0: read the sum), dq_empty, warp 1's thread is (its bulk add has read it; key
-    // block 0: the sum has landed in it)
+    // the dQ staging ring, two pairs per buffer, one per direction (a tile of key block 0 fills a buffer the other
+    // way round: see the determinism note): dq_full, the 256 consumers wrote their parts, dq_empty, warp 1's
+    // thread's bulk add has read them; sum_full, the other blocks' sum has landed (bulk copy), sum_empty, the
+    // consumers have read it
     uint64_t* dq_full = empty + kStages;
     uint64_t* dq_empty = dq_full + kDqBufs;
+    uint64_t* sum_full = dq_empty + kDqBufs;
+    uint64_t* sum_empty = sum_full + kDqBufs;
+    uint64_t* kv_empty = sum_empty + kDqBufs;  // the consumers' last products of an item that read K and V are done
+    uint64_t* item_full = kv_empty + 1;
+    uint64_t* item_empty = item_full + Cfg::kItemSlots;
+    BwdItem* items = reinterpret_cast<BwdItem*>(bars + Cfg::kNumBars);
 
     const int tid = threadIdx.x, wg = warpgroup_index();
-    // the block's coordinates, computed by each role after the register reallocation (values kept live across
-    // setmaxnreg were spilled). Within a group of heads, the LAST key block (the fewest tiles) first: a key block
-    // waits on the dQ adds of the key blocks after it (see the ordering above), CTAs of lower block indices.
-    struct Coords {
-        int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
-    };
-    auto coords = [&]() {
-        Coords c;
+    // work item w's coordinates. Within a group of heads, the LAST key block (the fewest tiles) first: a key block
+    // waits on the dQ adds of the key blocks after it (see the ordering above), items of lower indices.
+    auto coords = [&](int w) {
+        BwdItem c;
         int bkv, j;
-        cta_order_of((int)blockIdx.x, num_bkv, num_kblocks, group, bkv, j);
+        cta_order_of(w, num_bkv, num_kblocks, group, bkv, j);
         c.kb = num_kblocks - 1 - j;
         c.b = bkv / lay.NKV;
         c.kh = bkv % lay.NKV;
@@ -684,10 +726,25 @@ __global__ void __launch_bounds__(384, 1)
         return c;
     };
     // tile i: query head h0 + i / n_q, query tile q_first + i % n_q (from the diagonal up)
-    auto tile_of = [](const Coords& c, int i, int& h, int& qt) {
+    auto tile_of = [](const BwdItem& c, int i, int& h, int& qt) {
         const int j = i / c.n_q;
         h = c.h0 + j;
         qt = c.q_first + (i - j * c.n_q);
+    };
+    // the it-th work item of this CTA, as the producer thread published it: read in place (the roles reread its
+    // fields after their waits rather than keeping them in registers: the producer warpgroup's 24 did not hold
+    // them), until the role is done with the item (done_item)
+    auto wait_item = [&](int it) -> const BwdItem& {
+        const int slot = it % Cfg::kItemSlots;
+        mbar_wait(&item_full[slot], (it / Cfg::kItemSlots) & 1);
+        return items[slot];
+    };
+    auto done_item = [&](int it) { mbar_arrive(&item_empty[it % Cfg::kItemSlots]); };
+    // a wait on one of the dQ ring's barriers whose next phase has parity bit `bit` of ph, which then flips: each
+    // role waits every phase of the barriers it waits on, in order, so parities never skip one
+    auto wait_flip = [](uint64_t* bar, uint32_t& ph, int bit) {
+        mbar_wait(bar, (ph >> bit) & 1);
+        ph ^= 1u << bit;
     };
 
     if (tid == 0) {
@@ -695,6 +752,11 @@ __global__ void __launch_bounds__(384, 1)
         tma_prefetch_desc(&tm_q);
         tma_prefetch_desc(&tm_do);
         mbar_init(kv_full, 1);
+        mbar_init(kv_empty, 256);
+        for (int s = 0; s < Cfg::kItemSlots; ++s) {
+            mbar_init(&item_full[s], 1);
+            mbar_init(&item_empty[s], Cfg::kItemReaders);
+        }
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&q_full[s], 1);
             mbar_init(&do_full[s], 1);
@@ -704,6 +766,8 @@ __global__ void __launch_bounds__(384, 1)
         for (int s = 0; s < kDqBufs; ++s) {
             mbar_init(&dq_full[s], 256);
             mbar_init(&dq_empty[s], 1);
+            mbar_init(&sum_full[s], 1);
+            mbar_init(&sum_empty[s], 256);
         }
         mbar_init_fence();
     }
@@ -712,110 +776,132 @@ __global__ void __launch_bounds__(384, 1)
     if (wg == 0) {
         setmaxnreg_dec<24>();
         if (tid == 0) {
-            const Coords c = coords();
-            const int b = c.b, kh = c.kh, kb = c.kb, n_tiles = c.n_tiles;
-            mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
+            int r = 0;  // Q/dO tiles loaded so far (ring position across items)
+            for (int it = 0;; ++it) {
+                // every item from the counter (none by blockIdx): an item is only ever taken by a running CTA
+                const int w = take_work(g_bwd_work_counter<HS>, 0, num_work);
+                const int slot = it % Cfg::kItemSlots;
+                // the slot's previous item (it - 2): every role is done with it
+                if (it >= Cfg::kItemSlots) mbar_wait(&item_empty[slot], ((it / Cfg::kItemSlots) - 1) & 1);
+                BwdItem& c = items[slot];
+                if (w < num_work)
+                    c = coords(w);
+                else
+                    c.n_tiles = 0;
+                mbar_arrive(&item_full[slot]);  // a release: the slot's contents, before the readers' waits
+                if (w >= num_work) break;
+                for (int i = 0; i < c.n_tiles; ++i, ++r) {
+                    const int st = r % kStages;
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    if (r >= kStages) mbar_wait(&empty[st], ((r / kStages) - 1) & 1);
+                    mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
 #pragma unroll
-            for (int p = 0; p < kPanels; ++p) {
-                tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(kh) + p * kPanelCols, kb * kBN, b);
-                tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(kh) + p * kPanelCols, kb * kBN, b);
-            }
-            for (int i = 0; i < n_tiles; ++i) {
-                const int st = i % kStages;
-                int h, qt;
-                tile_of(c, i, h, qt);
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                mbar_arrive_expect_tx(&q_full[st], Cfg::kTileBytes);
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
+                                    lay.q(h) + p * kPanelCols, qt * kBM, c.b);
+                    mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
 #pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sQ + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_q, &q_full[st],
-                                lay.q(h) + p * kPanelCols, qt * kBM, b);
-                mbar_arrive_expect_tx(&do_full[st], Cfg::kTileBytes);
+                    for (int p = 0; p < kPanels; ++p)
+                        tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
+                                    h * HS + p * kPanelCols, qt * kBM, c.b);
+                    if (i == 0) {
+                        // K and V, after the first Q/dO tile (its stage frees during the previous item's last
+                        // tile), once the previous item's last products have read them
+                        if (it > 0) mbar_wait(kv_empty, (it - 1) & 1);
+                        mbar_arrive_expect_tx(kv_full, 2 * Cfg::kKVBytes);
 #pragma unroll
-                for (int p = 0; p < kPanels; ++p)
-                    tma_load_3d(sdO + st * Cfg::kTileBytes + p * Cfg::kTilePanelBytes, &tm_do, &do_full[st],
-                                h * HS + p * kPanelCols, qt * kBM, b);
+                        for (int p = 0; p < kPanels; ++p) {
+                            tma_load_3d(sK + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.k(c.kh) + p * kPanelCols,
+                                        c.kb * kBN, c.b);
+                            tma_load_3d(sV + p * Cfg::kKVPanelBytes, &tm_kv, kv_full, lay.v(c.kh) + p * kPanelCols,
+                                        c.kb * kBN, c.b);
+                        }
+                    }
+                }
             }
         } else if (tid == 32) {
             // warp 1, one thread: the dQ adds; in key block 0, the sums' copies into shared memory instead
-            const Coords c = coords();
-            const int b = c.b, kb = c.kb;
-            for (int d = 0, e = 0; kb == 0 && d < c.n_tiles; ++d) {
-                int h, qt;
-                tile_of(c, d, h, qt);
-                const uint32_t before = (uint32_t)(qt * kBM / kBN);  // the key blocks that add into the tile
-                if (before == 0) continue;
-                // use e of the ring (the tiles that have a sum): its buffer read by the consumers (use e - 2),
-                // all adds complete, then the 32 KB sum into the buffer, landing on dq_empty
-                const int buf = e % kDqBufs;
-                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
-                if (e >= kDqBufs) mbar_wait(&dq_full[buf], ((e / kDqBufs) - 1) & 1);
-                wait_count(dq_count + tile, before);
-                fence_proxy_async_global();  // the acquire, ordered before the bulk copy (async proxy)
-                mbar_arrive_expect_tx(&dq_empty[buf], Cfg::kDqFloats * 4);
-                bulk_load(sdQ + buf * Cfg::kDqFloats, dq_acc + tile * Cfg::kDqFloats, Cfg::kDqFloats * 4,
-                          &dq_empty[buf]);
-                ++e;
-            }
-            for (int d = 0; kb > 0 && d < c.n_tiles; ++d) {
-                const int buf = d % kDqBufs;
-                int h, qt;
-                tile_of(c, d, h, qt);
-                const size_t tile = ((size_t)b * lay.NH + h) * c.num_qt + qt;
-                float* dst = dq_acc + tile * Cfg::kDqFloats;
-                const float* src = sdQ + buf * Cfg::kDqFloats;
-                mbar_wait(&dq_full[buf], (d / kDqBufs) & 1);
-                // the key blocks after this one (up to the tile's diagonal block) have added; the first stores
-                const uint32_t before = (uint32_t)(qt * kBM / kBN - kb);
-                if (before > 0) {
-                    wait_count(dq_count + tile, before);
-                    fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
-                    bulk_reduce_add_f32(dst, src, Cfg::kDqFloats * 4);
-                } else {
-                    bulk_store(dst, src, Cfg::kDqFloats * 4);
+            int n = 0;          // uses of the dQ staging ring so far (across items): buffer n % 2
+            uint32_t ph = 0xc;  // dq_full's, sum_empty's next parities (bits buf, 2 + buf; 1: the first passes)
+            for (int it = 0;; ++it) {
+                const BwdItem& c = wait_item(it);
+                if (c.n_tiles == 0) break;
+                for (int i = 0; i < c.n_tiles; ++i) {
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    // the key blocks after this one (up to the tile's diagonal block) that add into the tile
+                    const uint32_t before = (uint32_t)(qt * kBM / kBN - c.kb);
+                    if (c.kb == 0 && before == 0) continue;  // key block 0's diagonal tile: no sum to copy
+                    const int buf = n % kDqBufs;
+                    const size_t tile = ((size_t)c.b * lay.NH + h) * c.num_qt + qt;
+                    float* acc = dq_acc + tile * Cfg::kDqFloats;
+                    float* stage = sdQ + buf * Cfg::kDqFloats;
+                    if (c.kb == 0) {
+                        // the buffer's previous sum read by the consumers, all adds complete, then the 32 KB sum
+                        // into the buffer, landing on sum_full
+                        wait_flip(&sum_empty[buf], ph, 2 + buf);
+                        wait_count(dq_count + tile, before);
+                        fence_proxy_async_global();  // the acquire, ordered before the bulk copy (async proxy)
+                        mbar_arrive_expect_tx(&sum_full[buf], Cfg::kDqFloats * 4);
+                        bulk_load(stage, acc, Cfg::kDqFloats * 4, &sum_full[buf]);
+                    } else {
+                        wait_flip(&dq_full[buf], ph, buf);
+                        if (before > 0) {  // the others have added; the first one stores
+                            wait_count(dq_count + tile, before);
+                            fence_proxy_async_global();  // the acquire, ordered before the bulk add (async proxy)
+                            bulk_reduce_add_f32(acc, stage, Cfg::kDqFloats * 4);
+                        } else {
+                            bulk_store(acc, stage, Cfg::kDqFloats * 4);
+                        }
+                        bulk_commit();
+                        bulk_wait_read<0>();
+                        mbar_arrive(&dq_empty[buf]);  // the buffer is free once read, before the add completes
+                        bulk_wait<0>();
+                        fence_proxy_async_global();
+                        red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
+                    }
+                    ++n;
                 }
-                bulk_commit();
-                bulk_wait_read<0>();
-                mbar_arrive(&dq_empty[buf]);  // the staging buffer is free once read, before the add completes
-                bulk_wait<0>();
-                fence_proxy_async_global();
-                red_release_add_u32(dq_count + tile, 1);  // one more add complete (key block 0 waits for all)
+                done_item(it);
             }
         } else if (tid >= 64 && tid < 96) {
             // warp 2: lse (times log2 e; +inf past T, so those queries get P = 0) and D of each tile
-            const Coords c = coords();
             const int lane = tid - 64;
-            for (int i = 0; i < c.n_tiles; ++i) {
-                const int st = i % kStages;
-                int h, qt;
-                tile_of(c, i, h, qt);
-                const size_t bh = (size_t)c.b * lay.NH + h;
-                const float* lse_bh = lse + bh * T;
-                const float* d_bh = dvec + bh * T;
-                if (i >= kStages) mbar_wait(&empty[st], ((i / kStages) - 1) & 1);
-                float* aux = sAux + st * (2 * kBM);
+            int n = 0;  // tiles so far (the Q/dO ring's position)
+            for (int it = 0;; ++it) {
+                const BwdItem& c = wait_item(it);
+                if (c.n_tiles == 0) break;
+                for (int i = 0; i < c.n_tiles; ++i, ++n) {
+                    const int st = n % kStages;
+                    int h, qt;
+                    tile_of(c, i, h, qt);
+                    // (unsigned: no sign extensions kept in this warp's 24 registers)
+                    const size_t bh = (unsigned)(c.b * lay.NH + h);
+                    const float* lse_bh = lse + bh * (unsigned)T;
+                    const float* d_bh = dvec + bh * (unsigned)T;
+                    if (n >= kStages) mbar_wait(&empty[st], ((n / kStages) - 1) & 1);
+                    float* aux = sAux + st * (2 * kBM);
 #pragma unroll
-                for (int k = 0; k < kBM / 32; ++k) {
-                    const int r = qt * kBM + lane + 32 * k;
-                    aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
-                    aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                    for (int k = 0; k < kBM / 32; ++k) {
+                        const int r = qt * kBM + lane + 32 * k;
+                        aux[lane + 32 * k] = r < T ? lse_bh[r] * kLog2e : INFINITY;
+                        aux[kBM + lane + 32 * k] = r < T ? d_bh[r] : 0.f;
+                    }
+                    mbar_arrive(&aux_full[st]);
                 }
-                mbar_arrive(&aux_full[st]);
+                done_item(it);
             }
         }
         return;
     }
 
     setmaxnreg_inc<240>();
-    const Coords c = coords();
-    const int kb = c.kb, n_tiles = c.n_tiles;
     const int cw = wg - 1;
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
     const int g = lane >> 2, t = lane & 3;
-    const int key0 = kb * kBN + 64 * cw;    // first key of this warpgroup
     const int klocal = 64 * cw + 16 * warp + g;  // this thread's keys klocal, klocal + 8 of the block
-    const int krow = kb * kBN + klocal;
 
     const uint32_t k_addr = smem_u32(sK) + cw * 64 * kPanelRowBytes;
     const uint32_t v_addr = smem_u32(sV) + cw * 64 * kPanelRowBytes;
@@ -850,145 +936,157 @@ __global__ void __launch_bounds__(384, 1)
         wgmma_commit();
     };
 
-    mbar_wait(kv_full, 0);
-    int e_dq = 0;  // key block 0: the tiles with a sum so far (uses of the dQ staging ring)
-    for (int i = 0; i < n_tiles; ++i) {
-        const int st = i % kStages;
-        const uint32_t ph = (i / kStages) & 1;
-        int h, qt;
-        tile_of(c, i, h, qt);
-        const int row0 = qt * kBM;
-        const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
-        mbar_wait(&q_full[st], ph);
-        mbar_wait(&do_full[st], ph);
-        mbar_wait(&aux_full[st], ph);
-        // Sub-tiles of 64 queries (HS 64: two): at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (the
-        // consumers' 240 registers), one pair per sub-tile (the next pair is issued before the last is stored);
-        // the A fragments of P^T and dS^T stay untouched until their products complete (the next sub-tile's
-        // wait, or the one after dQ).
-        uint32_t pa[kBM / 16][4], da[kBM / 16][4];
-        float s_[kBM / 64][32], dp_[kBM / 64][32];
-        issue_s_dp(s_[0], dp_[0], st, 0);
+    int r = 0;             // tiles so far (the Q/dO ring's position)
+    int n_dq = 0;          // uses of the dQ staging ring so far (as warp 1's thread counts them): buffer n_dq % 2
+    uint32_t dq_ph = 0x3;  // dq_empty's, sum_full's next parities (bits buf, 2 + buf; 1: the first passes)
+    for (int it = 0;; ++it) {
+        const BwdItem& c = wait_item(it);
+        if (c.n_tiles == 0) break;
+        const int kb = c.kb, n_tiles = c.n_tiles;
+        const int key0 = kb * kBN + 64 * cw;  // first key of this warpgroup
+        const int krow = kb * kBN + klocal;
+        mbar_wait(kv_full, it & 1);
+        for (int i = 0; i < n_tiles; ++i, ++r) {
+            const int st = r % kStages;
+            const uint32_t ph = (r / kStages) & 1;
+            int h, qt;
+            tile_of(c, i, h, qt);
+            const int row0 = qt * kBM;
+            const bool need_mask = row0 < key0 + 63;  // some query of the tile precedes some key of this warpgroup
+            mbar_wait(&q_full[st], ph);
+            mbar_wait(&do_full[st], ph);
+            mbar_wait(&aux_full[st], ph);
+            // Sub-tiles of 64 queries (HS 64: two): at most 64 + 64 accumulators of S^T, dP^T live besides dK, dV (the
+            // consumers' 240 registers), one pair per sub-tile (the next pair is issued before the last is stored);
+            // the A fragments of P^T and dS^T stay untouched until their products complete (the next sub-tile's
+            // wait, or the one after dQ).
+            uint32_t pa[kBM / 16][4], da[kBM / 16][4];
+            float s_[kBM / 64][32], dp_[kBM / 64][32];
+            issue_s_dp(s_[0], dp_[0], st, 0);
 #pragma unroll
-        for (int hh = 0; hh < kBM / 64; ++hh) {
-            const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
-            const int q0 = row0 + 64 * hh;
-            float(&s)[32] = s_[hh];
-            float(&dp)[32] = dp_[hh];
-            wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
-            reg_fence(s);
-            // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key. (P^T and dS^T in arrays
-            // of their own, not over S^T and dP^T: ptxas serialized every product when a wgmma's accumulators were
-            // redefined with another product in flight, C7515.)
-            float pt[32], dst[32];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int q = q0 + 8 * j + 2 * t + (e & 1);
-                    const int k = krow + 8 * (e >> 1);
-                    float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
-                    if (need_mask && q < k) p = 0.f;
-                    pt[4 * j + e] = p;
-                }
-            }
-            uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
-            uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
-            acc_to_a<64>(pah, pt);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
-            wgmma_commit();
-            wgmma_wait<1>();  // dP^T (dV may still run)
-            reg_fence(dp);
-            // dS^T = P^T (dP^T - D[query])
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
-            }
-            acc_to_a<64>(dah, dst);
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk)
-                wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
-            wgmma_commit();
-            // the next sub-tile's S^T, dP^T queue behind dK; then, before the first store of dS^T, both
-            // warpgroups' dQ products of the previous tile are done reading it (each waited for its own)
-            if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
-            if (hh == 0) named_barrier_sync(1, 256);
-            // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
-            // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
-            const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
-#pragma unroll
-            for (int ch = 0; ch < 8; ++ch) {
-                const uint32_t p = rowp + ((ch ^ g) << 4);
-                st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
-                st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
-            }
-        }
-        fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
-        named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
-        float dq[32];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-            wgmma_ss_n64<1, 1>(dq, make_desc(ds_addr + kk * 16 * kPanelRowBytes, Cfg::kDsPanelBytes, 1024),
-                               make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        float dqv[32];  // dQ's values after the wait
-        reg_copy(dqv, dq);
-        mbar_arrive(&empty[st]);
-        if (kb == 0) {
-            // the tile's last contributor: the others' sum (this warpgroup's half, copied into staging buffer
-            // e_dq % 2 by warp 1's thread, normally already there) plus this part, scaled, in bf16 straight into dqkv
-            if (qt * kBM / kBN > 0) {
-                const int buf = e_dq % kDqBufs;
-                mbar_wait(&dq_empty[buf], (e_dq / kDqBufs) & 1);
-                const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+            for (int hh = 0; hh < kBM / 64; ++hh) {
+                const uint32_t aux = smem_u32(sAux + st * (2 * kBM) + 64 * hh);
+                const int q0 = row0 + 64 * hh;
+                float(&s)[32] = s_[hh];
+                float(&dp)[32] = dp_[hh];
+                wgmma_wait<1>();  // S^T (and the previous sub-tile's dV, dK products)
+                reg_fence(s);
+                // P^T[key, query] = 2^(S^T scale log2e - lse2[query]); zero where query < key. (P^T and dS^T in arrays
+                // of their own, not over S^T and dP^T: ptxas serialized every product when a wgmma's accumulators were
+                // redefined with another product in flight, C7515.)
+                float pt[32], dst[32];
 #pragma unroll
                 for (int j = 0; j < 8; ++j) {
-                    const float4 v = ld_shared_f32x4(stage + 16 * 128 * j);
-                    dqv[4 * j] += v.x;
-                    dqv[4 * j + 1] += v.y;
-                    dqv[4 * j + 2] += v.z;
-                    dqv[4 * j + 3] += v.w;
-                }
-                mbar_arrive(&dq_full[buf]);  // read: warp 1's thread may fill the buffer again
-                ++e_dq;
-            }
-            const size_t row_stride = lay.row_stride();
-            bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-            store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
-        } else {
-            // the tile's dQ part to its staging buffer; warp 1 of the producer warpgroup adds it to the accumulator
-            const int buf = i % kDqBufs;
-            if (i >= kDqBufs) mbar_wait(&dq_empty[buf], ((i / kDqBufs) - 1) & 1);
-            const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+                    const float2 l2 = ld_shared_f32x2(aux + 4 * (8 * j + 2 * t));
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
-            fence_proxy_async();  // visible to the bulk copy
-            mbar_arrive(&dq_full[buf]);
+                    for (int e = 0; e < 4; ++e) {
+                        const int q = q0 + 8 * j + 2 * t + (e & 1);
+                        const int k = krow + 8 * (e >> 1);
+                        float p = fast_exp2(fmaf(s[4 * j + e], scale_log2, -((e & 1) ? l2.y : l2.x)));
+                        if (need_mask && q < k) p = 0.f;
+                        pt[4 * j + e] = p;
+                    }
+                }
+                uint32_t(&pah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&pa[4 * hh]);
+                uint32_t(&dah)[4][4] = *reinterpret_cast<uint32_t(*)[4][4]>(&da[4 * hh]);
+                acc_to_a<64>(pah, pt);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    wgmma_rs_t<HS>(dv, pah[kk], desc_mn_tile(do_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
+                wgmma_commit();
+                wgmma_wait<1>();  // dP^T (dV may still run)
+                reg_fence(dp);
+                // dS^T = P^T (dP^T - D[query])
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const float2 dd = ld_shared_f32x2(aux + 4 * (kBM + 8 * j + 2 * t));
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        dst[4 * j + e] = pt[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? dd.y : dd.x));
+                }
+                acc_to_a<64>(dah, dst);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk)
+                    wgmma_rs_t<HS>(dk, dah[kk], desc_mn_tile(q_addr, st, 4 * hh + kk), i > 0 || hh > 0 || kk > 0);
+                wgmma_commit();
+                // the next sub-tile's S^T, dP^T queue behind dK; then, before the first store of dS^T, both
+                // warpgroups' dQ products of the previous tile are done reading it (each waited for its own)
+                if (hh + 1 < kBM / 64) issue_s_dp(s_[hh + 1], dp_[hh + 1], st, hh + 1);
+                if (hh == 0) named_barrier_sync(1, 256);
+                // dS^T rows klocal, klocal + 8 (1024 bytes on; both swizzle with g = klocal & 7), query columns
+                // 64 hh + 8c + 2t in 16-byte chunk c ^ g (conflict-free: a warp's 8 rows hit 8 different chunks)
+                const uint32_t rowp = smem_u32(sdS) + hh * Cfg::kDsPanelBytes + klocal * kPanelRowBytes + 4 * t;
+#pragma unroll
+                for (int ch = 0; ch < 8; ++ch) {
+                    const uint32_t p = rowp + ((ch ^ g) << 4);
+                    st_shared_u32(p, dah[ch / 2][2 * (ch & 1)]);
+                    st_shared_u32(p + 8 * kPanelRowBytes, dah[ch / 2][2 * (ch & 1) + 1]);
+                }
+            }
+            fence_proxy_async();         // the generic stores of dS^T, visible to wgmma's reads
+            named_barrier_sync(2, 256);  // the whole dS^T tile is in shared memory
+            float dq[32];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; ++kk)
+                wgmma_ss_n64<1, 1>(dq, make_desc(ds_addr + kk * 16 * kPanelRowBytes, Cfg::kDsPanelBytes, 1024),
+                                   make_desc(kq_addr + kk * 16 * kPanelRowBytes, Cfg::kKVPanelBytes, 1024), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            float dqv[32];  // dQ's values after the wait
+            reg_copy(dqv, dq);
+            mbar_arrive(&empty[st]);
+            if (i == n_tiles - 1) mbar_arrive(kv_empty);  // the producer loads the next item's K and V
+            if (kb == 0) {
+                // the tile's last contributor: the others' sum (this warpgroup's half, copied into the staging
+                // buffer by warp 1's thread, normally already there) plus this part, scaled, in bf16 straight into dqkv
+                if (qt * kBM / kBN > 0) {
+                    const int buf = n_dq % kDqBufs;
+                    wait_flip(&sum_full[buf], dq_ph, 2 + buf);
+                    const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const float4 v = ld_shared_f32x4(stage + 16 * 128 * j);
+                        dqv[4 * j] += v.x;
+                        dqv[4 * j + 1] += v.y;
+                        dqv[4 * j + 2] += v.z;
+                        dqv[4 * j + 3] += v.w;
+                    }
+                    mbar_arrive(&sum_empty[buf]);  // read: warp 1's thread may fill the buffer again
+                    ++n_dq;
+                }
+                const size_t row_stride = lay.row_stride();
+                bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
+                store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+            } else {
+                // the tile's dQ part to its staging buffer, once the buffer's previous parts are read; warp 1 of the
+                // producer warpgroup adds it to the accumulator
+                const int buf = n_dq % kDqBufs;
+                wait_flip(&dq_empty[buf], dq_ph, buf);
+                const uint32_t stage = smem_u32(sdQ + buf * Cfg::kDqFloats + cw * (Cfg::kDqFloats / 2)) + 16 * ctid;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    st_shared_f32x4(stage + 16 * 128 * j, dqv[4 * j], dqv[4 * j + 1], dqv[4 * j + 2], dqv[4 * j + 3]);
+                fence_proxy_async();  // visible to the bulk copy
+                mbar_arrive(&dq_full[buf]);
+                ++n_dq;
+            }
         }
-    }
 
-    float dkv[HS / 2], dvv[HS / 2];  // dK's, dV's values after the last wait
-    reg_copy(dkv, dk);
-    reg_copy(dvv, dv);
-    // the block's coordinates again (keeping them live through the loop spilled them)
-    const Coords ce = coords();
-    const int b_e = ce.b, kh_e = ce.kh;
-    const int krow_e = ce.kb * kBN + 64 * cw + 16 * warp + g;
-    const size_t row_stride = lay.row_stride();
-    bf16* base = dqkv + (size_t)b_e * T * row_stride;
-    store_acc_rows<HS>(base + lay.k(kh_e), row_stride, dkv, krow_e, T, t, scale);
-    store_acc_rows<HS>(base + lay.v(kh_e), row_stride, dvv, krow_e, T, t, 1.f);
+        // dK, dV after the last wait, stored in place (copies would be live beside them: the next item's first
+        // products read dk, dv with a run-time scale_d)
+        reg_fence(dk);
+        reg_fence(dv);
+        // the item's coordinates reread from its slot (keeping them live through the loop spilled them)
+        const int krow_e = c.kb * kBN + 64 * cw + 16 * warp + g;
+        const size_t row_stride = lay.row_stride();
+        bf16* base = dqkv + (size_t)c.b * T * row_stride;
+        store_acc_rows<HS>(base + lay.k(c.kh), row_stride, dk, krow_e, T, t, scale);
+        store_acc_rows<HS>(base + lay.v(c.kh), row_stride, dv, krow_e, T, t, 1.f);
+        done_item(it);
+    }  // work items
 #endif
 }
 
@@ -1074,11 +1172,13 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     const CUtensorMap tm_do = make_map_3d(dout, C, T, B, Cfg::kBM);
     const int num_bkv = B * lay.NKV;
     const int num_kblocks = ceil_div(T, Cfg::kBN);
-    const long long grid = (long long)num_bkv * num_kblocks;
-    require(grid <= 0x7fffffffLL, "attention_sm90: grid too large");
-    kernel<<<(unsigned)grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay,
-                                                  num_bkv, num_kblocks, head_group(num_kblocks, num_bkv), scale,
-                                                  scale_log2);
+    const long long items = (long long)num_bkv * num_kblocks;
+    require(items <= 0x7fffffffLL, "attention_sm90: too many work items");
+    static int sms = 0;
+    if (sms == 0) sms = device_sm_count();
+    const int grid = (int)(items > sms ? sms : items);
+    kernel<<<grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay, num_bkv,
+                                        num_kblocks, (int)items, head_group(num_kblocks, num_bkv), scale, scale_log2);
     CUDA_CHECK_LAUNCH();
 }
 
