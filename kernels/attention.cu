@@ -55,13 +55,14 @@
 //        diagonal: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K. Written once.
 //   Rows/keys past T are zero-filled on load (so no garbage, possibly NaN, enters a product) and never
 //   stored; the causal mask alone removes keys >= T from every real row (j >= T > i).
+//     4. with dqkv_bias (the qkv projection's bias gradient): bias_backward on the stored dqkv.
 //
 // ---- Dispatch ------------------------------------------------------------------------------------------
 // On compute capability 9.x, where the build includes sm_90 (GPT2CU_HAVE_SM90_ATTENTION), attention_forward and
 // attention_backward run the Hopper kernels of attention_sm90.cu (wgmma + TMA; same contract, also
 // deterministic); the kernels below serve sm_80 and any build without 90. attention_set_backend(1) forces
 // these, 2 keeps only the backward here (kernels.h). The Hopper backward sums dQ in fp32 in the scratch after D
-// (from its start when the caller gives D) (attention_sm90.cu).
+// (from its start when the caller gives D), and dqkv_bias from the values it stores (attention_sm90.cu).
 //
 // ---- mma.sync.m16n8k16 fragment layouts (lane = 4*g + t, g = lane>>2, t = lane&3) ------------------
 //   A (16x16, row-major), 4 regs of 2 bf16: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g,
@@ -881,15 +882,16 @@ void attention_backward_preprocess(float* D, const bf16* dout, const bf16* out, 
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS) {
     size_t n = (size_t)B * NH * T;  // D = rowsum(dO * O), one float per (b, h, t)
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-    // then the Hopper backward's work area (its fp32 dQ accumulator)
-    if (attention_sm90_backward_selected(B, T, NH, HS)) n += attention_sm90_backward_work_floats(B, T, NH, HS);
+    // then the Hopper backward's work area (its fp32 dQ accumulator, the qkv bias gradient's partial rows)
+    if (attention_sm90_backward_selected(B, T, NH, HS)) return n + attention_sm90_backward_work_floats(B, T, NH, HS);
 #endif
-    return n;
+    // elsewhere bias_backward's partials for dqkv_bias, for the widest qkv row (NKV = NH)
+    return n + bias_backward_scratch_floats(B * T, 3 * NH * HS);
 }
 
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream, const float* dout_head_dot) {
+                        cudaStream_t stream, const float* dout_head_dot, bf16* dqkv_bias) {
     check_shapes(B, T, NH, NKV, HS);
     const size_t d_floats = (size_t)B * NH * T;  // D's part of the scratch, left out when the caller gives D
     require(scratch_floats + (dout_head_dot ? d_floats : 0) >= attention_backward_scratch_floats(B, T, NH, HS),
@@ -898,8 +900,9 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
             "attention_backward: qkv, dout and out must be 16-byte aligned");
     require((reinterpret_cast<uintptr_t>(dqkv) & 3) == 0 && (reinterpret_cast<uintptr_t>(lse) & 3) == 0 &&
                 (reinterpret_cast<uintptr_t>(scratch) & 3) == 0 &&
-                (reinterpret_cast<uintptr_t>(dout_head_dot) & 3) == 0,
-            "attention_backward: dqkv, lse, scratch and dout_head_dot must be 4-byte aligned");
+                (reinterpret_cast<uintptr_t>(dout_head_dot) & 3) == 0 &&
+                (reinterpret_cast<uintptr_t>(dqkv_bias) & 1) == 0,
+            "attention_backward: dqkv, lse, scratch and dout_head_dot must be 4-byte aligned, dqkv_bias 2-byte");
     const QkvLayout lay{NH, NKV, HS};
     // the dK/dV and dQ kernels read qkv while other CTAs write dqkv: they must not overlap
     const size_t qkv_bytes = (size_t)B * T * lay.row_stride() * sizeof(bf16);
@@ -914,7 +917,8 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
     }
     if (attention_sm90_backward_selected(B, T, NH, HS)) {
 #ifdef GPT2CU_HAVE_SM90_ATTENTION
-        attention_backward_sm90(dqkv, dout, qkv, lse, dvec, B, T, NH, NKV, HS, scratch, scratch_floats, stream);
+        attention_backward_sm90(dqkv, dout, qkv, lse, dvec, B, T, NH, NKV, HS, scratch, scratch_floats, stream,
+                                dqkv_bias);
         return;
 #endif
     }
@@ -922,4 +926,6 @@ void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf1
         launch_backward<64>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
     else
         launch_backward<128>(dqkv, dout, qkv, lse, dvec, B, T, lay, stream);
+    // the qkv bias gradient: bias.cu's pass over the stored dqkv, its partials in the scratch after D
+    if (dqkv_bias) bias_backward(dqkv_bias, dqkv, scratch, scratch_floats, B * T, lay.row_stride(), stream);
 }

@@ -132,29 +132,87 @@ __device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4], int t) {
     return high ? make_uint4(r0, r1, b0, b1) : make_uint4(a0, a1, r0, r1);
 }
 
+// The column sums of a warp's 16 rows (the backward's qkv bias gradient). x[L]: a lane's values of L columns, the same
+// L columns in the 8 lanes of one quad position t (lanes t, t + 4, .., t + 28; g = lane / 4 their rows). Three
+// exchanges (lanes 16, 8 and 4 apart) each keep half of the columns, adding the partner's values of that half: x[i]
+// ends as the sum over the 8 lanes of column (L / 8) g + i of the L (i < L / 8). 7L/8 shuffles (3L without halving).
+template <int L, int kStep = 0>
+__device__ __forceinline__ void sum_over_rows(float (&x)[L], int lane) {
+    if constexpr (kStep < 3) {
+        constexpr int half = (L >> kStep) / 2;
+        const bool up = (lane >> (4 - kStep)) & 1;  // keeps the upper half
+#pragma unroll
+        for (int i = 0; i < half; ++i) {
+            const float send = up ? x[i] : x[i + half];
+            const float keep = up ? x[i + half] : x[i];
+            x[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16 >> kStep);
+        }
+        sum_over_rows<L, kStep + 1>(x, lane);
+    }
+}
+
+// the column (of 0..N-1) of value i of store_acc_rows' column sums in lane (g, t): sum_over_rows' column (N / 32) g + i
+// of the lane's N / 4, which are pairs 2t, 2t + 1 of each 8-column chunk
+template <int N>
+__device__ __forceinline__ int colsum_col(int lane, int i) {
+    return 8 * ((N / 64) * (lane >> 2) + i / 2) + 2 * (lane & 3) + (i & 1);
+}
+
 // rows r0 (and r0 + 8) of an m64nN accumulator, times mult -> bf16 columns 0..N-1 at base (row stride row_stride
 // elements, 16-byte aligned), rows < T only. The accumulator gives lane t of a quad 4 bytes of each 16-byte chunk
 // of its rows; quad_transpose gives it whole chunks, so each store is 16 bytes and a warp's store covers 64
 // contiguous bytes of each of 8 rows (not 16): a quarter of the store instructions, whole 32-byte sectors (ncu:
 // the backward's 4-byte stores here held 12-16% of its warp samples, stalled on the memory instruction queue). The
 // shuffles run in all lanes; a quad's lanes share their rows, so the guard is the same within each exchange.
-template <int N>
-__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
-                                               int T, int t, float mult) {
+// colsum (the backward's qkv bias gradient): the warp's column sums of the values as stored (bf16, rows < T), summed
+// in fp32: value i for column colsum_col<N>(lane, i), from the packed words (unpacked by byte permutes that also
+// zero rows >= T: 2 instructions a word, N / 4 adds for the two rows, then sum_over_rows).
+template <int N, bool kColsum>
+__device__ __forceinline__ void store_acc_rows_impl(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
+                                                    int T, int t, float mult, float (&colsum)[N / 32]) {
+    float x[N / 4];  // colsum: column 8j + 2t + e of the lane's rows in x[2j + e]
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
         const int r = r0 + 8 * hr;
         bf16* p = base + (size_t)r * row_stride + 8 * t;
+        // __byte_perm selectors: the low (high) bf16 of a word into the high half of a float, or 0 past T
+        const uint32_t sel_lo = r < T ? 0x1044u : 0x4444u, sel_hi = r < T ? 0x3244u : 0x4444u;
 #pragma unroll
         for (int m = 0; m < N / 32; ++m) {  // chunks 4m .. 4m + 3 (columns 32m ..)
             uint32_t w[4];
 #pragma unroll
             for (int k = 0; k < 4; ++k)
                 w[k] = pack_bf16x2(acc[4 * (4 * m + k) + 2 * hr] * mult, acc[4 * (4 * m + k) + 2 * hr + 1] * mult);
+            if constexpr (kColsum) {
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int j = 4 * m + k;
+                    const float lo = __uint_as_float(__byte_perm(w[k], 0u, sel_lo));
+                    const float hi = __uint_as_float(__byte_perm(w[k], 0u, sel_hi));
+                    x[2 * j] = hr ? x[2 * j] + lo : lo;
+                    x[2 * j + 1] = hr ? x[2 * j + 1] + hi : hi;
+                }
+            }
             const uint4 v = quad_transpose(w, t);
             if (r < T) *reinterpret_cast<uint4*>(p + 32 * m) = v;
         }
     }
+    if constexpr (kColsum) {
+        sum_over_rows<N / 4>(x, threadIdx.x & 31);
+#pragma unroll
+        for (int i = 0; i < N / 32; ++i) colsum[i] = x[i];
+    }
+}
+template <int N>
+__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
+                                               int T, int t, float mult) {
+    float none[N / 32];
+    store_acc_rows_impl<N, false>(base, row_stride, acc, r0, T, t, mult, none);
+}
+template <int N>
+__device__ __forceinline__ void store_acc_rows(bf16* base, size_t row_stride, const float (&acc)[N / 2], int r0,
+                                               int T, int t, float mult, float (&colsum)[N / 32]) {
+    store_acc_rows_impl<N, true>(base, row_stride, acc, r0, T, t, mult, colsum);
 }
 
 // Work counters of a persistent kernel (one pair per kernel): [0] items taken from it, [1] CTAs that have taken
@@ -626,7 +684,8 @@ struct BwdItem {
     int b, kh, kb, h0, num_qt, q_first, n_q, n_tiles;
 };
 
-template <int HS>
+// kBias: the kernel also sums the qkv bias gradient (the column sums of dqkv as stored; see the kernel)
+template <int HS, bool kBias = false>
 struct FusedBwdCfg {
     static constexpr int kBN = 128;                  // keys per CTA
     static constexpr int kBM = HS == 64 ? 128 : 64;  // queries per streamed tile
@@ -643,38 +702,56 @@ struct FusedBwdCfg {
     static constexpr int kDsOffset = 2 * kKVBytes + 2 * kStages * kTileBytes;
     static constexpr int kDqOffset = kDsOffset + kDsBytes;
     static constexpr int kAuxOffset = kDqOffset + kDqBufs * kDqFloats * 4;
+    // kBias: per item, the 8 consumer warps' column sums of dK, then of dV (8 rows of HS floats each), double-buffered
+    // (item parity)
+    static constexpr int kSumBufs = kBias ? 2 : 0;
+    static constexpr int kSumFloats = 2 * 8 * HS;
+    static constexpr int kSumOffset = kAuxOffset + kStages * kAuxBytes;
     static constexpr int kItemSlots = 2;  // work items published by the producer thread, read by the other roles
-    static constexpr int kItemReaders = 1 + 32 + 256;  // the dQ writer, warp 2, the consumers
-    static constexpr int kBarOffset = kAuxOffset + kStages * kAuxBytes;
-    static constexpr int kNumBars = 2 + 4 * kStages + 4 * kDqBufs + 2 * kItemSlots;
+    static constexpr int kItemReaders = 1 + 32 + 256 + (kBias ? 32 : 0);  // the dQ writer, warp 2, the consumers, warp 3
+    static constexpr int kBarOffset = kSumOffset + kSumBufs * kSumFloats * 4;
+    static constexpr int kNumBars = 2 + 4 * kStages + 4 * kDqBufs + 2 * kItemSlots + 2 * kSumBufs;
     // + the item slots, + slack to align the base to 1024
     static constexpr int kSmemBytes = kBarOffset + 8 * kNumBars + (int)sizeof(BwdItem) * kItemSlots + 1024;
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 };
 
-// floats of the fused backward's work area: the dQ accumulator, then one uint32 counter per dQ tile (+ 4 floats
-// to align the start to 16 bytes)
+// the qkv bias gradient's partial rows of the query columns per batch (the kBias kernel): one per consumer warp holding
+// the same dQ columns (HS 64: all 8 hold all HS; HS 128: each warpgroup's 4 hold 64)
+template <int HS>
+constexpr int kQSlots = HS == 64 ? 8 : 4;
+
+// rows of the qkv bias gradient's partials: per batch, kQSlots for the query columns, one per key block for the key
+// and value columns; the larger count
+template <int HS>
+int bias_partial_rows(int B, int T) {
+    const int kblocks = (T + FusedBwdCfg<HS>::kBN - 1) / FusedBwdCfg<HS>::kBN;
+    return B * (kblocks > kQSlots<HS> ? kblocks : kQSlots<HS>);
+}
+
+// floats of the fused backward's work area: the dQ accumulator, the qkv bias gradient's partials (their rows x the
+// widest qkv row, 3 NH HS), then one uint32 counter per dQ tile (+ 4 floats to align the start to 16 bytes)
 template <int HS>
 size_t fused_work_floats(int B, int T, int NH) {
     using Cfg = FusedBwdCfg<HS>;
     const size_t tiles = (size_t)B * NH * ((T + Cfg::kBM - 1) / Cfg::kBM);
-    return tiles * Cfg::kDqFloats + tiles + 4;
+    return tiles * Cfg::kDqFloats + (size_t)bias_partial_rows<HS>(B, T) * 3 * NH * HS + tiles + 4;
 }
 
-template <int HS>
+template <int HS, bool kBias>
 __device__ int g_bwd_work_counter[2];
 
-template <int HS>
+template <int HS, bool kBias>
 __global__ void __launch_bounds__(384, 1)
     attention_backward_fused_sm90_kernel(const __grid_constant__ CUtensorMap tm_kv,
                                          const __grid_constant__ CUtensorMap tm_q,
                                          const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dqkv,
                                          const float* __restrict__ lse, const float* __restrict__ dvec,
-                                         float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count, int T,
-                                         QkvLayout lay, int num_bkv, int num_kblocks, int num_work, int group,
-                                         float scale, float scale_log2) {
+                                         float* __restrict__ dq_acc, uint32_t* __restrict__ dq_count,
+                                         float* __restrict__ bias_part, int T, QkvLayout lay, int num_bkv,
+                                         int num_kblocks, int num_work, int group, float scale, float scale_log2) {
 #ifdef GPT2CU_SM90A_DEVICE
-    using Cfg = FusedBwdCfg<HS>;
+    using Cfg = FusedBwdCfg<HS, kBias>;
     constexpr int kBN = Cfg::kBN, kBM = Cfg::kBM, kStages = Cfg::kStages, kPanels = HS / kPanelCols;
     constexpr int kDqBufs = Cfg::kDqBufs;
     constexpr float kLog2e = 1.4426950408889634f;
@@ -689,6 +766,7 @@ __global__ void __launch_bounds__(384, 1)
     uint8_t* sdS = smem + Cfg::kDsOffset;
     float* sdQ = reinterpret_cast<float*>(smem + Cfg::kDqOffset);
     float* sAux = reinterpret_cast<float*>(smem + Cfg::kAuxOffset);
+    float* sSum = reinterpret_cast<float*>(smem + Cfg::kSumOffset);
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + Cfg::kBarOffset);
     uint64_t* kv_full = bars;
     uint64_t* q_full = bars + 1;
@@ -706,6 +784,9 @@ __global__ void __launch_bounds__(384, 1)
     uint64_t* kv_empty = sum_empty + kDqBufs;  // the consumers' last products of an item that read K and V are done
     uint64_t* item_full = kv_empty + 1;
     uint64_t* item_empty = item_full + Cfg::kItemSlots;
+    // kBias: the column sum buffers: sum_rows_full, the 256 consumers wrote an item's; sum_rows_empty, warp 3 read them
+    uint64_t* sum_rows_full = item_empty + Cfg::kItemSlots;
+    uint64_t* sum_rows_empty = sum_rows_full + Cfg::kSumBufs;
     BwdItem* items = reinterpret_cast<BwdItem*>(bars + Cfg::kNumBars);
 
     const int tid = threadIdx.x, wg = warpgroup_index();
@@ -769,6 +850,10 @@ __global__ void __launch_bounds__(384, 1)
             mbar_init(&sum_full[s], 1);
             mbar_init(&sum_empty[s], 256);
         }
+        for (int s = 0; s < Cfg::kSumBufs; ++s) {
+            mbar_init(&sum_rows_full[s], 256);
+            mbar_init(&sum_rows_empty[s], 32);
+        }
         mbar_init_fence();
     }
     __syncthreads();
@@ -779,7 +864,7 @@ __global__ void __launch_bounds__(384, 1)
             int r = 0;  // Q/dO tiles loaded so far (ring position across items)
             for (int it = 0;; ++it) {
                 // every item from the counter (none by blockIdx): an item is only ever taken by a running CTA
-                const int w = take_work(g_bwd_work_counter<HS>, 0, num_work);
+                const int w = take_work(g_bwd_work_counter<HS, kBias>, 0, num_work);
                 const int slot = it % Cfg::kItemSlots;
                 // the slot's previous item (it - 2): every role is done with it
                 if (it >= Cfg::kItemSlots) mbar_wait(&item_empty[slot], ((it / Cfg::kItemSlots) - 1) & 1);
@@ -892,6 +977,28 @@ __global__ void __launch_bounds__(384, 1)
                 }
                 done_item(it);
             }
+        } else if (kBias && tid >= 96) {
+            // warp 3 (kBias): each item's dK and dV column sums, the 8 consumer warps' rows added in warp order, into
+            // the item's partial row (batch b, key block kb), at the key/value head's columns of the qkv row
+            const int lane = tid - 96;
+            for (int it = 0;; ++it) {
+                const BwdItem& c = wait_item(it);
+                if (c.n_tiles == 0) break;
+                float* row = bias_part + ((size_t)c.b * num_kblocks + c.kb) * lay.row_stride();
+                const int k0 = lay.k(c.kh), v0 = lay.v(c.kh);
+                done_item(it);  // (the item's fields are read)
+                const int buf = it % 2;
+                mbar_wait(&sum_rows_full[buf], (it / 2) & 1);
+                const float* part = sSum + buf * Cfg::kSumFloats;
+#pragma unroll 1
+                for (int j = lane; j < 2 * HS; j += 32) {  // dK's columns, then dV's
+                    float sum = 0.f;
+#pragma unroll
+                    for (int w = 0; w < 8; ++w) sum += part[((j / HS) * 8 + w) * HS + j % HS];
+                    row[(j < HS ? k0 : v0 - HS) + j] = sum;
+                }
+                mbar_arrive(&sum_rows_empty[buf]);
+            }
         }
         return;
     }
@@ -939,6 +1046,7 @@ __global__ void __launch_bounds__(384, 1)
     int r = 0;             // tiles so far (the Q/dO ring's position)
     int n_dq = 0;          // uses of the dQ staging ring so far (as warp 1's thread counts them): buffer n_dq % 2
     uint32_t dq_ph = 0x3;  // dq_empty's, sum_full's next parities (bits buf, 2 + buf; 1: the first passes)
+    float qsum[2] = {0.f, 0.f};  // kBias: this warp's dQ column sums over the query tiles of a head so far (key block 0)
     for (int it = 0;; ++it) {
         const BwdItem& c = wait_item(it);
         if (c.n_tiles == 0) break;
@@ -1059,7 +1167,24 @@ __global__ void __launch_bounds__(384, 1)
                 }
                 const size_t row_stride = lay.row_stride();
                 bf16* q0 = dqkv + (size_t)c.b * T * row_stride + lay.q(h) + (HS == 64 ? 0 : 64 * cw);
-                store_acc_rows<64>(q0, row_stride, dqv, row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g, T, t, scale);
+                const int qrow = row0 + (HS == 64 ? 64 * cw : 0) + 16 * warp + g;
+                if constexpr (kBias) {
+                    // the column sums of the stored dQ, added over the head's query tiles; after its last one, the
+                    // warp's partial row (batch, slot = the warps holding these columns) at the head's columns
+                    float qs[2];
+                    store_acc_rows<64>(q0, row_stride, dqv, qrow, T, t, scale, qs);
+                    qsum[0] += qs[0];
+                    qsum[1] += qs[1];
+                    if (qt == c.num_qt - 1) {
+                        const int slot = HS == 64 ? 4 * cw + warp : warp;
+                        float* prow = bias_part + ((size_t)c.b * kQSlots<HS> + slot) * row_stride + lay.q(h);
+                        *reinterpret_cast<float2*>(prow + (HS == 64 ? 0 : 64 * cw) + colsum_col<64>(lane, 0)) =
+                            make_float2(qsum[0], qsum[1]);
+                        qsum[0] = qsum[1] = 0.f;
+                    }
+                } else {
+                    store_acc_rows<64>(q0, row_stride, dqv, qrow, T, t, scale);
+                }
             } else {
                 // the tile's dQ part to its staging buffer, once the buffer's previous parts are read; warp 1 of the
                 // producer warpgroup adds it to the accumulator
@@ -1083,8 +1208,25 @@ __global__ void __launch_bounds__(384, 1)
         const int krow_e = c.kb * kBN + 64 * cw + 16 * warp + g;
         const size_t row_stride = lay.row_stride();
         bf16* base = dqkv + (size_t)c.b * T * row_stride;
-        store_acc_rows<HS>(base + lay.k(c.kh), row_stride, dk, krow_e, T, t, scale);
-        store_acc_rows<HS>(base + lay.v(c.kh), row_stride, dv, krow_e, T, t, 1.f);
+        if constexpr (kBias) {
+            // and the warp's column sums of both, to warp 3 (sum_rows_full) through the item's buffer (that of item
+            // it - 2 read: sum_rows_empty)
+            float ks[HS / 32], vs[HS / 32];
+            store_acc_rows<HS>(base + lay.k(c.kh), row_stride, dk, krow_e, T, t, scale, ks);
+            store_acc_rows<HS>(base + lay.v(c.kh), row_stride, dv, krow_e, T, t, 1.f, vs);
+            const int buf = it % 2;
+            if (it >= 2) mbar_wait(&sum_rows_empty[buf], ((it / 2) - 1) & 1);
+            float* part = sSum + buf * Cfg::kSumFloats + (4 * cw + warp) * HS;
+#pragma unroll
+            for (int i = 0; i < HS / 32; i += 2) {
+                *reinterpret_cast<float2*>(part + colsum_col<HS>(lane, i)) = make_float2(ks[i], ks[i + 1]);
+                *reinterpret_cast<float2*>(part + 8 * HS + colsum_col<HS>(lane, i)) = make_float2(vs[i], vs[i + 1]);
+            }
+            mbar_arrive(&sum_rows_full[buf]);
+        } else {
+            store_acc_rows<HS>(base + lay.k(c.kh), row_stride, dk, krow_e, T, t, scale);
+            store_acc_rows<HS>(base + lay.v(c.kh), row_stride, dv, krow_e, T, t, 1.f);
+        }
         done_item(it);
     }  // work items
 #endif
@@ -1151,20 +1293,23 @@ void forward_variant(bf16* out, float* lse, const bf16* qkv, int B, int T, QkvLa
     launch_forward_sm90<HS, 2>(out, lse, qkv, B, T, lay, stream);
 }
 
-// the backward; work: fused_work_floats<HS> floats, 16-byte aligned
-template <int HS>
+// the backward; work: fused_work_floats<HS> floats, 16-byte aligned; dqkv_bias (if not null) += the column sums of
+// dqkv: the kBias kernel's partial rows, then column_sum_add
+template <int HS, bool kBias>
 void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
-                                float* work, int B, int T, QkvLayout lay, cudaStream_t stream) {
-    using Cfg = FusedBwdCfg<HS>;
+                                float* work, int B, int T, QkvLayout lay, bf16* dqkv_bias, cudaStream_t stream) {
+    using Cfg = FusedBwdCfg<HS, kBias>;
     const int C = lay.NH * HS, W = lay.row_stride();
     const double scale_d = 1.0 / std::sqrt((double)HS);
     const float scale = (float)scale_d, scale_log2 = (float)(scale_d * 1.4426950408889634);
     const int num_qt = ceil_div(T, Cfg::kBM);
     const long long num_tiles = (long long)B * lay.NH * num_qt;
     float* dq_acc = work;
-    uint32_t* dq_count = reinterpret_cast<uint32_t*>(work + (size_t)num_tiles * Cfg::kDqFloats);
+    float* bias_part = work + (size_t)num_tiles * Cfg::kDqFloats;
+    const int bias_rows = bias_partial_rows<HS>(B, T);
+    uint32_t* dq_count = reinterpret_cast<uint32_t*>(bias_part + (size_t)bias_rows * 3 * lay.NH * HS);
     CUDA_CHECK(cudaMemsetAsync(dq_count, 0, (size_t)num_tiles * sizeof(uint32_t), stream));
-    auto kernel = attention_backward_fused_sm90_kernel<HS>;
+    auto kernel = attention_backward_fused_sm90_kernel<HS, kBias>;
     constexpr int smem = Cfg::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const CUtensorMap tm_kv = make_map_3d(qkv, W, T, B, Cfg::kBN);
@@ -1177,9 +1322,22 @@ void launch_backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, c
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(items > sms ? sms : items);
-    kernel<<<grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, T, lay, num_bkv,
-                                        num_kblocks, (int)items, head_group(num_kblocks, num_bkv), scale, scale_log2);
+    kernel<<<grid, 384, smem, stream>>>(tm_kv, tm_q, tm_do, dqkv, lse, dvec, dq_acc, dq_count, bias_part, T, lay,
+                                        num_bkv, num_kblocks, (int)items, head_group(num_kblocks, num_bkv), scale,
+                                        scale_log2);
     CUDA_CHECK_LAUNCH();
+    // the query columns' partial rows (B x kQSlots), then the key and value columns' (B x key blocks), in order
+    if constexpr (kBias)
+        column_sum_add(dqkv_bias, dqkv_bias + C, C, bias_part, B * kQSlots<HS>, W, stream, B * num_kblocks);
+}
+
+template <int HS>
+void backward_fused_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
+                         float* work, int B, int T, QkvLayout lay, bf16* dqkv_bias, cudaStream_t stream) {
+    if (dqkv_bias)
+        launch_backward_fused_sm90<HS, true>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, dqkv_bias, stream);
+    else
+        launch_backward_fused_sm90<HS, false>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, nullptr, stream);
 }
 
 }  // namespace
@@ -1190,7 +1348,7 @@ size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS) {
 
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
                              int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, bf16* dqkv_bias) {
     require(HS == 64 || HS == 128, "attention_backward_sm90: head size must be 64 or 128");
     require(NKV > 0 && NH % NKV == 0, "attention_backward_sm90: NKV must divide NH");
     // the bulk copies need 16-byte alignment: skip to it (fused_work_floats counts 4 floats of slack)
@@ -1201,9 +1359,9 @@ void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, cons
     work += ((16 - (a & 15)) & 15) / 4;
     const QkvLayout lay{NH, NKV, HS};
     if (HS == 64)
-        launch_backward_fused_sm90<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
+        backward_fused_sm90<64>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, dqkv_bias, stream);
     else
-        launch_backward_fused_sm90<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, stream);
+        backward_fused_sm90<128>(dqkv, dout, qkv, lse, dvec, work, B, T, lay, dqkv_bias, stream);
 }
 
 bool attention_sm90_supported(int B, int T, int NH, int HS) {

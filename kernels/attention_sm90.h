@@ -14,8 +14,9 @@ void attention_forward_sm90(bf16* out, float* lse, const bf16* qkv, int B, int T
 // the backward after attention.cu's preprocess wrote dvec = rowsum(dO * O) (B, NH, T); same contract as
 // attention_backward otherwise (dqkv overwritten): one kernel for dK, dV and dQ, dQ summed in fp32 in the work area
 // by bulk adds in a fixed order (deterministic; attention_sm90.cu)
-// work: attention_sm90_backward_work_floats floats (4-byte aligned)
+// work: attention_sm90_backward_work_floats floats (4-byte aligned); dqkv_bias (if not null) += dqkv's column sums,
+// summed by the kernel from the values it stores (deterministic partial rows in the work area, then column_sum_add)
 void attention_backward_sm90(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dvec,
                              int B, int T, int NH, int NKV, int HS, float* work, size_t work_floats,
-                             cudaStream_t stream);
+                             cudaStream_t stream, bf16* dqkv_bias = nullptr);
 size_t attention_sm90_backward_work_floats(int B, int T, int NH, int HS);

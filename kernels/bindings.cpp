@@ -264,16 +264,18 @@ PYBIND11_MODULE(_kernels, m) {
     m.def(
         "attention_backward",
         [](uintptr_t dqkv, uintptr_t dout, uintptr_t qkv, uintptr_t out, uintptr_t lse, uintptr_t scratch,
-           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV, uintptr_t dout_head_dot) {
+           size_t scratch_floats, int B, int T, int NH, int HS, uintptr_t stream, int NKV, uintptr_t dout_head_dot,
+           uintptr_t dqkv_bias) {
             attention_backward(ptr<bf16>(dqkv), ptr<const bf16>(dout), ptr<const bf16>(qkv), ptr<const bf16>(out),
                                ptr<const float>(lse), ptr<float>(scratch), scratch_floats, B, T, NH, NKV ? NKV : NH,
-                               HS, strm(stream), ptr<const float>(dout_head_dot));
+                               HS, strm(stream), ptr<const float>(dout_head_dot), ptr<bf16>(dqkv_bias));
         },
         "dqkv (qkv's layout) overwritten with [dq | dk | dv], dk and dv summed over each group of query heads "
-        "(deterministic); NKV = 0 means NH; dout_head_dot != 0: D (B, NH, T) = rowsum(dout * out) given",
+        "(deterministic); NKV = 0 means NH; dout_head_dot != 0: D (B, NH, T) = rowsum(dout * out) given; "
+        "dqkv_bias != 0: += dqkv's column sums (the qkv bias gradient)",
         py::arg("dqkv"), py::arg("dout"), py::arg("qkv"), py::arg("out"), py::arg("lse"), py::arg("scratch"),
         py::arg("scratch_floats"), py::arg("B"), py::arg("T"), py::arg("NH"), py::arg("HS"), py::arg("stream"),
-        py::arg("NKV") = 0, py::arg("dout_head_dot") = 0);
+        py::arg("NKV") = 0, py::arg("dout_head_dot") = 0, py::arg("dqkv_bias") = 0);
     m.def(
         "attention_backward_scratch_floats",
         [](int B, int T, int NH, int HS) { return attention_backward_scratch_floats(B, T, NH, HS); },

@@ -279,16 +279,19 @@ inline unsigned elementwise_blocks(size_t n, int V, int threads) {
 
 // ---- deterministic column sums ------------------------------------------------------------------
 // out[j] += sum over p < rows of partials[p * width + j] (fp32, fixed order), columns j < split go to
-// out0[j], the rest to out1[j - split]. Block (32, 32): 32 columns, 32 strided row sets, then the
-// 32 per-set sums are added in order. Used to finish layernorm_backward and bias_backward.
+// out0[j], the rest to out1[j - split] (summing rows_hi partial rows instead, where given: >= 0). Block (32, 32):
+// 32 columns, 32 strided row sets, then the 32 per-set sums are added in order. Used to finish
+// layernorm_backward, bias_backward and the attention backward's qkv bias gradient.
 
 constexpr int COLSUM_TILE = 32;
 
 template <class T>
 __global__ void __launch_bounds__(COLSUM_TILE * COLSUM_TILE)
-    column_sum_add_kernel(T* out0, T* out1, int split, const float* __restrict__ partials, int rows, int width) {
+    column_sum_add_kernel(T* out0, T* out1, int split, const float* __restrict__ partials, int rows, int width,
+                          int rows_hi) {
     __shared__ float sums[COLSUM_TILE][COLSUM_TILE + 1];
     const int j = blockIdx.x * COLSUM_TILE + threadIdx.x;
+    if (j >= split && rows_hi >= 0) rows = rows_hi;
     float s = 0.0f;
     if (j < width) {
 #pragma unroll 8
@@ -307,8 +310,8 @@ __global__ void __launch_bounds__(COLSUM_TILE * COLSUM_TILE)
 
 template <class T>
 inline void column_sum_add(T* out0, T* out1, int split, const float* partials, int rows, int width,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, int rows_hi = -1) {
     column_sum_add_kernel<T><<<ceil_div(width, COLSUM_TILE), dim3(COLSUM_TILE, COLSUM_TILE), 0, stream>>>(
-        out0, out1, split, partials, rows, width);
+        out0, out1, split, partials, rows, width, rows_hi);
     CUDA_CHECK_LAUNCH();
 }

@@ -126,10 +126,12 @@ void attention_forward(bf16* out, float* lse, const bf16* qkv, int B, int T, int
 // dqkv (qkv's layout) overwritten with [dq | dk | dv]; dk, dv of a key/value head are the sums over the
 // query heads of its group, in a fixed order (deterministic: no atomics). dout_head_dot: D (B, NH, T) fp32 =
 // rowsum(dout * out) per head, precomputed (matmul_backward's dinp_head_dot); null: computed here into the scratch
-// (attention_backward_preprocess), which then needs B * NH * T floats more
+// (attention_backward_preprocess), which then needs B * NH * T floats more. dqkv_bias ((NH + 2 NKV) HS bf16, if
+// not null) += the column sums of dqkv as stored (the qkv projection's bias gradient, bias_backward's semantics: fp32
+// sums in a fixed order, one bf16 rounding): on Hopper summed by the backward kernel itself, elsewhere bias_backward
 void attention_backward(bf16* dqkv, const bf16* dout, const bf16* qkv, const bf16* out, const float* lse,
                         float* scratch, size_t scratch_floats, int B, int T, int NH, int NKV, int HS,
-                        cudaStream_t stream, const float* dout_head_dot = nullptr);
+                        cudaStream_t stream, const float* dout_head_dot = nullptr, bf16* dqkv_bias = nullptr);
 size_t attention_backward_scratch_floats(int B, int T, int NH, int HS);
 // D[b, h, t] = sum over head h's HS columns of dout[b, t] * out[b, t] (both (B, T, NH HS) bf16, 16-byte aligned),
 // fp32 (B, NH, T): the attention backward's first step
