@@ -46,11 +46,13 @@ def matmul_backward_scratch_floats(N: int, C: int, OC: int, dbias: bool, dgelu: 
 def attention_backward_scratch_floats(B: int, T: int, n_head: int, head_size: int) -> int:
     """attention.cu: D = rowsum(dO * O), one float per (b, h, t) (not when the caller gives D, as the models do:
     their activation datt_dot); then, on Hopper, the one-kernel backward's fp32 dQ tiles (queries per tile:
-    attention_sm90.cu's FusedBwdCfg), a counter per tile and 16-byte slack (other GPUs need only D: the plan is
-    Hopper's, the larger)."""
+    attention_sm90.cu's FusedBwdCfg), the qkv bias gradient's partial rows (per batch the larger of its query
+    columns' slots, 8 or 4, and its key blocks of 128, by the widest qkv row 3 NH HS), a counter per tile and 16-byte
+    slack (other GPUs: D and bias_backward's partials of that row; the plan is Hopper's, the larger)."""
     rows = 128 if head_size == 64 else 64
     tiles = B * n_head * -(-T // rows)
-    return B * n_head * T + tiles * rows * head_size + tiles + 4
+    bias_rows = B * max(-(-T // 128), 8 if head_size == 64 else 4)
+    return B * n_head * T + tiles * rows * head_size + bias_rows * 3 * n_head * head_size + tiles + 4
 
 
 def global_norm_scratch_floats(n: int) -> int:

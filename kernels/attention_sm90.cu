@@ -634,6 +634,16 @@ __global__ void __launch_bounds__(FwdCfg<HS, kWG>::kThreads, 1)
 // warpgroup), and warp 1's thread adds the whole tile (32 KB) into the fp32 dQ accumulator in global memory with
 // one bulk reduce (cp.reduce.async.bulk .add.f32): the copy engine does the adds, the consumers wait only when
 // both staging buffers are still being read.
+// The qkv bias gradient (kBias; attention_backward's dqkv_bias): the column sums of dqkv as stored (bf16 values, rows
+// < T, summed in fp32), taken where store_acc_rows has the values in registers, so dqkv is not read again (bias.cu's
+// pass: 0.3 GB at d12 B=64 T=1024). Each consumer warp sums its 16 rows (sum_over_rows: butterflies that keep half
+// the columns per exchange). dK, dV: per item, the 8 warps' sums go to a shared buffer (two, by item parity) and warp
+// 3 of warpgroup 0, otherwise idle, adds them in warp order into the item's partial row (batch, key block) at the
+// key/value head's columns, off the consumers' path. dQ (key block 0's items, which store the final dQ): each warp
+// adds its sums over the head's query tiles in two registers and writes them, after the head's last tile, as its
+// partial row (batch, the warp's slot) at the head's columns. Every partial is written once, in a fixed order of
+// adds; column_sum_add adds the rows into dqkv_bias after the kernel (bias_backward's semantics). Added per item (HS
+// 64): ~100 instructions a consumer thread for each of dK and dV, and as many per key block 0 tile for dQ.
 // B MN-major (transposed)
 template <int N>
 __device__ __forceinline__ void wgmma_rs_t(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {

@@ -142,6 +142,69 @@ def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
     assert np.array_equal(raw(dqkv), raw(again)), case.where("backward not bitwise repeatable")
 
 
+def bias_within_an_ulp(case, what, got, start, dqkv):
+    """got (a bf16 "+=" output) within one bf16 ulp of start + the float64 column sums of dqkv (the stored values,
+    decoded), plus an fp32 slack of 2^-17 of the column's absolute sum (the kernels' fp32 adds in their own order)."""
+    from test_cuda_ops import bf16_ulp
+    rows = dqkv.reshape(-1, dqkv.shape[-1])
+    own = start + rows.sum(axis=0)
+    slack = bf16_ulp(own) + 2.0 ** -17 * (np.abs(start) + np.abs(rows).sum(axis=0))
+    off = np.abs(got - own) > slack
+    assert not off.any(), case.where(f"{what}: off the column sums of its own dqkv by more than one bf16 ulp at "
+                                     f"columns {np.argwhere(off).ravel()[:8]} ({got[off][:4]} vs {own[off][:4]})")
+
+
+@pytest.mark.parametrize("b, nh, nkv, t, hs", CASES, ids=IDS)
+def test_sm90_backward_qkv_bias(sm90, case, b, nh, nkv, t, hs):
+    """dqkv_bias += dqkv's column sums, summed by the Hopper kernel from the values it stores (dQ's in key block 0's
+    items, dK's and dV's per item; per-warp partial rows, then column_sum_add): within one bf16 ulp (+ fp32 order
+    slack) of the float64 sums of the dqkv it stored, onto random starting values ("+="), with dqkv's bits the same
+    as without the sums, twice to the same bits; and the fallback (the mma.sync backward, then bias_backward on dqkv)
+    under the same bound. Every case's T divides no tile or is 1; GQA's key/value columns belong to the kv heads."""
+    qkv, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    dout, dout_d = case.bf16((b, t, nh * hs))
+    out, lse = reference(qkv, nh, nkv)
+    out_d, lse_d = cp.asarray(bits_of(out)), cp.asarray(lse.astype(np.float32))
+    plain = run_backward(sm90, dout_d, qkv_d, out_d, lse_d, b, t, nh, nkv, hs, 0)
+    start, start_d = case.accumulator(to_host(plain).reshape(-1, qkv.shape[-1]).sum(axis=0))
+
+    def run(backend):
+        sm90.k.attention_set_backend(backend)
+        dqkv, dbias = poisoned(qkv_d.shape), start_d.copy()
+        sm90.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv, dqkv_bias=dbias)
+        sm90.k.attention_set_backend(0)
+        return raw(dqkv), raw(dbias)
+
+    dqkv, dbias = run(0)
+    case.same_bits("dqkv with the bias sums", dqkv, raw(plain))
+    bias_within_an_ulp(case, "dqkv_bias (Hopper)", decode(dbias), start, decode(dqkv))
+    dqkv2, dbias2 = run(0)
+    case.same_bits("dqkv (second run)", dqkv2, dqkv)
+    case.same_bits("dqkv_bias (second run)", dbias2, dbias)
+    dqkv_mma, dbias_mma = run(1)
+    bias_within_an_ulp(case, "dqkv_bias (fallback: mma.sync + bias_backward)", decode(dbias_mma), start,
+                       decode(dqkv_mma))
+
+
+@pytest.mark.parametrize("hs", [64, 128])
+def test_sm90_backward_qkv_bias_many_blocks(sm90, case, hs):
+    """The fused qkv bias gradient on more work items than multiprocessors (each CTA takes several through the
+    partial-row buffers' ring; GQA groups of 2, T dividing no tile): as test_sm90_backward_qkv_bias's check, and
+    dqkv_bias "+=" twice = the sums of two calls."""
+    b, nh, nkv, t = 3, 8, 4, 1900
+    _, qkv_d = case.bf16((b, t, (nh + 2 * nkv) * hs))
+    _, dout_d = case.bf16((b, t, nh * hs))
+    out_d, lse_d = run_forward(sm90, qkv_d, b, t, nh, nkv, hs, 0)
+    width = (nh + 2 * nkv) * hs
+    start, start_d = case.bf16((width,), std=8.0)
+    dqkv, dbias = poisoned(qkv_d.shape), start_d.copy()
+    sm90.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv, dqkv_bias=dbias)
+    once = to_host(dbias)
+    bias_within_an_ulp(case, "dqkv_bias", once, start, to_host(dqkv))
+    sm90.attention_backward_gqa(dqkv, dout_d, qkv_d, out_d, lse_d, nh, nkv, dqkv_bias=dbias)
+    bias_within_an_ulp(case, "dqkv_bias after a second call", to_host(dbias), once, to_host(dqkv))
+
+
 @pytest.mark.parametrize("hs", [64, 128])
 def test_sm90_backward_many_blocks(sm90, case, hs):
     """The backward on more CTAs than a GPU has multiprocessors, so key blocks of a head run in different waves

@@ -269,6 +269,30 @@ def test_attention_backward(rng):
     assert_close(dqkv, numeric_grad(loss, qkv), FD_REL)
 
 
+@pytest.mark.parametrize("n_kv_head", [H, 1], ids=["mha", "gqa"])
+def test_attention_backward_qkv_bias(rng, n_kv_head):
+    """dqkv_bias += the column sums of dqkv, exactly as matmul_backward's dbias takes them from the same dqkv (the
+    GPT-2 backward moved the qkv bias gradient from the one to the other); dqkv itself unchanged by asking."""
+    seq, hs = 7, C // H
+    width = (H + 2 * n_kv_head) * hs
+    qkv, dout = rng.normal(size=(B, seq, width)), rng.normal(size=(B, seq, C))
+    out, lse = np.empty((B, seq, C)), np.empty((B, H, seq))
+    ops.attention_forward_gqa(out, lse, qkv, H, n_kv_head)
+    start = rng.normal(size=width)
+    plain, dqkv, dbias = nans(B, seq, width), nans(B, seq, width), start.copy()
+    ops.attention_backward_gqa(plain, dout, qkv, out, lse, H, n_kv_head)
+    ops.attention_backward_gqa(dqkv, dout, qkv, out, lse, H, n_kv_head, dqkv_bias=dbias)
+    np.testing.assert_array_equal(dqkv, plain)
+    via_matmul = start.copy()
+    ops.matmul_backward(nans(B, seq, C), np.zeros((width, C)), via_matmul, dqkv, rng.normal(size=(B, seq, C)),
+                        rng.normal(size=(width, C)))
+    np.testing.assert_array_equal(dbias, via_matmul)
+    if n_kv_head == H:  # GPT-2's op: the same sums
+        gpt2, dbias2 = nans(B, seq, width), start.copy()
+        ops.attention_backward(gpt2, dout, qkv, out, lse, H, dqkv_bias=dbias2)
+        np.testing.assert_array_equal(dbias2, dbias)
+
+
 def test_head_dot_from_the_projection_backward(rng):
     """matmul_backward's dinp_head_dot: D[b, h, t] = dinp[b, t, head h] . O[b, t, head h] (explicit loops); the
     attention backward given it equals the one computing D itself."""

@@ -6,6 +6,10 @@ Correctness: fresh random qkv (and dout) per case, compared with an fp32 torch r
 bf16 inputs (||x - ref|| / ||ref||; lse max abs error); outputs poisoned with NaN first; each kernel run twice
 and compared bit for bit. Timing: CUDA events, 3 warm-ups, median of --reps; TFLOP/s with causal FLOPs
 (fwd 2*B*NH*T*(T+1)*HS, bwd 2.5 times that); cuDNN and FlashAttention-2 through torch SDPA on the same shapes.
+--qkv-bias (with --bwd): each backward also with the qkv bias gradient (dqkv_bias +=, onto random values): checked
+within one bf16 ulp (+ an fp32 slack) of the float64 column sums of the dqkv it stored, dqkv's bits unchanged; timed
+in --rounds rotating rounds: the backward alone, with the fused sums ("+bias"), and followed by bias_backward on dqkv
+("+bias_backward": the qkv matmul's bias pass the fused sums replace).
 """
 import argparse
 import ctypes
@@ -29,6 +33,8 @@ ap.add_argument("--kinds", default="sm90v0,sm90v1,auto,fa2",
                      "auto: the dispatch)")
 ap.add_argument("--bwd-kinds", default="fa2,auto", help="backward kernels (fa2 = mma.sync, auto = the dispatch)")
 ap.add_argument("--refs", default="cudnn,flash2", help="torch SDPA backends timed beside ours")
+ap.add_argument("--qkv-bias", action="store_true", help="with --bwd: also the backward's dqkv_bias (see above)")
+ap.add_argument("--rounds", type=int, default=3, help="--qkv-bias's timing rounds")
 ap.add_argument("--profile", action="store_true",
                 help="only run each --kinds forward (with --bwd, each --bwd-kinds backward too) twice on "
                      "--profile-shape")
@@ -42,6 +48,8 @@ I = ctypes.c_int
 lib.h_fwd.argtypes = [P, P, P, I, I, I, I, I, P]
 lib.h_fwd_sm90.argtypes = [P, P, P, I, I, I, I, I, I, P]
 lib.h_bwd.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, I, P]
+lib.h_bwd_bias.argtypes = [P, P, P, P, P, P, ctypes.c_size_t, I, I, I, I, I, P, P]
+lib.h_bias_backward.argtypes = [P, P, P, ctypes.c_size_t, I, I, P]
 lib.h_bwd_scratch.argtypes = [I, I, I, I]
 lib.h_bwd_scratch.restype = ctypes.c_size_t
 lib.h_set_backend.argtypes = [I]
@@ -81,11 +89,22 @@ def bwd_scratch(kind, B, T, NH, HS):
     return torch.empty(n, device=dev)
 
 
-def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV=None):
+def run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV=None, dbias=None):
     lib.h_set_backend(1 if kind == "fa2" else 0)
-    ck(lib.h_bwd(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                 scratch.data_ptr(), scratch.numel(), B, T, NH, NKV or NH, HS, stream()), "bwd " + kind)
+    ck(lib.h_bwd_bias(dqkv.data_ptr(), dout.data_ptr(), qkv.data_ptr(), out.data_ptr(), lse.data_ptr(),
+                      scratch.data_ptr(), scratch.numel(), B, T, NH, NKV or NH, HS,
+                      None if dbias is None else dbias.data_ptr(), stream()), "bwd " + kind)
     lib.h_set_backend(0)
+
+
+def bias_off(dbias, start, dqkv):
+    """columns where dbias (bf16, after +=) is off start + the float64 column sums of dqkv (as stored) by more than
+    one bf16 ulp of the exact result + 2^-17 of the column's absolute sum (fp32 adds in the kernels' order)"""
+    rows = dqkv.double().reshape(-1, dqkv.shape[-1])
+    own = start.double() + rows.sum(0)
+    ulp = torch.ldexp(torch.ones_like(own), torch.frexp(own).exponent - 8)
+    slack = ulp + 2.0 ** -17 * (start.double().abs() + rows.abs().sum(0))
+    return int(((dbias.double() - own).abs() > slack).sum())
 
 
 def heads(x, B, T, NH, HS):
@@ -216,6 +235,23 @@ for case in [] if args.no_check else CASES:
                   f"{parts[2]:.2e} finite {finite} bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
             if not ok:
                 fails.append(("bwd", kind, case))
+            if args.qkv_bias:
+                start = torch.randn(qkv.shape[-1], device=dev).to(torch.bfloat16)
+                got = []
+                for rep in range(2):
+                    dbias = start.clone()
+                    poison(dqkv)
+                    run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, NKV, dbias)
+                    torch.cuda.synchronize()
+                    got.append((dqkv.clone(), dbias))
+                same = torch.equal(got[0][0], res[0])
+                det = torch.equal(got[0][1], got[1][1]) and torch.equal(got[1][0], res[0])
+                off = bias_off(got[0][1], start, got[0][0])
+                ok = same and det and off == 0
+                print(f"BIAS {kind:7s} B={B} T={T} NH={NH} NKV={NKV} HS={HS}: columns off {off} of {qkv.shape[-1]}, "
+                      f"dqkv bits as without {same}, bitwise-repeat {det} -> {'ok' if ok else 'FAIL'}", flush=True)
+                if not ok:
+                    fails.append(("bias", kind, case))
     del qkv
 torch.cuda.empty_cache()
 print("correctness failures:", fails, flush=True)
@@ -280,6 +316,26 @@ if not args.no_time:
                 scratch = bwd_scratch(kind, B, T, NH, HS)
                 res["bwd " + kind] = median_us(
                     lambda: run_bwd(kind, dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS), args.reps)
+        if args.bwd and args.qkv_bias:
+            dbias = torch.zeros(3 * C, device=dev, dtype=torch.bfloat16)
+            scratch = bwd_scratch("auto", B, T, NH, HS)
+            bscratch = torch.empty(-(-B * T // 256) * 3 * C, device=dev)
+            ways = {
+                "bwd auto (rounds)": lambda: run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS),
+                "bwd auto +bias": lambda: run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS, None,
+                                                  dbias),
+                "bwd auto +bias_backward": lambda: (
+                    run_bwd("auto", dqkv, dout, qkv, out, lse, scratch, B, T, NH, HS),
+                    ck(lib.h_bias_backward(dbias.data_ptr(), dqkv.data_ptr(), bscratch.data_ptr(), bscratch.numel(),
+                                           B * T, 3 * C, stream()), "bias_backward"))}
+            times = {name: [] for name in ways}
+            names = list(ways)
+            for r in range(args.rounds):
+                for name in names[r % 3:] + names[:r % 3]:
+                    times[name].append(median_us(ways[name], args.reps))
+            for name, ts in times.items():
+                print(f"ROUNDS B={B} T={T} NH={NH} HS={HS} {name}: " + " ".join(f"{x:.1f}" for x in ts), flush=True)
+                res[name] = statistics.median(ts)
         for key, us in res.items():
             fl = flops * (2.5 if key.startswith("bwd") else 3.5 if key.startswith("fwd+bwd") else 1.0)
             table.append((f"B={B} T={T} NH={NH} HS={HS}", key, us, fl / us / 1e6))

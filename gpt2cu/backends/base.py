@@ -188,7 +188,9 @@ class Backend(ABC):
     def attention_forward(self, out, lse, qkv, n_head): ...
 
     @abstractmethod
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None): ...
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None, dqkv_bias=None):
+        """dqkv overwritten; dout_head_dot: D given (else computed); dqkv_bias (the qkv projection's bias gradient)
+        += the column sums of dqkv as stored (on Hopper summed by the attention kernel itself)."""
 
     @abstractmethod
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...
@@ -231,7 +233,8 @@ class Backend(ABC):
     def attention_forward_gqa(self, out, lse, qkv, n_head, n_kv_head): ...
 
     @abstractmethod
-    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None): ...
+    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None,
+                               dqkv_bias=None): ...
 
     # ---- the KV-cache decoders' ---------------------------------------------------------------------
     @abstractmethod

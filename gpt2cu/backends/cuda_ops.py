@@ -344,8 +344,8 @@ class CudaBackend(Backend):
     def attention_forward(self, out, lse, qkv, n_head):
         self.attention_forward_gqa(out, lse, qkv, n_head, n_head)
 
-    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None):
-        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head, dout_head_dot)
+    def attention_backward(self, dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None, dqkv_bias=None):
+        self.attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_head, dout_head_dot, dqkv_bias)
 
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None):
         Vp = logits.shape[-1]
@@ -420,9 +420,12 @@ class CudaBackend(Backend):
         self.k.attention_forward(ptr(out), ptr(lse), ptr(qkv), B, T, n_head, width // (n_head + 2 * n_kv_head),
                                  self.stream.ptr, NKV=n_kv_head)
 
-    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None):
+    def attention_backward_gqa(self, dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None,
+                               dqkv_bias=None):
         B, T, width = qkv.shape
         HS = width // (n_head + 2 * n_kv_head)
+        if dqkv_bias is not None and (dqkv_bias.dtype != BF16 or dqkv_bias.size != width):
+            raise ValueError(f"attention_backward: dqkv_bias must be {width} bf16 (the qkv row)")
         floats = self.k.attention_backward_scratch_floats(B, T, n_head, HS)
         if dout_head_dot is not None:  # D given: the scratch's first B * NH * T floats not needed
             if dout_head_dot.dtype != np.float32 or dout_head_dot.shape != (B, n_head, T):
@@ -430,7 +433,8 @@ class CudaBackend(Backend):
             floats -= B * n_head * T
         scratch, floats = self._scratch_of(floats)
         self.k.attention_backward(ptr(dqkv), ptr(dout), ptr(qkv), ptr(out), ptr(lse), scratch, floats, B, T,
-                                  n_head, HS, self.stream.ptr, NKV=n_kv_head, dout_head_dot=ptr(dout_head_dot))
+                                  n_head, HS, self.stream.ptr, NKV=n_kv_head, dout_head_dot=ptr(dout_head_dot),
+                                  dqkv_bias=ptr(dqkv_bias))
 
     # ---- the KV-cache decoders' -----------------------------------------------------------------------
     def decode_attention(self, out, qkv, n_head, n_kv_head):

@@ -171,8 +171,9 @@ def head_dot(x, y, n_head):
     return (_to_heads(x, n_head) * _to_heads(y, n_head)).sum(axis=-1)
 
 
-def attention_backward(dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None):
-    """dout_head_dot: head_dot(dout, out) already computed (matmul_backward's dinp_head_dot), or None."""
+def attention_backward(dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None, dqkv_bias=None):
+    """dout_head_dot: head_dot(dout, out) already computed (matmul_backward's dinp_head_dot), or None; dqkv_bias: the
+    qkv projection's bias gradient, += the column sums of dqkv (as matmul_backward's dbias would take them)."""
     q, k, v, s, scale = _causal_scores(qkv, n_head)
     do = _to_heads(dout, n_head)
     d = head_dot(dout, out, n_head) if dout_head_dot is None else dout_head_dot
@@ -185,6 +186,8 @@ def attention_backward(dqkv, dout, qkv, out, lse, n_head, dout_head_dot=None):
     dq = (ds @ k) * scale
     dk = (ds.swapaxes(-1, -2) @ q) * scale
     dqkv[...] = np.concatenate([_from_heads(dq), _from_heads(dk), _from_heads(dv)], axis=-1)
+    if dqkv_bias is not None:
+        dqkv_bias += _rows(dqkv).sum(axis=0)
 
 
 # ---- classifier ---------------------------------------------------------------------------------
@@ -194,12 +197,15 @@ def attention_forward_gqa(out, lse, qkv, n_head, n_kv_head):
     attention_forward(out, lse, numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head), n_head)
 
 
-def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None):
-    """dqkv (B, T, (NH + 2 NKV) HS) overwritten; dK and dV of a key/value head summed over its group."""
+def attention_backward_gqa(dqkv, dout, qkv, out, lse, n_head, n_kv_head, dout_head_dot=None, dqkv_bias=None):
+    """dqkv (B, T, (NH + 2 NKV) HS) overwritten; dK and dV of a key/value head summed over its group; dqkv_bias as
+    attention_backward's."""
     repeated = numpy_llama_ops.repeat_kv(qkv, n_head, n_kv_head)
     drepeated = np.empty_like(repeated)
     attention_backward(drepeated, dout, repeated, out, lse, n_head, dout_head_dot)
     dqkv[...] = numpy_llama_ops.sum_kv_groups(drepeated, n_head, n_kv_head)
+    if dqkv_bias is not None:
+        dqkv_bias += _rows(dqkv).sum(axis=0)
 
 
 def decode_attention(out, qkv, n_head, n_kv_head):

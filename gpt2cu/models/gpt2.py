@@ -329,9 +329,10 @@ class GPT(FlatModel):
             ops.accumulate(g["attprojb"][l], dres_sum)
             ops.matmul_backward(a["dbtc"], g["attprojw"][l], None, dresidual, b["atty"], p["attprojw"][l],
                                 dinp_head_dot=a["datt_dot"], head_dot_with=b["atty"])
+            # qkv's bias gradient, colsum(dqkv), comes with dqkv (on Hopper from the attention kernel itself)
             ops.attention_backward(a["dqkv"], a["dbtc"], b["qkv"], b["atty"], b["att_lse"], H,
-                                   dout_head_dot=a["datt_dot"])
-            ops.matmul_backward(a["dbtc"], g["qkvw"][l], g["qkvb"][l], a["dqkv"], b["ln1"], p["qkvw"][l])
+                                   dout_head_dot=a["datt_dot"], dqkv_bias=g["qkvb"][l])
+            ops.matmul_backward(a["dbtc"], g["qkvw"][l], None, a["dqkv"], b["ln1"], p["qkvw"][l])
             if l > 0:
                 ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln1w"][l], g["ln1b"][l], a["dbtc"], residual_in, p["ln1w"][l],
