@@ -8,14 +8,17 @@ Same method as test_cuda_ops.py (fresh random inputs with the seed quoted, NaN-p
 divide no tile (the kernels tile by 64 and 128), both head sizes, multi-head and grouped key/value heads
 (the packed qkv of NH + 2 NKV heads; numpy's GQA ops as the reference), and each launch repeated to ask
 for identical bits. The backward is one kernel whose fp32 dQ adds across CTAs are ordered by counters
-(deterministic: asked for identical bits too, also with more CTAs than multiprocessors).
+(deterministic: asked for identical bits too, also with more CTAs than multiprocessors). Its qkv bias gradient
+(dqkv_bias, summed by the kernel from the values it stores) is checked against the column sums of the dqkv each run
+stored, as is the fallback's (the mma.sync backward, then bias_backward).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from test_cuda_ops import CHAIN_REL, FP32_REL, bits_of, case, cuda, decode, poisoned, raw, to_host  # noqa: F401
+from test_cuda_ops import (CHAIN_REL, FP32_REL, bf16_ulp, bits_of, case, cuda, decode, poisoned, raw,  # noqa: F401
+                           to_host)
 from gpt2cu.backends import numpy_ops as ref_ops
 
 try:
@@ -145,7 +148,6 @@ def test_sm90_backward(sm90, case, b, nh, nkv, t, hs):
 def bias_within_an_ulp(case, what, got, start, dqkv):
     """got (a bf16 "+=" output) within one bf16 ulp of start + the float64 column sums of dqkv (the stored values,
     decoded), plus an fp32 slack of 2^-17 of the column's absolute sum (the kernels' fp32 adds in their own order)."""
-    from test_cuda_ops import bf16_ulp
     rows = dqkv.reshape(-1, dqkv.shape[-1])
     own = start + rows.sum(axis=0)
     slack = bf16_ulp(own) + 2.0 ** -17 * (np.abs(start) + np.abs(rows).sum(axis=0))
