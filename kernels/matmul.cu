@@ -825,7 +825,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             mm_require(scratch_floats >= matmul_backward_scratch_floats(N, C, OC, false, true, dinp_gelu_dbias), who,
                        "scratch too small: matmul_backward_scratch_floats with the DGELU epilogue");
         }
-        bool done = false, dot_done = false;
+        bool done = false;
 #ifdef GPT2CU_HAVE_SM90_GEMM
         // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major; dinp's column sums
         // per row tile after the weight in the scratch
@@ -841,7 +841,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             bf16* wt = reinterpret_cast<bf16*>(scratch);
             bf16_transpose(wt, weight, OC, C, stream);
             gemm_head_dot_sm90(dinp, dinp_head_dot, dout, wt, head_dot_with, N, C, OC, T, head_size, stream);
-            done = dot_done = true;
+            done = true;
         }
 #endif
         if (!done) {
@@ -864,10 +864,10 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.aux_ld = dinp_gelu_pre ? C : 0;
             mm_gemm(g, stream, who);
             if (dinp_gelu_dbias) bias_backward(dinp_gelu_dbias, dinp, scratch, scratch_floats, N, C, stream);
+            if (dinp_head_dot)
+                attention_backward_preprocess(dinp_head_dot, dinp, head_dot_with, N / T, T, C / head_size, head_size,
+                                              stream);
         }
-        if (dinp_head_dot && !dot_done)
-            attention_backward_preprocess(dinp_head_dot, dinp, head_dot_with, N / T, T, C / head_size, head_size,
-                                          stream);
     }
     if (dweight) {
         mm_require(inp != nullptr, who, "inp must be non-null when dweight is computed");
