@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models import family_of
+from .models.gpt2 import LM_HEAD_CHUNK_ROWS
 from .zero import buffer_elements, zero_units
 
 GROUPS = ("parameters", "gradients", "optimizer state", "activations", "communication buffers", "workspace")
@@ -60,10 +61,18 @@ def global_norm_scratch_floats(n: int) -> int:
     return min(max(-(-vectors // 256), 1), 1024)
 
 
+def lm_head_loss_scratch_floats(N: int, C: int, Vp: int) -> int:
+    """lm_head.cu: the target logits, row scales, flagged rows (1 + N ints), the row sums per 128-column tile and
+    the scaled hidden rows (bf16), each part rounded up to 4 floats."""
+    up4 = lambda n: -(-n // 4) * 4
+    return 2 * up4(N) + up4(N + 1) + up4(-(-Vp // 128) * N) + up4(-(-N * C // 2))
+
+
 def gpt2_scratch_floats(cfg, B: int, T: int, grad_elements: int) -> int:
     """The CUDA backend's one scratch buffer grows to the largest request of a GPT-2 step."""
     N, C, HS = B * T, cfg.n_embd, cfg.n_embd // cfg.n_head
     return max(layernorm_backward_scratch_floats(N, C),
+               lm_head_loss_scratch_floats(min(N, LM_HEAD_CHUNK_ROWS), C, cfg.padded_vocab_size),
                max(bias_backward_scratch_floats(N, oc) for oc in (3 * C, C, 4 * C)),
                matmul_backward_scratch_floats(N, 4 * C, C, False, True, True),  # fc's projection (+ fc's dbias)
                # less D: the models give it (their activation datt_dot, from attproj's backward)

@@ -223,6 +223,30 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("logits"), py::arg("losses"), py::arg("targets"), py::arg("dloss"), py::arg("policy"),
         py::arg("clip"), py::arg("entropy"), py::arg("N"), py::arg("V"), py::arg("Vp"), py::arg("stream"));
 
+    // ---- lm_head.cu
+    m.def(
+        "lm_head_loss",
+        [](uintptr_t losses, uintptr_t dhidden, uintptr_t dweight, uintptr_t logits, uintptr_t hidden,
+           uintptr_t weight, uintptr_t targets, float dloss, int N, int C, int V, int Vp, uintptr_t scratch,
+           size_t scratch_floats, uintptr_t stream) {
+            lm_head_loss(ptr<float>(losses), ptr<bf16>(dhidden), ptr<bf16>(dweight), ptr<bf16>(logits),
+                         ptr<const bf16>(hidden), ptr<const bf16>(weight), ptr<const int>(targets), dloss, N, C, V, Vp,
+                         ptr<float>(scratch), scratch_floats, strm(stream));
+        },
+        "the LM head and its cross-entropy on N rows: losses; with dloss != 0 dhidden = dlogits @ weight and "
+        "dweight += dlogits^T @ hidden (logits: (N, Vp) workspace)",
+        py::arg("losses"), py::arg("dhidden"), py::arg("dweight"), py::arg("logits"), py::arg("hidden"),
+        py::arg("weight"), py::arg("targets"), py::arg("dloss"), py::arg("N"), py::arg("C"), py::arg("V"),
+        py::arg("Vp"), py::arg("scratch"), py::arg("scratch_floats"), py::arg("stream"));
+    m.def(
+        "lm_head_loss_scratch_floats", [](int N, int C, int Vp) { return lm_head_loss_scratch_floats(N, C, Vp); },
+        "floats of scratch lm_head_loss needs for (N, C, Vp)", py::arg("N"), py::arg("C"), py::arg("Vp"));
+    m.def(
+        "lm_head_set_fused", [](int mode) { return lm_head_set_fused(mode); },
+        "1: lm_head_loss's Hopper path where it applies, 0: matmul + fused_classifier + matmul; -1 only asks. "
+        "Returns the setting before",
+        py::arg("mode"));
+
     // ---- scalar_head.cu
     m.def(
         "scalar_head_forward",

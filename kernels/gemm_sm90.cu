@@ -9,6 +9,12 @@
 //                          (attention's output O) dot[(b NH + h) T + t] = sum over head h's hs columns c of
 //                          out[m, c] * pre[m, c], m = b T + t, NH = N / hs: the attention backward's
 //                          D = rowsum(dO * O) from the rounded dO it will read, so it skips its pass over both
+//   Exp   (the LM head's forward, lm_head.cu): out (M, N) = round(exp(a @ w^T - shift[m])) in the first valid_cols
+//                          columns, 0 past them, and row_sums (N / 128, M) fp32: per 128-column tile, each row's sum
+//                          of the fp32 values before rounding (lm_head.cu adds them up: the softmax's denominators,
+//                          to fp32 accuracy). The
+//                          exponent is capped at 64 (finite sums; lm_head.cu recomputes the rows that reach it).
+//                          Its tiles go in column-major order (M-inner), see Schedule
 // w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
 // (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
 // form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
@@ -24,7 +30,10 @@
 //
 // Schedule: "ping-pong". A persistent grid (one CTA per multiprocessor, 384 threads); tile i of a CTA (tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ..., in row-major tile order: the CTAs of a wave share their A rows and
-// all of B through L2) belongs to consumer warpgroup i % 2.
+// all of B through L2) belongs to consumer warpgroup i % 2. Exp's tiles are column-major instead (M-inner): the LM
+// head's B is the (50304, 768) vocabulary, 77 MB, which a row-major wave (132 column tiles of one row block) would
+// bring from DRAM once per row block; M-inner, a wave covers every row block of ~2 column tiles, so A (a chunk of
+// 8192 rows: 12.6 MB) stays in L2 and B is read once.
 //   warpgroup 0, the producer (setmaxnreg 40): one thread loads the k-blocks of 64 of each tile's A and B rows by
 //     TMA (128-byte swizzle) into a ring of 5 stages of 32 KB (a "full" mbarrier per stage completed by the byte
 //     count, an "empty" one the consuming warpgroup's 128 threads arrive on).
@@ -91,8 +100,8 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu, HeadDot };  // the forward's GeLU epilogue; the backward's, with gelu'(pre); with
-                                          // the per-head dot products with pre
+enum class Epi { Gelu, DGelu, HeadDot, Exp };  // the forward's GeLU epilogue; the backward's, with gelu'(pre);
+                                               // with the per-head dot products with pre; the LM head's exp
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
@@ -101,6 +110,8 @@ constexpr int kABytes = kBM * 128;              // 128 rows of 64 k
 constexpr int kBBytes = kBN * 128;              // 128 rows of 64 k
 constexpr int kStageBytes = kABytes + kBBytes;
 constexpr int kStages = 5;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kExpCap = 64.f;  // Exp's largest exponent (base 2): a row's sum of 50304 values stays finite
 constexpr int kPanelBytes = 64 * 128;           // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
 constexpr int kEpiBytes = 4 * kPanelBytes;      // per consumer warpgroup: half a tile of out + pre, or a whole tile
 constexpr int kEpiOffset = kStages * kStageBytes;
@@ -114,6 +125,13 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
     return (desc & 0xffffffff00000000ull) | ((uint32_t)desc + (bytes >> 4));
 }
 
+// the first row and column of tile `tile`: row-major tile order, or column-major (m_inner)
+template <bool kMInner>
+__device__ __forceinline__ int2 tile_origin(int tile, int tiles_m, int tiles_n) {
+    return kMInner ? make_int2((tile % tiles_m) * kBM, (tile / tiles_m) * kBN)
+                   : make_int2((tile / tiles_n) * kBM, (tile % tiles_n) * kBN);
+}
+
 __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
@@ -123,13 +141,15 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
 // tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
-// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's.
+// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's; row_shift, row_sums,
+// valid_cols: Exp's.
 template <Epi kEpi>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
                      const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
-                     int K, int T, int hs) {
+                     int K, int T, int hs, const float* __restrict__ row_shift, float* __restrict__ row_sums,
+                     int valid_cols) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     extern __shared__ uint8_t smem_raw[];
@@ -137,12 +157,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
-    constexpr bool kLoadsPre = kEpi != Epi::Gelu;
+    constexpr bool kLoadsPre = kEpi == Epi::DGelu || kEpi == Epi::HeadDot;
+    constexpr bool kMInner = kEpi == Epi::Exp;
 
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
-    const int tiles_n = N / kBN;
-    const int num_tiles = ceil_div(M, kBM) * tiles_n;
+    const int tiles_m = ceil_div(M, kBM), tiles_n = N / kBN;
+    const int num_tiles = tiles_m * tiles_n;
     const int num_kb = K / kBK;
 
     if (tid == 0) {
@@ -168,7 +189,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0) {
             int pos = 0;  // k-blocks loaded so far: ring position
             for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-                const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+                const int2 o = tile_origin<kMInner>(tile, tiles_m, tiles_n);
+                const int m0 = o.x, n0 = o.y;
                 for (int kb = 0; kb < num_kb; ++kb, ++pos) {
                     const int st = pos % kStages;
                     uint8_t* sa = smem + st * kStageBytes;
@@ -213,7 +235,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[MI][kBN / 2];
     int i = cw;  // this CTA's tile index
     for (int tile = blockIdx.x + cw * gridDim.x, it = 0; tile < num_tiles; tile += 2 * gridDim.x, i += 2, ++it) {
-        const int m0 = (tile / tiles_n) * kBM, n0 = (tile % tiles_n) * kBN;
+        const int2 o = tile_origin<kMInner>(tile, tiles_m, tiles_n);
+        const int m0 = o.x, n0 = o.y;
         // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
         // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
         // previous tile's stores have read the buffer
@@ -222,7 +245,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int j = 0; j < kBN / 8; ++j)
                 bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
-        } else if (ctid == 0) {
+        } else if (kLoadsPre && ctid == 0) {
             bulk_wait_read<0>();
             mbar_arrive_expect_tx(&pre_full[cw], kEpiBytes);
 #pragma unroll
@@ -250,6 +273,18 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
         }
         turn_pass();  // the other warpgroup's products queue behind this one's last
+        // Exp: the shift of the lane's rows (64 mi + 16 warp + g + 8 h) in log2 units, loaded under the last products
+        // (not before the k loop: 4 more registers live through it spill)
+        float shift2[kEpi == Epi::Exp ? MI : 1][2];
+        if constexpr (kEpi == Epi::Exp) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * h;
+                    shift2[mi][h] = m < M ? __ldg(row_shift + m) * kLog2e : 0.f;
+                }
+        }
         wgmma_wait<0>();
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) reg_fence(acc[mi]);
@@ -287,6 +322,53 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  stream_policy);
                     bulk_commit();
                 }
+            }
+        } else if constexpr (kEpi == Epi::Exp) {
+            // the whole tile, panel by panel (64 x 64), once this warpgroup's previous stores have read the buffer;
+            // the row sums of the fp32 values: the lane's 32 columns of each of its 4 rows, then the quad's
+            if (ctid == 0) bulk_wait_read<0>();
+            epi_sync();
+            const bool edge = n0 + kBN > valid_cols;  // the columns past valid_cols are 0
+            float rowsum[2] = {};  // rows g, g + 8 of the warp's 16 in sub-tile mi = p / 2
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const int mi = p >> 1;
+#pragma unroll
+                for (int jq = 0; jq < 4; ++jq) {
+                    const int jp = 4 * (p & 1) + jq;
+                    uint32_t v[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1), columns 16 jp + 8 (e >> 1) + 2t, + 1
+                        const int h = e & 1, col = n0 + 16 * jp + 8 * (e >> 1) + 2 * t;
+                        float x0 = fast_exp2(fminf(fmaf(acc[mi][8 * jp + 2 * e], kLog2e, -shift2[mi][h]), kExpCap));
+                        float x1 = fast_exp2(fminf(fmaf(acc[mi][8 * jp + 2 * e + 1], kLog2e, -shift2[mi][h]), kExpCap));
+                        if (edge) {
+                            if (col >= valid_cols) x0 = 0.f;
+                            if (col + 1 >= valid_cols) x1 = 0.f;
+                        }
+                        v[e] = pack_bf16x2(x0, x1);
+                        rowsum[h] += x0 + x1;
+                    }
+                    stmatrix_x4(mat_addr(p, jp), v[0], v[1], v[2], v[3]);
+                }
+                if (p & 1) {  // the sub-tile's 128 columns done: the quad's sums; lanes t = 0, 1 write rows g, g + 8
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        rowsum[h] += __shfl_xor_sync(FULL_MASK, rowsum[h], 1);
+                        rowsum[h] += __shfl_xor_sync(FULL_MASK, rowsum[h], 2);
+                    }
+                    const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * t;
+                    if (t < 2 && m < M) row_sums[(size_t)(n0 / kBN) * M + m] = t ? rowsum[1] : rowsum[0];
+                    rowsum[0] = rowsum[1] = 0.f;
+                }
+            }
+            fence_proxy_async();
+            epi_sync();
+            if (ctid == 0) {
+#pragma unroll
+                for (int p = 0; p < 4; ++p)
+                    tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
+                bulk_commit();
             }
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
@@ -403,7 +485,8 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
 
 template <Epi kEpi>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
-            cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0) {
+            cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
+            const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
     CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
@@ -413,7 +496,7 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     if (sms == 0) sms = device_sm_count();
     const int grid = (int)(tiles < sms ? tiles : sms);
     gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N,
-                                                                   K, T, hs);
+                                                                   K, T, hs, row_shift, row_sums, valid_cols);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -445,4 +528,12 @@ void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, con
             "gemm_head_dot_sm90: unsupported shape");
     launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
                          head_size);  // read
+}
+
+void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,
+                   int valid_cols, cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w}) && valid_cols >= 1 && valid_cols <= N && row_sums && row_shift,
+            "gemm_exp_sm90: unsupported shape");
+    launch<Epi::Exp>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
+                     valid_cols);
 }

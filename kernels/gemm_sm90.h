@@ -30,3 +30,10 @@ inline int gemm_sm90_row_tiles(int M) { return (M + 127) / 128; }
 // from the rounded out (the attention backward's D = rowsum(dO * O)); head_size 64 or 128, M a multiple of T
 void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
                         int T, int head_size, cudaStream_t stream);
+
+// The LM head's forward (lm_head.cu): out (M, N) = round(2^min(log2(e) (a (M, K) @ w (N, K)^T - row_shift[m]), 64))
+// in the columns < valid_cols, 0 in the others; row_sums (N / 128, M) fp32: row_sums[j * M + m] = the sum of row m's
+// values in columns 128 j .. 128 j + 127 (fp32, before the rounding). Tiles in column-major order (w, the vocabulary,
+// read once).
+void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,
+                   int valid_cols, cudaStream_t stream);

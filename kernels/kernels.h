@@ -101,6 +101,22 @@ void bias_backward_finish(bf16* dbias, const float* partials, int rows, int OC, 
 void fused_classifier(bf16* logits, float* losses, const int* targets, float dloss, const float* policy,
                       float clip, float* entropy, int N, int V, int Vp, cudaStream_t stream);
 
+// ---- lm_head.cu --------------------------------------------------------------------------------
+// The LM head and its softmax cross-entropy on N rows: logits = hidden (N, C) @ weight (Vp, C)^T, losses[i] =
+// logsumexp(logits[i,:V]) - logits[i, targets[i]] (targets[i] < 0: loss 0, no gradient); with dloss != 0 also
+// dhidden (N, C) = dlogits @ weight and dweight (Vp, C) += dlogits^T @ hidden, dlogits = dloss (softmax - onehot).
+// logits (N, Vp) is workspace: afterwards it holds dlogits, or on Hopper what the fused path leaves there. On Hopper
+// (matmul_sm90_active, C a multiple of 64, Vp of 128, 16-byte aligned pointers) without forming dlogits (lm_head.cu);
+// elsewhere matmul_forward, fused_classifier, matmul_backward. scratch: lm_head_loss_scratch_floats(N, C, Vp) floats
+// (asked for on every GPU).
+void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, const bf16* hidden, const bf16* weight,
+                  const int* targets, float dloss, int N, int C, int V, int Vp, float* scratch, size_t scratch_floats,
+                  cudaStream_t stream);
+size_t lm_head_loss_scratch_floats(int N, int C, int Vp);
+// 1: the Hopper path where it applies (the default unless GPT2CU_FUSED_LM_HEAD=0), 0: the three ops; -1 only asks.
+// Returns the setting before. For benchmarks and tests.
+int lm_head_set_fused(int mode);
+
 // ---- scalar_head.cu ---------------------------------------------------------------------------
 // A scalar head on N rows of C (the final norm's output), head = [w (C) | b] fp32 (16-byte aligned):
 //   values[i] = inp[i,:] . w + b (fp32).
@@ -192,6 +208,9 @@ size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dge
 // GPT2CU_GEMM_TUNE=0 starts at 0), 0: the heuristic's first, -1: only asks. Returns the mode before.
 // Later first calls use the new mode; plans made under the other mode stay for their shapes.
 int matmul_set_tuning(int mode);
+// whether matmul's Hopper kernels (gemm_sm90.cu) run on the current device: a build with sm_90, compute capability
+// 9.x, matmul_set_sm90 on
+bool matmul_sm90_active();
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
 // Hopper: 1 runs matmul_forward's GeLU-epilogue GEMM and matmul_backward's DGELU and head-dot ones on gemm_sm90.cu's

@@ -748,6 +748,14 @@ size_t mm_dgelu_colsum_floats(int N, int C) { return (size_t)gemm_sm90_row_tiles
 
 }  // namespace
 
+bool matmul_sm90_active() {
+#ifdef GPT2CU_HAVE_SM90_GEMM
+    return mm_sm90("matmul_sm90_active");
+#else
+    return false;
+#endif
+}
+
 size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias) {
     dgelu = dgelu || dgelu_dbias;
     return std::max({dbias ? bias_backward_scratch_floats(N, OC) : size_t(0),

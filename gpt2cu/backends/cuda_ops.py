@@ -353,6 +353,12 @@ class CudaBackend(Backend):
         self.k.fused_classifier(ptr(logits), ptr(losses), ptr(targets), float(dloss), ptr(terms), float(clip),
                                 ptr(entropy), logits.size // Vp, vocab_size, Vp, self.stream.ptr)
 
+    def lm_head_loss(self, losses, dhidden, dweight, logits, hidden, weight, targets, dloss, vocab_size):
+        (N, C), Vp = hidden.shape, weight.shape[0]
+        scratch, floats = self._scratch_of(self.k.lm_head_loss_scratch_floats(N, C, Vp))
+        self.k.lm_head_loss(ptr(losses), ptr(dhidden), ptr(dweight), ptr(logits), ptr(hidden), ptr(weight),
+                            ptr(targets), float(dloss), N, C, vocab_size, Vp, scratch, floats, self.stream.ptr)
+
     def scalar_head_forward(self, values, losses, inp, head, value_loss=None):
         C = inp.shape[-1]
         terms, clip, scale = (None, 0.0, 0.0) if value_loss is None else (value_loss.terms, value_loss.clip,

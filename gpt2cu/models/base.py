@@ -128,6 +128,10 @@ class FlatModel:
         """The LM head and loss over rows of hidden (N, C) -> losses (N,); d(hidden) into dhidden when dloss."""
         ops, p, g = self.ops, self.p, self.g
         for rows, logits in self._lm_head_chunks(hidden.shape[0]):
+            if policy is None and entropy is None:  # pretraining's loss: the backend's LM head op (may be fused)
+                ops.lm_head_loss(losses[rows], dhidden[rows], g[self.head], logits, hidden[rows], p[self.head],
+                                 targets[rows], dloss, self.cfg.vocab_size)
+                continue
             self.lm_head(logits, hidden[rows])
             ops.fused_classifier(losses[rows], logits, targets[rows], dloss, self.cfg.vocab_size,
                                  None if policy is None else policy.rows(rows),

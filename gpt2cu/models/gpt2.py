@@ -172,7 +172,8 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
         ("lnf_mean", (B, T)),
         ("lnf_rstd", (B, T)),
         ("losses", (B, T)),
-        # one chunk of rows of the LM head's logits (the classifier overwrites them with dlogits)
+        # one chunk of rows of the LM head's logits: lm_head_loss's workspace (the classifier's in-place dlogits,
+        # or on Hopper the exp of the logits that the fused path keeps)
         ("logits", (min(B * T, LM_HEAD_CHUNK_ROWS), Vp)),
         # backward scratch
         ("dresidual", (B, T, C)),
