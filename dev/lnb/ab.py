@@ -75,6 +75,7 @@ def main():
     libs = {a.split("=")[0]: ctypes.CDLL(a.split("=")[1]) for a in args.libs}
     names = list(libs)
     stream = cp.cuda.Stream(non_blocking=True)
+    stream.use()  # cupy's own work (inputs, copies) on the libraries' stream: ordered with their launches
     gen = cp.random.default_rng(0)
     P = lambda a: ctypes.c_void_p(a.data.ptr)  # noqa: E731
 
