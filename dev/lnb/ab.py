@@ -6,8 +6,8 @@ by ctypes on the same inputs.
        reference's, at GPT-2's shape and at odd ones (rows not a multiple of the 64-row block, a last block shorter
        than the ring, threads that own no channels, C = 2048's 48 KB ring), LayerNorm with and without dinp_sum and
        RMSNorm; scratch poisoned with NaN first;
-    2. timings at N = 65536, C = 768: R rounds, the libraries' order rotating each round, the median of 3 CUDA-event
-       timings of one call per library per round; LayerNorm with dinp_sum (as the model calls it) and RMSNorm; also
+    2. timings at N = 65536, C = 768: R rounds, the libraries' order rotating each round, per library and round the
+       median of 3 CUDA-event timings of 3 calls back to back (us per call); LayerNorm with dinp_sum (as the model calls it) and RMSNorm; also
        the two column sums alone (the same launches as a layernorm call's, from the reference library).
   python3 ab.py --ncu main=... new=...   one LayerNorm call (dinp_sum) of each library at GPT-2's shape, for ncu
   python3 ab.py --ncu-summary raw.csv    the lines of interest of `ncu -i REP --page raw --csv`
@@ -136,14 +136,15 @@ def main():
     o = {name: {k: t[k].copy() for k in outs} for name in names}
     start, end = cp.cuda.Event(), cp.cuda.Event()
 
-    def timed(f):
+    def timed(f):  # us per call: the median of 3 samples of 3 calls back to back (the first launch's latency / 3)
         ts = []
         for _ in range(3):
             start.record(stream)
-            f()
+            for _ in range(3):
+                f()
             end.record(stream)
             end.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(start, end) * 1e3)
+            ts.append(cp.cuda.get_elapsed_time(start, end) * 1e3 / 3)
         return statistics.median(ts)
 
     rows = []
@@ -168,7 +169,7 @@ def main():
         if sums:
             rows.append(("  its 2 column sums alone", [(statistics.median(sums), min(sums))] + [None] * (len(names) - 1)))
     # DRAM floor of the row traffic: dout, inp, dinp read, dinp written (bf16), partials not counted
-    print(f"\n== us, N={N} C={C}: median (min) over {args.rounds} rounds of the median of 3 calls; order rotating; "
+    print(f"\n== us per call, N={N} C={C}: median (min) over {args.rounds} rounds (each the median of 3 x 3 calls); "
           f"row traffic {4 * N * C * 2 / 1e6:.1f} MB (its floor at 4.24 TB/s: {4 * N * C * 2 / 4.24e6:.1f} us)")
     print("%-26s" % "" + "".join("%18s" % n for n in names) + "".join("%12s" % f"{n}/{names[0]}" for n in names[1:]))
     for label, vals in rows:
