@@ -422,7 +422,6 @@ std::string mm_cache_key(const GemmKey& k, int device, const char* who) {
     s << mm_device_text(device, who) << " op=" << (k.transa == CUBLAS_OP_T ? 'T' : 'N')
       << (k.transb == CUBLAS_OP_T ? 'T' : 'N') << " m=" << k.m << " n=" << k.n << " k=" << k.k << " ld=" << k.lda
       << "," << k.ldb << "," << k.ldd << "," << k.aux_ld << " epilogue=" << k.epilogue << " beta=" << k.accumulate
-      << (k.accumulate ? " reduction=not-inplace" : "")
       << " align=" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_d << "," << k.align_bias
       << "," << k.align_aux;
     return s.str();
@@ -442,11 +441,6 @@ std::vector<Candidate> mm_candidates(cublasLtHandle_t handle, const GemmPlan& pl
     mm_check_cublas(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate", who, ctx);
     uint64_t ws_bytes = kWorkspaceBytes;
     uint32_t al_a = key.align_a, al_b = key.align_b, al_c = key.align_c, al_d = key.align_d;
-    // an accumulating GEMM (beta = 1, C = D) excludes the in-place split-K reduction: with it the heuristic's first
-    // algorithm for dweight at k = 4097 rows gave wrong sums on an H200 (cuBLASLt 13; tests/test_cuda_ops.py's
-    // 4097-row DGELU shapes with GPT2CU_GEMM_TUNE=0)
-    uint32_t reductions = key.accumulate ? CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_INPLACE
-                                         : CUBLASLT_REDUCTION_SCHEME_MASK;
     struct {
         cublasLtMatmulPreferenceAttributes_t attr;
         const void* value;
@@ -463,8 +457,6 @@ std::vector<Candidate> mm_candidates(cublasLtHandle_t handle, const GemmPlan& pl
          "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_C_BYTES)"},
         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, sizeof(al_d),
          "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT_D_BYTES)"},
-        {CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reductions, sizeof(reductions),
-         "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)"},
     };
     for (const auto& p : prefs) {
         cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, p.attr, p.value, p.size);
