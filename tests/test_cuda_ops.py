@@ -1012,7 +1012,8 @@ MODEL_B, MODEL_T = 4, 64
 
 def micro_step(backend, params, inputs, targets, recompute) -> dict:
     """One training micro-step of a fresh GPT: host float32 logits (forward without dloss), losses and
-    dlogits (forward with dloss = 1/(B*T)) and every gradient tensor (backward)."""
+    d(lnf) (forward with dloss = 1/(B*T): the LM head's gradient; its logits buffer is the op's workspace) and
+    every gradient tensor (backward)."""
     b, t = inputs.shape
     model = GPT(MODEL_CFG, backend, b, t, params, recompute=recompute)
     batch = backend.set_batch(inputs, targets)
@@ -1020,7 +1021,7 @@ def micro_step(backend, params, inputs, targets, recompute) -> dict:
     result = {"logits": model.logits()}
     model.forward(batch, dloss=1.0 / (b * t))
     result["losses"] = backend.to_numpy(model.acts["losses"])
-    result["dlogits"] = backend.to_numpy(model.acts["logits"])
+    result["dlnf"] = backend.to_numpy(model.acts["dbtc"])
     model.backward(batch)
     result.update({f"grad {name}": backend.to_numpy(view) for name, view in model.g.items()})
     return result
@@ -1055,7 +1056,7 @@ def micro_steps(cuda_backend):
 
 @pytest.mark.parametrize("recompute", [0, 1, 2, 3])
 def test_model_matches_numpy(micro_steps, recompute):
-    """GPT on CudaBackend against NumpyBackend (fp32): mean loss within 1e-2, logits, losses, dlogits and
+    """GPT on CudaBackend against NumpyBackend (fp32): mean loss within 1e-2, logits, losses, d(lnf) and
     every gradient tensor within MODEL_REL."""
     case = micro_steps.case
     ref, got = micro_steps("numpy", 0), micro_steps("cuda", recompute)
@@ -1076,14 +1077,14 @@ def test_model_step_is_deterministic(micro_steps, recompute):
 @pytest.mark.parametrize("recompute", [1, 2, 3])
 def test_model_recompute(micro_steps, recompute):
     """Recompute changes where GeLU/layernorm outputs live, not the forward's kernels or inputs: logits,
-    losses and dlogits are bit-identical to recompute 0. The gradients agree within CHAIN_REL, but need
+    losses and d(lnf) are bit-identical to recompute 0. The gradients agree within CHAIN_REL, but need
     not to the bit: the backward recomputes the GeLU with gelu.cu from the stored bf16 pre-activation,
     where the forward took cuBLASLt's GELU_AUX epilogue of the fp32 one, and (recompute 2) the layernorm
     with layernorm_forward, where the forward ran the fused residual kernel (recompute 3 runs the block's
     first layernorm that way too; the rest of the block with the forward's own kernels)."""
     case = micro_steps.case
     base, got = micro_steps("cuda", 0), micro_steps("cuda", recompute)
-    for name in ("logits", "losses", "dlogits"):
+    for name in ("logits", "losses", "dlnf"):
         case.same_bits(name, got[name], base[name])
     for name in base:
         if name.startswith("grad "):
