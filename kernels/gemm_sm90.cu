@@ -132,6 +132,15 @@ __device__ __forceinline__ int2 tile_origin(int tile, int tiles_m, int tiles_n) 
                    : make_int2((tile / tiles_n) * kBM, (tile % tiles_n) * kBN);
 }
 
+// the sums over the 4 lanes of each quad (the 4 column pairs t of a row) of two values, in a fixed order
+__device__ __forceinline__ void quad_sum(float (&v)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        v[h] += __shfl_xor_sync(0xffffffffu, v[h], 1);
+        v[h] += __shfl_xor_sync(0xffffffffu, v[h], 2);
+    }
+}
+
 __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
@@ -230,6 +239,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
     auto turn_pass = [&]() { named_barrier_arrive(2 - cw, 256); };
     auto epi_sync = [&]() { named_barrier_sync(3 + cw, 128); };
+    // the whole tile's four panels, once every warp's stmatrix is done, to out by TMA (one thread issues them)
+    auto store_tile = [&](int m0, int n0) {
+        fence_proxy_async();
+        epi_sync();
+        if (ctid == 0) {
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
+            bulk_commit();
+        }
+    };
     if (cw == 1) named_barrier_arrive(1, 256);
 
     float acc[MI][kBN / 2];
@@ -352,24 +372,13 @@ __global__ void __launch_bounds__(kThreads, 1)
                     stmatrix_x4(mat_addr(p, jp), v[0], v[1], v[2], v[3]);
                 }
                 if (p & 1) {  // the sub-tile's 128 columns done: the quad's sums; lanes t = 0, 1 write rows g, g + 8
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        rowsum[h] += __shfl_xor_sync(FULL_MASK, rowsum[h], 1);
-                        rowsum[h] += __shfl_xor_sync(FULL_MASK, rowsum[h], 2);
-                    }
+                    quad_sum(rowsum);
                     const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * t;
                     if (t < 2 && m < M) row_sums[(size_t)(n0 / kBN) * M + m] = t ? rowsum[1] : rowsum[0];
                     rowsum[0] = rowsum[1] = 0.f;
                 }
             }
-            fence_proxy_async();
-            epi_sync();
-            if (ctid == 0) {
-#pragma unroll
-                for (int p = 0; p < 4; ++p)
-                    tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
-                bulk_commit();
-            }
+            store_tile(m0, n0);
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu) or acc (HeadDot)
@@ -401,11 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
                 if constexpr (kEpi == Epi::HeadDot) {
                     if (hs == 64 || (p & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
-#pragma unroll
-                        for (int h = 0; h < 2; ++h) {
-                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 1);
-                            rowdot[h] += __shfl_xor_sync(0xffffffffu, rowdot[h], 2);
-                        }
+                        quad_sum(rowdot);
                         const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * (t & 1);
                         if (t < 2 && m < M) {
                             const int head = (n0 + 64 * (p & 1)) / hs, b = m / T;
@@ -415,14 +420,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     }
                 }
             }
-            fence_proxy_async();
-            epi_sync();
-            if (ctid == 0) {
-#pragma unroll
-                for (int p = 0; p < 4; ++p)
-                    tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
-                bulk_commit();
-            }
+            store_tile(m0, n0);
             if (kEpi == Epi::DGelu && colsum) {
                 // the warp's columns 32 warp .. 32 warp + 31 (panels warp / 2 and 2 + warp / 2); lane (c, rg) =
                 // (lane % 4, lane / 4): chunk 4 (warp & 1) + c of rows 16 rg + i', i' = i ^ 4 (rg & 1), stored at
