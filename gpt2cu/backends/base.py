@@ -195,15 +195,12 @@ class Backend(ABC):
     @abstractmethod
     def fused_classifier(self, losses, logits, targets, dloss, vocab_size, policy=None, entropy=None): ...
 
+    @abstractmethod
     def lm_head_loss(self, losses, dhidden, dweight, logits, hidden, weight, targets, dloss, vocab_size):
         """The LM head and its softmax cross-entropy on the rows of hidden (N, C), weight (Vp, C): losses (N,);
         with dloss != 0 also dhidden (N, C) = dlogits @ weight and dweight (Vp, C) += dlogits^T @ hidden. logits
-        (N, Vp) is workspace (what it holds afterwards is the backend's). Here the three ops; a backend may fuse
-        them (CUDA on Hopper: kernels/lm_head.cu never forms dlogits)."""
-        self.matmul_forward(logits, hidden, weight)
-        self.fused_classifier(losses, logits, targets, dloss, vocab_size)
-        if dloss:
-            self.matmul_backward(dhidden, dweight, None, logits, hidden, weight)
+        (N, Vp) is workspace (what it holds afterwards is the backend's). numpy: matmul_forward, fused_classifier,
+        matmul_backward; CUDA on Hopper without forming dlogits (kernels/lm_head.cu)."""
 
     @abstractmethod
     def scalar_head_forward(self, values, losses, inp, head, value_loss=None): ...

@@ -291,6 +291,15 @@ def fused_classifier(losses, logits, targets, dloss, vocab_size, policy=None, en
     logits[..., vocab_size:] = 0.0
 
 
+def lm_head_loss(losses, dhidden, dweight, logits, hidden, weight, targets, dloss, vocab_size):
+    """The LM head and its cross-entropy as the three ops: logits = hidden @ weight.T, the fused classifier (logits
+    become dlogits), dhidden = dlogits @ weight and dweight += dlogits^T @ hidden."""
+    matmul_forward(logits, hidden, weight)
+    fused_classifier(losses, logits, targets, dloss, vocab_size)
+    if dloss:
+        matmul_backward(dhidden, dweight, None, logits, hidden, weight)
+
+
 def clipped_value_loss(values, terms, clip):
     """(loss, d loss / d values) per row of PPO's clipped value loss 0.5 max((v - R)^2, (v_clipped - R)^2),
     v_clipped = old + clip(v - old, -clip, clip), terms (..., 3) rows [old value, return R, weight] (the
@@ -446,6 +455,7 @@ class NumpyBackend(Backend):
     attention_forward = staticmethod(attention_forward)
     attention_backward = staticmethod(attention_backward)
     fused_classifier = staticmethod(fused_classifier)
+    lm_head_loss = staticmethod(lm_head_loss)
     scalar_head_forward = staticmethod(scalar_head_forward)
     scalar_head_backward = staticmethod(scalar_head_backward)
 
