@@ -283,7 +283,7 @@ class CountingBackend(NumpyBackend):
 for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_residual_layernorm_forward",
             "layernorm_backward", "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
             "gelu_forward", "gelu_backward", "fused_classifier", "global_norm_squared", "adamw_update",
-            "scalar_head_forward", "scalar_head_backward", "gather_rows", "scatter_rows"):
+            "lm_head_loss", "scalar_head_forward", "scalar_head_backward", "gather_rows", "scatter_rows"):
     def _counted(self, *args, _name=_op, **kwargs):
         self.calls[_name] = self.calls.get(_name, 0) + 1
         return getattr(super(CountingBackend, self), _name)(*args, **kwargs)
@@ -293,8 +293,9 @@ for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "fused_r
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_update_runs_the_ops_of_a_pretraining_step(algo):
     """One update minibatch calls exactly the ops a pretraining step of the same model and (B, T) calls:
-    one LM-head pass (matmul, classifier, matmul backward per chunk; the update's over the completion
-    positions, gathered before and their gradient scattered after, once each), one trunk forward and
+    one LM-head pass (matmul, classifier, matmul backward per chunk: the pretraining step's lm_head_loss op,
+    the update's the three ops with its policy loss; the update's over the completion positions, gathered
+    before and their gradient scattered after, once each), one trunk forward and
     backward, the norm and the AdamW update; PPO's value head adds its two ops (value with loss, its
     backward) and its own AdamW update on the device, once each."""
     from gpt2cu.data import InMemoryBatches
@@ -313,13 +314,17 @@ def test_update_runs_the_ops_of_a_pretraining_step(algo):
                       InMemoryBatches([(tokens[:, :-1], tokens[:, 1:])]))
     backend.calls = {}
     trainer.step()
+    pretraining_calls = dict(backend.calls)
+    lm_head_chunks = pretraining_calls.pop("lm_head_loss", 0)
+    for op in ("matmul_forward", "fused_classifier", "matmul_backward"):
+        pretraining_calls[op] = pretraining_calls.get(op, 0) + lm_head_chunks
     head_ops = ("scalar_head_forward", "scalar_head_backward")
     head_calls = {op: update_calls.pop(op) for op in head_ops if op in update_calls}
     assert {op: update_calls.pop(op, 0) for op in ("gather_rows", "scatter_rows")} == {"gather_rows": 1,
                                                                                          "scatter_rows": 1}
     if algo == "ppo":
         update_calls["adamw_update"] -= 1  # the value head's
-    assert update_calls == backend.calls and backend.calls["fused_classifier"] >= 1
+    assert lm_head_chunks >= 1 and update_calls == pretraining_calls
     assert head_calls == (dict.fromkeys(head_ops, 1) if algo == "ppo" else {})
 
 
