@@ -106,7 +106,7 @@ void fused_classifier(bf16* logits, float* losses, const int* targets, float dlo
 // logsumexp(logits[i,:V]) - logits[i, targets[i]] (targets[i] < 0: loss 0, no gradient); with dloss != 0 also
 // dhidden (N, C) = dlogits @ weight and dweight (Vp, C) += dlogits^T @ hidden, dlogits = dloss (softmax - onehot).
 // logits (N, Vp) is workspace: afterwards it holds dlogits, or on Hopper what the fused path leaves there. On Hopper
-// (matmul_sm90_active, C a multiple of 64, Vp of 128, 16-byte aligned pointers) without forming dlogits (lm_head.cu);
+// (matmul_sm90_active, C a multiple of 64 up to 12288, Vp of 128, 16-byte aligned pointers) without forming dlogits (lm_head.cu);
 // elsewhere matmul_forward, fused_classifier, matmul_backward. scratch: lm_head_loss_scratch_floats(N, C, Vp) floats
 // (asked for on every GPU).
 void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, const bf16* hidden, const bf16* weight,

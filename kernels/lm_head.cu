@@ -238,7 +238,8 @@ void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, con
     require(dloss == 0.f || (dhidden && dweight), "lm_head_loss: dloss != 0 needs dhidden and dweight");
     if (N == 0) return;
 #ifdef GPT2CU_HAVE_SM90_GEMM
-    const bool fused = fused_mode() && matmul_sm90_active() && C % 8 == 0 &&
+    // (C <= 12288: fixup's fp32 copy of a hidden row fits the default 48 KB of shared memory)
+    const bool fused = fused_mode() && matmul_sm90_active() && C % 8 == 0 && C <= 12288 &&
                        gemm_sm90_supported(N, Vp, C, {logits, hidden, weight, dhidden, scratch});
 #else
     const bool fused = false;
@@ -264,7 +265,6 @@ void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, con
     CUDA_CHECK_LAUNCH();
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();
-    require((size_t)C * sizeof(float) <= 48 * 1024, "lm_head_loss: C too large for the fixup's shared memory");
     fixup_kernel<<<sms, 32 * kWarpRows, C * sizeof(float), stream>>>(losses, s.row_scale, s.flagged, logits,
                                                                     s.hidden_scaled, hidden, weight, targets, dloss,
                                                                     C, V, Vp);
