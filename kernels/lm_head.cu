@@ -39,6 +39,7 @@
 #include <cstring>
 
 namespace {
+#ifdef GPT2CU_HAVE_SM90_GEMM  // the fused path's kernels (built where gemm_sm90 is)
 
 constexpr int kWarpRows = 8;           // target_logit, fixup's blocks: 8 warps
 constexpr int kCombineRows = 32;       // combine: 32 rows a block of 8 warps, 4 finished by each warp
@@ -188,6 +189,7 @@ __global__ void scale_rows_kernel(bf16* __restrict__ x, const float* __restrict_
         store128(x + 8 * v, a);
     }
 }
+#endif
 
 std::atomic<int> g_fused{-1};  // lm_head_set_fused: 1 on, 0 off; -1: not yet read from GPT2CU_FUSED_LM_HEAD
 
@@ -204,6 +206,7 @@ int fused_mode() {
 // The scratch, in floats, each part 16-byte aligned: shift (N), row scale (N), the flagged count and rows (1 + N),
 // the row sums (tiles x N), hidden_scaled (N x C bf16)
 size_t up4(size_t n) { return (n + 3) / 4 * 4; }
+#ifdef GPT2CU_HAVE_SM90_GEMM
 struct Scratch {
     float *shift, *row_scale, *partials;
     int* flagged;
@@ -218,6 +221,7 @@ Scratch carve(float* p, int N, int C, int Vp) {
     s.hidden_scaled = reinterpret_cast<bf16*>(s.partials + up4((size_t)ceil_div(Vp, 128) * N));
     return s;
 }
+#endif
 
 }  // namespace
 
