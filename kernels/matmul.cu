@@ -95,7 +95,10 @@
 // and the cache key; the file is read first, written atomically (temporary file + rename) under an
 // flock, so concurrent processes (ranks) on one machine agree. Where the file cannot be written, or the
 // call is under graph capture (the trainer's eager first step makes every plan before capture), the
-// heuristic's first is used (under capture it is also recorded, so later processes agree).
+// heuristic's first is used (under capture it is also recorded, so later processes agree). Whichever way a
+// candidate is picked, one that splits k is taken only once its product on the call's inputs matched the
+// unsplit product (cuBLASLt 13.1 gave wrong sums with some; see "split-K products checked" below); under
+// capture, where nothing can run, split-K candidates are passed over.
 #include "kernels.h"
 #include "gemm_sm90.h"  // declarations only; the kernel is called only in a build with it (GPT2CU_HAVE_SM90_GEMM)
 
@@ -423,7 +426,7 @@ std::string mm_cache_key(const GemmKey& k, int device, const char* who) {
       << (k.transb == CUBLAS_OP_T ? 'T' : 'N') << " m=" << k.m << " n=" << k.n << " k=" << k.k << " ld=" << k.lda
       << "," << k.ldb << "," << k.ldd << "," << k.aux_ld << " epilogue=" << k.epilogue << " beta=" << k.accumulate
       << " align=" << k.align_a << "," << k.align_b << "," << k.align_c << "," << k.align_d << "," << k.align_bias
-      << "," << k.align_aux;
+      << "," << k.align_aux << " splitk=checked";  // choices recorded before the split-K check are not reused
     return s.str();
 }
 
@@ -544,6 +547,108 @@ std::vector<float> mm_time_candidates(cublasLtHandle_t handle, GemmPlan& plan, c
     return us;
 }
 
+// ---- split-K products checked --------------------------------------------------------------------
+// cuBLASLt 13.1 (130100) on an H200 got some split-K products wrong: at k = 4097 each split-K 2 algorithm the
+// heuristic offered for (m, n) = (256, 512), (512, 256) and (768, 768), beta = 1, returned sums off by 10 to 100
+// times, in place or not, whatever the workspace held; split-K 3 there, and split-K 2 at k = 4096 and 5000, were
+// right. So a split-K candidate is used only once its product on the call's own inputs matches the same tile's
+// unsplit product. The check runs when a plan is made (not under graph capture: there split-K candidates are passed
+// over); a choice in the cache file was checked when recorded (the cache key says so).
+
+int mm_splitk(const cublasLtMatmulAlgo_t& algo) {
+    int32_t splits = 1;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits),
+                                             &written) != CUBLAS_STATUS_SUCCESS)
+        return 1;
+    return splits;
+}
+
+// The reference for a split-K algorithm: the same tile unsplit, else the heuristic's first unsplit candidate.
+bool mm_unsplit(cublasLtHandle_t handle, const GemmPlan& plan, const cublasLtMatmulAlgo_t& algo,
+                const std::vector<Candidate>& cands, cublasLtMatmulAlgo_t* out) {
+    cublasLtMatmulAlgo_t a = algo;
+    int32_t one = 1;
+    uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+    cublasLtMatmulHeuristicResult_t check{};
+    if (cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &one, sizeof(one)) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &none, sizeof(none)) ==
+            CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoCheck(handle, plan.desc, plan.a, plan.b, plan.c, plan.d, &a, &check) ==
+            CUBLAS_STATUS_SUCCESS &&
+        check.workspaceSize <= kWorkspaceBytes) {
+        *out = a;
+        return true;
+    }
+    for (const Candidate& c : cands)
+        if (mm_splitk(c.algo) == 1) {
+            *out = c.algo;
+            return true;
+        }
+    return false;
+}
+
+float mm_bf16_value(uint16_t bits) {
+    const uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+// Whether `algo` and `ref` give the same D on g's inputs (into scratch outputs; the real D is read as C only).
+// They differ by summation order and one bf16 rounding, a few ulps; a wrong product is off by far more than the
+// bound, 2^-5 of |value| + the matrix's rms. -1: the check could not run (no memory for the scratch outputs).
+int mm_products_agree(cublasLtHandle_t handle, GemmPlan& plan, const Gemm& g, const cublasLtMatmulAlgo_t& algo,
+                      const cublasLtMatmulAlgo_t& ref, void* workspace, cudaStream_t stream, const char* who,
+                      const std::string& ctx) {
+    const size_t count = static_cast<size_t>(g.ldd) * g.n, d_bytes = count * 2;
+    const size_t aux_bytes = mm_writes_aux(g.epilogue) ? static_cast<size_t>(g.aux_ld) * g.n * 2 : 0;
+    char* scratch = nullptr;
+    if (cudaMalloc(reinterpret_cast<void**>(&scratch), 2 * d_bytes + aux_bytes) != cudaSuccess) {
+        cudaGetLastError();  // clear the allocation failure
+        return -1;
+    }
+    if (aux_bytes) mm_set_aux(plan.desc, scratch + 2 * d_bytes, who, ctx);
+    const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
+    std::vector<uint16_t> got(count), want(count);
+    bool launched = true;
+    for (int r = 0; r < 2; r++) {
+        char* d = scratch + r * d_bytes;
+        const void* c = g.accumulate ? g.D : d;
+        launched = launched && cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, c, plan.c,
+                                              d, plan.d, r ? &ref : &algo, workspace, kWorkspaceBytes,
+                                              stream) == CUBLAS_STATUS_SUCCESS;
+    }
+    mm_check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize (split-K check)", who);
+    mm_check_cuda(cudaMemcpy(got.data(), scratch, d_bytes, cudaMemcpyDeviceToHost), "cudaMemcpy (split-K check)", who);
+    mm_check_cuda(cudaMemcpy(want.data(), scratch + d_bytes, d_bytes, cudaMemcpyDeviceToHost),
+                  "cudaMemcpy (split-K check)", who);
+    mm_check_cuda(cudaFree(scratch), "cudaFree (split-K check)", who);
+    if (!launched) return 0;
+    double squares = 0.0;
+    size_t finite = 0;
+    for (int64_t j = 0; j < g.n; j++)  // column j of D, col-major: m values, then ldd - m unwritten
+        for (int64_t i = 0; i < g.m; i++) {
+            const float v = mm_bf16_value(want[j * g.ldd + i]);
+            if (std::isfinite(v)) {
+                squares += static_cast<double>(v) * v;
+                finite++;
+            }
+        }
+    const double rms = finite ? std::sqrt(squares / finite) : 0.0;
+    for (int64_t j = 0; j < g.n; j++)
+        for (int64_t i = 0; i < g.m; i++) {
+            const float a = mm_bf16_value(got[j * g.ldd + i]), b = mm_bf16_value(want[j * g.ldd + i]);
+            if (!std::isfinite(a) || !std::isfinite(b)) {
+                if (std::isfinite(a) != std::isfinite(b)) return 0;
+                continue;
+            }
+            if (std::fabs(static_cast<double>(a) - b) > 0x1p-5 * (std::fabs(static_cast<double>(b)) + rms)) return 0;
+        }
+    return 1;
+}
+
 // Warned once per process: a choice that cannot be recorded is not made.
 void mm_warn_no_cache(const std::string& path) {
     static bool warned = false;
@@ -559,17 +664,61 @@ void mm_warn_no_cache(const std::string& path) {
 void mm_choose(cublasLtHandle_t handle, GemmPlan& plan, const GemmKey& key, const Gemm& g, int device,
                cudaStream_t stream, const char* who, const std::string& ctx) {
     const std::string cache_key = mm_cache_key(key, device, who);
-    std::vector<Candidate> cands = mm_candidates(handle, plan, key, key.tuned ? kCandidates : 1, who, ctx);
-    plan.algo = cands[0].algo;
-    if (!key.tuned || cands.size() == 1) {
-        g_report.push_back(cache_key + "\t" + (key.tuned ? "one candidate" : "untuned: heuristic's first"));
+    std::vector<Candidate> cands = mm_candidates(handle, plan, key, kCandidates, who, ctx);
+    const bool capturing = mm_is_capturing(stream, who);
+    cublasLtMatmulAlgo_t unsplit{};
+    bool any_unsplit = false;
+    for (const Candidate& c : cands) any_unsplit = any_unsplit || mm_splitk(c.algo) == 1;
+    if (!any_unsplit && mm_unsplit(handle, plan, cands[0].algo, cands, &unsplit))
+        cands.push_back({unsplit, 0});  // every candidate splits k: the first's tile unsplit is the fallback
+
+    // trusted[i]: 1 unsplit or checked, 0 passed over, -1 not yet looked at; `passed` says why, for the report
+    std::vector<int> trusted(cands.size(), -1);
+    std::string passed;
+    auto trust = [&](int i) {
+        if (trusted[i] < 0) {
+            cublasLtMatmulAlgo_t ref{};
+            int agree = 1;
+            if (mm_splitk(cands[i].algo) != 1)
+                agree = capturing || !mm_unsplit(handle, plan, cands[i].algo, cands, &ref)
+                            ? -1
+                            : mm_products_agree(handle, plan, g, cands[i].algo, ref,
+                                                mm_workspace(device, stream, who), stream, who, ctx);
+            trusted[i] = agree == 1;
+            if (agree != 1)
+                passed += "; split-K #" + std::to_string(i) +
+                          (agree == 0 ? " disagreed with its unsplit product" : " not checked") + ", passed over";
+        }
+        return trusted[i] == 1;
+    };
+    auto first_trusted = [&]() {
+        for (int i = 0; i < static_cast<int>(cands.size()); i++)
+            if (trust(i)) return i;
+        passed += "; none checked: the first taken";
+        return 0;
+    };
+    auto heuristic_pick = [&](int i) {
+        return i == 0 ? std::string("heuristic's first") : "heuristic's #" + std::to_string(i);
+    };
+
+    if (!key.tuned) {
+        const int pick = first_trusted();
+        plan.algo = cands[pick].algo;
+        g_report.push_back(cache_key + "\tuntuned: " + heuristic_pick(pick) + passed);
+        return;
+    }
+    if (cands.size() == 1) {
+        plan.algo = cands[first_trusted()].algo;
+        g_report.push_back(cache_key + "\tone candidate" + passed);
         return;
     }
     const std::string path = mm_cache_path();
     CacheLock lock(path);
     if (path.empty() || !lock.ok()) {
         mm_warn_no_cache(path);
-        g_report.push_back(cache_key + "\tno cache file: heuristic's first");
+        const int pick = first_trusted();
+        plan.algo = cands[pick].algo;
+        g_report.push_back(cache_key + "\tno cache file: " + heuristic_pick(pick) + passed);
         return;
     }
     std::map<std::string, std::string> entries = mm_cache_read(path);
@@ -588,31 +737,48 @@ void mm_choose(cublasLtHandle_t handle, GemmPlan& plan, const GemmKey& key, cons
     }
     std::string how;
     int pick = 0;
-    if (mm_is_capturing(stream, who)) {
-        how = "under graph capture: heuristic's first of " + std::to_string(cands.size());
+    const int n = static_cast<int>(cands.size());
+    if (capturing) {
+        pick = first_trusted();
+        how = "under graph capture: " + heuristic_pick(pick) + " of " + std::to_string(n);
     } else {
-        void* workspace = mm_workspace(device, stream, who);
-        const std::vector<float> us = mm_time_candidates(handle, plan, g, cands, workspace, stream, who, ctx);
+        std::vector<float> us =
+            mm_time_candidates(handle, plan, g, cands, mm_workspace(device, stream, who), stream, who, ctx);
         if (us.empty()) {
-            how = "no memory for the scratch outputs: heuristic's first of " + std::to_string(cands.size());
+            pick = first_trusted();
+            how = "no memory for the scratch outputs: " + heuristic_pick(pick) + " of " + std::to_string(n);
         } else {
-            int fastest = 0;
-            for (int i = 1; i < static_cast<int>(us.size()); i++)
-                if (us[i] < us[fastest]) fastest = i;
-            if (us[fastest] < (1.0f - kTuneMargin) * us[0]) pick = fastest;
+            // the fastest, if it beats the first trusted by kTuneMargin, else that first; split-K ones checked
+            for (;;) {
+                int first = -1, fastest = -1;
+                for (int i = 0; i < n; i++) {
+                    if (us[i] == INFINITY || trusted[i] == 0) continue;
+                    if (first < 0) first = i;
+                    if (fastest < 0 || us[i] < us[fastest]) fastest = i;
+                }
+                if (first < 0) {
+                    pick = first_trusted();
+                    break;
+                }
+                pick = us[fastest] < (1.0f - kTuneMargin) * us[first] ? fastest : first;
+                if (trust(pick)) break;
+            }
             char buf[160];
-            std::snprintf(buf, sizeof(buf), "tuned: #%d of %zu, %.1f us (heuristic's first %.1f us)", pick,
-                          cands.size(), us[pick], us[0]);
+            std::snprintf(buf, sizeof(buf), "tuned: #%d of %d, %.1f us (heuristic's first %.1f us)", pick, n,
+                          us[pick], us[0]);
             how = buf;
         }
     }
+    how += passed;
     entries[cache_key] = mm_algo_hex(cands[pick].algo) + "\t" + how;
+    plan.algo = cands[pick].algo;
     if (!mm_cache_write(path, entries)) {
         mm_warn_no_cache(path);
-        g_report.push_back(cache_key + "\tcache not writable: heuristic's first");
+        pick = first_trusted();
+        plan.algo = cands[pick].algo;
+        g_report.push_back(cache_key + "\tcache not writable: " + heuristic_pick(pick) + passed);
         return;
     }
-    plan.algo = cands[pick].algo;
     g_report.push_back(cache_key + "\t" + how);
 }
 

@@ -602,6 +602,27 @@ def test_matmul_tuning_is_recorded_and_reused(tmp_path):
     assert all("untuned" in line for line in log3) and not off_cache.exists(), log3
 
 
+# The weight gradient at k = 4097 rows: cuBLASLt 13.1's heuristic offers split-K 2 algorithms there that returned
+# sums 10-100x off on an H200 (matmul.cu, "split-K products checked"); tuned or not, matmul.cu must take only a
+# candidate whose product it checked. Fresh plans: the tuning modes have separate plans, and each shape is new here.
+@pytest.mark.parametrize("tuned", [0, 1], ids=["untuned", "tuned"])
+@pytest.mark.parametrize("rows, C, OC", [(4097, 256, 512), (4097, 512, 256), (4097, 768, 768), (4099, 768, 2304)])
+def test_matmul_dweight_long_k(cuda, case, rows, C, OC, tuned):
+    """dweight += dout^T @ inp alone (dinp and dbias skipped) against float64, with tuning off and on."""
+    dout, dout_d = case.bf16((rows, OC))
+    x, x_d = case.bf16((rows, C))
+    inc = dout.T @ x
+    host, dev = case.accumulator(inc)
+    previous = cuda.k.matmul_set_tuning(tuned)
+    try:
+        acc = dev.copy()
+        cuda.matmul_backward(None, acc, None, dout_d, x_d, cp.zeros((OC, C), cp.uint16))
+        cuda.synchronize()
+    finally:
+        cuda.k.matmul_set_tuning(previous)
+    case.check("dweight", decode(raw(acc)), host + inc, BF16_REL)
+
+
 @pytest.mark.parametrize("OC", [200, 1001, 2304])
 def test_bias_backward(cuda, case, OC):
     """bias.cu on its own: 4004 rows (several row tiles, the last one partial), OC = 1001 takes the
