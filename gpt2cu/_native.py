@@ -76,6 +76,21 @@ def _preload(libname: str, patterns: tuple[str, ...]) -> str:
     raise OSError(f"could not load {libname}: " + "; ".join(errors))
 
 
+def _share_cxx_runtime():
+    """Puts the process's libstdc++ in the global symbol scope before the extension loads.
+
+    Toolchains of the gcc-toolset kind link the newer parts of libstdc++ into the extension itself, so it
+    defines typeinfo and exception-handling symbols that must resolve to the same copy as the rest of the C++
+    runtime. They do when libstdc++ is global, as it is once libcublasLt is loaded RTLD_GLOBAL with its
+    dependencies. With torch imported first, libcublasLt was already loaded privately and is not reloaded:
+    on an H200 machine (torch 2.11) the extension's symbols then bound to its own copies (LD_DEBUG=bindings)
+    and its first matmul crashed inside pybind11's dispatcher."""
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass  # not a glibc/libstdc++ system: nothing to share
+
+
 def kernels_built() -> bool:
     """Whether the installed package has the compiled extension (without importing it)."""
     try:
@@ -110,6 +125,7 @@ def load_kernels():
             _preload("nccl", ("libnccl.so.2",))
         except OSError:
             pass  # optional: the NCCL communicator loads it itself when used
+        _share_cxx_runtime()
         try:
             _module = importlib.import_module("gpt2cu._kernels")
         except ImportError as e:

@@ -623,6 +623,32 @@ def test_matmul_dweight_long_k(cuda, case, rows, C, OC, tuned):
     case.check("dweight", decode(raw(acc)), host + inc, BF16_REL)
 
 
+def test_kernels_after_torch():
+    """torch imported (and its CUDA used) before gpt2cu: the extension's GEMMs and its C++ errors still work (on
+    an H200 with torch 2.11 the first matmul crashed in pybind11's dispatcher until the C++ runtime was shared)."""
+    import subprocess
+    import sys
+    pytest.importorskip("torch")
+    script = """
+import torch
+torch.matmul(torch.ones(64, 64, device="cuda"), torch.ones(64, 64, device="cuda"))
+import cupy as cp
+from gpt2cu.backends.cuda_ops import CudaBackend
+be = CudaBackend(0)
+x, w, out = cp.ones((64, 64), cp.uint16), cp.ones((64, 64), cp.uint16), cp.empty((64, 64), cp.uint16)
+be.matmul_forward(out, x, w, None)
+be.synchronize()
+try:
+    be.k.matmul_forward(0, 0, 0, 0, 0, 0, 0, 0, 0)
+except Exception as e:
+    print("error raised:", type(e).__name__)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert r.stdout.split() == ["error", "raised:", "RuntimeError", "ok"], r.stdout[-2000:]
+
+
 @pytest.mark.parametrize("OC", [200, 1001, 2304])
 def test_bias_backward(cuda, case, OC):
     """bias.cu on its own: 4004 rows (several row tiles, the last one partial), OC = 1001 takes the
