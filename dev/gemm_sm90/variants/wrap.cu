@@ -1,0 +1,15 @@
+// ctypes entry points to gemm_sm90.cu's launchers for ab.py (dev/gemm_sm90/variants)
+#include "gemm_sm90.h"
+extern "C" {
+void ab_exp(void* out, float* rs, const void* a, const void* w, const float* shift, int M, int N, int K, int valid,
+            void* stream) {
+    gemm_exp_sm90((bf16*)out, rs, (const bf16*)a, (const bf16*)w, shift, M, N, K, valid, (cudaStream_t)stream);
+}
+void ab_gelu(void* out, void* pre, const void* a, const void* w, const void* bias, int M, int N, int K, void* stream) {
+    gemm_gelu_forward_sm90((bf16*)out, (bf16*)pre, (const bf16*)a, (const bf16*)w, (const bf16*)bias, M, N, K,
+                           (cudaStream_t)stream);
+}
+void ab_dgelu(void* out, float* colsum, const void* a, const void* w, const void* pre, int M, int N, int K, void* stream) {
+    gemm_dgelu_sm90((bf16*)out, colsum, (const bf16*)a, (const bf16*)w, (const bf16*)pre, M, N, K, (cudaStream_t)stream);
+}
+}
