@@ -596,26 +596,30 @@ float mm_bf16_value(uint16_t bits) {
     return f;
 }
 
-// Whether `algo` and `ref` give the same D on g's inputs (into scratch outputs; the real D is read as C only).
-// They differ by summation order and one bf16 rounding, a few ulps; a wrong product is off by far more than the
-// bound, 2^-5 of |value| + the matrix's rms. -1: the check could not run (no memory for the scratch outputs).
+// Whether `algo` and `ref` give the same product on g's inputs, into scratch outputs. With beta = 1 the C they read is
+// a zeroed scratch, so the product alone is compared (an accumulator much larger than it would hide its errors) on
+// the same beta = 1 path. They differ by summation order and one bf16 rounding, a few ulps; a wrong product is off by
+// far more than the bound, 2^-5 of |value| + the product's rms. -1: the check could not run (no memory for the
+// scratch outputs) or proves nothing (a product of zeros).
 int mm_products_agree(cublasLtHandle_t handle, GemmPlan& plan, const Gemm& g, const cublasLtMatmulAlgo_t& algo,
                       const cublasLtMatmulAlgo_t& ref, void* workspace, cudaStream_t stream, const char* who,
                       const std::string& ctx) {
     const size_t count = static_cast<size_t>(g.ldd) * g.n, d_bytes = count * 2;
     const size_t aux_bytes = mm_writes_aux(g.epilogue) ? static_cast<size_t>(g.aux_ld) * g.n * 2 : 0;
-    char* scratch = nullptr;
-    if (cudaMalloc(reinterpret_cast<void**>(&scratch), 2 * d_bytes + aux_bytes) != cudaSuccess) {
+    char* scratch = nullptr;  // got, want, the zeroed C, the aux output
+    if (cudaMalloc(reinterpret_cast<void**>(&scratch), 3 * d_bytes + aux_bytes) != cudaSuccess) {
         cudaGetLastError();  // clear the allocation failure
         return -1;
     }
-    if (aux_bytes) mm_set_aux(plan.desc, scratch + 2 * d_bytes, who, ctx);
+    char* zeros = scratch + 2 * d_bytes;
+    mm_check_cuda(cudaMemsetAsync(zeros, 0, d_bytes, stream), "cudaMemsetAsync (split-K check)", who);
+    if (aux_bytes) mm_set_aux(plan.desc, scratch + 3 * d_bytes, who, ctx);
     const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
     std::vector<uint16_t> got(count), want(count);
     bool launched = true;
     for (int r = 0; r < 2; r++) {
         char* d = scratch + r * d_bytes;
-        const void* c = g.accumulate ? g.D : d;
+        const void* c = zeros;
         launched = launched && cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, c, plan.c,
                                               d, plan.d, r ? &ref : &algo, workspace, kWorkspaceBytes,
                                               stream) == CUBLAS_STATUS_SUCCESS;
@@ -637,6 +641,7 @@ int mm_products_agree(cublasLtHandle_t handle, GemmPlan& plan, const Gemm& g, co
             }
         }
     const double rms = finite ? std::sqrt(squares / finite) : 0.0;
+    if (rms == 0.0) return -1;
     for (int64_t j = 0; j < g.n; j++)
         for (int64_t i = 0; i < g.m; i++) {
             const float a = mm_bf16_value(got[j * g.ldd + i]), b = mm_bf16_value(want[j * g.ldd + i]);
