@@ -9,7 +9,8 @@ reference (gpt2cu.reference: TorchGPT, or TorchLlama with SDPA over grouped key/
 times the ZeRO stages through NCCL with one rank (stage 0: no communicator), as `mpirun -np 1` would run them.
 
 Both sides train the same model (same init, same random token batches) with AdamW and grad clipping,
-gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs;
+gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs (each step queued before the one
+before it is read);
 PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (the family's
 FLOPs per token, llm.c's 6N + 6LCT for GPT-2, over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
 torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu). Timings compare only within one run.
@@ -63,6 +64,7 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
                       InMemoryBatches(random_batches(cfg, B, T, 4)))
     start, end = cp.cuda.Event(), cp.cuda.Event()
     losses, phases = [], []  # phases: CUDA events at the step's phases ("start", "backward", ...)
+    unread = []  # as python -m gpt2cu.train runs: a step's result read once the next one is queued
 
     def step():
         events = {}
@@ -70,16 +72,24 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
         def mark(phase):
             events[phase] = cp.cuda.Event()
             events[phase].record(backend.stream)
-        losses.append(trainer.step(mark).loss)
+        unread.append(trainer.step_async(mark))
+        if len(unread) > 1:
+            losses.append(unread.pop(0).result().loss)
         return events
+
+    def drain():
+        losses.extend(p.result().loss for p in unread)
+        unread.clear()
 
     for _ in range(warmup):
         step()
+    drain()
     backend.synchronize()
     start.record(backend.stream)
     for _ in range(steps):
         phases.append(step())
     end.record(backend.stream)
+    drain()
     end.synchronize()
     ms = cp.cuda.get_elapsed_time(start, end) / steps
     fwd_bwd_ms = sum(cp.cuda.get_elapsed_time(e["start"], e["backward"]) for e in phases) / steps

@@ -38,6 +38,17 @@ class AdamWConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
+class GradientNorm:
+    """The global gradient norm as AdamW.reduce_gradients leaves it: its square where the backend computed it
+    (the device). AdamW.step clips from it there; float() waits for it and reads the norm."""
+
+    def __init__(self, squared, backend):
+        self.squared, self.backend = squared, backend
+
+    def __float__(self) -> float:
+        return float(np.sqrt(self.backend.to_numpy(self.squared)[0]))
+
+
 def clip_scale(norm: float, max_norm: float) -> float:
     """llm.c's grad_scale: shrink the gradients to `max_norm` when their global norm exceeds it."""
     return max_norm / norm if norm > max_norm else 1.0
@@ -111,11 +122,11 @@ class AdamW:
         a layer's gradients as soon as they are complete, overlapping the rest of the backward."""
         self.storage.layer_done(layer)
 
-    def reduce_gradients(self, extra=()) -> float:
+    def reduce_gradients(self, extra=()) -> GradientNorm:
         """Averages the gradients over ranks (what the backward has not reduced yet) and returns the
-        global gradient norm. extra: small float32 gradients updated beside the model (RL's value head),
-        whole and already averaged on every rank: their squares join the norm on the device, so the host
-        still reads one number."""
+        global gradient norm, left on the device (float() reads it). extra: small float32 gradients updated
+        beside the model (RL's value head), whole and already averaged on every rank: their squares join the
+        norm on the device."""
         storage, backend = self.storage, self.backend
         storage.reduce_gradients()
         norm_squared = backend.global_norm_squared(storage.grad_shard)
@@ -124,14 +135,17 @@ class AdamW:
         with backend.on_stream():
             for grad in extra:
                 norm_squared += (grad * grad).sum()
-        return float(np.sqrt(backend.to_numpy(norm_squared)[0]))
+        return GradientNorm(norm_squared, backend)
 
-    def step(self, lr: float, t: int, norm: float, seed: int):
+    def step(self, lr: float, t: int, norm: GradientNorm, seed: int, loss=None):
         """Update number t (from 1) with learning rate lr, the gradients clipped from their global norm
-        `norm` to cfg.grad_clip; then every rank's parameters gathered as its ZeRO stage needs."""
+        (reduce_gradients' result) to cfg.grad_clip; then every rank's parameters gathered as its ZeRO stage
+        needs. The clip, and the skip of the update when the norm or `loss` (a (1,) array of the backend, the
+        same on every rank; None: not checked) is not finite, are decided where the norm is: no host read."""
         c = self.cfg
         # kept: a tensor updated beside the model (RL's value head) takes the same step's values
-        self.scalars = self.backend.adamw_scalars(lr, t, clip_scale(norm, c.grad_clip), seed, c.beta1, c.beta2)
+        self.scalars = self.backend.adamw_scalars_clipped(lr, t, seed, c.beta1, c.beta2, norm.squared, loss,
+                                                          c.grad_clip)
         self._update(self.scalars)
         self.gather_params()
 

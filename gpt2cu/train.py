@@ -265,35 +265,52 @@ def train(run: Run, args, comm) -> int:
     max_steps, every = t.config.max_steps, lambda n, step: n and (step % n == 0 or step == max_steps)
     step_times, best_val, run_start = [], float("inf"), time.time()
     watchdog = Watchdog(comm, args.collective_timeout) if comm.world_size > 1 and args.collective_timeout > 0 else None
+    pending = None  # the step queued last, not reported yet: the next one is queued before it is read
+
+    def report(step_queued):
+        r = step_queued.result()
+        if r.step > start_step + 1:  # the first step includes compilation and graph capture
+            step_times.append(r.seconds)
+        say(progress_line(r, t, step_times, max_steps))
+        logger.log(r.step, "trl", r.loss)
+
     for step in range(start_step, max_steps + 1):
         if watchdog:  # evaluation and checkpoints count as progress too
             watchdog.kick()
-        if run.val_loader is not None and every(args.val_every, step):
+        evaluate = run.val_loader is not None and every(args.val_every, step)
+        hellaswag = args.hellaswag and every(args.val_every, step)
+        # under ZeRO-3 every rank samples: the forward's parameter gathers are collectives
+        samples_here = rank == 0 or t.config.zero_stage == 3
+        sample = samples_here and args.sample_every and ((step > 0 and step % args.sample_every == 0)
+                                                         or step == max_steps)
+        save = args.output_dir and step > start_step and every(args.checkpoint_every, step)
+        last = step == max_steps or step == args.stop_after
+        if pending is not None and (evaluate or hellaswag or sample or save or last):
+            report(pending)  # its line before what follows it
+            pending = None
+        if evaluate:
             best_val = min(best_val, val := t.evaluate(run.val_loader, args.val_max_steps))
             say(f"step {step:5d} | val loss {val:.4f}")
             logger.log(step, "tel", val)
-        if args.hellaswag and every(args.val_every, step):
+        if hellaswag:
             from .eval import evaluate_hellaswag, read_eval_file
             acc = evaluate_hellaswag(t.model, backend, read_eval_file(args.hellaswag_file), comm)
             say(f"step {step:5d} | HellaSwag acc_norm {acc:.4f}")
             logger.log(step, "eval", acc)
-        # under ZeRO-3 every rank samples: the forward's parameter gathers are collectives
-        samples_here = rank == 0 or t.config.zero_stage == 3
-        if samples_here and args.sample_every and ((step > 0 and step % args.sample_every == 0) or step == max_steps):
+        if sample:
             from .sample import generate
             from .tokenizer import EOT, decode
             say(f"step {step:5d} | sample: {decode(generate(t.model, backend, [EOT], args.gen_tokens, seed=1337 + step))!r}")
-        if args.output_dir and step > start_step and every(args.checkpoint_every, step):
+        if save:
             t.save(args.output_dir)
             if rank == 0 and args.checkpoints_keep:
                 checkpoint.prune_checkpoints(args.output_dir, args.checkpoints_keep, args.major_checkpoint_every)
-        if step == max_steps or step == args.stop_after:
+        if last:
             break
-        r = t.step()
-        if step > start_step:  # the first step includes compilation and graph capture
-            step_times.append(r.seconds)
-        say(progress_line(r, t, step_times, max_steps))
-        logger.log(r.step, "trl", r.loss)
+        queued = t.step_async()  # queued behind the step before, whose result is read while this one runs
+        if pending is not None:
+            report(pending)
+        pending = queued
     say("done: " + summary(t, args, start_step, step_times, best_val, time.time() - run_start))
     return 0
 

@@ -4,6 +4,7 @@ trains through a Trainer.
     trainer = Trainer(model_cfg, init_params, backend, comm, TrainConfig(...), train_loader)
     result = trainer.step()            # micro-steps, gradient reduction, clipping, outlier skips,
                                        # AdamW update, ZeRO gather -> StepResult
+    pending = trainer.step_async()     # the same, queued; pending.result() later (queue the next step first)
     trainer.evaluate(val_loader, 20)   # mean val loss over ranks
     trainer.save(out_dir) / trainer.resume(out_dir, say)   # llm.c's checkpoints, bit-exact resume
 
@@ -66,6 +67,19 @@ class StepResult:
     tokens: int        # tokens of this step over all ranks
 
 
+class PendingStep:
+    """A step queued by Trainer.step_async; result() waits for its loss and norm alone (not for later steps)
+    and returns its StepResult, reading any earlier unread step first."""
+
+    def __init__(self, trainer: "Trainer", step: int, lr: float, t0: float):
+        self.trainer, self.step, self.lr, self.t0 = trainer, step, lr, t0
+        self.read = None  # the backend's read_scalars_async of (the loss summed over ranks, the norm squared)
+        self.result_: StepResult | None = None
+
+    def result(self) -> StepResult:
+        return self.trainer._read_through(self)
+
+
 def flops_per_token(cfg, T: int) -> int:
     """The training FLOPs of one token at sequence length T, as the model family counts them."""
     return cfg.flops_per_token(T)
@@ -102,6 +116,8 @@ class Trainer:
         self._loss_outliers, self._norm_outliers = OutlierDetector(), OutlierDetector()
         self._prefetched = None
         self._loader_state = train_loader.state_dict()  # after the batches of the steps done, no further
+        self._unread: list[PendingStep] = []  # queued steps whose results are not read yet, oldest first
+        self._last_read = 0.0
 
     def _forward_backward(self, batch):
         self.model.forward(batch, dloss=self._dloss)
@@ -116,10 +132,20 @@ class Trainer:
         return get_lr(c.lr_schedule, step, c.max_steps, c.adamw.lr, c.warmup, c.final_lr_frac)
 
     def step(self, mark=None) -> StepResult:
-        """One optimization step: grad_accum micro-steps, reduction, clipping, the update (unless skipped),
-        and the parameters gathered on every rank. mark(phase), when given, is called as each phase is
-        queued -- "start", "backward" (the micro-steps are queued; gradients complete once they run),
-        "reduced", "updated" -- for a benchmark's CUDA events or a test's look at the gradients."""
+        """One optimization step, waited for (the device idle after it): step_async(mark), then its result."""
+        pending = self.step_async(mark)
+        self.backend.synchronize()
+        return pending.result()
+
+    def step_async(self, mark=None) -> "PendingStep":
+        """One optimization step, queued: grad_accum micro-steps, reduction, clipping, the update (unless
+        skipped), and the parameters gathered on every rank. Nothing waits for the device unless an outlier
+        rule (skip_loss_z, skip_norm_z) must read the loss and norm before the update: the clip and the skip of
+        a non-finite step are decided on the device. Queue the next step before reading this one's result()
+        and the device runs them back to back, the host's reads, logging and next batch overlapping its work.
+        mark(phase), when given, is called as each phase is queued -- "start", "backward" (the micro-steps
+        are queued; gradients complete once they run), "reduced", "updated" -- for a benchmark's CUDA events
+        or a test's look at the gradients."""
         c, backend, model, opt = self.config, self.backend, self.model, self.optimizer
         mark = mark or (lambda phase: None)
         step = self.step_count
@@ -142,22 +168,47 @@ class Trainer:
                 self._loader_state = self.loader.state_dict()
             self._prefetched = self._next_batch()
         mark("backward")
-        loss = self.comm.all_reduce_scalar(sum(float(x) for x in micro_losses) / c.grad_accum) / self.comm.world_size
+        loss_sum = backend.loss_sum(micro_losses)  # this rank's, then every rank's: on the device, no wait
+        self.comm.all_reduce(loss_sum, op="sum")
         norm = opt.reduce_gradients()
         mark("reduced")
         lr = self.lr(step)
-        loss_z, norm_z = self._loss_outliers.update(loss), self._norm_outliers.update(norm)
-        skip = ((c.skip_loss_z and loss_z > c.skip_loss_z) or (c.skip_norm_z and norm_z > c.skip_norm_z)
-                or not math.isfinite(loss) or not math.isfinite(norm))
+        pending = PendingStep(self, step + 1, lr, t0)
+        self._unread.append(pending)
+        host_rules = bool(c.skip_loss_z or c.skip_norm_z)
+        skip = False  # without the outlier rules the update skips itself on the device (a non-finite norm or loss)
+        if host_rules:  # they decide on the host: read both first
+            pending.read = backend.read_scalars_async(loss_sum, norm.squared)
+            skip = pending.result().skipped
         if skip:
             opt.gather_params()
         else:
-            opt.step(lr, step + 1, norm, seed=c.seed + step)
+            opt.step(lr, step + 1, norm, seed=c.seed + step, loss=loss_sum)
         mark("updated")
         model.zero_grad()
-        backend.synchronize()
+        if not host_rules:  # copied out behind the whole step (the next reduction reuses the norm's buffer)
+            pending.read = backend.read_scalars_async(loss_sum, norm.squared)
         self.step_count = step + 1
-        return StepResult(step + 1, loss, norm, lr, bool(skip), time.time() - t0, self.tokens_per_step)
+        return pending
+
+    def _read_through(self, pending: "PendingStep") -> StepResult:
+        """Reads the unread steps up to `pending` in order (the outlier detectors see every step, in order):
+        each one's mean loss and gradient norm, and whether its update is (or was, on the device) skipped --
+        an outlier rule, or a non-finite value."""
+        c = self.config
+        while pending.result_ is None:
+            p = self._unread.pop(0)
+            loss_total, norm_squared = p.read.values()
+            loss = loss_total / (c.grad_accum * self.comm.world_size)
+            norm = float(np.sqrt(np.float32(norm_squared)))  # as float(GradientNorm) reads it
+            loss_z, norm_z = self._loss_outliers.update(loss), self._norm_outliers.update(norm)
+            skip = ((c.skip_loss_z and loss_z > c.skip_loss_z) or (c.skip_norm_z and norm_z > c.skip_norm_z)
+                    or not math.isfinite(loss) or not math.isfinite(norm))
+            now = time.time()  # a step's time: from its start, or from the previous step's end if it queued earlier
+            p.result_ = StepResult(p.step, loss, norm, p.lr, bool(skip), now - max(p.t0, self._last_read),
+                                   self.tokens_per_step)
+            self._last_read = now
+        return pending.result_
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def evaluate(self, val_loader, max_batches: int) -> float:

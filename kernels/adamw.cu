@@ -5,7 +5,8 @@
 // stochastically, so updates below half a bf16 ulp still reach the forward on average (measured closer to
 // an fp32-weights PyTorch run than round-to-nearest, docs/perf.md). fp32 params with fp32 gradients (a small
 // fp32 tensor such as RL's value head, updated beside the model) are w itself.
-// The per-step scalars come from device memory (one captured graph serves every step).
+// The per-step scalars come from device memory (one captured graph serves every step); adamw_scalars_clipped
+// writes them there from the gradients' norm, so the clip and the skip of a non-finite step need no host read.
 // Stochastic rounding adds 16 random bits below the bf16 mantissa and truncates: the value rounds up
 // with probability equal to the dropped fraction. The bits hash (seed, element index in the segment).
 // Memory bound (28 bytes per element with a master copy): 8 elements per thread with 16-byte accesses
@@ -41,6 +42,7 @@ __global__ void __launch_bounds__(ADAMW_THREADS)
                  float* __restrict__ m, float* __restrict__ v, size_t n, size_t head,
                  const AdamWScalars* __restrict__ scalars, float beta1, float beta2, float eps, float weight_decay,
                  unsigned int rounding_salt) {
+    if (scalars->skip) return;  // the same for every thread: a skipped step changes nothing
     const float lr = scalars->lr, grad_scale = scalars->grad_scale;
     const float b1c = scalars->beta1_correction, b2c = scalars->beta2_correction;
     const unsigned int seed = scalars->seed ^ mix32(rounding_salt);  // tensors get independent dither
@@ -99,4 +101,26 @@ void adamw_update(bf16* params, float* master, const bf16* grads, float* m, floa
 void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWScalars* scalars,
                   float beta1, float beta2, float eps, float weight_decay, cudaStream_t stream) {
     launch_adamw(params, (float*)nullptr, grads, m, v, n, scalars, beta1, beta2, eps, weight_decay, 0u, stream);
+}
+
+__global__ void adamw_scalars_clipped_kernel(AdamWScalars* out, float lr, float beta1_correction,
+                                             float beta2_correction, unsigned int seed,
+                                             const float* __restrict__ norm_squared, const float* __restrict__ loss,
+                                             double max_norm) {
+    const float norm = sqrtf(norm_squared[0]);  // IEEE sqrt (no fast math): the host's np.sqrt of the float32
+    const bool finite = isfinite(norm) && (loss == nullptr || isfinite(loss[0]));
+    out->lr = lr;
+    out->grad_scale = (double)norm > max_norm ? (float)(max_norm / (double)norm) : 1.0f;
+    out->beta1_correction = beta1_correction;
+    out->beta2_correction = beta2_correction;
+    out->seed = seed;
+    out->skip = finite ? 0u : 1u;
+}
+
+void adamw_scalars_clipped(AdamWScalars* out, float lr, float beta1_correction, float beta2_correction,
+                           unsigned int seed, const float* norm_squared, const float* loss, double max_norm,
+                           cudaStream_t stream) {
+    adamw_scalars_clipped_kernel<<<1, 1, 0, stream>>>(out, lr, beta1_correction, beta2_correction, seed,
+                                                      norm_squared, loss, max_norm);
+    CUDA_CHECK_LAUNCH();
 }

@@ -409,9 +409,20 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("params"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("n"), py::arg("scalars"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("stream"));
     m.def(
+        "adamw_scalars_clipped",
+        [](uintptr_t out, float lr, float beta1_correction, float beta2_correction, unsigned int seed,
+           uintptr_t norm_squared, uintptr_t loss, double max_norm, uintptr_t stream) {
+            adamw_scalars_clipped(ptr<AdamWScalars>(out), lr, beta1_correction, beta2_correction, seed,
+                                  ptr<const float>(norm_squared), ptr<const float>(loss), max_norm, strm(stream));
+        },
+        "writes AdamWScalars at the DEVICE pointer out from the global norm's square (device): grad_scale = "
+        "max_norm / norm when norm > max_norm, else 1; skip when the norm or loss[0] (device, 0: none) is not finite",
+        py::arg("out"), py::arg("lr"), py::arg("beta1_correction"), py::arg("beta2_correction"), py::arg("seed"),
+        py::arg("norm_squared"), py::arg("loss"), py::arg("max_norm"), py::arg("stream"));
+    m.def(
         "sizeof_adamw_scalars", []() { return sizeof(AdamWScalars); },
         "bytes of struct AdamWScalars (4 floats lr, grad_scale, beta1_correction, beta2_correction; uint32 seed; "
-        "uint32 pad[3])");
+        "uint32 skip; uint32 pad[2])");
 
     // ---- global_norm.cu
     m.def(

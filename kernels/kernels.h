@@ -227,7 +227,8 @@ struct AdamWScalars {
     float beta1_correction;  // 1 - beta1^t
     float beta2_correction;  // 1 - beta2^t
     unsigned int seed;       // stochastic rounding seed for this step
-    unsigned int pad[3];
+    unsigned int skip;       // nonzero: the update leaves everything as it is (a non-finite norm or loss)
+    unsigned int pad[2];
 };
 // AdamW on n elements (a tensor, or a ZeRO shard of one):
 //   g = grads*grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2
@@ -240,6 +241,13 @@ void adamw_update(bf16* params, float* master, const bf16* grads, float* m, floa
 // The same on fp32 params with fp32 gradients and no master copy (params are w).
 void adamw_update(float* params, const float* grads, float* m, float* v, size_t n, const AdamWScalars* scalars,
                   float beta1, float beta2, float eps, float weight_decay, cudaStream_t stream);
+// The step's scalars written on the device from the gradients' global norm, with no host read in between:
+//   norm = sqrt(norm_squared[0]); grad_scale = max_norm / norm if norm > max_norm else 1 (in double, rounded once:
+//   the host's clip_scale bit for bit); skip = norm or loss[0] (when loss is not null) not finite.
+// lr, the corrections and the seed are the host's, as adamw_scalars writes them. One thread.
+void adamw_scalars_clipped(AdamWScalars* out, float lr, float beta1_correction, float beta2_correction,
+                           unsigned int seed, const float* norm_squared, const float* loss, double max_norm,
+                           cudaStream_t stream);
 
 // ---- global_norm.cu ---------------------------------------------------------------------------
 // out[0] = sum of squares of grads[0..n) in fp32, deterministic (fixed block partials + one final pass)

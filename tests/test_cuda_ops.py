@@ -1022,6 +1022,45 @@ def test_adamw_update(cuda, case, with_master, salt):
         case.same_bits(f"{name} outside the segment", raw(arrays[name])[outside], initial_values[outside])
 
 
+@pytest.mark.parametrize("max_norm", [1.0, 0.3])
+def test_adamw_scalars_clipped(cuda, case, max_norm):
+    """The step's scalars written on the device from the norm's square are adamw_scalars' with optim.clip_scale's
+    grad_scale, bit for bit: norms below, at and above max_norm (fresh random ones too; 0.3 is a max_norm float32
+    cannot hold, so the division must be the host's double one), with skip set exactly when the norm or the loss
+    is not finite. A skipped adamw_update leaves params, master, m and v with their bits."""
+    from gpt2cu.optim import clip_scale
+    lr, step, seed, beta1, beta2 = 6e-4, 7, int(case.rng.integers(2 ** 32)), 0.9, 0.95
+    norms_squared = [0.25 * max_norm ** 2, max_norm ** 2, 17.3, np.inf, np.nan, 4.0, 4.0, 4.0]
+    losses = [2.5, 2.5, 2.5, 2.5, 2.5, np.nan, -np.inf, None]
+    norms_squared += list(case.rng.uniform(0.0, 4.0 * max_norm ** 2, 6))
+    losses += list(case.rng.uniform(0.0, 11.0, 6))
+    for norm_squared, loss in zip(norms_squared, losses):
+        norm_squared = np.float32(norm_squared)
+        loss_d = None if loss is None else cp.asarray(np.array([loss], dtype=np.float32))
+        got = raw(cuda.adamw_scalars_clipped(lr, step, seed, beta1, beta2, cp.asarray(np.array([norm_squared])),
+                                             loss_d, max_norm)).copy()
+        norm = float(np.sqrt(norm_squared))
+        want = raw(cuda.adamw_scalars(lr, step, clip_scale(norm, max_norm), seed, beta1, beta2)).copy()
+        skip = not (np.isfinite(norm) and (loss is None or np.isfinite(loss)))
+        what = f"norm^2 {norm_squared}, loss {loss}"
+        case.same_bits(f"lr, grad_scale, corrections, seed ({what})", got[:5], want[:5])
+        assert got[5] == int(skip), case.where(f"skip is {got[5]} for {what}")
+
+    n = 1000
+    _, params_d = case.bf16((n,))
+    _, grads_d = case.bf16((n,))
+    arrays = {"params": params_d, "master": cp.asarray(case.normal(n).astype(np.float32)),
+              "m": cp.asarray(case.normal(n).astype(np.float32)),
+              "v": cp.asarray(np.square(case.normal(n)).astype(np.float32))}
+    before = {name: raw(a).copy() for name, a in arrays.items()}
+    scalars = cuda.adamw_scalars_clipped(lr, step, seed, beta1, beta2, cp.asarray(np.array([np.nan], np.float32)),
+                                         None, max_norm)
+    cuda.adamw_update(arrays["params"], arrays["master"], grads_d, arrays["m"], arrays["v"], scalars, beta1, beta2,
+                      1e-8, 0.1, 3)
+    for name, a in arrays.items():
+        case.same_bits(f"{name} after a skipped update", raw(a), before[name])
+
+
 @pytest.mark.parametrize("n", [1, 1_000_003, 16_777_259])
 def test_global_norm_squared(cuda, case, n):
     """A sum of positive squares in fp32 against float64 to 1e-5 (block partials, then one final pass:

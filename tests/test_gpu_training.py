@@ -164,6 +164,34 @@ def test_cli_resume_on_gpu_is_bit_exact(tmp_path):
     assert all(full[s] == resumed[s] for s in resumed), (full, resumed)
 
 
+def test_queued_steps_train_as_waited_steps():
+    """Four steps queued before any result is read (step_async, as the CLI and the benchmark run them, here
+    further ahead) give the same losses, norms and parameters, bit for bit, as four steps each waited for:
+    every step's loss and norm are copied out behind it, though the next step reuses the norm's buffer."""
+    from gpt2cu.backends import get_backend
+    from gpt2cu.dist import SingleProcess
+    cfg, B, T = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=128), 4, 128
+    batches = corpus_batches(B, T, 4)
+
+    def run(queued):
+        config = TrainConfig(batch_size=B, seq_len=T, max_steps=len(batches), lr_schedule="constant", seed=0,
+                             adamw=AdamWConfig(lr=1e-3, weight_decay=0.1, grad_clip=0.5))
+        trainer = Trainer(cfg, init_params(cfg, seed=1), get_backend("cuda"), SingleProcess(), config,
+                          InMemoryBatches(batches))
+        if queued:
+            pending = [trainer.step_async() for _ in batches]
+            results = [pending[2].result()] + [p.result() for p in pending]  # a later one first: reads in order
+        else:
+            results = [None] + [trainer.step() for _ in batches]
+        return [(r.step, r.loss, r.norm, r.skipped) for r in results[1:]], trainer.model.host_params()
+
+    waited, waited_params = run(False)
+    queued, queued_params = run(True)
+    assert queued == waited
+    assert len({norm for _, _, norm, _ in waited}) == len(waited)  # distinct norms: a stale read would show
+    assert np.array_equal(queued_params, waited_params)
+
+
 def test_nccl_with_one_rank_matches_no_communicator():
     """The NCCL path (per-layer all-reduces for -z 0, also started from inside the backward; reduce-scatter,
     sharded AdamW, all-gather for -z 1) with world size 1 gives bit-identical training to the

@@ -465,6 +465,25 @@ def test_adamw_update_matches_formula(rng, with_master):
             np.testing.assert_array_equal(params, master)
 
 
+def test_adamw_scalars_clipped(rng):
+    """The scalars from the norm's square: optim.clip_scale's grad_scale of the float32 norm; skip set (and the
+    update then a no-op) exactly when the norm or the loss is not finite."""
+    be = NumpyBackend()
+    for norm_squared, loss, skip in [(0.25, [2.0], 0), (1.0, [2.0], 0), (rng.uniform(1, 100), None, 0),
+                                     (np.inf, [2.0], 1), (np.nan, None, 1), (4.0, [np.nan], 1), (4.0, [np.inf], 1)]:
+        norm_squared = np.array([norm_squared], np.float32)
+        got = be.adamw_scalars_clipped(1e-3, 3, 5, 0.9, 0.95, norm_squared, loss and np.array(loss), 1.0)
+        norm = float(np.sqrt(norm_squared[0]))
+        want = be.adamw_scalars(1e-3, 3, 1.0 / norm if norm > 1.0 else 1.0, 5, 0.9, 0.95)
+        want[5] = skip
+        np.testing.assert_array_equal(got, want)
+        params, m, v = rng.normal(size=7).astype(np.float32), np.ones(7, np.float32), np.ones(7, np.float32)
+        before = [a.copy() for a in (params, m, v)]
+        ops.adamw_update(params, None, np.ones(7, np.float32), m, v, got, 0.9, 0.95, 1e-8, 0.1)
+        changed = [not np.array_equal(a, b) for a, b in zip((params, m, v), before)]
+        assert changed == [not skip] * 3
+
+
 # ---- the backend object -------------------------------------------------------------------------
 def test_backend_memory_api():
     be = NumpyBackend()
@@ -484,7 +503,7 @@ def test_backend_memory_api():
     batch = be.set_batch(tokens, targets)
     assert batch.tokens is tokens and batch.targets is targets
     np.testing.assert_allclose(be.adamw_scalars(1e-3, 2, 0.5, 42, 0.9, 0.95),
-                               [1e-3, 0.5, 1 - 0.9 ** 2, 1 - 0.95 ** 2, 42])
+                               [1e-3, 0.5, 1 - 0.9 ** 2, 1 - 0.95 ** 2, 42, 0])
     be.synchronize()
 
 

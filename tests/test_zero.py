@@ -183,3 +183,38 @@ def test_plan_cli(capsys):
     assert "smallest number of ranks that fits 141 GB:" in out
     with pytest.raises(SystemExit):
         plan.main(["-e", "gpt3:175B", "-b", "1", "-t", "4096"])
+
+
+@pytest.mark.parametrize("skip_norm_z", [0.0, 3.0], ids=["decided_on_device", "outlier_rules_on_host"])
+def test_a_non_finite_step_is_skipped(skip_norm_z):
+    """A NaN in token 0's embedding makes the loss and the gradient norm NaN: the step reports itself skipped
+    (with the outlier rules off the backend decides, adamw_scalars_clipped; with a rule on the host reads the
+    values first), and every parameter and moment keeps its value."""
+    params = init_params(CFG, seed=1)
+    params[0] = np.nan
+    assert any((x == 0).any() for x, _ in BATCHES[:1])
+    config = TrainConfig(batch_size=2, seq_len=16, max_steps=2, skip_norm_z=skip_norm_z,
+                         adamw=AdamWConfig(lr=1e-2, weight_decay=0.1))
+    trainer = Trainer(CFG, params, get_backend("numpy"), SingleProcess(), config, InMemoryBatches(BATCHES))
+    with np.errstate(invalid="ignore"):
+        result = trainer.step()
+    assert result.skipped and not np.isfinite(result.loss) and not np.isfinite(result.norm)
+    np.testing.assert_array_equal(trainer.model.host_params(), params)
+    assert not trainer.optimizer.m.any() and not trainer.optimizer.v.any()
+
+
+def test_queued_steps_read_in_order():
+    """step_async's results: a later step's result() reads the earlier unread ones first (the outlier
+    detectors see the steps in order), and the results are step()'s."""
+    config = TrainConfig(batch_size=2, seq_len=16, max_steps=3, adamw=AdamWConfig(lr=1e-2, weight_decay=0.1))
+    waited = Trainer(CFG, init_params(CFG, seed=1), get_backend("numpy"), SingleProcess(), config,
+                     InMemoryBatches(BATCHES))
+    queued = Trainer(CFG, init_params(CFG, seed=1), get_backend("numpy"), SingleProcess(), config,
+                     InMemoryBatches(BATCHES))
+    want = [waited.step() for _ in range(3)]
+    pending = [queued.step_async() for _ in range(3)]
+    last = pending[2].result()
+    assert all(p.result_ is not None for p in pending)
+    got = [p.result() for p in pending]
+    assert last is got[2]
+    assert [(r.step, r.loss, r.norm, r.skipped) for r in got] == [(r.step, r.loss, r.norm, r.skipped) for r in want]

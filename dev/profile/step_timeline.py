@@ -50,8 +50,13 @@ def main():
     import torch
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        unread = []  # as python -m gpt2cu.train steps: a step's result read once the next one is queued
         for _ in range(args.steps):
-            trainer.step()
+            unread.append(trainer.step_async())
+            if len(unread) > 1:
+                unread.pop(0).result()
+        for pending in unread:
+            pending.result()
         backend.synchronize()
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -63,10 +68,12 @@ def main():
     steps = [kernels[a:b] for a, b in zip(starts, starts[1:])]
     for s, ks in enumerate(steps):
         wall = ks[-1][1] - ks[0][0]
+        period = (f", {(steps[s + 1][0][0] - ks[0][0]) / 1e3:.2f} ms to the next step's first kernel"
+                  if s + 1 < len(steps) else "")
         busy = sum(e - b for b, e, _ in ks)
         gaps = [ks[i + 1][0] - ks[i][1] for i in range(len(ks) - 1)]
         print(f"step {s}: {len(ks)} kernels and copies, {wall / 1e3:.2f} ms first to last, busy {busy / 1e3:.2f} ms, "
-              f"idle {sum(g for g in gaps if g > 0) / 1e3:.2f} ms ({sum(g > 5 for g in gaps)} gaps > 5 us)")
+              f"idle {sum(g for g in gaps if g > 0) / 1e3:.2f} ms ({sum(g > 5 for g in gaps)} gaps > 5 us){period}")
     middle = steps[len(steps) // 2]
     total = collections.defaultdict(lambda: [0.0, 0])
     for b, e, name in middle:

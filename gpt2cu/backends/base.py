@@ -126,8 +126,23 @@ class Backend(ABC):
         """The mean without waiting; float() of the result waits for it."""
 
     @abstractmethod
+    def read_scalars_async(self, *arrays):
+        """The first element of each float32 array, copied to the host behind the work queued so far: the
+        result's values() waits for that copy alone and returns floats (work queued after it runs on)."""
+
+    @abstractmethod
+    def loss_sum(self, pending):
+        """The sum of mean_loss_async results as a (1,) float array of the backend, without waiting."""
+
+    @abstractmethod
     def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
         """The per-step values adamw_update reads (device memory on CUDA, so a captured update replays)."""
+
+    @abstractmethod
+    def adamw_scalars_clipped(self, lr, step, seed, beta1, beta2, norm_squared, loss, max_norm):
+        """adamw_scalars with grad_scale = optim.clip_scale(sqrt(norm_squared[0]), max_norm), and the update
+        skipped (adamw_update changes nothing) when that norm or loss[0] (loss may be None) is not finite:
+        both read where they are (the device), so no host read stands between the backward and the update."""
 
     @abstractmethod
     def device_name(self) -> str: ...

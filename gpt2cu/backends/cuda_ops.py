@@ -84,6 +84,25 @@ class StagedBatch:
         self._held = False
 
 
+class ScalarsRead:
+    """The first elements of float32 device arrays, copied into pinned host memory behind the work queued on
+    `stream` so far: values() waits for that copy alone (an event), not for anything queued after it."""
+
+    def __init__(self, arrays, stream):
+        import cupyx
+        self.host = cupyx.empty_pinned(len(arrays), np.float32)
+        for i, a in enumerate(arrays):
+            if a.dtype != np.float32:
+                raise TypeError(f"read_scalars_async: float32 device arrays only, got {a.dtype}")
+            cp.cuda.runtime.memcpyAsync(self.host.ctypes.data + 4 * i, a.data.ptr, 4,
+                                        cp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self.done = stream.record()
+
+    def values(self) -> list[float]:
+        self.done.synchronize()
+        return [float(x) for x in self.host]
+
+
 class PendingScalar:
     """A device scalar still being computed on `stream`. The read goes through that stream, not CuPy's
     current one, which is not always ours (seen falling back to the legacy stream during model set-up)."""
@@ -230,6 +249,17 @@ class CudaBackend(Backend):
         """The mean loss, computed on the stream without waiting; float() of the result waits for it."""
         with self.stream:
             return PendingScalar(losses.mean(), self.stream)
+
+    def read_scalars_async(self, *arrays) -> ScalarsRead:
+        return ScalarsRead(arrays, self.stream)
+
+    def loss_sum(self, pending) -> cp.ndarray:
+        """The sum of mean_loss_async results as a (1,) float32 device array, on the stream: no wait."""
+        with self.stream:
+            total = pending[0].value.astype(cp.float32).reshape(1)
+            for p in pending[1:]:
+                total += p.value
+        return total
 
     def graphed(self, fn, enabled=True):
         """fn(*args) run eagerly once (cuBLASLt set-up, scratch sizing), then captured as a CUDA graph
@@ -478,6 +508,12 @@ class CudaBackend(Backend):
         host[:4].view(np.float32)[:] = (lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step)
         host[4] = seed & 0xFFFFFFFF
         self._adamw_scalars.set(host, stream=self.stream)
+        return self._adamw_scalars
+
+    def adamw_scalars_clipped(self, lr, step, seed, beta1, beta2, norm_squared, loss, max_norm):
+        b1c, b2c = np.float32(1.0 - beta1 ** step), np.float32(1.0 - beta2 ** step)  # as adamw_scalars rounds them
+        self.k.adamw_scalars_clipped(ptr(self._adamw_scalars), float(lr), float(b1c), float(b2c), seed & 0xFFFFFFFF,
+                                     ptr(norm_squared), ptr(loss), float(max_norm), self.stream.ptr)
         return self._adamw_scalars
 
     def adamw_update(self, params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):

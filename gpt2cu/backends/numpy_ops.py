@@ -15,6 +15,7 @@ import resource
 
 import numpy as np
 
+from ..optim import clip_scale
 from . import numpy_llama_ops
 from .base import POLICY_TERMS, VALUE_TERMS, Backend, Batch
 
@@ -351,9 +352,11 @@ def global_norm_squared(grads):
 
 
 def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):
-    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...); its seed and rounding_salt (how the
+    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...) (or _clipped); its seed and rounding_salt (how the
     GPU rounds bf16 params) are unused: fp32 params need no rounding. With master given (fp32 master weights), the
     update is applied to master and params receive a copy, as the kernel's contract says."""
+    if scalars[5]:  # the step skipped (adamw_scalars_clipped: a non-finite norm or loss)
+        return
     w = params if master is None else master
     dt = w.dtype.type
     lr, grad_scale, b1c, b2c = (dt(s) for s in scalars[:4])
@@ -363,6 +366,16 @@ def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight
     w -= lr * ((m / b1c) / (np.sqrt(v / b2c) + eps) + weight_decay * w)
     if master is not None:
         params[...] = master
+
+
+class _ScalarsRead:
+    """read_scalars_async's result on the host: the values, read already."""
+
+    def __init__(self, values):
+        self._values = values
+
+    def values(self) -> list[float]:
+        return list(self._values)
 
 
 class NumpyBackend(Backend):
@@ -423,8 +436,21 @@ class NumpyBackend(Backend):
 
     mean_loss_async = mean_loss
 
+    def read_scalars_async(self, *arrays):
+        return _ScalarsRead([float(a[0]) for a in arrays])
+
+    def loss_sum(self, pending):
+        return np.array([sum(pending)], dtype=np.float64)
+
     def adamw_scalars(self, lr, step, grad_scale, seed, beta1, beta2):
-        return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed], dtype=np.float64)
+        return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed, 0], dtype=np.float64)
+
+    def adamw_scalars_clipped(self, lr, step, seed, beta1, beta2, norm_squared, loss, max_norm):
+        norm = float(np.sqrt(np.float32(norm_squared[0])))
+        finite = math.isfinite(norm) and (loss is None or math.isfinite(float(loss[0])))
+        scalars = self.adamw_scalars(lr, step, clip_scale(norm, max_norm), seed, beta1, beta2)
+        scalars[5] = 0 if finite else 1
+        return scalars
 
     def device_name(self) -> str:
         return "CPU (numpy)"

@@ -120,10 +120,11 @@ class ModelOptimizer:
         c, head = self.cfg, self.head
         if head:
             self.adamw.comm.all_reduce(head.grad, op="avg")  # SingleProcess: the identity
-        norm = self.adamw.reduce_gradients(extra=(head.grad,) if head else ())
+        grad_norm = self.adamw.reduce_gradients(extra=(head.grad,) if head else ())
+        norm = float(grad_norm)
         if math.isfinite(norm):  # a non-finite gradient skips the update, as the trainer does
             self.t += 1
-            self.adamw.step(lr, self.t, norm, seed=self.t)
+            self.adamw.step(lr, self.t, grad_norm, seed=self.t)
             if head:  # with the trunk's step scalars, already on the device
                 self.ops.adamw_update(head.params, None, head.grad, self.head_m, self.head_v, self.adamw.scalars,
                                       c.beta1, c.beta2, c.eps, 0.0)

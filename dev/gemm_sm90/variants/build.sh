@@ -1,5 +1,8 @@
-# Builds lib_<variant>.so of gemm_sm90.cu with one sed edit each (the Exp epilogue's tile order, its exp2, its row sums) for ab.py.
-# Run from the repo root: bash dev/gemm_sm90/variants/build.sh; python3 dev/gemm_sm90/variants/ab.py main,rowmajor,noexp,nosum
+# Builds lib_<variant>.so of gemm_sm90.cu with one sed edit each for ab.py: the Exp epilogue's tile order, its exp2,
+# its row sums; the DGelu epilogue without its pre loads (stale panels read) or without gelu' (out = acc * pre).
+# Run from the repo root: bash dev/gemm_sm90/variants/build.sh [variant ...] (default: all); then
+#   python3 dev/gemm_sm90/variants/ab.py main,rowmajor,noexp,nosum        (the LM head's and fc's shapes)
+#   python3 dev/gemm_sm90/variants/ab.py main,nopre,nogradmath dgelu      (fc's shape, the DGelu variants)
 set -e
 D=${AB_DIR:-/tmp/gemm_sm90_variants}; mkdir -p $D
 build() {  # name sed-expr
@@ -8,7 +11,13 @@ build() {  # name sed-expr
   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
      -I $D/src_$1 $D/src_$1/gemm_sm90.cu dev/gemm_sm90/variants/wrap.cu -o $D/lib_$1.so
 }
-build main ""
-build rowmajor 's/constexpr bool kMInner = kEpi == Epi::Exp;/constexpr bool kMInner = false;/'
-build noexp 's/float x\([01]\) = fast_exp2(/float x\1 = (/'
-build nosum 's/rowsum\[h\] += x0 + x1;//'
+want() { [ -z "$VARIANTS" ] || [[ " $VARIANTS " == *" $1 "* ]]; }
+VARIANTS="$*"
+want main && build main ""
+want rowmajor && build rowmajor 's/constexpr bool kMInner = kEpi == Epi::Exp;/constexpr bool kMInner = false;/'
+want noexp && build noexp 's/float x\([01]\) = fast_exp2(/float x\1 = (/'
+want nosum && build nosum 's/rowsum\[h\] += x0 + x1;//'
+# the DGelu (and HeadDot) epilogue with no pre: no TMA loads of it, no wait for them (the panels' stale contents read)
+want nopre && build nopre '/mbar_arrive_expect_tx(&pre_full\[cw\], kEpiBytes);/,+4d; s/mbar_wait(&pre_full\[cw\], it \& 1);//'
+# the DGelu epilogue with out = acc * pre in place of acc * gelu'(pre)
+want nogradmath && build nogradmath 's/pack_bf16x2(a0 \* gelu_grad(x.x), a1 \* gelu_grad(x.y))/pack_bf16x2(a0 * x.x, a1 * x.y)/'
