@@ -257,25 +257,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int tile = blockIdx.x + cw * gridDim.x, it = 0; tile < num_tiles; tile += 2 * gridDim.x, i += 2, ++it) {
         const int2 o = tile_origin<kMInner>(tile, tiles_m, tiles_n);
         const int m0 = o.x, n0 = o.y;
-        // forward: the bias of the lane's column pairs (the same for every row), loaded under the products
+        // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
+        // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
+        // previous tile's stores have read the buffer
         uint32_t bias2[kEpi == Epi::Gelu ? kBN / 8 : 1];
         if constexpr (kEpi == Epi::Gelu) {
 #pragma unroll
             for (int j = 0; j < kBN / 8; ++j)
                 bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
-        }
-        // backward: the tile's pre by TMA into the warpgroup's buffer once the previous tile's stores have read it,
-        // issued after the first k-block's products (not before the turn: the wait for those stores would hold
-        // the warpgroup's arrival, and with it the tensor cores; here 8 products are queued while it waits), its
-        // latency under the other 11 (measured: DGelu 37 us of 523 at fc's shape with no pre loads at all)
-        auto load_pre = [&]() {
+        } else if (kLoadsPre && ctid == 0) {
             bulk_wait_read<0>();
             mbar_arrive_expect_tx(&pre_full[cw], kEpiBytes);
 #pragma unroll
             for (int p = 0; p < 4; ++p)
                 tma_load_2d(ebuf + p * kPanelBytes, &tm_pre, &pre_full[cw], n0 + 64 * (p & 1), m0 + 64 * (p >> 1),
                             stream_policy);
-        };
+        }
 
         const int pos0 = i * num_kb;
         turn_wait();
@@ -290,7 +287,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                     wgmma_ss_n128<0, 0>(acc[mi], desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
                                         desc_at(db0, st * kStageBytes + kk * 32), kb > 0 || kk > 0);
             wgmma_commit();
-            if (kLoadsPre && kb == 0 && ctid == 0) load_pre();
             if (kb > 0) {  // the previous k-block's products are done: release its stage
                 wgmma_wait<1>();
                 mbar_arrive(&empty[(pos - 1) % kStages]);

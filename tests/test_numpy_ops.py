@@ -479,7 +479,7 @@ def test_adamw_scalars_clipped(rng):
         np.testing.assert_array_equal(got, want)
         params, m, v = rng.normal(size=7).astype(np.float32), np.ones(7, np.float32), np.ones(7, np.float32)
         before = [a.copy() for a in (params, m, v)]
-        ops.adamw_update(params, None, np.ones(7, np.float32), m, v, got, 0.9, 0.95, 1e-8, 0.1)
+        ops.adamw_update(params, None, rng.normal(size=7).astype(np.float32), m, v, got, 0.9, 0.95, 1e-8, 0.1)
         changed = [not np.array_equal(a, b) for a, b in zip((params, m, v), before)]
         assert changed == [not skip] * 3
 
