@@ -174,11 +174,11 @@ class Trainer:
         mark("reduced")
         lr = self.lr(step)
         pending = PendingStep(self, step + 1, lr, t0)
-        self._unread.append(pending)
         host_rules = bool(c.skip_loss_z or c.skip_norm_z)
         skip = False  # without the outlier rules the update skips itself on the device (a non-finite norm or loss)
         if host_rules:  # they decide on the host: read both first
             pending.read = backend.read_scalars_async(loss_sum, norm.squared)
+            self._unread.append(pending)
             skip = pending.result().skipped
         if skip:
             opt.gather_params()
@@ -188,6 +188,7 @@ class Trainer:
         model.zero_grad()
         if not host_rules:  # copied out behind the whole step (the next reduction reuses the norm's buffer)
             pending.read = backend.read_scalars_async(loss_sum, norm.squared)
+            self._unread.append(pending)
         self.step_count = step + 1
         return pending
 
