@@ -102,6 +102,14 @@ class ScalarsRead:
         self.done.synchronize()
         return [float(x) for x in self.host]
 
+    def __del__(self):
+        # the pinned buffer goes back to CuPy's pool here, which does not know of the copy into it: not before
+        # that copy has run (a read dropped unread, say). At interpreter exit the event may be gone already.
+        try:
+            self.done.synchronize()
+        except Exception:
+            pass
+
 
 class PendingScalar:
     """A device scalar still being computed on `stream`. The read goes through that stream, not CuPy's
