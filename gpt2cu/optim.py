@@ -38,6 +38,11 @@ class AdamWConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
 
 
+def norm_from_squared(squared) -> float:
+    """The gradient norm from its float32 square, as every reader takes it (float32 sqrt, then a float)."""
+    return float(np.sqrt(np.float32(squared)))
+
+
 class GradientNorm:
     """The global gradient norm as AdamW.reduce_gradients leaves it: its square where the backend computed it
     (the device). AdamW.step clips from it there; float() waits for it and reads the norm."""
@@ -46,7 +51,7 @@ class GradientNorm:
         self.squared, self.backend = squared, backend
 
     def __float__(self) -> float:
-        return float(np.sqrt(self.backend.to_numpy(self.squared)[0]))
+        return norm_from_squared(self.backend.to_numpy(self.squared)[0])
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checkpoint
 from .models import family_of
-from .optim import AdamW, AdamWConfig
+from .optim import AdamW, AdamWConfig, norm_from_squared
 from .outliers import OutlierDetector
 from .schedules import LR_SCHEDULES, get_lr
 from .zero import make_storage
@@ -201,7 +201,7 @@ class Trainer:
             p = self._unread.pop(0)
             loss_total, norm_squared = p.read.values()
             loss = loss_total / (c.grad_accum * self.comm.world_size)
-            norm = float(np.sqrt(np.float32(norm_squared)))  # as float(GradientNorm) reads it
+            norm = norm_from_squared(norm_squared)
             loss_z, norm_z = self._loss_outliers.update(loss), self._norm_outliers.update(norm)
             skip = ((c.skip_loss_z and loss_z > c.skip_loss_z) or (c.skip_norm_z and norm_z > c.skip_norm_z)
                     or not math.isfinite(loss) or not math.isfinite(norm))

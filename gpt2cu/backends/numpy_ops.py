@@ -15,7 +15,7 @@ import resource
 
 import numpy as np
 
-from ..optim import clip_scale
+from ..optim import clip_scale, norm_from_squared
 from . import numpy_llama_ops
 from .base import POLICY_TERMS, VALUE_TERMS, Backend, Batch
 
@@ -446,7 +446,7 @@ class NumpyBackend(Backend):
         return np.array([lr, grad_scale, 1.0 - beta1 ** step, 1.0 - beta2 ** step, seed, 0], dtype=np.float64)
 
     def adamw_scalars_clipped(self, lr, step, seed, beta1, beta2, norm_squared, loss, max_norm):
-        norm = float(np.sqrt(np.float32(norm_squared[0])))
+        norm = norm_from_squared(norm_squared[0])
         finite = math.isfinite(norm) and (loss is None or math.isfinite(float(loss[0])))
         scalars = self.adamw_scalars(lr, step, clip_scale(norm, max_norm), seed, beta1, beta2)
         scalars[5] = 0 if finite else 1
