@@ -69,17 +69,6 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("bias"),
         py::arg("N"), py::arg("C"), py::arg("stream"));
     m.def(
-        "fused_residual_layernorm_forward",
-        [](uintptr_t residual, uintptr_t out, uintptr_t mean, uintptr_t rstd, uintptr_t inp1, uintptr_t inp2,
-           uintptr_t weight, uintptr_t bias, int N, int C, uintptr_t stream) {
-            fused_residual_layernorm_forward(ptr<bf16>(residual), ptr<bf16>(out), ptr<float>(mean),
-                                             ptr<float>(rstd), ptr<const bf16>(inp1), ptr<const bf16>(inp2),
-                                             ptr<const bf16>(weight), ptr<const bf16>(bias), N, C, strm(stream));
-        },
-        "residual = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, weight, bias)",
-        py::arg("residual"), py::arg("out"), py::arg("mean"), py::arg("rstd"), py::arg("inp1"), py::arg("inp2"),
-        py::arg("weight"), py::arg("bias"), py::arg("N"), py::arg("C"), py::arg("stream"));
-    m.def(
         "layernorm_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
            uintptr_t mean, uintptr_t rstd, uintptr_t scratch, size_t scratch_floats, int N, int C,
@@ -108,16 +97,6 @@ PYBIND11_MODULE(_kernels, m) {
         "out = inp * rstd * weight over the last dim C, rstd = 1/sqrt(mean(inp^2) + eps) per row (fp32)",
         py::arg("out"), py::arg("rstd"), py::arg("inp"), py::arg("weight"), py::arg("eps"), py::arg("N"),
         py::arg("C"), py::arg("stream"));
-    m.def(
-        "fused_residual_rmsnorm_forward",
-        [](uintptr_t residual, uintptr_t out, uintptr_t rstd, uintptr_t inp1, uintptr_t inp2, uintptr_t weight,
-           float eps, int N, int C, uintptr_t stream) {
-            fused_residual_rmsnorm_forward(ptr<bf16>(residual), ptr<bf16>(out), ptr<float>(rstd), ptr<const bf16>(inp1),
-                                           ptr<const bf16>(inp2), ptr<const bf16>(weight), eps, N, C, strm(stream));
-        },
-        "residual = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, weight, eps)", py::arg("residual"),
-        py::arg("out"), py::arg("rstd"), py::arg("inp1"), py::arg("inp2"), py::arg("weight"), py::arg("eps"),
-        py::arg("N"), py::arg("C"), py::arg("stream"));
     m.def(
         "rmsnorm_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dout, uintptr_t inp, uintptr_t weight, uintptr_t rstd,
@@ -332,15 +311,15 @@ PYBIND11_MODULE(_kernels, m) {
     // ---- matmul.cu
     m.def(
         "matmul_forward",
-        [](uintptr_t out, uintptr_t gelu_pre, uintptr_t inp, uintptr_t weight, uintptr_t bias, int N, int C, int OC,
-           uintptr_t stream) {
+        [](uintptr_t out, uintptr_t gelu_pre, uintptr_t inp, uintptr_t weight, uintptr_t bias, uintptr_t residual,
+           int N, int C, int OC, uintptr_t stream) {
             matmul_forward(ptr<bf16>(out), ptr<bf16>(gelu_pre), ptr<const bf16>(inp), ptr<const bf16>(weight),
-                           ptr<const bf16>(bias), N, C, OC, strm(stream));
+                           ptr<const bf16>(bias), ptr<const bf16>(residual), N, C, OC, strm(stream));
         },
         "out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be 0); gelu_pre != 0: gelu_pre = that, "
-        "out = gelu(gelu_pre)",
-        py::arg("out"), py::arg("gelu_pre"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("N"),
-        py::arg("C"), py::arg("OC"), py::arg("stream"));
+        "out = gelu(gelu_pre); residual != 0 (not with gelu_pre): out = that + residual, which may be out",
+        py::arg("out"), py::arg("gelu_pre"), py::arg("inp"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
+        py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("stream"));
     m.def(
         "matmul_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,

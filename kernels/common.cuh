@@ -200,24 +200,13 @@ inline void dispatch_row_vectors(int vpl, F&& f) {
     f(std::integral_constant<int, VPL>());
 }
 
-// This lane's vectors of the row at element offset `off` into x. RESIDUAL: x = bf16(inp1 + inp2), also
-// stored to `residual`, so the row is normalized as stored (the x its backward reads back).
-template <int VPL, bool RESIDUAL>
-__device__ __forceinline__ void load_row(x128 (&x)[VPL], bf16* __restrict__ residual, const bf16* __restrict__ inp1,
-                                         const bf16* __restrict__ inp2, size_t off, int lane, int vecs) {
+// This lane's vectors of the row at element offset `off` into x.
+template <int VPL>
+__device__ __forceinline__ void load_row(x128 (&x)[VPL], const bf16* __restrict__ inp, size_t off, int lane,
+                                         int vecs) {
 #pragma unroll
-    for (int j = 0; j < VPL; j++) {
-        const int c = (lane + 32 * j) * 8;
-        if (lane + 32 * j < vecs) {
-            x[j] = load128cs(inp1 + off + c);
-            if (RESIDUAL) {
-                const x128 y = load128cs(inp2 + off + c);
-#pragma unroll
-                for (int k = 0; k < 8; k++) x[j][k] = __float2bfloat16_rn((float)x[j][k] + (float)y[k]);
-                store128(residual + off + c, x[j]);
-            }
-        }
-    }
+    for (int j = 0; j < VPL; j++)
+        if (lane + 32 * j < vecs) x[j] = load128cs(inp + off + (lane + 32 * j) * 8);
 }
 
 // sum over the row of f(x) for the lane's vectors x from load_row; every lane gets the same value

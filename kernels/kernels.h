@@ -33,10 +33,6 @@ void encoder_backward(bf16* dwte, bf16* dwpe, const bf16* dout, const int* token
 // out = (inp - mean) * rstd * weight + bias over the last dim C; eps = 1e-5; mean/rstd per row (fp32)
 void layernorm_forward(bf16* out, float* mean, float* rstd, const bf16* inp, const bf16* weight,
                        const bf16* bias, int N, int C, cudaStream_t stream);
-// residual = inp1 + inp2; then layernorm_forward(out, mean, rstd, residual, ...)
-void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
-                                      const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
-                                      cudaStream_t stream);
 // dinp += d/dinp, dweight += sum_rows(dout * xhat), dbias += sum_rows(dout); dinp_sum (optional, C):
 // += sum_rows(dinp) after the update (the bias gradient of the projection feeding the residual stream)
 void layernorm_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp,
@@ -49,9 +45,6 @@ size_t layernorm_backward_scratch_floats(int N, int C);
 // out = inp * rstd * weight over the last dim C, rstd = 1/sqrt(mean(inp^2) + eps) per row (fp32)
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, float eps, int N, int C,
                      cudaStream_t stream);
-// residual = inp1 + inp2; then rmsnorm_forward(out, rstd, residual, ...)
-void fused_residual_rmsnorm_forward(bf16* residual, bf16* out, float* rstd, const bf16* inp1, const bf16* inp2,
-                                    const bf16* weight, float eps, int N, int C, cudaStream_t stream);
 // dinp += d/dinp, dweight += sum_rows(dout * inp * rstd)
 void rmsnorm_backward(bf16* dinp, bf16* dweight, const bf16* dout, const bf16* inp, const bf16* weight,
                       const float* rstd, float* scratch, size_t scratch_floats, int N, int C, cudaStream_t stream);
@@ -183,8 +176,9 @@ void sample_logits(int* tokens, float* logprobs, const bf16* logits, const float
 // ---- matmul.cu (cuBLASLt; gemm_sm90.cu on Hopper) ---------------------------------------------
 // out (N, OC) = inp (N, C) @ weight (OC, C)^T + bias (bias may be null);
 // gelu_pre != null: gelu_pre = that, out = gelu(gelu_pre)   (GELU_AUX epilogue)
-void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N,
-                    int C, int OC, cudaStream_t stream);
+// residual != null (not with gelu_pre): out = that + residual (N, OC), one rounding; residual may be out itself
+void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias,
+                    const bf16* residual, int N, int C, int OC, cudaStream_t stream);
 // dinp = dout @ weight, times gelu'(dinp_gelu_pre) when that is non-null (DGELU epilogue);
 // dweight += dout^T @ inp; dbias += colsum(dout) when dbias is non-null; dinp_gelu_dbias += colsum(dinp) when
 // non-null (with dinp_gelu_pre: the gradient of the bias inside dinp_gelu_pre, e.g. GPT-2's fc bias; on Hopper

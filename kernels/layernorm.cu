@@ -1,10 +1,8 @@
-// LayerNorm over the last dimension C (eps 1e-5), forward (optionally fused with the residual add)
-// and backward.
+// LayerNorm over the last dimension C (eps 1e-5), forward and backward. (The residual add before it is the
+// projection GEMM's: matmul_forward's residual.)
 //
 // forward:  mean = sum(x)/C, var = sum((x-mean)^2)/C, rstd = 1/sqrt(var+eps),
 //           out = (x-mean)*rstd*weight + bias.
-//           fused: residual = bf16(inp1 + inp2) is stored and normalized as stored (the rounded value),
-//           so the backward, which reads the stored residual, sees the same x.
 // backward: norm_backward.cuh (shared with rmsnorm.cu), with the mean and the bias gradient.
 //
 // forward: one warp per row: lane l holds the 8-channel vectors l, l+32, ... (VPL of them; C = 768 -> 3), kept
@@ -18,11 +16,11 @@ constexpr int LN_THREADS = 256;        // forward: 8 rows per block
 constexpr int LN_WARPS = LN_THREADS / 32;
 constexpr float LN_EPS = 1e-5f;
 
-template <int VPL, bool RESIDUAL>
+template <int VPL>
 __global__ void __launch_bounds__(LN_THREADS)
-    layernorm_forward_kernel(bf16* __restrict__ residual, bf16* __restrict__ out, float* __restrict__ mean,
-                             float* __restrict__ rstd, const bf16* __restrict__ inp1, const bf16* __restrict__ inp2,
-                             const bf16* __restrict__ weight, const bf16* __restrict__ bias, int N, int C) {
+    layernorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
+                             const bf16* __restrict__ inp, const bf16* __restrict__ weight,
+                             const bf16* __restrict__ bias, int N, int C) {
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * LN_WARPS + threadIdx.x / 32;
     if (row >= N) return;
@@ -30,7 +28,7 @@ __global__ void __launch_bounds__(LN_THREADS)
     const size_t off = (size_t)row * C;
 
     x128 x[VPL];
-    load_row<VPL, RESIDUAL>(x, residual, inp1, inp2, off, lane, vecs);
+    load_row<VPL>(x, inp, off, lane, vecs);
     const float m = row_sum(x, lane, vecs, [](float v) { return v; }) / C;
     const float s = rsqrtf(row_sum(x, lane, vecs, [m](float v) { return (v - m) * (v - m); }) / C + LN_EPS);
     if (lane == 0) {
@@ -51,28 +49,15 @@ __global__ void __launch_bounds__(LN_THREADS)
     }
 }
 
-template <bool RESIDUAL>
-static void layernorm_forward_launch(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
-                                     const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
-                                     cudaStream_t stream) {
-    const int vpl = check_rows(N, C, "layernorm_forward", {residual, out, inp1, inp2, weight, bias});
-    if (N == 0) return;
-    dispatch_row_vectors(vpl, [&](auto v) {
-        layernorm_forward_kernel<decltype(v)::value, RESIDUAL><<<ceil_div(N, LN_WARPS), LN_THREADS, 0, stream>>>(
-            residual, out, mean, rstd, inp1, inp2, weight, bias, N, C);
-        CUDA_CHECK_LAUNCH();
-    });
-}
-
 void layernorm_forward(bf16* out, float* mean, float* rstd, const bf16* inp, const bf16* weight,
                        const bf16* bias, int N, int C, cudaStream_t stream) {
-    layernorm_forward_launch<false>(nullptr, out, mean, rstd, inp, nullptr, weight, bias, N, C, stream);
-}
-
-void fused_residual_layernorm_forward(bf16* residual, bf16* out, float* mean, float* rstd, const bf16* inp1,
-                                      const bf16* inp2, const bf16* weight, const bf16* bias, int N, int C,
-                                      cudaStream_t stream) {
-    layernorm_forward_launch<true>(residual, out, mean, rstd, inp1, inp2, weight, bias, N, C, stream);
+    const int vpl = check_rows(N, C, "layernorm_forward", {out, inp, weight, bias});
+    if (N == 0) return;
+    dispatch_row_vectors(vpl, [&](auto v) {
+        layernorm_forward_kernel<decltype(v)::value><<<ceil_div(N, LN_WARPS), LN_THREADS, 0, stream>>>(
+            out, mean, rstd, inp, weight, bias, N, C);
+        CUDA_CHECK_LAUNCH();
+    });
 }
 
 size_t layernorm_backward_scratch_floats(int N, int C) { return norm_backward_scratch_floats<false>(N, C); }

@@ -249,7 +249,7 @@ void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, con
     const bool fused = false;
 #endif
     if (!fused) {
-        matmul_forward(logits, nullptr, hidden, weight, nullptr, N, C, Vp, stream);
+        matmul_forward(logits, nullptr, hidden, weight, nullptr, nullptr, N, C, Vp, stream);
         fused_classifier(logits, losses, targets, dloss, nullptr, 0.f, nullptr, N, V, Vp, stream);
         if (dloss != 0.f)
             matmul_backward(dhidden, dweight, nullptr, logits, hidden, weight, nullptr, nullptr, nullptr, 0, N, C, Vp,

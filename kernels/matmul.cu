@@ -4,6 +4,8 @@
 // The math (row-major, as every tensor in gpt2cu; N = B*T rows):
 //   forward   out (N, OC)      = inp (N, C) @ W (OC, C)^T + bias (OC)
 //             with gelu_pre:   gelu_pre = that, out = gelu(gelu_pre)          (tanh GeLU)
+//             with residual:   out = that + residual (N, OC), rounded once    (a block's residual add: the
+//                              projection's output never makes its own round trip through DRAM)
 //   backward  dinp (N, C)      = dout (N, OC) @ W (OC, C)      [* gelu'(dinp_gelu_pre)]
 //             [dinp_head_dot (B, C / hs, T) = per head of hs columns, rowsum(dinp * head_dot_with), dinp as stored]
 //             dweight (OC, C) += dout (N, OC)^T @ inp (N, C)
@@ -21,7 +23,7 @@
 //             B = inp seen as col-major (C x N), ld C, op N;
 //             m = OC, n = N, k = C, D = out seen as col-major (OC x N), ld OC.
 //             The bias is a vector of length m = OC broadcast over the n = N columns: exactly the
-//             cuBLASLt BIAS epilogue. GELU_AUX(_BIAS) writes the pre-activation to the aux matrix,
+//             cuBLASLt BIAS epilogue. A residual is cuBLASLt's C with beta = 1, laid out as D. GELU_AUX(_BIAS) writes the pre-activation to the aux matrix,
 //             which has the shape of D (OC x N col-major), so its ld is OC (elements).
 //   dinp      dinp^T (C x N) = W^T (C x OC) @ dout^T (OC x N):
 //             A = W seen as col-major (C x OC), ld C, op N;  B = dout seen as (OC x N), ld OC, op N;
@@ -59,7 +61,7 @@
 // Requirements (a launcher throws std::runtime_error otherwise):
 //   - N, C, OC > 0.
 //   - forward with gelu_pre: OC % 8 == 0 (cuBLASLt: the GELU aux ld must be divisible by 8);
-//     gelu_pre must not alias out.
+//     gelu_pre must not alias out. residual and gelu_pre not both; residual may be out itself (in place).
 //   - backward with dinp_gelu_pre: C % 8 == 0 (the DGELU aux ld); dinp_gelu_pre must not alias dinp.
 //   - gelu_pre and dinp_gelu_pre 16-byte aligned (cuBLASLt's aux takes no alignment hint: a view 2 bytes off
 //     failed with a misaligned-address fault on an H200).
@@ -277,7 +279,8 @@ struct Gemm {
     int64_t lda, ldb, ldd;
     const void* A;
     const void* B;
-    void* D;  // also C when accumulate
+    void* D;
+    const void* C;  // read when accumulate (beta = 1): D itself, or another matrix laid out as D
     bool accumulate;
     cublasLtEpilogue_t epilogue;
     const void* bias;  // BIAS epilogues
@@ -294,8 +297,9 @@ std::string mm_context(const Gemm& g) {
            " transa=" + (g.transa == CUBLAS_OP_T ? "T" : "N") + " transb=" + (g.transb == CUBLAS_OP_T ? "T" : "N") +
            " lda=" + std::to_string(g.lda) + " ldb=" + std::to_string(g.ldb) + " ldd=" + std::to_string(g.ldd) +
            " epilogue=" + std::to_string(static_cast<int>(g.epilogue)) + " aux_ld=" + std::to_string(g.aux_ld) +
-           " beta=" + (g.accumulate ? "1" : "0") + " align(A,B,D,bias,aux)=" + std::to_string(mm_alignment(g.A)) +
-           "," + std::to_string(mm_alignment(g.B)) + "," + std::to_string(mm_alignment(g.D)) + "," +
+           " beta=" + (g.accumulate ? "1" : "0") + " align(A,B,C,D,bias,aux)=" + std::to_string(mm_alignment(g.A)) +
+           "," + std::to_string(mm_alignment(g.B)) + "," + std::to_string(mm_alignment(g.C)) + "," +
+           std::to_string(mm_alignment(g.D)) + "," +
            std::to_string(mm_alignment(g.bias)) + "," + std::to_string(mm_alignment(g.aux));
 }
 
@@ -498,7 +502,7 @@ std::vector<float> mm_time_candidates(cublasLtHandle_t handle, GemmPlan& plan, c
         return {};
     }
     void* d = scratch;
-    const void* c = g.accumulate ? g.D : scratch;  // beta = 1 reads the real D, writes the scratch
+    const void* c = g.accumulate ? g.C : scratch;  // beta = 1 reads the real C, writes the scratch
     if (aux_bytes) mm_set_aux(plan.desc, static_cast<char*>(scratch) + d_bytes, who, ctx);
     const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
     auto launch = [&](const Candidate& cand) {
@@ -803,7 +807,7 @@ GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, cudaStream
                 g.accumulate ? 1 : 0,
                 mm_alignment(g.A),
                 mm_alignment(g.B),
-                mm_alignment(g.D),  // C is D
+                mm_alignment(g.C),
                 mm_alignment(g.D),
                 mm_alignment(g.bias),
                 mm_alignment(g.aux),
@@ -860,7 +864,7 @@ void mm_gemm(const Gemm& g, cudaStream_t stream, const char* who) {
     GemmPlan& plan = mm_plan(handle, device, g, stream, who);
     mm_set_pointers(plan.desc, g, who, nullptr);
     const float alpha = 1.0f, beta = g.accumulate ? 1.0f : 0.0f;
-    cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, g.D, plan.c, g.D,
+    cublasStatus_t st = cublasLtMatmul(handle, plan.desc, &alpha, g.A, plan.a, g.B, plan.b, &beta, g.C, plan.c, g.D,
                                        plan.d, &plan.algo, workspace, kWorkspaceBytes, stream);
     if (st != CUBLAS_STATUS_SUCCESS) mm_check_cublas(st, "cublasLtMatmul", who, mm_context(g));
     mm_check_cuda(cudaGetLastError(), "cublasLtMatmul (launch)", who);
@@ -935,11 +939,17 @@ size_t matmul_backward_scratch_floats(int N, int C, int OC, bool dbias, bool dge
                      dgelu_dbias ? bias_backward_scratch_floats(N, C) : size_t(0)});  // cuBLASLt's path
 }
 
-void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias, int N, int C,
-                    int OC, cudaStream_t stream) {
+void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weight, const bf16* bias,
+                    const bf16* residual, int N, int C, int OC, cudaStream_t stream) {
     const char* who = "matmul_forward";
     mm_check_dims(N, C, OC, who);
     mm_require(out && inp && weight, who, "out, inp and weight must be non-null");
+    mm_require(!(residual && gelu_pre), who, "residual and gelu_pre cannot both be given");
+    if (residual && residual != out) {  // in place, or apart: cuBLASLt reads C and writes D tile by tile
+        const uintptr_t r = reinterpret_cast<uintptr_t>(residual), o = reinterpret_cast<uintptr_t>(out),
+                        bytes = static_cast<uintptr_t>(N) * OC * sizeof(bf16);
+        mm_require(r + bytes <= o || o + bytes <= r, who, "residual must be out itself or not overlap it");
+    }
     cublasLtEpilogue_t epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     if (gelu_pre) {
         mm_require(OC % 8 == 0, who,
@@ -966,7 +976,8 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
     g.A = weight;
     g.B = inp;
     g.D = out;
-    g.accumulate = false;
+    g.C = residual ? residual : out;
+    g.accumulate = residual != nullptr;
     g.epilogue = epi;
     g.bias = bias;
     g.aux = gelu_pre;
@@ -1036,6 +1047,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.A = weight;
             g.B = dout;
             g.D = dinp;
+            g.C = dinp;
             g.accumulate = false;
             g.epilogue = dinp_gelu_pre ? CUBLASLT_EPILOGUE_DGELU : CUBLASLT_EPILOGUE_DEFAULT;
             g.bias = nullptr;
@@ -1062,6 +1074,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
         g.A = inp;
         g.B = dout;
         g.D = dweight;
+        g.C = dweight;
         g.accumulate = true;
         g.epilogue = CUBLASLT_EPILOGUE_DEFAULT;
         g.bias = nullptr;

@@ -1,9 +1,7 @@
-// RMSNorm over the last dimension C (LLaMA's norm: no mean subtraction, no bias), forward (optionally
-// fused with the residual add) and backward.
+// RMSNorm over the last dimension C (LLaMA's norm: no mean subtraction, no bias), forward and backward. (The
+// residual add before it is the projection GEMM's: matmul_forward's residual.)
 //
 // forward:  rstd = 1/sqrt(sum(x^2)/C + eps), out = x*rstd*weight.
-//           fused: residual = bf16(inp1 + inp2) is stored and normalized as stored, so the backward, which
-//           reads the stored residual, sees the same x (as layernorm.cu).
 // backward: norm_backward.cuh (shared with layernorm.cu), with mean 0 and no bias.
 //
 // forward: one warp per row, the row in registers (common.cuh's row helpers: C % 8 == 0, C <= 2048; every
@@ -14,10 +12,9 @@
 constexpr int RMS_THREADS = 256;  // forward: 8 rows per block
 constexpr int RMS_WARPS = RMS_THREADS / 32;
 
-template <int VPL, bool RESIDUAL>
+template <int VPL>
 __global__ void __launch_bounds__(RMS_THREADS)
-    rmsnorm_forward_kernel(bf16* __restrict__ residual, bf16* __restrict__ out, float* __restrict__ rstd,
-                           const bf16* __restrict__ inp1, const bf16* __restrict__ inp2,
+    rmsnorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ rstd, const bf16* __restrict__ inp,
                            const bf16* __restrict__ weight, float eps, int N, int C) {
     const int lane = threadIdx.x % 32;
     const int row = blockIdx.x * RMS_WARPS + threadIdx.x / 32;
@@ -26,7 +23,7 @@ __global__ void __launch_bounds__(RMS_THREADS)
     const size_t off = (size_t)row * C;
 
     x128 x[VPL];
-    load_row<VPL, RESIDUAL>(x, residual, inp1, inp2, off, lane, vecs);
+    load_row<VPL>(x, inp, off, lane, vecs);
     const float s = rsqrtf(row_sum(x, lane, vecs, [](float v) { return v * v; }) / C + eps);
     if (lane == 0) rstd[row] = s;
 #pragma unroll
@@ -42,26 +39,15 @@ __global__ void __launch_bounds__(RMS_THREADS)
     }
 }
 
-template <bool RESIDUAL>
-static void rmsnorm_forward_launch(bf16* residual, bf16* out, float* rstd, const bf16* inp1, const bf16* inp2,
-                                   const bf16* weight, float eps, int N, int C, cudaStream_t stream) {
-    const int vpl = check_rows(N, C, "rmsnorm_forward", {residual, out, inp1, inp2, weight});
-    if (N == 0) return;
-    dispatch_row_vectors(vpl, [&](auto v) {
-        rmsnorm_forward_kernel<decltype(v)::value, RESIDUAL><<<ceil_div(N, RMS_WARPS), RMS_THREADS, 0, stream>>>(
-            residual, out, rstd, inp1, inp2, weight, eps, N, C);
-        CUDA_CHECK_LAUNCH();
-    });
-}
-
 void rmsnorm_forward(bf16* out, float* rstd, const bf16* inp, const bf16* weight, float eps, int N, int C,
                      cudaStream_t stream) {
-    rmsnorm_forward_launch<false>(nullptr, out, rstd, inp, nullptr, weight, eps, N, C, stream);
-}
-
-void fused_residual_rmsnorm_forward(bf16* residual, bf16* out, float* rstd, const bf16* inp1, const bf16* inp2,
-                                    const bf16* weight, float eps, int N, int C, cudaStream_t stream) {
-    rmsnorm_forward_launch<true>(residual, out, rstd, inp1, inp2, weight, eps, N, C, stream);
+    const int vpl = check_rows(N, C, "rmsnorm_forward", {out, inp, weight});
+    if (N == 0) return;
+    dispatch_row_vectors(vpl, [&](auto v) {
+        rmsnorm_forward_kernel<decltype(v)::value><<<ceil_div(N, RMS_WARPS), RMS_THREADS, 0, stream>>>(
+            out, rstd, inp, weight, eps, N, C);
+        CUDA_CHECK_LAUNCH();
+    });
 }
 
 size_t rmsnorm_backward_scratch_floats(int N, int C) { return norm_backward_scratch_floats<true>(N, C); }

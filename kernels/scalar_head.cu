@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(SH_THREADS)
     }
     const int vecs = C / 8;
     x128 x[VPL];
-    load_row<VPL, false>(x, nullptr, inp, nullptr, (size_t)row * C, lane, vecs);
+    load_row<VPL>(x, inp, (size_t)row * C, lane, vecs);
     float s = 0.0f;
 #pragma unroll
     for (int j = 0; j < VPL; j++)

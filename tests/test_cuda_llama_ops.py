@@ -46,22 +46,13 @@ def rmsnorm_reference(x, weight):
     return ref
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_residual"])
 @pytest.mark.parametrize("C", [64, 200, 768, 2048])
-def test_rmsnorm_forward(cuda, case, C, fused):
-    """Inputs of mean 0.5, as the residual stream. The fused kernel normalizes the stored (rounded) residual,
-    the x the backward reads back, as layernorm.cu does."""
+def test_rmsnorm_forward(cuda, case, C):
+    """Inputs of mean 0.5, as the residual stream."""
     x, x_d = case.bf16((B, T, C), mean=0.5)
     weight, weight_d = case.bf16((C,), mean=1.0, std=0.1)
     out, rstd = poisoned((B, T, C)), poisoned((B, T), fp32=True)
-    if fused:
-        x2, x2_d = case.bf16((B, T, C), std=0.5)
-        residual = poisoned((B, T, C))
-        launch(cuda, "fused_residual_rmsnorm_forward", residual, out, rstd, x_d, x2_d, weight_d, EPS, B * T, C)
-        case.same_bits("residual", raw(residual), bits_of(x + x2))
-        x = decode(bits_of(x + x2))
-    else:
-        launch(cuda, "rmsnorm_forward", out, rstd, x_d, weight_d, EPS, B * T, C)
+    launch(cuda, "rmsnorm_forward", out, rstd, x_d, weight_d, EPS, B * T, C)
     ref = rmsnorm_reference(x, weight)
     case.check("out", to_host(out), ref["out"], BF16_REL)
     case.check("rstd", to_host(rstd), ref["rstd"], FP32_REL)

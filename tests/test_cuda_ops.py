@@ -271,37 +271,25 @@ def layernorm_reference(x, weight, bias) -> dict:
     return ref
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused_residual"])
 @pytest.mark.parametrize("C", [64, 200, 768])
-def test_layernorm_forward(cuda, case, C, fused):
-    """Inputs have mean 0.5 (as the residual stream does), so mean and rstd are far from 0. The fused
-    kernel's residual is one rounded bf16 addition (checked to the bit) and, as layernorm.cu documents, it
-    normalizes that stored residual, the x the backward reads back (statistics of the unrounded fp32 sum
-    would differ by ~5e-4 at C = 64, beyond FP32_REL)."""
+def test_layernorm_forward(cuda, case, C):
+    """Inputs have mean 0.5 (as the residual stream does), so mean and rstd are far from 0."""
     x, x_d = case.bf16((B, T, C), mean=0.5)
     weight, weight_d, bias, bias_d = layernorm_params(case, C)
     out, mean, rstd = poisoned((B, T, C)), poisoned((B, T), fp32=True), poisoned((B, T), fp32=True)
-    if fused:
-        x2, x2_d = case.bf16((B, T, C), std=0.5)
-        residual = poisoned((B, T, C))
-        cuda.fused_residual_layernorm_forward(residual, out, mean, rstd, x_d, x2_d, weight_d, bias_d)
-        case.same_bits("residual", raw(residual), bits_of(x + x2))
-        x = decode(bits_of(x + x2))
-    else:
-        cuda.layernorm_forward(out, mean, rstd, x_d, weight_d, bias_d)
+    cuda.layernorm_forward(out, mean, rstd, x_d, weight_d, bias_d)
     ref = layernorm_reference(x, weight, bias)
     for name, got in (("out", out), ("mean", mean), ("rstd", rstd)):
         case.check(name, to_host(got), ref[name], BF16_REL if name == "out" else FP32_REL)
 
 
-@pytest.mark.parametrize("op", ["layernorm_forward", "fused_residual_layernorm_forward", "layernorm_backward"])
+@pytest.mark.parametrize("op", ["layernorm_forward", "layernorm_backward"])
 def test_layernorm_rejects_channels_not_multiple_of_8(cuda, op):
     C = 100
     act = lambda: cp.zeros((B, T, C), np.uint16)  # noqa: E731
     stat = lambda: cp.zeros((B, T), np.float32)  # noqa: E731
     vec = lambda: cp.zeros(C, np.uint16)  # noqa: E731
     args = {"layernorm_forward": lambda: (act(), stat(), stat(), act(), vec(), vec()),
-            "fused_residual_layernorm_forward": lambda: (act(), act(), stat(), stat(), act(), act(), vec(), vec()),
             "layernorm_backward": lambda: (act(), vec(), vec(), act(), act(), vec(), stat(), stat())}[op]()
     with pytest.raises(RuntimeError):
         getattr(cuda, op)(*args)
@@ -364,6 +352,44 @@ def test_matmul_forward(cuda, case, C, OC, with_bias, gelu):
     case.check("out", to_host(out), ref_out, CHAIN_REL if gelu else BF16_REL)
     if gelu:
         case.check("gelu_pre", to_host(pre), ref_pre, BF16_REL)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("C, OC", MATMUL_SHAPES)
+def test_matmul_forward_residual(cuda, case, C, OC, with_bias, in_place):
+    """A block's residual add in the projection GEMM (cuBLASLt's C, beta = 1): out = x @ w^T + bias + residual,
+    one rounding of the fp32 sum, within BF16_REL; residual may be out itself; deterministic. The residual is of
+    the stream's size (mean 0.5), larger than the product, as in the model."""
+    x, x_d = case.bf16((B, T, C))
+    w, w_d = case.bf16((OC, C), std=C ** -0.5)
+    bias, bias_d = case.bf16((OC,), std=0.5) if with_bias else (None, None)
+    residual, residual_d = case.bf16((B, T, OC), mean=0.5, std=2.0)
+    ref_out = np.empty((B, T, OC))
+    ref_ops.matmul_forward(ref_out, x, w, bias, residual=residual)
+
+    def run():
+        start = residual_d.copy()
+        out = start if in_place else poisoned((B, T, OC))
+        cuda.matmul_forward(out, x_d, w_d, bias_d, residual=start)
+        return {"out": raw(out)}
+
+    first = run()
+    case.check("out", decode(first["out"]), ref_out, BF16_REL)
+    assert_repeatable(case, run, first)
+
+
+def test_matmul_forward_residual_refusals(cuda, case):
+    """Not with gelu_pre; not a residual that overlaps out without being it; not one of another size."""
+    x_d, w_d = case.bf16((B, T, 64))[1], case.bf16((128, 64))[1]
+    buf = cp.zeros((2 * B * T + 1, 128), np.uint16)
+    out, shifted = buf[:B * T], buf[1:B * T + 1]
+    with pytest.raises(RuntimeError, match="residual and gelu_pre"):
+        cuda.matmul_forward(out, x_d, w_d, gelu_pre=buf[B * T + 1:], residual=shifted)
+    with pytest.raises(RuntimeError, match="residual must be out itself or not overlap it"):
+        cuda.matmul_forward(out, x_d, w_d, residual=shifted)
+    with pytest.raises(ValueError, match="residual has"):
+        cuda.matmul_forward(out, x_d, w_d, residual=buf[:B * T - 1])
 
 
 @pytest.mark.parametrize("gelu", [False, True], ids=["plain", "dgelu"])
@@ -639,7 +665,7 @@ x, w, out = cp.ones((64, 64), cp.uint16), cp.ones((64, 64), cp.uint16), cp.empty
 be.matmul_forward(out, x, w, None)
 be.synchronize()
 try:
-    be.k.matmul_forward(0, 0, 0, 0, 0, 0, 0, 0, 0)
+    be.k.matmul_forward(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 except Exception as e:
     print("error raised:", type(e).__name__)
 print("ok")
@@ -1165,9 +1191,8 @@ def test_model_recompute(micro_steps, recompute):
     """Recompute changes where GeLU/layernorm outputs live, not the forward's kernels or inputs: logits,
     losses and d(lnf) are bit-identical to recompute 0. The gradients agree within CHAIN_REL, but need
     not to the bit: the backward recomputes the GeLU with gelu.cu from the stored bf16 pre-activation,
-    where the forward took cuBLASLt's GELU_AUX epilogue of the fp32 one, and (recompute 2) the layernorm
-    with layernorm_forward, where the forward ran the fused residual kernel (recompute 3 runs the block's
-    first layernorm that way too; the rest of the block with the forward's own kernels)."""
+    where the forward took the GeLU epilogue of the fp32 one (recompute 2 and 3 rerun the forward's own
+    layernorm and block kernels)."""
     case = micro_steps.case
     base, got = micro_steps("cuda", 0), micro_steps("cuda", recompute)
     for name in ("logits", "losses", "dlnf"):

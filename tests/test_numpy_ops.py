@@ -84,16 +84,6 @@ def test_layernorm_forward(rng):
         assert_close(got, want, 1e-12)
 
 
-def test_fused_residual_layernorm_forward(rng):
-    x1, x2 = rng.normal(size=(B, T, C)), rng.normal(size=(B, T, C))
-    w, b = rng.normal(size=C), rng.normal(size=C)
-    residual, out, mean, rstd = nans(B, T, C), nans(B, T, C), nans(B, T), nans(B, T)
-    ops.fused_residual_layernorm_forward(residual, out, mean, rstd, x1, x2, w, b)
-    np.testing.assert_array_equal(residual, x1 + x2)
-    for got, want in zip((out, mean, rstd), layernorm_reference(x1 + x2, w, b)):
-        assert_close(got, want, 1e-12)
-
-
 def test_layernorm_backward(rng):
     x, w, b = rng.normal(size=(B, T, C)), rng.normal(size=C), rng.normal(size=C)
     dout = rng.normal(size=(B, T, C))
@@ -130,6 +120,20 @@ def test_matmul_forward(rng, with_bias, with_gelu):
     else:
         assert_close(out, pre, 1e-12)
         assert np.isnan(gelu_pre).all()
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
+def test_matmul_forward_residual(rng, in_place):
+    """out = x @ w^T + bias + residual: a block's residual add; residual may be out itself. With gelu_pre too it
+    is refused."""
+    x, w, bias = rng.normal(size=(B, T, C)), rng.normal(size=(OC, C)), rng.normal(size=OC)
+    residual = rng.normal(size=(B, T, OC))
+    want = np.einsum("btc,oc->bto", x, w) + bias + residual
+    out = residual if in_place else nans(B, T, OC)
+    ops.matmul_forward(out, x, w, bias, residual=residual)
+    assert_close(out, want, 1e-12)
+    with pytest.raises(ValueError, match="residual and gelu_pre"):
+        ops.matmul_forward(nans(B, T, OC), x, w, bias, gelu_pre=nans(B, T, OC), residual=residual)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

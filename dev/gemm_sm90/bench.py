@@ -112,8 +112,8 @@ wt = torch.empty(N, K, device=dev, dtype=torch.bfloat16)
 P = lambda t: t.data_ptr()  # noqa: E731
 
 
-def fwd():  # matmul_forward(out, gelu_pre, inp, weight, bias, N rows, C = K, OC = N)
-    k.matmul_forward(P(out), P(pre), P(a), P(w), P(bias), M, K, N, stream)
+def fwd():  # matmul_forward(out, gelu_pre, inp, weight, bias, residual, N rows, C = K, OC = N)
+    k.matmul_forward(P(out), P(pre), P(a), P(w), P(bias), 0, M, K, N, stream)
 
 
 def bwd():  # matmul_backward: dinp (rows, C = N) = dout (rows, OC = K) @ weight (OC, C) * gelu'(pre_in)

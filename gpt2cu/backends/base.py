@@ -177,13 +177,12 @@ class Backend(ABC):
     def layernorm_forward(self, out, mean, rstd, inp, weight, bias): ...
 
     @abstractmethod
-    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, weight, bias): ...
-
-    @abstractmethod
     def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sum=None): ...
 
     @abstractmethod
-    def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None): ...
+    def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None, residual=None):
+        """out = inp @ weight^T + bias; with gelu_pre: gelu_pre = that, out = gelu(gelu_pre); with residual (not
+        with gelu_pre): out = that + residual, a block's residual add (residual may be out itself)."""
 
     @abstractmethod
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
@@ -232,9 +231,6 @@ class Backend(ABC):
 
     @abstractmethod
     def rmsnorm_forward(self, out, rstd, inp, weight, eps): ...
-
-    @abstractmethod
-    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, weight, eps): ...
 
     @abstractmethod
     def rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd): ...

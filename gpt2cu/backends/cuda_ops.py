@@ -334,12 +334,6 @@ class CudaBackend(Backend):
         self.k.layernorm_forward(ptr(out), ptr(mean), ptr(rstd), ptr(inp), ptr(weight), ptr(bias),
                                  inp.size // C, C, self.stream.ptr)
 
-    def fused_residual_layernorm_forward(self, residual, out, mean, rstd, inp1, inp2, weight, bias):
-        C = inp1.shape[-1]
-        self.k.fused_residual_layernorm_forward(ptr(residual), ptr(out), ptr(mean), ptr(rstd), ptr(inp1),
-                                                ptr(inp2), ptr(weight), ptr(bias), inp1.size // C, C,
-                                                self.stream.ptr)
-
     def layernorm_backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sum=None):
         C = inp.shape[-1]
         N = inp.size // C
@@ -349,10 +343,12 @@ class CudaBackend(Backend):
         self.k.layernorm_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
                                   ptr(mean), ptr(rstd), scratch, floats, N, C, self.stream.ptr, ptr(dinp_sum))
 
-    def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None):
+    def matmul_forward(self, out, inp, weight, bias=None, gelu_pre=None, residual=None):
         C, OC = inp.shape[-1], weight.shape[0]
-        self.k.matmul_forward(ptr(out), ptr(gelu_pre), ptr(inp), ptr(weight), ptr(bias), inp.size // C, C, OC,
-                              self.stream.ptr)
+        if residual is not None and residual.size != out.size:
+            raise ValueError(f"matmul_forward: residual has {residual.size} elements, out {out.size}")
+        self.k.matmul_forward(ptr(out), ptr(gelu_pre), ptr(inp), ptr(weight), ptr(bias), ptr(residual),
+                              inp.size // C, C, OC, self.stream.ptr)
 
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
                         dinp_head_dot=None, head_dot_with=None):
@@ -427,11 +423,6 @@ class CudaBackend(Backend):
         C = inp.shape[-1]
         self.k.rmsnorm_forward(ptr(out), ptr(rstd), ptr(inp), ptr(weight), float(eps), inp.size // C, C,
                                self.stream.ptr)
-
-    def fused_residual_rmsnorm_forward(self, residual, out, rstd, inp1, inp2, weight, eps):
-        C = inp1.shape[-1]
-        self.k.fused_residual_rmsnorm_forward(ptr(residual), ptr(out), ptr(rstd), ptr(inp1), ptr(inp2), ptr(weight),
-                                              float(eps), inp1.size // C, C, self.stream.ptr)
 
     def rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd):
         C = inp.shape[-1]

@@ -35,11 +35,6 @@ def rmsnorm_forward(out, rstd, inp, weight, eps):
     rstd[...] = rs[..., 0]
 
 
-def fused_residual_rmsnorm_forward(residual, out, rstd, inp1, inp2, weight, eps):
-    residual[...] = inp1 + inp2
-    rmsnorm_forward(out, rstd, residual, weight, eps)
-
-
 def rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd):
     """xhat = x * rstd depends on x through rstd too: dx = rstd * (dxhat - xhat * mean(dxhat * xhat))."""
     rs = rstd[..., None].astype(inp.dtype)

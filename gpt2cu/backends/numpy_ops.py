@@ -69,11 +69,6 @@ def layernorm_forward(out, mean, rstd, inp, weight, bias):
     rstd[...] = rs[..., 0]
 
 
-def fused_residual_layernorm_forward(residual, out, mean, rstd, inp1, inp2, weight, bias):
-    residual[...] = inp1 + inp2
-    layernorm_forward(out, mean, rstd, residual, weight, bias)
-
-
 def layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dinp_sum=None):
     rs = rstd[..., None].astype(inp.dtype)
     xhat = (inp - mean[..., None].astype(inp.dtype)) * rs
@@ -105,11 +100,15 @@ def gelu_backward(dinp, dout, inp):
 
 
 # ---- matmul -------------------------------------------------------------------------------------
-def matmul_forward(out, inp, weight, bias=None, gelu_pre=None):
+def matmul_forward(out, inp, weight, bias=None, gelu_pre=None, residual=None):
+    if residual is not None and gelu_pre is not None:
+        raise ValueError("matmul_forward: residual and gelu_pre cannot both be given")
     y = _rows(inp) @ weight.T
     if bias is not None:
         y += bias
     y = y.reshape(out.shape)
+    if residual is not None:  # y is a new array: residual may be out
+        y += residual
     if gelu_pre is None:
         out[...] = y
     else:
@@ -472,7 +471,6 @@ class NumpyBackend(Backend):
         encoder_backward(dwte, dwpe, dout, batch.tokens)
 
     layernorm_forward = staticmethod(layernorm_forward)
-    fused_residual_layernorm_forward = staticmethod(fused_residual_layernorm_forward)
     layernorm_backward = staticmethod(layernorm_backward)
     matmul_forward = staticmethod(matmul_forward)
     matmul_backward = staticmethod(matmul_backward)
@@ -492,7 +490,6 @@ class NumpyBackend(Backend):
         numpy_llama_ops.embedding_backward(dwte, dout, batch.tokens)
 
     rmsnorm_forward = staticmethod(numpy_llama_ops.rmsnorm_forward)
-    fused_residual_rmsnorm_forward = staticmethod(numpy_llama_ops.fused_residual_rmsnorm_forward)
     rmsnorm_backward = staticmethod(numpy_llama_ops.rmsnorm_backward)
     rope_forward = staticmethod(numpy_llama_ops.rope_forward)
     rope_backward = staticmethod(numpy_llama_ops.rope_backward)

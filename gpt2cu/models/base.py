@@ -74,9 +74,7 @@ class FlatModel:
         a = self.acts
         if l is None:
             return a
-        acts = {name: a[name][min(l, a[name].shape[0] - 1)] for name in self.BLOCK_ACTIVATIONS}
-        acts["scratch"] = a["btc_scratch"]
-        return acts
+        return {name: a[name][min(l, a[name].shape[0] - 1)] for name in self.BLOCK_ACTIVATIONS}
 
     # ---- the LM head, in row chunks (the activation table's "logits" holds one chunk) ------------
     head = "wte"  # the LM head's weight: tied to the token embedding (LLaMA's may be its own lm_head)

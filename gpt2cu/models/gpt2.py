@@ -1,7 +1,8 @@
 """The GPT-2 family: its shape (GPTConfig), parameter and activation tables, initialization, and the
 forward and backward schedule, written once over a backend's ops.
 
-The schedule is llm.c's: pre-LN blocks whose residual adds are fused into the next layernorm, the
+The schedule is llm.c's, but for where the residual adds happen: pre-LN blocks whose residual adds are
+fused into the projection matmuls before them (the projection's output never stored alone), the
 GeLU fused into the MLP's first matmul (and its derivative into the second one's backward), the LM
 head tied to wte, and a classifier that turns the logits into dlogits in place. Each op's contract is
 in docs/architecture.md; `recompute` trades GeLU (1), layernorm (2) outputs, or every block's
@@ -182,7 +183,6 @@ def activation_layout(cfg: GPTConfig, B: int, T: int, recompute: int = 0) -> Lay
         ("dbtc", (B, T, C)),
         ("dbt4c", (B, T, 4 * C)),
         ("dqkv", (B, T, 3 * C)),
-        ("btc_scratch", (B, T, C)),  # forward: matmul outputs before the fused residual add
     ])
 
 
@@ -244,17 +244,17 @@ class GPT(FlatModel):
             a = acts(l)
             residual_in = top["encoded"] if l == 0 else acts(l - 1)["residual3"]
             self.block_forward_to_mlp(l, a, residual_in, attend)
-            ops.matmul_forward(a["scratch"], a["fch_gelu"], p["fcprojw"][l], p["fcprojb"][l])
+            # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
+            ops.matmul_forward(a["residual3"], a["fch_gelu"], p["fcprojw"][l], p["fcprojb"][l],
+                               residual=a["residual2"])
             if l + 1 < L:  # the next block's first layernorm
                 storage.gather_layer(l + 1, prefetch=l + 2)
                 nxt = acts(l + 1)
-                norm = (nxt["ln1"], nxt["ln1_mean"], nxt["ln1_rstd"], p["ln1w"][l + 1], p["ln1b"][l + 1])
+                ops.layernorm_forward(nxt["ln1"], nxt["ln1_mean"], nxt["ln1_rstd"], a["residual3"], p["ln1w"][l + 1],
+                                      p["ln1b"][l + 1])
             else:  # the final layernorm
-                norm = (top["lnf"], top["lnf_mean"], top["lnf_rstd"], p["lnfw"], p["lnfb"])
-            out, mean, rstd, weight, bias = norm
-            # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
-            ops.fused_residual_layernorm_forward(a["residual3"], out, mean, rstd, a["residual2"], a["scratch"],
-                                                 weight, bias)
+                ops.layernorm_forward(top["lnf"], top["lnf_mean"], top["lnf_rstd"], a["residual3"], p["lnfw"],
+                                      p["lnfb"])
 
     def block_forward_to_mlp(self, l, a, residual_in, attend):
         """Block l's forward from its first layernorm's output to the MLP's GeLU: everything its backward
@@ -262,9 +262,8 @@ class GPT(FlatModel):
         ops, p = self.ops, self.p
         ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l], p["qkvb"][l])
         attend(l, a)
-        ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l], p["attprojb"][l])
-        ops.fused_residual_layernorm_forward(a["residual2"], a["ln2"], a["ln2_mean"], a["ln2_rstd"],
-                                             residual_in, a["scratch"], p["ln2w"][l], p["ln2b"][l])
+        ops.matmul_forward(a["residual2"], a["atty"], p["attprojw"][l], p["attprojb"][l], residual=residual_in)
+        ops.layernorm_forward(a["ln2"], a["ln2_mean"], a["ln2_rstd"], a["residual2"], p["ln2w"][l], p["ln2b"][l])
         ops.matmul_forward(a["fch_gelu"], a["ln2"], p["fcw"][l], p["fcb"][l], gelu_pre=a["fch"])
 
     def attend(self, l, a):
@@ -282,7 +281,7 @@ class GPT(FlatModel):
         ln, mean, rstd, residual3 = z(C), z(fp32=True), z(fp32=True), z(C)
         top = {"encoded": z(C), "lnf": z(C), "lnf_mean": mean, "lnf_rstd": rstd, "logits": z(Vp)}
         block = {"ln1": ln, "ln1_mean": mean, "ln1_rstd": rstd, "ln2": ln, "ln2_mean": mean,
-                 "ln2_rstd": rstd, "atty": z(C), "att_lse": None, "scratch": z(C), "residual2": z(C),
+                 "ln2_rstd": rstd, "atty": z(C), "att_lse": None, "residual2": z(C),
                  "fch": z(4 * C), "fch_gelu": z(4 * C), "residual3": residual3}
         return top, block
 

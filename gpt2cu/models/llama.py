@@ -4,7 +4,7 @@ and backward schedule over a backend's ops, and llm.c's LLaMA model file.
 The network is Meta's Llama 3 as transformers' LlamaForCausalLM computes it: token embedding (no position
 embedding), pre-norm blocks with RMSNorm, attention with RoPE (rotate_half pairing, numpy_llama_ops.py) and
 grouped key/value heads, a SwiGLU MLP, no biases, a final RMSNorm and an untied LM head (tied as an option).
-The schedule mirrors GPT-2's: residual adds fused into the next RMSNorm, RoPE applied in place to the qkv
+The schedule mirrors GPT-2's: residual adds fused into the projection matmuls, RoPE applied in place to the qkv
 matmul's output (the backward rotates dqkv back), and GPT-2's LM head, run chunk by chunk with its loss
 and backward inside the training forward, over lm_head (or wte when tied).
 `recompute` trades SwiGLU (1) and RMSNorm (2) outputs for a second compute, as GPT-2's GeLU and layernorm,
@@ -159,7 +159,6 @@ def activation_layout(cfg: LlamaConfig, B: int, T: int, recompute: int = 0) -> L
         ("dbth", (B, T, H)),
         ("dbt2h", (B, T, 2 * H)),
         ("dqkv", (B, T, cfg.qkv_width)),
-        ("btc_scratch", (B, T, C)),  # forward: matmul outputs before the fused residual add
     ])
 
 
@@ -225,15 +224,15 @@ class Llama(FlatModel):
             a = acts(l)
             residual_in = top["encoded"] if l == 0 else acts(l - 1)["residual3"]
             self.block_forward_to_mlp(l, a, residual_in, attend, position_rows)
-            ops.matmul_forward(a["scratch"], a["swiglu"], p["fcprojw"][l])
+            # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
+            ops.matmul_forward(a["residual3"], a["swiglu"], p["fcprojw"][l], residual=a["residual2"])
             if l + 1 < L:  # the next block's first RMSNorm
                 storage.gather_layer(l + 1, prefetch=l + 2)
                 nxt = acts(l + 1)
                 out, rstd, weight = nxt["ln1"], nxt["ln1_rstd"], p["ln1w"][l + 1]
             else:  # the final RMSNorm
                 out, rstd, weight = top["lnf"], top["lnf_rstd"], p["lnfw"]
-            # residual3 may be residual_in (the decoder's one-row buffers): it was read into residual2 above
-            ops.fused_residual_rmsnorm_forward(a["residual3"], out, rstd, a["residual2"], a["scratch"], weight, eps)
+            ops.rmsnorm_forward(out, rstd, a["residual3"], weight, eps)
 
     def block_forward_to_mlp(self, l, a, residual_in, attend, position_rows):
         """Block l's forward from its first RMSNorm's output to the SwiGLU output: everything its backward
@@ -243,9 +242,8 @@ class Llama(FlatModel):
         ops.matmul_forward(a["qkv"], a["ln1"], p["qkvw"][l])
         ops.rope_forward(a["qkv"], a["qkv"], cos, sin, cfg.n_head, cfg.n_kv_head)
         attend(l, a)
-        ops.matmul_forward(a["scratch"], a["atty"], p["attprojw"][l])
-        ops.fused_residual_rmsnorm_forward(a["residual2"], a["ln2"], a["ln2_rstd"], residual_in, a["scratch"],
-                                           p["ln2w"][l], cfg.norm_eps)
+        ops.matmul_forward(a["residual2"], a["atty"], p["attprojw"][l], residual=residual_in)
+        ops.rmsnorm_forward(a["ln2"], a["ln2_rstd"], a["residual2"], p["ln2w"][l], cfg.norm_eps)
         ops.matmul_forward(a["fch"], a["ln2"], p["fcw"][l])
         ops.swiglu_forward(a["swiglu"], a["fch"])
 
@@ -257,7 +255,7 @@ class Llama(FlatModel):
         ln, rstd, residual3 = z(C), z(fp32=True), z(C)
         top = {"encoded": z(C), "lnf": z(C), "lnf_rstd": rstd, "logits": z(Vp)}
         block = {"ln1": ln, "ln1_rstd": rstd, "ln2": ln, "ln2_rstd": rstd, "atty": z(C), "att_lse": None,
-                 "scratch": z(C), "residual2": z(C), "fch": z(2 * H), "swiglu": z(H), "residual3": residual3}
+                 "residual2": z(C), "fch": z(2 * H), "swiglu": z(H), "residual3": residual3}
         return top, block
 
     def attend(self, l, a):
