@@ -281,6 +281,11 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
         print(f"-z {zero} -r {recompute}: losses {losses} vs {ref_losses}; worst gradient "
               f"{max(grad_err, key=grad_err.get)} {max(grad_err.values()):.2e}; worst weight "
               f"{max(param_err, key=param_err.get)} {max(param_err.values()):.2e}; key bias max |diff| {key_step:.2e}")
+        for name in sorted(param_err, key=param_err.get, reverse=True)[:3]:  # where the weights differ, element-wise
+            diff = np.abs(p[name] - ref_p[name]).ravel()
+            print(f"  {name}: rel {param_err[name]:.2e}, |diff| largest {np.sort(diff)[-4:]}, rms |ref| "
+                  f"{np.sqrt(np.mean(ref_p[name] ** 2)):.2e}; first gradients there {g[name].ravel()[diff.argmax()]:.3e} "
+                  f"vs {ref_g[name].ravel()[diff.argmax()]:.3e}")
         assert losses[0] == ref_losses[0], (zero, recompute, losses, ref_losses)
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.01, (zero, recompute, losses, ref_losses)
         assert max(grad_err.values()) < 0.01, (zero, recompute, grad_err)
