@@ -235,10 +235,13 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
     too, two micro-steps per step. The first loss is bit-identical (same forward). The first step's
     gradients differ by rounding only: ZeRO-1's backward accumulates the second micro-step in the matmul
     (one bf16 rounding), ZeRO-2/3 add each micro-step's bf16 gradient into the shard (two): within 1% relative
-    norm per tensor. After 3 updates weights are within 1% per tensor, except the key bias: softmax ignores
-    it, so its exact gradient is 0 and its computed one is rounding noise, which Adam (dividing by sqrt(v))
-    turns into steps of ~lr whose signs differ between any two roundings; those elements are only bounded by
-    what Adam can move them (3 steps of at most ~lr each, with room for the bias correction)."""
+    norm per tensor. After 3 updates weights are within 1% per tensor, except where the gradient is rounding
+    noise, which Adam (dividing by sqrt(v)) turns into steps of ~lr whose signs differ between any two
+    roundings; those elements are only bounded by what Adam can move them (3 steps of at most ~lr each, with
+    room for the bias correction). They are the key bias (softmax ignores it: its exact gradient is 0) and the
+    few elements (at most 1% of a tensor) whose first gradients in the two runs differ by more than half their
+    size (an H200 run had ln1b's at 0 against -1.1e-6 and fcb's at 0 against -3.2e-7, each element moved
+    ~9e-4 apart, 2.5% and 1.1% of its tensor's norm)."""
     from gpt2cu.backends import get_backend
     from gpt2cu.dist import MPIComm, NCCLComm
     from gpt2cu.models.gpt2 import param_layout
@@ -276,21 +279,21 @@ def test_nccl_with_one_rank_zero2_zero3_match_zero1():
         g, _ = split_key_bias(layout.views(grads))
         p, key = split_key_bias(layout.views(params))
         grad_err = {name: rel(g[name], ref_g[name]) for name in ref_g}
-        param_err = {name: rel(p[name], ref_p[name]) for name in ref_p}
+        noise = {name: np.abs(g[name] - ref_g[name]) > 0.5 * np.abs(ref_g[name]) for name in ref_g}
+        param_err = {name: rel(p[name][~noise[name]], ref_p[name][~noise[name]]) for name in ref_p}
+        noise_step = max((np.abs(p[name] - ref_p[name])[noise[name]].max(initial=0.0) for name in ref_p))
         key_step = np.abs(key - ref_key).max()
         print(f"-z {zero} -r {recompute}: losses {losses} vs {ref_losses}; worst gradient "
               f"{max(grad_err, key=grad_err.get)} {max(grad_err.values()):.2e}; worst weight "
-              f"{max(param_err, key=param_err.get)} {max(param_err.values()):.2e}; key bias max |diff| {key_step:.2e}")
-        for name in sorted(param_err, key=param_err.get, reverse=True)[:3]:  # where the weights differ, element-wise
-            diff = np.abs(p[name] - ref_p[name]).ravel()
-            print(f"  {name}: rel {param_err[name]:.2e}, |diff| largest {np.sort(diff)[-4:]}, rms |ref| "
-                  f"{np.sqrt(np.mean(ref_p[name] ** 2)):.2e}; first gradients there {g[name].ravel()[diff.argmax()]:.3e} "
-                  f"vs {ref_g[name].ravel()[diff.argmax()]:.3e}")
+              f"{max(param_err, key=param_err.get)} {max(param_err.values()):.2e} (noise elements apart: "
+              f"{sum(int(n.sum()) for n in noise.values())}, max |diff| {noise_step:.2e}); key bias max |diff| "
+              f"{key_step:.2e}")
         assert losses[0] == ref_losses[0], (zero, recompute, losses, ref_losses)
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 0.01, (zero, recompute, losses, ref_losses)
         assert max(grad_err.values()) < 0.01, (zero, recompute, grad_err)
         assert max(param_err.values()) < 0.01, (zero, recompute, param_err)
-        assert key_step <= 3 * steps * lr, (zero, recompute, key_step)
+        assert all(n.mean() <= 0.01 for n in noise.values()), (zero, recompute, {k: n.sum() for k, n in noise.items()})
+        assert max(key_step, noise_step) <= 3 * steps * lr, (zero, recompute, key_step, noise_step)
 
 
 @pytest.mark.parametrize("model,B", [("d12", 16), ("d24", 16), ("d48", 8)])
