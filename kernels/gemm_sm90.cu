@@ -1,4 +1,5 @@
-// gemm_sm90.cu: the GEMMs with a GeLU epilogue of GPT-2's MLP, for Hopper (sm_90a): TMA loads, wgmma products, the
+// gemm_sm90.cu: the GEMMs with an elementwise epilogue (GPT-2's GeLU and its gradient, the attention backward's D, the
+// LM head's exp, the residual add), for Hopper (sm_90a): TMA loads, wgmma products, the
 // epilogue of one tile overlapped with the products of another. One kernel, templated on its epilogue (Epi):
 //   Gelu  (fc's forward):  pre (M, N) = round(a (M, K) @ w (N, K)^T + bias), out = round(gelu(a @ w^T + bias))
 //                          from the fp32 value (cuBLASLt's GELU_AUX_BIAS; bias may be null)
@@ -15,6 +16,11 @@
 //                          to fp32 accuracy). The
 //                          exponent is capped at 64 (finite sums; lm_head.cu recomputes the rows that reach it).
 //                          Its tiles go in column-major order (M-inner), see Schedule
+//   Residual (a block's projection into the residual stream): out (M, N) = round(a @ w^T + bias + pre), pre (M, N)
+//                          read (the stream before the block's branch; it may be out itself: each tile's pre is
+//                          read before its out is written). cuBLASLt's C with beta = 1 reads C in its epilogue
+//                          without hiding it (attention's projection on an H200: 136 us against 106 plain);
+//                          here the tile comes by TMA under the products, as DGelu's pre
 // w row-major (N, K) in both, so both operands are K-major and the mainloop is one code path: the backward's weight
 // (K, N) is transposed into a scratch buffer first (matmul.cu, transpose.cu). gelu and gelu' are gelu.cuh's (tanh
 // form, one exp2 and one fast reciprocal). Deterministic: each output element is one warpgroup's sum over k in a
@@ -100,8 +106,9 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu, HeadDot, Exp };  // the forward's GeLU epilogue; the backward's, with gelu'(pre);
-                                               // with the per-head dot products with pre; the LM head's exp
+enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual };  // the forward's GeLU epilogue; the backward's, with
+                                                         // gelu'(pre); with the per-head dot products with pre; the
+                                                         // LM head's exp; bias and pre added
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
@@ -166,7 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
     uint64_t* empty = full + kStages;
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
-    constexpr bool kLoadsPre = kEpi == Epi::DGelu || kEpi == Epi::HeadDot;
+    constexpr bool kLoadsPre = kEpi == Epi::DGelu || kEpi == Epi::HeadDot || kEpi == Epi::Residual;
+    constexpr bool kAddsBias = kEpi == Epi::Gelu || kEpi == Epi::Residual;
     constexpr bool kMInner = kEpi == Epi::Exp;
 
     const int tid = threadIdx.x;
@@ -260,12 +268,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
         // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
         // previous tile's stores have read the buffer
-        uint32_t bias2[kEpi == Epi::Gelu ? kBN / 8 : 1];
-        if constexpr (kEpi == Epi::Gelu) {
+        uint32_t bias2[kAddsBias ? kBN / 8 : 1];
+        if constexpr (kAddsBias) {
 #pragma unroll
             for (int j = 0; j < kBN / 8; ++j)
                 bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
-        } else if (kLoadsPre && ctid == 0) {
+        }
+        if (kLoadsPre && ctid == 0) {
             bulk_wait_read<0>();
             mbar_arrive_expect_tx(&pre_full[cw], kEpiBytes);
 #pragma unroll
@@ -381,8 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             store_tile(m0, n0);
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
-            // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu) or acc (HeadDot)
-            // written in its place
+            // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
+            // acc + bias + pre (Residual) written in its place
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
@@ -400,6 +409,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                         const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
                         if constexpr (kEpi == Epi::DGelu) {
                             v[jq][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                        } else if constexpr (kEpi == Epi::Residual) {
+                            const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
+                            v[jq][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
                         } else {
                             v[jq][e] = pack_bf16x2(a0, a1);
                             const float2 r = bf16x2_to_float2(v[jq][e]);
@@ -517,6 +529,12 @@ void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf1
                      int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
     launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);  // pre read
+}
+
+void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,
+                                int M, int N, int K, cudaStream_t stream) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, bias, residual}), "gemm_residual_forward_sm90: unsupported shape");
+    launch<Epi::Residual>(out, a, w, const_cast<bf16*>(residual), bias, M, N, K, stream);  // read
 }
 
 void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,

@@ -1,5 +1,5 @@
-// gemm_sm90.h: the Hopper (sm_90a) GEMMs with a GeLU / GeLU-gradient epilogue of gemm_sm90.cu, for matmul.cu's
-// dispatch.
+// gemm_sm90.h: the Hopper (sm_90a) GEMMs with an elementwise epilogue of gemm_sm90.cu, for matmul.cu's and
+// lm_head.cu's dispatch.
 // Compiled only when 90 is among GPT2CU_CUDA_ARCHS (then GPT2CU_HAVE_SM90_GEMM is defined for matmul.cu);
 // call them only on a device of compute capability 9.x (the header itself is included by every build: the scratch
 // sizes use gemm_sm90_row_tiles). Row-major bf16 everywhere, fp32 accumulation.
@@ -24,6 +24,11 @@ void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf1
                      int K, cudaStream_t stream);
 // the kernel's row tiles for M rows (of 128): the rows of gemm_dgelu_sm90's colsum_partials
 inline int gemm_sm90_row_tiles(int M) { return (M + 127) / 128; }
+
+// out (M, N) = round(a (M, K) @ w (N, K)^T + bias (N) + residual (M, N)) from the fp32 sum (bias may be null;
+// residual may be out itself): a block's projection into the residual stream
+void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,
+                                int M, int N, int K, cudaStream_t stream);
 
 // out (M, N) = round(a (M, K) @ w (N, K)^T) (w K-major, as gemm_dgelu_sm90's), and dot (B, N / head_size, T) fp32,
 // B = M / T: dot[(b NH + h) T + t] = sum over head h's head_size columns c of out[m, c] * other[m, c], m = b T + t,

@@ -50,7 +50,10 @@
 // preprocess's pass over dO and O is left out (GPT-2 d12, B = 64, T = 1024: 300 MB of DRAM traffic, dout and O in,
 // dinp out, against 400 MB for the plain GEMM and the preprocess). Elsewhere cuBLASLt's dinp, then that preprocess
 // (attention_backward_preprocess): the caller never branches. GPT2CU_SM90_GEMM=0 in the environment (read once) or
-// matmul_set_sm90(0) send all three to cuBLASLt too: whole-step and per-GEMM comparisons.
+// matmul_set_sm90(0) send all of them to cuBLASLt too: whole-step and per-GEMM comparisons. The forward with a residual
+// runs the same kernel's Residual epilogue where OC is a multiple of 128, C of 64 and the pointers 16-byte aligned:
+// the residual tile comes by TMA under the products, where cuBLASLt's C with beta = 1 (elsewhere) is read in its
+// epilogue unhidden; up to K = kResidualSm90MaxK (below), where the epilogue is a large part of the time.
 // dinp_gelu_dbias on the Hopper path: the DGELU epilogue writes the column sums of each 128-row tile of dinp (its
 // bf16 values, summed in fp32) to the scratch after the transposed weight, and bias.cu's finishing reduction adds
 // them into dinp_gelu_dbias: no second pass over dinp (gemm_sm90.cu's header). Elsewhere (cuBLASLt's DGELU) it is
@@ -134,6 +137,10 @@ constexpr int kCandidates = 16;                 // the heuristic's top algorithm
 constexpr float kTuneMargin = 0.02f;            // another candidate must beat the first by more than 2%
 constexpr int kTuneRounds = 3;                  // each candidate's time: the best of 3 interleaved rounds
 constexpr float kTuneRoundUs = 300.0f;          // of about this long each (repeated calls)
+// The residual forward runs on gemm_sm90 up to this K, cuBLASLt's C (beta = 1) beyond: on an H200 in GPT-2's step
+// attention's projection (K = 768) gained on gemm_sm90 (-0.43 ms a d12 step), the MLP's (K = 3072) lost (+0.35 ms
+// more with it there), where the product, not the epilogue, is the kernel's time.
+constexpr int kResidualSm90MaxK = 1024;
 
 [[noreturn]] void mm_fail(const std::string& msg) { throw std::runtime_error(msg); }
 
@@ -945,11 +952,18 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
     mm_check_dims(N, C, OC, who);
     mm_require(out && inp && weight, who, "out, inp and weight must be non-null");
     mm_require(!(residual && gelu_pre), who, "residual and gelu_pre cannot both be given");
-    if (residual && residual != out) {  // in place, or apart: cuBLASLt reads C and writes D tile by tile
+    if (residual && residual != out) {  // in place, or apart: both kernels read a tile of it before writing that tile
         const uintptr_t r = reinterpret_cast<uintptr_t>(residual), o = reinterpret_cast<uintptr_t>(out),
                         bytes = static_cast<uintptr_t>(N) * OC * sizeof(bf16);
         mm_require(r + bytes <= o || o + bytes <= r, who, "residual must be out itself or not overlap it");
     }
+#ifdef GPT2CU_HAVE_SM90_GEMM
+    if (residual && C <= kResidualSm90MaxK && mm_sm90(who) &&
+        gemm_sm90_supported(N, OC, C, {out, inp, weight, bias, residual})) {
+        gemm_residual_forward_sm90(out, inp, weight, bias, residual, N, OC, C, stream);
+        return;
+    }
+#endif
     cublasLtEpilogue_t epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     if (gelu_pre) {
         mm_require(OC % 8 == 0, who,

@@ -463,6 +463,35 @@ def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
         assert_repeatable(case, run, first)
 
 
+# The forward's residual add on Hopper (gemm_sm90.cu's Residual epilogue: the residual tile by TMA, out = acc + bias +
+# residual) at the GeLU forward's shapes, and a K past matmul.cu's kResidualSm90MaxK (the MLP's projection, 3072),
+# which stays on cuBLASLt's C with beta = 1; setting 0 runs cuBLASLt on all of them.
+@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("rows, C, OC", SM90_GELU_SHAPES + [(300, 3072, 768)])
+def test_matmul_residual_sm90(cuda, case, rows, C, OC, with_bias, in_place, on):
+    """out = x @ w^T + bias + residual within BF16_REL of float64 (one rounding of the fp32 sum), residual out itself
+    or apart; deterministic."""
+    x, x_d = case.bf16((rows, C))
+    w, w_d = case.bf16((OC, C), std=C ** -0.5)
+    bias, bias_d = case.bf16((OC,), std=0.5) if with_bias else (None, None)
+    residual, residual_d = case.bf16((rows, OC), mean=0.5, std=2.0)
+    ref_out = np.empty((rows, OC))
+    ref_ops.matmul_forward(ref_out, x, w, bias, residual=residual)
+
+    def run():
+        start = residual_d.copy()
+        out = start if in_place else poisoned((rows, OC))
+        cuda.matmul_forward(out, x_d, w_d, bias_d, residual=start)
+        return {"out": raw(out)}
+
+    with sm90_setting(cuda, on):
+        first = run()
+        case.check("out", decode(first["out"]), ref_out, BF16_REL)
+        assert_repeatable(case, run, first)
+
+
 # The backward's DGELU GEMM on Hopper (matmul.cu: the weight transposed into the scratch, then gemm_sm90.cu's kernel
 # with its DGELU epilogue where C is a multiple of 128 and OC of 64, the product's n and k): the forward's shapes
 # with C and OC swapped (rows that divide no tile; a CTA's one tile; 480 tiles with a single k-block), and two it
