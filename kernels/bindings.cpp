@@ -353,8 +353,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mode"));
     m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
-        "Hopper: 1 runs matmul_forward's GeLU-epilogue and residual GEMMs and matmul_backward's DGELU and head-dot ones on "
-        "gemm_sm90.cu's kernel where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; "
+        "Hopper: 1 runs matmul_forward's GeLU-epilogue and residual GEMMs and matmul_backward's DGELU and "
+        "head-dot ones on gemm_sm90.cu's kernel where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; "
         "returns the setting before",
         py::arg("mode"));
     m.def(

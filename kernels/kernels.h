@@ -208,7 +208,8 @@ bool matmul_sm90_active();
 // One line per algorithm choice made in this process: cache key <TAB> how it was chosen.
 std::string matmul_tuning_report();
 // Hopper: 1 runs matmul_forward's GeLU-epilogue and residual GEMMs and matmul_backward's DGELU and head-dot ones on
-// gemm_sm90.cu's kernel where they fit (matmul.cu's header), 0 on cuBLASLt (the head dot by the attention preprocess); -1 only asks.
+// gemm_sm90.cu's kernel where they fit (matmul.cu's header), 0 on cuBLASLt (the head dot by the attention
+// preprocess); -1 only asks.
 // The default is 1 unless GPT2CU_SM90_GEMM=0; a build without sm_90 runs cuBLASLt either way. Returns the setting
 // before. For benchmarks and tests.
 int matmul_set_sm90(int mode);

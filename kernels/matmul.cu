@@ -23,8 +23,9 @@
 //             B = inp seen as col-major (C x N), ld C, op N;
 //             m = OC, n = N, k = C, D = out seen as col-major (OC x N), ld OC.
 //             The bias is a vector of length m = OC broadcast over the n = N columns: exactly the
-//             cuBLASLt BIAS epilogue. A residual is cuBLASLt's C with beta = 1, laid out as D. GELU_AUX(_BIAS) writes the pre-activation to the aux matrix,
-//             which has the shape of D (OC x N col-major), so its ld is OC (elements).
+//             cuBLASLt BIAS epilogue. A residual is cuBLASLt's C with beta = 1, laid out as D.
+//             GELU_AUX(_BIAS) writes the pre-activation to the aux matrix, which has the shape of D
+//             (OC x N col-major), so its ld is OC (elements).
 //   dinp      dinp^T (C x N) = W^T (C x OC) @ dout^T (OC x N):
 //             A = W seen as col-major (C x OC), ld C, op N;  B = dout seen as (OC x N), ld OC, op N;
 //             m = C, n = N, k = OC, D = dinp seen as (C x N), ld C.
@@ -306,8 +307,8 @@ std::string mm_context(const Gemm& g) {
            " epilogue=" + std::to_string(static_cast<int>(g.epilogue)) + " aux_ld=" + std::to_string(g.aux_ld) +
            " beta=" + (g.accumulate ? "1" : "0") + " align(A,B,C,D,bias,aux)=" + std::to_string(mm_alignment(g.A)) +
            "," + std::to_string(mm_alignment(g.B)) + "," + std::to_string(mm_alignment(g.C)) + "," +
-           std::to_string(mm_alignment(g.D)) + "," +
-           std::to_string(mm_alignment(g.bias)) + "," + std::to_string(mm_alignment(g.aux));
+           std::to_string(mm_alignment(g.D)) + "," + std::to_string(mm_alignment(g.bias)) + "," +
+           std::to_string(mm_alignment(g.aux));
 }
 
 void mm_set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, const void* value, size_t size,

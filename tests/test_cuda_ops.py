@@ -354,31 +354,6 @@ def test_matmul_forward(cuda, case, C, OC, with_bias, gelu):
         case.check("gelu_pre", to_host(pre), ref_pre, BF16_REL)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
-@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("C, OC", MATMUL_SHAPES)
-def test_matmul_forward_residual(cuda, case, C, OC, with_bias, in_place):
-    """A block's residual add in the projection GEMM (cuBLASLt's C, beta = 1): out = x @ w^T + bias + residual,
-    one rounding of the fp32 sum, within BF16_REL; residual may be out itself; deterministic. The residual is of
-    the stream's size (mean 0.5), larger than the product, as in the model."""
-    x, x_d = case.bf16((B, T, C))
-    w, w_d = case.bf16((OC, C), std=C ** -0.5)
-    bias, bias_d = case.bf16((OC,), std=0.5) if with_bias else (None, None)
-    residual, residual_d = case.bf16((B, T, OC), mean=0.5, std=2.0)
-    ref_out = np.empty((B, T, OC))
-    ref_ops.matmul_forward(ref_out, x, w, bias, residual=residual)
-
-    def run():
-        start = residual_d.copy()
-        out = start if in_place else poisoned((B, T, OC))
-        cuda.matmul_forward(out, x_d, w_d, bias_d, residual=start)
-        return {"out": raw(out)}
-
-    first = run()
-    case.check("out", decode(first["out"]), ref_out, BF16_REL)
-    assert_repeatable(case, run, first)
-
-
 def test_matmul_forward_residual_refusals(cuda, case):
     """Not with gelu_pre; not a residual that overlaps out without being it; not one of another size."""
     x_d, w_d = case.bf16((B, T, 64))[1], case.bf16((128, 64))[1]
@@ -463,14 +438,16 @@ def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
         assert_repeatable(case, run, first)
 
 
-# The forward's residual add on Hopper (gemm_sm90.cu's Residual epilogue: the residual tile by TMA, out = acc + bias +
-# residual) at the GeLU forward's shapes, and a K past matmul.cu's kResidualSm90MaxK (the MLP's projection, 3072),
-# which stays on cuBLASLt's C with beta = 1; setting 0 runs cuBLASLt on all of them.
+# The forward's residual add (a block's projection into the residual stream): on Hopper gemm_sm90.cu's Residual
+# epilogue (the residual tile by TMA, out = acc + bias + residual) at the GeLU forward's shapes; cuBLASLt's C with
+# beta = 1 at the shapes it leaves, past matmul.cu's kResidualSm90MaxK (the MLP's projection, K = 3072), with setting 0,
+# and elsewhere than on Hopper. Also the model's matmul shapes at B*T rows.
 @pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("rows, C, OC", SM90_GELU_SHAPES + [(300, 3072, 768)])
-def test_matmul_residual_sm90(cuda, case, rows, C, OC, with_bias, in_place, on):
+@pytest.mark.parametrize("rows, C, OC",
+                         SM90_GELU_SHAPES + [(300, 3072, 768)] + [(B * T, C, OC) for C, OC in MATMUL_SHAPES])
+def test_matmul_forward_residual(cuda, case, rows, C, OC, with_bias, in_place, on):
     """out = x @ w^T + bias + residual within BF16_REL of float64 (one rounding of the fp32 sum), residual out itself
     or apart; deterministic."""
     x, x_d = case.bf16((rows, C))

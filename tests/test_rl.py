@@ -282,7 +282,8 @@ class CountingBackend(NumpyBackend):
 
 for _op in ("encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward", "matmul_forward",
             "matmul_backward", "attention_forward", "attention_backward", "gelu_forward", "gelu_backward",
-            "fused_classifier", "global_norm_squared", "adamw_update", "lm_head_loss", "scalar_head_forward", "scalar_head_backward", "gather_rows", "scatter_rows"):
+            "fused_classifier", "global_norm_squared", "adamw_update", "lm_head_loss", "scalar_head_forward",
+            "scalar_head_backward", "gather_rows", "scatter_rows"):
     def _counted(self, *args, _name=_op, **kwargs):
         self.calls[_name] = self.calls.get(_name, 0) + 1
         return getattr(super(CountingBackend, self), _name)(*args, **kwargs)

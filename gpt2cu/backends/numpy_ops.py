@@ -351,8 +351,8 @@ def global_norm_squared(grads):
 
 
 def adamw_update(params, master, grads, m, v, scalars, beta1, beta2, eps, weight_decay, rounding_salt=0):
-    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...) (or _clipped); its seed and rounding_salt (how the
-    GPU rounds bf16 params) are unused: fp32 params need no rounding. With master given (fp32 master weights), the
+    """AdamW on one segment. scalars = NumpyBackend.adamw_scalars(...) (or _clipped); its seed and rounding_salt
+    (how the GPU rounds bf16 params) are unused: fp32 params need no rounding. With master given (fp32 master weights), the
     update is applied to master and params receive a copy, as the kernel's contract says."""
     if scalars[5]:  # the step skipped (adamw_scalars_clipped: a non-finite norm or loss)
         return
