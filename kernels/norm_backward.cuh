@@ -40,15 +40,26 @@ constexpr int NORM_RING = 4;             // rows in flight per block on sm_90 (6
 // dweight (and dbias) sums per block, in floats per channel: LayerNorm 2, RMSNorm 1
 template <bool RMS> constexpr int norm_sums = RMS ? 1 : 2;
 
+// The warps' values of one row's sum, added in warp order (the zero slots past the block's warps change nothing)
+__device__ __forceinline__ float block_sum(const float (&slots)[NORM_BWD_MAX_WARPS]) {
+    static_assert(NORM_BWD_MAX_WARPS == 8, "two float4 reads");
+    const float4 a = reinterpret_cast<const float4*>(slots)[0], b = reinterpret_cast<const float4*>(slots)[1];
+    return ((((((a.x + a.y) + a.z) + a.w) + b.x) + b.y) + b.z) + b.w;
+}
+
 template <bool RMS, bool DINP_SUM>
 __global__ void __launch_bounds__(NORM_BWD_MAX_WARPS * 32)
     norm_backward_kernel(bf16* __restrict__ dinp, float* __restrict__ partials, const bf16* __restrict__ dout,
                          const bf16* __restrict__ inp, const bf16* __restrict__ weight,
                          const float* __restrict__ mean, const float* __restrict__ rstd, int N, int C) {
-    __shared__ float exchange[2][NORM_BWD_MAX_WARPS][2];  // per warp: the row's sum of dnorm, of dnorm * xhat
+    // per warp: the row's sum of dnorm, of dnorm * xhat; the slots past the block's warps stay 0, so every row adds
+    // all NORM_BWD_MAX_WARPS of each (two 16-byte reads) without a loop over the block's warp count
+    __shared__ __align__(16) float exchange[2][2][NORM_BWD_MAX_WARPS];
     const int v = threadIdx.x, lane = v % 32, warp = v / 32, warps = blockDim.x / 32;
     const bool owner = v < C / 8;
     const int c = 8 * v;
+    const float inv_C = 1.0f / C;
+    if (v < 4 * NORM_BWD_MAX_WARPS && v % NORM_BWD_MAX_WARPS >= warps) (&exchange[0][0][0])[v] = 0.0f;
     float w[8], dw[8] = {}, db[8] = {}, di_sum[8] = {};
     if (owner) {
         const x128 wv = load128(weight + c);
@@ -79,8 +90,8 @@ __global__ void __launch_bounds__(NORM_BWD_MAX_WARPS * 32)
         if (!RMS) row_mean[i] = mean[row0 + i];
         row_rstd[i] = rstd[row0 + i];
     }
-    __syncthreads();  // the barriers' initialisation and the statistics
 #endif
+    __syncthreads();  // the unused exchange slots (and on sm_90 the barriers' initialisation and the statistics)
     for (int i = 0; i < rows; i++) {
         const size_t off = (size_t)(row0 + i) * C + c;
         x128 g, x, di;
@@ -112,22 +123,16 @@ __global__ void __launch_bounds__(NORM_BWD_MAX_WARPS * 32)
         }
         if (!RMS) sum_dn = warp_sum(sum_dn);
         sum_dnx = warp_sum(sum_dnx);
-        float(&mine)[2] = exchange[i & 1][warp];  // rewritten two rows on, past the next barrier
-        if (lane == 0) {
-            mine[0] = sum_dn;
-            mine[1] = sum_dnx;
+        if (lane == 0) {  // rewritten two rows on, past the next barrier
+            exchange[i & 1][0][warp] = sum_dn;
+            exchange[i & 1][1][warp] = sum_dnx;
         }
         __syncthreads();
 #if NORM_BWD_BULK
         if (v == 0 && i + NORM_RING < rows) fetch(i + NORM_RING);  // every thread read slot i % NORM_RING above
 #endif
-        float mean_dn = 0.0f, mean_dnx = 0.0f;
-        for (int u = 0; u < warps; u++) {
-            if (!RMS) mean_dn += exchange[i & 1][u][0];
-            mean_dnx += exchange[i & 1][u][1];
-        }
-        mean_dn /= C;
-        mean_dnx /= C;
+        const float mean_dn = RMS ? 0.0f : block_sum(exchange[i & 1][0]) * inv_C;
+        const float mean_dnx = block_sum(exchange[i & 1][1]) * inv_C;
         if (!owner) continue;
 #pragma unroll
         for (int k = 0; k < 8; k++) {

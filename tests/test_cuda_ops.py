@@ -271,12 +271,13 @@ def layernorm_reference(x, weight, bias) -> dict:
     return ref
 
 
-@pytest.mark.parametrize("C", [64, 200, 768])
-def test_layernorm_forward(cuda, case, C):
-    """Inputs have mean 0.5 (as the residual stream does), so mean and rstd are far from 0."""
-    x, x_d = case.bf16((B, T, C), mean=0.5)
+@pytest.mark.parametrize("b, t, C", [(B, T, 64), (B, T, 200), (B, T, 768), (1, 1, 768), (B, T, 1600)])
+def test_layernorm_forward(cuda, case, b, t, C):
+    """Inputs have mean 0.5 (as the residual stream does), so mean and rstd are far from 0. One row alone, and C = 1600
+    (7 vectors a lane, the last partly idle)."""
+    x, x_d = case.bf16((b, t, C), mean=0.5)
     weight, weight_d, bias, bias_d = layernorm_params(case, C)
-    out, mean, rstd = poisoned((B, T, C)), poisoned((B, T), fp32=True), poisoned((B, T), fp32=True)
+    out, mean, rstd = poisoned((b, t, C)), poisoned((b, t), fp32=True), poisoned((b, t), fp32=True)
     cuda.layernorm_forward(out, mean, rstd, x_d, weight_d, bias_d)
     ref = layernorm_reference(x, weight, bias)
     for name, got in (("out", out), ("mean", mean), ("rstd", rstd)):
