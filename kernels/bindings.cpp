@@ -352,6 +352,11 @@ PYBIND11_MODULE(_kernels, m) {
         "asks; returns the mode before",
         py::arg("mode"));
     m.def(
+        "matmul_set_sm90_cluster", [](int size) { return matmul_set_sm90_cluster(size); },
+        "Hopper: 2 CTAs of a cluster share gemm_sm90.cu's weight loads where its row tiles pair up (the default "
+        "unless GPT2CU_SM90_CLUSTER=1), 1 none; -1 only asks; returns the setting before",
+        py::arg("size"));
+    m.def(
         "matmul_set_sm90", [](int mode) { return matmul_set_sm90(mode); },
         "Hopper: 1 runs matmul_forward's GeLU-epilogue and residual GEMMs and matmul_backward's DGELU and "
         "head-dot ones on gemm_sm90.cu's kernel where they fit (the default unless GPT2CU_SM90_GEMM=0), 0 on cuBLASLt; -1 only asks; "

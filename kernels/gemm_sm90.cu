@@ -96,7 +96,10 @@
 #include "sm90_common.cuh"
 #include "wgmma_sm90.cuh"
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPT2CU_SM90A_DEVICE 1
@@ -180,8 +183,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int tid = threadIdx.x;
     const int wg = warpgroup_index();
     const int tiles_m = ceil_div(M, kBM), tiles_n = N / kBN;
-    const int num_tiles = tiles_m * tiles_n;
     const int num_kb = K / kBK;
+    // a cluster of `cluster` CTAs (1 or 2, launch) runs the row tiles of a "unit" (units_m x tiles_n of them) at
+    // once, the CTA of rank r the unit's r-th: one column tile, so the CTAs' k-block sequences match and each
+    // loads 1 / cluster of the B rows into all of them (multicast)
+    const int cluster = (int)cluster_nctarank(), rank = (int)cluster_ctarank();
+    const int units_m = tiles_m / cluster, num_units = units_m * tiles_n;  // the launch makes tiles_m divisible
+    const int cluster_id = (int)blockIdx.x / cluster, clusters = (int)gridDim.x / cluster;
+    auto origin = [&](int unit) {
+        const int2 o = tile_origin<kMInner>(unit, units_m, tiles_n);
+        return make_int2(o.x * cluster + rank * kBM, o.y);
+    };
 
     if (tid == 0) {
         tma_prefetch_desc(&tm_a);
@@ -190,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_prefetch_desc(&tm_pre);
         for (int s = 0; s < kStages; ++s) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 128);
+            mbar_init(&empty[s], cluster);  // the consuming warpgroup of each CTA of the cluster
         }
         if constexpr (kLoadsPre) {
             mbar_init(&pre_full[0], 1);
@@ -199,25 +211,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_init_fence();
     }
     __syncthreads();
+    if (cluster > 1) cluster_sync();  // the peer's barriers set up before its loads land here
 
     if (wg == 0) {
         // ---------------- producer ----------------
         setmaxnreg_dec<kProducerRegs>();
         if (tid == 0) {
             int pos = 0;  // k-blocks loaded so far: ring position
-            for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-                const int2 o = tile_origin<kMInner>(tile, tiles_m, tiles_n);
+            const int b_rows = kBN / cluster;  // this CTA's share of the B rows (tm_b's box)
+            for (int unit = cluster_id; unit < num_units; unit += clusters) {
+                const int2 o = origin(unit);
                 const int m0 = o.x, n0 = o.y;
                 for (int kb = 0; kb < num_kb; ++kb, ++pos) {
                     const int st = pos % kStages;
                     uint8_t* sa = smem + st * kStageBytes;
+                    // the stage free in every CTA of the cluster (this one's B share goes to all of them)
                     if (pos >= kStages) mbar_wait(&empty[st], ((pos / kStages) - 1) & 1);
                     mbar_arrive_expect_tx(&full[st], kStageBytes);
                     tma_load_2d(sa, &tm_a, &full[st], kb * kBK, m0);
-                    tma_load_2d(sa + kABytes, &tm_b, &full[st], kb * kBK, n0);
+                    uint8_t* sb = sa + kABytes + rank * b_rows * 128;
+                    if (cluster == 1)
+                        tma_load_2d(sb, &tm_b, &full[st], kb * kBK, n0);
+                    else
+                        tma_load_2d_multicast(sb, &tm_b, &full[st], kb * kBK, n0 + rank * b_rows,
+                                              (uint16_t)((1u << cluster) - 1));
                 }
             }
         }
+        __syncwarp();
+        if (cluster > 1) cluster_sync();  // the end's: no CTA leaves while the peer may still signal it
         return;
     }
 
@@ -260,10 +282,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     if (cw == 1) named_barrier_arrive(1, 256);
 
+    // a stage's release: one arrival on its empty barrier in each CTA of the cluster, after the products read it
+    auto release = [&](int pos) {
+        if (ctid < cluster) mbar_arrive_cluster(&empty[pos % kStages], ctid);
+    };
+
     float acc[MI][kBN / 2];
     int i = cw;  // this CTA's tile index
-    for (int tile = blockIdx.x + cw * gridDim.x, it = 0; tile < num_tiles; tile += 2 * gridDim.x, i += 2, ++it) {
-        const int2 o = tile_origin<kMInner>(tile, tiles_m, tiles_n);
+    for (int unit = cluster_id + cw * clusters, it = 0; unit < num_units; unit += 2 * clusters, i += 2, ++it) {
+        const int2 o = origin(unit);
         const int m0 = o.x, n0 = o.y;
         // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
         // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
@@ -298,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             wgmma_commit();
             if (kb > 0) {  // the previous k-block's products are done: release its stage
                 wgmma_wait<1>();
-                mbar_arrive(&empty[(pos - 1) % kStages]);
+                release(pos - 1);
             }
         }
         turn_pass();  // the other warpgroup's products queue behind this one's last
@@ -317,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_wait<0>();
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) reg_fence(acc[mi]);
-        mbar_arrive(&empty[(pos0 + num_kb - 1) % kStages]);
+        release(pos0 + num_kb - 1);
 
         // ---------------- epilogue: registers -> swizzled shared panels (stmatrix) -> TMA stores ----------------
         // (the stores clip the rows past M; one thread issues them and waits for their reads of the buffer)
@@ -472,8 +499,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (ctid == 0) bulk_wait<0>();  // the stores done before the CTA (and its shared memory) goes
     // the turn passed after this CTA's last tile goes to warpgroup (tile count) % 2: it takes it, so every
     // arrival is matched
-    const int my_tiles = (num_tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int my_tiles = (num_units - cluster_id + clusters - 1) / clusters;
     if (cw == my_tiles % 2) turn_wait();
+    __syncwarp();
+    if (cluster > 1) cluster_sync();  // the peer's last arrivals on this CTA's barriers are in
 #endif
 }
 
@@ -493,24 +522,62 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
     return tensor_map_bf16(p, 2, dims, strides, box);
 }
 
+std::atomic<int> g_cluster{0};  // gemm_sm90_set_cluster: 1 or 2; 0: not yet read from GPT2CU_SM90_CLUSTER
+
+int cluster_setting() {
+    int c = g_cluster.load(std::memory_order_relaxed);
+    if (c == 0) {  // racing first calls read the same environment
+        const char* env = std::getenv("GPT2CU_SM90_CLUSTER");
+        c = env && std::strcmp(env, "1") == 0 ? 1 : 2;
+        g_cluster.store(c, std::memory_order_relaxed);
+    }
+    return c;
+}
+
 template <Epi kEpi>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
             cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
             const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
-    CUDA_CHECK(cudaFuncSetAttribute(gemm_sm90_kernel<kEpi>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN);
+    const auto kernel = gemm_sm90_kernel<kEpi>;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    const int tiles_m = ceil_div(M, kBM);
+    const int cluster = cluster_setting() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
+    const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN / cluster);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
-    const long long tiles = (long long)ceil_div(M, kBM) * (N / kBN);
-    require(tiles <= 0x7fffffffLL, "gemm_sm90: too many tiles");
-    static int sms = 0;
-    if (sms == 0) sms = device_sm_count();
-    const int grid = (int)(tiles < sms ? tiles : sms);
-    gemm_sm90_kernel<kEpi><<<grid, kThreads, kSmemBytes, stream>>>(tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N,
-                                                                   K, T, hs, row_shift, row_sums, valid_cols);
+    const long long units = (long long)(tiles_m / cluster) * (N / kBN);
+    require(units <= 0x7fffffffLL, "gemm_sm90: too many tiles");
+    cudaLaunchConfig_t config = {};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmemBytes;
+    config.stream = stream;
+    config.attrs = attr;
+    config.numAttrs = 1;
+    // the clusters that fit at once (every multiprocessor for 1; for 2, pairs within a GPC): one CTA each a
+    // multiprocessor, persistent
+    static int resident[3] = {};
+    if (resident[cluster] == 0) {
+        config.gridDim = dim3(cluster);
+        CUDA_CHECK(cudaOccupancyMaxActiveClusters(&resident[cluster], kernel, &config));
+        require(resident[cluster] > 0, "gemm_sm90: no cluster fits a multiprocessor");
+    }
+    config.gridDim = dim3((unsigned)(units < resident[cluster] ? units : resident[cluster]) * cluster);
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N, K, T, hs,
+                                  row_shift, row_sums, valid_cols));
     CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
+
+int gemm_sm90_set_cluster(int size) {
+    require(size == -1 || size == 1 || size == 2, "gemm_sm90_set_cluster: 1, 2, or -1 to ask");
+    const int previous = cluster_setting();
+    if (size > 0) g_cluster.store(size, std::memory_order_relaxed);
+    return previous;
+}
 
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs) {
     if (M < 1 || N < 1 || K < 1 || N % kBN != 0 || K % kBK != 0) return false;

@@ -7,6 +7,11 @@
 #include <initializer_list>
 #include "kernels.h"
 
+// The CTAs that share the loads of a column tile's weight rows (a thread-block cluster, TMA multicast): 2 (the
+// default; GPT2CU_SM90_CLUSTER=1 sets 1) where the row tiles pair up, else 1; -1 only asks. Returns the setting
+// before.
+int gemm_sm90_set_cluster(int size);
+
 // whether the kernel handles an M x N x K product: N a multiple of 128, K of 64, every pointer 16-byte aligned
 // (null ones aside); any M >= 1
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs);

@@ -213,6 +213,9 @@ std::string matmul_tuning_report();
 // The default is 1 unless GPT2CU_SM90_GEMM=0; a build without sm_90 runs cuBLASLt either way. Returns the setting
 // before. For benchmarks and tests.
 int matmul_set_sm90(int mode);
+// Hopper: the CTAs of a cluster sharing gemm_sm90.cu's weight loads, 1 or 2 (gemm_sm90.h; -1 only asks). A build
+// without sm_90 has none and returns 1. For benchmarks and tests.
+int matmul_set_sm90_cluster(int size);
 
 // ---- adamw.cu ---------------------------------------------------------------------------------
 // Per-step values, read from DEVICE memory so one captured graph serves every step.

@@ -1115,6 +1115,15 @@ int matmul_set_sm90(int mode) {
     return previous;
 }
 
+int matmul_set_sm90_cluster(int size) {
+#ifdef GPT2CU_HAVE_SM90_GEMM
+    return gemm_sm90_set_cluster(size);
+#else
+    mm_require(size == -1 || size == 1 || size == 2, "matmul_set_sm90_cluster", "1, 2, or -1 to ask");
+    return 1;
+#endif
+}
+
 std::string matmul_tuning_report() {
     std::lock_guard<std::mutex> lock(g_mutex);
     std::string out;

@@ -405,16 +405,22 @@ SM90_GELU_SHAPES = [(1000, 256, 768), (4097, 512, 256), (77, 768, 512), (5000, 6
                     (1000, 256, 200)]  # (rows, C, OC)
 
 
+# on: 0 cuBLASLt; 1 gemm_sm90 with its default clusters (2 CTAs sharing the weight loads where the row tiles pair
+# up: 1000 and 5000 rows here, not 4097 or 77); 2 gemm_sm90 without clusters
+SM90_SETTINGS = dict(argvalues=[0, 1, 2], ids=["cublaslt", "sm90", "sm90_nocluster"])
+
+
 @contextlib.contextmanager
 def sm90_setting(cuda, on):
-    previous = cuda.k.matmul_set_sm90(on)
+    previous = cuda.k.matmul_set_sm90(1 if on else 0), cuda.k.matmul_set_sm90_cluster(1 if on == 2 else 2)
     try:
         yield
     finally:
-        cuda.k.matmul_set_sm90(previous)
+        cuda.k.matmul_set_sm90(previous[0])
+        cuda.k.matmul_set_sm90_cluster(previous[1])
 
 
-@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("on", **SM90_SETTINGS)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("rows, C, OC", SM90_GELU_SHAPES)
 def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
@@ -443,7 +449,7 @@ def test_matmul_gelu_sm90(cuda, case, rows, C, OC, with_bias, on):
 # epilogue (the residual tile by TMA, out = acc + bias + residual) at the GeLU forward's shapes; cuBLASLt's C with
 # beta = 1 at the shapes it leaves, past matmul.cu's kResidualSm90MaxK (the MLP's projection, K = 3072), with setting 0,
 # and elsewhere than on Hopper. Also the model's matmul shapes at B*T rows.
-@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("on", **SM90_SETTINGS)
 @pytest.mark.parametrize("in_place", [False, True], ids=["apart", "in_place"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("rows, C, OC",
@@ -479,7 +485,7 @@ SM90_DGELU_SHAPES = [(1000, 768, 256), (4097, 256, 512), (77, 512, 768), (5000, 
                      (1000, 256, 200)]  # (rows, C, OC)
 
 
-@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("on", **SM90_SETTINGS)
 @pytest.mark.parametrize("with_dbias", [False, True], ids=["nodbias", "dbias"])
 @pytest.mark.parametrize("rows, C, OC", SM90_DGELU_SHAPES)
 def test_matmul_dgelu_sm90(cuda, case, rows, C, OC, with_dbias, on):

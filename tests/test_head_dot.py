@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_cuda_ops import (BF16_REL, FP32_REL, bits_of, case, cuda, decode, poisoned, raw, sm90_setting,  # noqa: F401
-                           to_host)
+from test_cuda_ops import (BF16_REL, FP32_REL, SM90_SETTINGS, bits_of, case, cuda, decode, poisoned,  # noqa: F401
+                           raw, sm90_setting, to_host)
 from gpt2cu.backends import numpy_ops as ref_ops
 
 try:
@@ -46,7 +46,7 @@ def projection_backward(cuda, inputs, hs, on, dweight=None):
     return dinp, dot
 
 
-@pytest.mark.parametrize("on", [0, 1], ids=["cublaslt", "sm90"])
+@pytest.mark.parametrize("on", **SM90_SETTINGS)
 @pytest.mark.parametrize("b, t, c, oc, hs", SHAPES, ids=IDS)
 def test_matmul_head_dot(cuda, case, b, t, c, oc, hs, on):
     """dinp within BF16_REL of float64 (one rounding), dweight too; D within FP32_REL of numpy's head_dot of the

@@ -70,19 +70,21 @@ def fused_applies(fused, C, Vp) -> bool:
 
 
 def run_op(cuda, fused, hidden_d, w_d, targets_d, dloss, V, dweight_start):
-    """lm_head_loss on fresh outputs: {losses, dhidden, dweight} as stored."""
+    """lm_head_loss on fresh outputs: {losses, dhidden, dweight} as stored. fused 2: the fused path with gemm_sm90's
+    clusters off (1000 and 129 rows pair up their row tiles: clusters of 2 CTAs with fused 1)."""
     N, Vp = hidden_d.shape[0], w_d.shape[0]
-    previous = cuda.k.lm_head_set_fused(fused)
+    previous = cuda.k.lm_head_set_fused(1 if fused else 0), cuda.k.matmul_set_sm90_cluster(1 if fused == 2 else 2)
     try:
         losses, dhidden, dweight = poisoned(N, fp32=True), poisoned(hidden_d.shape), dweight_start.copy()
         logits = cp.empty((N, Vp), cp.uint16)
         cuda.lm_head_loss(losses, dhidden, dweight, logits, hidden_d, w_d, targets_d, dloss, V)
         return {"losses": raw(losses), "dhidden": raw(dhidden), "dweight": raw(dweight)}
     finally:
-        cuda.k.lm_head_set_fused(previous)
+        cuda.k.lm_head_set_fused(previous[0])
+        cuda.k.matmul_set_sm90_cluster(previous[1])
 
 
-@pytest.mark.parametrize("fused", [0, 1], ids=["three-ops", "fused"])
+@pytest.mark.parametrize("fused", [0, 1, 2], ids=["three-ops", "fused", "fused-nocluster"])
 @pytest.mark.parametrize("N, C, V, Vp", SHAPES, ids=IDS)
 def test_lm_head_loss(cuda, case, N, C, V, Vp, fused):
     (hidden, hidden_d), (w, w_d), targets = lm_head_inputs(case, N, C, V, Vp)
