@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
+import gpt2cu
 from gpt2cu.models.gpt2 import GPT, GPTConfig, init_params
 
 pytestmark = pytest.mark.gpu
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=128, max_seq_len=64)
 # logits of the cached step against the full forward's, both bf16: |diff| <= REL * max|logits|
 REL = 2e-2
@@ -104,7 +104,10 @@ def test_sample_cli_cuda(tmp_path):
     cfg = GPTConfig.from_descriptor("d2")
     path = str(tmp_path / "d2.bin")
     write_model(path, cfg, init_params(cfg, seed=0))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    # the subprocess imports gpt2cu from where this process did (the source tree for an editable install; a
+    # --target or site-packages install otherwise, whose compiled extension the source tree lacks)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(gpt2cu.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     for extra in ([], ["--no-kv-cache"]):
         r = subprocess.run([sys.executable, "-m", "gpt2cu.sample", path, "--prompt", "Hello", "-n", "16",
                             "--backend", "cuda", *extra], capture_output=True, text=True, env=env, timeout=300)
