@@ -34,15 +34,21 @@
 // epilogue (16k elements: two special-function ops each, at 16 per cycle per SM = 2k cycles, ~6 fp32 ops, 64 KB
 // out) a good part of that. cuBLASLt's GELU_AUX_BIAS runs at 78% of torch.matmul's rate on this shape.
 //
-// Schedule: "ping-pong". A persistent grid (one CTA per multiprocessor, 384 threads); tile i of a CTA (tiles
-// blockIdx.x, blockIdx.x + gridDim.x, ..., in row-major tile order: the CTAs of a wave share their A rows and
-// all of B through L2) belongs to consumer warpgroup i % 2. Exp's tiles are column-major instead (M-inner): the LM
-// head's B is the (50304, 768) vocabulary, 77 MB, which a row-major wave (132 column tiles of one row block) would
-// bring from DRAM once per row block; M-inner, a wave covers every row block of ~2 column tiles, so A (a chunk of
-// 8192 rows: 12.6 MB) stays in L2 and B is read once.
-//   warpgroup 0, the producer (setmaxnreg 40): one thread loads the k-blocks of 64 of each tile's A and B rows by
-//     TMA (128-byte swizzle) into a ring of 5 stages of 32 KB (a "full" mbarrier per stage completed by the byte
-//     count, an "empty" one the consuming warpgroup's 128 threads arrive on).
+// Schedule: "ping-pong". A persistent grid (one CTA per multiprocessor, 384 threads) of clusters of 2 CTAs (1 where
+// the row tiles do not pair up, or with GPT2CU_SM90_CLUSTER=1). A cluster takes "units": a column tile and two
+// consecutive row tiles, one a CTA. Unit i of a cluster (units c, c + clusters, ..., in row-major unit order: the
+// clusters of a wave share their A rows and all of B through L2) belongs to consumer warpgroup i % 2 in both CTAs.
+// Exp's units are column-major instead (M-inner): the LM head's B is the (50304, 768) vocabulary, 77 MB, which a
+// row-major wave (66 column tiles of two row blocks) would bring from DRAM once per row-block pair; M-inner, a wave
+// covers every row block of ~2 column tiles, so A (a chunk of 8192 rows: 12.6 MB) stays in L2 and B is read once.
+// Why clusters: the two CTAs of a unit need the same 128 B rows; each loads 64 of them into both (TMA multicast), so
+// the L2 -> shared traffic per tile is 24 KB a k-block instead of 32. On an H200 in GPT-2's step at B = 64 the board
+// sits at its 700 W limit, so energy, not issue, sets the clock: with clusters the step took 0.8 ms less (100.08
+// against 100.90 ms, ABBA in one build) at a ~60 MHz higher SM clock for the same power.
+//   warpgroup 0, the producer (setmaxnreg 40): one thread loads the k-blocks of 64 of each tile's A rows and its
+//     share of the B rows (all 128 without a cluster) by TMA (128-byte swizzle) into a ring of 5 stages of 32 KB (a
+//     "full" mbarrier per stage completed by the byte count, the peer's B share included; an "empty" one on which
+//     the consuming warpgroup of each CTA of the cluster arrives once, since the stage's B half goes to both).
 //   warpgroups 1, 2, the consumers (setmaxnreg 232): each runs its tile's whole k loop (two m64n128k16 wgmma per
 //     k step from shared memory, fp32 accumulators in registers), then passes the turn to the other (named barriers
 //     1, 2) and runs the epilogue while the other's products run.

@@ -140,7 +140,8 @@ constexpr int kTuneRounds = 3;                  // each candidate's time: the be
 constexpr float kTuneRoundUs = 300.0f;          // of about this long each (repeated calls)
 // The residual forward runs on gemm_sm90 up to this K, cuBLASLt's C (beta = 1) beyond: on an H200 in GPT-2's step
 // attention's projection (K = 768) gained on gemm_sm90 (-0.43 ms a d12 step), the MLP's (K = 3072) lost (+0.35 ms
-// more with it there), where the product, not the epilogue, is the kernel's time.
+// more with it there), where the product, not the epilogue, is the kernel's time. With gemm_sm90's clusters it still
+// lost (+1.6 ms a step, tenth session, docs/perf.md), as did the qkv forward's bias on gemm_sm90 (+0.4 ms).
 constexpr int kResidualSm90MaxK = 1024;
 
 [[noreturn]] void mm_fail(const std::string& msg) { throw std::runtime_error(msg); }
