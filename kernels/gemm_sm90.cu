@@ -98,14 +98,12 @@
 #include "kernels.h"
 #include "common.cuh"
 #include "gelu.cuh"
+#include "env_switch.h"
 #include "gemm_sm90.h"
 #include "sm90_common.cuh"
 #include "wgmma_sm90.cuh"
 
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPT2CU_SM90A_DEVICE 1
@@ -528,17 +526,7 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
     return tensor_map_bf16(p, 2, dims, strides, box);
 }
 
-std::atomic<int> g_cluster{0};  // gemm_sm90_set_cluster: 1 or 2; 0: not yet read from GPT2CU_SM90_CLUSTER
-
-int cluster_setting() {
-    int c = g_cluster.load(std::memory_order_relaxed);
-    if (c == 0) {  // racing first calls read the same environment
-        const char* env = std::getenv("GPT2CU_SM90_CLUSTER");
-        c = env && std::strcmp(env, "1") == 0 ? 1 : 2;
-        g_cluster.store(c, std::memory_order_relaxed);
-    }
-    return c;
-}
+EnvSwitch g_cluster("GPT2CU_SM90_CLUSTER", 2, 1);  // gemm_sm90_set_cluster: the CTAs of a cluster, 2 or 1
 
 template <Epi kEpi>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
@@ -547,7 +535,7 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     const auto kernel = gemm_sm90_kernel<kEpi>;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     const int tiles_m = ceil_div(M, kBM);
-    const int cluster = cluster_setting() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
+    const int cluster = g_cluster.get() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN / cluster);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
     const long long units = (long long)(tiles_m / cluster) * (N / kBN);
@@ -580,9 +568,7 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
 
 int gemm_sm90_set_cluster(int size) {
     require(size == -1 || size == 1 || size == 2, "gemm_sm90_set_cluster: 1, 2, or -1 to ask");
-    const int previous = cluster_setting();
-    if (size > 0) g_cluster.store(size, std::memory_order_relaxed);
-    return previous;
+    return g_cluster.set(size);
 }
 
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs) {

@@ -30,13 +30,11 @@
 // Deterministic: fixed-order sums everywhere (fixup's rows are independent, whatever order they are listed in).
 #include "kernels.h"
 #include "common.cuh"
+#include "env_switch.h"
 #include "gemm_sm90.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 namespace {
 #ifdef GPT2CU_HAVE_SM90_GEMM  // the fused path's kernels (built where gemm_sm90 is)
@@ -191,17 +189,7 @@ __global__ void scale_rows_kernel(bf16* __restrict__ x, const float* __restrict_
 }
 #endif
 
-std::atomic<int> g_fused{-1};  // lm_head_set_fused: 1 on, 0 off; -1: not yet read from GPT2CU_FUSED_LM_HEAD
-
-int fused_mode() {
-    int mode = g_fused.load(std::memory_order_relaxed);
-    if (mode < 0) {
-        const char* env = std::getenv("GPT2CU_FUSED_LM_HEAD");
-        mode = env && std::strcmp(env, "0") == 0 ? 0 : 1;
-        g_fused.store(mode, std::memory_order_relaxed);
-    }
-    return mode;
-}
+EnvSwitch g_fused("GPT2CU_FUSED_LM_HEAD", 1, 0);  // lm_head_set_fused: 1 on, 0 off
 
 // The scratch, in floats, each part 16-byte aligned: shift (N), row scale (N), the flagged count and rows (1 + N),
 // the row sums (tiles x N), hidden_scaled (N x C bf16)
@@ -230,9 +218,7 @@ size_t lm_head_loss_scratch_floats(int N, int C, int Vp) {
 }
 
 int lm_head_set_fused(int mode) {
-    const int before = fused_mode();
-    if (mode >= 0) g_fused.store(mode ? 1 : 0, std::memory_order_relaxed);
-    return before;
+    return g_fused.set(mode < 0 ? mode : mode ? 1 : 0);
 }
 
 void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, const bf16* hidden, const bf16* weight,
@@ -243,7 +229,7 @@ void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, con
     if (N == 0) return;
 #ifdef GPT2CU_HAVE_SM90_GEMM
     // (C <= 12288: fixup's fp32 copy of a hidden row fits the default 48 KB of shared memory)
-    const bool fused = fused_mode() && matmul_sm90_active() && C % 8 == 0 && C <= 12288 &&
+    const bool fused = g_fused.get() && matmul_sm90_active() && C % 8 == 0 && C <= 12288 &&
                        gemm_sm90_supported(N, Vp, C, {logits, hidden, weight, dhidden, scratch});
 #else
     const bool fused = false;

@@ -106,6 +106,7 @@
 // unsplit product (cuBLASLt 13.1 gave wrong sums with some; see "split-K products checked" below); under
 // capture, where nothing can run, split-K candidates are passed over.
 #include "kernels.h"
+#include "env_switch.h"
 #include "gemm_sm90.h"  // declarations only; the kernel is called only in a build with it (GPT2CU_HAVE_SM90_GEMM)
 
 #include <cublasLt.h>
@@ -236,15 +237,7 @@ std::unordered_map<int, cublasLtHandle_t> g_handles;                        // d
 std::unordered_map<StreamKey, void*, StreamKeyHash> g_workspaces;           // (device, stream) -> 32 MiB
 std::unordered_map<GemmKey, GemmPlan, GemmKeyHash> g_plans;
 std::vector<std::string> g_report;  // one line per algorithm choice made in this process
-int g_tuning = -1;                  // -1: not yet read from GPT2CU_GEMM_TUNE
-
-int mm_tuning_mode() {
-    if (g_tuning < 0) {
-        const char* env = std::getenv("GPT2CU_GEMM_TUNE");
-        g_tuning = env && std::strcmp(env, "0") == 0 ? 0 : 1;
-    }
-    return g_tuning;
-}
+EnvSwitch g_tuning("GPT2CU_GEMM_TUNE", 1, 0);  // matmul_set_tuning: 1 tuned, 0 the heuristic's first
 
 bool mm_is_capturing(cudaStream_t stream, const char* who) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -820,7 +813,7 @@ GemmPlan& mm_plan(cublasLtHandle_t handle, int device, const Gemm& g, cudaStream
                 mm_alignment(g.D),
                 mm_alignment(g.bias),
                 mm_alignment(g.aux),
-                mm_tuning_mode()};
+                g_tuning.get()};
     auto it = g_plans.find(key);
     if (it != g_plans.end()) return it->second;
 
@@ -891,23 +884,13 @@ void mm_require(bool ok, const char* who, const std::string& what) {
 }
 
 // ---- the Hopper path ---------------------------------------------------------------------------
-std::atomic<int> g_sm90{-1};  // matmul_set_sm90: 1 on, 0 off; -1: not yet read from GPT2CU_SM90_GEMM
-
-int mm_sm90_mode() {
-    int mode = g_sm90.load(std::memory_order_relaxed);
-    if (mode < 0) {  // racing first calls read the same environment
-        const char* env = std::getenv("GPT2CU_SM90_GEMM");
-        mode = env && std::strcmp(env, "0") == 0 ? 0 : 1;
-        g_sm90.store(mode, std::memory_order_relaxed);
-    }
-    return mode;
-}
+EnvSwitch g_sm90("GPT2CU_SM90_GEMM", 1, 0);  // matmul_set_sm90: 1 on, 0 off
 
 #ifdef GPT2CU_HAVE_SM90_GEMM
 // whether the GeLU-epilogue GEMMs may take gemm_sm90.cu's kernel on the current device (the switch on, compute
 // capability 9.x: cached per device)
 bool mm_sm90(const char* who) {
-    if (!mm_sm90_mode()) return false;
+    if (!g_sm90.get()) return false;
     constexpr int kMaxDevices = 64;
     static std::atomic<int> is_sm90[kMaxDevices];  // 0 unknown, 1 yes, 2 no
     int device = 0;
@@ -1105,15 +1088,11 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 
 int matmul_set_tuning(int mode) {
     std::lock_guard<std::mutex> lock(g_mutex);
-    const int previous = mm_tuning_mode();
-    if (mode >= 0) g_tuning = mode ? 1 : 0;
-    return previous;
+    return g_tuning.set(mode < 0 ? mode : mode ? 1 : 0);
 }
 
 int matmul_set_sm90(int mode) {
-    const int previous = mm_sm90_mode();
-    if (mode >= 0) g_sm90.store(mode ? 1 : 0);
-    return previous;
+    return g_sm90.set(mode < 0 ? mode : mode ? 1 : 0);
 }
 
 int matmul_set_sm90_cluster(int size) {
