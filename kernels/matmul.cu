@@ -887,8 +887,8 @@ void mm_require(bool ok, const char* who, const std::string& what) {
 EnvSwitch g_sm90("GPT2CU_SM90_GEMM", 1, 0);  // matmul_set_sm90: 1 on, 0 off
 
 #ifdef GPT2CU_HAVE_SM90_GEMM
-// whether the GeLU-epilogue GEMMs may take gemm_sm90.cu's kernel on the current device (the switch on, compute
-// capability 9.x: cached per device)
+// whether the epilogue GEMMs (GeLU, DGELU, head dot, residual) may take gemm_sm90.cu's kernel on the current device
+// (the switch on, compute capability 9.x: cached per device)
 bool mm_sm90(const char* who) {
     if (!g_sm90.get()) return false;
     constexpr int kMaxDevices = 64;
