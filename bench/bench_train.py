@@ -12,8 +12,10 @@ Both sides train the same model (same init, same random token batches) with Adam
 gpt2cu through trainer.Trainer, the step `python -m gpt2cu.train` runs (each step queued before the one
 before it is read);
 PyTorch uses bf16 autocast, SDPA flash attention and fused AdamW. Rows: tok/s, ms/step, MFU (the family's
-FLOPs per token, llm.c's 6N + 6LCT for GPT-2, over the GPU's dense bf16 peak) and peak GPU memory (allocator peak for
-torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu). Timings compare only within one run.
+FLOPs per token, llm.c's 6N + 6LCT for GPT-2, over the GPU's dense bf16 peak), peak GPU memory (allocator peak for
+torch, memory-pool peak plus the cuBLASLt workspace for gpt2cu), and over the timed steps the board's energy per step,
+mean power and mean SM clock (gpt2cu.energy, from NVML: at the power limit, where an H100 or H200 runs these steps,
+speed follows energy per step). Timings compare only within one run.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import time
 import numpy as np
 
 from gpt2cu.data import InMemoryBatches
+from gpt2cu.energy import EnergyMeter
 from gpt2cu.memory import plan
 from gpt2cu.models import config_from_descriptor, family_of, gpt2, llama
 from gpt2cu.optim import AdamWConfig
@@ -48,6 +51,25 @@ def communicator(zero, backend):
     if not _NCCL:
         _NCCL.append(NCCLComm(MPIComm(), stream=backend.stream))
     return _NCCL[0]
+
+
+_METER = []  # [EnergyMeter or None], opened once
+
+
+def energy_meter():
+    """The NVML meter of the current CUDA device, or None (and a line saying why)."""
+    if not _METER:
+        import cupy as cp
+        _METER.append(EnergyMeter.open(cp.cuda.runtime.deviceGetPCIBusId(cp.cuda.Device().id)))
+        if _METER[0] is None:
+            print(f"energy not measured: {EnergyMeter.why_not}", flush=True)
+    return _METER[0]
+
+
+def energy_fields(reading, steps):
+    if reading is None:
+        return dict(j_step=None, watts=None, sm_mhz=None)
+    return dict(j_step=reading.joules / steps, watts=reading.watts, sm_mhz=reading.sm_mhz)
 
 
 def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
@@ -85,12 +107,16 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
         step()
     drain()
     backend.synchronize()
+    meter = energy_meter()
+    if meter:
+        meter.start()
     start.record(backend.stream)
     for _ in range(steps):
         phases.append(step())
     end.record(backend.stream)
     drain()
     end.synchronize()
+    reading = meter.stop() if meter else None
     ms = cp.cuda.get_elapsed_time(start, end) / steps
     fwd_bwd_ms = sum(cp.cuda.get_elapsed_time(e["start"], e["backward"]) for e in phases) / steps
     update_ms = sum(cp.cuda.get_elapsed_time(e["reduced"], e["updated"]) for e in phases) / steps
@@ -101,7 +127,7 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
     gc.collect()
     pool.free_all_blocks()
     return dict(ms=ms, peak=peak, mfu=mfu, device=name, first_loss=losses[0], last_loss=losses[-1],
-                fwd_bwd_ms=fwd_bwd_ms, update_ms=update_ms)
+                fwd_bwd_ms=fwd_bwd_ms, update_ms=update_ms, **energy_fields(reading, steps))
 
 
 def torch_reference(cfg):
@@ -137,18 +163,23 @@ def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
     for i in range(warmup):
         step(i)
     torch.cuda.synchronize()
+    meter = energy_meter()
+    if meter:
+        meter.start()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for i in range(warmup, warmup + steps):
         step(i)
     end.record()
     torch.cuda.synchronize()
+    reading = meter.stop() if meter else None
     ms = start.elapsed_time(end) / steps
     peak = torch.cuda.max_memory_allocated()
     del model, opt, run, batches
     gc.collect()
     torch.cuda.empty_cache()
-    return dict(ms=ms, peak=peak, first_loss=float(losses[0]), last_loss=float(losses[-1]))
+    return dict(ms=ms, peak=peak, first_loss=float(losses[0]), last_loss=float(losses[-1]),
+                **energy_fields(reading, steps))
 
 
 def main():
@@ -194,7 +225,8 @@ def bench_model(cfg, args) -> list:
             row["ours"].append(dict(recompute=r, zero=z, ms=ours["ms"], tok_s=tokens / ours["ms"] * 1e3,
                                     mfu=ours["mfu"], peak_mib=ours["peak"] / 2**20,
                                     planned_mib=sum(plan(cfg, B, args.T, 1, z, r, "cuda").values()) / 2**20,
-                                    loss=(ours["first_loss"], ours["last_loss"])))
+                                    loss=(ours["first_loss"], ours["last_loss"]),
+                                    **{k: ours[k] for k in ("j_step", "watts", "sm_mhz")}))
             if ours["mfu"]:
                 peak_flops = flops_per_token(cfg, args.T) * row["ours"][-1]["tok_s"] / (ours["mfu"] / 100)
         if not args.skip_torch:
@@ -202,30 +234,37 @@ def bench_model(cfg, args) -> list:
             ref = bench_torch(cfg, B, args.T, args.steps, args.warmup)
             print(f"torch.compile B={B}: {ref['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
             row.update(torch_ms=ref["ms"], torch_tok_s=tokens / ref["ms"] * 1e3, torch_peak_mib=ref["peak"] / 2**20,
-                       torch_loss=(ref["first_loss"], ref["last_loss"]))
+                       torch_loss=(ref["first_loss"], ref["last_loss"]),
+                       torch_energy={k: ref[k] for k in ("j_step", "watts", "sm_mhz")})
             row["torch_mfu"] = (100 * flops_per_token(cfg, args.T) * row["torch_tok_s"] / peak_flops
                                 if peak_flops else None)
         rows.append(row)
     return rows
 
 
+def energy_cells(e) -> str:
+    """J/step, W, SM MHz; blanks where not measured"""
+    if not e or e["j_step"] is None:
+        return f"{'':>7} | {'':>5} | {'':>6}"
+    return f"{e['j_step']:>7.1f} | {e['watts']:>5.0f} | {e['sm_mhz']:>6.0f}"
+
+
 def print_table(desc, cfg, rows, T):
     print(f"\n{desc}: {cfg.n_layer} layers, C={cfg.n_embd}, {cfg.num_parameters():,} parameters, T={T}, bf16, "
           f"{rows[0]['device']}")
     print(f"{'B':>4} | {'impl':<19} | {'tok/s':>10} | {'ms/step':>8} | {'MFU':>6} | {'peak MiB':>9} | {'planned':>9} | "
-          f"loss first->last")
+          f"{'J/step':>7} | {'W':>5} | {'SM MHz':>6} | loss first->last")
     for r in rows:
         for o in r["ours"]:
             ratio = f" ({o['tok_s'] / r['torch_tok_s']:.3f}x torch.compile)" if "torch_tok_s" in r else ""
             impl = f"gpt2cu -r {o['recompute']}" + (f" -z {o['zero']}" if o["zero"] else "")
             print(f"{r['B']:>4} | {impl:<19} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
-                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | "
+                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | {energy_cells(o)} | "
                   f"{o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
         if "torch_ms" in r:
             print(f"{r['B']:>4} | {'torch.compile':<19} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "
                   f"{r['torch_mfu'] or 0:>5.1f}% | {r['torch_peak_mib']:>9,.0f} | {'':>9} | "
-                  f"{r['torch_loss'][0]:.3f}->{r['torch_loss'][1]:.3f}")
-
+                  f"{energy_cells(r['torch_energy'])} | {r['torch_loss'][0]:.3f}->{r['torch_loss'][1]:.3f}")
 
 if __name__ == "__main__":
     main()
