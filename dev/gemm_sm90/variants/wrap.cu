@@ -12,4 +12,5 @@ void ab_gelu(void* out, void* pre, const void* a, const void* w, const void* bia
 void ab_dgelu(void* out, float* colsum, const void* a, const void* w, const void* pre, int M, int N, int K, void* stream) {
     gemm_dgelu_sm90((bf16*)out, colsum, (const bf16*)a, (const bf16*)w, (const bf16*)pre, M, N, K, (cudaStream_t)stream);
 }
+int ab_set_cluster(int size) { return gemm_sm90_set_cluster(size); }  // 1 or 2; -1 asks
 }
