@@ -62,9 +62,15 @@
 // (cp.async.bulk.tensor) with an L2 evict-first policy (out and pre are streamed once), which leaves the
 // warpgroup free at once and takes the address math, the coalescing and the row bound off it. Backward: the
 // tile's pre comes into the same panels by TMA (evict-first), requested before the k loop so its latency hides
-// under the products, read with ldmatrix, and out is written in its place. Per consumer warpgroup one 32 KB
-// buffer: in the forward four passes of 64 x 64 out + pre alternating between its halves, in the backward the
-// whole tile. Shared memory: 5 x 32 KB stages + 2 x 32 KB = 224 KB.
+// under the products, read with ldmatrix, and out is written in its place. A 32 KB buffer: in the forward four
+// passes of 64 x 64 out + pre alternating between its halves, in the backward the whole tile. The epilogues that
+// read pre (DGelu, HeadDot, Residual) need one per consumer warpgroup (the next tile's pre lands under the
+// products): 5 x 32 KB stages + 2 x 32 KB = 224 KB. Gelu and Exp fill theirs only after the products, and the two
+// warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once its stores have read
+// it): 192 KB. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
+// 1170 us against 1187 with two buffers, the GeLU forward at fc's the same; the 32 KB left as a sixth stage made
+// both slower (1180, 611 us). The Exp's stores are ~13% of its time (1043 us without them, H200): they cost in
+// proportion to their bytes, by TMA or by st.global, evict-first or not.
 // Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
 // read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
 // epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums 32 of its 128 columns
@@ -123,15 +129,23 @@ constexpr int kBM = 128, kBN = 128, kBK = 64;  // a warpgroup's tile; k per stag
 constexpr int kABytes = kBM * 128;              // 128 rows of 64 k
 constexpr int kBBytes = kBN * 128;              // 128 rows of 64 k
 constexpr int kStageBytes = kABytes + kBBytes;
-constexpr int kStages = 5;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kExpCap = 64.f;  // Exp's largest exponent (base 2): a row's sum of 50304 values stays finite
 constexpr int kPanelBytes = 64 * 128;           // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
-constexpr int kEpiBytes = 4 * kPanelBytes;      // per consumer warpgroup: half a tile of out + pre, or a whole tile
+constexpr int kStages = 5;
+constexpr int kEpiBytes = 4 * kPanelBytes;      // an epilogue buffer: half a tile of out + pre, or a whole tile
 constexpr int kEpiOffset = kStages * kStageBytes;
-constexpr int kBarOffset = kEpiOffset + 2 * kEpiBytes;
-constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
-static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+// The epilogues that read pre (its tile comes by TMA before the products, under them) need a buffer per consumer
+// warpgroup; the others (Gelu, Exp) fill theirs only after the products, and the two warpgroups' epilogues take
+// turns, so they share one, handed over by named barriers (measured: the Exp 1.4% faster than with two buffers).
+__host__ __device__ constexpr bool loads_pre(Epi e) { return e == Epi::DGelu || e == Epi::HeadDot || e == Epi::Residual; }
+template <Epi kEpi>
+struct Layout {
+    static constexpr int kBuffers = loads_pre(kEpi) ? 2 : 1;
+    static constexpr int kBarOffset = kEpiOffset + kBuffers * kEpiBytes;
+    static constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
 static_assert(kBM == 128, "gemm_sm90_row_tiles (gemm_sm90.h) counts row tiles of 128");
 
 // a shared-memory descriptor moved by `bytes` (the address field cannot carry: shared addresses are < 2^18)
@@ -175,12 +189,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int valid_cols) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
+    using L = Layout<kEpi>;
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
     uint64_t* empty = full + kStages;
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
-    constexpr bool kLoadsPre = kEpi == Epi::DGelu || kEpi == Epi::HeadDot || kEpi == Epi::Residual;
+    constexpr bool kLoadsPre = loads_pre(kEpi);
+    constexpr bool kSharedBuffer = L::kBuffers == 1;
     constexpr bool kAddsBias = kEpi == Epi::Gelu || kEpi == Epi::Residual;
     constexpr bool kMInner = kEpi == Epi::Exp;
 
@@ -253,7 +269,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
     const int t = lane & 3;
-    uint8_t* ebuf = smem + kEpiOffset + cw * kEpiBytes;  // panels of 64 rows x 64 columns, 128-byte swizzle
+    // the epilogue's buffer: panels of 64 rows x 64 columns, 128-byte swizzle
+    uint8_t* ebuf = smem + kEpiOffset + (kSharedBuffer ? 0 : cw * kEpiBytes);
     const uint64_t stream_policy = l2_evict_first_policy();  // out, pre: written or read once (A, B stay in L2)
     // the lane's row address for stmatrix / ldmatrix x4 number jp in a panel: matrix q = lane / 8, its row
     // 8 (q & 1) + lane % 8 of the warp's 16, column chunk 2 jp + q / 2 (of 8 columns), which the swizzle puts at
@@ -285,6 +302,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
     };
     if (cw == 1) named_barrier_arrive(1, 256);
+    // the shared epilogue buffer (Gelu, Exp): warpgroup cw waits on barrier 5 + cw before writing into it, and hands
+    // it to the other (6 - cw) once its stores have read it; warpgroup 0 first, as with the turns
+    auto buffer_wait = [&]() {
+        if constexpr (kSharedBuffer) named_barrier_sync(5 + cw, 256);
+    };
+    auto buffer_pass = [&]() {
+        if constexpr (kSharedBuffer) {
+            if (ctid == 0) bulk_wait_read<0>();
+            __syncwarp();
+            named_barrier_arrive(6 - cw, 256);
+        }
+    };
+    if (kSharedBuffer && cw == 1) named_barrier_arrive(5, 256);
 
     // a stage's release: one arrival on its empty barrier in each CTA of the cluster, after the products read it
     auto release = [&](int pos) {
@@ -355,6 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (kEpi == Epi::Gelu) {
             // four passes (mi, hc): out and pre of 64 rows x 64 columns (two panels), alternating between the
             // buffer's halves, so a pass waits only for the stores of the one before the last
+            buffer_wait();
 #pragma unroll
             for (int pass = 0; pass < 4; ++pass) {
                 const int mi = pass >> 1, hc = pass & 1;
@@ -383,11 +414,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                     bulk_commit();
                 }
             }
+            buffer_pass();
         } else if constexpr (kEpi == Epi::Exp) {
-            // the whole tile, panel by panel (64 x 64), once this warpgroup's previous stores have read the buffer;
-            // the row sums of the fp32 values: the lane's 32 columns of each of its 4 rows, then the quad's
-            if (ctid == 0) bulk_wait_read<0>();
-            epi_sync();
+            // the whole tile, panel by panel (64 x 64), once the buffer is this warpgroup's (every store from it
+            // done reading); the row sums of the fp32 values: the lane's 32 columns of each of its 4 rows, then the
+            // quad's
+            buffer_wait();
             const bool edge = n0 + kBN > valid_cols;  // the columns past valid_cols are 0
             float rowsum[2] = {};  // rows g, g + 8 of the warp's 16 in sub-tile mi = p / 2
 #pragma unroll
@@ -419,6 +451,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
             }
             store_tile(m0, n0);
+            buffer_pass();
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
@@ -504,7 +537,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     // the turn passed after this CTA's last tile goes to warpgroup (tile count) % 2: it takes it, so every
     // arrival is matched
     const int my_tiles = (num_units - cluster_id + clusters - 1) / clusters;
-    if (cw == my_tiles % 2) turn_wait();
+    if (cw == my_tiles % 2) {
+        turn_wait();
+        buffer_wait();  // likewise the last hand-over of the shared buffer
+    }
     __syncwarp();
     if (cluster > 1) cluster_sync();  // the peer's last arrivals on this CTA's barriers are in
 #endif
@@ -533,7 +569,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
             cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
             const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
     const auto kernel = gemm_sm90_kernel<kEpi>;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    constexpr int smem_bytes = Layout<kEpi>::kSmemBytes;
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     const int tiles_m = ceil_div(M, kBM);
     const int cluster = g_cluster.get() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN / cluster);
@@ -546,7 +583,7 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     attr[0].val.clusterDim.x = cluster;
     attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
     config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSmemBytes;
+    config.dynamicSmemBytes = smem_bytes;
     config.stream = stream;
     config.attrs = attr;
     config.numAttrs = 1;
