@@ -69,8 +69,8 @@
 // warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once its stores have read
 // it): 192 KB. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
 // 1170 us against 1187 with two buffers, the GeLU forward at fc's the same; the 32 KB left as a sixth stage made
-// both slower (1180, 611 us). The Exp's stores are ~13% of its time (1043 us without them, H200): they cost in
-// proportion to their bytes, by TMA or by st.global, evict-first or not.
+// both slower (1180, 611 us). The Exp's stores are 9-11% of its time (H200): they cost about in proportion to their
+// bytes, by TMA or by st.global, evict-first or not (docs/perf.md, twelfth session).
 // Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
 // read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
 // epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums 32 of its 128 columns

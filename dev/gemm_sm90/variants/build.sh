@@ -24,9 +24,6 @@ want plain && build plain 's/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rows
 want evictnormal && build evictnormal 's/createpolicy.fractional.L2::evict_first.b64/createpolicy.fractional.L2::evict_normal.b64/'
 # the tile's stores of only half its panels (does the stores' cost scale with their bytes?)
 want halfstore && build halfstore '/auto store_tile/,/bulk_commit/ s/p < 4/p < 2/'
-# the ring of stages one shorter (is the products' wait for the loads what the stores lengthen?)
-want stages4 && build stages4 's/constexpr int kStages = 5;/constexpr int kStages = 4;/'
-want s4nostore && build s4nostore 's/constexpr int kStages = 5;/constexpr int kStages = 4;/; s/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rowsum\[h\] += x0 + x1;//; s/store_tile(m0, n0);//'
 want nostore && build nostore 's/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rowsum\[h\] += x0 + x1;//; s/store_tile(m0, n0);//'
 # the DGelu (and HeadDot) epilogue with no pre: no TMA loads of it, no wait for them (the panels' stale contents read)
 want nopre && build nopre '/mbar_arrive_expect_tx(&pre_full\[cw\], kEpiBytes);/,+4d; s/mbar_wait(&pre_full\[cw\], it \& 1);//'
