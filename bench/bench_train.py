@@ -59,16 +59,16 @@ _METER = []  # [EnergyMeter or None], opened once
 def energy_meter():
     """The NVML meter of the current CUDA device, or None (and a line saying why)."""
     if not _METER:
-        import cupy as cp
-        _METER.append(EnergyMeter.open(cp.cuda.runtime.deviceGetPCIBusId(cp.cuda.Device().id)))
+        _METER.append(EnergyMeter.open_cuda())
         if _METER[0] is None:
             print(f"energy not measured: {EnergyMeter.why_not}", flush=True)
     return _METER[0]
 
 
-def energy_fields(reading, steps):
+def energy_per_step(reading, steps):
+    """{j_step, watts, sm_mhz} over the timed steps, or None where not measured"""
     if reading is None:
-        return dict(j_step=None, watts=None, sm_mhz=None)
+        return None
     return dict(j_step=reading.joules / steps, watts=reading.watts, sm_mhz=reading.sm_mhz)
 
 
@@ -127,7 +127,7 @@ def bench_gpt2cu(cfg, B, T, steps, warmup, recompute, zero=0):
     gc.collect()
     pool.free_all_blocks()
     return dict(ms=ms, peak=peak, mfu=mfu, device=name, first_loss=losses[0], last_loss=losses[-1],
-                fwd_bwd_ms=fwd_bwd_ms, update_ms=update_ms, **energy_fields(reading, steps))
+                fwd_bwd_ms=fwd_bwd_ms, update_ms=update_ms, energy=energy_per_step(reading, steps))
 
 
 def torch_reference(cfg):
@@ -179,7 +179,7 @@ def bench_torch(cfg, B, T, steps, warmup, compile_model=True):
     gc.collect()
     torch.cuda.empty_cache()
     return dict(ms=ms, peak=peak, first_loss=float(losses[0]), last_loss=float(losses[-1]),
-                **energy_fields(reading, steps))
+                energy=energy_per_step(reading, steps))
 
 
 def main():
@@ -226,7 +226,7 @@ def bench_model(cfg, args) -> list:
                                     mfu=ours["mfu"], peak_mib=ours["peak"] / 2**20,
                                     planned_mib=sum(plan(cfg, B, args.T, 1, z, r, "cuda").values()) / 2**20,
                                     loss=(ours["first_loss"], ours["last_loss"]),
-                                    **{k: ours[k] for k in ("j_step", "watts", "sm_mhz")}))
+                                    energy=ours["energy"]))
             if ours["mfu"]:
                 peak_flops = flops_per_token(cfg, args.T) * row["ours"][-1]["tok_s"] / (ours["mfu"] / 100)
         if not args.skip_torch:
@@ -235,7 +235,7 @@ def bench_model(cfg, args) -> list:
             print(f"torch.compile B={B}: {ref['ms']:.2f} ms/step ({time.time() - t0:.0f}s)", flush=True)
             row.update(torch_ms=ref["ms"], torch_tok_s=tokens / ref["ms"] * 1e3, torch_peak_mib=ref["peak"] / 2**20,
                        torch_loss=(ref["first_loss"], ref["last_loss"]),
-                       torch_energy={k: ref[k] for k in ("j_step", "watts", "sm_mhz")})
+                       torch_energy=ref["energy"])
             row["torch_mfu"] = (100 * flops_per_token(cfg, args.T) * row["torch_tok_s"] / peak_flops
                                 if peak_flops else None)
         rows.append(row)
@@ -244,7 +244,7 @@ def bench_model(cfg, args) -> list:
 
 def energy_cells(e) -> str:
     """J/step, W, SM MHz; blanks where not measured"""
-    if not e or e["j_step"] is None:
+    if e is None:
         return f"{'':>7} | {'':>5} | {'':>6}"
     return f"{e['j_step']:>7.1f} | {e['watts']:>5.0f} | {e['sm_mhz']:>6.0f}"
 
@@ -259,7 +259,7 @@ def print_table(desc, cfg, rows, T):
             ratio = f" ({o['tok_s'] / r['torch_tok_s']:.3f}x torch.compile)" if "torch_tok_s" in r else ""
             impl = f"gpt2cu -r {o['recompute']}" + (f" -z {o['zero']}" if o["zero"] else "")
             print(f"{r['B']:>4} | {impl:<19} | {o['tok_s']:>10,.0f} | {o['ms']:>8.2f} | "
-                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | {energy_cells(o)} | "
+                  f"{o['mfu'] or 0:>5.1f}% | {o['peak_mib']:>9,.0f} | {o['planned_mib']:>9,.0f} | {energy_cells(o['energy'])} | "
                   f"{o['loss'][0]:.3f}->{o['loss'][1]:.3f}{ratio}")
         if "torch_ms" in r:
             print(f"{r['B']:>4} | {'torch.compile':<19} | {r['torch_tok_s']:>10,.0f} | {r['torch_ms']:>8.2f} | "

@@ -6,6 +6,7 @@ it a kernel's speed, depends on the energy everything around it uses. Two progra
 joules per step as much as in milliseconds; bench/bench_train.py reports both from the same run.
 
     meter = EnergyMeter.open(pci_bus_id)    # None, with EnergyMeter.why_not set, where NVML is unavailable
+                                            # (EnergyMeter.open_cuda(): the current CUDA device's)
     meter.start(); ...work...; reading = meter.stop()
     reading.joules, reading.watts, reading.sm_mhz
 
@@ -67,6 +68,13 @@ class EnergyMeter:
             cls.why_not = str(e)
             return None
         return meter
+
+    @classmethod
+    def open_cuda(cls, device: int | None = None, sample_s: float = 0.02) -> "EnergyMeter | None":
+        """The meter of CUDA device `device` (the current one if None), found by its PCI bus id through CuPy."""
+        import cupy as cp
+        index = cp.cuda.Device().id if device is None else device
+        return cls.open(cp.cuda.runtime.deviceGetPCIBusId(index), sample_s)
 
     def _query(self, call, *args, ctype=ctypes.c_uint):
         value = ctype()

@@ -16,7 +16,7 @@ def test_meter_without_nvml_says_why():
 @pytest.mark.gpu
 def test_meter_over_busy_gpu(cuda_backend):
     import cupy as cp
-    meter = EnergyMeter.open(cp.cuda.runtime.deviceGetPCIBusId(cp.cuda.Device().id))
+    meter = EnergyMeter.open_cuda()
     if meter is None:
         pytest.skip(f"NVML's energy counter unavailable: {EnergyMeter.why_not}")
     with pytest.raises(RuntimeError, match="not started"):

@@ -105,7 +105,7 @@ def main():
                                                                1.0 / rows, V), 3 * head),
         ("LM head forward, plain (cuBLASLt)", lambda: be.matmul_forward(logits, hid, wte, None), head),
     ]
-    meter = EnergyMeter.open(cp.cuda.runtime.deviceGetPCIBusId(cp.cuda.Device().id))
+    meter = EnergyMeter.open_cuda()
     if meter is None:
         print(f"energy not measured: {EnergyMeter.why_not}")
     rows = [(name, flops, *measure(fn, stream, args.seconds, meter)) for name, fn, flops in ops]

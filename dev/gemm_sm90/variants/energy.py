@@ -3,14 +3,13 @@ head's shape (the Exp epilogue) and fc's (the GeLU forward's): each run back to 
 the board's energy over that window (gpt2cu.energy, NVML). Variant "main" runs with clusters of 2 CTAs and of 1.
     python3 energy.py LIBS [SECONDS]   LIBS: comma-separated variant names (build.sh), e.g. main,plain,nostore"""
 import ctypes, os, sys, time
-import cupy as cp
 import torch
 from gpt2cu.energy import EnergyMeter
 
 libs = {n: ctypes.CDLL(os.path.join(os.environ.get("AB_DIR", "/tmp/gemm_sm90_variants"), f"lib_{n}.so"))
         for n in sys.argv[1].split(",")}
 seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
-meter = EnergyMeter.open(cp.cuda.runtime.deviceGetPCIBusId(torch.cuda.current_device()))
+meter = EnergyMeter.open_cuda(torch.cuda.current_device())
 if meter is None:
     sys.exit(f"energy.py: {EnergyMeter.why_not}")
 sp = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
