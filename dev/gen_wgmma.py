@@ -33,5 +33,5 @@ print("// d: the m64nN fp32 accumulator fragment of this thread (N/2 floats); da
 print("// descriptors; a: the A fragment in registers (4 x bf16x2); scale_d == 0 makes d = A*B (no accumulate);")
 print("// TA/TB: 1 = the operand is MN-major (transposed), 0 = K-major.")
 print("#pragma once\n#include <cstdint>\n")
-for n in (64, 128):
+for n in (64, 128, 192):
     print(ss(n)); print(rs(n))

@@ -125,22 +125,26 @@ enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual };  // the forward's GeLU e
 constexpr int kThreads = 384;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
-constexpr int kBM = 128, kBN = 128, kBK = 64;  // a warpgroup's tile; k per stage (one 128-byte swizzled panel)
-constexpr int kABytes = kBM * 128;              // 128 rows of 64 k
-constexpr int kBBytes = kBN * 128;              // 128 rows of 64 k
-constexpr int kStageBytes = kABytes + kBBytes;
+constexpr int kBM = 128, kBK = 64;  // a warpgroup's tile rows; k per stage (one 128-byte swizzled panel)
+constexpr int kABytes = kBM * 128;  // 128 rows of 64 k
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kExpCap = 64.f;  // Exp's largest exponent (base 2): a row's sum of 50304 values stays finite
-constexpr int kPanelBytes = 64 * 128;           // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
-constexpr int kStages = 5;
-constexpr int kEpiBytes = 4 * kPanelBytes;      // an epilogue buffer: half a tile of out + pre, or a whole tile
-constexpr int kEpiOffset = kStages * kStageBytes;
+constexpr int kPanelBytes = 64 * 128;  // the epilogue's TMA box: 64 rows x 64 bf16 columns, swizzled
 // The epilogues that read pre (its tile comes by TMA before the products, under them) need a buffer per consumer
 // warpgroup; the others (Gelu, Exp) fill theirs only after the products, and the two warpgroups' epilogues take
 // turns, so they share one, handed over by named barriers (measured: the Exp 1.4% faster than with two buffers).
 __host__ __device__ constexpr bool loads_pre(Epi e) { return e == Epi::DGelu || e == Epi::HeadDot || e == Epi::Residual; }
-template <Epi kEpi>
+// The shared memory of a tile kBN columns wide (gemm_sm90_tile_cols): the stages' ring, then the epilogue buffers
+// (Gelu: two passes of a 64 x 64 out + pre; the others: the whole tile), then the barriers.
+template <Epi kEpi, int kBN>
 struct Layout {
+    static_assert(kBN == 128 || kBN == 192, "tile widths: 128, 192");
+    static_assert(kBN == 128 || !loads_pre(kEpi), "two 48 KB buffers and the 40 KB stages would not fit");
+    static constexpr int kPanels = kBN / 64;  // a tile row's panels of 64 columns
+    static constexpr int kStageBytes = kABytes + kBN * 128;
+    static constexpr int kStages = kBN == 128 ? 5 : 4;
+    static constexpr int kEpiOffset = kStages * kStageBytes;
+    static constexpr int kEpiBytes = (kEpi == Epi::Gelu ? 4 : 2 * kPanels) * kPanelBytes;
     static constexpr int kBuffers = loads_pre(kEpi) ? 2 : 1;
     static constexpr int kBarOffset = kEpiOffset + kBuffers * kEpiBytes;
     static constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
@@ -154,7 +158,7 @@ __device__ __forceinline__ uint64_t desc_at(uint64_t desc, uint32_t bytes) {
 }
 
 // the first row and column of tile `tile`: row-major tile order, or column-major (m_inner)
-template <bool kMInner>
+template <bool kMInner, int kBN>
 __device__ __forceinline__ int2 tile_origin(int tile, int tiles_m, int tiles_n) {
     return kMInner ? make_int2((tile % tiles_m) * kBM, (tile / tiles_m) * kBN)
                    : make_int2((tile / tiles_n) * kBM, (tile % tiles_n) * kBN);
@@ -173,6 +177,15 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
+// one m64 x kBN x k16 product, both operands K-major in shared memory
+template <int kBN>
+__device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uint64_t db, bool accumulate) {
+    if constexpr (kBN == 128)
+        wgmma_ss_n128<0, 0>(d, da, db, accumulate);
+    else
+        wgmma_ss_n192<0, 0>(d, da, db, accumulate);
+}
+
 // The accumulator of m64 sub-tile mi: acc[mi][4j + 2h + e] is row 64 mi + 16 warp + g + 8h, column 8j + 2t + e of
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
@@ -180,7 +193,7 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
 // tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
 // column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's; row_shift, row_sums,
 // valid_cols: Exp's.
-template <Epi kEpi>
+template <Epi kEpi, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
@@ -189,7 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int valid_cols) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
-    using L = Layout<kEpi>;
+    using L = Layout<kEpi, kBN>;
+    constexpr int kStages = L::kStages, kStageBytes = L::kStageBytes, kPanels = L::kPanels;
     extern __shared__ uint8_t smem_raw[];
     uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBarOffset);
@@ -197,7 +211,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
     constexpr bool kLoadsPre = loads_pre(kEpi);
     constexpr bool kSharedBuffer = L::kBuffers == 1;
-    constexpr bool kAddsBias = kEpi == Epi::Gelu || kEpi == Epi::Residual;
+    // Residual's bias is loaded before the products; Gelu's 64 columns at a time in the epilogue (its 192-wide
+    // accumulators leave no 24 registers to hold it through the k loop)
+    constexpr bool kBiasUnderProducts = kEpi == Epi::Residual;
     constexpr bool kMInner = kEpi == Epi::Exp;
 
     const int tid = threadIdx.x;
@@ -211,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int units_m = tiles_m / cluster, num_units = units_m * tiles_n;  // the launch makes tiles_m divisible
     const int cluster_id = (int)blockIdx.x / cluster, clusters = (int)gridDim.x / cluster;
     auto origin = [&](int unit) {
-        const int2 o = tile_origin<kMInner>(unit, units_m, tiles_n);
+        const int2 o = tile_origin<kMInner, kBN>(unit, units_m, tiles_n);
         return make_int2(o.x * cluster + rank * kBM, o.y);
     };
 
@@ -270,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int warp = ctid / 32, lane = ctid % 32;
     const int t = lane & 3;
     // the epilogue's buffer: panels of 64 rows x 64 columns, 128-byte swizzle
-    uint8_t* ebuf = smem + kEpiOffset + (kSharedBuffer ? 0 : cw * kEpiBytes);
+    uint8_t* ebuf = smem + L::kEpiOffset + (kSharedBuffer ? 0 : cw * L::kEpiBytes);
     const uint64_t stream_policy = l2_evict_first_policy();  // out, pre: written or read once (A, B stay in L2)
     // the lane's row address for stmatrix / ldmatrix x4 number jp in a panel: matrix q = lane / 8, its row
     // 8 (q & 1) + lane % 8 of the warp's 16, column chunk 2 jp + q / 2 (of 8 columns), which the swizzle puts at
@@ -290,14 +306,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto turn_wait = [&]() { named_barrier_sync(1 + cw, 256); };
     auto turn_pass = [&]() { named_barrier_arrive(2 - cw, 256); };
     auto epi_sync = [&]() { named_barrier_sync(3 + cw, 128); };
-    // the whole tile's four panels, once every warp's stmatrix is done, to out by TMA (one thread issues them)
+    // the whole tile's panels (panel p: rows 64 (p / kPanels), columns 64 (p % kPanels)), once every warp's
+    // stmatrix is done, to out by TMA (one thread issues them)
     auto store_tile = [&](int m0, int n0) {
         fence_proxy_async();
         epi_sync();
         if (ctid == 0) {
 #pragma unroll
-            for (int p = 0; p < 4; ++p)
-                tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p & 1), m0 + 64 * (p >> 1), stream_policy);
+            for (int p = 0; p < MI * kPanels; ++p)
+                tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p % kPanels), m0 + 64 * (p / kPanels),
+                             stream_policy);
             bulk_commit();
         }
     };
@@ -329,19 +347,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
         // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
         // previous tile's stores have read the buffer
-        uint32_t bias2[kAddsBias ? kBN / 8 : 1];
-        if constexpr (kAddsBias) {
+        uint32_t bias2[kBiasUnderProducts ? kBN / 8 : 1];
+        if constexpr (kBiasUnderProducts) {
 #pragma unroll
             for (int j = 0; j < kBN / 8; ++j)
                 bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
         }
         if (kLoadsPre && ctid == 0) {
             bulk_wait_read<0>();
-            mbar_arrive_expect_tx(&pre_full[cw], kEpiBytes);
+            mbar_arrive_expect_tx(&pre_full[cw], L::kEpiBytes);
 #pragma unroll
-            for (int p = 0; p < 4; ++p)
-                tma_load_2d(ebuf + p * kPanelBytes, &tm_pre, &pre_full[cw], n0 + 64 * (p & 1), m0 + 64 * (p >> 1),
-                            stream_policy);
+            for (int p = 0; p < MI * kPanels; ++p)
+                tma_load_2d(ebuf + p * kPanelBytes, &tm_pre, &pre_full[cw], n0 + 64 * (p % kPanels),
+                            m0 + 64 * (p / kPanels), stream_policy);
         }
 
         const int pos0 = i * num_kb;
@@ -354,8 +372,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
                 for (int mi = 0; mi < MI; ++mi)
-                    wgmma_ss_n128<0, 0>(acc[mi], desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
-                                        desc_at(db0, st * kStageBytes + kk * 32), kb > 0 || kk > 0);
+                    wgmma_tile<kBN>(acc[mi], desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
+                                    desc_at(db0, st * kStageBytes + kk * 32), kb > 0 || kk > 0);
             wgmma_commit();
             if (kb > 0) {  // the previous k-block's products are done: release its stage
                 wgmma_wait<1>();
@@ -383,33 +401,40 @@ __global__ void __launch_bounds__(kThreads, 1)
         // ---------------- epilogue: registers -> swizzled shared panels (stmatrix) -> TMA stores ----------------
         // (the stores clip the rows past M; one thread issues them and waits for their reads of the buffer)
         if constexpr (kEpi == Epi::Gelu) {
-            // four passes (mi, hc): out and pre of 64 rows x 64 columns (two panels), alternating between the
-            // buffer's halves, so a pass waits only for the stores of the one before the last
+            // a pass per 64 x 64 panel (mi, pc): its out and pre (two panels) into one of the buffer's halves, in
+            // turn, so a pass waits only for the stores of the one before the last
             buffer_wait();
 #pragma unroll
-            for (int pass = 0; pass < 4; ++pass) {
-                const int mi = pass >> 1, hc = pass & 1;
+            for (int pass = 0; pass < MI * kPanels; ++pass) {
+                const int mi = pass / kPanels, pc = pass % kPanels, half = pass & 1;
+                // the bias of the lane's column pairs in the pass's 64 columns (j: columns 8 j + 2t, + 1), its
+                // latency under the wait for the buffer's half
+                uint32_t bias_pass[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    bias_pass[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 64 * pc + 8 * j + 2 * t))
+                                        : 0u;
                 if (ctid == 0) bulk_wait_read<1>();
                 epi_sync();
 #pragma unroll
                 for (int jq = 0; jq < 4; ++jq) {
-                    const int jp = 4 * hc + jq;
+                    const int jp = 4 * pc + jq;
                     uint32_t o[4], pr[4];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {  // pair 4jp + e: columns 16jp + 8(e >> 1) + 2t, +1
-                        const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
+                        const float2 b = bf16x2_to_float2(bias_pass[2 * jq + (e >> 1)]);
                         const float x0 = acc[mi][8 * jp + 2 * e] + b.x, x1 = acc[mi][8 * jp + 2 * e + 1] + b.y;
                         o[e] = pack_bf16x2(x0 * gelu_sigmoid(x0), x1 * gelu_sigmoid(x1));
                         pr[e] = pack_bf16x2(x0, x1);
                     }
-                    stmatrix_x4(mat_addr(2 * hc, jp), o[0], o[1], o[2], o[3]);
-                    stmatrix_x4(mat_addr(2 * hc + 1, jp), pr[0], pr[1], pr[2], pr[3]);
+                    stmatrix_x4(mat_addr(2 * half, jp), o[0], o[1], o[2], o[3]);
+                    stmatrix_x4(mat_addr(2 * half + 1, jp), pr[0], pr[1], pr[2], pr[3]);
                 }
                 fence_proxy_async();
                 epi_sync();
                 if (ctid == 0) {
-                    tma_store_2d(&tm_out, ebuf + 2 * hc * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi, stream_policy);
-                    tma_store_2d(&tm_pre, ebuf + (2 * hc + 1) * kPanelBytes, n0 + 64 * hc, m0 + 64 * mi,
+                    tma_store_2d(&tm_out, ebuf + 2 * half * kPanelBytes, n0 + 64 * pc, m0 + 64 * mi, stream_policy);
+                    tma_store_2d(&tm_pre, ebuf + (2 * half + 1) * kPanelBytes, n0 + 64 * pc, m0 + 64 * mi,
                                  stream_policy);
                     bulk_commit();
                 }
@@ -423,11 +448,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             const bool edge = n0 + kBN > valid_cols;  // the columns past valid_cols are 0
             float rowsum[2] = {};  // rows g, g + 8 of the warp's 16 in sub-tile mi = p / 2
 #pragma unroll
-            for (int p = 0; p < 4; ++p) {
-                const int mi = p >> 1;
+            for (int p = 0; p < MI * kPanels; ++p) {
+                const int mi = p / kPanels, pc = p % kPanels;
 #pragma unroll
                 for (int jq = 0; jq < 4; ++jq) {
-                    const int jp = 4 * (p & 1) + jq;
+                    const int jp = 4 * pc + jq;
                     uint32_t v[4];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1), columns 16 jp + 8 (e >> 1) + 2t, + 1
@@ -443,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     }
                     stmatrix_x4(mat_addr(p, jp), v[0], v[1], v[2], v[3]);
                 }
-                if (p & 1) {  // the sub-tile's 128 columns done: the quad's sums; lanes t = 0, 1 write rows g, g + 8
+                if (pc == kPanels - 1) {  // the sub-tile's columns done: the quad's sums; lanes t = 0, 1 write rows g, g + 8
                     quad_sum(rowsum);
                     const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * t;
                     if (t < 2 && m < M) row_sums[(size_t)(n0 / kBN) * M + m] = t ? rowsum[1] : rowsum[0];
@@ -456,6 +481,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
             // acc + bias + pre (Residual) written in its place
+            static_assert(kBN == 128, "the epilogues that read pre: 128-column tiles (Layout)");
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
@@ -564,12 +590,12 @@ CUtensorMap operand_map(const bf16* p, int rows, int K, int box_rows) {
 
 EnvSwitch g_cluster("GPT2CU_SM90_CLUSTER", 2, 1);  // gemm_sm90_set_cluster: the CTAs of a cluster, 2 or 1
 
-template <Epi kEpi>
+template <Epi kEpi, int kBN = 128>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
             cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
             const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
-    const auto kernel = gemm_sm90_kernel<kEpi>;
-    constexpr int smem_bytes = Layout<kEpi>::kSmemBytes;
+    const auto kernel = gemm_sm90_kernel<kEpi, kBN>;
+    constexpr int smem_bytes = Layout<kEpi, kBN>::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     const int tiles_m = ceil_div(M, kBM);
     const int cluster = g_cluster.get() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
@@ -609,7 +635,7 @@ int gemm_sm90_set_cluster(int size) {
 }
 
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs) {
-    if (M < 1 || N < 1 || K < 1 || N % kBN != 0 || K % kBK != 0) return false;
+    if (M < 1 || N < 1 || K < 1 || N % 128 != 0 || K % kBK != 0) return false;
     for (const void* p : ptrs)
         if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
     return true;
@@ -618,7 +644,10 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
+    if (gemm_sm90_tile_cols(N) == 192)
+        launch<Epi::Gelu, 192>(out, a, w, pre, bias, M, N, K, stream);
+    else
+        launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
 }
 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
@@ -646,6 +675,10 @@ void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, con
                    int valid_cols, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w}) && valid_cols >= 1 && valid_cols <= N && row_sums && row_shift,
             "gemm_exp_sm90: unsupported shape");
-    launch<Epi::Exp>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
-                     valid_cols);
+    if (gemm_sm90_tile_cols(N) == 192)
+        launch<Epi::Exp, 192>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
+                              valid_cols);
+    else
+        launch<Epi::Exp>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
+                         valid_cols);
 }

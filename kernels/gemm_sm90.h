@@ -16,6 +16,10 @@ int gemm_sm90_set_cluster(int size);
 // (null ones aside); any M >= 1
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs);
 
+// The column width of gemm_gelu_forward_sm90's and gemm_exp_sm90's tiles at N columns: 192 where it divides N (GPT-2's
+// 3072 and 50304: a k-block's loads feed 1.5x the products of a 128-wide tile), else 128.
+inline int gemm_sm90_tile_cols(int N) { return N % 192 == 0 ? 192 : 128; }
+
 // pre (M, N) = a (M, K) @ w (N, K)^T + bias (N) (bias may be null), out = gelu(pre): both bf16, out from the
 // fp32 value (cuBLASLt's GELU_AUX_BIAS)
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
@@ -42,8 +46,8 @@ void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, con
                         int T, int head_size, cudaStream_t stream);
 
 // The LM head's forward (lm_head.cu): out (M, N) = round(2^min(log2(e) (a (M, K) @ w (N, K)^T - row_shift[m]), 64))
-// in the columns < valid_cols, 0 in the others; row_sums (N / 128, M) fp32: row_sums[j * M + m] = the sum of row m's
-// values in columns 128 j .. 128 j + 127 (fp32, before the rounding). Tiles in column-major order (w, the vocabulary,
+// in the columns < valid_cols, 0 in the others; row_sums (N / w, M) fp32, w = gemm_sm90_tile_cols(N): row_sums[j * M +
+// m] = the sum of row m's values in columns w j .. w j + w - 1 (fp32, before the rounding). Tiles in column-major order (w, the vocabulary,
 // read once).
 void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,
                    int valid_cols, cudaStream_t stream);

@@ -10,7 +10,7 @@
 // Hopper: dlogits is never formed. For any constant r_i of a row, softmax(x_i) = E_i / S_i with E_ij = exp(x_ij - r_i)
 // and S_i = sum_j E_ij; with r_i = x_i[t_i], E_it = 1 and loss_i = ln S_i. So:
 //   1. target_logit   r_i = hidden_i . W[t_i] in fp32 (+inf for a masked row: its E is 0)
-//   2. gemm_exp_sm90  E = round(exp(x - r)) into the logits buffer, and per 128-column tile each row's sum of E
+//   2. gemm_exp_sm90  E = round(exp(x - r)) into the logits buffer, and per column tile each row's sum of E
 //   3. combine        S_i = the row's partial sums added in a fixed order, loss_i = ln S_i, s_i = dloss / S_i, and
 //                     in place E_it -= S_i, so that dlogits_i = s_i E_i; hidden_scaled_i = round(s_i hidden_i)
 //   4. fixup          the rows combine flagged (below)
@@ -251,7 +251,7 @@ void lm_head_loss(float* losses, bf16* dhidden, bf16* dweight, bf16* logits, con
     gemm_exp_sm90(logits, s.partials, hidden, weight, s.shift, N, Vp, C, V, stream);
     combine_kernel<<<ceil_div(N, kCombineRows), 256, 0, stream>>>(losses, s.row_scale, s.flagged, logits,
                                                                   s.hidden_scaled, s.partials, hidden, targets, dloss,
-                                                                  N, C, Vp, Vp / 128);
+                                                                  N, C, Vp, Vp / gemm_sm90_tile_cols(Vp));
     CUDA_CHECK_LAUNCH();
     static int sms = 0;
     if (sms == 0) sms = device_sm_count();

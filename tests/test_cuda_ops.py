@@ -402,7 +402,7 @@ def test_matmul_backward(cuda, case, C, OC, with_dbias, gelu):
 # either one last; C = 64: a single k-block), and two it leaves to cuBLASLt (C = 96, OC = 200). Setting 0
 # (matmul_set_sm90) runs cuBLASLt on all of them; elsewhere than on Hopper both settings run cuBLASLt.
 SM90_GELU_SHAPES = [(1000, 256, 768), (4097, 512, 256), (77, 768, 512), (5000, 64, 1536), (1000, 96, 256),
-                    (1000, 256, 200)]  # (rows, C, OC)
+                    (1000, 256, 200), (4097, 128, 1152)]  # (rows, C, OC); 768, 1536, 1152: 192-column tiles
 
 
 # on: 0 cuBLASLt; 1 gemm_sm90 with its default clusters (2 CTAs sharing the weight loads where the row tiles pair

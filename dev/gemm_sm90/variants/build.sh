@@ -1,4 +1,4 @@
-# Builds lib_<variant>.so of gemm_sm90.cu with one sed edit each (of gemm_sm90.cu and sm90_common.cuh) for ab.py: the Exp epilogue's tile order, its exp2,
+# Builds lib_<variant>.so of gemm_sm90.cu with one sed edit each (of gemm_sm90.cu, gemm_sm90.h, sm90_common.cuh) for ab.py: the Exp epilogue's tile order, its exp2,
 # its row sums; the DGelu epilogue without its pre loads (stale panels read) or without gelu' (out = acc * pre).
 # Run from the repo root: bash dev/gemm_sm90/variants/build.sh [variant ...] (default: all); then
 #   python3 dev/gemm_sm90/variants/ab.py main,rowmajor,noexp,nosum        (the LM head's and fc's shapes)
@@ -8,13 +8,15 @@ set -e
 D=${AB_DIR:-/tmp/gemm_sm90_variants}; mkdir -p $D
 build() {  # name sed-expr
   mkdir -p $D/src_$1 && cp kernels/*.cu kernels/*.cuh kernels/*.h $D/src_$1/
-  if [ -n "$2" ]; then sed -i "$2" $D/src_$1/gemm_sm90.cu $D/src_$1/sm90_common.cuh; fi
+  if [ -n "$2" ]; then sed -i "$2" $D/src_$1/gemm_sm90.cu $D/src_$1/gemm_sm90.h $D/src_$1/sm90_common.cuh; fi
   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
      -I $D/src_$1 $D/src_$1/gemm_sm90.cu dev/gemm_sm90/variants/wrap.cu -o $D/lib_$1.so
 }
 want() { [ -z "$VARIANTS" ] || [[ " $VARIANTS " == *" $1 "* ]]; }
 VARIANTS="$*"
 want main && build main ""
+# the Gelu and Exp epilogues on 128-column tiles where 192 would divide N
+want n128 && build n128 's/return N % 192 == 0 ? 192 : 128;/return 128;/'
 want rowmajor && build rowmajor 's/constexpr bool kMInner = kEpi == Epi::Exp;/constexpr bool kMInner = false;/'
 want noexp && build noexp 's/float x\([01]\) = fast_exp2(/float x\1 = (/'
 want nosum && build nosum 's/rowsum\[h\] += x0 + x1;//'
