@@ -13,6 +13,22 @@ __device__ __forceinline__ void wgmma_ss_n{n}(float (&d)[{nr}], uint64_t da, uin
         : "l"(da), "l"(db), "r"(scale_d), "n"(TA), "n"(TB));
 }}
 '''
+def ss_overwrite(n):
+    """d = A*B with d write-only ("=f"): its old value is not an input, so the registers are free before it (the
+    "+f" of the accumulating form would keep a finished tile's accumulators live until the next tile's products)"""
+    nr = n // 2
+    regs = ", ".join(f"%{i}" for i in range(nr))
+    outs = ", ".join(f'"=f"(d[{i}])' for i in range(nr))
+    a, b, ta, tb = nr, nr + 1, nr + 2, nr + 3
+    return f'''template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_n{n}_overwrite(float (&d)[{nr}], uint64_t da, uint64_t db) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 0, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{regs}}}, %{a}, %{b}, p, 1, 1, %{ta}, %{tb};\\n}}\\n"
+        : {outs}
+        : "l"(da), "l"(db), "n"(TA), "n"(TB));
+}}
+'''
 def rs(n):
     nr = n // 2
     regs = ", ".join(f"%{i}" for i in range(nr))
@@ -35,3 +51,5 @@ print("// TA/TB: 1 = the operand is MN-major (transposed), 0 = K-major.")
 print("#pragma once\n#include <cstdint>\n")
 for n in (64, 128, 192):
     print(ss(n)); print(rs(n))
+for n in (128, 192):
+    print(ss_overwrite(n))

@@ -110,6 +110,7 @@
 #include "wgmma_sm90.cuh"
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define GPT2CU_SM90A_DEVICE 1
@@ -123,8 +124,6 @@ enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual };  // the forward's GeLU e
                                                          // gelu'(pre); with the per-head dot products with pre; the
                                                          // LM head's exp; bias and pre added
 constexpr int kThreads = 384;
-constexpr int kProducerRegs = 40, kConsumerRegs = 232;
-static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
 constexpr int kBM = 128, kBK = 64;  // a warpgroup's tile rows; k per stage (one 128-byte swizzled panel)
 constexpr int kABytes = kBM * 128;  // 128 rows of 64 k
 constexpr float kLog2e = 1.4426950408889634f;
@@ -139,16 +138,19 @@ __host__ __device__ constexpr bool loads_pre(Epi e) { return e == Epi::DGelu || 
 template <Epi kEpi, int kBN>
 struct Layout {
     static_assert(kBN == 128 || kBN == 192, "tile widths: 128, 192");
-    static_assert(kBN == 128 || !loads_pre(kEpi), "two 48 KB buffers and the 40 KB stages would not fit");
     static constexpr int kPanels = kBN / 64;  // a tile row's panels of 64 columns
     static constexpr int kStageBytes = kABytes + kBN * 128;
-    static constexpr int kStages = kBN == 128 ? 5 : 4;
+    static constexpr int kStages = kBN == 128 ? 5 : loads_pre(kEpi) ? 3 : 4;  // 227 KB
     static constexpr int kEpiOffset = kStages * kStageBytes;
     static constexpr int kEpiBytes = (kEpi == Epi::Gelu ? 4 : 2 * kPanels) * kPanelBytes;
     static constexpr int kBuffers = loads_pre(kEpi) ? 2 : 1;
     static constexpr int kBarOffset = kEpiOffset + kBuffers * kEpiBytes;
     static constexpr int kSmemBytes = kBarOffset + 8 * (2 * kStages + 2) + 1024;  // + barriers, + alignment slack
     static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+    // registers a thread (setmaxnreg): a 192-wide tile's 192 accumulators take the producer's down to 24 (at 40 / 232
+    // the Gelu epilogue spills 12 bytes); the producer of a 128-wide tile's Exp spills at 24
+    static constexpr int kProducerRegs = kBN == 128 ? 40 : 24, kConsumerRegs = kBN == 128 ? 232 : 240;
+    static_assert(kProducerRegs * 128 + kConsumerRegs * 256 <= 65536, "register file");
 };
 static_assert(kBM == 128, "gemm_sm90_row_tiles (gemm_sm90.h) counts row tiles of 128");
 
@@ -177,10 +179,17 @@ __device__ __forceinline__ float2 bf16x2_to_float2(uint32_t v) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
 }
 
-// one m64 x kBN x k16 product, both operands K-major in shared memory
-template <int kBN>
+// one m64 x kBN x k16 product, both operands K-major in shared memory: d = A B + (accumulate ? d : 0), or
+// (kOverwrite) d = A B with d's old value no input, so that a finished tile's accumulators are dead until the next
+// tile's first product (the accumulating form keeps them live through the epilogue's last work: DGelu's column sums
+// spilled at 192 wide)
+template <int kBN, bool kOverwrite>
 __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uint64_t db, bool accumulate) {
-    if constexpr (kBN == 128)
+    if constexpr (kOverwrite && kBN == 128)
+        wgmma_ss_n128_overwrite<0, 0>(d, da, db);
+    else if constexpr (kOverwrite)
+        wgmma_ss_n192_overwrite<0, 0>(d, da, db);
+    else if constexpr (kBN == 128)
         wgmma_ss_n128<0, 0>(d, da, db, accumulate);
     else
         wgmma_ss_n192<0, 0>(d, da, db, accumulate);
@@ -211,9 +220,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint64_t* pre_full = empty + kStages;  // per consumer warpgroup: its tile's pre arrived (backward)
     constexpr bool kLoadsPre = loads_pre(kEpi);
     constexpr bool kSharedBuffer = L::kBuffers == 1;
-    // Residual's bias is loaded before the products; Gelu's 64 columns at a time in the epilogue (its 192-wide
-    // accumulators leave no 24 registers to hold it through the k loop)
-    constexpr bool kBiasUnderProducts = kEpi == Epi::Residual;
     constexpr bool kMInner = kEpi == Epi::Exp;
 
     const int tid = threadIdx.x;
@@ -251,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     if (wg == 0) {
         // ---------------- producer ----------------
-        setmaxnreg_dec<kProducerRegs>();
+        setmaxnreg_dec<L::kProducerRegs>();
         if (tid == 0) {
             int pos = 0;  // k-blocks loaded so far: ring position
             const int b_rows = kBN / cluster;  // this CTA's share of the B rows (tm_b's box)
@@ -280,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // ---------------- consumers ----------------
-    setmaxnreg_inc<kConsumerRegs>();
+    setmaxnreg_inc<L::kConsumerRegs>();
     const int cw = wg - 1;  // tiles cw, cw + 2, ... of this CTA
     const int ctid = tid - 128 * wg;
     const int warp = ctid / 32, lane = ctid % 32;
@@ -339,20 +345,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (ctid < cluster) mbar_arrive_cluster(&empty[pos % kStages], ctid);
     };
 
+    // Gelu, Residual: the bias of the lane's column pairs among the 64 columns from n (j: columns n + 8 j + 2t, + 1),
+    // loaded a panel at a time in the epilogue (192-wide accumulators leave no registers to hold a tile's through the
+    // k loop)
+    auto panel_bias = [&](int n, uint32_t (&b)[8]) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            b[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n + 8 * j + 2 * t)) : 0u;
+    };
+
     float acc[MI][kBN / 2];
     int i = cw;  // this CTA's tile index
     for (int unit = cluster_id + cw * clusters, it = 0; unit < num_units; unit += 2 * clusters, i += 2, ++it) {
         const int2 o = origin(unit);
         const int m0 = o.x, n0 = o.y;
-        // forward: the bias of the lane's column pairs (the same for every row), loaded under the products;
-        // backward: the tile's pre by TMA into the warpgroup's buffer (its latency under the products), once the
-        // previous tile's stores have read the buffer
-        uint32_t bias2[kBiasUnderProducts ? kBN / 8 : 1];
-        if constexpr (kBiasUnderProducts) {
-#pragma unroll
-            for (int j = 0; j < kBN / 8; ++j)
-                bias2[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 8 * j + 2 * t)) : 0u;
-        }
+        // DGelu, HeadDot, Residual: the tile's pre by TMA into the warpgroup's buffer (its latency under the
+        // products), once the previous tile's stores have read the buffer
         if (kLoadsPre && ctid == 0) {
             bulk_wait_read<0>();
             mbar_arrive_expect_tx(&pre_full[cw], L::kEpiBytes);
@@ -363,23 +371,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 
         const int pos0 = i * num_kb;
-        turn_wait();
-        for (int kb = 0; kb < num_kb; ++kb) {
+        // k-block kb's products; the first k-block's first ones overwrite the accumulators (peeled, so that the
+        // loop's accumulating form does not make them live before it). Not Gelu's: peeled, its loop spills 12-24
+        // bytes, and its epilogue has no work after the accumulators' last use.
+        constexpr bool kOverwrite = kEpi != Epi::Gelu;
+        auto k_block = [&](int kb, auto first_block) {
             const int pos = pos0 + kb, st = pos % kStages;
             mbar_wait(&full[st], (pos / kStages) & 1);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-                for (int mi = 0; mi < MI; ++mi)
-                    wgmma_tile<kBN>(acc[mi], desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
-                                    desc_at(db0, st * kStageBytes + kk * 32), kb > 0 || kk > 0);
+                for (int mi = 0; mi < MI; ++mi) {
+                    const uint64_t da = desc_at(da0, st * kStageBytes + mi * 64 * 128 + kk * 32),
+                                   db = desc_at(db0, st * kStageBytes + kk * 32);
+                    constexpr bool kFirstBlock = decltype(first_block)::value;
+                    if (kOverwrite && kFirstBlock && kk == 0)
+                        wgmma_tile<kBN, kOverwrite && kFirstBlock>(acc[mi], da, db, false);
+                    else
+                        wgmma_tile<kBN, false>(acc[mi], da, db, kb > 0 || kk > 0);
+                }
             wgmma_commit();
             if (kb > 0) {  // the previous k-block's products are done: release its stage
                 wgmma_wait<1>();
                 release(pos - 1);
             }
-        }
+        };
+        turn_wait();
+        if constexpr (kOverwrite) k_block(0, std::true_type{});
+        for (int kb = kOverwrite ? 1 : 0; kb < num_kb; ++kb) k_block(kb, std::false_type{});
         turn_pass();  // the other warpgroup's products queue behind this one's last
         // Exp: the shift of the lane's rows (64 mi + 16 warp + g + 8 h) in log2 units, loaded under the last products
         // (not before the k loop: 4 more registers live through it spill)
@@ -407,13 +427,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int pass = 0; pass < MI * kPanels; ++pass) {
                 const int mi = pass / kPanels, pc = pass % kPanels, half = pass & 1;
-                // the bias of the lane's column pairs in the pass's 64 columns (j: columns 8 j + 2t, + 1), its
-                // latency under the wait for the buffer's half
-                uint32_t bias_pass[8];
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    bias_pass[j] = bias ? __ldg(reinterpret_cast<const unsigned int*>(bias + n0 + 64 * pc + 8 * j + 2 * t))
-                                        : 0u;
+                uint32_t bias_pass[8];  // its latency under the wait for the buffer's half
+                panel_bias(n0 + 64 * pc, bias_pass);
                 if (ctid == 0) bulk_wait_read<1>();
                 epi_sync();
 #pragma unroll
@@ -481,41 +496,48 @@ __global__ void __launch_bounds__(kThreads, 1)
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
             // acc + bias + pre (Residual) written in its place
-            static_assert(kBN == 128, "the epilogues that read pre: 128-column tiles (Layout)");
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
-            for (int p = 0; p < 4; ++p) {
-                const int mi = p >> 1;
-                uint32_t v[4][4];
+            for (int p = 0; p < MI * kPanels; ++p) {
+                const int mi = p / kPanels, pc = p % kPanels;
+                uint32_t bias_pass[8];
+                if constexpr (kEpi == Epi::Residual) panel_bias(n0 + 64 * pc, bias_pass);
+                // the panel's pre in groups of kGroup ldmatrix x4 issued together (one latency, and registers left
+                // for the math to interleave; 192-wide accumulators leave room for two)
+                constexpr int kGroup = kBN == 128 ? 4 : 2;
 #pragma unroll
-                for (int jq = 0; jq < 4; ++jq) ldmatrix_x4(mat_addr(p, 4 * (p & 1) + jq), v[jq]);
+                for (int j0 = 0; j0 < 4; j0 += kGroup) {
+                    uint32_t v[kGroup][4];
 #pragma unroll
-                for (int jq = 0; jq < 4; ++jq) {
-                    const int jp = 4 * (p & 1) + jq;
+                    for (int g = 0; g < kGroup; ++g) ldmatrix_x4(mat_addr(p, 4 * pc + j0 + g), v[g]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
-                        const float2 x = bf16x2_to_float2(v[jq][e]);
-                        const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
-                        if constexpr (kEpi == Epi::DGelu) {
-                            v[jq][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
-                        } else if constexpr (kEpi == Epi::Residual) {
-                            const float2 b = bf16x2_to_float2(bias2[2 * jp + (e >> 1)]);
-                            v[jq][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
-                        } else {
-                            v[jq][e] = pack_bf16x2(a0, a1);
-                            const float2 r = bf16x2_to_float2(v[jq][e]);
-                            rowdot[e & 1] = fmaf(r.y, x.y, fmaf(r.x, x.x, rowdot[e & 1]));
+                    for (int g = 0; g < kGroup; ++g) {
+                        const int jq = j0 + g, jp = 4 * pc + jq;
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
+                            const float2 x = bf16x2_to_float2(v[g][e]);
+                            const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
+                            if constexpr (kEpi == Epi::DGelu) {
+                                v[g][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                            } else if constexpr (kEpi == Epi::Residual) {
+                                const float2 b = bf16x2_to_float2(bias_pass[2 * jq + (e >> 1)]);
+                                v[g][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
+                            } else {
+                                v[g][e] = pack_bf16x2(a0, a1);
+                                const float2 r = bf16x2_to_float2(v[g][e]);
+                                rowdot[e & 1] = fmaf(r.y, x.y, fmaf(r.x, x.x, rowdot[e & 1]));
+                            }
                         }
+                        stmatrix_x4(mat_addr(p, jp), v[g][0], v[g][1], v[g][2], v[g][3]);
                     }
-                    stmatrix_x4(mat_addr(p, jp), v[jq][0], v[jq][1], v[jq][2], v[jq][3]);
                 }
                 if constexpr (kEpi == Epi::HeadDot) {
-                    if (hs == 64 || (p & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
+                    if (hs == 64 || (pc & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
                         quad_sum(rowdot);
                         const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * (t & 1);
                         if (t < 2 && m < M) {
-                            const int head = (n0 + 64 * (p & 1)) / hs, b = m / T;
+                            const int head = (n0 + 64 * pc) / hs, b = m / T;
                             dot[((size_t)b * (N / hs) + head) * T + (m - b * T)] = t ? rowdot[1] : rowdot[0];
                         }
                         rowdot[0] = rowdot[1] = 0.f;
@@ -524,37 +546,44 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             store_tile(m0, n0);
             if (kEpi == Epi::DGelu && colsum) {
-                // the warp's columns 32 warp .. 32 warp + 31 (panels warp / 2 and 2 + warp / 2); lane (c, rg) =
-                // (lane % 4, lane / 4): chunk 4 (warp & 1) + c of rows 16 rg + i', i' = i ^ 4 (rg & 1), stored at
-                // chunk ^ (i' & 7) of the row: within the lane's 16 rows, offset i' * 128 + 16 (chunk ^ (i' & 7)) is
-                // the lane's offset at i = 0 xor a constant
+                // the warp's kBN / 4 columns, 8-column chunks cw0 .. cw0 + kBN / 32 - 1 of the tile's, four at a time;
+                // lane (c, rg) = (lane % 4, lane / 4): chunk gc = cw0 + 4 r + c of rows 16 rg + i', i' = i ^ 4 (rg & 1),
+                // stored at (gc % 8) ^ (i' & 7) of panel column gc / 8: within the lane's 16 rows, offset i' * 128 +
+                // 16 ((gc % 8) ^ (i' & 7)) is the lane's offset at i = 0 xor a constant. A quarter-warp's 8 lanes
+                // (4 consecutive chunks, x4 = 0 and 4) read 8 different 16-byte bank groups.
+                constexpr int kWarpChunks = kBN / 32;
                 const int c = lane & 3, rg = lane >> 2, x4 = 4 * (rg & 1);
-                const uint32_t rows_addr = smem_u32(ebuf) + (2 * (rg >> 2) + (warp >> 1)) * kPanelBytes +
-                                           16 * (rg & 3) * 128;
-                const uint32_t off0 = (x4 << 7) | (((4 * (warp & 1) + c) ^ x4) << 4);
-                float s[8] = {};
+#pragma unroll 1  // (unrolled, the two rounds' 32 loads would be hoisted together: 128 registers)
+                for (int r = 0; r < kWarpChunks; r += 4) {
+                    const bool valid = r + c < kWarpChunks;  // 192: the second round's lanes c >= 2 repeat c - 2's
+                    const int gc = kWarpChunks * warp + r + (valid ? c : c - 2);
+                    const uint32_t rows_addr = smem_u32(ebuf) + (kPanels * (rg >> 2) + gc / 8) * kPanelBytes +
+                                               16 * (rg & 3) * 128;
+                    const uint32_t off0 = (x4 << 7) | (((gc % 8) ^ x4) << 4);
+                    float s[8] = {};
 #pragma unroll
-                for (int i = 0; i < 16; ++i) {
-                    const uint4 v = ld_shared_u32x4(rows_addr + (off0 ^ (uint32_t)((i << 7) | ((i & 7) << 4))));
-                    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+                    for (int i = 0; i < 16; ++i) {
+                        const uint4 v = ld_shared_u32x4(rows_addr + (off0 ^ (uint32_t)((i << 7) | ((i & 7) << 4))));
+                        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {  // bf16 pair e: columns 2e (low half), 2e + 1 of the chunk
-                        s[2 * e] += __uint_as_float(w[e] << 16);
-                        s[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+                        for (int e = 0; e < 4; ++e) {  // bf16 pair e: columns 2e (low half), 2e + 1 of the chunk
+                            s[2 * e] += __uint_as_float(w[e] << 16);
+                            s[2 * e + 1] += __uint_as_float(w[e] & 0xffff0000u);
+                        }
                     }
-                }
-                // the 8 row groups (lane bits 2-4): each step keeps the half of the columns that its lane bit
-                // selects and adds the partner's; lane (c, rg) ends with column rg of the chunk
+                    // the 8 row groups (lane bits 2-4): each step keeps the half of the columns that its lane bit
+                    // selects and adds the partner's; lane (c, rg) ends with column rg of the chunk
 #pragma unroll
-                for (int h = 4; h >= 1; h /= 2) {  // row-group bit h: lane bit 4, 3, 2
-                    const bool up = (rg & h) != 0;
+                    for (int h = 4; h >= 1; h /= 2) {  // row-group bit h: lane bit 4, 3, 2
+                        const bool up = (rg & h) != 0;
 #pragma unroll
-                    for (int k = 0; k < h; ++k) {
-                        const float keep = up ? s[k + h] : s[k], give = up ? s[k] : s[k + h];
-                        s[k] = keep + __shfl_xor_sync(FULL_MASK, give, 4 * h);
+                        for (int k = 0; k < h; ++k) {
+                            const float keep = up ? s[k + h] : s[k], give = up ? s[k] : s[k + h];
+                            s[k] = keep + __shfl_xor_sync(FULL_MASK, give, 4 * h);
+                        }
                     }
+                    if (valid) colsum[(size_t)(m0 / kBM) * N + n0 + 8 * gc + rg] = s[0];
                 }
-                colsum[(size_t)(m0 / kBM) * N + n0 + 32 * warp + 8 * c + rg] = s[0];
                 epi_sync();  // every warp's reads done before the next tile's pre lands in the panels
             }
         }
@@ -653,13 +682,19 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
                      int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);  // pre read
+    if (gemm_sm90_tile_cols(N) == 192)
+        launch<Epi::DGelu, 192>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
+    else
+        launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
 }
 
 void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,
                                 int M, int N, int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, bias, residual}), "gemm_residual_forward_sm90: unsupported shape");
-    launch<Epi::Residual>(out, a, w, const_cast<bf16*>(residual), bias, M, N, K, stream);  // read
+    if (gemm_sm90_tile_cols(N) == 192)
+        launch<Epi::Residual, 192>(out, a, w, const_cast<bf16*>(residual), bias, M, N, K, stream);
+    else
+        launch<Epi::Residual>(out, a, w, const_cast<bf16*>(residual), bias, M, N, K, stream);
 }
 
 void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, const bf16* other, int M, int N, int K,
@@ -667,8 +702,12 @@ void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, con
     require(gemm_sm90_supported(M, N, K, {out, a, w, other}) && (head_size == 64 || head_size == 128) &&
                 T > 0 && M % T == 0 && dot != nullptr && reinterpret_cast<uintptr_t>(dot) % 4 == 0,
             "gemm_head_dot_sm90: unsupported shape");
-    launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
-                         head_size);  // read
+    if (head_size == 64 && gemm_sm90_tile_cols(N) == 192)  // (a 192-wide tile would split a head of 128)
+        launch<Epi::HeadDot, 192>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
+                                  head_size);
+    else
+        launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
+                             head_size);
 }
 
 void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,

@@ -1,7 +1,7 @@
 """Energy per FLOP of gemm_sm90's variants (ctypes libs from build.sh) against torch.matmul (cuBLAS, plain) at the LM
 head's shape (the Exp epilogue) and fc's (the GeLU forward's): each run back to back for a few seconds, so at the clock the power limit sets, with
 the board's energy over that window (gpt2cu.energy, NVML). Variant "main" runs with clusters of 2 CTAs and of 1.
-    python3 energy.py LIBS [SECONDS]   LIBS: comma-separated variant names (build.sh), e.g. main,plain,nostore"""
+    python3 energy.py LIBS [SECONDS [all]]   LIBS: comma-separated variant names (build.sh), e.g. main,plain,nostore"""
 import ctypes, os, sys, time
 import torch
 from gpt2cu.energy import EnergyMeter
@@ -50,21 +50,29 @@ def run(label, fns, flops):
                   f"{w:4.0f} W {mhz:5.0f} MHz", flush=True)
 
 
-# the LM head's shape with the Exp epilogue (its M-inner tile order), fc's with the GeLU forward's (row-major)
-for label, (M, N, K) in {"LM": (8192, 50304, 768), "fc": (65536, 3072, 768)}.items():
+# the LM head's shape with the Exp epilogue (its M-inner tile order), fc's with the GeLU forward's (row-major);
+# with "all" as the third argument also fcproj's backward (DGelu with fc's column sums) and attproj's forward
+# (Residual) and backward (HeadDot, head size 64)
+shapes = {"LM": (8192, 50304, 768), "fc": (65536, 3072, 768)}
+if sys.argv[3:4] == ["all"]:
+    shapes.update({"dgelu": (65536, 3072, 768), "res": (65536, 768, 768), "hdot": (65536, 768, 768)})
+for label, (M, N, K) in shapes.items():
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.05
     shift, bias = torch.randn(M, device="cuda"), torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    out, pre = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    rs = torch.empty(N // 128, M, device="cuda")
-    if label == "LM":
-        fns = {f"exp {n}": (lambda l=l: l.ab_exp(P(out), P(rs), P(a), P(w), P(shift), M, N, K, 50257, sp))
-               for n, l in libs.items()}
-    else:
-        fns = {f"gelu {n}": (lambda l=l: l.ab_gelu(P(out), P(pre), P(a), P(w), P(bias), M, N, K, sp))
-               for n, l in libs.items()}
+    out, pre = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    rs, sums = torch.empty(N // 64, M, device="cuda"), torch.empty(-(-M // 128), N, device="cuda")  # (hdot: N / 64 heads)
+    calls = {  # the kernel's call for one lib
+        "LM": lambda l: l.ab_exp(P(out), P(rs), P(a), P(w), P(shift), M, N, K, 50257, sp),
+        "fc": lambda l: l.ab_gelu(P(out), P(pre), P(a), P(w), P(bias), M, N, K, sp),
+        "dgelu": lambda l: l.ab_dgelu(P(out), P(sums), P(a), P(w), P(pre), M, N, K, sp),
+        "res": lambda l: l.ab_residual(P(out), P(a), P(w), P(bias), P(pre), M, N, K, sp),
+        "hdot": lambda l: l.ab_head_dot(P(out), P(rs), P(a), P(w), P(pre), M, N, K, 1024, 64, sp),
+    }[label]
+    kind = {"LM": "exp", "fc": "gelu"}.get(label, label)
+    fns = {f"{kind} {n}": (lambda l=l: calls(l)) for n, l in libs.items()}
     if "main" in libs:
-        fns[f"{next(iter(fns)).split()[0]} main, cluster 1"] = fns[f"{next(iter(fns)).split()[0]} main"]
+        fns[f"{kind} main, cluster 1"] = fns[f"{kind} main"]
     fns["torch.matmul"] = lambda: torch.matmul(a, w.t(), out=out)
     run(label, fns, 2 * M * N * K)
-    del a, w, out, pre, rs
+    del a, w, out, pre, rs, sums

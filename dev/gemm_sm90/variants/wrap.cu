@@ -12,5 +12,15 @@ void ab_gelu(void* out, void* pre, const void* a, const void* w, const void* bia
 void ab_dgelu(void* out, float* colsum, const void* a, const void* w, const void* pre, int M, int N, int K, void* stream) {
     gemm_dgelu_sm90((bf16*)out, colsum, (const bf16*)a, (const bf16*)w, (const bf16*)pre, M, N, K, (cudaStream_t)stream);
 }
+void ab_residual(void* out, const void* a, const void* w, const void* bias, const void* residual, int M, int N, int K,
+                 void* stream) {
+    gemm_residual_forward_sm90((bf16*)out, (const bf16*)a, (const bf16*)w, (const bf16*)bias, (const bf16*)residual, M,
+                               N, K, (cudaStream_t)stream);
+}
+void ab_head_dot(void* out, float* dot, const void* a, const void* w, const void* other, int M, int N, int K, int T,
+                 int hs, void* stream) {
+    gemm_head_dot_sm90((bf16*)out, dot, (const bf16*)a, (const bf16*)w, (const bf16*)other, M, N, K, T, hs,
+                       (cudaStream_t)stream);
+}
 int ab_set_cluster(int size) { return gemm_sm90_set_cluster(size); }  // 1 or 2; -1 asks
 }
