@@ -17,11 +17,10 @@ VARIANTS="$*"
 want main && build main ""
 # the Gelu and Exp epilogues on 128-column tiles where 192 would divide N
 want n128 && build n128 's/return N % 192 == 0 ? 192 : 128;/return 128;/'
-# 192-wide tiles with 40 / 232 registers (producer / consumers) instead of 24 / 240; the first product accumulating
-# (not overwriting) except in DGelu; both
+# 192-wide tiles with 40 / 232 registers (producer / consumers) instead of 24 / 240; the first product overwriting the
+# accumulators in every epilogue but Gelu's (not only DGelu's)
 want regs40 && build regs40 's/kProducerRegs = kBN == 128 ? 40 : 24, kConsumerRegs = kBN == 128 ? 232 : 240;/kProducerRegs = 40, kConsumerRegs = 232;/'
-want nooverwrite && build nooverwrite 's/constexpr bool kOverwrite = kEpi != Epi::Gelu;/constexpr bool kOverwrite = kEpi == Epi::DGelu;/'
-want regs40noow && build regs40noow 's/kProducerRegs = kBN == 128 ? 40 : 24, kConsumerRegs = kBN == 128 ? 232 : 240;/kProducerRegs = 40, kConsumerRegs = 232;/; s/constexpr bool kOverwrite = kEpi != Epi::Gelu;/constexpr bool kOverwrite = kEpi == Epi::DGelu;/'
+want overwrite && build overwrite 's/constexpr bool kOverwrite = kEpi == Epi::DGelu;/constexpr bool kOverwrite = kEpi != Epi::Gelu;/'
 want rowmajor && build rowmajor 's/constexpr bool kMInner = kEpi == Epi::Exp;/constexpr bool kMInner = false;/'
 want noexp && build noexp 's/float x\([01]\) = fast_exp2(/float x\1 = (/'
 want nosum && build nosum 's/rowsum\[h\] += x0 + x1;//'
