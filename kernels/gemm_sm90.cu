@@ -45,27 +45,33 @@
 // the L2 -> shared traffic per tile is 24 KB a k-block instead of 32. On an H200 in GPT-2's step at B = 64 the board
 // sits at its 700 W limit, so energy, not issue, sets the clock: with clusters the step took 0.8 ms less (100.08
 // against 100.90 ms, ABBA in one build) at a ~60 MHz higher SM clock for the same power.
-//   warpgroup 0, the producer (setmaxnreg 40): one thread loads the k-blocks of 64 of each tile's A rows and its
-//     share of the B rows (all 128 without a cluster) by TMA (128-byte swizzle) into a ring of 5 stages of 32 KB (a
+//   warpgroup 0, the producer (setmaxnreg 40, 24 with 192-wide tiles): one thread loads the k-blocks of 64 of each
+//     tile's A rows and its share of the B rows (all without a cluster) by TMA (128-byte swizzle) into a ring of
+//     stages (5 of 32 KB with 128-wide tiles; 4 of 40 KB with 192-wide, 3 where the epilogue reads pre) (a
 //     "full" mbarrier per stage completed by the byte count, the peer's B share included; an "empty" one on which
 //     the consuming warpgroup of each CTA of the cluster arrives once, since the stage's B half goes to both).
-//   warpgroups 1, 2, the consumers (setmaxnreg 232): each runs its tile's whole k loop (two m64n128k16 wgmma per
+//   warpgroups 1, 2, the consumers (setmaxnreg 232, 240): each runs its tile's whole k loop (two m64nNk16 wgmma per
 //     k step from shared memory, fp32 accumulators in registers), then passes the turn to the other (named barriers
 //     1, 2) and runs the epilogue while the other's products run.
-// Tile: 128 x 128 per warpgroup, 128 accumulator registers a thread (the most that leaves room for the epilogue in
-// 232, with two warpgroups' tiles live at once, which the overlap needs: 128 x 256 per warpgroup is out). Measured
-// on an H200 at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of torch.matmul's rate,
-// 64 x 256 (one m64n256k16, 40 KB stages) at 80%.
-// Epilogue: forward, each warp adds the bias (loaded before the k loop) and writes out and pre, rounded to bf16,
+// Tile: 128 rows x 192 columns per warpgroup where 192 divides N (gemm_sm90_tile_cols; not for Residual, nor HeadDot
+// at head size 128), else 128 x 128: 192 or 128 accumulator registers a thread (two warpgroups' tiles are live at
+// once, which the overlap needs: 128 x 256 is out). Why 192: a k-block's 16 KB of A feeds 1.5x the products, so a
+// tile pair moves 28 KB from L2 per 3.1 MFLOP instead of 24 per 2.1 (8.9 bytes per kFLOP against 11.4); at the
+// power limit fewer bytes are more clock. Measured on an H200 (sustained, dev/gemm_sm90/variants/energy.py, the
+// 128-wide kernel -> 192): the Exp at the LM head's shape 1189 -> 1055 us (torch.matmul plain: 1065), the GeLU at
+// fc's 620 -> 587, the DGelu 684 -> 640, the HeadDot at attproj's 174 -> 173; the Residual there 167 -> 170, so it
+// stays 128-wide. Earlier, at fc's shape with the epilogue left out: 128 x 128 ran the products at 98% of
+// torch.matmul's rate, 64 x 256 (one m64n256k16, 40 KB stages) at 80%.
+// Epilogue: forward, each warp adds the bias (a 64-column panel's at a time) and writes out and pre, rounded to bf16,
 // with stmatrix (8x8 matrices from the mma fragment layout) into 64 x 64 panels with the 128-byte swizzle (the 8
 // rows of a matrix in 8 different bank groups: no conflicts); one thread then stores the panels by TMA
 // (cp.async.bulk.tensor) with an L2 evict-first policy (out and pre are streamed once), which leaves the
 // warpgroup free at once and takes the address math, the coalescing and the row bound off it. Backward: the
 // tile's pre comes into the same panels by TMA (evict-first), requested before the k loop so its latency hides
-// under the products, read with ldmatrix, and out is written in its place. A 32 KB buffer: in the forward four
-// passes of 64 x 64 out + pre alternating between its halves, in the backward the whole tile. The epilogues that
-// read pre (DGelu, HeadDot, Residual) need one per consumer warpgroup (the next tile's pre lands under the
-// products): 5 x 32 KB stages + 2 x 32 KB = 224 KB. Gelu and Exp fill theirs only after the products, and the two
+// under the products, read with ldmatrix, and out is written in its place. A buffer: in the forward (32 KB) passes
+// of 64 x 64 out + pre alternating between its halves, else the whole tile (32 or 48 KB). The epilogues that read
+// pre (DGelu, HeadDot, Residual) need one per consumer warpgroup (the next tile's pre lands under the products):
+// 5 x 32 KB stages + 2 x 32 KB = 224 KB, or 3 x 40 + 2 x 48 = 216 KB. Gelu and Exp fill theirs only after the products, and the two
 // warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once its stores have read
 // it): 192 KB. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
 // 1170 us against 1187 with two buffers, the GeLU forward at fc's the same; the 32 KB left as a sixth stage made
@@ -73,14 +79,15 @@
 // bytes, by TMA or by st.global, evict-first or not (docs/perf.md, twelfth session).
 // Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
 // read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
-// epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums 32 of its 128 columns
-// over the 128 rows from shared memory: lane (c, rg) reads 16-byte chunk 4 (warp & 1) + c of rows 16 rg .. 16 rg +
-// 15 (16 ld.shared.v4, the rows of the two rg of a quarter-warp 4 apart in the swizzle: conflict-free), adds them
-// in fp32, and the 8 row groups are folded by shuffles (7, each lane left with one column). The warpgroup writes
-// one fp32 row of 128 partial sums a tile, deterministically (each element once, no atomics); column_sum_add
+// epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums a quarter of its columns
+// (32 or 48) over the 128 rows from shared memory, 4 chunks of 8 columns a round: lane (c, rg) reads chunk c of the
+// round's of rows 16 rg .. 16 rg + 15 (16 ld.shared.v4, the rows of the two rg of a quarter-warp 4 apart in the
+// swizzle: conflict-free), adds them in fp32, and the 8 row groups are folded by shuffles (7, each lane left with
+// one column). The warpgroup writes one fp32 row of partial sums a tile, deterministically (each element once, no
+// atomics); column_sum_add
 // finishes. Why from the panels and not from the accumulators: those hold one column pair in 4 rows per thread
-// and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full (5 stages + 2
-// epilogue buffers + barriers leave under 2 KB); the panels already hold the rounded values (what bias.cu would
+// and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full (the stages, 2
+// epilogue buffers and barriers leave under 11 KB); the panels already hold the rounded values (what bias.cu would
 // sum), with all 128 rows of a column in one warpgroup and no registers added to the epilogue. Cost per tile and
 // thread: ~16 loads, ~130 unpacks, ~130 adds, one barrier more (the next tile's pre may not overwrite the panels
 // before every warp has read them); rows past M are zeros (TMA zero-fills a's rows past M: acc = 0, out = 0).

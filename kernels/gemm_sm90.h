@@ -16,8 +16,9 @@ int gemm_sm90_set_cluster(int size);
 // (null ones aside); any M >= 1
 bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*> ptrs);
 
-// The column width of gemm_gelu_forward_sm90's and gemm_exp_sm90's tiles at N columns: 192 where it divides N (GPT-2's
-// 3072 and 50304: a k-block's loads feed 1.5x the products of a 128-wide tile), else 128.
+// The column width of the tiles of gemm_gelu_forward_sm90, gemm_dgelu_sm90, gemm_exp_sm90 and gemm_head_dot_sm90 (head
+// size 64) at N columns: 192 where it divides N (GPT-2's 768, 3072 and 50304: a k-block's loads feed 1.5x the products
+// of a 128-wide tile), else 128. gemm_residual_forward_sm90's are 128 wide.
 inline int gemm_sm90_tile_cols(int N) { return N % 192 == 0 ? 192 : 128; }
 
 // pre (M, N) = a (M, K) @ w (N, K)^T + bias (N) (bias may be null), out = gelu(pre): both bf16, out from the
