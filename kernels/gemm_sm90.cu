@@ -665,6 +665,15 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     CUDA_CHECK_LAUNCH();
 }
 
+// launch with tiles 192 columns wide where `wide` (gemm_sm90_tile_cols), else 128
+template <Epi kEpi, typename... Args>
+void launch_tiles(bool wide, Args... args) {
+    if (wide)
+        launch<kEpi, 192>(args...);
+    else
+        launch<kEpi, 128>(args...);
+}
+
 }  // namespace
 
 int gemm_sm90_set_cluster(int size) {
@@ -682,19 +691,14 @@ bool gemm_sm90_supported(int M, int N, int K, std::initializer_list<const void*>
 void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, const bf16* bias, int M, int N, int K,
                             cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, pre, a, w, bias}), "gemm_gelu_forward_sm90: unsupported shape");
-    if (gemm_sm90_tile_cols(N) == 192)
-        launch<Epi::Gelu, 192>(out, a, w, pre, bias, M, N, K, stream);
-    else
-        launch<Epi::Gelu>(out, a, w, pre, bias, M, N, K, stream);
+    launch_tiles<Epi::Gelu>(gemm_sm90_tile_cols(N) == 192, out, a, w, pre, bias, M, N, K, stream);
 }
 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
                      int K, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    if (gemm_sm90_tile_cols(N) == 192)
-        launch<Epi::DGelu, 192>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
-    else
-        launch<Epi::DGelu>(out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
+    launch_tiles<Epi::DGelu>(gemm_sm90_tile_cols(N) == 192, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream,
+                             colsum_partials);
 }
 
 void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,
@@ -709,22 +713,15 @@ void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, con
     require(gemm_sm90_supported(M, N, K, {out, a, w, other}) && (head_size == 64 || head_size == 128) &&
                 T > 0 && M % T == 0 && dot != nullptr && reinterpret_cast<uintptr_t>(dot) % 4 == 0,
             "gemm_head_dot_sm90: unsupported shape");
-    if (head_size == 64 && gemm_sm90_tile_cols(N) == 192)  // (a 192-wide tile would split a head of 128)
-        launch<Epi::HeadDot, 192>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
-                                  head_size);
-    else
-        launch<Epi::HeadDot>(out, a, w, const_cast<bf16*>(other), nullptr, M, N, K, stream, nullptr, dot, T,
-                             head_size);
+    // (a 192-wide tile would split a head of 128)
+    launch_tiles<Epi::HeadDot>(head_size == 64 && gemm_sm90_tile_cols(N) == 192, out, a, w, const_cast<bf16*>(other),
+                               nullptr, M, N, K, stream, nullptr, dot, T, head_size);
 }
 
 void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,
                    int valid_cols, cudaStream_t stream) {
     require(gemm_sm90_supported(M, N, K, {out, a, w}) && valid_cols >= 1 && valid_cols <= N && row_sums && row_shift,
             "gemm_exp_sm90: unsupported shape");
-    if (gemm_sm90_tile_cols(N) == 192)
-        launch<Epi::Exp, 192>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
-                              valid_cols);
-    else
-        launch<Epi::Exp>(out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0, 0, row_shift, row_sums,
-                         valid_cols);
+    launch_tiles<Epi::Exp>(gemm_sm90_tile_cols(N) == 192, out, a, w, out, nullptr, M, N, K, stream, nullptr, nullptr, 0,
+                           0, row_shift, row_sums, valid_cols);
 }
