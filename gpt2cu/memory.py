@@ -62,8 +62,9 @@ def global_norm_scratch_floats(n: int) -> int:
 
 
 def lm_head_loss_scratch_floats(N: int, C: int, Vp: int) -> int:
-    """lm_head.cu: the target logits, row scales, flagged rows (1 + N ints), the row sums per 128-column tile and
-    the scaled hidden rows (bf16), each part rounded up to 4 floats."""
+    """lm_head.cu: the target logits, row scales, flagged rows (1 + N ints), the row sums per column tile (room for
+    128-column tiles, the narrowest gemm_sm90 uses) and the scaled hidden rows (bf16), each part rounded up to 4
+    floats."""
     up4 = lambda n: -(-n // 4) * 4
     return 2 * up4(N) + up4(N + 1) + up4(-(-Vp // 128) * N) + up4(-(-N * C // 2))
 

@@ -71,9 +71,9 @@
 // under the products, read with ldmatrix, and out is written in its place. A buffer: in the forward (32 KB) passes
 // of 64 x 64 out + pre alternating between its halves, else the whole tile (32 or 48 KB). The epilogues that read
 // pre (DGelu, HeadDot, Residual) need one per consumer warpgroup (the next tile's pre lands under the products):
-// 5 x 32 KB stages + 2 x 32 KB = 224 KB, or 3 x 40 + 2 x 48 = 216 KB. Gelu and Exp fill theirs only after the products, and the two
-// warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once its stores have read
-// it): 192 KB. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
+// 5 x 32 KB stages + 2 x 32 KB = 224 KB, or 3 x 40 + 2 x 48 = 216 KB. Gelu and Exp fill theirs only after the
+// products, and the two warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once
+// its stores have read it): 192 KB, or 4 x 40 + 32 (Gelu) / 48 (Exp) at 192 wide. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
 // 1170 us against 1187 with two buffers, the GeLU forward at fc's the same; the 32 KB left as a sixth stage made
 // both slower (1180, 611 us). The Exp's stores are 9-11% of its time (H200): they cost about in proportion to their
 // bytes, by TMA or by st.global, evict-first or not (docs/perf.md, twelfth session).
@@ -492,7 +492,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                     }
                     stmatrix_x4(mat_addr(p, jp), v[0], v[1], v[2], v[3]);
                 }
-                if (pc == kPanels - 1) {  // the sub-tile's columns done: the quad's sums; lanes t = 0, 1 write rows g, g + 8
+                if (pc == kPanels - 1) {  // the sub-tile's columns done: the quad's sums; lanes t = 0, 1 write
+                                          // rows g, g + 8
                     quad_sum(rowsum);
                     const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * t;
                     if (t < 2 && m < M) row_sums[(size_t)(n0 / kBN) * M + m] = t ? rowsum[1] : rowsum[0];
@@ -555,11 +556,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             store_tile(m0, n0);
             if (kEpi == Epi::DGelu && colsum) {
-                // the warp's kBN / 4 columns, 8-column chunks cw0 .. cw0 + kBN / 32 - 1 of the tile's, four at a time;
-                // lane (c, rg) = (lane % 4, lane / 4): chunk gc = cw0 + 4 r + c of rows 16 rg + i', i' = i ^ 4 (rg & 1),
-                // stored at (gc % 8) ^ (i' & 7) of panel column gc / 8: within the lane's 16 rows, offset i' * 128 +
-                // 16 ((gc % 8) ^ (i' & 7)) is the lane's offset at i = 0 xor a constant. A quarter-warp's 8 lanes
-                // (4 consecutive chunks, x4 = 0 and 4) read 8 different 16-byte bank groups.
+                // the warp's kBN / 4 columns: 8-column chunks kBN / 32 * warp + 0, 1, ... of the tile, four a round
+                // r; lane (c, rg) = (lane % 4, lane / 4): chunk gc = kBN / 32 * warp + 4 r + c of rows 16 rg + i',
+                // i' = i ^ 4 (rg & 1), stored at (gc % 8) ^ (i' & 7) of panel column gc / 8: within the lane's 16
+                // rows, offset i' * 128 + 16 ((gc % 8) ^ (i' & 7)) is the lane's offset at i = 0 xor a constant. A
+                // quarter-warp's 8 lanes (4 consecutive chunks, x4 = 0 and 4) read 8 different 16-byte bank groups.
                 constexpr int kWarpChunks = kBN / 32;
                 const int c = lane & 3, rg = lane >> 2, x4 = 4 * (rg & 1);
 #pragma unroll 1  // (unrolled, the two rounds' 32 loads would be hoisted together: 128 registers)

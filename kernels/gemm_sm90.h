@@ -47,8 +47,8 @@ void gemm_head_dot_sm90(bf16* out, float* dot, const bf16* a, const bf16* w, con
                         int T, int head_size, cudaStream_t stream);
 
 // The LM head's forward (lm_head.cu): out (M, N) = round(2^min(log2(e) (a (M, K) @ w (N, K)^T - row_shift[m]), 64))
-// in the columns < valid_cols, 0 in the others; row_sums (N / w, M) fp32, w = gemm_sm90_tile_cols(N): row_sums[j * M +
-// m] = the sum of row m's values in columns w j .. w j + w - 1 (fp32, before the rounding). Tiles in column-major order (w, the vocabulary,
-// read once).
+// in the columns < valid_cols, 0 in the others; row_sums (N / w, M) fp32, w = gemm_sm90_tile_cols(N):
+// row_sums[j * M + m] = the sum of row m's values in columns w j .. w j + w - 1 (fp32, before the rounding). Tiles in
+// column-major order (w, the vocabulary, read once).
 void gemm_exp_sm90(bf16* out, float* row_sums, const bf16* a, const bf16* w, const float* row_shift, int M, int N, int K,
                    int valid_cols, cudaStream_t stream);

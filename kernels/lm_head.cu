@@ -192,7 +192,7 @@ __global__ void scale_rows_kernel(bf16* __restrict__ x, const float* __restrict_
 EnvSwitch g_fused("GPT2CU_FUSED_LM_HEAD", 1, 0);  // lm_head_set_fused: 1 on, 0 off
 
 // The scratch, in floats, each part 16-byte aligned: shift (N), row scale (N), the flagged count and rows (1 + N),
-// the row sums (tiles x N), hidden_scaled (N x C bf16)
+// the row sums (column tiles x N: room for 128-column ones, the narrowest), hidden_scaled (N x C bf16)
 size_t up4(size_t n) { return (n + 3) / 4 * 4; }
 #ifdef GPT2CU_HAVE_SM90_GEMM
 struct Scratch {
