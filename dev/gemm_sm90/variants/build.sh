@@ -30,6 +30,8 @@ want plain && build plain 's/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rows
 want evictnormal && build evictnormal 's/createpolicy.fractional.L2::evict_first.b64/createpolicy.fractional.L2::evict_normal.b64/'
 # the tile's stores of only half its panels (does the stores' cost scale with their bytes?)
 want halfstore && build halfstore '/auto store_tile/,/bulk_commit/ s/p < 4/p < 2/'
+# plain with row-major tiles: a plain product's epilogue (a proxy for a bias one) at shapes whose A does not stay in L2
+want plainrow && build plainrow 's/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rowsum\[h\] += x0 + x1;//; s/constexpr bool kMInner = kEpi == Epi::Exp;/constexpr bool kMInner = false;/'
 want nostore && build nostore 's/float x\([01]\) = fast_exp2(/float x\1 = (/; s/rowsum\[h\] += x0 + x1;//; s/store_tile(m0, n0);//'
 # the DGelu (and HeadDot) epilogue with no pre: no TMA loads of it, no wait for them (the panels' stale contents read)
 want nopre && build nopre '/mbar_arrive_expect_tx(&pre_full\[cw\], kEpiBytes);/,+4d; s/mbar_wait(&pre_full\[cw\], it \& 1);//'
