@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    db = desc_at(db0, st * kStageBytes + kk * 32);
                     constexpr bool kFirstBlock = decltype(first_block)::value;
                     if (kOverwrite && kFirstBlock && kk == 0)
-                        wgmma_tile<kBN, kOverwrite && kFirstBlock>(acc[mi], da, db, false);
+                        wgmma_tile<kBN, true>(acc[mi], da, db, false);
                     else
                         wgmma_tile<kBN, false>(acc[mi], da, db, kb > 0 || kk > 0);
                 }
@@ -466,8 +466,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             buffer_pass();
         } else if constexpr (kEpi == Epi::Exp) {
             // the whole tile, panel by panel (64 x 64), once the buffer is this warpgroup's (every store from it
-            // done reading); the row sums of the fp32 values: the lane's 32 columns of each of its 4 rows, then the
-            // quad's
+            // done reading); the row sums of the fp32 values: the lane's kBN / 4 columns of each of its 4 rows,
+            // then the quad's
             buffer_wait();
             const bool edge = n0 + kBN > valid_cols;  // the columns past valid_cols are 0
             float rowsum[2] = {};  // rows g, g + 8 of the warp's 16 in sub-tile mi = p / 2
