@@ -3,7 +3,7 @@ CUPTI trace (torch.profiler), per step the wall time, the kernels' busy time and
 kernels of one step summed by name. ncu's per-kernel table times each kernel alone; this one shows what
 the step itself spends.
 
-    python dev/profile/step_timeline.py [--model d12] [--batch-size 64] [--recompute 0] [--out DIR]
+    python dev/profile/step_timeline.py [--model d12] [--batch-size 64] [--recompute 0] [--out DIR] [--tuning]
 
 torch is imported only after the warm-up steps (the kernels' plans and graphs are made first).
 """
@@ -36,6 +36,8 @@ def main():
     ap.add_argument("--recompute", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the kernels (start us, end us, name) as JSON here")
+    ap.add_argument("--tuning", action="store_true",
+                    help="also print the cuBLASLt tuner's log: each GEMM shape's candidates timed and the one run")
     args = ap.parse_args()
     cfg = config_from_descriptor(args.model)
     backend = get_backend("cuda")
@@ -83,6 +85,9 @@ def main():
     for name, (us, calls) in sorted(total.items(), key=lambda x: -x[1][0]):
         if us >= 20:
             print(f"{us / 1e3:8.3f} {calls:5d} {us / calls:9.1f}  {name}")
+    if args.tuning:
+        print("cuBLASLt's choices (matmul_tuning_report):")
+        sys.stdout.write(backend.k.matmul_tuning_report())
 
 
 if __name__ == "__main__":
