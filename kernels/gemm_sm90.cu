@@ -127,9 +127,10 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual };  // the forward's GeLU epilogue; the backward's, with
+enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual, DGeluGelu };  // the forward's GeLU epilogue; the backward's, with
                                                          // gelu'(pre); with the per-head dot products with pre; the
-                                                         // LM head's exp; bias and pre added
+                                                         // LM head's exp; bias and pre added; DGelu's, also
+                                                         // writing gelu(pre) (the backward's recompute)
 constexpr int kThreads = 384;
 constexpr int kBM = 128, kBK = 64;  // a warpgroup's tile rows; k per stage (one 128-byte swizzled panel)
 constexpr int kABytes = kBM * 128;  // 128 rows of 64 k
@@ -139,7 +140,8 @@ constexpr int kPanelBytes = 64 * 128;  // the epilogue's TMA box: 64 rows x 64 b
 // The epilogues that read pre (its tile comes by TMA before the products, under them) need a buffer per consumer
 // warpgroup; the others (Gelu, Exp) fill theirs only after the products, and the two warpgroups' epilogues take
 // turns, so they share one, handed over by named barriers (measured: the Exp 1.4% faster than with two buffers).
-__host__ __device__ constexpr bool loads_pre(Epi e) { return e == Epi::DGelu || e == Epi::HeadDot || e == Epi::Residual; }
+__host__ __device__ constexpr bool is_dgelu(Epi e) { return e == Epi::DGelu || e == Epi::DGeluGelu; }
+__host__ __device__ constexpr bool loads_pre(Epi e) { return is_dgelu(e) || e == Epi::HeadDot || e == Epi::Residual; }
 // The shared memory of a tile kBN columns wide (gemm_sm90_tile_cols): the stages' ring, then the epilogue buffers
 // (Gelu: two passes of a 64 x 64 out + pre; the others: the whole tile), then the barriers.
 template <Epi kEpi, int kBN>
@@ -214,6 +216,7 @@ template <Epi kEpi, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
+                     const __grid_constant__ CUtensorMap tm_gelu,
                      const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
                      int K, int T, int hs, const float* __restrict__ row_shift, float* __restrict__ row_sums,
                      int valid_cols) {
@@ -322,17 +325,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto epi_sync = [&]() { named_barrier_sync(3 + cw, 128); };
     // the whole tile's panels (panel p: rows 64 (p / kPanels), columns 64 (p % kPanels)), once every warp's
     // stmatrix is done, to out by TMA (one thread issues them)
-    auto store_tile = [&](int m0, int n0) {
+    auto store_tile_to = [&](const CUtensorMap* tm, int m0, int n0) {
         fence_proxy_async();
         epi_sync();
         if (ctid == 0) {
 #pragma unroll
             for (int p = 0; p < MI * kPanels; ++p)
-                tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p % kPanels), m0 + 64 * (p / kPanels),
+                tma_store_2d(tm, ebuf + p * kPanelBytes, n0 + 64 * (p % kPanels), m0 + 64 * (p / kPanels),
                              stream_policy);
             bulk_commit();
         }
     };
+    auto store_tile = [&](int m0, int n0) { store_tile_to(&tm_out, m0, n0); };
     if (cw == 1) named_barrier_arrive(1, 256);
     // the shared epilogue buffer (Gelu, Exp): warpgroup cw waits on barrier 5 + cw before writing into it, and hands
     // it to the other (6 - cw) once its stores have read it; warpgroup 0 first, as with the turns
@@ -383,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // loop's accumulating form does not make them live before it: its column sums, after their last use, spilled
         // at 192 wide). Only there: measured on an H200, the Exp at the LM head's shape took 1108 us with it against
         // 1055 without (the GeLU, HeadDot the same either way; peeled, Gelu spills 12-24 bytes).
-        constexpr bool kOverwrite = kEpi == Epi::DGelu;
+        constexpr bool kOverwrite = is_dgelu(kEpi);
         auto k_block = [&](int kb, auto first_block) {
             const int pos = pos0 + kb, st = pos % kStages;
             mbar_wait(&full[st], (pos / kStages) & 1);
@@ -505,7 +509,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
-            // acc + bias + pre (Residual) written in its place
+            // acc + bias + pre (Residual) written in its place. DGeluGelu (the backward recomputing the forward's
+            // activation): gelu(pre) written in pre's place and stored to tm_gelu first, out kept in registers
+            // (rounded and packed: half the accumulators' registers, freed as the pass goes) until that store has
+            // read the buffer
+            constexpr bool kWithGelu = kEpi == Epi::DGeluGelu;
+            uint32_t out_packed[kWithGelu ? MI : 1][kWithGelu ? kBN / 4 : 1];
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
@@ -528,8 +537,16 @@ __global__ void __launch_bounds__(kThreads, 1)
                         for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
                             const float2 x = bf16x2_to_float2(v[g][e]);
                             const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
-                            if constexpr (kEpi == Epi::DGelu) {
-                                v[g][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                            if constexpr (is_dgelu(kEpi)) {
+                                const float x20 = x.x * x.x, x21 = x.y * x.y;
+                                const float s0 = gelu_sigmoid(x.x, x20), s1 = gelu_sigmoid(x.y, x21);
+                                const float d0 = a0 * gelu_grad(x.x, x20, s0), d1 = a1 * gelu_grad(x.y, x21, s1);
+                                if constexpr (kWithGelu) {
+                                    v[g][e] = pack_bf16x2(x.x * s0, x.y * s1);
+                                    out_packed[mi][4 * jp + e] = pack_bf16x2(d0, d1);
+                                } else {
+                                    v[g][e] = pack_bf16x2(d0, d1);
+                                }
                             } else if constexpr (kEpi == Epi::Residual) {
                                 const float2 b = bf16x2_to_float2(bias_pass[2 * jq + (e >> 1)]);
                                 v[g][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
@@ -554,8 +571,23 @@ __global__ void __launch_bounds__(kThreads, 1)
                     }
                 }
             }
+            if constexpr (kWithGelu) {  // gelu(pre) out, then the buffer again for out (acc * gelu'(pre), kept above)
+                store_tile_to(&tm_gelu, m0, n0);
+                if (ctid == 0) bulk_wait_read<0>();
+                epi_sync();
+#pragma unroll
+                for (int p = 0; p < MI * kPanels; ++p) {
+                    const int mi = p / kPanels, pc = p % kPanels;
+#pragma unroll
+                    for (int jq = 0; jq < 4; ++jq) {
+                        const int jp = 4 * pc + jq;
+                        stmatrix_x4(mat_addr(p, jp), out_packed[mi][4 * jp], out_packed[mi][4 * jp + 1],
+                                    out_packed[mi][4 * jp + 2], out_packed[mi][4 * jp + 3]);
+                    }
+                }
+            }
             store_tile(m0, n0);
-            if (kEpi == Epi::DGelu && colsum) {
+            if (is_dgelu(kEpi) && colsum) {
                 // the warp's kBN / 4 columns: 8-column chunks kBN / 32 * warp + 0, 1, ... of the tile, four a round
                 // r; lane (c, rg) = (lane % 4, lane / 4): chunk gc = kBN / 32 * warp + 4 r + c of rows 16 rg + i',
                 // i' = i ^ 4 (rg & 1), stored at (gc % 8) ^ (i' & 7) of panel column gc / 8: within the lane's 16
@@ -632,7 +664,7 @@ EnvSwitch g_cluster("GPT2CU_SM90_CLUSTER", 2, 1);  // gemm_sm90_set_cluster: the
 template <Epi kEpi, int kBN = 128>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
             cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
-            const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
+            const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0, bf16* gelu_out = nullptr) {
     const auto kernel = gemm_sm90_kernel<kEpi, kBN>;
     constexpr int smem_bytes = Layout<kEpi, kBN>::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -640,6 +672,7 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     const int cluster = g_cluster.get() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN / cluster);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
+    const CUtensorMap tm_gelu = tile_map(gelu_out ? gelu_out : out, M, N);
     const long long units = (long long)(tiles_m / cluster) * (N / kBN);
     require(units <= 0x7fffffffLL, "gemm_sm90: too many tiles");
     cudaLaunchConfig_t config = {};
@@ -661,8 +694,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
         require(resident[cluster] > 0, "gemm_sm90: no cluster fits a multiprocessor");
     }
     config.gridDim = dim3((unsigned)(units < resident[cluster] ? units : resident[cluster]) * cluster);
-    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N, K, T, hs,
-                                  row_shift, row_sums, valid_cols));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, tm_gelu, bias, colsum, dot, M, N, K, T,
+                                  hs, row_shift, row_sums, valid_cols));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -696,10 +729,15 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
 }
 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
-                     int K, cudaStream_t stream) {
-    require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch_tiles<Epi::DGelu>(gemm_sm90_tile_cols(N) == 192, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream,
-                             colsum_partials);
+                     int K, cudaStream_t stream, bf16* gelu_out) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, pre, gelu_out}) && gelu_out != out && gelu_out != pre,
+            "gemm_dgelu_sm90: unsupported shape, or gelu_out aliasing out or pre");
+    const bool wide = gemm_sm90_tile_cols(N) == 192;
+    if (gelu_out)
+        launch_tiles<Epi::DGeluGelu>(wide, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials,
+                                     nullptr, 0, 0, nullptr, nullptr, 0, gelu_out);
+    else
+        launch_tiles<Epi::DGelu>(wide, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
 }
 
 void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,
