@@ -1023,7 +1023,8 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 #ifdef GPT2CU_HAVE_SM90_GEMM
         // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major; dinp's column sums
         // per row tile after the weight in the scratch
-        if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch, gelu_of_pre})) {
+        if (dinp_gelu_pre && mm_sm90(who) &&
+            gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch, gelu_of_pre})) {
             bf16* wt = reinterpret_cast<bf16*>(scratch);
             float* colsums = dinp_gelu_dbias ? scratch + mm_transposed_weight_floats(C, OC) : nullptr;
             bf16_transpose(wt, weight, OC, C, stream);
