@@ -209,17 +209,16 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uin
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
-// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
-// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's; row_shift, row_sums,
-// valid_cols: Exp's.
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); gelu_out: DGeluGelu's
+// gelu(pre), (M, N) bf16; colsum: DGelu's column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs:
+// HeadDot's; row_shift, row_sums, valid_cols: Exp's.
 template <Epi kEpi, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                     const __grid_constant__ CUtensorMap tm_gelu,
-                     const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
-                     int K, int T, int hs, const float* __restrict__ row_shift, float* __restrict__ row_sums,
-                     int valid_cols) {
+                     const bf16* __restrict__ bias, bf16* __restrict__ gelu_out, float* __restrict__ colsum,
+                     float* __restrict__ dot, int M, int N, int K, int T, int hs, const float* __restrict__ row_shift,
+                     float* __restrict__ row_sums, int valid_cols) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     using L = Layout<kEpi, kBN>;
@@ -325,18 +324,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto epi_sync = [&]() { named_barrier_sync(3 + cw, 128); };
     // the whole tile's panels (panel p: rows 64 (p / kPanels), columns 64 (p % kPanels)), once every warp's
     // stmatrix is done, to out by TMA (one thread issues them)
-    auto store_tile_to = [&](const CUtensorMap* tm, int m0, int n0) {
+    auto store_tile = [&](int m0, int n0) {
         fence_proxy_async();
         epi_sync();
         if (ctid == 0) {
 #pragma unroll
             for (int p = 0; p < MI * kPanels; ++p)
-                tma_store_2d(tm, ebuf + p * kPanelBytes, n0 + 64 * (p % kPanels), m0 + 64 * (p / kPanels),
+                tma_store_2d(&tm_out, ebuf + p * kPanelBytes, n0 + 64 * (p % kPanels), m0 + 64 * (p / kPanels),
                              stream_policy);
             bulk_commit();
         }
     };
-    auto store_tile = [&](int m0, int n0) { store_tile_to(&tm_out, m0, n0); };
     if (cw == 1) named_barrier_arrive(1, 256);
     // the shared epilogue buffer (Gelu, Exp): warpgroup cw waits on barrier 5 + cw before writing into it, and hands
     // it to the other (6 - cw) once its stores have read it; warpgroup 0 first, as with the turns
@@ -510,11 +508,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
             // acc + bias + pre (Residual) written in its place. DGeluGelu (the backward recomputing the forward's
-            // activation): gelu(pre) written in pre's place and stored to tm_gelu first, out kept in registers
-            // (rounded and packed: half the accumulators' registers, freed as the pass goes) until that store has
-            // read the buffer
+            // activation): also gelu(pre), stored from registers to gelu_out, 16 bytes a lane (quad_transpose
+            // gathers a row's 8 columns: whole 32-byte sectors), with no second pass over the buffer
             constexpr bool kWithGelu = kEpi == Epi::DGeluGelu;
-            uint32_t out_packed[kWithGelu ? MI : 1][kWithGelu ? kBN / 4 : 1];
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
@@ -527,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 constexpr int kGroup = kBN == 128 ? 4 : 2;
 #pragma unroll
                 for (int j0 = 0; j0 < 4; j0 += kGroup) {
-                    uint32_t v[kGroup][4];
+                    uint32_t v[kGroup][4], gw[kWithGelu ? kGroup : 1][4];
 #pragma unroll
                     for (int g = 0; g < kGroup; ++g) ldmatrix_x4(mat_addr(p, 4 * pc + j0 + g), v[g]);
 #pragma unroll
@@ -541,12 +537,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 const float x20 = x.x * x.x, x21 = x.y * x.y;
                                 const float s0 = gelu_sigmoid(x.x, x20), s1 = gelu_sigmoid(x.y, x21);
                                 const float d0 = a0 * gelu_grad(x.x, x20, s0), d1 = a1 * gelu_grad(x.y, x21, s1);
-                                if constexpr (kWithGelu) {
-                                    v[g][e] = pack_bf16x2(x.x * s0, x.y * s1);
-                                    out_packed[mi][4 * jp + e] = pack_bf16x2(d0, d1);
-                                } else {
-                                    v[g][e] = pack_bf16x2(d0, d1);
-                                }
+                                if constexpr (kWithGelu) gw[g][e] = pack_bf16x2(x.x * s0, x.y * s1);
+                                v[g][e] = pack_bf16x2(d0, d1);
                             } else if constexpr (kEpi == Epi::Residual) {
                                 const float2 b = bf16x2_to_float2(bias_pass[2 * jq + (e >> 1)]);
                                 v[g][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
@@ -558,6 +550,21 @@ __global__ void __launch_bounds__(kThreads, 1)
                         }
                         stmatrix_x4(mat_addr(p, jp), v[g][0], v[g][1], v[g][2], v[g][3]);
                     }
+                    if constexpr (kWithGelu) {
+                        // two consecutive jp's hold 4 consecutive 8-column chunks of the lane's rows g, g + 8: word
+                        // (chunk 2 jp + (e >> 1), row half e & 1) = gw[jp - first][e]
+#pragma unroll
+                        for (int g2 = 0; g2 < kGroup / 2; ++g2)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h) {
+                                const uint32_t w[4] = {gw[2 * g2][h], gw[2 * g2][2 + h], gw[2 * g2 + 1][h],
+                                                       gw[2 * g2 + 1][2 + h]};
+                                const uint4 chunk = quad_transpose(w, t);
+                                const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * h;
+                                const int col = n0 + 16 * (4 * pc + j0 + 2 * g2) + 8 * t;
+                                if (m < M) __stcs(reinterpret_cast<uint4*>(gelu_out + (size_t)m * N + col), chunk);
+                            }
+                    }
                 }
                 if constexpr (kEpi == Epi::HeadDot) {
                     if (hs == 64 || (pc & 1)) {  // the head's last panel: the quad's sums, lane t writes row t % 2
@@ -568,21 +575,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                             dot[((size_t)b * (N / hs) + head) * T + (m - b * T)] = t ? rowdot[1] : rowdot[0];
                         }
                         rowdot[0] = rowdot[1] = 0.f;
-                    }
-                }
-            }
-            if constexpr (kWithGelu) {  // gelu(pre) out, then the buffer again for out (acc * gelu'(pre), kept above)
-                store_tile_to(&tm_gelu, m0, n0);
-                if (ctid == 0) bulk_wait_read<0>();
-                epi_sync();
-#pragma unroll
-                for (int p = 0; p < MI * kPanels; ++p) {
-                    const int mi = p / kPanels, pc = p % kPanels;
-#pragma unroll
-                    for (int jq = 0; jq < 4; ++jq) {
-                        const int jp = 4 * pc + jq;
-                        stmatrix_x4(mat_addr(p, jp), out_packed[mi][4 * jp], out_packed[mi][4 * jp + 1],
-                                    out_packed[mi][4 * jp + 2], out_packed[mi][4 * jp + 3]);
                     }
                 }
             }
@@ -672,7 +664,6 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
     const int cluster = g_cluster.get() == 2 && tiles_m % 2 == 0 ? 2 : 1;  // a unit's row tiles (kernel)
     const CUtensorMap tm_a = operand_map(a, M, K, kBM), tm_b = operand_map(w, N, K, kBN / cluster);
     const CUtensorMap tm_out = tile_map(out, M, N), tm_pre = tile_map(pre, M, N);
-    const CUtensorMap tm_gelu = tile_map(gelu_out ? gelu_out : out, M, N);
     const long long units = (long long)(tiles_m / cluster) * (N / kBN);
     require(units <= 0x7fffffffLL, "gemm_sm90: too many tiles");
     cudaLaunchConfig_t config = {};
@@ -694,8 +685,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
         require(resident[cluster] > 0, "gemm_sm90: no cluster fits a multiprocessor");
     }
     config.gridDim = dim3((unsigned)(units < resident[cluster] ? units : resident[cluster]) * cluster);
-    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, tm_gelu, bias, colsum, dot, M, N, K, T,
-                                  hs, row_shift, row_sums, valid_cols));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, bias, gelu_out, colsum, dot, M, N, K,
+                                  T, hs, row_shift, row_sums, valid_cols));
     CUDA_CHECK_LAUNCH();
 }
 
