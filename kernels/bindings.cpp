@@ -324,20 +324,23 @@ PYBIND11_MODULE(_kernels, m) {
         "matmul_backward",
         [](uintptr_t dinp, uintptr_t dweight, uintptr_t dbias, uintptr_t dout, uintptr_t inp, uintptr_t weight,
            uintptr_t dinp_gelu_pre, uintptr_t dinp_gelu_dbias, uintptr_t scratch, size_t scratch_floats, int N, int C,
-           int OC, uintptr_t stream, uintptr_t dinp_head_dot, uintptr_t head_dot_with, int head_size, int T) {
+           int OC, uintptr_t stream, uintptr_t dinp_head_dot, uintptr_t head_dot_with, int head_size, int T,
+           uintptr_t gelu_of_pre) {
             matmul_backward(ptr<bf16>(dinp), ptr<bf16>(dweight), ptr<bf16>(dbias), ptr<const bf16>(dout),
                             ptr<const bf16>(inp), ptr<const bf16>(weight), ptr<const bf16>(dinp_gelu_pre),
                             ptr<bf16>(dinp_gelu_dbias), ptr<float>(scratch), scratch_floats, N, C, OC, strm(stream),
-                            ptr<float>(dinp_head_dot), ptr<const bf16>(head_dot_with), head_size, T);
+                            ptr<float>(dinp_head_dot), ptr<const bf16>(head_dot_with), head_size, T,
+                            ptr<bf16>(gelu_of_pre));
         },
         "dinp = dout @ weight (times gelu'(dinp_gelu_pre) when non-0); dweight += dout^T @ inp; dbias += "
         "colsum(dout) when non-0; dinp_gelu_dbias += colsum(dinp) when non-0 (with dinp_gelu_pre); dinp_head_dot "
         "!= 0: also (N / T, C / head_size, T) fp32 = rowsum(dinp * head_dot_with) per head (the attention "
-        "backward's D)",
+        "backward's D); gelu_of_pre != 0 (with dinp_gelu_pre): gelu(dinp_gelu_pre) written there before dweight "
+        "reads inp (which may be it)",
         py::arg("dinp"), py::arg("dweight"), py::arg("dbias"), py::arg("dout"), py::arg("inp"), py::arg("weight"),
         py::arg("dinp_gelu_pre"), py::arg("dinp_gelu_dbias"), py::arg("scratch"), py::arg("scratch_floats"),
         py::arg("N"), py::arg("C"), py::arg("OC"), py::arg("stream"), py::arg("dinp_head_dot") = 0,
-        py::arg("head_dot_with") = 0, py::arg("head_size") = 0, py::arg("T") = 0);
+        py::arg("head_dot_with") = 0, py::arg("head_size") = 0, py::arg("T") = 0, py::arg("gelu_of_pre") = 0);
     m.def(
         "matmul_backward_scratch_floats",
         [](int N, int C, int OC, bool dbias, bool dgelu, bool dgelu_dbias) {

@@ -127,9 +127,10 @@ namespace {
 
 using namespace sm90;
 
-enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual };  // the forward's GeLU epilogue; the backward's, with
+enum class Epi { Gelu, DGelu, HeadDot, Exp, Residual, DGeluGelu };  // the forward's GeLU epilogue; the backward's, with
                                                          // gelu'(pre); with the per-head dot products with pre; the
-                                                         // LM head's exp; bias and pre added
+                                                         // LM head's exp; bias and pre added; DGelu's, also
+                                                         // writing gelu(pre) (the backward's recompute)
 constexpr int kThreads = 384;
 constexpr int kBM = 128, kBK = 64;  // a warpgroup's tile rows; k per stage (one 128-byte swizzled panel)
 constexpr int kABytes = kBM * 128;  // 128 rows of 64 k
@@ -139,7 +140,8 @@ constexpr int kPanelBytes = 64 * 128;  // the epilogue's TMA box: 64 rows x 64 b
 // The epilogues that read pre (its tile comes by TMA before the products, under them) need a buffer per consumer
 // warpgroup; the others (Gelu, Exp) fill theirs only after the products, and the two warpgroups' epilogues take
 // turns, so they share one, handed over by named barriers (measured: the Exp 1.4% faster than with two buffers).
-__host__ __device__ constexpr bool loads_pre(Epi e) { return e == Epi::DGelu || e == Epi::HeadDot || e == Epi::Residual; }
+__host__ __device__ constexpr bool is_dgelu(Epi e) { return e == Epi::DGelu || e == Epi::DGeluGelu; }
+__host__ __device__ constexpr bool loads_pre(Epi e) { return is_dgelu(e) || e == Epi::HeadDot || e == Epi::Residual; }
 // The shared memory of a tile kBN columns wide (gemm_sm90_tile_cols): the stages' ring, then the epilogue buffers
 // (Gelu: two passes of a 64 x 64 out + pre; the others: the whole tile), then the barriers.
 template <Epi kEpi, int kBN>
@@ -207,16 +209,16 @@ __device__ __forceinline__ void wgmma_tile(float (&d)[kBN / 2], uint64_t da, uin
 // the tile (g = lane / 4, t = lane % 4): "pair" 2j + h of the sub-tile, two consecutive columns, one bf16x2 once
 // rounded. Pairs 4jp .. 4jp + 3 are the four 8x8 matrices (rows 0-7 / 8-15 of the warp's 16, column chunks 2jp,
 // 2jp + 1) of one stmatrix / ldmatrix x4, in the mma fragment layout.
-// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); colsum: DGelu's
-// column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs: HeadDot's; row_shift, row_sums,
-// valid_cols: Exp's.
+// tm_pre: the forward's second output, the backward's input; bias: the forward's (may be null); gelu_out: DGeluGelu's
+// gelu(pre), (M, N) bf16; colsum: DGelu's column sums per row tile, (ceil(M / kBM), N) fp32 (may be null); dot, T, hs:
+// HeadDot's; row_shift, row_sums, valid_cols: Exp's.
 template <Epi kEpi, int kBN>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const __grid_constant__ CUtensorMap tm_a, const __grid_constant__ CUtensorMap tm_b,
                      const __grid_constant__ CUtensorMap tm_out, const __grid_constant__ CUtensorMap tm_pre,
-                     const bf16* __restrict__ bias, float* __restrict__ colsum, float* __restrict__ dot, int M, int N,
-                     int K, int T, int hs, const float* __restrict__ row_shift, float* __restrict__ row_sums,
-                     int valid_cols) {
+                     const bf16* __restrict__ bias, bf16* __restrict__ gelu_out, float* __restrict__ colsum,
+                     float* __restrict__ dot, int M, int N, int K, int T, int hs, const float* __restrict__ row_shift,
+                     float* __restrict__ row_sums, int valid_cols) {
 #ifdef GPT2CU_SM90A_DEVICE
     constexpr int MI = kBM / 64;
     using L = Layout<kEpi, kBN>;
@@ -383,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // loop's accumulating form does not make them live before it: its column sums, after their last use, spilled
         // at 192 wide). Only there: measured on an H200, the Exp at the LM head's shape took 1108 us with it against
         // 1055 without (the GeLU, HeadDot the same either way; peeled, Gelu spills 12-24 bytes).
-        constexpr bool kOverwrite = kEpi == Epi::DGelu;
+        constexpr bool kOverwrite = is_dgelu(kEpi);
         auto k_block = [&](int kb, auto first_block) {
             const int pos = pos0 + kb, st = pos % kStages;
             mbar_wait(&full[st], (pos / kStages) & 1);
@@ -505,7 +507,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
             // the whole tile, panel by panel (64 x 64): its pre read (4 ldmatrix x4 issued together: one latency,
             // and registers left for the math to interleave), out = acc * gelu'(pre) (DGelu), acc (HeadDot) or
-            // acc + bias + pre (Residual) written in its place
+            // acc + bias + pre (Residual) written in its place. DGeluGelu (the backward recomputing the forward's
+            // activation): also gelu(pre), stored from registers to gelu_out, 16 bytes a lane (quad_transpose
+            // gathers a row's 8 columns: whole 32-byte sectors), with no second pass over the buffer
+            constexpr bool kWithGelu = kEpi == Epi::DGeluGelu;
             mbar_wait(&pre_full[cw], it & 1);
             float rowdot[2] = {0.f, 0.f};  // HeadDot: rows g, g + 8 of the warp's 16, over the head's columns so far
 #pragma unroll
@@ -518,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 constexpr int kGroup = kBN == 128 ? 4 : 2;
 #pragma unroll
                 for (int j0 = 0; j0 < 4; j0 += kGroup) {
-                    uint32_t v[kGroup][4];
+                    uint32_t v[kGroup][4], gw[kWithGelu ? kGroup : 1][4];
 #pragma unroll
                     for (int g = 0; g < kGroup; ++g) ldmatrix_x4(mat_addr(p, 4 * pc + j0 + g), v[g]);
 #pragma unroll
@@ -528,8 +533,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                         for (int e = 0; e < 4; ++e) {  // row g + 8 (e & 1)
                             const float2 x = bf16x2_to_float2(v[g][e]);
                             const float a0 = acc[mi][8 * jp + 2 * e], a1 = acc[mi][8 * jp + 2 * e + 1];
-                            if constexpr (kEpi == Epi::DGelu) {
-                                v[g][e] = pack_bf16x2(a0 * gelu_grad(x.x), a1 * gelu_grad(x.y));
+                            if constexpr (is_dgelu(kEpi)) {
+                                const float x20 = x.x * x.x, x21 = x.y * x.y;
+                                const float s0 = gelu_sigmoid(x.x, x20), s1 = gelu_sigmoid(x.y, x21);
+                                const float d0 = a0 * gelu_grad(x.x, x20, s0), d1 = a1 * gelu_grad(x.y, x21, s1);
+                                if constexpr (kWithGelu) gw[g][e] = pack_bf16x2(x.x * s0, x.y * s1);
+                                v[g][e] = pack_bf16x2(d0, d1);
                             } else if constexpr (kEpi == Epi::Residual) {
                                 const float2 b = bf16x2_to_float2(bias_pass[2 * jq + (e >> 1)]);
                                 v[g][e] = pack_bf16x2(a0 + b.x + x.x, a1 + b.y + x.y);
@@ -540,6 +549,21 @@ __global__ void __launch_bounds__(kThreads, 1)
                             }
                         }
                         stmatrix_x4(mat_addr(p, jp), v[g][0], v[g][1], v[g][2], v[g][3]);
+                    }
+                    if constexpr (kWithGelu) {
+                        // two consecutive jp's hold 4 consecutive 8-column chunks of the lane's rows g, g + 8: word
+                        // (chunk 2 jp + (e >> 1), row half e & 1) = gw[jp - first][e]
+#pragma unroll
+                        for (int g2 = 0; g2 < kGroup / 2; ++g2)
+#pragma unroll
+                            for (int h = 0; h < 2; ++h) {
+                                const uint32_t w[4] = {gw[2 * g2][h], gw[2 * g2][2 + h], gw[2 * g2 + 1][h],
+                                                       gw[2 * g2 + 1][2 + h]};
+                                const uint4 chunk = quad_transpose(w, t);
+                                const int m = m0 + 64 * mi + 16 * warp + (lane >> 2) + 8 * h;
+                                const int col = n0 + 16 * (4 * pc + j0 + 2 * g2) + 8 * t;
+                                if (m < M) __stcs(reinterpret_cast<uint4*>(gelu_out + (size_t)m * N + col), chunk);
+                            }
                     }
                 }
                 if constexpr (kEpi == Epi::HeadDot) {
@@ -555,7 +579,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
             }
             store_tile(m0, n0);
-            if (kEpi == Epi::DGelu && colsum) {
+            if (is_dgelu(kEpi) && colsum) {
                 // the warp's kBN / 4 columns: 8-column chunks kBN / 32 * warp + 0, 1, ... of the tile, four a round
                 // r; lane (c, rg) = (lane % 4, lane / 4): chunk gc = kBN / 32 * warp + 4 r + c of rows 16 rg + i',
                 // i' = i ^ 4 (rg & 1), stored at (gc % 8) ^ (i' & 7) of panel column gc / 8: within the lane's 16
@@ -632,7 +656,7 @@ EnvSwitch g_cluster("GPT2CU_SM90_CLUSTER", 2, 1);  // gemm_sm90_set_cluster: the
 template <Epi kEpi, int kBN = 128>
 void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias, int M, int N, int K,
             cudaStream_t stream, float* colsum = nullptr, float* dot = nullptr, int T = 0, int hs = 0,
-            const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0) {
+            const float* row_shift = nullptr, float* row_sums = nullptr, int valid_cols = 0, bf16* gelu_out = nullptr) {
     const auto kernel = gemm_sm90_kernel<kEpi, kBN>;
     constexpr int smem_bytes = Layout<kEpi, kBN>::kSmemBytes;
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -661,8 +685,8 @@ void launch(bf16* out, const bf16* a, const bf16* w, bf16* pre, const bf16* bias
         require(resident[cluster] > 0, "gemm_sm90: no cluster fits a multiprocessor");
     }
     config.gridDim = dim3((unsigned)(units < resident[cluster] ? units : resident[cluster]) * cluster);
-    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, bias, colsum, dot, M, N, K, T, hs,
-                                  row_shift, row_sums, valid_cols));
+    CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tm_a, tm_b, tm_out, tm_pre, bias, gelu_out, colsum, dot, M, N, K,
+                                  T, hs, row_shift, row_sums, valid_cols));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -696,10 +720,15 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
 }
 
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
-                     int K, cudaStream_t stream) {
-    require(gemm_sm90_supported(M, N, K, {out, a, w, pre}), "gemm_dgelu_sm90: unsupported shape");
-    launch_tiles<Epi::DGelu>(gemm_sm90_tile_cols(N) == 192, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream,
-                             colsum_partials);
+                     int K, cudaStream_t stream, bf16* gelu_out) {
+    require(gemm_sm90_supported(M, N, K, {out, a, w, pre, gelu_out}) && gelu_out != out && gelu_out != pre,
+            "gemm_dgelu_sm90: unsupported shape, or gelu_out aliasing out or pre");
+    const bool wide = gemm_sm90_tile_cols(N) == 192;
+    if (gelu_out)
+        launch_tiles<Epi::DGeluGelu>(wide, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials,
+                                     nullptr, 0, 0, nullptr, nullptr, 0, gelu_out);
+    else
+        launch_tiles<Epi::DGelu>(wide, out, a, w, const_cast<bf16*>(pre), nullptr, M, N, K, stream, colsum_partials);
 }
 
 void gemm_residual_forward_sm90(bf16* out, const bf16* a, const bf16* w, const bf16* bias, const bf16* residual,

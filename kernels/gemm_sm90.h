@@ -29,9 +29,11 @@ void gemm_gelu_forward_sm90(bf16* out, bf16* pre, const bf16* a, const bf16* w, 
 // out (M, N) = round((a (M, K) @ w (N, K)^T) * gelu'(pre (M, N))) from the fp32 product (cuBLASLt's DGELU); w is
 // K-major: the backward's weight (K, N) transposed first (matmul.cu). colsum_partials (may be null): fp32
 // (gemm_sm90_row_tiles(M), N); row i = the column sums of out's rows 128 i .. 128 i + 127, of the bf16 values
-// stored, in fp32, each element written once (column_sum_add finishes the column sums of out)
+// stored, in fp32, each element written once (column_sum_add finishes the column sums of out). gelu_out (may be
+// null): also gelu(pre) (bf16, the same bits as gelu_forward's): the forward's activation recomputed where pre is read
+// anyway (the backward under recompute); not aliasing out or pre
 void gemm_dgelu_sm90(bf16* out, float* colsum_partials, const bf16* a, const bf16* w, const bf16* pre, int M, int N,
-                     int K, cudaStream_t stream);
+                     int K, cudaStream_t stream, bf16* gelu_out = nullptr);
 // the kernel's row tiles for M rows (of 128): the rows of gemm_dgelu_sm90's colsum_partials
 inline int gemm_sm90_row_tiles(int M) { return (M + 127) / 128; }
 

@@ -187,11 +187,14 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
 // head of head_size (64 or 128) columns, from dinp as stored (bf16), head_dot_with (N, C) bf16 (attention's
 // output), N = B * T rows: in the GEMM's epilogue on Hopper, else by attention_backward_preprocess after it.
 // scratch: at least matmul_backward_scratch_floats(N, C, OC, dbias != null, dinp and (dinp_gelu_pre or
-// dinp_head_dot) != null, dinp_gelu_dbias != null) floats.
+// dinp_head_dot) != null, dinp_gelu_dbias != null) floats. gelu_of_pre (with dinp and dinp_gelu_pre; 16-byte aligned,
+// not aliasing them): gelu(dinp_gelu_pre) written there before dweight reads inp (which may be it): the forward's
+// activation recomputed (recompute >= 1) from the pre the DGELU reads anyway, on Hopper in the same GEMM's epilogue
+// (elsewhere by gelu_forward); the same bits as gelu_forward's.
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
                      const bf16* dinp_gelu_pre, bf16* dinp_gelu_dbias, float* scratch, size_t scratch_floats, int N,
                      int C, int OC, cudaStream_t stream, float* dinp_head_dot = nullptr,
-                     const bf16* head_dot_with = nullptr, int head_size = 0, int T = 0);
+                     const bf16* head_dot_with = nullptr, int head_size = 0, int T = 0, bf16* gelu_of_pre = nullptr);
 // floats of scratch matmul_backward needs: the bias gradient's partial sums (with dbias), the weight transposed
 // (with the DGELU or head-dot epilogue, dgelu true: Hopper's kernel takes it K-major) followed by dinp's column
 // sums per row tile (with dgelu_dbias), or dinp's bias_backward partials (dgelu_dbias off Hopper); the largest, as

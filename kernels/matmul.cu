@@ -987,11 +987,16 @@ void matmul_forward(bf16* out, bf16* gelu_pre, const bf16* inp, const bf16* weig
 void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, const bf16* inp, const bf16* weight,
                      const bf16* dinp_gelu_pre, bf16* dinp_gelu_dbias, float* scratch, size_t scratch_floats, int N,
                      int C, int OC, cudaStream_t stream, float* dinp_head_dot, const bf16* head_dot_with,
-                     int head_size, int T) {
+                     int head_size, int T, bf16* gelu_of_pre) {
     const char* who = "matmul_backward";
     mm_check_dims(N, C, OC, who);
     mm_require(dout != nullptr, who, "dout must be non-null");
     mm_require(!dinp_gelu_dbias || (dinp && dinp_gelu_pre), who, "dinp_gelu_dbias needs dinp and dinp_gelu_pre");
+    if (gelu_of_pre) {
+        mm_require(dinp && dinp_gelu_pre && gelu_of_pre != dinp && gelu_of_pre != dinp_gelu_pre &&
+                       reinterpret_cast<uintptr_t>(gelu_of_pre) % 16 == 0,
+                   who, "gelu_of_pre needs dinp and dinp_gelu_pre, must alias neither, and be 16-byte aligned");
+    }
     if (dinp_head_dot) {
         mm_require(dinp && head_dot_with && !dinp_gelu_pre, who,
                    "dinp_head_dot needs dinp and head_dot_with, and no dinp_gelu_pre");
@@ -1018,11 +1023,12 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
 #ifdef GPT2CU_HAVE_SM90_GEMM
         // dinp (N, C) = dout (N, OC) @ (W^T (C, OC))^T: the product's n = C, k = OC, W^T K-major; dinp's column sums
         // per row tile after the weight in the scratch
-        if (dinp_gelu_pre && mm_sm90(who) && gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch})) {
+        if (dinp_gelu_pre && mm_sm90(who) &&
+            gemm_sm90_supported(N, C, OC, {dinp, dout, dinp_gelu_pre, scratch, gelu_of_pre})) {
             bf16* wt = reinterpret_cast<bf16*>(scratch);
             float* colsums = dinp_gelu_dbias ? scratch + mm_transposed_weight_floats(C, OC) : nullptr;
             bf16_transpose(wt, weight, OC, C, stream);
-            gemm_dgelu_sm90(dinp, colsums, dout, wt, dinp_gelu_pre, N, C, OC, stream);
+            gemm_dgelu_sm90(dinp, colsums, dout, wt, dinp_gelu_pre, N, C, OC, stream, gelu_of_pre);
             if (dinp_gelu_dbias) bias_backward_finish(dinp_gelu_dbias, colsums, gemm_sm90_row_tiles(N), C, stream);
             done = true;
         }
@@ -1054,6 +1060,7 @@ void matmul_backward(bf16* dinp, bf16* dweight, bf16* dbias, const bf16* dout, c
             g.aux_ld = dinp_gelu_pre ? C : 0;
             mm_gemm(g, stream, who);
             if (dinp_gelu_dbias) bias_backward(dinp_gelu_dbias, dinp, scratch, scratch_floats, N, C, stream);
+            if (gelu_of_pre) gelu_forward(gelu_of_pre, dinp_gelu_pre, (size_t)N * C, stream);
             if (dinp_head_dot)
                 attention_backward_preprocess(dinp_head_dot, dinp, head_dot_with, N / T, T, C / head_size, head_size,
                                               stream);

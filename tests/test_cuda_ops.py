@@ -573,6 +573,40 @@ def test_matmul_dgelu_dbias(cuda, case, rows, C, OC, with_dbias):
     case.check("dgelu_dbias, Hopper's against the fallback's", sums[1], sums[0], BF16_REL)
 
 
+# gelu_of_pre (matmul.cu): the backward under recompute writes gelu(dinp_gelu_pre), the forward's activation, where the
+# DGELU reads pre anyway (on Hopper the same GEMM's epilogue), before its dweight reads that activation as inp. It must
+# give the bits of the unfused order (gelu_forward, then matmul_backward on its output): gelu_of_pre itself, dinp,
+# dweight and the bias sums, on either setting; and gelu_of_pre within bf16 rounding of the float64 GeLU.
+@pytest.mark.parametrize("rows, C, OC", SM90_DGELU_SHAPES + [(300, 3072, 768)])
+def test_matmul_dgelu_recomputes_gelu(cuda, case, rows, C, OC):
+    dout, dout_d = case.bf16((rows, OC))
+    w, w_d = case.bf16((OC, C), std=OC ** -0.5)
+    pre = case.normal((rows, C))
+    pre_d = cp.asarray(bits_of(pre))
+    dweight0, dbias0 = case.accumulator(np.zeros((OC, C))), case.accumulator(np.zeros(C))
+    ref_gelu = np.empty((rows, C))
+    ref_ops.gelu_forward(ref_gelu, pre)
+
+    def run(fused):
+        dweight, dbias = dweight0[1].copy(), dbias0[1].copy()
+        dinp, act = poisoned((rows, C)), poisoned((rows, C))
+        if not fused:
+            cuda.gelu_forward(act, pre_d)
+        cuda.matmul_backward(dinp, dweight, None, dout_d, act, w_d, dinp_gelu_pre=pre_d, dinp_gelu_dbias=dbias,
+                             gelu_of_pre=act if fused else None)
+        return {"gelu": raw(act), "dinp": raw(dinp), "dweight": raw(dweight), "dgelu_dbias": raw(dbias)}
+
+    for on in (0, 1):
+        with sm90_setting(cuda, on):
+            unfused, fused = run(False), run(True)
+            case.check("gelu_of_pre", decode(fused["gelu"]), ref_gelu, BF16_REL)
+            for name in unfused:
+                assert np.array_equal(fused[name], unfused[name]), case.where(
+                    f"setting {on}: {name} with gelu_of_pre differs from gelu_forward then matmul_backward")
+    with pytest.raises(RuntimeError, match="gelu_of_pre needs dinp and dinp_gelu_pre"):
+        cuda.matmul_backward(poisoned((rows, C)), dweight0[1].copy(), None, dout_d, pre_d, w_d, gelu_of_pre=pre_d)
+
+
 def test_matmul_refuses_misaligned_gelu_pre(cuda):
     """A GeLU pre-activation 2 bytes off 16-byte alignment: one clear error (cuBLASLt's aux faults on it, leaving the
     context unusable), forward and backward, whichever GEMM would run."""

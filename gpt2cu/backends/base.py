@@ -186,11 +186,13 @@ class Backend(ABC):
 
     @abstractmethod
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
-                        dinp_head_dot=None, head_dot_with=None):
+                        dinp_head_dot=None, head_dot_with=None, gelu_of_pre=None):
         """dinp = dout @ weight (times gelu'(dinp_gelu_pre)), dweight += dout^T @ inp, dbias += colsum(dout);
         dinp_gelu_dbias (with dinp_gelu_pre) += colsum(dinp): the gradient of the bias inside dinp_gelu_pre;
         dinp_head_dot (B, NH, T) = per head, the row dot products of dinp (as stored) and head_dot_with (the
-        attention backward's D when dinp is the gradient of the attention output head_dot_with)."""
+        attention backward's D when dinp is the gradient of the attention output head_dot_with); gelu_of_pre
+        (with dinp_gelu_pre) = gelu(dinp_gelu_pre), written before dweight reads inp, which may be it (the
+        forward's activation recomputed where its pre is read anyway; gelu_forward's values)."""
 
     @abstractmethod
     def gelu_forward(self, out, inp): ...

@@ -351,7 +351,7 @@ class CudaBackend(Backend):
                               inp.size // C, C, OC, self.stream.ptr)
 
     def matmul_backward(self, dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
-                        dinp_head_dot=None, head_dot_with=None):
+                        dinp_head_dot=None, head_dot_with=None, gelu_of_pre=None):
         C, OC = inp.shape[-1], weight.shape[0]
         N = inp.size // C
         head_size, T = 0, 0
@@ -367,7 +367,7 @@ class CudaBackend(Backend):
             dinp is not None and (dinp_gelu_pre is not None or dinp_head_dot is not None), dinp_gelu_dbias is not None))
         self.k.matmul_backward(ptr(dinp), ptr(dweight), ptr(dbias), ptr(dout), ptr(inp), ptr(weight),
                                ptr(dinp_gelu_pre), ptr(dinp_gelu_dbias), scratch, floats, N, C, OC, self.stream.ptr,
-                               ptr(dinp_head_dot), ptr(head_dot_with), head_size, T)
+                               ptr(dinp_head_dot), ptr(head_dot_with), head_size, T, ptr(gelu_of_pre))
 
     def gelu_forward(self, out, inp):
         self.k.gelu_forward(ptr(out), ptr(inp), inp.size, self.stream.ptr)

@@ -117,7 +117,9 @@ def matmul_forward(out, inp, weight, bias=None, gelu_pre=None, residual=None):
 
 
 def matmul_backward(dinp, dweight, dbias, dout, inp, weight, dinp_gelu_pre=None, dinp_gelu_dbias=None,
-                    dinp_head_dot=None, head_dot_with=None):
+                    dinp_head_dot=None, head_dot_with=None, gelu_of_pre=None):
+    if gelu_of_pre is not None:  # the forward's activation recomputed, before dweight reads inp (which may be it)
+        gelu_of_pre[...] = _gelu(dinp_gelu_pre)
     d2 = _rows(dout)
     dweight += d2.T @ _rows(inp)
     if dbias is not None:

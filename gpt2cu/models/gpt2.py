@@ -314,13 +314,13 @@ class GPT(FlatModel):
                                       p["ln1b"][l])
                 ops.layernorm_forward(b["ln2"], b["ln2_mean"], b["ln2_rstd"], b["residual2"], p["ln2w"][l],
                                       p["ln2b"][l])
-            if self.recompute in (1, 2):
-                ops.gelu_forward(b["fch_gelu"], b["fch"])
             # MLP: dresidual -> fcproj -> (GeLU') -> fc -> ln2
             ops.accumulate(g["fcprojb"][l], dres_sum)
-            # fc's bias gradient, colsum(dbt4c), comes with fcproj's dinp (on Hopper from the GEMM's epilogue)
+            # fc's bias gradient, colsum(dbt4c), comes with fcproj's dinp (on Hopper from the GEMM's epilogue); under
+            # recompute 1 and 2 so does fch_gelu, gelu(fch), before fcproj's dweight reads it (fch is read anyway)
             ops.matmul_backward(a["dbt4c"], g["fcprojw"][l], None, dresidual, b["fch_gelu"],
-                                p["fcprojw"][l], dinp_gelu_pre=b["fch"], dinp_gelu_dbias=g["fcb"][l])
+                                p["fcprojw"][l], dinp_gelu_pre=b["fch"], dinp_gelu_dbias=g["fcb"][l],
+                                gelu_of_pre=b["fch_gelu"] if self.recompute in (1, 2) else None)
             ops.matmul_backward(a["dbtc"], g["fcw"][l], None, a["dbt4c"], b["ln2"], p["fcw"][l])
             ops.zero_(dres_sum)
             ops.layernorm_backward(dresidual, g["ln2w"][l], g["ln2b"][l], a["dbtc"], b["residual2"], p["ln2w"][l],
