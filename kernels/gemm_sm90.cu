@@ -73,10 +73,15 @@
 // pre (DGelu, HeadDot, Residual) need one per consumer warpgroup (the next tile's pre lands under the products):
 // 5 x 32 KB stages + 2 x 32 KB = 224 KB, or 3 x 40 + 2 x 48 = 216 KB. Gelu and Exp fill theirs only after the
 // products, and the two warpgroups' epilogues take turns, so they share one (named barriers 5, 6 hand it over once
-// its stores have read it): 192 KB, or 4 x 40 + 32 (Gelu) / 48 (Exp) at 192 wide. Measured on an H100, sustained (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape
-// 1170 us against 1187 with two buffers, the GeLU forward at fc's the same; the 32 KB left as a sixth stage made
-// both slower (1180, 611 us). The Exp's stores are 9-11% of its time (H200): they cost about in proportion to their
-// bytes, by TMA or by st.global, evict-first or not (docs/perf.md, twelfth session).
+// its stores have read it): 192 KB, or 4 x 40 + 32 (Gelu) / 48 (Exp) at 192 wide. Measured on an H100, sustained
+// (dev/gemm_sm90/variants/energy.py): the Exp at the LM head's shape 1170 us against 1187 with two buffers, the GeLU
+// forward at fc's the same; the 32 KB left as a sixth stage made both slower (1180, 611 us). The Exp's stores are
+// 9-11% of its time (H200): they cost about in proportion to their bytes, by TMA or by st.global, evict-first or not
+// (docs/perf.md, twelfth session).
+// DGeluGelu (the backward under recompute 1, 2): DGelu's epilogue also writes gelu(pre), the forward's activation
+// that fcproj's weight gradient reads next, from the pre it holds in registers anyway: straight to global memory, 16
+// bytes a lane (quad_transpose), not through the buffer, whose second pass measured 870 against 606 us a call in
+// the step (H200; docs/perf.md, fourteenth session).
 // Column sums (DGelu with colsum): fc's bias gradient is colsum(out) over all M rows, which bias.cu's pass would
 // read back from DRAM (M x N bf16: ~100 us at GPT-2's shape). Once a tile's out is in the panels (after the
 // epilogue's last barrier, while its TMA store reads them), each warp of the warpgroup sums a quarter of its columns
@@ -84,10 +89,9 @@
 // round's of rows 16 rg .. 16 rg + 15 (16 ld.shared.v4, the rows of the two rg of a quarter-warp 4 apart in the
 // swizzle: conflict-free), adds them in fp32, and the 8 row groups are folded by shuffles (7, each lane left with
 // one column). The warpgroup writes one fp32 row of partial sums a tile, deterministically (each element once, no
-// atomics); column_sum_add
-// finishes. Why from the panels and not from the accumulators: those hold one column pair in 4 rows per thread
-// and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full (the stages, 2
-// epilogue buffers and barriers leave under 11 KB); the panels already hold the rounded values (what bias.cu would
+// atomics); column_sum_add finishes. Why from the panels and not from the accumulators: those hold one column pair
+// in 4 rows per thread and 32 rows per warp, so the warps' sums would have to meet in shared memory, which is full
+// (the stages, 2 epilogue buffers and barriers leave under 11 KB); the panels already hold the rounded values (what bias.cu would
 // sum), with all 128 rows of a column in one warpgroup and no registers added to the epilogue. Cost per tile and
 // thread: ~16 loads, ~130 unpacks, ~130 adds, one barrier more (the next tile's pre may not overwrite the panels
 // before every warp has read them); rows past M are zeros (TMA zero-fills a's rows past M: acc = 0, out = 0).

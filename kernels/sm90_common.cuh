@@ -250,6 +250,21 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
                  : "memory");
 }
 
+// Within a quad of lanes: lane t holds word t of four 16-byte chunks (w[k]: chunk k); returns chunk t, its words
+// in order. Two exchanges of two words (lane t ^ 1, then t ^ 2), so every lane sends and receives 4 words.
+__device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4], int t) {
+    const bool odd = t & 1, high = t & 2;
+    // keep the chunks of parity t & 1: a = chunk (t & 1), b = chunk (t & 1) + 2, words t & 2 and (t & 2) + 1
+    const uint32_t ra = __shfl_xor_sync(0xffffffffu, odd ? w[0] : w[1], 1);
+    const uint32_t rb = __shfl_xor_sync(0xffffffffu, odd ? w[2] : w[3], 1);
+    const uint32_t a0 = odd ? ra : w[0], a1 = odd ? w[1] : ra;
+    const uint32_t b0 = odd ? rb : w[2], b1 = odd ? w[3] : rb;
+    // keep chunk t (a if t < 2, else b); the partner sends its other half
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, high ? a0 : b0, 2);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, high ? a1 : b1, 2);
+    return high ? make_uint4(r0, r1, b0, b1) : make_uint4(a0, a1, r0, r1);
+}
+
 // ---- bulk copies shared <-> global (cp.async.bulk, non-tensor) and the flags that order them across CTAs ----
 // `bytes` contiguous bytes (a multiple of 16, both addresses 16-byte aligned), in a bulk group of this thread
 __device__ __forceinline__ void bulk_store(void* gdst, const void* ssrc, uint32_t bytes) {
@@ -340,21 +355,6 @@ inline CUtensorMap tensor_map_bf16(const void* base, int rank, const cuuint64_t*
                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     require(r == CUDA_SUCCESS, "sm90: cuTensorMapEncodeTiled failed");
     return map;
-}
-
-// Within a quad of lanes: lane t holds word t of four 16-byte chunks (w[k]: chunk k); returns chunk t, its words
-// in order. Two exchanges of two words (lane t ^ 1, then t ^ 2), so every lane sends and receives 4 words.
-__device__ __forceinline__ uint4 quad_transpose(const uint32_t (&w)[4], int t) {
-    const bool odd = t & 1, high = t & 2;
-    // keep the chunks of parity t & 1: a = chunk (t & 1), b = chunk (t & 1) + 2, words t & 2 and (t & 2) + 1
-    const uint32_t ra = __shfl_xor_sync(0xffffffffu, odd ? w[0] : w[1], 1);
-    const uint32_t rb = __shfl_xor_sync(0xffffffffu, odd ? w[2] : w[3], 1);
-    const uint32_t a0 = odd ? ra : w[0], a1 = odd ? w[1] : ra;
-    const uint32_t b0 = odd ? rb : w[2], b1 = odd ? w[3] : rb;
-    // keep chunk t (a if t < 2, else b); the partner sends its other half
-    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, high ? a0 : b0, 2);
-    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, high ? a1 : b1, 2);
-    return high ? make_uint4(r0, r1, b0, b1) : make_uint4(a0, a1, r0, r1);
 }
 
 }  // namespace sm90
